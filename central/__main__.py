@@ -1,0 +1,38 @@
+"""``python -m central --config FILE``: run the central server (FedAvg, evaluation, results)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from common.cli import base_parser, data_spec, run_main
+from common.events import EventLog
+from common.training import set_threads
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("fedfly-central", "FedFly central server: rounds, FedAvg, evaluation, results",
+                         name_required=False)
+
+    def body(args, cfg) -> int:
+        from central.server import CentralServer
+        from common.data import load_test_set
+        set_threads(cfg.training["threads"])
+        key = cfg.key()
+        run_name = cfg.run["name"] or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}"
+        run_dir = os.path.join(cfg.run["out"], run_name)
+        test_set = load_test_set(data_spec(cfg))
+        events = EventLog(process="central", role="central")
+        events.open(run_dir)
+        try:
+            return CentralServer(cfg, key=key, events=events, run_name=run_name, run_dir=run_dir,
+                                 test_set=test_set).run()
+        finally:
+            events.close()
+
+    return run_main(argv, parser, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The run folder: ``summary.json`` (the contract benchmarks and users rely on), the final
+weights, and the progress lines and table printed as the run goes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from common.models import state_sha256
+from common.tensorfile import write_tensors
+
+SUMMARY = "summary.json"
+FINAL_WEIGHTS = "final_model.safetensors"
+
+
+class RunResults:
+    def __init__(self, *, run_dir: str, header: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        self.summary: dict[str, Any] = {**header, "status": "running", "rounds": [], "devices": {},
+                                        "migrations": [], "failures": [], "final_model_sha256": None}
+        self.started = time.monotonic()
+
+    def add_migration(self, rec: dict[str, Any]) -> None:
+        self.summary["migrations"].append(rec)
+
+    def add_round(self, rec: dict[str, Any], device_records: dict[str, dict[str, Any]]) -> None:
+        self.summary["rounds"].append(rec)
+        for dev, info in device_records.items():
+            d = self.summary["devices"].setdefault(dev, {"samples": info["samples"], "round_seconds": [],
+                                                         "steps": [], "edges": []})
+            d["samples"] = info["samples"]
+            d["round_seconds"].append(info["train_seconds"])
+            d["steps"].append(info["steps"])
+            d["edges"].append(info["edge"])
+        self.write()
+
+    def add_failure(self, rec: dict[str, Any]) -> None:
+        self.summary["failures"].append(rec)
+
+    def finish(self, weights: dict[str, torch.Tensor], *, status: str) -> str:
+        sha = state_sha256(weights)
+        write_tensors(os.path.join(self.run_dir, FINAL_WEIGHTS), weights, {"sha256": sha})
+        self.summary["final_model_sha256"] = sha
+        self.summary["status"] = status
+        self.summary["total_seconds"] = round(time.monotonic() - self.started, 3)
+        self.write()
+        return sha
+
+    def write(self) -> None:
+        path = os.path.join(self.run_dir, SUMMARY)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(self.summary, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def progress_line(rec: dict[str, Any], total_rounds: int, eta_s: float, moves: int) -> str:
+    line = (f"round {rec['round']}/{total_rounds}  {rec['seconds']:.2f} s  acc {rec['test_accuracy']:.3f}  "
+            f"loss {rec['test_loss']:.3f}  samples {rec['samples']}  ETA {fmt_seconds(eta_s)}")
+    if moves:
+        line += f"  migrations {moves}"
+    return line
+
+
+def migration_line(rec: dict[str, Any]) -> str:
+    return (f"  move: {rec['device']} {rec['from']} -> {rec['to']}  round {rec['round']} step {rec['step']}  "
+            f"pause {rec['pause_ms']:.1f} ms  {rec['state_bytes'] / 1e6:.2f} MB  transfer {rec['transfer_ms']:.1f} ms"
+            f"  [{rec['mode']}]")
+
+
+def final_table(summary: dict[str, Any]) -> str:
+    rows = ["", f"run {summary['run_name']}  mode {summary['mode']}  status {summary['status']}",
+            f"{'round':>5} {'seconds':>9} {'accuracy':>9} {'loss':>8} {'samples':>8} {'moves':>6}"]
+    for r in summary["rounds"]:
+        n = sum(1 for mv in summary["migrations"] if mv["round"] == r["round"])
+        rows.append(f"{r['round']:>5} {r['seconds']:>9.2f} {r['test_accuracy']:>9.3f} {r['test_loss']:>8.3f} "
+                    f"{r['samples']:>8} {n:>6}")
+    if summary["migrations"]:
+        rows.append("migrations:")
+        rows.extend(migration_line(mv) for mv in summary["migrations"])
+    rows.append(f"final model sha256 {summary['final_model_sha256']}")
+    return "\n".join(rows)

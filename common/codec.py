@@ -1,0 +1,299 @@
+"""Sans-IO frame codec: bytes in, typed messages out, and back. No sockets here.
+
+A frame is a fixed 16-byte prefix, a msgpack header, and a payload of raw tensor bytes::
+
+    prefix   magic b"FF", version (u8), reserved (u8), header length (u32), payload length (u64)
+    header   msgpack map {"t": message type, "f": {field: value}, "x": [[field, key, dtype, shape], ...]}
+    payload  each tensor's bytes in "x" order, each starting at a multiple of TENSOR_ALIGN
+
+The decoder takes bytes in any chunking (``receive_data``) and hands out whole messages
+(``next_message``); it never unpickles and never trusts a length before checking it.
+Anything malformed raises ``RemoteProtocolError`` and leaves the decoder unusable, so the
+caller closes that connection. Tensors in decoded messages are views of the frame's own
+buffer (no copy); encoding yields the tensors' own memory (no copy) for a gather write.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+import msgpack
+import torch
+
+from common import messages as m
+from common.errors import LocalProtocolError, RemoteProtocolError
+
+MAGIC = b"FF"
+VERSION = 1
+PREFIX = struct.Struct("!2sBxIQ")
+
+# A header holds a message's fields and one short descriptor per tensor: a VGG-5 session
+# snapshot, the largest, is under 8 KiB. 1 MiB leaves room for much larger models while
+# capping what an authenticated but broken peer can make us buffer before we validate.
+MAX_HEADER_BYTES = 1 << 20
+# VGG-5 frames are at most ~13 MB (activations at split 0 with batch 100); 512 MiB admits
+# far larger models and batches but not a length field that would exhaust a Pi's RAM.
+DEFAULT_MAX_PAYLOAD_BYTES = 512 << 20
+# Tensors start at 16-byte offsets so views of the payload stay aligned for SIMD kernels.
+TENSOR_ALIGN = 16
+MAX_TENSORS = 4096
+MAX_DIMS = 8
+
+# Only plain numeric dtypes cross the wire; anything else is refused when decoding.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+def _aligned(n: int) -> int:
+    return (n + TENSOR_ALIGN - 1) // TENSOR_ALIGN * TENSOR_ALIGN
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's raw bytes, without a copy when it is already contiguous."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def encode(msg: m.Message) -> list[bytes | memoryview]:
+    """Turn a message into the buffers of one frame, ready for a gather write.
+
+    Raises ``LocalProtocolError`` if the message cannot be framed (a tensor of a dtype
+    that may not cross the wire, or a frame over the limits).
+    """
+    fields, tensors = m.to_wire(msg)
+    descr: list[list] = []
+    chunks: list[bytes | memoryview] = []
+    offset = 0
+    for field, key, t in tensors:
+        name = DTYPE_NAMES.get(t.dtype)
+        if name is None:
+            raise LocalProtocolError(f"{msg.TYPE}: tensor {field}/{key} has dtype {t.dtype}, not allowed on the wire")
+        data = _tensor_bytes(t)
+        pad = _aligned(offset) - offset
+        if pad:
+            chunks.append(bytes(pad))
+            offset += pad
+        descr.append([field, key, name, list(t.shape)])
+        chunks.append(data)
+        offset += data.nbytes
+    header = msgpack.packb({"t": msg.TYPE, "f": fields, "x": descr}, use_bin_type=True)
+    if len(header) > MAX_HEADER_BYTES:
+        raise LocalProtocolError(f"{msg.TYPE}: header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(descr) > MAX_TENSORS:
+        raise LocalProtocolError(f"{msg.TYPE}: {len(descr)} tensors exceed {MAX_TENSORS}")
+    return [PREFIX.pack(MAGIC, VERSION, len(header), offset), header, *chunks]
+
+
+def encode_bytes(msg: m.Message) -> bytes:
+    """``encode`` joined into one ``bytes`` (tests, files, small messages)."""
+    return b"".join(bytes(c) if isinstance(c, memoryview) else c for c in encode(msg))
+
+
+@dataclass(frozen=True)
+class _Descriptor:
+    field: str
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _parse_descriptors(raw: object, payload_len: int) -> list[_Descriptor]:
+    if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
+        raise RemoteProtocolError("tensor list is not a list of at most %d entries" % MAX_TENSORS)
+    out: list[_Descriptor] = []
+    offset = 0
+    for entry in raw:
+        if not (isinstance(entry, list) and len(entry) == 4):
+            raise RemoteProtocolError("tensor descriptor is not [field, key, dtype, shape]")
+        field, key, dtype_name, shape = entry
+        if not isinstance(field, str) or not isinstance(key, str):
+            raise RemoteProtocolError("tensor field and key must be strings")
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None:
+            raise RemoteProtocolError(f"tensor dtype {dtype_name!r} is not allowed")
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+                and all(type(d) is int and 0 <= d < (1 << 40) for d in shape)):
+            raise RemoteProtocolError(f"tensor shape {shape!r} is not a list of at most {MAX_DIMS} sizes")
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * torch.tensor([], dtype=dtype).element_size()
+        offset = _aligned(offset)
+        if offset + nbytes > payload_len:
+            raise RemoteProtocolError("tensors overrun the payload length")
+        out.append(_Descriptor(field, key, dtype, tuple(shape), offset, nbytes))
+        offset += nbytes
+    if offset != payload_len:
+        raise RemoteProtocolError(f"payload length {payload_len} does not match its tensors ({offset} bytes)")
+    return out
+
+
+class FrameDecoder:
+    """Incremental decoder for one direction of one connection.
+
+    Feed bytes with ``receive_data`` (``b""`` means end of stream), then call
+    ``next_message`` until it returns ``NEED_DATA``. Payload bytes are copied once, straight
+    into the frame's own buffer. After a ``RemoteProtocolError`` the decoder stays broken:
+    every later call raises again.
+    """
+
+    def __init__(self, *, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        self._max_payload = max_payload
+        self._buf = bytearray()            # prefix and header of the frame being read
+        self._header_len = -1              # known once the prefix is in
+        self._payload_len = 0
+        self._header: dict | None = None
+        self._descr: list[_Descriptor] = []
+        self._payload: bytearray | None = None
+        self._filled = 0
+        self._ready: tuple[dict, bytearray, list[_Descriptor]] | None = None
+        self._pending = bytearray()        # bytes after a whole frame nobody has taken yet
+        self._eof = False
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        """True when no partial frame is buffered (a clean place for the stream to end)."""
+        return not self._buf and self._payload is None and self._ready is None and not self._pending
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes from the peer; ``b""`` marks the end of the stream."""
+        if self._eof and data:
+            raise LocalProtocolError("receive_data after end of stream")
+        if not data:
+            self._eof = True
+            return
+        if self._error is not None:
+            return
+        if self._ready is not None or self._pending:
+            self._pending += data        # keep byte order behind the frame not yet taken
+            return
+        try:
+            self._feed(memoryview(data).cast("B"))
+        except RemoteProtocolError as exc:
+            self._error = exc            # raised by next_message, where callers look
+
+    def _feed(self, mv: memoryview) -> None:
+        while mv:
+            if self._payload is None:
+                if self._header_len < 0:
+                    mv = self._fill_buf(mv, PREFIX.size)
+                    if len(self._buf) < PREFIX.size:
+                        return
+                    self._read_prefix()
+                end = PREFIX.size + self._header_len
+                mv = self._fill_buf(mv, end)
+                if len(self._buf) < end:
+                    return
+                self._header = _unpack_header(bytes(self._buf[PREFIX.size:end]))
+                self._descr = _parse_descriptors(self._header["x"], self._payload_len)
+                self._buf = bytearray()
+                self._payload = bytearray(self._payload_len)
+                self._filled = 0
+            take = min(len(mv), len(self._payload) - self._filled)
+            self._payload[self._filled:self._filled + take] = mv[:take]
+            self._filled += take
+            mv = mv[take:]
+            if self._filled == len(self._payload):
+                assert self._header is not None
+                self._ready = (self._header, self._payload, self._descr)
+                self._header, self._payload, self._descr, self._header_len = None, None, [], -1
+                self._pending += mv
+                return
+
+    def _fill_buf(self, mv: memoryview, upto: int) -> memoryview:
+        take = max(0, upto - len(self._buf))
+        self._buf += mv[:take]
+        return mv[take:]
+
+    def _read_prefix(self) -> None:
+        magic, version, header_len, payload_len = PREFIX.unpack_from(self._buf)
+        if magic != MAGIC or version != VERSION:
+            raise RemoteProtocolError("bad frame prefix (not a testbed peer, or another version)")
+        if header_len > MAX_HEADER_BYTES:
+            raise RemoteProtocolError(f"header of {header_len} bytes exceeds {MAX_HEADER_BYTES}")
+        if payload_len > self._max_payload:
+            raise RemoteProtocolError(f"payload of {payload_len} bytes exceeds {self._max_payload}")
+        self._header_len, self._payload_len = header_len, payload_len
+
+    def next_message(self) -> m.Message | _NeedData:
+        """The next whole message, or ``NEED_DATA``. Raises ``RemoteProtocolError`` on garbage
+        and on a stream that ended inside a frame."""
+        if self._error is not None:
+            raise self._error
+        if self._ready is None:
+            if self._eof and not self.at_frame_boundary:
+                self._error = RemoteProtocolError("stream ended inside a frame")
+                raise self._error
+            return NEED_DATA
+        header, payload, descr = self._ready
+        self._ready = None
+        if self._pending:
+            pending, self._pending = self._pending, bytearray()
+            try:
+                self._feed(memoryview(pending))
+            except RemoteProtocolError as exc:
+                self._error = exc
+        try:
+            tensors = [(d.field, d.key, _view(payload, d)) for d in descr]
+            return m.from_wire(header["t"], header["f"], tensors)
+        except (LocalProtocolError, RemoteProtocolError) as exc:
+            self._error = RemoteProtocolError(str(exc))
+            raise self._error from None
+
+
+def _unpack_header(raw: bytes) -> dict:
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise RemoteProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from None
+    if not (isinstance(header, dict) and set(header) == {"t", "f", "x"}
+            and isinstance(header["t"], str) and isinstance(header["f"], dict)):
+        raise RemoteProtocolError("header is not a map of t, f and x")
+    return header
+
+
+def _view(payload: bytearray, d: _Descriptor) -> torch.Tensor:
+    if d.nbytes == 0:
+        return torch.empty(d.shape, dtype=d.dtype)
+    flat = torch.frombuffer(payload, dtype=torch.uint8, count=d.nbytes, offset=d.offset)
+    if d.dtype is torch.bool and int(flat.max()) > 1:
+        raise RemoteProtocolError("bool tensor holds bytes other than 0 and 1")
+    return flat.view(d.dtype).view(d.shape)
+
+
+def decode_all(data: bytes) -> Iterator[m.Message]:
+    """Every message in ``data``, which must end at a frame boundary (files, tests)."""
+    dec = FrameDecoder()
+    dec.receive_data(data)
+    dec.receive_data(b"")
+    while True:
+        msg = dec.next_message()
+        if msg is NEED_DATA:
+            return
+        yield msg

@@ -1,0 +1,338 @@
+"""The testbed file: one TOML file describes a whole testbed; every process reads it.
+
+``load_config(path, overrides)`` parses, applies overrides (``section.key=value``, from
+the ``FEDFLY_SET`` environment variable first, then the command line), checks every key
+and value, and returns a frozen ``Config``. Any mistake raises ``ConfigError`` naming the
+key and the fix. Relative ``security.key_file`` paths are relative to the config file;
+``run.out`` and ``data.root`` to the working directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import ConfigError
+
+MODES = ("fedfly", "restart", "classic")
+DATASETS = ("synthetic", "cifar10", "imagefolder")
+DISTRIBUTIONS = ("balanced", "imbalanced")
+MODELS = {"vgg5": 7}  # model name -> number of layers (valid split layers: 0 .. n-2)
+REQUIRED = object()
+ENV_OVERRIDES = "FEDFLY_SET"
+
+# section -> key -> (type, default, rule or None). A rule returns an error text or None.
+_POSITIVE = (lambda v: None if v > 0 else "must be > 0")
+_AT_LEAST_1 = (lambda v: None if v >= 1 else "must be >= 1")
+_PORT = (lambda v: None if 1 <= v <= 65535 else "must be a TCP port, 1-65535")
+_NONNEG = (lambda v: None if v >= 0 else "must be >= 0")
+
+
+def _choice(options: tuple[str, ...]):
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+
+
+SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
+    "run": {
+        "mode": (str, "fedfly", _choice(MODES)),
+        "seed": (int, 0, None),
+        "out": (str, "runs", None),
+        "name": (str, "", None),
+        "round_timeout": (float, 1800.0, _POSITIVE),
+        "startup_timeout": (float, 300.0, _POSITIVE),
+    },
+    "security": {
+        "key_file": (str, "", None),
+        "key_env": (str, "", None),
+    },
+    "central": {
+        "host": (str, REQUIRED, None),
+        "port": (int, REQUIRED, _PORT),
+        "bind": (str, "", None),
+    },
+    "model": {
+        "name": (str, "vgg5", _choice(tuple(MODELS))),
+        "split_layer": (int, 3, None),
+    },
+    "data": {
+        "dataset": (str, "synthetic", _choice(DATASETS)),
+        "root": (str, "data", None),
+        "download": (bool, False, None),
+        "distribution": (str, "balanced", _choice(DISTRIBUTIONS)),
+        "alpha": (float, 0.5, _POSITIVE),
+        "samples_per_device": (int, 0, _NONNEG),
+        "test_samples": (int, 0, _NONNEG),
+    },
+    "training": {
+        "rounds": (int, 5, _AT_LEAST_1),
+        "batch_size": (int, 100, _AT_LEAST_1),
+        "lr": (float, 0.01, _POSITIVE),
+        "momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        "local_epochs": (int, 1, _AT_LEAST_1),
+        "threads": (int, 1, _AT_LEAST_1),
+    },
+}
+EDGE_KEYS: dict[str, tuple[type, Any, Any]] = {
+    "host": (str, REQUIRED, None),
+    "port": (int, REQUIRED, _PORT),
+    "bind": (str, "", None),
+}
+DEVICE_KEYS: dict[str, tuple[type, Any, Any]] = {
+    "edge": (str, REQUIRED, None),
+    "host": (str, REQUIRED, None),
+    "control_port": (int, REQUIRED, _PORT),
+    "bind": (str, "", None),
+    "slowdown": (float, 1.0, lambda v: None if v >= 1 else "must be >= 1 (1 = full speed)"),
+    "threads": (int, 0, _NONNEG),
+}
+MOVE_KEYS: dict[str, tuple[type, Any, Any]] = {
+    "device": (str, REQUIRED, None),
+    "to": (str, REQUIRED, None),
+    "round": (int, REQUIRED, _AT_LEAST_1),
+    "at": (float, REQUIRED, lambda v: None if 0 < v < 1 else "must be a fraction of the round, 0 < at < 1"),
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    bind: str = ""
+
+    @property
+    def listen_host(self) -> str:
+        """Where to listen: ``bind`` if set (e.g. 0.0.0.0 in a container), else ``host``."""
+        return self.bind or self.host
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    name: str
+    edge: str
+    host: str
+    control_port: int
+    bind: str = ""
+    slowdown: float = 1.0
+    threads: int = 0
+
+    @property
+    def control(self) -> Endpoint:
+        return Endpoint(self.host, self.control_port, self.bind)
+
+
+@dataclass(frozen=True)
+class Move:
+    device: str
+    to: str
+    round: int
+    at: float
+
+    def step(self, steps_in_round: int) -> int:
+        """The step boundary the move happens at: just before step floor(at * S)."""
+        return math.floor(self.at * steps_in_round)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    run: dict[str, Any]
+    security: dict[str, Any]
+    central: Endpoint
+    edges: dict[str, Endpoint]
+    devices: dict[str, DeviceConfig]
+    model: dict[str, Any]
+    data: dict[str, Any]
+    training: dict[str, Any]
+    moves: tuple[Move, ...] = field(default_factory=tuple)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def mode(self) -> str:
+        return self.run["mode"]
+
+    @property
+    def device_names(self) -> list[str]:
+        """Devices in the fixed order used everywhere (FedAvg, shards): sorted by name."""
+        return sorted(self.devices)
+
+    def device_threads(self, name: str) -> int:
+        return self.devices[name].threads or self.training["threads"]
+
+    def moves_for(self, device: str) -> list[Move]:
+        return [mv for mv in self.moves if mv.device == device]
+
+    def key_file(self) -> str | None:
+        kf = self.security["key_file"]
+        if not kf:
+            return None
+        return kf if os.path.isabs(kf) else os.path.join(os.path.dirname(os.path.abspath(self.path)), kf)
+
+    def key(self) -> bytes:
+        from common.auth import load_key
+        return load_key(key_file=self.key_file(), key_env=self.security["key_env"] or None)
+
+    def require(self, role: str, name: str) -> None:
+        """Check that ``name`` is a ``role`` of this testbed (for ``--name``)."""
+        names = {"edge": self.edges, "device": self.devices}.get(role)
+        if names is not None and name not in names:
+            raise ConfigError(f"{role}s.{name}", f"--name {name} is not a {role} of {self.path}",
+                              f"use one of: {', '.join(sorted(names))}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (path, value). The value is read as TOML (so numbers,
+    booleans and quoted strings work), else taken as a bare string."""
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like section.key=value", "e.g. --set training.rounds=3")
+    key, value = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(key, "an override needs a section and a key", "e.g. --set run.mode=restart")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return path, parsed
+
+
+def _apply(raw: dict, path: list[str], value: Any) -> None:
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(path[: i + 1]), "is not a table, so it has no keys to set", "check the key's spelling")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _typed(key: str, value: Any, typ: type) -> Any:
+    if typ is float and type(value) is int:
+        return float(value)
+    if type(value) is not typ:
+        example = {str: '"text"', int: "3", float: "0.5", bool: "true"}[typ]
+        raise ConfigError(key, f"is {type(value).__name__} {value!r}, must be {typ.__name__}", f"write it like {example}")
+    return value
+
+
+def _table(where: str, given: Any, schema: dict[str, tuple[type, Any, Any]]) -> dict[str, Any]:
+    if not isinstance(given, dict):
+        raise ConfigError(where, "must be a table", f"write it as [{where}]")
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", "is not a known key",
+                          f"remove it or use one of: {', '.join(sorted(schema))}")
+    out: dict[str, Any] = {}
+    for key, (typ, default, rule) in schema.items():
+        name = f"{where}.{key}"
+        if key not in given:
+            if default is REQUIRED:
+                raise ConfigError(name, "is missing", f"add {key} = ... under [{where}]")
+            out[key] = default
+            continue
+        value = _typed(name, given[key], typ)
+        problem = rule(value) if rule else None
+        if problem:
+            raise ConfigError(name, f"{value!r} {problem}")
+        out[key] = value
+    return out
+
+
+def load_config(path: str, overrides: list[str] | None = None, *, env: dict[str, str] | None = None) -> Config:
+    """Read and check a testbed file. Raises ``ConfigError``."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}", "pass the path of a testbed .toml file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}", "fix the syntax at the line named") from None
+    env = os.environ if env is None else env
+    texts = shlex.split(env.get(ENV_OVERRIDES, "")) + list(overrides or [])
+    for text in texts:
+        _apply(raw, *parse_override(text))
+    return build_config(raw, path=path)
+
+
+def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
+    """Check an already-parsed testbed dict (see ``load_config``)."""
+    known = set(SECTIONS) | {"edges", "devices", "mobility"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(unknown[0], "is not a known section", f"use one of: {', '.join(sorted(known))}")
+    sections = {name: _table(name, raw.get(name, {}), schema) for name, schema in SECTIONS.items()}
+    central = Endpoint(**sections.pop("central"))
+
+    edges_raw = raw.get("edges")
+    if not isinstance(edges_raw, dict) or not edges_raw:
+        raise ConfigError("edges", "no edge servers are defined", "add at least one [edges.NAME] table with host and port")
+    edges = {name: Endpoint(**_table(f"edges.{name}", t, EDGE_KEYS)) for name, t in edges_raw.items()}
+
+    devices_raw = raw.get("devices")
+    if not isinstance(devices_raw, dict) or not devices_raw:
+        raise ConfigError("devices", "no devices are defined", "add at least one [devices.NAME] table with edge, host and control_port")
+    devices = {name: DeviceConfig(name=name, **_table(f"devices.{name}", t, DEVICE_KEYS)) for name, t in devices_raw.items()}
+    for dev in devices.values():
+        if dev.edge not in edges:
+            raise ConfigError(f"devices.{dev.name}.edge", f"names edge {dev.edge!r}, which is not defined",
+                              f"use one of: {', '.join(sorted(edges))}")
+    for name in list(edges) + list(devices):
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(name, "names may hold letters, digits, '-' and '_' only", "rename it")
+    if set(edges) & set(devices):
+        clash = sorted(set(edges) & set(devices))[0]
+        raise ConfigError(clash, "is both an edge and a device", "give every process its own name")
+
+    model = sections["model"]
+    layers = MODELS[model["name"]]
+    if not 0 <= model["split_layer"] <= layers - 2:
+        raise ConfigError("model.split_layer", f"{model['split_layer']} is not a split of {model['name']}",
+                          f"use 0 to {layers - 2} (the device runs layers 0..split_layer, the edge the rest)")
+
+    _check_endpoints(central, edges, devices)
+    moves = _moves(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
+    return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, raw=raw, **sections)
+
+
+def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dict[str, DeviceConfig]) -> None:
+    seen: dict[tuple[str, int], str] = {("", 0): ""}
+    listening = [("central.port", central)] + [(f"edges.{n}.port", e) for n, e in edges.items()] + \
+                [(f"devices.{n}.control_port", d.control) for n, d in devices.items()]
+    for key, ep in listening:
+        where = (ep.host, ep.port)
+        if where in seen:
+            raise ConfigError(key, f"{ep.host}:{ep.port} is already used by {seen[where]}", "give every listener its own port")
+        seen[where] = key
+
+
+def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move, ...]:
+    if not isinstance(mobility, dict):
+        raise ConfigError("mobility", "must be a table", "write moves as [[mobility.moves]] tables")
+    unknown = sorted(set(mobility) - {"moves"})
+    if unknown:
+        raise ConfigError(f"mobility.{unknown[0]}", "is not a known key", "use [[mobility.moves]]")
+    given = mobility.get("moves", [])
+    if not isinstance(given, list):
+        raise ConfigError("mobility.moves", "must be an array of tables", "write each move as [[mobility.moves]]")
+    moves = []
+    for i, t in enumerate(given):
+        where = f"mobility.moves[{i}]"
+        mv = Move(**_table(where, t, MOVE_KEYS))
+        if mv.device not in devices:
+            raise ConfigError(f"{where}.device", f"{mv.device!r} is not a device", f"use one of: {', '.join(sorted(devices))}")
+        if mv.to not in edges:
+            raise ConfigError(f"{where}.to", f"{mv.to!r} is not an edge", f"use one of: {', '.join(sorted(edges))}")
+        if mv.round > rounds:
+            raise ConfigError(f"{where}.round", f"round {mv.round} is after the last round ({rounds})", f"use 1 to {rounds}")
+        moves.append(mv)
+    moves.sort(key=lambda mv: (mv.device, mv.round, mv.at))
+    here = {name: d.edge for name, d in devices.items()}
+    for mv in moves:
+        if here[mv.device] == mv.to:
+            raise ConfigError("mobility.moves", f"{mv.device} would move to {mv.to} in round {mv.round} at {mv.at}, "
+                              "where it already is", "remove that move or name another edge")
+        here[mv.device] = mv.to
+    return tuple(sorted(moves, key=lambda mv: (mv.round, mv.at, mv.device)))

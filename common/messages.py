@@ -1,0 +1,411 @@
+"""Every message of the wire protocol: one frozen dataclass each, validated when built.
+
+Pairs are named by direction. A field annotated ``Tensors`` travels as raw tensor bytes;
+every other field travels in the msgpack header. ``to_wire``/``from_wire`` are the one
+place where messages become wire values and back (the codec frames them).
+
+Construction checks every field's type (and the few value rules below) and raises
+``LocalProtocolError``; the decoder turns that into ``RemoteProtocolError`` for messages
+that came from a peer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any, ClassVar
+
+import torch
+
+from common.errors import LocalProtocolError
+
+Tensors = dict[str, torch.Tensor]
+JSON = Any  # msgpack-able plain data: None, bool, int, float, str, list, dict[str, ...]
+
+_MAX_JSON_DEPTH = 16
+MESSAGE_TYPES: dict[str, type["Message"]] = {}
+
+
+class Message:
+    """Base of all messages. ``TYPE`` is the name on the wire."""
+
+    TYPE: ClassVar[str] = ""
+
+
+def message(cls: type) -> type:
+    """Class decorator: a frozen, keyword-only dataclass registered under its class name."""
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    cls.TYPE = cls.__name__
+    hints = typing.get_type_hints(cls)
+    cls._hints = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    MESSAGE_TYPES[cls.TYPE] = cls
+    return cls
+
+
+def _check_json(where: str, value: object, depth: int = 0) -> None:
+    if depth > _MAX_JSON_DEPTH:
+        raise LocalProtocolError(f"{where}: nested deeper than {_MAX_JSON_DEPTH}")
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        return
+    if isinstance(value, list):
+        for v in value:
+            _check_json(where, v, depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise LocalProtocolError(f"{where}: map key {k!r} is not a string")
+            _check_json(where, v, depth + 1)
+        return
+    raise LocalProtocolError(f"{where}: {type(value).__name__} is not plain data")
+
+
+def _check(where: str, value: object, hint: object) -> object:
+    """Check ``value`` against ``hint``; return it normalised (int -> float, tuple -> list)."""
+    if hint is Any:
+        _check_json(where, value)
+        return value
+    if hint is bool:
+        if type(value) is not bool:
+            raise LocalProtocolError(f"{where}: expected bool, got {type(value).__name__}")
+        return value
+    if hint is int:
+        if type(value) is not int:
+            raise LocalProtocolError(f"{where}: expected int, got {type(value).__name__}")
+        return value
+    if hint is float:
+        if type(value) is int:
+            return float(value)
+        if type(value) is not float:
+            raise LocalProtocolError(f"{where}: expected float, got {type(value).__name__}")
+        return value
+    if hint is str:
+        if type(value) is not str:
+            raise LocalProtocolError(f"{where}: expected str, got {type(value).__name__}")
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise LocalProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_check(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict and args[1] is torch.Tensor:
+        if not isinstance(value, dict):
+            raise LocalProtocolError(f"{where}: expected a map of tensors")
+        for k, v in value.items():
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+                raise LocalProtocolError(f"{where}: entry {k!r} is not a named tensor")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LocalProtocolError(f"{where}: expected a map, got {type(value).__name__}")
+        return {_check(f"{where} key", k, args[0]): _check(f"{where}[{k!r}]", v, args[1]) for k, v in value.items()}
+    raise LocalProtocolError(f"{where}: unsupported field type {hint}")  # pragma: no cover
+
+
+def _is_tensors(hint: object) -> bool:
+    return typing.get_origin(hint) is dict and typing.get_args(hint)[1] is torch.Tensor
+
+
+def _validate(self: Message) -> None:
+    for name, hint in self._hints.items():
+        value = _check(f"{self.TYPE}.{name}", getattr(self, name), hint)
+        object.__setattr__(self, name, value)
+        if isinstance(value, float) and not math.isfinite(value) and name not in self._nonfinite:
+            raise LocalProtocolError(f"{self.TYPE}.{name}: {value} is not finite")
+        if name in ("round", "step", "samples", "state_bytes", "batch_size", "local_epochs") and isinstance(value, int) and value < 0:
+            raise LocalProtocolError(f"{self.TYPE}.{name}: {value} is negative")
+    self.check()
+
+
+Message.__post_init__ = _validate  # type: ignore[attr-defined]
+Message._nonfinite = frozenset()  # type: ignore[attr-defined]
+Message.check = lambda self: None  # type: ignore[attr-defined]
+
+
+def to_wire(msg: Message) -> tuple[dict[str, object], list[tuple[str, str, torch.Tensor]]]:
+    """Split a message into header fields and ``(field, key, tensor)`` triples."""
+    fields: dict[str, object] = {}
+    tensors: list[tuple[str, str, torch.Tensor]] = []
+    for name, hint in msg._hints.items():
+        value = getattr(msg, name)
+        if _is_tensors(hint):
+            tensors.extend((name, k, t) for k, t in value.items())
+        else:
+            fields[name] = value
+    return fields, tensors
+
+
+def from_wire(type_name: str, fields: dict, tensors: list[tuple[str, str, torch.Tensor]]) -> Message:
+    """Build the message named ``type_name``; raises ``LocalProtocolError`` if it is not valid."""
+    cls = MESSAGE_TYPES.get(type_name)
+    if cls is None:
+        raise LocalProtocolError(f"unknown message type {type_name!r}")
+    kwargs: dict[str, object] = dict(fields)
+    tensor_fields = {n for n, h in cls._hints.items() if _is_tensors(h)}
+    if set(kwargs) & tensor_fields or set(kwargs) | tensor_fields != set(cls._hints):
+        raise LocalProtocolError(f"{type_name}: fields {sorted(fields)} do not match {sorted(cls._hints)}")
+    for name in tensor_fields:
+        kwargs[name] = {}
+    for field, key, t in tensors:
+        if field not in tensor_fields or key in kwargs[field]:
+            raise LocalProtocolError(f"{type_name}: unexpected or repeated tensor {field}/{key}")
+        kwargs[field][key] = t
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Any peer
+# --------------------------------------------------------------------------------------
+
+@message
+class ErrorNotice(Message):
+    """Sent, best effort, just before closing a connection because of ``kind``."""
+    kind: str
+    detail: str
+
+
+@message
+class Shutdown(Message):
+    """central -> edge -> device: the run is over (or aborted), exit cleanly."""
+    reason: str
+
+
+# --------------------------------------------------------------------------------------
+# edge <-> central
+# --------------------------------------------------------------------------------------
+
+@message
+class EdgeHello(Message):
+    """edge -> central: first message; names the edge."""
+    edge: str
+
+
+@message
+class Welcome(Message):
+    """central -> edge, edge -> device: the run's name (for the run folder) and mode."""
+    run_name: str
+    mode: str
+
+
+@message
+class EdgeStatus(Message):
+    """edge -> central: which devices are attached to it now."""
+    edge: str
+    attached: list[str]
+
+
+@message
+class RoundStart(Message):
+    """central -> edge: a round begins from these global weights (full model)."""
+    round: int
+    lr: float
+    momentum: float
+    batch_size: int
+    local_epochs: int
+    weights: Tensors
+
+    def check(self) -> None:
+        if self.round < 1:
+            raise LocalProtocolError(f"RoundStart.round: {self.round} < 1")
+
+
+@message
+class DeviceUpdate(Message):
+    """edge -> central: one device's full weights at the end of a round, sent exactly once."""
+    round: int
+    device: str
+    edge: str
+    samples: int
+    steps: int
+    train_seconds: float
+    weights: Tensors
+
+
+@message
+class MigrationReport(Message):
+    """device -> its new edge -> central: one finished move, for the results."""
+    device: str
+    source: str
+    target: str
+    round: int
+    step: int
+    mode: str
+    pause_ms: float
+    state_bytes: int
+    transfer_ms: float
+
+
+# --------------------------------------------------------------------------------------
+# device <-> edge
+# --------------------------------------------------------------------------------------
+
+ATTACH_KINDS = ("join", "migrate")
+
+
+@message
+class AttachRequest(Message):
+    """device -> edge: attach. ``join``: no session anywhere (start-up, or between rounds
+    with ``last_round`` done). ``migrate``: the device is at ``step`` of ``round`` and its
+    session is on edge ``source``."""
+    device: str
+    kind: str
+    round: int
+    step: int
+    source: str
+    last_round: int
+
+    def check(self) -> None:
+        if self.kind not in ATTACH_KINDS:
+            raise LocalProtocolError(f"AttachRequest.kind: {self.kind!r} not in {ATTACH_KINDS}")
+
+
+@message
+class AttachReply(Message):
+    """edge -> device: attached (``ok``) or refused with ``reason``. After a migration,
+    ``resume_step`` is where to continue (0 after a restart) and the transfer figures."""
+    ok: bool
+    reason: str
+    run_name: str
+    mode: str
+    resume_step: int
+    state_bytes: int
+    transfer_ms: float
+
+
+@message
+class DeviceRound(Message):
+    """edge -> device: train round ``round`` from these weights (device part, or the whole
+    model in mode classic)."""
+    round: int
+    lr: float
+    momentum: float
+    batch_size: int
+    local_epochs: int
+    weights: Tensors
+
+
+@message
+class Activations(Message):
+    """device -> edge: step ``step``'s smashed data ``x`` and labels ``y``."""
+    round: int
+    step: int
+    batch: Tensors
+
+    def check(self) -> None:
+        if set(self.batch) != {"x", "y"}:
+            raise LocalProtocolError("Activations.batch must hold exactly x and y")
+        x, y = self.batch["x"], self.batch["y"]
+        if y.dtype != torch.int64 or y.dim() != 1 or x.dim() < 2 or x.shape[0] != y.shape[0] or not x.is_floating_point():
+            raise LocalProtocolError("Activations.batch: x must be float [n, ...] and y int64 [n]")
+
+
+@message
+class Gradients(Message):
+    """edge -> device: the gradient at the cut for step ``step``, and the batch loss."""
+    round: int
+    step: int
+    loss: float
+    grad: Tensors
+
+    _nonfinite = frozenset({"loss"})  # a diverging run is data, not a protocol error
+
+
+@message
+class DeviceDone(Message):
+    """device -> edge: the device's part of its model after the round."""
+    round: int
+    samples: int
+    steps: int
+    train_seconds: float
+    weights: Tensors
+
+
+# --------------------------------------------------------------------------------------
+# edge <-> edge (migration)
+# --------------------------------------------------------------------------------------
+
+@message
+class SessionPull(Message):
+    """destination -> source: hand over ``device``'s session, which must be at ``round``/``step``."""
+    device: str
+    round: int
+    step: int
+    target: str
+
+
+@message
+class SessionDrop(Message):
+    """destination -> source (modes restart and classic): forget ``device``'s session of ``round``."""
+    device: str
+    round: int
+    target: str
+
+
+@message
+class SessionSnapshot(Message):
+    """source -> destination: the whole session; ``checksum`` is SHA-256 over meta and tensors."""
+    device: str
+    round: int
+    step: int
+    meta: JSON
+    checksum: str
+    state: Tensors
+
+
+@message
+class SessionInstalled(Message):
+    """destination -> source: installed, with the checksum it verified. The source drops it."""
+    device: str
+    round: int
+    step: int
+    checksum: str
+
+
+@message
+class SessionReleased(Message):
+    """source -> destination: the session is gone from the source; the destination owns it."""
+    device: str
+
+
+@message
+class PullRefused(Message):
+    """source -> destination: no such session here, or not at the named round and step."""
+    device: str
+    reason: str
+
+
+# --------------------------------------------------------------------------------------
+# mobility controller <-> device
+# --------------------------------------------------------------------------------------
+
+@message
+class MoveCommand(Message):
+    """controller -> device: move to edge ``to`` at the next step boundary."""
+    device: str
+    to: str
+
+
+@message
+class MoveReply(Message):
+    """device -> controller: accepted, or refused with the reason; ``edge`` is where it is."""
+    accepted: bool
+    reason: str
+    edge: str
+
+
+@message
+class StatusRequest(Message):
+    """controller -> device: where are you?"""
+
+
+@message
+class StatusReply(Message):
+    """device -> controller: current edge, round and step, and a pending move target or ''."""
+    device: str
+    edge: str
+    round: int
+    step: int
+    pending: str

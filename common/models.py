@@ -1,0 +1,124 @@
+"""VGG-5 as in FedFly, built from numbered layers so that any split is a pair of parts.
+
+Layers (numbered from 0 as in FedFly's code):
+
+    0 conv 3->32 + BN + ReLU    1 max-pool 2    2 conv 32->64 + BN + ReLU    3 max-pool 2
+    4 conv 64->64 + BN + ReLU   5 FC 4096->128 + ReLU    6 FC 128->10
+
+At split layer ``s`` the device runs layers 0..s and the edge runs s+1..6. Parts keep the
+full model's parameter names (``l<index>.<...>``), so a device part's state_dict and an
+edge part's state_dict join into the full model's state_dict with a plain dict union,
+and FedAvg works on full models whatever the split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size=3, padding=1)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class Dense(nn.Module):
+    def __init__(self, fin: int, fout: int, *, relu: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(fin, fout)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x.flatten(1))
+        return torch.relu(x) if self.relu else x
+
+
+def _vgg5_layers(num_classes: int = 10) -> list[nn.Module]:
+    return [
+        ConvBlock(3, 32),
+        nn.MaxPool2d(2),
+        ConvBlock(32, 64),
+        nn.MaxPool2d(2),
+        ConvBlock(64, 64),
+        Dense(64 * 8 * 8, 128, relu=True),
+        Dense(128, num_classes, relu=False),
+    ]
+
+
+LAYER_BUILDERS = {"vgg5": _vgg5_layers}
+
+
+class Part(nn.Module):
+    """Layers ``first..last`` (inclusive) of a model, named by their global index."""
+
+    def __init__(self, layers: list[nn.Module], first: int) -> None:
+        super().__init__()
+        self.first = first
+        self.layers = nn.ModuleDict({f"l{first + i}": layer for i, layer in enumerate(layers)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers.values():
+            x = layer(x)
+        return x
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        # Drop the "layers." prefix so keys are the same in a part and in the whole model.
+        sd = super().state_dict(*args, **kwargs)
+        return type(sd)((k.removeprefix("layers."), v) for k, v in sd.items())
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        return super().load_state_dict({f"layers.{k}": v for k, v in state_dict.items()}, strict=strict, assign=assign)
+
+
+def build_model(name: str, *, seed: int) -> Part:
+    """The whole model with its initial weights, the same in every process for ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Part(LAYER_BUILDERS[name](), 0)
+
+
+def split_model(model: Part, split_layer: int) -> tuple[Part, Part]:
+    """(device part: layers 0..split_layer, edge part: the rest), sharing the model's modules."""
+    layers = list(model.layers.values())
+    if not 0 <= split_layer < len(layers) - 1:
+        raise ValueError(f"split layer {split_layer} is outside 0..{len(layers) - 2}")
+    return Part(layers[: split_layer + 1], 0), Part(layers[split_layer + 1:], split_layer + 1)
+
+
+def device_part(name: str, split_layer: int, *, seed: int = 0) -> Part:
+    return split_model(build_model(name, seed=seed), split_layer)[0]
+
+
+def edge_part(name: str, split_layer: int, *, seed: int = 0) -> Part:
+    return split_model(build_model(name, seed=seed), split_layer)[1]
+
+
+def part_keys(name: str, split_layer: int) -> tuple[list[str], list[str]]:
+    """State-dict keys of the device part and of the edge part."""
+    dev, edge = split_model(build_model(name, seed=0), split_layer)
+    return list(dev.state_dict()), list(edge.state_dict())
+
+
+def select(state: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    return {k: state[k] for k in keys}
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the raw bytes of every tensor, in state_dict order."""
+    h = hashlib.sha256()
+    for t in state.values():
+        flat = t.detach().contiguous().reshape(-1)
+        if flat.numel():
+            h.update(memoryview(flat.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}

@@ -1,0 +1,79 @@
+"""Training pieces shared by device, edge, central and the in-process reference.
+
+Exactness rests on three things gathered here: the batch order of a (device, round) is
+fixed by the seed alone, whatever happens during the round; every optimizer is the same
+SGD, created fresh at the start of each round (as in FedFly); and every process runs the
+same number of PyTorch intra-op threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+LOSS = nn.CrossEntropyLoss()
+
+
+def set_threads(n: int) -> None:
+    """Fix intra-op threads (CPU kernels split work by thread count, which changes the
+    last bits of a result) and use one inter-op thread."""
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel op; harmless after
+        pass
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, the same on every machine and Python run."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def round_batches(n: int, batch_size: int, *, local_epochs: int, seed: int, device: str, round: int) -> list[torch.Tensor]:
+    """Index batches of one round: each local epoch a fresh seeded shuffle of 0..n-1.
+    The number of batches is the round's step count S."""
+    batches: list[torch.Tensor] = []
+    for epoch in range(local_epochs):
+        g = torch.Generator().manual_seed(stable_seed("shuffle", seed, device, round, epoch))
+        perm = torch.randperm(n, generator=g)
+        batches.extend(perm.split(batch_size))
+    return batches
+
+
+def make_optimizer(params, *, lr: float, momentum: float) -> torch.optim.SGD:
+    # foreach=False: the single-tensor path on every platform, so device, edge and the
+    # reference take the same kernels.
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=False)
+
+
+def train_reference_round(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor],
+                          *, lr: float, momentum: float) -> float:
+    """Train the whole model in this process on ``batches``; returns the mean batch loss.
+    The yardstick split training over TCP must match bit for bit."""
+    model.train()
+    opt = make_optimizer(model.parameters(), lr=lr, momentum=momentum)
+    total = 0.0
+    for idx in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = LOSS(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        total += loss.item()
+    return total / max(1, len(batches))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500) -> tuple[float, float]:
+    """(accuracy in [0, 1], mean loss) of ``model`` on ``x``, ``y``."""
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(x), batch_size):
+        out = model(x[i:i + batch_size])
+        target = y[i:i + batch_size]
+        loss_sum += nn.functional.cross_entropy(out, target, reduction="sum").item()
+        correct += int((out.argmax(1) == target).sum())
+    n = max(1, len(x))
+    return correct / n, loss_sum / n

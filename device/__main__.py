@@ -1,0 +1,35 @@
+"""``python -m device --config FILE --name DEVICE``: run one device."""
+
+from __future__ import annotations
+
+import sys
+
+from common.cli import base_parser, data_spec, run_main
+from common.events import EventLog
+from common.training import set_threads
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("fedfly-device", "FedFly device: local data, device-side training, moves",
+                         name_required=True)
+
+    def body(args, cfg) -> int:
+        from common.data import load_train_shard
+        from device.client import DeviceClient
+        cfg.require("device", args.name)
+        set_threads(cfg.device_threads(args.name))
+        key = cfg.key()
+        data = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=args.name)
+        events = EventLog(process=args.name, role="device")
+        events.emit("data_loaded", samples=len(data[1]), threads=cfg.device_threads(args.name),
+                    slowdown=cfg.devices[args.name].slowdown)
+        try:
+            return DeviceClient(cfg, args.name, key=key, events=events, data=data).run()
+        finally:
+            events.close()
+
+    return run_main(argv, parser, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The device's control port: the mobility controller's way in.
+
+Every connection is authenticated with the testbed key. ``MoveCommand`` is checked here
+and, if valid, left as a pending move that the training loop takes at its next step
+boundary (or at step 0 of the next round when the device is between rounds).
+``StatusRequest`` answers where the device is.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from common import messages as m
+from common import transport
+from common.errors import ConnectionClosed, ProtocolError, TransportError
+
+
+@dataclass
+class Position:
+    """Where the device is; shared by the training loop and the control thread."""
+    edge: str
+    round: int = 0
+    step: int = 0
+    pending: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take_pending(self) -> str | None:
+        with self.lock:
+            to, self.pending = self.pending, None
+            return to
+
+
+def check_move(pos: Position, *, device: str, edges: list[str], cmd: m.MoveCommand) -> str:
+    """The reason to refuse ``cmd``, or '' to accept it (caller holds ``pos.lock``)."""
+    if cmd.device != device:
+        return f"this is device {device}, not {cmd.device}"
+    if cmd.to not in edges:
+        return f"unknown edge {cmd.to!r} (edges: {', '.join(sorted(edges))})"
+    if pos.pending is not None:
+        return f"a move to {pos.pending} is already pending"
+    if cmd.to == pos.edge:
+        return f"{device} is already on {cmd.to}"
+    return ""
+
+
+class ControlServer:
+    def __init__(self, *, host: str, port: int, key: bytes, device: str, edges: list[str], pos: Position,
+                 events) -> None:
+        self.device = device
+        self.edges = edges
+        self.pos = pos
+        self.events = events
+        self.listener = transport.Listener(host, port, key=key, handler=self._serve, name=f"{device}-control",
+                                           on_reject=lambda peer, exc: events.emit("refused", peer=peer, detail=str(exc)))
+
+    def start(self) -> "ControlServer":
+        self.listener.start()
+        return self
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _serve(self, conn: transport.Connection) -> None:
+        try:
+            while True:
+                msg = conn.recv()
+                if isinstance(msg, m.MoveCommand):
+                    with self.pos.lock:
+                        reason = check_move(self.pos, device=self.device, edges=self.edges, cmd=msg)
+                        if not reason:
+                            self.pos.pending = msg.to
+                        edge = self.pos.edge
+                    self.events.emit("move_command", to=msg.to, accepted=not reason, reason=reason)
+                    conn.send(m.MoveReply(accepted=not reason, reason=reason, edge=edge))
+                elif isinstance(msg, m.StatusRequest):
+                    with self.pos.lock:
+                        reply = m.StatusReply(device=self.device, edge=self.pos.edge, round=self.pos.round,
+                                              step=self.pos.step, pending=self.pos.pending or "")
+                    conn.send(reply)
+                else:
+                    conn.close(notice=m.ErrorNotice(kind="RemoteProtocolError",
+                                                    detail=f"control port takes MoveCommand or StatusRequest, not {msg.TYPE}"))
+                    return
+        except ConnectionClosed:
+            return
+        except (ProtocolError, TransportError) as exc:
+            self.events.emit("protocol_error", peer=conn.peer, detail=str(exc))
+            conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)))

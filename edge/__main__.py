@@ -1,0 +1,29 @@
+"""``python -m edge --config FILE --name EDGE``: run one edge server."""
+
+from __future__ import annotations
+
+import sys
+
+from common.cli import base_parser, run_main
+from common.events import EventLog
+from common.training import set_threads
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("fedfly-edge", "FedFly edge server: split training for its devices", name_required=True)
+
+    def body(args, cfg) -> int:
+        from edge.server import EdgeServer
+        cfg.require("edge", args.name)
+        set_threads(cfg.training["threads"])
+        events = EventLog(process=args.name, role="edge")
+        try:
+            return EdgeServer(cfg, args.name, key=cfg.key(), events=events).run()
+        finally:
+            events.close()
+
+    return run_main(argv, parser, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

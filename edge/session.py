@@ -1,0 +1,158 @@
+"""One device's split-training session on an edge: the unit a migration moves.
+
+A session holds everything the edge side of a device's round needs: the edge part of the
+model (weights and batch-norm buffers), its SGD optimizer (momentum buffers), the round
+and step counters, samples and loss so far, and an RNG state. ``snapshot`` turns it into
+plain metadata plus named tensors (no pickle), with a checksum; ``from_snapshot`` checks
+the checksum before it builds anything, so a damaged or partial snapshot never installs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import msgpack
+import torch
+
+from common.errors import MigrationError
+from common.models import Part, build_model, split_model
+from common.training import LOSS, make_optimizer, stable_seed
+
+# Digests of big tensors run in parallel: hashlib releases the GIL on large buffers, and
+# the snapshot checksum sits on the migration's critical path twice (source and target).
+_HASH_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checksum")
+
+
+def _tensor_digest(name: str, t: torch.Tensor) -> bytes:
+    h = hashlib.sha256()
+    h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel():
+        h.update(memoryview(flat.view(torch.uint8).numpy()))
+    return h.digest()
+
+
+def snapshot_checksum(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the metadata (msgpack, in order) and the SHA-256 of every tensor
+    (name, dtype, shape and bytes, in order)."""
+    digests = list(_HASH_POOL.map(lambda kv: _tensor_digest(*kv), tensors.items()))
+    h = hashlib.sha256(msgpack.packb(meta, use_bin_type=True))
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+class EdgeSession:
+    """A device's edge-side state for one round. ``lock`` serialises training against
+    snapshots, so a snapshot never sees a half-applied step."""
+
+    def __init__(self, *, device: str, round: int, mode: str, model: str, split_layer: int,
+                 lr: float, momentum: float, part_state: dict[str, torch.Tensor] | None,
+                 step: int = 0, samples: int = 0, loss_sum: float = 0.0, seed: int = 0) -> None:
+        self.device = device
+        self.round = round
+        self.mode = mode
+        self.model_name = model
+        self.split_layer = split_layer
+        self.lr = lr
+        self.momentum = momentum
+        self.step = step
+        self.samples = samples
+        self.loss_sum = loss_sum
+        self.lock = threading.Lock()
+        self.frozen = False  # set once handed to another edge: no more training here
+        # An RNG for the edge part's random layers (none in VGG-5; kept so that a model
+        # with dropout would migrate exactly too). Seeded per (device, round).
+        self.rng = torch.Generator().manual_seed(stable_seed("edge-rng", seed, device, round))
+        self.part: Part | None = None
+        self.optimizer: torch.optim.SGD | None = None
+        if mode != "classic":
+            self.part = split_model(build_model(model, seed=0), split_layer)[1]
+            if part_state is not None:
+                self.part.load_state_dict(part_state)
+            self.part.train()
+            self.optimizer = make_optimizer(self.part.parameters(), lr=lr, momentum=momentum)
+
+    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor,
+                   reply: Callable[[torch.Tensor, float], None]) -> None:
+        """Forward, loss, backward on the edge part; ``reply(grad_at_cut, loss)`` as soon
+        as the cut's gradient exists (the device back-propagates while we step), then the
+        optimizer step. Raises ``MigrationError`` if the step is out of order."""
+        with self.lock:
+            if self.frozen:
+                raise MigrationError(f"{self.device}'s session was handed over; it cannot train here")
+            if step != self.step:
+                raise MigrationError(f"{self.device}: step {step} arrived, session expects step {self.step}")
+            assert self.part is not None and self.optimizer is not None
+            x = x.detach().requires_grad_(True)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = LOSS(self.part(x), y)
+            loss.backward()
+            value = loss.item()
+            reply(x.grad, value)
+            self.optimizer.step()
+            self.step += 1
+            self.samples += int(y.shape[0])
+            self.loss_sum += value
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The edge part's state (weights and buffers); empty in mode classic."""
+        return dict(self.part.state_dict()) if self.part is not None else {}
+
+    # -- migration -----------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+        """(metadata, tensors, checksum), taken under the lock; freezes the session.
+        The tensors are the session's own (no copy): the session must not train after."""
+        with self.lock:
+            self.frozen = True
+            tensors: dict[str, torch.Tensor] = {}
+            opt_meta: dict[str, Any] = {}
+            if self.part is not None and self.optimizer is not None:
+                for k, v in self.part.state_dict().items():
+                    tensors[f"model/{k}"] = v
+                opt = self.optimizer.state_dict()
+                for idx, st in opt["state"].items():
+                    for name, t in st.items():
+                        if not isinstance(t, torch.Tensor):
+                            raise MigrationError(f"optimizer state {name} is not a tensor")
+                        tensors[f"opt/{idx}/{name}"] = t
+                opt_meta = {"param_groups": opt["param_groups"]}
+            tensors["rng"] = self.rng.get_state()
+            meta = {"device": self.device, "round": self.round, "mode": self.mode, "model": self.model_name,
+                    "split_layer": self.split_layer, "lr": self.lr, "momentum": self.momentum,
+                    "step": self.step, "samples": self.samples, "loss_sum": self.loss_sum, "optimizer": opt_meta}
+            return meta, tensors, snapshot_checksum(meta, tensors)
+
+    @classmethod
+    def from_snapshot(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], checksum: str,
+                      *, expect_model: str, expect_split: int) -> "EdgeSession":
+        """Verify and rebuild. Raises ``MigrationError`` (nothing is installed) when the
+        checksum, the model or any field does not match."""
+        got = snapshot_checksum(meta, tensors)
+        if got != checksum:
+            raise MigrationError(f"snapshot checksum mismatch ({got[:12]} != {checksum[:12]}): not installed")
+        try:
+            if meta["model"] != expect_model or meta["split_layer"] != expect_split:
+                raise MigrationError(f"snapshot is for {meta['model']} split {meta['split_layer']}, "
+                                     f"this edge runs {expect_model} split {expect_split}")
+            session = cls(device=meta["device"], round=meta["round"], mode=meta["mode"], model=meta["model"],
+                          split_layer=meta["split_layer"], lr=meta["lr"], momentum=meta["momentum"],
+                          part_state=None, step=meta["step"], samples=meta["samples"], loss_sum=meta["loss_sum"])
+            if session.part is not None and session.optimizer is not None:
+                session.part.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+                state: dict[int, dict[str, torch.Tensor]] = {}
+                for k, v in tensors.items():
+                    if k.startswith("opt/"):
+                        _, idx, name = k.split("/", 2)
+                        state.setdefault(int(idx), {})[name] = v.clone()
+                session.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+            session.rng.set_state(tensors["rng"].clone())
+        except MigrationError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise MigrationError(f"snapshot does not describe a session: {type(exc).__name__}: {exc}") from exc
+        return session
