@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from common.cli import base_parser, data_spec, run_main
+from common.cli import base_parser, data_spec, run_main, exit_process
 from common.events import EventLog
 from common.training import set_threads
 
@@ -34,5 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(argv, parser, body)
 
 
+def entry() -> None:
+    """Console-script entry point."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -53,6 +53,22 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "host": (str, REQUIRED, None),
         "port": (int, REQUIRED, _PORT),
         "bind": (str, "", None),
+        "ssh": (str, "", None),
+    },
+    # Link shaping for the network-namespace testbed (scripts/netns_testbed.py); 0 = unshaped.
+    "links": {
+        "device_mbit": (float, 0.0, _NONNEG),
+        "edge_mbit": (float, 0.0, _NONNEG),
+        "central_mbit": (float, 0.0, _NONNEG),
+    },
+    # Launching on real hosts over ssh (scripts/remote.py).
+    "remote": {
+        "user": (str, "", None),
+        "workdir": (str, "fedfly", None),
+        "python": (str, "python3", None),
+        "ssh_port": (int, 22, _PORT),
+        "identity": (str, "", None),
+        "ssh_options": (str, "", None),
     },
     "model": {
         "name": (str, "vgg5", _choice(tuple(MODELS))),
@@ -80,6 +96,7 @@ EDGE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "host": (str, REQUIRED, None),
     "port": (int, REQUIRED, _PORT),
     "bind": (str, "", None),
+    "ssh": (str, "", None),   # ssh target when it differs from host (scripts/remote.py)
 }
 DEVICE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "edge": (str, REQUIRED, None),
@@ -88,6 +105,8 @@ DEVICE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "bind": (str, "", None),
     "slowdown": (float, 1.0, lambda v: None if v >= 1 else "must be >= 1 (1 = full speed)"),
     "threads": (int, 0, _NONNEG),
+    "link_mbit": (float, 0.0, _NONNEG),  # 0: links.device_mbit
+    "ssh": (str, "", None),
 }
 MOVE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "device": (str, REQUIRED, None),
@@ -102,6 +121,7 @@ class Endpoint:
     host: str
     port: int
     bind: str = ""
+    ssh: str = ""
 
     @property
     def listen_host(self) -> str:
@@ -118,10 +138,12 @@ class DeviceConfig:
     bind: str = ""
     slowdown: float = 1.0
     threads: int = 0
+    link_mbit: float = 0.0
+    ssh: str = ""
 
     @property
     def control(self) -> Endpoint:
-        return Endpoint(self.host, self.control_port, self.bind)
+        return Endpoint(self.host, self.control_port, self.bind, self.ssh)
 
 
 @dataclass(frozen=True)
@@ -147,6 +169,8 @@ class Config:
     model: dict[str, Any]
     data: dict[str, Any]
     training: dict[str, Any]
+    links: dict[str, Any]
+    remote: dict[str, Any]
     moves: tuple[Move, ...] = field(default_factory=tuple)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

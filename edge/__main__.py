@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from common.cli import base_parser, run_main
+from common.cli import base_parser, run_main, exit_process
 from common.events import EventLog
 from common.training import set_threads
 
@@ -25,5 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(argv, parser, body)
 
 
+def entry() -> None:
+    """Console-script entry point."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,0 +1,43 @@
+"""Split training over TCP is bit-identical to training the whole model in one process."""
+
+from __future__ import annotations
+
+import torch
+
+from central.fedavg import fedavg
+from common.cli import data_spec
+from common.config import load_config
+from common.data import load_train_shard
+from common.models import build_model, state_sha256
+from common.training import round_batches, set_threads, train_reference_round
+from tests.testbed import run_launch, write_config
+
+
+def reference_sha(cfg_path, rounds: int) -> str:
+    """The same run as one device and one edge would do, in this process, whole model."""
+    cfg = load_config(str(cfg_path))
+    old = torch.get_num_threads()
+    set_threads(cfg.training["threads"])
+    try:
+        (device,) = cfg.device_names
+        x, y = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=device)
+        t = cfg.training
+        weights = build_model("vgg5", seed=cfg.run["seed"]).state_dict()
+        for r in range(1, rounds + 1):
+            model = build_model("vgg5", seed=0)
+            model.load_state_dict(weights)
+            batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
+                                    device=device, round=r)
+            train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"])
+            weights = fedavg([(model.state_dict(), len(x))])
+        return state_sha256(weights)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_one_device_split_run_equals_in_process_training(tmp_path):
+    cfg = write_config(tmp_path, edges=1, devices=1, rounds=2, samples_per_device=300, batch_size=50,
+                       extra={"training": {"local_epochs": 2}})
+    status, out, summary = run_launch(cfg)
+    assert status == 0, out
+    assert summary["final_model_sha256"] == reference_sha(cfg, rounds=2)
