@@ -1,6 +1,7 @@
 """The mobility controller: tell a running device to move to another edge, or ask where it is.
 
     python -m central.mobility move   --config FILE --device NAME --to EDGE [--wait]
+                                      [--when-round R --when-fraction F]
     python -m central.mobility status --config FILE [--device NAME]
 
 The device takes the move at its next step boundary (or at the start of the next round
@@ -53,6 +54,19 @@ def status(cfg: Config, device: str, *, key: bytes) -> m.StatusReply:
     return reply
 
 
+def wait_until_at(cfg: Config, device: str, round: int, fraction: float, *, key: bytes,
+                  timeout: float) -> m.StatusReply:
+    """Poll until ``device`` is in ``round`` at step >= fraction x steps (or past it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(cfg, device, key=key)
+        if st.round > round or (st.round == round and st.steps > 0 and st.step >= fraction * st.steps):
+            return st
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{device} did not reach round {round} at {fraction} within {timeout} s")
+        time.sleep(0.01)
+
+
 def wait_until_on(cfg: Config, device: str, edge: str, *, key: bytes, timeout: float) -> m.StatusReply:
     deadline = time.monotonic() + timeout
     while True:
@@ -75,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     pm.add_argument("--device", required=True)
     pm.add_argument("--to", required=True, help="destination edge")
     pm.add_argument("--wait", action="store_true", help="return once the device is on the new edge")
-    pm.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait")
+    pm.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait or --when-*")
+    pm.add_argument("--when-round", type=int, default=None, help="send the move once the device is in this round...")
+    pm.add_argument("--when-fraction", type=float, default=0.0, help="...at this fraction of its steps (0 <= F < 1)")
     ps.add_argument("--device", default=None, help="one device (default: all)")
     args = p.parse_args(argv)
     try:
@@ -93,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "status":
             for d in devices:
                 st = status(cfg, d, key=key)
-                print(f"{st.device} edge={st.edge} round={st.round} step={st.step} pending={st.pending or '-'}")
+                print(f"{st.device} edge={st.edge} round={st.round} step={st.step} steps={st.steps} "
+                      f"pending={st.pending or '-'}")
             return 0
+        if args.when_round is not None:
+            wait_until_at(cfg, args.device, args.when_round, args.when_fraction, key=key, timeout=args.timeout)
         reply = move(cfg, args.device, args.to, key=key)
         if not reply.accepted:
             print(f"fedfly-mobility: refused: {reply.reason}", file=sys.stderr)

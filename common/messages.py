@@ -403,9 +403,11 @@ class StatusRequest(Message):
 
 @message
 class StatusReply(Message):
-    """device -> controller: current edge, round and step, and a pending move target or ''."""
+    """device -> controller: current edge, round, step (of ``steps`` in the round; equal
+    once the round's work is done), and a pending move target or ''."""
     device: str
     edge: str
     round: int
     step: int
+    steps: int
     pending: str

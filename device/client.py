@@ -120,7 +120,7 @@ class DeviceClient:
                                 seed=self.cfg.run["seed"], device=self.name, round=r)
         steps = len(batches)
         with self.pos.lock:
-            self.pos.round, self.pos.step = r, 0
+            self.pos.round, self.pos.step, self.pos.steps = r, 0, steps
         self.events.emit("round_start", round=r, steps=steps, edge=self.pos.edge)
         t0 = time.perf_counter()
         step, restarts = 0, 0

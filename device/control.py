@@ -22,6 +22,7 @@ class Position:
     edge: str
     round: int = 0
     step: int = 0
+    steps: int = 0
     pending: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -76,7 +77,7 @@ class ControlServer:
                 elif isinstance(msg, m.StatusRequest):
                     with self.pos.lock:
                         reply = m.StatusReply(device=self.device, edge=self.pos.edge, round=self.pos.round,
-                                              step=self.pos.step, pending=self.pos.pending or "")
+                                              step=self.pos.step, steps=self.pos.steps, pending=self.pos.pending or "")
                     conn.send(reply)
                 else:
                     conn.close(notice=m.ErrorNotice(kind="RemoteProtocolError",

@@ -58,6 +58,7 @@ class EdgeServer:
         self.split = cfg.model["split_layer"]
         self.device_keys, self.edge_keys = part_keys(self.model_name, self.split)
         self.lock = threading.Condition()
+        self.status_lock = threading.Lock()
         self.sessions: dict[str, EdgeSession] = {}
         self.links: dict[str, DeviceLink] = {}
         self.current: RoundInfo | None = None
@@ -126,13 +127,16 @@ class EdgeServer:
         self.events.emit("refused", peer=peer, detail=str(exc))
 
     def _report_status(self) -> None:
-        with self.lock:
-            attached = sorted(self.links)
-        if self.central is not None and self.welcomed.is_set():
-            try:
-                self.central.send(m.EdgeStatus(edge=self.name, attached=attached))
-            except TransportError:
-                pass  # the central reader thread reports the loss
+        # Read and send under one lock: two attaches racing must not let a stale list
+        # overtake a newer one on the wire (the central keeps the last list it gets).
+        with self.status_lock:
+            with self.lock:
+                attached = sorted(self.links)
+            if self.central is not None and self.welcomed.is_set():
+                try:
+                    self.central.send(m.EdgeStatus(edge=self.name, attached=attached))
+                except TransportError:
+                    pass  # the central reader thread reports the loss
 
     # -- rounds --------------------------------------------------------------------------
 

@@ -1,0 +1,176 @@
+"""Devices move: exactness of every mode under moves, the migration records, the
+controller CLI and the scenario scripts against a running testbed, and bad moves."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+
+import pytest
+
+from tests.testbed import ROOT, Testbed, _env, mobility, read_summary, run_launch, write_config
+
+SAMPLES, BATCH = 200, 50          # 4 steps per round
+STEPS = SAMPLES // BATCH
+# One move, a move back, two moves of one device in one round, two devices at once.
+MOVES = [
+    {"device": "device1", "to": "edge2", "round": 1, "at": 0.5},
+    {"device": "device1", "to": "edge1", "round": 2, "at": 0.25},
+    {"device": "device1", "to": "edge2", "round": 2, "at": 0.75},
+    {"device": "device3", "to": "edge1", "round": 2, "at": 0.25},
+]
+
+
+def _run(tmp_path, name, **kw):
+    cfg = write_config(tmp_path / name, edges=2, devices=4, rounds=2, samples_per_device=SAMPLES, batch_size=BATCH, **kw)
+    status, out, summary = run_launch(cfg)
+    assert status == 0, out
+    assert summary["status"] == "finished"
+    return summary
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """Final weights of the run without moves (modes fedfly and restart share it: with no
+    move they run the same code)."""
+    return _run(tmp_path_factory.mktemp("base"), "base")["final_model_sha256"]
+
+
+def _check_migrations(summary, mode):
+    migs = summary["migrations"]
+    assert len(migs) == len(MOVES)
+    got = sorted((m["device"], m["round"], m["to"], m["step"]) for m in migs)
+    want = sorted((m["device"], m["round"], m["to"], math.floor(m["at"] * STEPS)) for m in MOVES)
+    assert got == want
+    for m in migs:
+        assert m["mode"] == mode and m["pause_ms"] > 0 and m["transfer_ms"] >= 0
+        assert set(m) >= {"device", "from", "to", "round", "step", "pause_ms", "state_bytes", "transfer_ms"}
+        if mode == "fedfly":
+            assert m["state_bytes"] > 1_000_000  # VGG-5's edge part at split 3, with momentum
+        else:
+            assert m["state_bytes"] == 0
+    # each device's update counted once per round, through the edge it ended on
+    for r in summary["rounds"]:
+        assert r["samples"] == 4 * SAMPLES and r["missing"] == []
+    assert summary["devices"]["device1"]["edges"] == ["edge2", "edge2"]
+    assert summary["devices"]["device3"]["edges"] == ["edge2", "edge1"]
+
+
+@pytest.mark.parametrize("mode", ["fedfly", "restart"])
+def test_moves_leave_the_model_bit_identical(tmp_path, baseline, mode):
+    summary = _run(tmp_path, mode, mode=mode, moves=MOVES)
+    _check_migrations(summary, mode)
+    assert summary["final_model_sha256"] == baseline
+
+
+def test_restart_costs_the_lost_steps(tmp_path):
+    """In mode restart the moving device redoes the steps before the move; in fedfly it
+    does not (seen in the edges' event logs as the number of edge steps trained)."""
+    summary = _run(tmp_path, "restart", mode="restart", moves=MOVES[:1],
+                   extra={"run": {"name": "r"}})
+    events = (tmp_path / "restart" / "runs" / "r" / "events-edge2.jsonl").read_text()
+    import json
+    done = [json.loads(l) for l in events.splitlines() if '"device_done"' in l]
+    d1 = [e for e in done if e["device"] == "device1" and e["round"] == 1]
+    assert d1 and d1[0]["edge_steps"] == STEPS  # restarted at 0 on edge2, trained every step there
+    assert summary["migrations"][0]["step"] == 2
+
+
+def test_classic_moves_only_reconnect(tmp_path):
+    still = _run(tmp_path, "still", mode="classic")
+    moved = _run(tmp_path, "moved", mode="classic", moves=MOVES)
+    _check_migrations(moved, "classic")
+    assert moved["final_model_sha256"] == still["final_model_sha256"]
+
+
+@pytest.mark.parametrize("split,distribution,mode", [(1, "imbalanced", "fedfly"), (5, "imbalanced", "restart"),
+                                                     (0, "balanced", "fedfly")])
+def test_exact_for_other_splits_and_data(tmp_path, split, distribution, mode):
+    moves = [{"device": "device2", "to": "edge2", "round": 1, "at": 0.6},
+             {"device": "device4", "to": "edge1", "round": 2, "at": 0.3},
+             {"device": "device2", "to": "edge1", "round": 2, "at": 0.3}]
+    kw = dict(split_layer=split, distribution=distribution, mode=mode)
+    still = _run(tmp_path, "still", **kw)
+    moved = _run(tmp_path, "moved", moves=moves, **kw)
+    assert len(moved["migrations"]) == 3
+    assert moved["final_model_sha256"] == still["final_model_sha256"]
+
+
+def _wait_up(cfg, device: str) -> None:
+    from central.mobility import status
+    from common.config import load_config
+    c = load_config(str(cfg))
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            status(c, device, key=c.key())
+            return
+        except Exception:
+            assert time.monotonic() < deadline, f"{device} never came up"
+            time.sleep(0.2)
+
+
+def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
+    """Live moves at whatever step they land on, a move before the first round, refused
+    moves, and the scenario scripts; the run still ends bit-identical to the run without
+    moves."""
+    from central.mobility import move
+    from common.config import load_config
+
+    # Slow enough (a few seconds a round here) that the controller's calls land mid-run.
+    slow = {f"devices.device{i}": {"slowdown": 3.0} for i in range(1, 5)}
+    cfg = write_config(tmp_path / "live", edges=2, devices=4, rounds=5, samples_per_device=500, batch_size=10,
+                       extra=slow)
+    c = load_config(str(cfg))
+    fast = [f"devices.device{i}.slowdown=1.0" for i in range(1, 5)]  # slowdown does not change results
+    status, out, still = run_launch(cfg, "run.out=" + str(tmp_path / "still"), *fast)
+    assert status == 0 and still["status"] == "finished", out
+    bed = Testbed(cfg, log_dir=tmp_path / "logs")
+    try:
+        bed.start("central")
+        bed.start("edge", "edge1")
+        bed.start("edge", "edge2")
+        bed.start("device", "device1")
+        # device1 is up and idle (no round has started): a move now applies at round 1 step 0
+        _wait_up(cfg, "device1")
+        ok = mobility(cfg, "move", "--device", "device1", "--to", "edge2")
+        assert ok.returncode == 0, ok.stderr
+        again = move(c, "device1", "edge2", key=c.key())
+        assert not again.accepted and "already pending" in again.reason
+        for d in ("device2", "device3", "device4"):
+            bed.start("device", d)
+        for d in ("device2", "device3", "device4"):
+            _wait_up(cfg, d)
+        # refused moves change nothing and the run goes on
+        r = move(c, "device3", "edge7", key=c.key())
+        assert not r.accepted and "unknown edge" in r.reason
+        r = move(c, "device3", "edge2", key=c.key())
+        assert not r.accepted and "already on edge2" in r.reason and r.edge == "edge2"
+        r = mobility(cfg, "move", "--device", "device9", "--to", "edge1")
+        assert r.returncode == 2 and "device9" in r.stderr
+        r = mobility(cfg, "move", "--device", "device3", "--to", "edge9")
+        assert r.returncode == 3 and "unknown edge" in r.stderr
+        # a live move mid-round, and the scenario scripts
+        r = mobility(cfg, "move", "--device", "device3", "--to", "edge1", "--when-round", "1",
+                     "--when-fraction", "0.3", "--wait")
+        assert r.returncode == 0 and "now on edge1" in r.stdout, r.stderr
+        env = {**_env(), "PYTHON": __import__("sys").executable}
+        sh = subprocess.run(["bash", "scripts/scenarios/move_half.sh", str(cfg), "device2", "edge2", "2"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert sh.returncode == 0, sh.stderr
+        sh = subprocess.run(["bash", "scripts/scenarios/ping_pong.sh", str(cfg), "device4", "edge1", "edge2", "2"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert sh.returncode == 0, sh.stderr
+        codes = bed.wait_all(timeout=300)
+        assert codes == {n: 0 for n in codes}, {n: bed.log(n)[-2000:] for n, c in codes.items() if c}
+    finally:
+        bed.stop()
+    summary = read_summary("results: " + str(next((tmp_path / "live" / "runs").iterdir())))
+    assert summary["status"] == "finished"
+    migs = summary["migrations"]
+    first = [m for m in migs if m["device"] == "device1"]
+    assert first and (first[0]["round"], first[0]["step"], first[0]["to"]) == (1, 0, "edge2")
+    assert {m["device"] for m in migs} == {"device1", "device2", "device3", "device4"}
+    assert len([m for m in migs if m["device"] == "device4"]) == 2
+    assert summary["final_model_sha256"] == still["final_model_sha256"]
