@@ -92,6 +92,15 @@ def split_model(model: Part, split_layer: int) -> tuple[Part, Part]:
     return Part(layers[: split_layer + 1], 0), Part(layers[split_layer + 1:], split_layer + 1)
 
 
+def empty_part(name: str, first: int, last: int | None = None) -> Part:
+    """Layers ``first..last`` with uninitialised weights, for a state that will be loaded
+    right after (a migrated session): skips the random initialisation of every layer."""
+    with torch.device("meta"):
+        layers = LAYER_BUILDERS[name]()
+    last = len(layers) - 1 if last is None else last
+    return Part(layers[first:last + 1], first).to_empty(device="cpu")
+
+
 def device_part(name: str, split_layer: int, *, seed: int = 0) -> Part:
     return split_model(build_model(name, seed=seed), split_layer)[0]
 

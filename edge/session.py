@@ -18,7 +18,7 @@ import msgpack
 import torch
 
 from common.errors import MigrationError
-from common.models import Part, build_model, split_model
+from common.models import Part, empty_part
 from common.training import LOSS, make_optimizer, stable_seed
 
 # Digests of big tensors run in parallel: hashlib releases the GIL on large buffers, and
@@ -70,9 +70,10 @@ class EdgeSession:
         self.part: Part | None = None
         self.optimizer: torch.optim.SGD | None = None
         if mode != "classic":
-            self.part = split_model(build_model(model, seed=0), split_layer)[1]
-            if part_state is not None:
-                self.part.load_state_dict(part_state)
+            if part_state is None:
+                raise ValueError("a split session needs the edge part's weights")
+            self.part = empty_part(model, split_layer + 1)
+            self.part.load_state_dict(part_state)
             self.part.train()
             self.optimizer = make_optimizer(self.part.parameters(), lr=lr, momentum=momentum)
 
@@ -141,9 +142,9 @@ class EdgeSession:
                                      f"this edge runs {expect_model} split {expect_split}")
             session = cls(device=meta["device"], round=meta["round"], mode=meta["mode"], model=meta["model"],
                           split_layer=meta["split_layer"], lr=meta["lr"], momentum=meta["momentum"],
-                          part_state=None, step=meta["step"], samples=meta["samples"], loss_sum=meta["loss_sum"])
+                          part_state={k[6:]: v for k, v in tensors.items() if k.startswith("model/")},
+                          step=meta["step"], samples=meta["samples"], loss_sum=meta["loss_sum"])
             if session.part is not None and session.optimizer is not None:
-                session.part.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
                 state: dict[int, dict[str, torch.Tensor]] = {}
                 for k, v in tensors.items():
                     if k.startswith("opt/"):
