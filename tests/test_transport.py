@@ -192,17 +192,19 @@ def endpoint(request, monkeypatch):
 
 
 @pytest.fixture
-def conns(endpoint):
+def pool():
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        yield ex
+
+
+@pytest.fixture
+def conns(endpoint, pool):
+    # depends on pool so that it is closed first: closing unblocks any sender still stuck
+    # in a failed test, and only then does the pool wait for its threads
     client, server = endpoint.pair()
     yield client, server
     client.close()
     server.close()
-
-
-@pytest.fixture
-def pool():
-    with ThreadPoolExecutor(max_workers=8) as ex:
-        yield ex
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
