@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from common.cli import base_parser, data_spec, run_main, exit_process

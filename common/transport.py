@@ -16,8 +16,7 @@ from typing import Callable
 
 from common import auth, codec
 from common import messages as m
-from common.errors import (AuthenticationError, ConnectionClosed, LocalProtocolError, ProtocolError,
-                           RemoteProtocolError, TransportError)
+from common.errors import AuthenticationError, ConnectionClosed, LocalProtocolError, ProtocolError, TransportError
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,10 @@ class EdgeLost(Exception):
     """The device's edge went away outside a move."""
 
 
+class RunOver(Exception):
+    """The edge relayed the central's Shutdown (possibly in the middle of a round)."""
+
+
 class DeviceClient:
     def __init__(self, cfg: Config, name: str, *, key: bytes, events: EventLog,
                  data: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -67,11 +71,11 @@ class DeviceClient:
                 msg = self._recv()
                 if isinstance(msg, m.DeviceRound):
                     self._train_round(msg)
-                elif isinstance(msg, m.Shutdown):
-                    self.events.emit("shutdown", reason=msg.reason)
-                    return 0
                 else:
                     raise RemoteProtocolError(f"device {self.name} (idle): edge sent unexpected {msg.TYPE}")
+        except RunOver as exc:
+            self.events.emit("shutdown", reason=str(exc))
+            return 0
         except (EdgeLost, TransportError, ProtocolError, MigrationError) as exc:
             log.error("%s: %s", self.name, exc)
             self.events.emit("error", detail=str(exc), error=type(exc).__name__)
@@ -89,6 +93,8 @@ class DeviceClient:
             raise EdgeLost(f"edge {self.pos.edge} closed the connection") from exc
         if isinstance(msg, m.ErrorNotice):
             raise EdgeLost(f"edge {self.pos.edge} reported {msg.kind}: {msg.detail}")
+        if isinstance(msg, m.Shutdown):
+            raise RunOver(msg.reason)
         return msg
 
     def _attach(self, edge: str, req: m.AttachRequest, *, retry_for: float = 0.0) -> tuple[transport.Connection, m.AttachReply]:

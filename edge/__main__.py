@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from common.cli import base_parser, run_main, exit_process
 from common.events import EventLog
 from common.training import set_threads

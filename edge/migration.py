@@ -15,9 +15,11 @@ the device's update can only come from B.
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from common import messages as m
 from common import transport
@@ -35,43 +37,88 @@ class PullResult:
     transfer_ms: float
 
 
-def _connect(host: str, port: int, key: bytes, source: str) -> transport.Connection:
-    try:
-        return transport.connect(host, port, key=key, peer=f"edge {source}", timeout=HANDOVER_TIMEOUT_S)
-    except (TransportError, ProtocolError) as exc:
-        raise MigrationError(f"cannot reach source edge {source}: {exc}") from exc
+class PeerLinks:
+    """Authenticated connections to the other edges, opened on first use and kept, so a
+    migration does not pay a TCP connect and a handshake on the device's critical path.
+    One handover at a time per peer (a lock per peer)."""
+
+    def __init__(self, *, key: bytes, endpoints: dict[str, tuple[str, int]]) -> None:
+        self._key = key
+        self._endpoints = endpoints
+        self._conns: dict[str, transport.Connection] = {}
+        self._locks = {name: threading.Lock() for name in endpoints}
+
+    def _open(self, peer: str) -> transport.Connection:
+        host, port = self._endpoints[peer]
+        try:
+            conn = transport.connect(host, port, key=self._key, peer=f"edge {peer}", timeout=HANDOVER_TIMEOUT_S)
+        except (TransportError, ProtocolError) as exc:
+            raise MigrationError(f"cannot reach edge {peer}: {exc}") from exc
+        self._conns[peer] = conn
+        return conn
+
+    @contextmanager
+    def exchange(self, peer: str, first: m.Message) -> Iterator[transport.Connection]:
+        """Send ``first`` to ``peer`` and yield the connection for the rest of the exchange.
+        A kept connection that turns out dead (the peer restarted) is replaced once; any
+        failure inside the exchange closes the connection."""
+        if peer not in self._locks:
+            raise MigrationError(f"{peer!r} is not an edge of this testbed")
+        with self._locks[peer]:
+            conn = self._conns.get(peer)
+            try:
+                if conn is None or conn.closed:
+                    raise TransportError("no open link")
+                conn.send(first)
+            except TransportError:
+                if conn is not None:
+                    conn.close()
+                conn = self._open(peer)
+                try:
+                    conn.send(first)
+                except TransportError as exc:
+                    conn.close()
+                    raise MigrationError(f"cannot reach edge {peer}: {exc}") from exc
+            try:
+                yield conn
+            except BaseException:
+                conn.close()
+                self._conns.pop(peer, None)
+                raise
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
 
 
-def pull_session(*, host: str, port: int, key: bytes, source: str, target: str, device: str, round: int,
-                 step: int, model: str, split_layer: int, install: Callable[[EdgeSession], None]) -> PullResult:
+def pull_session(links: PeerLinks, *, source: str, target: str, device: str, round: int, step: int,
+                 model: str, split_layer: int, install: Callable[[EdgeSession], None]) -> PullResult:
     """Destination side. ``install(session)`` is called once the snapshot is verified and
     before A is told; if A then fails to release, the caller gets ``MigrationError`` and
     must uninstall. Raises ``MigrationError`` with the reason on any failure."""
     t0 = time.perf_counter()
-    conn = _connect(host, port, key, source)
     try:
-        conn.send(m.SessionPull(device=device, round=round, step=step, target=target))
-        reply = conn.recv(timeout=HANDOVER_TIMEOUT_S)
-        if isinstance(reply, m.PullRefused):
-            raise MigrationError(f"{source} refused to hand over {device}: {reply.reason}")
-        if not isinstance(reply, m.SessionSnapshot) or reply.device != device:
-            raise MigrationError(f"{source} answered a pull with {reply.TYPE}")
-        state_bytes = conn.bytes_received
-        session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum,
-                                            expect_model=model, expect_split=split_layer)
-        if (session.device, session.round, session.step) != (device, round, step):
-            raise MigrationError(f"snapshot is {session.device} round {session.round} step {session.step}, "
-                                 f"expected {device} round {round} step {step}")
-        install(session)
-        conn.send(m.SessionInstalled(device=device, round=round, step=step, checksum=reply.checksum))
-        done = conn.recv(timeout=HANDOVER_TIMEOUT_S)
-        if not isinstance(done, m.SessionReleased) or done.device != device:
-            raise MigrationError(f"{source} did not release {device} (answered {done.TYPE})")
-        return PullResult(session, state_bytes, (time.perf_counter() - t0) * 1000)
+        with links.exchange(source, m.SessionPull(device=device, round=round, step=step, target=target)) as conn:
+            before = conn.bytes_received
+            reply = conn.recv(timeout=HANDOVER_TIMEOUT_S)
+            if isinstance(reply, m.PullRefused):
+                raise MigrationError(f"{source} refused to hand over {device}: {reply.reason}")
+            if not isinstance(reply, m.SessionSnapshot) or reply.device != device:
+                raise MigrationError(f"{source} answered a pull with {reply.TYPE}")
+            state_bytes = conn.bytes_received - before
+            session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum,
+                                                expect_model=model, expect_split=split_layer)
+            if (session.device, session.round, session.step) != (device, round, step):
+                raise MigrationError(f"snapshot is {session.device} round {session.round} step {session.step}, "
+                                     f"expected {device} round {round} step {step}")
+            install(session)
+            conn.send(m.SessionInstalled(device=device, round=round, step=step, checksum=reply.checksum))
+            done = conn.recv(timeout=HANDOVER_TIMEOUT_S)
+            if not isinstance(done, m.SessionReleased) or done.device != device:
+                raise MigrationError(f"{source} did not release {device} (answered {done.TYPE})")
     except (TransportError, ProtocolError, TimeoutError) as exc:
         raise MigrationError(f"handover of {device} from {source} failed: {exc}") from exc
-    finally:
-        conn.close()
+    return PullResult(session, state_bytes, (time.perf_counter() - t0) * 1000)
 
 
 def serve_pull(conn: transport.Connection, req: m.SessionPull, *, lookup: Callable[[str], EdgeSession | None],
@@ -102,21 +149,18 @@ def serve_pull(conn: transport.Connection, req: m.SessionPull, *, lookup: Callab
     return True
 
 
-def drop_remote(*, host: str, port: int, key: bytes, source: str, target: str, device: str, round: int) -> float:
+def drop_remote(links: PeerLinks, *, source: str, target: str, device: str, round: int) -> float:
     """Destination side for modes restart/classic: make ``source`` forget the session.
     Returns the exchange's time in ms. Raises ``MigrationError``."""
     t0 = time.perf_counter()
-    conn = _connect(host, port, key, source)
     try:
-        conn.send(m.SessionDrop(device=device, round=round, target=target))
-        done = conn.recv(timeout=HANDOVER_TIMEOUT_S)
-        if not isinstance(done, m.SessionReleased):
-            raise MigrationError(f"{source} did not drop {device}'s session (answered {done.TYPE})")
-        return (time.perf_counter() - t0) * 1000
+        with links.exchange(source, m.SessionDrop(device=device, round=round, target=target)) as conn:
+            done = conn.recv(timeout=HANDOVER_TIMEOUT_S)
+            if not isinstance(done, m.SessionReleased):
+                raise MigrationError(f"{source} did not drop {device}'s session (answered {done.TYPE})")
     except (TransportError, ProtocolError, TimeoutError) as exc:
         raise MigrationError(f"dropping {device}'s session on {source} failed: {exc}") from exc
-    finally:
-        conn.close()
+    return (time.perf_counter() - t0) * 1000
 
 
 def serve_drop(conn: transport.Connection, req: m.SessionDrop, *, drop_device: Callable[[str], None]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from common.config import Config
 from common.errors import ConnectionClosed, MigrationError, ProtocolError, RemoteProtocolError, TransportError
 from common.events import EventLog
 from common.models import part_keys, select
-from edge.migration import drop_remote, pull_session, serve_drop, serve_pull
+from edge.migration import PeerLinks, drop_remote, pull_session, serve_drop, serve_pull
 from edge.session import EdgeSession
 
 log = logging.getLogger("edge")
@@ -66,6 +65,7 @@ class EdgeServer:
         self.welcomed = threading.Event()
         self.central: transport.Connection | None = None
         self.listener: transport.Listener | None = None
+        self.peers = PeerLinks(key=key, endpoints={n: (e.host, e.port) for n, e in cfg.edges.items() if n != name})
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -119,6 +119,7 @@ class EdgeServer:
             link.conn.close(notice=m.Shutdown(reason=reason))
         if self.listener:
             self.listener.close()
+        self.peers.close()
         if self.central:
             self.central.close()
 
@@ -187,16 +188,9 @@ class EdgeServer:
             if isinstance(first, m.AttachRequest):
                 conn.peer = f"device {first.device}"
                 self._serve_device(conn, first)
-            elif isinstance(first, m.SessionPull):
+            elif isinstance(first, (m.SessionPull, m.SessionDrop)):
                 conn.peer = f"edge {first.target}"
-                done = serve_pull(conn, first, lookup=self._session_of, drop=self._drop_session,
-                                  unfreeze=self._unfreeze)
-                self.events.emit("handed_over" if done else "handover_refused", device=first.device,
-                                 round=first.round, step=first.step, to=first.target)
-            elif isinstance(first, m.SessionDrop):
-                conn.peer = f"edge {first.target}"
-                serve_drop(conn, first, drop_device=self._drop_device)
-                self.events.emit("session_dropped", device=first.device, round=first.round, to=first.target)
+                self._serve_peer(conn, first)
             else:
                 raise RemoteProtocolError(f"edge {self.name} (new connection): {first.TYPE} is not allowed first")
         except ConnectionClosed:
@@ -207,6 +201,21 @@ class EdgeServer:
             conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)))
         except TransportError as exc:
             self.events.emit("connection_error", peer=conn.peer, detail=str(exc))
+
+    def _serve_peer(self, conn: transport.Connection, msg: m.Message) -> None:
+        """A peer edge's kept link: one handover after another, until it closes."""
+        while True:
+            if isinstance(msg, m.SessionPull):
+                done = serve_pull(conn, msg, lookup=self._session_of, drop=self._drop_session,
+                                  unfreeze=self._unfreeze)
+                self.events.emit("handed_over" if done else "handover_refused", device=msg.device,
+                                 round=msg.round, step=msg.step, to=msg.target)
+            elif isinstance(msg, m.SessionDrop):
+                serve_drop(conn, msg, drop_device=self._drop_device)
+                self.events.emit("session_dropped", device=msg.device, round=msg.round, to=msg.target)
+            else:
+                raise RemoteProtocolError(f"edge {self.name} (peer link): {msg.TYPE} is not allowed")
+            msg = conn.recv()
 
     def _session_of(self, device: str) -> EdgeSession | None:
         with self.lock:
@@ -280,14 +289,13 @@ class EdgeServer:
             return req.step, 0, 0.0
         if req.source not in self.cfg.edges:
             raise MigrationError(f"source {req.source!r} is not an edge of this testbed")
-        src = self.cfg.edges[req.source]
         if self.mode == "fedfly":
             def install(session: EdgeSession) -> None:
                 with self.lock:
                     self.sessions[req.device] = session
             try:
-                result = pull_session(host=src.host, port=src.port, key=self.key, source=req.source, target=self.name,
-                                      device=req.device, round=req.round, step=req.step, model=self.model_name,
+                result = pull_session(self.peers, source=req.source, target=self.name, device=req.device,
+                                      round=req.round, step=req.step, model=self.model_name,
                                       split_layer=self.split, install=install)
             except MigrationError:
                 self._drop_device(req.device)
@@ -297,8 +305,8 @@ class EdgeServer:
             return req.step, result.state_bytes, result.transfer_ms
         # restart: the session starts over from the round's weights; classic: bookkeeping only
         info = self._wait_round(req.round)
-        transfer_ms = drop_remote(host=src.host, port=src.port, key=self.key, source=req.source, target=self.name,
-                                  device=req.device, round=req.round)
+        transfer_ms = drop_remote(self.peers, source=req.source, target=self.name, device=req.device,
+                                  round=req.round)
         session = self._fresh_session(req.device, info)
         resume = 0 if self.mode == "restart" else req.step
         session.step = resume

@@ -220,8 +220,10 @@ def test_compose_commands_run_an_experiment_on_loopback(compose, cfg, tmp_path):
     key = tmp_path / "test.key"
     key.write_text(os.urandom(32).hex())
     ports = dict(zip(sorted(ROLES), free_ports(len(ROLES))))
+    # 4 rounds: the one-shot's round 3 must not be the last, or a move that arrives after
+    # device3's last step would have no step left to land on
     sets = [f'security.key_file="{key}"', f'run.out="{tmp_path / "runs"}"', 'run.name="compose"',
-            "training.rounds=3", "training.batch_size=50", "data.samples_per_device=200", "data.test_samples=500",
+            "training.rounds=4", "training.batch_size=50", "data.samples_per_device=200", "data.test_samples=500",
             f'central.host="{LOOPBACK}"', 'central.bind=""', f"central.port={ports['central']}"]
     for e in cfg.edges:
         sets += [f'edges.{e}.host="{LOOPBACK}"', f'edges.{e}.bind=""', f"edges.{e}.port={ports[e]}"]
@@ -260,7 +262,7 @@ def test_compose_commands_run_an_experiment_on_loopback(compose, cfg, tmp_path):
             if p.poll() is None:
                 kill_tree(p)
     summary = read_summary(f"results: {tmp_path / 'runs' / 'compose'}")
-    assert summary["status"] == "finished" and len(summary["rounds"]) == 3
+    assert summary["status"] == "finished" and len(summary["rounds"]) == 4
     moved = {(m["device"], m["to"]) for m in summary["migrations"]}
     assert moved == {("device1", "edge2"), ("device3", "edge1")}
     assert summary["device_settings"]["device4"]["slowdown"] == 3.0

@@ -311,10 +311,24 @@ def test_reply_gets_the_gradient_at_the_cut_before_the_step():
     assert torch.equal(xr.grad, seen["grad"])
 
 
-def test_part_state_is_used():
+def test_part_state_is_used_and_required_in_split_modes():
     a = make_session(seed_state=9)
     b = make_session(seed_state=10)
-    c = make_session(seed_state=None)  # the seed-0 initial model
-    ref = split_model(build_model("vgg5", seed=0), 3)[1].state_dict()
+    ref = split_model(build_model("vgg5", seed=9), 3)[1].state_dict()
+    assert a.weights().keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(a.weights()[k], ref[k]), k
     assert not torch.equal(a.weights()["l5.fc.weight"], b.weights()["l5.fc.weight"])
-    assert torch.equal(c.weights()["l5.fc.weight"], ref["l5.fc.weight"])
+    for mode in ("fedfly", "restart"):
+        with pytest.raises(ValueError):
+            make_session(mode=mode, seed_state=None)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG common/models.py Part.load_state_dict drops _metadata, so BatchNorm "
+                   "fills a missing num_batches_tracked from its own buffer (uninitialised memory in empty_part): "
+                   "from_snapshot installs a checksum-valid snapshot that lacks it")
+def test_snapshot_missing_a_batch_norm_counter_is_refused(snap):
+    meta, tensors, _ = _copy(snap)
+    del tensors["model/l4.bn.num_batches_tracked"]
+    with pytest.raises(MigrationError):
+        _rebuild(*_reseal(meta, tensors))
