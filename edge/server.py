@@ -277,7 +277,12 @@ class EdgeServer:
             with self.lock:
                 if self.links.get(req.device) is link:
                     del self.links[req.device]
+                session = self.sessions.get(req.device)
             self.events.emit("detached", device=req.device)
+            if session is not None and self.mode == "fedfly":
+                # The device left between steps: most likely it is moving. Hash its session
+                # now, while it reconnects, so the pull only has to send it.
+                session.prepare_snapshot()
             self._report_status()
 
     def _migrate_in(self, req: m.AttachRequest) -> tuple[int, int, float]:

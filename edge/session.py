@@ -51,7 +51,8 @@ class EdgeSession:
 
     def __init__(self, *, device: str, round: int, mode: str, model: str, split_layer: int,
                  lr: float, momentum: float, part_state: dict[str, torch.Tensor] | None,
-                 step: int = 0, samples: int = 0, loss_sum: float = 0.0, seed: int = 0) -> None:
+                 step: int = 0, samples: int = 0, loss_sum: float = 0.0, seed: int = 0,
+                 adopt: bool = False) -> None:
         self.device = device
         self.round = round
         self.mode = mode
@@ -64,6 +65,7 @@ class EdgeSession:
         self.loss_sum = loss_sum
         self.lock = threading.Lock()
         self.frozen = False  # set once handed to another edge: no more training here
+        self._prepared: tuple[dict[str, Any], dict[str, torch.Tensor], str] | None = None
         # An RNG for the edge part's random layers (none in VGG-5; kept so that a model
         # with dropout would migrate exactly too). Seeded per (device, round).
         self.rng = torch.Generator().manual_seed(stable_seed("edge-rng", seed, device, round))
@@ -73,7 +75,10 @@ class EdgeSession:
             if part_state is None:
                 raise ValueError("a split session needs the edge part's weights")
             self.part = empty_part(model, split_layer + 1)
-            self.part.load_state_dict(part_state)
+            # adopt: take the given tensors as the part's own storage instead of copying
+            # (a received snapshot, owned by nobody else). Never for a round's global
+            # weights, which every session of the round starts from.
+            self.part.load_state_dict(part_state, assign=adopt)
             self.part.train()
             self.optimizer = make_optimizer(self.part.parameters(), lr=lr, momentum=momentum)
 
@@ -87,6 +92,7 @@ class EdgeSession:
                 raise MigrationError(f"{self.device}'s session was handed over; it cannot train here")
             if step != self.step:
                 raise MigrationError(f"{self.device}: step {step} arrived, session expects step {self.step}")
+            self._prepared = None
             assert self.part is not None and self.optimizer is not None
             x = x.detach().requires_grad_(True)
             self.optimizer.zero_grad(set_to_none=True)
@@ -105,28 +111,40 @@ class EdgeSession:
 
     # -- migration -----------------------------------------------------------------------
 
+    def prepare_snapshot(self) -> None:
+        """Take the snapshot and its checksum now, ahead of a pull (the edge calls this when
+        the device leaves at a step boundary), so that a handover only has to send it. A
+        step trained after this discards it."""
+        with self.lock:
+            if self._prepared is None and not self.frozen and self.part is not None:
+                self._prepared = self._take()
+
     def snapshot(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
         """(metadata, tensors, checksum), taken under the lock; freezes the session.
         The tensors are the session's own (no copy): the session must not train after."""
         with self.lock:
             self.frozen = True
-            tensors: dict[str, torch.Tensor] = {}
-            opt_meta: dict[str, Any] = {}
-            if self.part is not None and self.optimizer is not None:
-                for k, v in self.part.state_dict().items():
-                    tensors[f"model/{k}"] = v
-                opt = self.optimizer.state_dict()
-                for idx, st in opt["state"].items():
-                    for name, t in st.items():
-                        if not isinstance(t, torch.Tensor):
-                            raise MigrationError(f"optimizer state {name} is not a tensor")
-                        tensors[f"opt/{idx}/{name}"] = t
-                opt_meta = {"param_groups": opt["param_groups"]}
-            tensors["rng"] = self.rng.get_state()
-            meta = {"device": self.device, "round": self.round, "mode": self.mode, "model": self.model_name,
-                    "split_layer": self.split_layer, "lr": self.lr, "momentum": self.momentum,
-                    "step": self.step, "samples": self.samples, "loss_sum": self.loss_sum, "optimizer": opt_meta}
-            return meta, tensors, snapshot_checksum(meta, tensors)
+            prepared, self._prepared = self._prepared, None
+            return prepared or self._take()
+
+    def _take(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+        tensors: dict[str, torch.Tensor] = {}
+        opt_meta: dict[str, Any] = {}
+        if self.part is not None and self.optimizer is not None:
+            for k, v in self.part.state_dict().items():
+                tensors[f"model/{k}"] = v
+            opt = self.optimizer.state_dict()
+            for idx, st in opt["state"].items():
+                for name, t in st.items():
+                    if not isinstance(t, torch.Tensor):
+                        raise MigrationError(f"optimizer state {name} is not a tensor")
+                    tensors[f"opt/{idx}/{name}"] = t
+            opt_meta = {"param_groups": opt["param_groups"]}
+        tensors["rng"] = self.rng.get_state()
+        meta = {"device": self.device, "round": self.round, "mode": self.mode, "model": self.model_name,
+                "split_layer": self.split_layer, "lr": self.lr, "momentum": self.momentum,
+                "step": self.step, "samples": self.samples, "loss_sum": self.loss_sum, "optimizer": opt_meta}
+        return meta, tensors, snapshot_checksum(meta, tensors)
 
     @classmethod
     def from_snapshot(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], checksum: str,
@@ -143,13 +161,13 @@ class EdgeSession:
             session = cls(device=meta["device"], round=meta["round"], mode=meta["mode"], model=meta["model"],
                           split_layer=meta["split_layer"], lr=meta["lr"], momentum=meta["momentum"],
                           part_state={k[6:]: v for k, v in tensors.items() if k.startswith("model/")},
-                          step=meta["step"], samples=meta["samples"], loss_sum=meta["loss_sum"])
+                          step=meta["step"], samples=meta["samples"], loss_sum=meta["loss_sum"], adopt=True)
             if session.part is not None and session.optimizer is not None:
                 state: dict[int, dict[str, torch.Tensor]] = {}
                 for k, v in tensors.items():
                     if k.startswith("opt/"):
                         _, idx, name = k.split("/", 2)
-                        state.setdefault(int(idx), {})[name] = v.clone()
+                        state.setdefault(int(idx), {})[name] = v
                 session.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
             session.rng.set_state(tensors["rng"].clone())
         except MigrationError:
