@@ -71,7 +71,7 @@ def server_verify(key: bytes, client_nonce: bytes, server_nonce: bytes, response
 def load_key(*, key_file: str | None, key_env: str | None) -> bytes:
     """The shared key from the environment variable ``key_env`` (if set and present) or
     else from ``key_file``. A file holds the key as hex (as ``secrets.token_hex(32)``
-    writes it) or as raw bytes. Raises ``ConfigError`` naming the setting."""
+    writes it) or as raw bytes (one trailing line ending is not part of the key). Raises ``ConfigError`` naming the setting."""
     if key_env:
         value = os.environ.get(key_env)
         if value is not None:
@@ -84,7 +84,7 @@ def load_key(*, key_file: str | None, key_env: str | None) -> bytes:
                           "set security.key_file to a file made by: python -c 'import secrets; print(secrets.token_hex(32))' > testbed.key")
     try:
         with open(key_file, "rb") as f:
-            raw = f.read().strip()
+            raw = f.read()
     except OSError as exc:
         raise ConfigError("security.key_file", f"cannot read {key_file}: {exc.strerror}",
                           "point it at the key file shared by every host of the testbed") from None
@@ -93,9 +93,11 @@ def load_key(*, key_file: str | None, key_env: str | None) -> bytes:
 
 def _parse_key(raw: bytes, key: str, where: str) -> bytes:
     try:
-        value = bytes.fromhex(raw.decode("ascii"))
+        value = bytes.fromhex(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
-        value = raw
+        # Anything else is a raw key, byte for byte but for the one line ending an
+        # editor adds (a binary key keeps its leading and inner whitespace).
+        value = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
     if len(value) < MIN_KEY_BYTES:
         raise ConfigError(key, f"the key in {where} is shorter than {MIN_KEY_BYTES} bytes",
                           "make one with: python -c 'import secrets; print(secrets.token_hex(32))'")

@@ -91,6 +91,8 @@ def encode(msg: m.Message) -> list[bytes | memoryview]:
         name = DTYPE_NAMES.get(t.dtype)
         if name is None:
             raise LocalProtocolError(f"{msg.TYPE}: tensor {field}/{key} has dtype {t.dtype}, not allowed on the wire")
+        if t.dim() > MAX_DIMS:
+            raise LocalProtocolError(f"{msg.TYPE}: tensor {field}/{key} has {t.dim()} dims, more than {MAX_DIMS}")
         data = _tensor_bytes(t)
         pad = _aligned(offset) - offset
         if pad:
@@ -99,7 +101,10 @@ def encode(msg: m.Message) -> list[bytes | memoryview]:
         descr.append([field, key, name, list(t.shape)])
         chunks.append(data)
         offset += data.nbytes
-    header = msgpack.packb({"t": msg.TYPE, "f": fields, "x": descr}, use_bin_type=True)
+    try:
+        header = msgpack.packb({"t": msg.TYPE, "f": fields, "x": descr}, use_bin_type=True)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise LocalProtocolError(f"{msg.TYPE}: cannot be framed: {exc}") from None
     if len(header) > MAX_HEADER_BYTES:
         raise LocalProtocolError(f"{msg.TYPE}: header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
     if len(descr) > MAX_TENSORS:

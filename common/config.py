@@ -155,7 +155,8 @@ class Move:
 
     def step(self, steps_in_round: int) -> int:
         """The step boundary the move happens at: just before step floor(at * S)."""
-        return math.floor(self.at * steps_in_round)
+        # The epsilon keeps 0.29 x 100 (28.999999999999996 in binary) at step 29.
+        return math.floor(self.at * steps_in_round + 1e-9)
 
 
 @dataclass(frozen=True)

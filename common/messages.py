@@ -46,6 +46,8 @@ def message(cls: type) -> type:
 def _check_json(where: str, value: object, depth: int = 0) -> None:
     if depth > _MAX_JSON_DEPTH:
         raise LocalProtocolError(f"{where}: nested deeper than {_MAX_JSON_DEPTH}")
+    if type(value) is int and not -(1 << 63) <= value < (1 << 64):
+        raise LocalProtocolError(f"{where}: {value} does not fit in 64 bits")
     if value is None or isinstance(value, (bool, int, str)):
         return
     if isinstance(value, float):
@@ -75,6 +77,8 @@ def _check(where: str, value: object, hint: object) -> object:
     if hint is int:
         if type(value) is not int:
             raise LocalProtocolError(f"{where}: expected int, got {type(value).__name__}")
+        if not -(1 << 63) <= value < (1 << 63):
+            raise LocalProtocolError(f"{where}: {value} does not fit in 64 bits")
         return value
     if hint is float:
         if type(value) is int:

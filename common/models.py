@@ -74,6 +74,13 @@ class Part(nn.Module):
         return type(sd)((k.removeprefix("layers."), v) for k, v in sd.items())
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        if strict:
+            # Checked here because re-keying drops torch's version metadata, which makes
+            # BatchNorm quietly fill in a missing num_batches_tracked instead of failing.
+            want, got = set(self.state_dict()), set(state_dict)
+            if want != got:
+                raise RuntimeError(f"state_dict keys do not match the part: missing {sorted(want - got)}, "
+                                   f"unexpected {sorted(got - want)}")
         return super().load_state_dict({f"layers.{k}": v for k, v in state_dict.items()}, strict=strict, assign=assign)
 
 

@@ -60,7 +60,7 @@ def read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise TensorFileError(f"{path}: bad header length {n}")
     try:
         header = json.loads(data[8:8 + n])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise TensorFileError(f"{path}: header is not JSON") from exc
     if not isinstance(header, dict):
         raise TensorFileError(f"{path}: header is not a map")
@@ -70,14 +70,16 @@ def read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     for name, info in header.items():
         try:
             dtype = _DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
+            shape, offsets = list(info["shape"]), list(info["data_offsets"])
+        except (KeyError, TypeError) as exc:
             raise TensorFileError(f"{path}: bad entry for {name}") from exc
+        if len(offsets) != 2 or not all(type(v) is int and v >= 0 for v in shape + offsets):
+            raise TensorFileError(f"{path}: shape and offsets of {name} must be non-negative integers")
+        begin, end = offsets
         count = 1
         for d in shape:
             count *= d
-        if begin < 0 or end > len(body) or end - begin != count * torch.empty(0, dtype=dtype).element_size():
+        if not begin <= end <= len(body) or end - begin != count * torch.empty(0, dtype=dtype).element_size():
             raise TensorFileError(f"{path}: offsets of {name} do not match its shape and dtype")
         raw = bytes(body[begin:end])
         out[name] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)

@@ -50,7 +50,7 @@ class Connection:
             if self._closed:
                 raise LocalProtocolError(f"send {msg.TYPE} on a closed connection to {self.peer}")
             sent = _sendmsg_all(self.sock, buffers, self.peer)
-        self.bytes_sent += sent
+            self.bytes_sent += sent
         return sent
 
     def recv(self, timeout: float | None = None) -> m.Message:
@@ -61,14 +61,15 @@ class Connection:
             msg = self._decoder.next_message()
             if msg is not codec.NEED_DATA:
                 return msg  # type: ignore[return-value]
+            if self._closed:
+                raise ConnectionClosed(f"connection to {self.peer} was closed here")
+            left = None
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no message from {self.peer} within {timeout} s")
-                self.sock.settimeout(left)
-            else:
-                self.sock.settimeout(None)
             try:
+                self.sock.settimeout(left)
                 n = self.sock.recv_into(self._chunk)
             except socket.timeout:
                 continue
@@ -140,7 +141,8 @@ def _recv_exact(sock: socket.socket, n: int, peer: str) -> bytes:
 
 def _tune(sock: socket.socket) -> None:
     # Small control messages must not wait for Nagle's algorithm: every step is a round trip.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def connect(host: str, port: int, *, key: bytes, peer: str, timeout: float = 10.0,
@@ -243,8 +245,13 @@ class Listener:
             conn.close()
 
     def close(self) -> None:
+        """Stop accepting and free the port. Connections already handed out go on."""
         self._stop.set()
         try:
-            self.sock.close()
+            # close() alone does not wake a thread blocked in accept(); shutdown() does.
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self.sock.close()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)

@@ -393,7 +393,13 @@ def run(args: argparse.Namespace) -> int:
         overrides_all = overrides + [moves_override(moves)]
         cfg = load_config(args.config, overrides_all)  # checks the --move ones too
         cfg.key()
-        p = plan(cfg, prefix=args.prefix or f"ff{secrets.token_hex(3)}", prefix_len=args.prefix_len)
+        prefix = args.prefix or f"ff{secrets.token_hex(3)}"
+        if not prefix.isalnum() or len(prefix) < 4:
+            raise ConfigError("--prefix", f"{prefix!r} must be 4 or more letters and digits", "e.g. --prefix fflab1")
+        if namespaces_named(prefix):
+            raise ConfigError("--prefix", f"namespaces named {prefix}-* exist already (another run?)",
+                              f"choose another prefix, or remove them: netns_testbed clean --prefix {prefix}")
+        p = plan(cfg, prefix=prefix, prefix_len=args.prefix_len)
     except ConfigError as exc:
         print(f"netns_testbed: error: {exc}", file=sys.stderr)
         return 2

@@ -812,8 +812,6 @@ def test_header_too_big_on_encode():
         codec.encode(m.ErrorNotice(kind="k", detail=big))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG common/codec.py encode: an int outside msgpack's 64-bit range "
-                   "(passes message validation) makes msgpack.packb raise OverflowError, not LocalProtocolError")
 @pytest.mark.parametrize("make", [
     lambda: m.SessionPull(device="d", round=2 ** 64, step=0, target="t"),
     lambda: m.SessionSnapshot(device="d", round=1, step=0, meta={"n": -(2 ** 63) - 1}, checksum="", state={}),
@@ -823,8 +821,6 @@ def test_int_out_of_wire_range_is_a_local_protocol_error(make):
         codec.encode(make())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG common/codec.py encode: does not check MAX_DIMS, so it frames a "
-                   "9-dim tensor that every decoder refuses as RemoteProtocolError")
 def test_too_many_dims_on_encode():
     msg = m.DeviceDone(round=1, samples=1, steps=1, train_seconds=0.0,
                        weights={"w": torch.zeros([1] * (codec.MAX_DIMS + 1))})

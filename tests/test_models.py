@@ -181,9 +181,6 @@ def test_empty_part_loaded_with_a_state_is_the_part(split):
     assert torch.equal(edge(cut), loaded(cut))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG common/models.py Part.load_state_dict re-keys into a plain dict "
-                   "without _metadata, so BatchNorm takes its pre-v2 path: a missing num_batches_tracked is filled "
-                   "from the part's own buffer (uninitialised memory in empty_part) and strict loading accepts it")
 def test_strict_load_refuses_a_state_missing_a_batch_norm_counter():
     state = dict(split_model(build_model("vgg5", seed=1), 3)[1].state_dict())
     del state["l4.bn.num_batches_tracked"]

@@ -91,17 +91,6 @@ def test_migrated_session_continues_bit_identically(split, k, more, through_wire
         assert torch.equal(g1, g2) and l1 == l2
 
 
-def test_rebuilt_session_does_not_share_memory_with_the_snapshot():
-    s = make_session()
-    train(s, batches(3, 2), 0)
-    meta, tensors, checksum = s.snapshot()
-    kept = {k: v.clone() for k, v in tensors.items()}
-    resumed = EdgeSession.from_snapshot(meta, tensors, checksum, expect_model="vgg5", expect_split=3)
-    train(resumed, batches(3, 3)[2:], 2)
-    for k in tensors:
-        assert torch.equal(tensors[k], kept[k]), k
-
-
 def test_snapshot_holds_bn_running_stats_momentum_and_counters():
     s = make_session(3)
     data = batches(3, 3)
@@ -324,9 +313,6 @@ def test_part_state_is_used_and_required_in_split_modes():
             make_session(mode=mode, seed_state=None)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG common/models.py Part.load_state_dict drops _metadata, so BatchNorm "
-                   "fills a missing num_batches_tracked from its own buffer (uninitialised memory in empty_part): "
-                   "from_snapshot installs a checksum-valid snapshot that lacks it")
 def test_snapshot_missing_a_batch_norm_counter_is_refused(snap):
     meta, tensors, _ = _copy(snap)
     del tensors["model/l4.bn.num_batches_tracked"]

@@ -543,9 +543,6 @@ def test_rejected_peers_never_reach_the_handler(monkeypatch):
 # product bugs, documented by strict xfails (see the report)
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG common/transport.py Listener.close: closing the listening socket does "
-                   "not wake the thread blocked in accept(), so the port stays open and the next connection is "
-                   "still accepted, authenticated and handed to the handler")
 def test_listener_close_stops_accepting():
     handled = queue.Queue()
     listener = transport.Listener(HOST, 0, key=KEY, handler=lambda c: handled.put(c)).start()
@@ -561,8 +558,6 @@ def test_listener_close_stops_accepting():
     pytest.fail(f"connected and handed to the handler after close (handled: {handled.qsize()})")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG common/transport.py Connection.recv: sock.settimeout() is outside the "
-                   "OSError translation, so recv on a connection closed locally raises a bare OSError (EBADF)")
 def test_recv_after_local_close_raises_a_testbed_error():
     ep = TcpEndpoint()
     try:
@@ -575,9 +570,6 @@ def test_recv_after_local_close_raises_a_testbed_error():
         ep.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG common/transport.py accept_handshake: _tune() sets TCP_NODELAY outside "
-                   "the OSError translation; on an AF_UNIX socketpair it raises a bare OSError (EOPNOTSUPP), so the "
-                   "transport cannot run over an in-memory pair")
 def test_accept_handshake_works_on_a_socketpair():
     client, server = socket.socketpair()
     try:

@@ -1,0 +1,153 @@
+"""Migration overhead: pause, bytes and edge-to-edge transfer time per migration, next to
+the time a plain socket takes to move the same bytes on the same link in the same run.
+
+    python -m scripts.bench_migration [--quick | --full] [--out DIR]
+
+One device and two edges on loopback, mode fedfly, VGG-5 split 3, batch 100. Round 1 is a
+warm-up with two moves (one into each edge, so both edges have built a session once:
+the first session an edge process builds pays one-off imports, reported apart). Every
+later round the device ping-pongs between the edges at 10%, 20%, ... 90% of the round.
+From ``summary.json``: per migration ``pause_ms`` (the device's view: leaving the source
+to the destination's go-ahead), ``transfer_ms`` (the destination's pull: connect, request,
+snapshot, verify, install, release) and ``state_bytes``. Then ``scripts.plainsock``
+moves the median ``state_bytes`` over loopback, on an open connection and on a fresh one.
+
+Last, the pull's critical path in one process, piece by piece (snapshot with checksum at
+the source, framing, verify and rebuild at the destination), to say what bounds the pause.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scripts import benchlib
+
+# scale -> (samples per device, measured rounds); 9 moves per measured round.
+SCALES = {"tiny": (1000, 1), "quick": (2000, 4), "full": (5000, 12)}
+POINTS = [k / 10 for k in range(1, 10)]
+PLAIN_REPEATS = {"tiny": 10, "quick": 50, "full": 200}
+BATCH = 100
+SPLIT = 3
+WARMUP_MOVES = [(1, 0.3), (1, 0.6)]
+
+
+def describe(scale: str) -> dict[str, Any]:
+    samples, measured = SCALES[scale]
+    return {"testbed": "1 central, 2 edges, 1 device on loopback; mode fedfly", "model": f"VGG-5 split {SPLIT}",
+            "batch": BATCH, "steps per round": samples // BATCH, "rounds": f"1 warm-up (2 moves) + {measured}",
+            "moves": f"{len(POINTS)} per measured round at {POINTS[0]:.0%}..{POINTS[-1]:.0%} = {len(POINTS) * measured}",
+            "plain-socket repeats": PLAIN_REPEATS[scale], "threads": 1}
+
+
+def plan(measured: int) -> list[dict]:
+    points = WARMUP_MOVES + [(r, at) for r in range(2, 2 + measured) for at in POINTS]
+    return benchlib.ping_pong_moves("device1", ("edge1", "edge2"), "edge1", points)
+
+
+def run(out: Path, scale: str) -> dict[str, Any]:
+    samples, measured = SCALES[scale]
+    cfg = benchlib.write_config(out, "migration", edges=2, devices=1, rounds=1 + measured, mode="fedfly",
+                                moves=plan(measured), samples_per_device=samples, batch_size=BATCH,
+                                split_layer=SPLIT, test_samples=500)
+    res = benchlib.launch_ok(cfg, timeout=600 + 120 * measured)
+    migs = res.summary["migrations"]
+    warm = [mv for mv in migs if mv["round"] == 1]
+    moves = [mv for mv in migs if mv["round"] > 1]
+    state_bytes = int(statistics.median(mv["state_bytes"] for mv in moves))
+    plain = __import__("scripts.plainsock", fromlist=["measure"]).measure(state_bytes, PLAIN_REPEATS[scale])
+    pause = benchlib.summarize([mv["pause_ms"] for mv in moves])
+    transfer = benchlib.summarize([mv["transfer_ms"] for mv in moves])
+    figures = {
+        "moves": len(moves),
+        "pause_ms": pause,
+        "transfer_ms": transfer,
+        "state_bytes": benchlib.summarize([mv["state_bytes"] for mv in moves]),
+        "plain_transfer_ms": plain["transfer"],
+        "plain_connect_transfer_ms": plain["connect_transfer"],
+        "pause_over_plain": pause["median"] / plain["transfer"]["median"],
+        "pause_over_plain_connect": pause["median"] / plain["connect_transfer"]["median"],
+        "warmup_moves": [{k: mv[k] for k in ("from", "to", "step", "pause_ms", "transfer_ms")} for mv in warm],
+        "breakdown_ms": breakdown(20 if scale != "tiny" else 3),
+        "run_dir": str(res.run_dir),
+    }
+    return {"benchmark": "migration", "scale": scale, "config": describe(scale), "figures": figures,
+            "migrations": migs, "load_after": benchlib.machine()["loadavg"]}
+
+
+def breakdown(repeats: int) -> dict[str, float]:
+    """Median ms of each piece of a pull's critical path, in this process."""
+    import hashlib
+
+    from common import codec
+    from common.training import make_optimizer, set_threads
+    from common.transport import RECV_CHUNK
+    from edge.session import EdgeSession, snapshot_checksum
+    from scripts.bench_codec import snapshot_message
+
+    import torch
+
+    set_threads(1)
+    make_optimizer([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.0)  # one-off imports
+    msg = snapshot_message()
+    frame = codec.encode_bytes(msg)
+
+    def decode():
+        dec = codec.FrameDecoder()
+        view = memoryview(frame)
+        for i in range(0, len(frame), RECV_CHUNK):
+            dec.receive_data(view[i:i + RECV_CHUNK])
+        return dec.next_message()
+
+    got = decode()
+    blob = bytes(len(frame))
+    pieces = {
+        "source: snapshot checksum (SHA-256 of meta and every tensor)": lambda: snapshot_checksum(msg.meta, msg.state),
+        "frame: encode": lambda: codec.encode(msg),
+        "frame: decode (1 MiB chunks)": decode,
+        "destination: from_snapshot (checksum + rebuild)":
+            lambda: EdgeSession.from_snapshot(got.meta, got.state, got.checksum, expect_model="vgg5",
+                                              expect_split=SPLIT),
+        "reference: one hashlib.sha256 over the frame's bytes": lambda: hashlib.sha256(blob).digest(),
+        "reference: zlib.crc32 over the frame's bytes": lambda: __import__("zlib").crc32(blob),
+    }
+    result = {}
+    for name, fn in pieces.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+        result[name] = statistics.median(times)
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    f = result["figures"]
+    rows = []
+    for name, key in (("pause (device)", "pause_ms"), ("edge-to-edge transfer", "transfer_ms"),
+                      ("plain socket, open connection", "plain_transfer_ms"),
+                      ("plain socket, connect + transfer", "plain_connect_transfer_ms")):
+        s = f[key]
+        rows.append([name, s["count"], s["median"], s["p95"], s["min"], s["max"]])
+    sb = f["state_bytes"]
+    lines = [f"migration: {f['moves']} moves, state {sb['median']:,.0f} bytes per move "
+             f"(min {sb['min']:,.0f}, max {sb['max']:,.0f})",
+             benchlib.table(["ms", "n", "median", "p95", "min", "max"], rows, floatfmt=".2f")]
+    for mv in f["warmup_moves"]:
+        lines.append(f"warm-up move {mv['from']}->{mv['to']} at step {mv['step']}: pause {mv['pause_ms']:.1f} ms "
+                     f"(transfer {mv['transfer_ms']:.1f} ms)")
+    lines.append("critical path in one process (median ms):")
+    lines += [f"  {v:8.2f}  {k}" for k, v in f["breakdown_ms"].items()]
+    lines.append(f"migration pause median {f['pause_ms']['median']:.1f} ms (goal <= 20 ms), p95 "
+                 f"{f['pause_ms']['p95']:.1f} ms; {f['pause_over_plain']:.1f}x the plain-socket transfer of the same "
+                 f"bytes (goal <= 5x; {f['pause_over_plain_connect']:.1f}x with a fresh connection)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(benchlib.standalone("migration", describe, run, report))

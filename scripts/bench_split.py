@@ -1,0 +1,101 @@
+"""Split-training overhead: samples per second of split training over TCP (one device, one
+edge) against training the same full model in one process on the same batches.
+
+    python -m scripts.bench_split [--quick | --full] [--out DIR]
+
+Over TCP: a testbed of 1 central, 1 edge, 1 device, mode fedfly, VGG-5 split 3, batch 100;
+per round the device's ``round_seconds`` (its training loop: activations out, gradient
+back, backward, step) gives samples/s. In one process: ``common.training.train_reference_round``
+on the device's own shard, with the batches ``round_batches`` gives it for the same
+rounds, with the same thread count. Round 1 of each is a warm-up and is not counted. The
+in-process figure is taken before and after the testbed run and averaged, so that a
+change in the machine's load during the run falls on both sides alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scripts import benchlib
+
+# scale -> (samples per device, rounds including the warm-up)
+SCALES = {"tiny": (500, 2), "quick": (2000, 5), "full": (5000, 11)}
+BATCH = 100
+SPLIT = 3
+
+
+def describe(scale: str) -> dict[str, Any]:
+    samples, rounds = SCALES[scale]
+    return {"over TCP": "1 central, 1 edge, 1 device on loopback; mode fedfly", "model": f"VGG-5 split {SPLIT}",
+            "batch": BATCH, "samples": samples, "steps per round": -(-samples // BATCH),
+            "rounds": f"{rounds} (round 1 is a warm-up)", "in one process": "train_reference_round, same batches",
+            "threads": 1, "dataset": "synthetic"}
+
+
+def in_process(cfg_path: Path, rounds: int) -> list[float]:
+    """Seconds per round (rounds 2..) of training the full model in this process."""
+    from common.cli import data_spec
+    from common.config import load_config
+    from common.data import load_train_shard
+    from common.models import build_model
+    from common.training import round_batches, set_threads, train_reference_round
+
+    cfg = load_config(str(cfg_path))
+    set_threads(cfg.training["threads"])
+    device = cfg.device_names[0]
+    x, y = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=device)
+    model = build_model(cfg.model["name"], seed=cfg.run["seed"])
+    t = cfg.training
+    seconds = []
+    for r in range(1, rounds + 1):
+        batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
+                                device=device, round=r)
+        t0 = time.perf_counter()
+        train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"])
+        seconds.append(time.perf_counter() - t0)
+    return seconds[1:]
+
+
+def run(out: Path, scale: str) -> dict[str, Any]:
+    samples, rounds = SCALES[scale]
+    cfg = benchlib.write_config(out, "split", edges=1, devices=1, rounds=rounds, mode="fedfly",
+                                samples_per_device=samples, batch_size=BATCH, split_layer=SPLIT, test_samples=500)
+    before = in_process(cfg, rounds)
+    res = benchlib.launch_ok(cfg, timeout=600 + 60 * rounds)
+    after = in_process(cfg, rounds)
+    dev = next(iter(res.summary["devices"].values()))
+    tcp = dev["round_seconds"][1:]
+    central = [r["seconds"] for r in res.summary["rounds"][1:]]
+    local = before + after
+    tcp_rate = samples / statistics.median(tcp)
+    local_rate = samples / statistics.median(local)
+    figures = {
+        "samples_per_round": samples, "steps_per_round": dev["steps"][0],
+        "tcp_round_s": tcp, "in_process_round_s": local, "central_round_s": central,
+        "tcp_samples_per_s": tcp_rate, "in_process_samples_per_s": local_rate,
+        "central_samples_per_s": samples / statistics.median(central),
+        "ratio": tcp_rate / local_rate,
+        "tcp_step_ms": statistics.median(tcp) / dev["steps"][0] * 1000,
+        "in_process_step_ms": statistics.median(local) / dev["steps"][0] * 1000,
+        "run_dir": str(res.run_dir),
+    }
+    return {"benchmark": "split", "scale": scale, "config": describe(scale), "figures": figures}
+
+
+def report(result: dict[str, Any]) -> str:
+    f = result["figures"]
+    rows = [["split over TCP (device's round)", f["tcp_samples_per_s"], f["tcp_step_ms"], len(f["tcp_round_s"])],
+            ["one process, full model", f["in_process_samples_per_s"], f["in_process_step_ms"],
+             len(f["in_process_round_s"])],
+            ["split over TCP (central's round)", f["central_samples_per_s"],
+             statistics.median(f["central_round_s"]) / f["steps_per_round"] * 1000, len(f["central_round_s"])]]
+    return (benchlib.table(["", "samples/s", "ms/step", "rounds"], rows, floatfmt=".1f")
+            + f"\nsplit training over TCP: {f['ratio']:.3f}x the in-process samples/s (goal >= 0.95x)")
+
+
+if __name__ == "__main__":
+    sys.exit(benchlib.standalone("split", describe, run, report))
