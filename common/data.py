@@ -18,7 +18,6 @@ Python's ``hash()``, which is salted per process.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import TestbedError
+from common.training import stable_seed
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
@@ -145,7 +145,7 @@ def shard_indices(
             f"{wanted} training samples but the training set has {total}; lower "
             "data.samples_per_device (0 = split the whole set evenly) or use fewer devices"
         )
-    rng = np.random.default_rng(_stable_seed("shard_indices", seed))
+    rng = np.random.default_rng(stable_seed("shard_indices", seed))
     order = rng.permutation(total)
     if distribution == "balanced":
         shards = _balanced_split(order, num_devices, samples_per_device, min_samples)
@@ -225,7 +225,7 @@ def synthetic_samples(indices, *, seed: int, split: str) -> tuple[torch.Tensor, 
     if n == 0:
         return torch.empty((0, *IMAGE_SHAPE)), torch.empty(0, dtype=torch.int64)
     y = torch.from_numpy(_synthetic_labels(seed, split, int(idx.max()) + 1)[idx])
-    seeds = _sample_seeds(_stable_seed("synthetic-noise", seed, split), idx)
+    seeds = _sample_seeds(stable_seed("synthetic-noise", seed, split), idx)
     patterns = _synthetic_patterns(seed)
     res = SYNTHETIC_PATTERN_RES
     x = torch.empty((n, *IMAGE_SHAPE))
@@ -286,12 +286,6 @@ def _device_rank(devices: list[str], device: str) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- sharding
-
-
-def _stable_seed(*parts: object) -> int:
-    """A 64-bit seed from ``parts``, identical in every process and Python version."""
-    text = "\x1f".join(repr(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 def _shards_for(spec: DataSpec, labels: np.ndarray, num_devices: int) -> list[np.ndarray]:
@@ -358,7 +352,7 @@ def _test_subset(spec: DataSpec, total: int) -> np.ndarray:
             f"data.test_samples = {spec.test_samples} but the test set has only {total} "
             "samples; lower it (0 = whole test set)"
         )
-    rng = np.random.default_rng(_stable_seed("test_subset", spec.seed))
+    rng = np.random.default_rng(stable_seed("test_subset", spec.seed))
     return np.sort(rng.permutation(total)[: spec.test_samples])
 
 
@@ -378,7 +372,7 @@ def _synthetic_train_size(spec: DataSpec, num_devices: int | None) -> int:
 
 def _synthetic_labels(seed: int, split: str, n: int) -> np.ndarray:
     """Labels of samples ``0..n-1``. A prefix of a longer call: label k does not depend on n."""
-    rng = np.random.default_rng(_stable_seed("synthetic-labels", seed, split))
+    rng = np.random.default_rng(stable_seed("synthetic-labels", seed, split))
     return rng.integers(0, NUM_CLASSES, size=n, dtype=np.int64)
 
 
@@ -410,7 +404,7 @@ def _smooth_fields(low: torch.Tensor) -> torch.Tensor:
 
 def _synthetic_patterns(seed: int) -> torch.Tensor:
     """The ten fixed class templates [10,3,32,32] of ``seed`` (smooth, zero mean, unit std)."""
-    gen = torch.Generator().manual_seed(_stable_seed("synthetic-patterns", seed))
+    gen = torch.Generator().manual_seed(stable_seed("synthetic-patterns", seed))
     res = SYNTHETIC_PATTERN_RES
     return _smooth_fields(torch.randn(NUM_CLASSES, 3, res, res, generator=gen))
 
