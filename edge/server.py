@@ -294,7 +294,7 @@ class EdgeServer:
             return req.step, 0, 0.0
         if req.source not in self.cfg.edges:
             raise MigrationError(f"source {req.source!r} is not an edge of this testbed")
-        if self.mode == "fedfly":
+        if self.mode == "fedfly" and req.step > 0:
             def install(session: EdgeSession) -> None:
                 with self.lock:
                     self.sessions[req.device] = session
@@ -308,7 +308,9 @@ class EdgeServer:
             self.events.emit("migrated_in", device=req.device, source=req.source, round=req.round, step=req.step,
                              state_bytes=result.state_bytes, transfer_ms=result.transfer_ms)
             return req.step, result.state_bytes, result.transfer_ms
-        # restart: the session starts over from the round's weights; classic: bookkeeping only
+        # restart: the session starts over from the round's weights; classic: bookkeeping
+        # only; fedfly at step 0 (a move that waited for the round to start): nothing has
+        # been trained yet, so the round's weights are the whole session.
         info = self._wait_round(req.round)
         transfer_ms = drop_remote(self.peers, source=req.source, target=self.name, device=req.device,
                                   round=req.round)
