@@ -137,14 +137,15 @@ class DeviceClient:
                 step, restarts = resume, restarts + 1
                 continue
             idx = batches[step]
-            t_step = time.perf_counter()
             if self.mode == "classic":
+                t_step = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 LOSS(model(self.x[idx]), self.y[idx]).backward()
                 opt.step()
+                compute = time.perf_counter() - t_step
             else:
-                self._split_step(model, opt, r, step, self.x[idx], self.y[idx])
-            self._throttle(time.perf_counter() - t_step)
+                compute = self._split_step(model, opt, r, step, self.x[idx], self.y[idx])
+            self._throttle(compute)
             step += 1
             with self.pos.lock:
                 self.pos.step = step
@@ -163,9 +164,13 @@ class DeviceClient:
         model.train()
         return model, make_optimizer(model.parameters(), lr=msg.lr, momentum=msg.momentum)
 
-    def _split_step(self, model, opt, r: int, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _split_step(self, model, opt, r: int, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One lockstep step with the edge; returns the device's own compute seconds (not
+        the wait for the edge), which is what ``slowdown`` stretches."""
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = model(x)
+        compute = time.perf_counter() - t0
         self.conn.send(m.Activations(round=r, step=step, batch={"x": out.detach(), "y": y}))
         reply = self._recv(timeout=self.cfg.run["round_timeout"])
         if not isinstance(reply, m.Gradients) or (reply.round, reply.step) != (r, step):
@@ -173,8 +178,10 @@ class DeviceClient:
         grad = reply.grad.get("g")
         if grad is None or grad.shape != out.shape or grad.dtype != out.dtype:
             raise RemoteProtocolError(f"device {self.name}: gradient does not match the activations")
+        t1 = time.perf_counter()
         out.backward(grad)
         opt.step()
+        return compute + time.perf_counter() - t1
 
     def _throttle(self, compute_s: float) -> None:
         """Emulate a slower device: stretch each step's compute by ``slowdown``."""
