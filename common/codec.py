@@ -225,11 +225,30 @@ class FrameDecoder:
             self._filled += take
             mv = mv[take:]
             if self._filled == len(self._payload):
-                assert self._header is not None
-                self._ready = (self._header, self._payload, self._descr)
-                self._header, self._payload, self._descr, self._header_len = None, None, [], -1
+                self._complete()
                 self._pending += mv
                 return
+
+    def _complete(self) -> None:
+        assert self._header is not None and self._payload is not None
+        self._ready = (self._header, self._payload, self._descr)
+        self._header, self._payload, self._descr, self._header_len = None, None, [], -1
+
+    def payload_buffer(self) -> memoryview | None:
+        """The rest of the current frame's payload buffer, for a reader that receives
+        straight into it (``socket.recv_into``) and then calls ``payload_written``; saves a
+        copy of every large frame. None when no payload is being filled."""
+        if self._error is not None or self._payload is None or self._ready is not None or self._pending:
+            return None
+        return memoryview(self._payload)[self._filled:]
+
+    def payload_written(self, n: int) -> None:
+        """``n`` bytes were written at the start of ``payload_buffer()``."""
+        if self._payload is None or not 0 < n <= len(self._payload) - self._filled:
+            raise LocalProtocolError("payload_written without a matching payload_buffer")
+        self._filled += n
+        if self._filled == len(self._payload):
+            self._complete()
 
     def _fill_buf(self, mv: memoryview, upto: int) -> memoryview:
         take = max(0, upto - len(self._buf))

@@ -40,19 +40,17 @@ class Dense(nn.Module):
         return torch.relu(x) if self.relu else x
 
 
-def _vgg5_layers(num_classes: int = 10) -> list[nn.Module]:
-    return [
-        ConvBlock(3, 32),
-        nn.MaxPool2d(2),
-        ConvBlock(32, 64),
-        nn.MaxPool2d(2),
-        ConvBlock(64, 64),
-        Dense(64 * 8 * 8, 128, relu=True),
-        Dense(128, num_classes, relu=False),
-    ]
-
-
-LAYER_BUILDERS = {"vgg5": _vgg5_layers}
+# One factory per layer, so a part builds only its own layers.
+VGG5 = [
+    lambda: ConvBlock(3, 32),
+    lambda: nn.MaxPool2d(2),
+    lambda: ConvBlock(32, 64),
+    lambda: nn.MaxPool2d(2),
+    lambda: ConvBlock(64, 64),
+    lambda: Dense(64 * 8 * 8, 128, relu=True),
+    lambda: Dense(128, 10, relu=False),
+]
+LAYER_BUILDERS = {"vgg5": VGG5}
 
 
 class Part(nn.Module):
@@ -88,7 +86,7 @@ def build_model(name: str, *, seed: int) -> Part:
     """The whole model with its initial weights, the same in every process for ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Part(LAYER_BUILDERS[name](), 0)
+        return Part([make() for make in LAYER_BUILDERS[name]], 0)
 
 
 def split_model(model: Part, split_layer: int) -> tuple[Part, Part]:
@@ -102,10 +100,11 @@ def split_model(model: Part, split_layer: int) -> tuple[Part, Part]:
 def empty_part(name: str, first: int, last: int | None = None) -> Part:
     """Layers ``first..last`` with uninitialised weights, for a state that will be loaded
     right after (a migrated session): skips the random initialisation of every layer."""
+    makers = LAYER_BUILDERS[name]
+    last = len(makers) - 1 if last is None else last
     with torch.device("meta"):
-        layers = LAYER_BUILDERS[name]()
-    last = len(layers) - 1 if last is None else last
-    return Part(layers[first:last + 1], first).to_empty(device="cpu")
+        layers = [make() for make in makers[first:last + 1]]
+    return Part(layers, first).to_empty(device="cpu")
 
 
 def device_part(name: str, split_layer: int, *, seed: int = 0) -> Part:

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # recv_into chunk: large enough that a 5 MB snapshot takes a handful of system calls.
 RECV_CHUNK = 1 << 20
+# Payload left to read at or above which recv_into writes straight into the frame.
+DIRECT_MIN = 64 << 10
 # How long a peer may take to complete the handshake before we hang up on it.
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -68,9 +70,14 @@ class Connection:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no message from {self.peer} within {timeout} s")
+            # Large payloads are received straight into the frame's buffer (no extra copy);
+            # everything else goes through the chunk and the decoder.
+            direct = self._decoder.payload_buffer()
+            if direct is not None and len(direct) < DIRECT_MIN:
+                direct = None
             try:
                 self.sock.settimeout(left)
-                n = self.sock.recv_into(self._chunk)
+                n = self.sock.recv_into(self._chunk if direct is None else direct)
             except socket.timeout:
                 continue
             except OSError as exc:
@@ -82,7 +89,10 @@ class Connection:
                     raise ConnectionClosed(f"{self.peer} closed the connection")
                 self._decoder.next_message()  # raises: the stream ended inside a frame
             self.bytes_received += n
-            self._decoder.receive_data(memoryview(self._chunk)[:n])
+            if direct is None:
+                self._decoder.receive_data(memoryview(self._chunk)[:n])
+            else:
+                self._decoder.payload_written(n)
 
     def close(self, notice: m.Message | None = None) -> None:
         """Close; optionally send ``notice`` first (best effort). Idempotent."""

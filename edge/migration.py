@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 from common import messages as m
 from common import transport
 from common.errors import ConnectionClosed, MigrationError, ProtocolError, TransportError
-from edge.session import EdgeSession
+from edge.session import EdgeSession, SparePart
 
 # How long either side waits for the other's next message in a handover.
 HANDOVER_TIMEOUT_S = 60.0
@@ -92,7 +92,8 @@ class PeerLinks:
 
 
 def pull_session(links: PeerLinks, *, source: str, target: str, device: str, round: int, step: int,
-                 model: str, split_layer: int, install: Callable[[EdgeSession], None]) -> PullResult:
+                 model: str, split_layer: int, install: Callable[[EdgeSession], None],
+                 spare: SparePart | None = None) -> PullResult:
     """Destination side. ``install(session)`` is called once the snapshot is verified and
     before A is told; if A then fails to release, the caller gets ``MigrationError`` and
     must uninstall. Raises ``MigrationError`` with the reason on any failure."""
@@ -107,7 +108,7 @@ def pull_session(links: PeerLinks, *, source: str, target: str, device: str, rou
                 raise MigrationError(f"{source} answered a pull with {reply.TYPE}")
             state_bytes = conn.bytes_received - before
             session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum,
-                                                expect_model=model, expect_split=split_layer)
+                                                expect_model=model, expect_split=split_layer, spare=spare)
             if (session.device, session.round, session.step) != (device, round, step):
                 raise MigrationError(f"snapshot is {session.device} round {session.round} step {session.step}, "
                                      f"expected {device} round {round} step {step}")

@@ -22,7 +22,7 @@ from common.errors import ConnectionClosed, MigrationError, ProtocolError, Remot
 from common.events import EventLog
 from common.models import part_keys, select
 from edge.migration import PeerLinks, drop_remote, pull_session, serve_drop, serve_pull
-from edge.session import EdgeSession
+from edge.session import EdgeSession, SparePart
 
 log = logging.getLogger("edge")
 
@@ -65,6 +65,7 @@ class EdgeServer:
         self.welcomed = threading.Event()
         self.central: transport.Connection | None = None
         self.listener: transport.Listener | None = None
+        self.spare = SparePart(self.model_name, self.split + 1) if self.mode == "fedfly" else None
         self.peers = PeerLinks(key=key, endpoints={n: (e.host, e.port) for n, e in cfg.edges.items() if n != name})
 
     # -- life cycle ----------------------------------------------------------------------
@@ -256,6 +257,8 @@ class EdgeServer:
                 return
             link = DeviceLink(conn, last_round=req.round - 1)
             self._attach_reply(conn, ok=True, resume_step=resume, state_bytes=state_bytes, transfer_ms=transfer_ms)
+            if self.spare is not None:
+                self.spare.refill_soon()  # after the reply: the device is not kept waiting
         else:
             link = DeviceLink(conn, last_round=req.last_round)
             self._attach_reply(conn, ok=True)
@@ -301,7 +304,7 @@ class EdgeServer:
             try:
                 result = pull_session(self.peers, source=req.source, target=self.name, device=req.device,
                                       round=req.round, step=req.step, model=self.model_name,
-                                      split_layer=self.split, install=install)
+                                      split_layer=self.split, install=install, spare=self.spare)
             except MigrationError:
                 self._drop_device(req.device)
                 raise
