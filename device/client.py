@@ -52,6 +52,8 @@ class DeviceClient:
         self.scheduled = cfg.moves_for(name)
         self.done_moves: set[Move] = set()
         self.migrations: list[dict] = []
+        self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
+        self.throttle_s = 0.0
         keys = part_keys(cfg.model["name"], cfg.model["split_layer"])
         self.keys = keys[0] + keys[1] if self.mode == "classic" else keys[0]
 
@@ -130,6 +132,7 @@ class DeviceClient:
         self.events.emit("round_start", round=r, steps=steps, edge=self.pos.edge)
         t0 = time.perf_counter()
         step, restarts = 0, 0
+        self.compute_s = self.throttle_s = 0.0
         while step < steps:
             resume = self._moves_due(r, step, steps)
             if resume is not None and resume != step:  # mode restart: the round starts over
@@ -155,7 +158,7 @@ class DeviceClient:
                                     weights=weights))
         self.last_round = r
         self.events.emit("round_done", round=r, steps=steps, train_seconds=train_seconds, restarts=restarts,
-                         edge=self.pos.edge)
+                         edge=self.pos.edge, compute_seconds=self.compute_s, throttle_seconds=self.throttle_s)
 
     def _fresh(self, weights: dict[str, torch.Tensor], msg: m.DeviceRound):
         full = build_model(self.cfg.model["name"], seed=0)
@@ -185,8 +188,11 @@ class DeviceClient:
 
     def _throttle(self, compute_s: float) -> None:
         """Emulate a slower device: stretch each step's compute by ``slowdown``."""
+        self.compute_s += compute_s
         if self.me.slowdown > 1:
-            time.sleep(compute_s * (self.me.slowdown - 1))
+            pause = compute_s * (self.me.slowdown - 1)
+            self.throttle_s += pause
+            time.sleep(pause)
 
     # -- moves ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import pytest
 from common.config import load_config
 from common.errors import ConfigError
 from scripts.netns_testbed import BACKBONE, build_commands, moves_override, namespaces_named, parse_move, plan, probe
-from tests.testbed import LOOPBACK, ROOT, _env, free_ports, kill_tree, run_launch, write_config
+from tests.testbed import LOOPBACK, ROOT, _env, free_ports, kill_tree, run_dir_of, run_launch, write_config
 
 NETNS = ROOT / "configs" / "netns.toml"
 # A short run of configs/netns.toml: 2 rounds of 4 steps on each of its 4 devices.
@@ -138,10 +138,11 @@ def test_namespaces_with_shaped_links_and_a_rewired_move_give_the_loopback_model
     p = state["plan"]
     (rw,) = state["rewires"]
     assert (rw["bridge_before"], rw["bridge_after"]) == (p["edge_bridges"]["edge1"], p["edge_bridges"]["edge2"])
-    # the lab's heterogeneity shows: device3's 10 Mbit/s link, device2's slowdown of 3
+    # the lab's heterogeneity shows: device3's 10 Mbit/s link (1.6 MB of activations a step
+    # each way dominates its rounds), device2's slowdown of 3 (recorded; its effect on time
+    # is checked on loopback below, where compute is not hidden behind a slow link)
     secs = {d: sum(v["round_seconds"]) for d, v in summary["devices"].items()}
     assert secs["device3"] > 1.3 * secs["device4"], secs
-    assert secs["device2"] > 1.5 * secs["device1"], secs
     assert summary["device_settings"]["device2"]["slowdown"] == 3.0
     # exactness: the same training on loopback, without any move, ends in the same weights
     cfg = load_config(str(NETNS))
@@ -194,8 +195,16 @@ def test_slowdown_stretches_a_device_and_the_summary_records_it(tmp_path):
     assert summary["device_settings"] == {"device1": {"edge": "edge1", "slowdown": 1.0, "threads": 1},
                                           "device2": {"edge": "edge1", "slowdown": 3.0, "threads": 1}}
     fast, slow = summary["devices"]["device1"]["round_seconds"], summary["devices"]["device2"]["round_seconds"]
-    assert all(s > 1.5 * f for f, s in zip(fast, slow)), (fast, slow)
-    assert sum(slow) > 2.0 * sum(fast), (fast, slow)
+    assert sum(slow) > sum(fast), (fast, slow)
+    # the throttle is in force: device2 sleeps (slowdown - 1) x its own compute, device1 not at all
+    run_dir = run_dir_of(out)
+    for dev, factor in (("device1", 0.0), ("device2", 2.0)):
+        done = [json.loads(line) for line in (run_dir / f"events-{dev}.jsonl").read_text().splitlines()
+                if '"round_done"' in line]
+        assert len(done) == 2
+        for ev in done:
+            assert ev["compute_seconds"] > 0
+            assert ev["throttle_seconds"] == pytest.approx(factor * ev["compute_seconds"], rel=1e-6)
 
 
 def test_per_device_threads_are_in_force_and_recorded(tmp_path):
