@@ -26,6 +26,17 @@ def set_threads(n: int) -> None:
         pass
 
 
+def warm_up() -> None:
+    """Pay torch's one-time costs now, at start-up: the first optimizer step imports and
+    sets up machinery (about 2 s here) that would otherwise land in the first round, or in
+    the pause of the first migration to an edge that had not trained yet."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = make_optimizer([p], lr=0.1, momentum=0.9)
+    LOSS(p.view(1, 2), torch.zeros(1, dtype=torch.long)).backward()
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+
+
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed from any parts, the same on every machine and Python run."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()

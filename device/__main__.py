@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.cli import base_parser, data_spec, run_main, exit_process
 from common.events import EventLog
-from common.training import set_threads
+from common.training import set_threads, warm_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         from device.client import DeviceClient
         cfg.require("device", args.name)
         set_threads(cfg.device_threads(args.name))
+        warm_up()
         key = cfg.key()
         data = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=args.name)
         events = EventLog(process=args.name, role="device")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.cli import base_parser, run_main, exit_process
 from common.events import EventLog
-from common.training import set_threads
+from common.training import set_threads, warm_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
         from edge.server import EdgeServer
         cfg.require("edge", args.name)
         set_threads(cfg.training["threads"])
+        warm_up()
         events = EventLog(process=args.name, role="edge")
         try:
             return EdgeServer(cfg, args.name, key=cfg.key(), events=events).run()
