@@ -9,7 +9,7 @@ the first session an edge process builds pays one-off imports, reported apart). 
 later round the device ping-pongs between the edges at 10%, 20%, ... 90% of the round.
 From ``summary.json``: per migration ``pause_ms`` (the device's view: leaving the source
 to the destination's go-ahead), ``transfer_ms`` (the destination's pull: connect, request,
-snapshot, verify, install, release) and ``state_bytes``. Then ``scripts.plainsock``
+snapshot, verify, install, release) and ``state_bytes``. Then ``scripts.bench_plainsock``
 moves the median ``state_bytes`` over loopback, on an open connection and on a fresh one.
 
 Last, the pull's critical path in one process, piece by piece (snapshot with checksum at
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts import benchlib
+from scripts import bench_plainsock, benchlib
 
 # scale -> (samples per device, measured rounds); 9 moves per measured round.
 SCALES = {"tiny": (1000, 1), "quick": (2000, 4), "full": (5000, 12)}
@@ -39,7 +39,8 @@ def describe(scale: str) -> dict[str, Any]:
     samples, measured = SCALES[scale]
     return {"testbed": "1 central, 2 edges, 1 device on loopback; mode fedfly", "model": f"VGG-5 split {SPLIT}",
             "batch": BATCH, "steps per round": samples // BATCH, "rounds": f"1 warm-up (2 moves) + {measured}",
-            "moves": f"{len(POINTS)} per measured round at {POINTS[0]:.0%}..{POINTS[-1]:.0%} = {len(POINTS) * measured}",
+            "moves": f"{len(POINTS)} per measured round at {POINTS[0]:.0%}..{POINTS[-1]:.0%} = "
+                     f"{len(POINTS) * measured}",
             "plain-socket repeats": PLAIN_REPEATS[scale], "threads": 1}
 
 
@@ -53,12 +54,13 @@ def run(out: Path, scale: str) -> dict[str, Any]:
     cfg = benchlib.write_config(out, "migration", edges=2, devices=1, rounds=1 + measured, mode="fedfly",
                                 moves=plan(measured), samples_per_device=samples, batch_size=BATCH,
                                 split_layer=SPLIT, test_samples=500)
-    res = benchlib.launch_ok(cfg, timeout=600 + 120 * measured)
+    res = benchlib.launch_timed(cfg, timeout=600 + 120 * measured)
     migs = res.summary["migrations"]
     warm = [mv for mv in migs if mv["round"] == 1]
     moves = [mv for mv in migs if mv["round"] > 1]
     state_bytes = int(statistics.median(mv["state_bytes"] for mv in moves))
-    plain = __import__("scripts.plainsock", fromlist=["measure"]).measure(state_bytes, PLAIN_REPEATS[scale])
+    plain, plain_shares = benchlib.quietly(lambda _: bench_plainsock.measure(state_bytes, PLAIN_REPEATS[scale]),
+                                           what="plain socket")
     pause = benchlib.summarize([mv["pause_ms"] for mv in moves])
     transfer = benchlib.summarize([mv["transfer_ms"] for mv in moves])
     figures = {
@@ -73,6 +75,7 @@ def run(out: Path, scale: str) -> dict[str, Any]:
         "warmup_moves": [{k: mv[k] for k in ("from", "to", "step", "pause_ms", "transfer_ms")} for mv in warm],
         "breakdown_ms": breakdown(20 if scale != "tiny" else 3),
         "run_dir": str(res.run_dir),
+        "foreign_cpu_share": {"testbed": res.attempts, "plain_socket": plain_shares},
     }
     return {"benchmark": "migration", "scale": scale, "config": describe(scale), "figures": figures,
             "migrations": migs, "load_after": benchlib.machine()["loadavg"]}
@@ -105,10 +108,10 @@ def breakdown(repeats: int) -> dict[str, float]:
     got = decode()
     blob = bytes(len(frame))
     pieces = {
-        "source: snapshot checksum (SHA-256 of meta and every tensor)": lambda: snapshot_checksum(msg.meta, msg.state),
+        "source: snapshot_checksum (as the edge computes it)": lambda: snapshot_checksum(msg.meta, msg.state),
         "frame: encode": lambda: codec.encode(msg),
         "frame: decode (1 MiB chunks)": decode,
-        "destination: from_snapshot (checksum + rebuild)":
+        "destination: EdgeSession.from_snapshot (verify checksum, rebuild)":
             lambda: EdgeSession.from_snapshot(got.meta, got.state, got.checksum, expect_model="vgg5",
                                               expect_split=SPLIT),
         "reference: one hashlib.sha256 over the frame's bytes": lambda: hashlib.sha256(blob).digest(),
@@ -145,7 +148,7 @@ def report(result: dict[str, Any]) -> str:
     lines += [f"  {v:8.2f}  {k}" for k, v in f["breakdown_ms"].items()]
     lines.append(f"migration pause median {f['pause_ms']['median']:.1f} ms (goal <= 20 ms), p95 "
                  f"{f['pause_ms']['p95']:.1f} ms; {f['pause_over_plain']:.1f}x the plain-socket transfer of the same "
-                 f"bytes (goal <= 5x; {f['pause_over_plain_connect']:.1f}x with a fresh connection)")
+                 f"bytes on an open connection, {f['pause_over_plain_connect']:.1f}x on a new connection (goal <= 5x)")
     return "\n".join(lines)
 
 

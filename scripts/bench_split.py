@@ -64,9 +64,9 @@ def run(out: Path, scale: str) -> dict[str, Any]:
     samples, rounds = SCALES[scale]
     cfg = benchlib.write_config(out, "split", edges=1, devices=1, rounds=rounds, mode="fedfly",
                                 samples_per_device=samples, batch_size=BATCH, split_layer=SPLIT, test_samples=500)
-    before = in_process(cfg, rounds)
-    res = benchlib.launch_ok(cfg, timeout=600 + 60 * rounds)
-    after = in_process(cfg, rounds)
+    before, shares_before = benchlib.quietly(lambda _: in_process(cfg, rounds), what="in-process training")
+    res = benchlib.launch_timed(cfg, timeout=600 + 60 * rounds)
+    after, shares_after = benchlib.quietly(lambda _: in_process(cfg, rounds), what="in-process training")
     dev = next(iter(res.summary["devices"].values()))
     tcp = dev["round_seconds"][1:]
     central = [r["seconds"] for r in res.summary["rounds"][1:]]
@@ -82,6 +82,8 @@ def run(out: Path, scale: str) -> dict[str, Any]:
         "tcp_step_ms": statistics.median(tcp) / dev["steps"][0] * 1000,
         "in_process_step_ms": statistics.median(local) / dev["steps"][0] * 1000,
         "run_dir": str(res.run_dir),
+        "foreign_cpu_share": {"in_process_before": shares_before, "testbed": res.attempts,
+                              "in_process_after": shares_after},
     }
     return {"benchmark": "split", "scale": scale, "config": describe(scale), "figures": figures}
 

@@ -106,13 +106,14 @@ def run_setting(out: Path, setting: str, devices: int, samples: int, reps: int) 
             cfg = benchlib.write_config(out, f"sweep-{setting}-{mode}-{rep + 1}", edges=2, devices=devices,
                                         rounds=1 + len(rounds), mode=mode, moves=moves, samples_per_device=samples,
                                         batch_size=BATCH, split_layer=SPLIT, distribution=dist, test_samples=500)
-            res = benchlib.launch_ok(cfg, timeout=900 + 60 * len(rounds))
+            res = benchlib.launch_timed(cfg, timeout=900 + 60 * len(rounds))
             secs = res.summary["devices"][mover]["round_seconds"]
             for r, f in rounds:
                 (times[mode][f] if f is not None else no_move[mode]).append(secs[r - 1])
             if mode == "fedfly":
                 pauses += [mv["pause_ms"] for mv in res.summary["migrations"] if mv["round"] > 1]
             runs.append({"mode": mode, "repetition": rep + 1, "run_dir": str(res.run_dir),
+                         "foreign_cpu_share": res.attempts,
                          "round_seconds": secs, "schedule": rounds,
                          "moves": [[mv["round"], mv["step"], mv["pause_ms"]] for mv in res.summary["migrations"]
                                    if mv["device"] == mover]})
@@ -133,6 +134,7 @@ def run_setting(out: Path, setting: str, devices: int, samples: int, reps: int) 
         "points": table,
         "max_gap_pp": max(abs(p["gap_pp"]) for p in table),
         "fedfly_pause_ms": benchlib.summarize(pauses),
+        "foreign_cpu_share_max": max(r["foreign_cpu_share"][-1] for r in runs),
         "runs": runs,
     }
 
@@ -149,11 +151,19 @@ def report(result: dict[str, Any]) -> str:
     for name, s in result["figures"].items():
         lines.append(f"sweep {name}: {s['mover']} moves ({s['mover_samples']} samples, {s['steps']} steps per round, "
                      f"{s['devices']} device(s), median of {s['repetitions']} round(s) per point); round without a "
-                     f"move: fedfly {s['no_move_round_s']['fedfly']:.2f} s, restart {s['no_move_round_s']['restart']:.2f} s")
+                     f"move: fedfly {s['no_move_round_s']['fedfly']:.2f} s, "
+                     f"restart {s['no_move_round_s']['restart']:.2f} s")
         rows = [[f"{p['f']:.0%}", f"{p['f_effective']:.3f}", p["fedfly_s"], p["restart_s"], f"{p['saving']:.1%}",
                  f"{p['ideal']:.1%}", f"{p['gap_pp']:+.1f}"] for p in s["points"]]
         lines.append(benchlib.table(["move at", "f eff", "fedfly s", "restart s", "saving", "ideal f/(1+f)", "gap pp"],
                                     rows, floatfmt=".2f"))
+        fed = [x for p in s["points"] for x in p["fedfly_rounds_s"]]
+        per_unit = [x / (1 + p["f_effective"]) for p in s["points"] for x in p["restart_rounds_s"]]
+        if len(fed) > 1:
+            lines.append(f"round-to-round variation of the mover's rounds: fedfly sd {statistics.stdev(fed):.2f} s "
+                         f"({statistics.stdev(fed) / statistics.mean(fed):.1%} of {statistics.mean(fed):.2f} s); "
+                         f"restart per (1+f) mean {statistics.mean(per_unit):.2f} s; "
+                         f"no move {s['no_move_round_s']['fedfly']:.2f} s")
         lines.append(f"sweep {name}: largest gap to the ideal saving {s['max_gap_pp']:.1f} pp (goal <= 2 pp); "
                      f"saving at 50% {s['points'][4]['saving']:.1%} (paper 33%), at 90% {s['points'][8]['saving']:.1%} "
                      f"(paper 45%)")

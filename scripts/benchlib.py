@@ -4,7 +4,9 @@ with a bounded time, reading ``summary.json``, statistics and plain-text tables.
 Every benchmark module (``scripts/bench_*.py``) has ``describe(scale)`` (its configuration,
 printed first), ``run(out, scale)`` (returns a JSON-able result with ``config`` and
 ``figures``) and ``report(result)`` (the figures as text, printed last). ``scale`` is
-``"quick"`` (minutes) or ``"full"`` (the paper's scale).
+``"quick"`` (minutes), ``"full"`` (the paper's scale) or ``"tiny"`` (seconds, smoke tests).
+Timing measurements go through ``quietly``/``launch_timed``, which notice and re-measure
+what other processes on the machine disturbed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +30,6 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
-SCALES = ("quick", "full")
 # Where ``python -m scripts.bench`` puts its results unless told otherwise (gitignored).
 DEFAULT_OUT = ROOT / "bench-results"
 # The CIFAR-10 JPEG archive shipped beside the repository (never copied into it).
@@ -136,6 +137,85 @@ def ping_pong_moves(device: str, edges: tuple[str, str], first_edge: str,
 
 # -- running the launcher ----------------------------------------------------------------
 
+# -- other load on the machine -----------------------------------------------------------
+
+# A run during which other processes used more than this share of the machine's CPU time
+# is "disturbed": its timings say more about the neighbours than about the testbed.
+MAX_FOREIGN_SHARE = 0.15
+QUIET_RETRIES = 2          # re-runs of a disturbed timing run
+QUIET_WAIT_S = 90.0        # before a re-run, wait up to this long for the machine to calm down
+# Seconds that waiting and re-running may add to one process's benchmarks, in all: on a
+# machine that is never quiet the suite still ends in bounded time (and says so).
+RETRY_BUDGET_S = 900.0
+_retry_spent = [0.0]
+
+
+def _busy_seconds() -> float:
+    t = psutil.cpu_times()
+    # guest time is already inside user time on Linux; steal is time the hypervisor gave away
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+def _own_seconds() -> float:
+    # Children count once reaped: the launcher reaps every role, we reap the launcher.
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class ForeignLoad:
+    """``with ForeignLoad() as fl: ...`` then ``fl.share``: the CPU time that processes other
+    than this one and its (reaped) children used meanwhile, as a share of all CPUs' time."""
+
+    def __enter__(self) -> "ForeignLoad":
+        self._t0, self._busy0, self._own0 = time.monotonic(), _busy_seconds(), _own_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = max(1e-9, time.monotonic() - self._t0)
+        foreign = (_busy_seconds() - self._busy0) - (_own_seconds() - self._own0)
+        self.share = max(0.0, foreign / (wall * (os.cpu_count() or 1)))
+
+
+def wait_quiet(limit_s: float) -> float:
+    """Wait (at most ``limit_s``) until the 1-minute load average is below half the CPUs;
+    returns the load average when done."""
+    cpus = os.cpu_count() or 1
+    deadline = time.monotonic() + limit_s
+    load = os.getloadavg()[0]
+    while load > cpus / 2 and time.monotonic() < deadline:
+        time.sleep(5)
+        load = os.getloadavg()[0]
+    return load
+
+
+def quietly(measure: Callable[[int], Any], *, what: str, retries: int = QUIET_RETRIES,
+            max_share: float = MAX_FOREIGN_SHARE) -> tuple[Any, list[float]]:
+    """Run ``measure(attempt)`` (a timing measurement) under ``ForeignLoad``; while other
+    processes took more than ``max_share`` of the machine, wait for quiet and run it again
+    (at most ``retries`` more times, within ``RETRY_BUDGET_S`` for the whole process).
+    Returns (the least disturbed result, every attempt's foreign share)."""
+    attempts: list[tuple[float, Any]] = []
+    for attempt in range(retries + 1):
+        if attempt:
+            if _retry_spent[0] >= RETRY_BUDGET_S:
+                print(f"   {what}: other processes took {attempts[-1][0]:.0%} of the CPUs; the re-run budget "
+                      f"({RETRY_BUDGET_S:.0f} s) is spent, keeping this measurement", flush=True)
+                break
+            print(f"   {what}: other processes took {attempts[-1][0]:.0%} of the CPUs; waiting for quiet "
+                  f"and measuring again ({attempt}/{retries})", flush=True)
+            t_retry = time.monotonic()
+            wait_quiet(QUIET_WAIT_S)
+        with ForeignLoad() as fl:
+            result = measure(attempt)
+        if attempt:
+            _retry_spent[0] += time.monotonic() - t_retry
+        attempts.append((fl.share, result))
+        if fl.share <= max_share:
+            break
+    best = min(attempts, key=lambda a: a[0])
+    return best[1], [round(a[0], 3) for a in attempts]
+
+
 @dataclass
 class RunOutcome:
     status: int
@@ -143,6 +223,8 @@ class RunOutcome:
     run_dir: Path | None
     summary: dict | None
     output_path: Path
+    foreign_share: float = 0.0
+    attempts: list[float] = field(default_factory=list)  # foreign share of each attempt (launch_timed)
 
     @property
     def ok(self) -> bool:
@@ -162,11 +244,9 @@ def kill_tree(pid: int) -> None:
         kids = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         kids = []
-    for p in [psutil.Process(pid) if psutil.pid_exists(pid) else None, *kids]:
-        if p is None:
-            continue
+    for target in [pid, *(k.pid for k in kids)]:
         try:
-            os.kill(p.pid, signal.SIGKILL)
+            os.kill(target, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
     psutil.wait_procs(kids, timeout=5)
@@ -177,14 +257,15 @@ def launch(config: Path, *overrides: str, timeout: float, echo: bool = False,
     """Run the whole testbed of ``config`` through ``central.launch``; its output goes to
     ``<config>.out``. Kills the launcher's process tree after ``timeout`` seconds (status
     124). With ``sample_memory`` the result's summary gets ``bench_memory`` (peak summed
-    RSS/USS of the testbed's processes, sampled every second)."""
+    RSS/USS of the testbed's processes, sampled every second). ``foreign_share`` says how
+    much of the machine other processes used meanwhile (``ForeignLoad``)."""
     cmd = [sys.executable, "-m", "central.launch", "--config", str(config)]
     for o in overrides:
         cmd += ["--set", o]
     out_path = config.with_suffix(".out")
     t0 = time.monotonic()
     peak = {"rss_mb": 0.0, "uss_mb": 0.0, "processes": 0}
-    with open(out_path, "w") as out:
+    with ForeignLoad() as foreign, open(out_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
         status = None
         while status is None:
@@ -211,7 +292,7 @@ def launch(config: Path, *overrides: str, timeout: float, echo: bool = False,
         summary = json.loads((run_dir / "summary.json").read_text())
         if sample_memory:
             summary["bench_memory"] = peak
-    return RunOutcome(status, seconds, run_dir, summary, out_path)
+    return RunOutcome(status, seconds, run_dir, summary, out_path, foreign.share)
 
 
 def _sample_memory(pid: int, peak: dict) -> None:
@@ -242,6 +323,18 @@ def launch_ok(config: Path, *overrides: str, timeout: float, **kw: Any) -> RunOu
     if not res.ok:
         tail = "\n".join(res.output_path.read_text(errors="replace").splitlines()[-25:])
         raise RunFailed(f"run {config.stem} ended with status {res.status} (output: {res.output_path})\n{tail}")
+    return res
+
+
+def launch_timed(config: Path, *overrides: str, timeout: float, **kw: Any) -> RunOutcome:
+    """``launch_ok`` for a run whose timings matter: re-run (``quietly``) while other
+    processes disturbed it. The outcome's ``attempts`` lists each attempt's foreign share."""
+    def attempt(n: int) -> RunOutcome:
+        again = [f'run.name="{config.stem}-again{n}"'] if n else []  # a fresh run folder
+        return launch_ok(config, *overrides, *again, timeout=timeout, **kw)
+
+    res, shares = quietly(attempt, what=config.stem)
+    res.attempts = shares
     return res
 
 

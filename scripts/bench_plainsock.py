@@ -1,8 +1,11 @@
-"""The plain-socket yardstick: how long loopback TCP takes to move N bytes, with nothing
-of the testbed in the way (no framing, no handshake, no checksum).
+"""The plain-socket yardstick of the migration benchmark: how long loopback TCP takes to
+move N bytes, with nothing of the testbed in the way (no framing, no handshake, no
+checksum).
+
+    python -m scripts.bench_plainsock [--bytes N] [--repeats N]
 
 ``measure(nbytes, repeats)`` starts a sink in another process (``python -m
-scripts.plainsock PORT``), then, ``repeats`` times each:
+scripts.bench_plainsock --sink PORT``), then, ``repeats`` times each:
 
 * transfer: on one open connection, ``sendall`` N bytes; the sink ``recv_into``s all of
   them into a preallocated buffer and answers one byte; the time is send start to answer;
@@ -14,6 +17,7 @@ Both sides set TCP_NODELAY, as the testbed's transport does.
 
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import sys
@@ -80,8 +84,8 @@ def measure(nbytes: int, repeats: int) -> dict[str, dict[str, float]]:
     """Milliseconds to move ``nbytes`` over loopback: ``transfer`` and ``connect_transfer``
     (each ``benchlib.summarize``d over ``repeats``)."""
     port = benchlib.free_ports(1)[0]
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.plainsock", str(port)], cwd=benchlib.ROOT,
-                            stdout=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "scripts.bench_plainsock", "--sink", str(port)]
+    proc = subprocess.Popen(cmd, cwd=benchlib.ROOT, stdout=subprocess.PIPE, text=True)
     try:
         if proc.stdout is None or proc.stdout.readline().strip() != "ready":
             raise RuntimeError("plain-socket sink did not start")
@@ -108,5 +112,21 @@ def measure(nbytes: int, repeats: int) -> dict[str, dict[str, float]]:
     return {"transfer": benchlib.summarize(transfer), "connect_transfer": benchlib.summarize(fresh)}
 
 
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts.bench_plainsock", description=__doc__.splitlines()[0])
+    p.add_argument("--bytes", type=int, default=4_508_886, help="bytes per transfer (default: a VGG-5 session)")
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--sink", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.sink is not None:
+        _sink(args.sink)
+        return 0
+    figures = measure(args.bytes, args.repeats)
+    rows = [[name, s["count"], s["median"], s["p95"], s["min"], s["max"]] for name, s in figures.items()]
+    print(f"plain socket on loopback, {args.bytes:,} bytes per transfer")
+    print(benchlib.table(["ms", "n", "median", "p95", "min", "max"], rows, floatfmt=".3f"))
+    return 0
+
+
 if __name__ == "__main__":
-    _sink(int(sys.argv[1]))
+    sys.exit(main())
