@@ -64,6 +64,20 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"no TOML form for {v!r}")
 
 
+def render_toml(sections: dict[str, dict[str, Any]], moves: list[dict] | None = None) -> str:
+    """A testbed file's text: one table per section, then one [[mobility.moves]] per move."""
+    lines: list[str] = []
+    for sec, vals in sections.items():
+        lines.append(f"[{sec}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in vals.items()]
+        lines.append("")
+    for mv in moves or []:
+        lines.append("[[mobility.moves]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in mv.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def device_names(n: int) -> list[str]:
     # Zero-padded so that sorted order (FedAvg's and the shards') is numeric order.
     width = len(str(n))
@@ -110,17 +124,8 @@ def write_config(folder: Path, name: str, *, edges: int = 2, devices: int = 1, r
     for i, d in enumerate(devices_):
         first = (device_edges or {}).get(d, edges_[i % edges])
         sections[f"devices.{d}"] = {"edge": first, "host": LOOPBACK, "control_port": ports[1 + edges + i]}
-    lines: list[str] = []
-    for sec, vals in sections.items():
-        lines.append(f"[{sec}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in vals.items()]
-        lines.append("")
-    for mv in moves or []:
-        lines.append("[[mobility.moves]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in mv.items()]
-        lines.append("")
     path = folder / f"{name}.toml"
-    path.write_text("\n".join(lines))
+    path.write_text(render_toml(sections, moves))
     return path
 
 

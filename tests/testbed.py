@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from scripts.benchlib import _toml_value, free_ports  # one copy of the testbed-file helpers
+from scripts.benchlib import free_ports, render_toml  # one copy of the testbed-file helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -54,17 +54,8 @@ def write_config(tmp: Path, *, edges: int = 2, devices: int = 4, rounds: int = 2
         sections[f"devices.{d}"] = {"edge": first, "host": host, "control_port": ports[1 + edges + i]}
     for sec, vals in (extra or {}).items():
         sections.setdefault(sec, {}).update(vals)
-    lines = []
-    for sec, vals in sections.items():
-        lines.append(f"[{sec}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in vals.items()]
-        lines.append("")
-    for mv in moves or []:
-        lines.append("[[mobility.moves]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in mv.items()]
-        lines.append("")
     path = tmp / name
-    path.write_text("\n".join(lines))
+    path.write_text(render_toml(sections, moves))
     return path
 
 
