@@ -16,17 +16,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args, cfg) -> int:
         from central.server import CentralServer
-        from common.data import load_test_set
+        from common.data import load_test_set, shard_sizes
         set_threads(cfg.training["threads"])
         key = cfg.key()
         run_name = cfg.run["name"] or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}"
         run_dir = os.path.join(cfg.run["out"], run_name)
         test_set = load_test_set(data_spec(cfg))
+        shards = shard_sizes(data_spec(cfg), devices=cfg.device_names)
         events = EventLog(process="central", role="central")
         events.open(run_dir)
         try:
             return CentralServer(cfg, key=key, events=events, run_name=run_name, run_dir=run_dir,
-                                 test_set=test_set).run()
+                                 test_set=test_set, shard_samples=shards).run()
         finally:
             events.close()
 

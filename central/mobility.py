@@ -2,12 +2,18 @@
 
     python -m central.mobility move   --config FILE --device NAME --to EDGE [--wait]
                                       [--when-round R --when-fraction F]
+    python -m central.mobility drop   --config FILE --device NAME [--for S] [--to EDGE] [--wait]
+                                      [--when-round R --when-fraction F]
     python -m central.mobility status --config FILE [--device NAME]
 
-The device takes the move at its next step boundary (or at the start of the next round
-when it is between rounds); ``--wait`` returns once it is on the new edge. Exit status:
-0 done, 3 the device refused (the reason is printed), 2 a bad argument or config, 1 the
-device could not be reached or did not move in time.
+``move``: the device takes the move at its next step boundary (or at the start of the next
+round when it is between rounds); ``--wait`` returns once it is on the new edge.
+``drop``: the device loses its link at once, at whatever byte (a radio loss: it goes
+silent), for S seconds, then reconnects to EDGE, or where ``faults.reconnect`` says;
+``--wait`` returns once it is attached again. ``status``: each device's edge, round,
+step and link (attached, reconnecting, cut), or "gone" when it cannot be reached.
+Exit status: 0 done, 3 the device refused (the reason is printed), 2 a bad argument or
+config, 1 the device could not be reached or did not move in time.
 """
 
 from __future__ import annotations
@@ -42,6 +48,32 @@ def move(cfg: Config, device: str, to: str, *, key: bytes) -> m.MoveReply:
     return reply
 
 
+def drop(cfg: Config, device: str, seconds: float, to: str, *, key: bytes) -> m.MoveReply:
+    """Cut ``device``'s link for ``seconds``; returns the device's reply."""
+    conn = _connect(cfg, device, key)
+    try:
+        conn.send(m.DropCommand(device=device, seconds=seconds, to=to))
+        reply = conn.recv(timeout=10.0)
+    finally:
+        conn.close()
+    if not isinstance(reply, m.MoveReply):
+        raise ProtocolError(f"device {device} answered a drop with {reply.TYPE}")
+    return reply
+
+
+def wait_until_attached(cfg: Config, device: str, *, key: bytes, timeout: float, after: float = 0.0) -> m.StatusReply:
+    """Poll until ``device``'s link is attached again (checking from ``after`` seconds on)."""
+    time.sleep(after)
+    deadline = time.monotonic() + timeout
+    while True:
+        st = _poll(cfg, device, key=key, deadline=deadline)
+        if st is not None and st.link == "attached":
+            return st
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{device} is not attached after {timeout} s")
+        time.sleep(0.05)
+
+
 def status(cfg: Config, device: str, *, key: bytes) -> m.StatusReply:
     conn = _connect(cfg, device, key)
     try:
@@ -54,13 +86,25 @@ def status(cfg: Config, device: str, *, key: bytes) -> m.StatusReply:
     return reply
 
 
+def _poll(cfg: Config, device: str, *, key: bytes, deadline: float) -> m.StatusReply | None:
+    """One status poll; None while the device cannot be reached yet (not up, or between
+    two of its lives), until ``deadline``, then the error."""
+    try:
+        return status(cfg, device, key=key)
+    except (TransportError, ProtocolError, TimeoutError):
+        if time.monotonic() >= deadline:
+            raise
+        return None
+
+
 def wait_until_at(cfg: Config, device: str, round: int, fraction: float, *, key: bytes,
                   timeout: float) -> m.StatusReply:
     """Poll until ``device`` is in ``round`` at step >= fraction x steps (or past it)."""
     deadline = time.monotonic() + timeout
     while True:
-        st = status(cfg, device, key=key)
-        if st.round > round or (st.round == round and st.steps > 0 and st.step >= fraction * st.steps):
+        st = _poll(cfg, device, key=key, deadline=deadline)
+        if st is not None and (st.round > round or (st.round == round and st.steps > 0
+                                                     and st.step >= fraction * st.steps)):
             return st
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{device} did not reach round {round} at {fraction} within {timeout} s")
@@ -70,11 +114,11 @@ def wait_until_at(cfg: Config, device: str, round: int, fraction: float, *, key:
 def wait_until_on(cfg: Config, device: str, edge: str, *, key: bytes, timeout: float) -> m.StatusReply:
     deadline = time.monotonic() + timeout
     while True:
-        st = status(cfg, device, key=key)
-        if st.edge == edge and not st.pending:
+        st = _poll(cfg, device, key=key, deadline=deadline)
+        if st is not None and st.edge == edge and not st.pending and st.link == "attached":
             return st
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"{device} is still on {st.edge} after {timeout} s (pending: {st.pending or 'none'})")
+            raise TimeoutError(f"{device} is not on {edge} after {timeout} s")
         time.sleep(0.05)
 
 
@@ -82,16 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedfly-mobility", description="FedFly mobility controller")
     sub = p.add_subparsers(dest="cmd", required=True)
     pm = sub.add_parser("move", help="move a device to another edge")
+    pd = sub.add_parser("drop", help="cut a device's link for a while (a radio loss)")
     ps = sub.add_parser("status", help="where devices are")
-    for q in (pm, ps):
+    for q in (pm, pd, ps):
         q.add_argument("--config", required=True)
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    pm.add_argument("--device", required=True)
+    for q in (pm, pd):
+        q.add_argument("--device", required=True)
+        q.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait or --when-*")
+        q.add_argument("--when-round", type=int, default=None, help="act once the device is in this round...")
+        q.add_argument("--when-fraction", type=float, default=0.0, help="...at this fraction of its steps (0 <= F < 1)")
     pm.add_argument("--to", required=True, help="destination edge")
     pm.add_argument("--wait", action="store_true", help="return once the device is on the new edge")
-    pm.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait or --when-*")
-    pm.add_argument("--when-round", type=int, default=None, help="send the move once the device is in this round...")
-    pm.add_argument("--when-fraction", type=float, default=0.0, help="...at this fraction of its steps (0 <= F < 1)")
+    pd.add_argument("--for", dest="seconds", type=float, default=0.0, help="seconds without a link (default 0)")
+    pd.add_argument("--to", default="", help="the edge it comes back to (default: as faults.reconnect says)")
+    pd.add_argument("--wait", action="store_true", help="return once the device is attached again")
     ps.add_argument("--device", default=None, help="one device (default: all)")
     args = p.parse_args(argv)
     try:
@@ -101,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             if d not in cfg.devices:
                 raise ConfigError("--device", f"{d!r} is not a device of {args.config}",
                                   f"use one of: {', '.join(cfg.device_names)}")
+        if args.cmd in ("move", "drop") and args.to and args.to not in cfg.edges:
+            raise ConfigError("--to", f"{args.to!r} is not an edge of {args.config}",
+                              f"use one of: {', '.join(sorted(cfg.edges))}")
+        if args.cmd == "drop" and args.seconds < 0:
+            raise ConfigError("--for", f"{args.seconds} is negative", "give the seconds without a link, >= 0")
         key = cfg.key()
     except ConfigError as exc:
         print(f"fedfly-mobility: error: {exc}", file=sys.stderr)
@@ -108,12 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "status":
             for d in devices:
-                st = status(cfg, d, key=key)
+                try:
+                    st = status(cfg, d, key=key)
+                except (TransportError, ProtocolError, TimeoutError) as exc:
+                    print(f"{d} link=gone ({exc})")
+                    continue
                 print(f"{st.device} edge={st.edge} round={st.round} step={st.step} steps={st.steps} "
-                      f"pending={st.pending or '-'}")
+                      f"pending={st.pending or '-'} link={st.link}")
             return 0
         if args.when_round is not None:
             wait_until_at(cfg, args.device, args.when_round, args.when_fraction, key=key, timeout=args.timeout)
+        if args.cmd == "drop":
+            reply = drop(cfg, args.device, args.seconds, args.to, key=key)
+            if not reply.accepted:
+                print(f"fedfly-mobility: refused: {reply.reason}", file=sys.stderr)
+                return REFUSED
+            print(f"{args.device}: link to {reply.edge} cut for {args.seconds:g} s", flush=True)
+            if args.wait:
+                st = wait_until_attached(cfg, args.device, key=key, timeout=args.timeout, after=args.seconds)
+                print(f"{args.device}: attached again on {st.edge} (round {st.round}, step {st.step})")
+            return 0
         reply = move(cfg, args.device, args.to, key=key)
         if not reply.accepted:
             print(f"fedfly-mobility: refused: {reply.reason}", file=sys.stderr)

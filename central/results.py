@@ -22,7 +22,8 @@ class RunResults:
         self.run_dir = run_dir
         os.makedirs(run_dir, exist_ok=True)
         self.summary: dict[str, Any] = {**header, "status": "running", "rounds": [], "devices": {},
-                                        "migrations": [], "failures": [], "final_model_sha256": None}
+                                        "migrations": [], "failures": [], "faults": [],
+                                        "final_model_sha256": None}
         self.started = time.monotonic()
 
     def add_migration(self, rec: dict[str, Any]) -> None:
@@ -41,6 +42,9 @@ class RunResults:
 
     def add_failure(self, rec: dict[str, Any]) -> None:
         self.summary["failures"].append(rec)
+
+    def add_fault(self, rec: dict[str, Any]) -> None:
+        self.summary["faults"].append(rec)
 
     def finish(self, weights: dict[str, torch.Tensor], *, status: str) -> str:
         sha = state_sha256(weights)
@@ -77,6 +81,24 @@ def migration_line(rec: dict[str, Any]) -> str:
             f"  [{rec['mode']}]")
 
 
+def fault_line(rec: dict[str, Any]) -> str:
+    where = f" round {rec['round']} step {rec.get('step', 0)}" if rec.get("round") else ""
+    parts = [f"  fault: {rec['kind']} {rec.get('process', '?')} -> {rec.get('peer', '?')}{where}"]
+    if rec.get("detected_s"):
+        parts.append(f"detected after {rec['detected_s']:.2f} s")
+    if rec.get("down_s"):
+        parts.append(f"down {rec['down_s']:.2f} s")
+    if rec.get("replayed"):
+        parts.append(f"{rec['replayed']} steps again")
+    if rec.get("recovery"):
+        parts.append(f"recovery: {rec['recovery']}")
+    if rec.get("samples_lost"):
+        parts.append(f"{rec['samples_lost']} samples lost")
+    if rec.get("detail"):
+        parts.append(f"({rec['detail'][:120]})")
+    return "  ".join(parts)
+
+
 def final_table(summary: dict[str, Any]) -> str:
     rows = ["", f"run {summary['run_name']}  mode {summary['mode']}  status {summary['status']}",
             f"{'round':>5} {'seconds':>9} {'accuracy':>9} {'loss':>8} {'samples':>8} {'moves':>6}"]
@@ -87,5 +109,8 @@ def final_table(summary: dict[str, Any]) -> str:
     if summary["migrations"]:
         rows.append("migrations:")
         rows.extend(migration_line(mv) for mv in summary["migrations"])
+    if summary.get("faults"):
+        rows.append("faults:")
+        rows.extend(fault_line(f) for f in summary["faults"])
     rows.append(f"final model sha256 {summary['final_model_sha256']}")
     return "\n".join(rows)

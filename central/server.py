@@ -1,8 +1,11 @@
 """The central server: waits for its edges and devices, runs the rounds, FedAvg in a fixed
 order, evaluates, writes the run folder.
 
-One thread per edge connection turns its messages into events on one queue; the round
-loop in ``run`` is the only reader of that queue, so all round state lives in one thread.
+Link threads (``central.edges``) put what happens on one queue; the round loop in ``run``
+is its only reader, so every piece of round state lives in one thread. The round's
+bookkeeping is ``central.rounds.RoundTracker`` (pure). Failures are data: an edge lost,
+a device gone past its grace period, an update refused, each is recorded in
+``summary.json`` and the run goes on with what arrived.
 """
 
 from __future__ import annotations
@@ -10,52 +13,56 @@ from __future__ import annotations
 import logging
 import queue
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from central.edges import EdgeJoined, EdgeLost, EdgeMessage, EdgeRegistry
 from central.fedavg import FedAvg, Strategy
-from central.results import RunResults, final_table, migration_line, progress_line
+from central.results import RunResults, fault_line, final_table, migration_line, progress_line
+from central.rounds import RoundTracker
 from common import messages as m
 from common import transport
 from common.config import Config
-from common.errors import ConnectionClosed, ProtocolError, RemoteProtocolError, TransportError
+from common.errors import TransportError
 from common.events import EventLog
 from common.models import build_model, part_keys
+from common.plan import RoundPlan
 from common.training import evaluate
 
 log = logging.getLogger("central")
 
+# The round loop wakes at least this often to check grace periods and deadlines.
+POLL_S = 0.5
+# After the Shutdown, how long the edges' links get to deliver it.
+SHUTDOWN_FLUSH_S = 2.0
+
 
 class RunAborted(Exception):
-    """The run cannot go on (an edge was lost, nobody reported, start-up timed out)."""
-
-
-@dataclass
-class _Event:
-    edge: str
-    msg: m.Message | None  # None: the edge's connection is gone
-    detail: str = ""
+    """The run cannot go on (start-up timed out, or no device is left anywhere)."""
 
 
 class CentralServer:
     def __init__(self, cfg: Config, *, key: bytes, events: EventLog, run_name: str, run_dir: str,
-                 test_set: tuple[torch.Tensor, torch.Tensor], strategy: Strategy | None = None,
-                 out=sys.stdout) -> None:
+                 test_set: tuple[torch.Tensor, torch.Tensor], shard_samples: dict[str, int] | None = None,
+                 strategy: Strategy | None = None, out=sys.stdout, registry: EdgeRegistry | None = None) -> None:
         self.cfg = cfg
         self.key = key
         self.events = events
         self.run_name = run_name
         self.test_x, self.test_y = test_set
+        self.shard_samples = shard_samples or {}
         self.strategy = strategy or FedAvg()
         self.out = out
-        self.queue: queue.Queue[_Event] = queue.Queue()
-        self.edges: dict[str, transport.Connection] = {}
-        self.edges_lock = threading.Lock()
-        self.attached: dict[str, list[str]] = {}
+        self.faults = cfg.faults
+        # The seam between the round logic and the network: tests stand a fake here.
+        self.registry = registry or EdgeRegistry(edges=set(cfg.edges), run_name=run_name, mode=cfg.mode,
+                                                 events=events, heartbeat_s=self.faults["heartbeat_s"],
+                                                 dead_after_s=self.faults["dead_after_s"])
+        self.attached: dict[str, set[str]] = {}   # live edge -> devices attached to it
+        self.tracker: RoundTracker | None = None
+        self.started = time.monotonic()
         dev_keys, edge_keys = part_keys(cfg.model["name"], cfg.model["split_layer"])
         self.full_keys = set(dev_keys) | set(edge_keys)
         t = cfg.training
@@ -63,6 +70,7 @@ class CentralServer:
             "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run["seed"],
             "model": cfg.model["name"], "split_layer": cfg.model["split_layer"], "dataset": cfg.data["dataset"],
             "distribution": cfg.data["distribution"], "training": dict(t), "threads": t["threads"],
+            "faults_settings": dict(cfg.faults),
             "device_settings": {n: {"edge": d.edge, "slowdown": d.slowdown, "threads": cfg.device_threads(n)}
                                 for n, d in sorted(cfg.devices.items())},
             "edges": sorted(cfg.edges), "torch": torch.__version__,
@@ -71,51 +79,68 @@ class CentralServer:
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    # -- connections ---------------------------------------------------------------------
+    def _now(self) -> float:
+        return round(time.monotonic() - self.started, 3)
 
-    def _serve_edge(self, conn: transport.Connection) -> None:
-        try:
-            hello = conn.recv(timeout=30)
-            if not isinstance(hello, m.EdgeHello):
-                raise RemoteProtocolError(f"central (new connection): {hello.TYPE} is not allowed first")
-            if hello.edge not in self.cfg.edges:
-                raise RemoteProtocolError(f"{hello.edge!r} is not an edge of this testbed")
-            with self.edges_lock:
-                if hello.edge in self.edges:
-                    raise RemoteProtocolError(f"edge {hello.edge} is already connected")
-                self.edges[hello.edge] = conn
-            conn.peer = f"edge {hello.edge}"
-            conn.send(m.Welcome(run_name=self.run_name, mode=self.cfg.mode))
-            self.queue.put(_Event(hello.edge, hello))
-        except (ProtocolError, TimeoutError) as exc:
-            self.events.emit("protocol_error", peer=conn.peer, detail=str(exc))
-            conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)))
-            return
-        except TransportError:
-            return
-        edge = hello.edge
-        try:
-            while True:
-                self.queue.put(_Event(edge, conn.recv()))
-        except ConnectionClosed as exc:
-            self.queue.put(_Event(edge, None, str(exc)))
-        except (ProtocolError, TransportError) as exc:
-            conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)))
-            self.queue.put(_Event(edge, None, str(exc)))
+    # -- events ------------------------------------------------------------------------------
 
-    def _next_event(self, deadline: float, waiting_for: str) -> _Event:
-        left = deadline - time.monotonic()
+    @property
+    def present(self) -> set[str]:
+        """Devices attached to some live edge."""
+        return set().union(*self.attached.values()) if self.attached else set()
+
+    def _pump(self, timeout: float) -> None:
+        """Handle every event that arrives within ``timeout`` (at least one wait)."""
         try:
-            ev = self.queue.get(timeout=max(0.0, left))
+            ev = self.registry.queue.get(timeout=max(0.0, timeout))
         except queue.Empty:
-            raise RunAborted(f"timed out waiting for {waiting_for}") from None
-        if ev.msg is None:
-            raise RunAborted(f"lost edge {ev.edge}: {ev.detail}")
-        if isinstance(ev.msg, m.EdgeStatus):
-            self.attached[ev.edge] = ev.msg.attached
-        elif isinstance(ev.msg, m.MigrationReport):
-            self._record_migration(ev.msg)
-        return ev
+            return
+        while True:
+            self._handle(ev)
+            try:
+                ev = self.registry.queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, ev: object) -> None:
+        if isinstance(ev, EdgeJoined):
+            self.attached.setdefault(ev.edge, set())
+            self.events.emit("edge_joined", edge=ev.edge, rejoin=ev.rejoin)
+            if ev.rejoin:
+                self._fault({"kind": "edge_back", "process": "central", "peer": ev.edge,
+                             "detail": f"edge {ev.edge} joined again"}, say=True)
+        elif isinstance(ev, EdgeLost):
+            self.attached.pop(ev.edge, None)
+            kind = "peer_silent" if ev.silent_s else "edge_lost"
+            self._fault({"kind": kind, "process": "central", "peer": ev.edge, "detail": ev.detail[:200],
+                         "detected_s": round(ev.silent_s, 3)}, say=True)
+        elif isinstance(ev, EdgeMessage):
+            msg = ev.msg
+            if isinstance(msg, m.EdgeStatus):
+                if ev.edge in self.registry.live:
+                    self.attached[ev.edge] = set(msg.attached) & set(self.cfg.devices)
+            elif isinstance(msg, m.DeviceUpdate):
+                self._on_update(ev.edge, msg)
+            elif isinstance(msg, m.MigrationReport):
+                self._record_migration(msg)
+            elif isinstance(msg, m.FaultReport):
+                self._fault({"kind": msg.kind, "process": msg.process, "peer": msg.peer, "round": msg.round,
+                             "step": msg.step, "detail": msg.detail, "detected_s": msg.detected_s,
+                             "down_s": msg.down_s, "replayed": msg.replayed, "recovery": msg.recovery,
+                             "samples_lost": msg.samples_lost}, say=True)
+            elif isinstance(msg, m.ErrorNotice):
+                self.events.emit("edge_error", edge=ev.edge, kind=msg.kind, detail=msg.detail[:200])
+            else:
+                self.events.emit("unexpected", edge=ev.edge, type=msg.TYPE)
+        if self.tracker is not None:
+            self.tracker.presence(self.present, time.monotonic())
+
+    def _fault(self, rec: dict[str, Any], *, say: bool = False) -> None:
+        rec = {"at_s": self._now(), **rec}
+        self.results.add_fault(rec)
+        self.events.emit("fault", **rec)
+        if say:
+            self.say(fault_line(rec))
 
     def _record_migration(self, rep: m.MigrationReport) -> None:
         rec = {"device": rep.device, "from": rep.source, "to": rep.target, "round": rep.round, "step": rep.step,
@@ -125,12 +150,46 @@ class CentralServer:
         self.events.emit("migration", **rec)
         self.say(migration_line(rec))
 
+    def _on_update(self, edge: str, msg: m.DeviceUpdate) -> None:
+        tracker = self.tracker
+        verdict = tracker.offer(msg.device, msg.round) if tracker is not None else "no round running"
+        if verdict == "take":
+            problem = self._check_update(msg)
+            if problem:
+                self.results.add_failure({"round": msg.round, "device": msg.device, "edge": edge, "reason": problem})
+                self.events.emit("update_refused", device=msg.device, edge=edge, reason=problem)
+            else:
+                tracker.take(msg.device, msg)  # type: ignore[union-attr]
+        elif verdict == "late":
+            self.results.add_failure({"round": msg.round, "device": msg.device, "edge": edge,
+                                      "reason": "update came after the device was dropped from the round"})
+            self.events.emit("update_late", device=msg.device, edge=edge, round=msg.round)
+        else:
+            self.events.emit("update_ignored", device=msg.device, edge=edge, round=msg.round, why=verdict)
+        # Acknowledged in every case: the edge stops sending it; what was refused is recorded.
+        self.registry.send(edge, m.UpdateAck(round=msg.round, device=msg.device))
+
+    def _check_update(self, msg: m.DeviceUpdate) -> str:
+        if msg.device not in self.cfg.devices:
+            return f"unknown device {msg.device}"
+        if set(msg.weights) != self.full_keys:
+            return "weights do not match the model"
+        if msg.samples <= 0:
+            return "no samples"
+        return ""
+
     # -- the run -------------------------------------------------------------------------
 
     def run(self) -> int:
         c = self.cfg.central
-        listener = transport.Listener(c.listen_host, c.port, key=self.key, handler=self._serve_edge, name="central",
-                                      on_reject=lambda p, e: self.events.emit("refused", peer=p, detail=str(e))).start()
+        try:
+            listener = transport.Listener(c.listen_host, c.port, key=self.key, handler=self.registry.serve,
+                                          name="central", handshake_timeout=self.faults["dead_after_s"],
+                                          on_reject=lambda p, e: self.events.emit("refused", peer=p,
+                                                                                  detail=str(e)[:200])).start()
+        except TransportError as exc:
+            self.say(f"central: {exc}")
+            return 1
         self.events.emit("listening", host=c.listen_host, port=c.port, run=self.run_name)
         weights = build_model(self.cfg.model["name"], seed=self.cfg.run["seed"]).state_dict()
         status = "finished"
@@ -144,99 +203,102 @@ class CentralServer:
             self.events.emit("aborted", reason=str(exc))
         sha = self.results.finish(weights, status=status)
         self.events.emit("finished", status=status, final_model_sha256=sha)
-        self._broadcast(m.Shutdown(reason=f"run {status}"))
+        links = self.registry.close_all(notice=m.Shutdown(reason=f"run {status}"))
+        deadline = time.monotonic() + SHUTDOWN_FLUSH_S
+        for link in links:
+            link.wait_closed(max(0.0, deadline - time.monotonic()))
         listener.close()
         self.say(final_table(self.results.summary))
         self.say(f"central: results in {self.results.run_dir}")
         return 0 if status == "finished" else 1
-
-    def _broadcast(self, msg: m.Message) -> None:
-        with self.edges_lock:
-            conns = list(self.edges.values())
-        for conn in conns:
-            try:
-                conn.send(msg)
-            except TransportError:
-                pass
-            if isinstance(msg, m.Shutdown):
-                conn.close()
 
     def _wait_for_testbed(self) -> None:
         deadline = time.monotonic() + self.cfg.run["startup_timeout"]
         want_edges, want_devices = set(self.cfg.edges), set(self.cfg.devices)
         self.say(f"central: waiting for {len(want_edges)} edges and {len(want_devices)} devices")
         while True:
-            with self.edges_lock:
-                joined = set(self.edges)
-            attached = {d for ds in self.attached.values() for d in ds}
-            if joined == want_edges and attached >= want_devices:
+            joined = self.registry.live
+            if joined == want_edges and self.present >= want_devices:
                 break
-            missing = sorted(want_edges - joined) + sorted(want_devices - attached)
-            self._next_event(deadline, "the testbed to come up (missing: " + ", ".join(missing) + ")")
+            if time.monotonic() >= deadline:
+                missing = sorted(want_edges - joined) + sorted(want_devices - self.present)
+                raise RunAborted("timed out waiting for the testbed to come up (missing: " + ", ".join(missing) + ")")
+            self._pump(min(POLL_S, deadline - time.monotonic()))
         self.events.emit("testbed_ready", edges=sorted(want_edges), devices=sorted(want_devices))
+
+    def _await_devices(self, r: int) -> set[str]:
+        """Devices attached now; if none is, wait for one (at most the round timeout)."""
+        deadline = time.monotonic() + self.cfg.run["round_timeout"]
+        while not self.present:
+            if time.monotonic() >= deadline:
+                raise RunAborted(f"no device is attached to any edge for round {r}")
+            self._pump(min(POLL_S, deadline - time.monotonic()))
+        return self.present
 
     def _rounds(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         t = self.cfg.training
         rounds = t["rounds"]
         for r in range(1, rounds + 1):
+            self._pump(0.0)
+            participants = self._await_devices(r)
             t0 = time.monotonic()
-            self.events.emit("round_start", round=r)
-            start = m.RoundStart(round=r, lr=t["lr"], momentum=t["momentum"], batch_size=t["batch_size"],
-                                 local_epochs=t["local_epochs"], weights=weights)
-            self._broadcast(start)
-            updates = self._collect(r, t0 + self.cfg.run["round_timeout"])
+            plan = RoundPlan(round=r, lr=t["lr"], momentum=t["momentum"], batch_size=t["batch_size"],
+                             local_epochs=t["local_epochs"], participants=tuple(sorted(participants)))
+            start = m.RoundStart(plan=plan.to_wire(), weights=weights)
+            self.events.emit("round_start", round=r, participants=list(plan.participants))
+            tracker = RoundTracker(round=r, participants=frozenset(participants), shard_samples=self.shard_samples,
+                                   grace_s=self.faults["device_grace_s"], started=t0)
+            self.tracker = tracker
+            self.registry.greeting = start
+            self.registry.broadcast(start)
+            absent = sorted(set(self.cfg.devices) - participants)
+            for d in absent:
+                self._fault({"kind": "device_dropped", "process": "central", "peer": d, "round": r,
+                             "detail": "attached to no edge when the round started; it rejoins at a later round",
+                             "samples_lost": self.shard_samples.get(d, 0)}, say=True)
+            self._collect(tracker, t0 + self.cfg.run["round_timeout"])
+            self.tracker = None
             seconds = time.monotonic() - t0
+            updates = {d: u for d, u in tracker.updates.items()}
             order = sorted(updates)  # the fixed order of summation
-            weights = self.strategy.aggregate([(updates[d].weights, updates[d].samples) for d in order])
+            if updates:
+                weights = self.strategy.aggregate([(updates[d].weights, updates[d].samples) for d in order])
             model = build_model(self.cfg.model["name"], seed=0)
             model.load_state_dict(weights)
             t_eval = time.monotonic()
             acc, loss = evaluate(model, self.test_x, self.test_y)
+            dropped = [{"device": x.device, "reason": x.reason, "samples": x.samples}
+                       for x in sorted(tracker.dropped.values(), key=lambda x: x.device)]
+            dropped += [{"device": d, "reason": "attached to no edge when the round started",
+                         "samples": self.shard_samples.get(d, 0)} for d in absent]
             rec = {"round": r, "seconds": round(seconds, 4), "eval_seconds": round(time.monotonic() - t_eval, 4),
                    "test_accuracy": acc, "test_loss": loss, "samples": sum(u.samples for u in updates.values()),
-                   "devices": order, "missing": sorted(set(self.cfg.devices) - set(updates))}
+                   "devices": order, "missing": sorted(set(self.cfg.devices) - set(updates)), "dropped": dropped,
+                   "samples_lost": sum(x["samples"] for x in dropped)}
             self.results.add_round(rec, {d: {"samples": u.samples, "train_seconds": u.train_seconds,
                                              "steps": u.steps, "edge": u.edge} for d, u in updates.items()})
             self.events.emit("round_done", **{k: v for k, v in rec.items() if k != "devices"})
             moves = sum(1 for mv in self.results.summary["migrations"] if mv["round"] == r)
             elapsed = time.monotonic() - self.results.started
             self.say(progress_line(rec, rounds, elapsed / r * (rounds - r), moves))
+        self.registry.greeting = None
         return weights
 
-    def _collect(self, r: int, deadline: float) -> dict[str, m.DeviceUpdate]:
-        updates: dict[str, m.DeviceUpdate] = {}
-        want = set(self.cfg.devices)
-        while set(updates) != want:
-            try:
-                ev = self._next_event(deadline, f"round {r} updates from {', '.join(sorted(want - set(updates)))}")
-            except RunAborted as exc:
-                if "timed out" not in str(exc) or not updates:
-                    raise
-                # Failures are data: average what arrived, record who did not.
-                for dev in sorted(want - set(updates)):
-                    self.results.add_failure({"round": r, "device": dev, "reason": "no update before round_timeout"})
-                self.say(f"round {r}: no update from {', '.join(sorted(want - set(updates)))}; averaging the rest")
+    def _collect(self, tracker: RoundTracker, deadline: float) -> None:
+        tracker.presence(self.present, time.monotonic())
+        while not tracker.complete:
+            now = time.monotonic()
+            for x in tracker.expire(now):
+                self._fault({"kind": "device_dropped", "process": "central", "peer": x.device, "round": tracker.round,
+                             "detail": x.reason, "samples_lost": x.samples}, say=True)
+            if tracker.complete:
                 break
-            msg = ev.msg
-            if not isinstance(msg, m.DeviceUpdate):
-                continue
-            problem = self._check_update(r, msg, updates)
-            if problem:
-                self.results.add_failure({"round": r, "device": msg.device, "edge": ev.edge, "reason": problem})
-                self.events.emit("update_refused", device=msg.device, edge=ev.edge, reason=problem)
-                continue
-            updates[msg.device] = msg
-        return updates
-
-    def _check_update(self, r: int, msg: m.DeviceUpdate, have: dict[str, Any]) -> str:
-        if msg.round != r:
-            return f"update for round {msg.round} during round {r}"
-        if msg.device not in self.cfg.devices:
-            return f"unknown device {msg.device}"
-        if msg.device in have:
-            return f"second update from {msg.device} in round {r}"
-        if set(msg.weights) != self.full_keys:
-            return "weights do not match the model"
-        if msg.samples <= 0:
-            return "no samples"
-        return ""
+            if now >= deadline:
+                for d in tracker.waiting_for:
+                    x = tracker.drop(d, "no update before run.round_timeout", now)
+                    if x is not None:
+                        self._fault({"kind": "device_dropped", "process": "central", "peer": d,
+                                     "round": tracker.round, "detail": x.reason, "samples_lost": x.samples}, say=True)
+                break
+            wake = min(deadline, tracker.next_deadline() or deadline, now + POLL_S)
+            self._pump(wake - now)

@@ -5,7 +5,7 @@ Before any frame is decoded, both ends prove they hold the key without sending i
     client -> server   HELLO_MAGIC + client nonce (32 bytes)
     server -> client   server nonce (32) + HMAC(key, "server" | client nonce | server nonce)
     client -> server   HMAC(key, "client" | server nonce | client nonce)
-    server -> client   ACCEPT (1 byte)
+    server -> client   ACCEPT (1 byte), or REJECT (1 byte) and the connection closes
 
 Fresh nonces on both sides make a recorded exchange useless to replay; the two labels
 keep one side's proof from being reflected as the other's. Every message has a fixed
@@ -27,6 +27,9 @@ HELLO_MAGIC = b"FFAUTH1\x00"
 NONCE_BYTES = 32
 MAC_BYTES = 32
 ACCEPT = b"\x01"
+# Said before closing on a wrong proof, so that the client can tell "your key is wrong"
+# (it never will be right: stop) from a connection that merely broke (try again).
+REJECT = b"\x00"
 CLIENT_HELLO_BYTES = len(HELLO_MAGIC) + NONCE_BYTES
 SERVER_CHALLENGE_BYTES = NONCE_BYTES + MAC_BYTES
 # A key shorter than this is guessable offline from one recorded handshake.

@@ -19,6 +19,7 @@ from typing import Any
 from common.errors import ConfigError
 
 MODES = ("fedfly", "restart", "classic")
+RECONNECT_POLICIES = ("same", "nearest", "controller")
 DATASETS = ("synthetic", "cifar10", "imagefolder")
 DISTRIBUTIONS = ("balanced", "imbalanced")
 MODELS = {"vgg5": 7}  # model name -> number of layers (valid split layers: 0 .. n-2)
@@ -44,6 +45,15 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "name": (str, "", None),
         "round_timeout": (float, 1800.0, _POSITIVE),
         "startup_timeout": (float, 300.0, _POSITIVE),
+    },
+    # Unplanned mobility and silent peers (see README, "Faults").
+    "faults": {
+        "heartbeat_s": (float, 1.0, _POSITIVE),      # an idle link sends a heartbeat this often
+        "dead_after_s": (float, 5.0, _POSITIVE),     # a peer silent this long is gone
+        "device_grace_s": (float, 10.0, _NONNEG),    # a device gone this long leaves the round
+        "reconnect": (str, "same", _choice(RECONNECT_POLICIES)),
+        "central_grace_s": (float, 60.0, _POSITIVE),  # edges wait this long for a lost central
+        "give_up_s": (float, 300.0, _POSITIVE),      # a device with no edge this long exits
     },
     "security": {
         "key_file": (str, "", None),
@@ -163,6 +173,7 @@ class Move:
 class Config:
     path: str
     run: dict[str, Any]
+    faults: dict[str, Any]
     security: dict[str, Any]
     central: Endpoint
     edges: dict[str, Endpoint]
@@ -311,6 +322,11 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
         clash = sorted(set(edges) & set(devices))[0]
         raise ConfigError(clash, "is both an edge and a device", "give every process its own name")
 
+    f = sections["faults"]
+    if f["dead_after_s"] < 2 * f["heartbeat_s"]:
+        raise ConfigError("faults.dead_after_s", f"{f['dead_after_s']} is less than twice faults.heartbeat_s "
+                          f"({f['heartbeat_s']}): one late heartbeat would look like a dead peer",
+                          f"set it to at least {2 * f['heartbeat_s']:g}")
     model = sections["model"]
     layers = MODELS[model["name"]]
     if not 0 <= model["split_layer"] <= layers - 2:

@@ -177,6 +177,15 @@ def load_train_shard(spec: DataSpec, *, devices: list[str], device: str) -> tupl
     return _decode_images([paths[i] for i in idx]), torch.from_numpy(labels[idx].copy())
 
 
+def shard_sizes(spec: DataSpec, *, devices: list[str]) -> dict[str, int]:
+    """How many training samples each device's shard holds (labels only: no image is
+    decoded). The central uses it to know what a missing device costs."""
+    _check_spec(spec)
+    names = sorted(devices)
+    labels = train_labels(spec, num_devices=len(names))
+    return {n: len(idx) for n, idx in zip(names, _shards_for(spec, labels, len(names)))}
+
+
 def load_test_set(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The evaluation set: ``(x float32 [n,3,32,32] normalized, y int64 [n])``.
 

@@ -54,5 +54,10 @@ class ConnectionClosed(TransportError):
     """The peer closed the connection (cleanly, at a frame boundary, or not)."""
 
 
+class PeerSilent(ConnectionClosed):
+    """The peer said nothing (not even a heartbeat) within its deadline, or took none of
+    our bytes: it is treated as gone, like a closed connection."""
+
+
 class MigrationError(TestbedError):
     """A session could not be moved between edges; nothing was installed or dropped."""

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from common.errors import LocalProtocolError
+from common.plan import RoundPlan
 
 Tensors = dict[str, torch.Tensor]
 JSON = Any  # msgpack-able plain data: None, bool, int, float, str, list, dict[str, ...]
@@ -172,6 +173,11 @@ class ErrorNotice(Message):
 
 
 @message
+class Heartbeat(Message):
+    """Any peer, on an otherwise idle link: "still here". Consumed by the transport."""
+
+
+@message
 class Shutdown(Message):
     """central -> edge -> device: the run is over (or aborted), exit cleanly."""
     reason: str
@@ -183,7 +189,7 @@ class Shutdown(Message):
 
 @message
 class EdgeHello(Message):
-    """edge -> central: first message; names the edge."""
+    """edge -> central: first message; names the edge (again, after a lost link)."""
     edge: str
 
 
@@ -201,24 +207,29 @@ class EdgeStatus(Message):
     attached: list[str]
 
 
+def _check_plan(where: str, plan: object) -> None:
+    RoundPlan.from_wire(plan)  # raises LocalProtocolError naming the bad field
+
+
 @message
 class RoundStart(Message):
-    """central -> edge: a round begins from these global weights (full model)."""
-    round: int
-    lr: float
-    momentum: float
-    batch_size: int
-    local_epochs: int
+    """central -> edge: round ``plan['round']`` begins from these global weights (the
+    full model). Sent again to an edge that rejoins during the round."""
+    plan: JSON
     weights: Tensors
 
     def check(self) -> None:
-        if self.round < 1:
-            raise LocalProtocolError(f"RoundStart.round: {self.round} < 1")
+        _check_plan("RoundStart", self.plan)
+
+    @property
+    def round_plan(self) -> RoundPlan:
+        return RoundPlan.from_wire(self.plan)
 
 
 @message
 class DeviceUpdate(Message):
-    """edge -> central: one device's full weights at the end of a round, sent exactly once."""
+    """edge -> central: one device's full weights at the end of a round. Resent after a
+    lost link until ``UpdateAck``; the central takes each (device, round) once."""
     round: int
     device: str
     edge: str
@@ -226,6 +237,13 @@ class DeviceUpdate(Message):
     steps: int
     train_seconds: float
     weights: Tensors
+
+
+@message
+class UpdateAck(Message):
+    """central -> edge: the update of ``device`` for ``round`` is safe (or not needed)."""
+    round: int
+    device: str
 
 
 @message
@@ -242,58 +260,116 @@ class MigrationReport(Message):
     transfer_ms: float
 
 
+FAULT_KINDS = ("link_lost", "peer_silent", "edge_lost", "device_lost", "device_dropped", "central_lost",
+               "handover_failed", "restarted")
+
+
+@message
+class FaultReport(Message):
+    """Any process -> (its edge ->) central: one fault and what it cost, for the results.
+    ``detected_s``: from the peer's last sign of life to the fault being noticed;
+    ``down_s``: from the fault to the work going on again (the device's pause);
+    ``replayed``: steps done again; ``recovery``: how it went on; ``samples_lost``: samples
+    of training that did not reach the round."""
+    kind: str
+    process: str
+    peer: str
+    round: int
+    step: int
+    detail: str
+    detected_s: float
+    down_s: float
+    replayed: int
+    recovery: str
+    samples_lost: int
+
+    def check(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise LocalProtocolError(f"FaultReport.kind: {self.kind!r} not in {FAULT_KINDS}")
+
+
 # --------------------------------------------------------------------------------------
 # device <-> edge
 # --------------------------------------------------------------------------------------
 
-ATTACH_KINDS = ("join", "migrate")
+ATTACH_KINDS = ("join", "resume")
+ATTACH_WHY = ("start", "move", "reconnect")
+ATTACH_ACTIONS = ("continue", "wait", "done")
 
 
 @message
 class AttachRequest(Message):
-    """device -> edge: attach. ``join``: no session anywhere (start-up, or between rounds
-    with ``last_round`` done). ``migrate``: the device is at ``step`` of ``round`` and its
-    session is on edge ``source``."""
+    """device -> edge: attach. ``join``: the device holds no state of a round (start-up,
+    a restarted process, or between rounds), ``last_round`` is the last round whose
+    update it knows was taken (0: none or unknown). ``resume``: the device is in
+    ``round`` at ``step`` (``step`` = its round's step count once its update is only
+    waiting to be taken), and edge ``source`` is the last one that held its session.
+    ``why`` is for the record: a planned move or a reconnect after a lost link."""
     device: str
     kind: str
     round: int
     step: int
     source: str
     last_round: int
+    why: str
 
     def check(self) -> None:
         if self.kind not in ATTACH_KINDS:
             raise LocalProtocolError(f"AttachRequest.kind: {self.kind!r} not in {ATTACH_KINDS}")
+        if self.why not in ATTACH_WHY:
+            raise LocalProtocolError(f"AttachRequest.why: {self.why!r} not in {ATTACH_WHY}")
 
 
 @message
 class AttachReply(Message):
-    """edge -> device: attached (``ok``) or refused with ``reason``. After a migration,
-    ``resume_step`` is where to continue (0 after a restart) and the transfer figures."""
+    """edge -> device: attached (``ok``) or refused with ``reason``. ``action``:
+    ``continue`` round ``round`` at ``resume_step`` (lower than the device's step: roll
+    back; 0: the round again from its weights); ``wait`` for a round (none for this
+    device now); ``done`` (its update of ``round`` was taken). ``how`` says where the
+    session came from, with the bytes and milliseconds a move took."""
     ok: bool
     reason: str
     run_name: str
     mode: str
+    action: str
+    round: int
     resume_step: int
+    how: str
     state_bytes: int
     transfer_ms: float
+
+    def check(self) -> None:
+        if self.action not in ATTACH_ACTIONS:
+            raise LocalProtocolError(f"AttachReply.action: {self.action!r} not in {ATTACH_ACTIONS}")
 
 
 @message
 class DeviceRound(Message):
-    """edge -> device: train round ``round`` from these weights (device part, or the whole
-    model in mode classic)."""
-    round: int
-    lr: float
-    momentum: float
-    batch_size: int
-    local_epochs: int
+    """edge -> device: train round ``plan['round']`` from these weights (device part, or
+    the whole model in mode classic)."""
+    plan: JSON
     weights: Tensors
+
+    def check(self) -> None:
+        _check_plan("DeviceRound", self.plan)
+
+    @property
+    def round_plan(self) -> RoundPlan:
+        return RoundPlan.from_wire(self.plan)
+
+
+@message
+class StandBy(Message):
+    """edge -> device: round ``round`` is over for you (the central moved on without
+    your update); wait for a round."""
+    round: int
+    reason: str
 
 
 @message
 class Activations(Message):
-    """device -> edge: step ``step``'s smashed data ``x`` and labels ``y``."""
+    """device -> edge: step ``step``'s smashed data ``x`` and labels ``y``. A step sent
+    again (after a lost link) is answered again, never trained twice."""
     round: int
     step: int
     batch: Tensors
@@ -319,12 +395,19 @@ class Gradients(Message):
 
 @message
 class DeviceDone(Message):
-    """device -> edge: the device's part of its model after the round."""
+    """device -> edge: the device's part of its model after the round. Sent again after
+    a lost link until ``DoneAck``."""
     round: int
     samples: int
     steps: int
     train_seconds: float
     weights: Tensors
+
+
+@message
+class DoneAck(Message):
+    """edge -> device: the central has the update of ``round``."""
+    round: int
 
 
 # --------------------------------------------------------------------------------------
@@ -333,7 +416,8 @@ class DeviceDone(Message):
 
 @message
 class SessionPull(Message):
-    """destination -> source: hand over ``device``'s session, which must be at ``round``/``step``."""
+    """destination -> source: hand over ``device``'s session, which must be at
+    ``round``/``step`` (or one step further, with the reply to ``step`` kept)."""
     device: str
     round: int
     step: int
@@ -376,9 +460,12 @@ class SessionReleased(Message):
 
 @message
 class PullRefused(Message):
-    """source -> destination: no such session here, or not at the named round and step."""
+    """source -> destination: no session to hand over. ``moved_to``: it went on to that
+    edge (ask there); ``delivered``: its update of ``round`` was taken already."""
     device: str
     reason: str
+    moved_to: str
+    delivered: bool
 
 
 # --------------------------------------------------------------------------------------
@@ -390,6 +477,20 @@ class MoveCommand(Message):
     """controller -> device: move to edge ``to`` at the next step boundary."""
     device: str
     to: str
+
+
+@message
+class DropCommand(Message):
+    """controller -> device: lose the link to your edge now, at whatever byte (a radio
+    loss: the device goes silent), for ``seconds``; then reconnect to ``to`` ('' = as
+    ``faults.reconnect`` says)."""
+    device: str
+    seconds: float
+    to: str
+
+    def check(self) -> None:
+        if not 0 <= self.seconds <= 86400:
+            raise LocalProtocolError(f"DropCommand.seconds: {self.seconds} is not in [0, 86400]")
 
 
 @message
@@ -405,13 +506,18 @@ class StatusRequest(Message):
     """controller -> device: where are you?"""
 
 
+LINK_STATES = ("attached", "reconnecting", "cut", "idle")
+
+
 @message
 class StatusReply(Message):
     """device -> controller: current edge, round, step (of ``steps`` in the round; equal
-    once the round's work is done), and a pending move target or ''."""
+    once the round's work is done), a pending move target or '', and the state of its
+    link to the edge."""
     device: str
     edge: str
     round: int
     step: int
     steps: int
     pending: str
+    link: str

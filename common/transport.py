@@ -1,9 +1,15 @@
-"""Thin socket layer over the codec: moves bytes between a TCP socket and a ``FrameDecoder``.
+"""Framed, authenticated connections: moves bytes between a ``ByteStream`` and the codec.
 
-``OSError`` is translated here, once: a peer that goes away raises ``ConnectionClosed``,
-any other socket failure ``TransportError``; garbage from the peer raises
-``RemoteProtocolError`` from the codec. Every connection is authenticated (``auth``)
-before its first frame is read.
+``OSError`` is translated once, in ``common.stream``: a peer that goes away raises
+``ConnectionClosed``; one that says nothing within its deadline raises ``PeerSilent`` (a
+``ConnectionClosed``); garbage raises ``RemoteProtocolError`` from the codec. Every
+connection is authenticated (``auth``) before its first frame is read, under one deadline
+for the whole handshake.
+
+Liveness. A ``Connection`` may carry two deadlines: ``idle_timeout`` (the peer must send
+something, a heartbeat at least, this often) and ``send_timeout`` (the peer must take
+our bytes: a send that makes no progress for this long fails). ``Heartbeat`` messages are
+consumed here and never reach callers; sending them is ``common.link``'s job.
 """
 
 from __future__ import annotations
@@ -16,72 +22,107 @@ from typing import Callable
 
 from common import auth, codec
 from common import messages as m
-from common.errors import AuthenticationError, ConnectionClosed, LocalProtocolError, ProtocolError, TransportError
+from common.errors import (AuthenticationError, ConnectionClosed, LocalProtocolError, PeerSilent, ProtocolError,
+                           TransportError)
+from common.stream import ByteStream, SocketStream
 
 log = logging.getLogger(__name__)
 
 # recv_into chunk: large enough that a 5 MB snapshot takes a handful of system calls.
 RECV_CHUNK = 1 << 20
-# Payload left to read at or above which recv_into writes straight into the frame.
+# Payload left to read at or above which the stream writes straight into the frame.
 DIRECT_MIN = 64 << 10
-# How long a peer may take to complete the handshake before we hang up on it.
+# How long a peer may take for the whole handshake (not per read) before we hang up.
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class Connection:
-    """One authenticated, framed TCP connection. ``send`` is safe from several threads;
+    """One authenticated, framed connection. ``send`` is safe from several threads;
     ``recv`` is meant for one reader thread."""
 
-    def __init__(self, sock: socket.socket, *, peer: str = "?", max_payload: int = codec.DEFAULT_MAX_PAYLOAD_BYTES) -> None:
-        self.sock = sock
+    def __init__(self, stream: ByteStream | socket.socket, *, peer: str = "?",
+                 max_payload: int = codec.DEFAULT_MAX_PAYLOAD_BYTES, idle_timeout: float | None = None,
+                 send_timeout: float | None = None) -> None:
+        if isinstance(stream, socket.socket):
+            stream = SocketStream(stream)
+        self.stream = stream
         self.peer = peer
+        self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
         self._decoder = codec.FrameDecoder(max_payload=max_payload)
         self._send_lock = threading.Lock()
         self._chunk = bytearray(RECV_CHUNK)
         self._closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.last_received = time.monotonic()  # any byte, heartbeats included
+        self.last_sent = self.last_received
+
+    @property
+    def sock(self) -> socket.socket:
+        """The socket underneath (tests write raw bytes to it)."""
+        return self.stream.sock  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
         return f"<Connection to {self.peer}>"
 
-    def send(self, msg: m.Message) -> int:
-        """Send one message whole; returns its size in bytes on the wire."""
+    def send(self, msg: m.Message, *, block: bool = True) -> int:
+        """Send one message whole; returns its size on the wire. With ``block=False``
+        returns 0 at once when another thread is sending (for heartbeats: a busy
+        connection is not idle). Raises ``ConnectionClosed`` (``PeerSilent`` when the
+        peer took nothing for ``send_timeout``), ``LocalProtocolError`` after ``close``."""
         buffers = codec.encode(msg)
-        with self._send_lock:
+        if not self._send_lock.acquire(blocking=block):
+            return 0
+        try:
             if self._closed:
                 raise LocalProtocolError(f"send {msg.TYPE} on a closed connection to {self.peer}")
-            sent = _sendmsg_all(self.sock, buffers, self.peer)
+            try:
+                sent = self.stream.send_all(buffers, self.send_timeout)
+            except PeerSilent as exc:
+                raise PeerSilent(f"{self.peer} took none of our bytes for {self.send_timeout} s") from exc
             self.bytes_sent += sent
-        return sent
+            self.last_sent = time.monotonic()
+            return sent
+        finally:
+            self._send_lock.release()
 
     def recv(self, timeout: float | None = None) -> m.Message:
-        """The next message. ``timeout`` (seconds) raises ``TimeoutError``; the peer going
-        away raises ``ConnectionClosed``; garbage raises ``RemoteProtocolError``."""
+        """The next message (heartbeats are consumed here). ``timeout`` (seconds) raises
+        ``TimeoutError`` and leaves the connection usable; the peer going away raises
+        ``ConnectionClosed``, and its silence beyond ``idle_timeout`` ``PeerSilent``;
+        garbage raises ``RemoteProtocolError``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             msg = self._decoder.next_message()
             if msg is not codec.NEED_DATA:
+                if isinstance(msg, m.Heartbeat):
+                    continue
                 return msg  # type: ignore[return-value]
             if self._closed:
                 raise ConnectionClosed(f"connection to {self.peer} was closed here")
-            left = None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no message from {self.peer} within {timeout} s")
+            now = time.monotonic()
+            wait = None if deadline is None else deadline - now
+            if wait is not None and wait <= 0:
+                raise TimeoutError(f"no message from {self.peer} within {timeout} s")
+            if self.idle_timeout is not None:
+                quiet_left = self.last_received + self.idle_timeout - now
+                if quiet_left <= 0:
+                    raise PeerSilent(f"{self.peer} sent nothing for {self.idle_timeout} s")
+                wait = quiet_left if wait is None else min(wait, quiet_left)
             # Large payloads are received straight into the frame's buffer (no extra copy);
             # everything else goes through the chunk and the decoder.
             direct = self._decoder.payload_buffer()
             if direct is not None and len(direct) < DIRECT_MIN:
                 direct = None
             try:
-                self.sock.settimeout(left)
-                n = self.sock.recv_into(self._chunk if direct is None else direct)
-            except socket.timeout:
+                n = self.stream.receive_into(memoryview(self._chunk) if direct is None else direct, wait)
+            except TimeoutError:
                 continue
-            except OSError as exc:
-                raise ConnectionClosed(f"connection to {self.peer} failed: {exc}") from exc
+            except ConnectionClosed:
+                if self._closed:
+                    raise ConnectionClosed(f"connection to {self.peer} was closed here") from None
+                raise
             if n == 0:
                 clean = self._decoder.at_frame_boundary
                 self._decoder.receive_data(b"")
@@ -89,64 +130,54 @@ class Connection:
                     raise ConnectionClosed(f"{self.peer} closed the connection")
                 self._decoder.next_message()  # raises: the stream ended inside a frame
             self.bytes_received += n
+            self.last_received = time.monotonic()
             if direct is None:
                 self._decoder.receive_data(memoryview(self._chunk)[:n])
             else:
                 self._decoder.payload_written(n)
 
     def close(self, notice: m.Message | None = None) -> None:
-        """Close; optionally send ``notice`` first (best effort). Idempotent."""
+        """Close; optionally send ``notice`` first (best effort, at most a second). Idempotent."""
         if notice is not None and not self._closed:
+            saved, self.send_timeout = self.send_timeout, 1.0
             try:
-                self.sock.settimeout(1.0)
-                self.send(notice)
+                if self._send_lock.acquire(timeout=1.0):
+                    self._send_lock.release()
+                    self.send(notice)
             except Exception:  # the peer may be gone already: closing is all that is left
                 pass
-        with self._send_lock:
-            if self._closed:
-                return
-            self._closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+            finally:
+                self.send_timeout = saved
+        self._closed = True
+        self.stream.close()
+
+    def abort(self) -> None:
+        """Close at once with a reset (what a crashed peer's kernel sends), for tests and
+        for cutting a link on purpose."""
+        self._closed = True
+        getattr(self.stream, "abort", self.stream.close)()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
 
-def _sendmsg_all(sock: socket.socket, buffers: list, peer: str) -> int:
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    total = sum(v.nbytes for v in views)
-    try:
-        while views:
-            # Linux caps one sendmsg at IOV_MAX (1024) buffers.
-            n = sock.sendmsg(views[:1024])
-            while n:
-                if n >= views[0].nbytes:
-                    n -= views[0].nbytes
-                    views.pop(0)
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
-    except OSError as exc:
-        raise ConnectionClosed(f"sending to {peer} failed: {exc}") from exc
-    return total
-
-
-def _recv_exact(sock: socket.socket, n: int, peer: str) -> bytes:
-    data = bytearray()
-    while len(data) < n:
+def _receive_exact(stream: ByteStream, n: int, peer: str, deadline: float) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerSilent(f"{peer} did not complete the handshake in time")
         try:
-            chunk = sock.recv(n - len(data))
-        except OSError as exc:
-            raise ConnectionClosed(f"{peer}: {exc} during the handshake") from exc
-        if not chunk:
+            k = stream.receive_into(view[got:], left)
+        except TimeoutError:
+            raise PeerSilent(f"{peer} did not complete the handshake in time") from None
+        if k == 0:
             raise ConnectionClosed(f"{peer} closed the connection during the handshake")
-        data += chunk
-    return bytes(data)
+        got += k
+    return bytes(buf)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -155,11 +186,45 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect(host: str, port: int, *, key: bytes, peer: str, timeout: float = 10.0,
-            retry_for: float = 0.0) -> Connection:
-    """Open a TCP connection to ``host:port`` and authenticate. Retries refused connections
-    for up to ``retry_for`` seconds (peers start in any order). Raises ``ConnectionClosed``
-    if nobody answers, ``AuthenticationError`` if the peer lacks the key."""
+def client_handshake(stream: ByteStream, *, key: bytes, peer: str, timeout: float) -> None:
+    """The client side of ``auth``'s handshake over ``stream``, all within ``timeout``.
+    Raises ``AuthenticationError`` if the server lacks the key or rejects ours (both
+    final), ``ConnectionClosed`` if the connection broke (worth another try)."""
+    deadline = time.monotonic() + timeout
+    hello, client_nonce = auth.client_hello()
+    stream.send_all([hello], timeout)
+    challenge = _receive_exact(stream, auth.SERVER_CHALLENGE_BYTES, peer, deadline)
+    stream.send_all([auth.client_response(key, client_nonce, challenge)], timeout)
+    accepted = _receive_exact(stream, 1, peer, deadline)
+    if accepted != auth.ACCEPT:
+        raise AuthenticationError(f"{peer} did not accept our key (a different key?)")
+
+
+def server_handshake(stream: ByteStream, *, key: bytes, peer: str, timeout: float) -> None:
+    """The server side, all within ``timeout``. Raises ``AuthenticationError``,
+    ``PeerSilent`` (too slow) or ``ConnectionClosed``."""
+    deadline = time.monotonic() + timeout
+    hello = _receive_exact(stream, auth.CLIENT_HELLO_BYTES, peer, deadline)
+    reply, client_nonce, server_nonce = auth.server_challenge(key, hello)
+    stream.send_all([reply], timeout)
+    try:
+        auth.server_verify(key, client_nonce, server_nonce, _receive_exact(stream, auth.MAC_BYTES, peer, deadline))
+    except AuthenticationError:
+        try:
+            stream.send_all([auth.REJECT], 1.0)
+        except (ConnectionClosed, PeerSilent):
+            pass
+        raise
+    stream.send_all([auth.ACCEPT], timeout)
+
+
+def connect(host: str, port: int, *, key: bytes, peer: str, timeout: float = 10.0, retry_for: float = 0.0,
+            idle_timeout: float | None = None, send_timeout: float | None = None) -> Connection:
+    """Open a TCP connection to ``host:port`` and authenticate, within ``timeout`` for the
+    connect and ``timeout`` for the handshake. Retries refused connections for up to
+    ``retry_for`` seconds (peers start in any order). Raises ``ConnectionClosed`` if nobody
+    answers (``PeerSilent`` if a listener never completes the handshake: a stopped host),
+    ``AuthenticationError`` if the peer lacks the key."""
     deadline = time.monotonic() + retry_for
     while True:
         try:
@@ -171,53 +236,37 @@ def connect(host: str, port: int, *, key: bytes, peer: str, timeout: float = 10.
             time.sleep(0.1)
     try:
         _tune(sock)
-        sock.settimeout(timeout)
-        hello, client_nonce = auth.client_hello()
-        sock.sendall(hello)
-        challenge = _recv_exact(sock, auth.SERVER_CHALLENGE_BYTES, peer)
-        sock.sendall(auth.client_response(key, client_nonce, challenge))
-        if _recv_exact(sock, 1, peer) != auth.ACCEPT:
-            raise AuthenticationError(f"{peer} did not accept our key")
-    except AuthenticationError:
+        stream = SocketStream(sock)
+        client_handshake(stream, key=key, peer=peer, timeout=timeout)
+    except BaseException:
         sock.close()
         raise
-    except ConnectionClosed as exc:
-        sock.close()
-        raise AuthenticationError(f"{peer} hung up during the handshake (it refused our key?)") from exc
-    except OSError as exc:
-        sock.close()
-        raise ConnectionClosed(f"handshake with {peer} failed: {exc}") from exc
-    sock.settimeout(None)
-    return Connection(sock, peer=peer)
+    return Connection(stream, peer=peer, idle_timeout=idle_timeout, send_timeout=send_timeout)
 
 
-def accept_handshake(sock: socket.socket, *, key: bytes, peer: str) -> Connection:
-    """Authenticate an accepted socket (server side). Raises ``AuthenticationError``."""
+def accept_handshake(sock: socket.socket, *, key: bytes, peer: str, timeout: float | None = None) -> Connection:
+    """Authenticate an accepted socket (server side). Raises ``AuthenticationError``,
+    ``ConnectionClosed`` or ``PeerSilent``; the caller closes the socket then."""
     _tune(sock)
-    sock.settimeout(HANDSHAKE_TIMEOUT_S)
-    try:
-        hello = _recv_exact(sock, auth.CLIENT_HELLO_BYTES, peer)
-        reply, client_nonce, server_nonce = auth.server_challenge(key, hello)
-        sock.sendall(reply)
-        auth.server_verify(key, client_nonce, server_nonce, _recv_exact(sock, auth.MAC_BYTES, peer))
-        sock.sendall(auth.ACCEPT)
-    except OSError as exc:
-        raise ConnectionClosed(f"handshake with {peer} failed: {exc}") from exc
-    sock.settimeout(None)
-    return Connection(sock, peer=peer)
+    stream = SocketStream(sock)
+    server_handshake(stream, key=key, peer=peer, timeout=HANDSHAKE_TIMEOUT_S if timeout is None else timeout)
+    return Connection(stream, peer=peer)
 
 
 class Listener:
     """Accepts connections on ``host:port``; each authenticated one is handed to
-    ``handler(conn)`` on its own thread. Unauthenticated peers are dropped and logged via
+    ``handler(conn)`` on its own thread, which owns it from then on (the listener closes
+    it when the handler returns). Unauthenticated peers are dropped and reported to
     ``on_reject(peer, error)``; the listener goes on."""
 
     def __init__(self, host: str, port: int, *, key: bytes, handler: Callable[[Connection], None],
-                 on_reject: Callable[[str, Exception], None] | None = None, name: str = "listener") -> None:
+                 on_reject: Callable[[str, Exception], None] | None = None, name: str = "listener",
+                 handshake_timeout: float | None = None) -> None:
         self._key = key
         self._handler = handler
         self._on_reject = on_reject or (lambda peer, exc: log.warning("rejected %s: %s", peer, exc))
         self._name = name
+        self._handshake_timeout = handshake_timeout
         try:
             self.sock = socket.create_server((host, port), reuse_port=False, backlog=128)
         except OSError as exc:
@@ -239,13 +288,13 @@ class Listener:
                     return
                 time.sleep(0.05)
                 continue
-            threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}"),
+            threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "local"),
                              name=f"{self._name}-conn", daemon=True).start()
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         try:
-            conn = accept_handshake(sock, key=self._key, peer=peer)
-        except (AuthenticationError, ConnectionClosed, ProtocolError) as exc:
+            conn = accept_handshake(sock, key=self._key, peer=peer, timeout=self._handshake_timeout)
+        except (ProtocolError, ConnectionClosed) as exc:
             sock.close()
             self._on_reject(peer, exc)
             return

@@ -1,12 +1,11 @@
-"""The device: its data shard, its part of the model, and the moves between edges.
+"""The device: its data shard, its part of the model, and the training loop.
 
-Per round: take the round's weights from the current edge, then for each step send the
-batch's activations, wait for the gradient at the cut, back-propagate and step (mode
-classic trains the whole model locally). Between steps, at a boundary, it performs any
-move that is due: scheduled in the config for this round, or pending from the control
-port. A move closes the source connection, attaches to the destination naming source,
-round and step, and continues where the destination says (the same step in mode fedfly,
-step 0 in mode restart).
+Per round: the round's work comes from the edge (``EdgeLink.wait_round``); then, for each
+step, "maybe move; step": a move source may send the device to another edge at this
+boundary, then the batch's activations go out and the gradient at the cut comes back
+(mode classic trains the whole model locally). Everything about links, drops and
+reattaching is ``device.link.EdgeLink``'s; what reaches this loop is where to go on from
+(``Rollback``) or that the round is over for this device (``RoundOver``).
 """
 
 from __future__ import annotations
@@ -17,23 +16,17 @@ import time
 import torch
 
 from common import messages as m
-from common import transport
-from common.config import Config, Move
-from common.errors import ConnectionClosed, MigrationError, ProtocolError, RemoteProtocolError, TransportError
+from common.config import Config
+from common.errors import ProtocolError, RemoteProtocolError, TestbedError, TransportError
 from common.events import EventLog
 from common.models import build_model, part_keys, split_model
+from common.plan import RoundPlan
 from common.training import LOSS, make_optimizer, round_batches
 from device.control import ControlServer, Position
+from device.link import EdgeLink, EdgeUnreachable, Rollback, RoundOver, RunOver
+from device.moves import CommandedMoves, MoveSources, ScheduledMoves
 
 log = logging.getLogger("device")
-
-
-class EdgeLost(Exception):
-    """The device's edge went away outside a move."""
-
-
-class RunOver(Exception):
-    """The edge relayed the central's Shutdown (possibly in the middle of a round)."""
 
 
 class DeviceClient:
@@ -47,11 +40,8 @@ class DeviceClient:
         self.mode = cfg.mode
         self.me = cfg.devices[name]
         self.pos = Position(edge=self.me.edge)
-        self.conn: transport.Connection | None = None
-        self.last_round = 0
-        self.scheduled = cfg.moves_for(name)
-        self.done_moves: set[Move] = set()
-        self.migrations: list[dict] = []
+        self.link = EdgeLink(cfg=cfg, name=name, key=key, events=events, pos=self.pos)
+        self.moves = MoveSources(ScheduledMoves(cfg.moves_for(name)), CommandedMoves(self.pos))
         self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
         self.throttle_s = 0.0
         keys = part_keys(cfg.model["name"], cfg.model["split_layer"])
@@ -61,111 +51,88 @@ class DeviceClient:
 
     def run(self) -> int:
         control = ControlServer(host=self.me.control.listen_host, port=self.me.control_port, key=self.key,
-                                device=self.name, edges=list(self.cfg.edges), pos=self.pos, events=self.events).start()
+                                device=self.name, edges=list(self.cfg.edges), pos=self.pos, events=self.events,
+                                cut=self.link.cut, handshake_timeout=self.cfg.faults["dead_after_s"]).start()
         try:
-            self.conn, reply = self._attach(self.pos.edge, m.AttachRequest(
-                device=self.name, kind="join", round=0, step=0, source="", last_round=0),
-                retry_for=self.cfg.run["startup_timeout"])
-            if not reply.ok:
-                raise EdgeLost(f"{self.pos.edge} refused {self.name}: {reply.reason}")
-            self.events.emit("attached", edge=self.pos.edge)
+            self.link.join()
+            work: m.DeviceRound | None = None
             while True:
-                msg = self._recv()
-                if isinstance(msg, m.DeviceRound):
-                    self._train_round(msg)
-                else:
-                    raise RemoteProtocolError(f"device {self.name} (idle): edge sent unexpected {msg.TYPE}")
+                if work is None:
+                    self.link.at(self.link.last_round, 0, 0, in_round=False)
+                    work = self.link.wait_round()
+                work = self._train_round(work)
         except RunOver as exc:
             self.events.emit("shutdown", reason=str(exc))
             return 0
-        except (EdgeLost, TransportError, ProtocolError, MigrationError) as exc:
+        except (EdgeUnreachable, TransportError, ProtocolError) as exc:
             log.error("%s: %s", self.name, exc)
-            self.events.emit("error", detail=str(exc), error=type(exc).__name__)
+            self.events.emit("error", detail=str(exc)[:300], error=type(exc).__name__)
             return 1
         finally:
             control.close()
-            if self.conn is not None:
-                self.conn.close()
-
-    def _recv(self, timeout: float | None = None) -> m.Message:
-        assert self.conn is not None
-        try:
-            msg = self.conn.recv(timeout=timeout)
-        except ConnectionClosed as exc:
-            raise EdgeLost(f"edge {self.pos.edge} closed the connection") from exc
-        if isinstance(msg, m.ErrorNotice):
-            raise EdgeLost(f"edge {self.pos.edge} reported {msg.kind}: {msg.detail}")
-        if isinstance(msg, m.Shutdown):
-            raise RunOver(msg.reason)
-        return msg
-
-    def _attach(self, edge: str, req: m.AttachRequest, *, retry_for: float = 0.0) -> tuple[transport.Connection, m.AttachReply]:
-        ep = self.cfg.edges[edge]
-        conn = transport.connect(ep.host, ep.port, key=self.key, peer=f"edge {edge}", retry_for=retry_for)
-        conn.send(req)
-        try:
-            reply = conn.recv(timeout=self.cfg.run["round_timeout"])
-        except Exception:
-            conn.close()
-            raise
-        if not isinstance(reply, m.AttachReply):
-            conn.close()
-            raise RemoteProtocolError(f"edge {edge} answered AttachRequest with {reply.TYPE}")
-        if reply.ok and reply.run_name and self.events.path is None:
-            import os
-            self.events.open(os.path.join(self.cfg.run["out"], reply.run_name))
-        return conn, reply
+            self.link.close()
 
     # -- a round -------------------------------------------------------------------------
 
-    def _train_round(self, msg: m.DeviceRound) -> None:
-        r = msg.round
+    def _train_round(self, msg: m.DeviceRound) -> m.DeviceRound | None:
+        """Train one round to its end (its update taken); returns the next round's work if
+        it arrived early (the central went on without this device)."""
+        plan = msg.round_plan
+        r = plan.round
         start_weights = {k: v.clone() for k, v in msg.weights.items()}
         if set(start_weights) != set(self.keys):
             raise RemoteProtocolError(f"device {self.name}: round {r} weights do not fit the model")
-        model, opt = self._fresh(start_weights, msg)
-        batches = round_batches(len(self.x), msg.batch_size, local_epochs=msg.local_epochs,
+        batches = round_batches(len(self.x), plan.batch_size, local_epochs=plan.local_epochs,
                                 seed=self.cfg.run["seed"], device=self.name, round=r)
         steps = len(batches)
-        with self.pos.lock:
-            self.pos.round, self.pos.step, self.pos.steps = r, 0, steps
-        self.events.emit("round_start", round=r, steps=steps, edge=self.pos.edge)
+        model, opt = self._fresh(start_weights, plan)
+        self.link.at(r, 0, steps)
+        self.events.emit("round_start", round=r, steps=steps, edge=self.link.edge)
         t0 = time.perf_counter()
         step, restarts = 0, 0
         self.compute_s = self.throttle_s = 0.0
-        while step < steps:
-            resume = self._moves_due(r, step, steps)
-            if resume is not None and resume != step:  # mode restart: the round starts over
-                model, opt = self._fresh(start_weights, msg)
-                step, restarts = resume, restarts + 1
-                continue
-            idx = batches[step]
-            if self.mode == "classic":
-                t_step = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                LOSS(model(self.x[idx]), self.y[idx]).backward()
-                opt.step()
-                compute = time.perf_counter() - t_step
-            else:
-                compute = self._split_step(model, opt, r, step, self.x[idx], self.y[idx])
-            self._throttle(compute)
-            step += 1
-            with self.pos.lock:
-                self.pos.step = step
-        train_seconds = time.perf_counter() - t0
-        weights = {k: v for k, v in model.state_dict().items()}
-        self.conn.send(m.DeviceDone(round=r, samples=len(self.x), steps=steps, train_seconds=train_seconds,
-                                    weights=weights))
-        self.last_round = r
-        self.events.emit("round_done", round=r, steps=steps, train_seconds=train_seconds, restarts=restarts,
-                         edge=self.pos.edge, compute_seconds=self.compute_s, throttle_seconds=self.throttle_s)
+        while True:
+            try:
+                while step < steps:
+                    self._moves_due(r, step, steps)
+                    idx = batches[step]
+                    if self.mode == "classic":
+                        t_step = time.perf_counter()
+                        opt.zero_grad(set_to_none=True)
+                        LOSS(model(self.x[idx]), self.y[idx]).backward()
+                        opt.step()
+                        compute = time.perf_counter() - t_step
+                    else:
+                        compute = self._split_step(model, opt, r, step, self.x[idx], self.y[idx])
+                    self._throttle(compute)
+                    step += 1
+                    self.link.at(r, step, steps)
+                train_seconds = time.perf_counter() - t0
+                self.link.finish(m.DeviceDone(round=r, samples=len(self.x), steps=steps, train_seconds=train_seconds,
+                                              weights=dict(model.state_dict())))
+                self.events.emit("round_done", round=r, steps=steps, train_seconds=train_seconds, restarts=restarts,
+                                 edge=self.link.edge, compute_seconds=self.compute_s,
+                                 throttle_seconds=self.throttle_s)
+                return None
+            except Rollback as rb:
+                # Only the round's start is kept on the device: going on from step 0 is the
+                # round again from its weights (same batches, same seeds: the same result).
+                if rb.step != 0:
+                    raise RemoteProtocolError(f"{self.name}: asked to go on from step {rb.step}, which it cannot")
+                self.events.emit("rollback", round=r, step=step, to=rb.step, how=rb.how)
+                model, opt = self._fresh(start_weights, plan)
+                step, restarts = 0, restarts + 1
+                self.link.at(r, 0, steps)
+            except RoundOver as ro:
+                self.events.emit("round_over", round=r, step=step, delivered=ro.delivered, reason=str(ro))
+                return ro.next
 
-    def _fresh(self, weights: dict[str, torch.Tensor], msg: m.DeviceRound):
+    def _fresh(self, weights: dict[str, torch.Tensor], plan: RoundPlan):
         full = build_model(self.cfg.model["name"], seed=0)
         model = full if self.mode == "classic" else split_model(full, self.cfg.model["split_layer"])[0]
         model.load_state_dict(weights)
         model.train()
-        return model, make_optimizer(model.parameters(), lr=msg.lr, momentum=msg.momentum)
+        return model, make_optimizer(model.parameters(), lr=plan.lr, momentum=plan.momentum)
 
     def _split_step(self, model, opt, r: int, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
         """One lockstep step with the edge; returns the device's own compute seconds (not
@@ -174,10 +141,7 @@ class DeviceClient:
         opt.zero_grad(set_to_none=True)
         out = model(x)
         compute = time.perf_counter() - t0
-        self.conn.send(m.Activations(round=r, step=step, batch={"x": out.detach(), "y": y}))
-        reply = self._recv(timeout=self.cfg.run["round_timeout"])
-        if not isinstance(reply, m.Gradients) or (reply.round, reply.step) != (r, step):
-            raise RemoteProtocolError(f"device {self.name} (step {step}): expected its Gradients, got {reply.TYPE}")
+        reply = self.link.step(r, step, out.detach(), y)
         grad = reply.grad.get("g")
         if grad is None or grad.shape != out.shape or grad.dtype != out.dtype:
             raise RemoteProtocolError(f"device {self.name}: gradient does not match the activations")
@@ -196,55 +160,17 @@ class DeviceClient:
 
     # -- moves ---------------------------------------------------------------------------
 
-    def _moves_due(self, r: int, step: int, steps: int) -> int | None:
-        """Perform every move due at this boundary; returns where to resume (None: no move)."""
-        resume = None
+    def _moves_due(self, r: int, step: int, steps: int) -> None:
+        """Every move due at this boundary, one after another. A move that cannot go on
+        from here raises ``Rollback``/``RoundOver`` (from ``EdgeLink.move``)."""
         while True:
-            due = next((mv for mv in self.scheduled if mv.round == r and mv not in self.done_moves
-                        and mv.step(steps) <= step), None)
-            if due is not None:
-                self.done_moves.add(due)
-                to = due.to
-            else:
-                to = self.pos.take_pending()
-                if to is None:
-                    return resume
-            if to == self.pos.edge:
+            to = self.moves.due(r, step, steps)
+            if to is None:
+                return
+            if to == self.link.edge:
                 self.events.emit("move_skipped", to=to, round=r, step=step, reason="already there")
                 continue
-            resume = self._migrate(to, r, step)
-            if resume != step:
-                return resume
+            self.link.move(to, r, step)
 
-    def _migrate(self, to: str, r: int, step: int) -> int:
-        source = self.pos.edge
-        t0 = time.perf_counter()
-        self.conn.close()  # leaving the source; it keeps the session until the target pulls it
-        req = m.AttachRequest(device=self.name, kind="migrate", round=r, step=step, source=source,
-                              last_round=self.last_round)
-        try:
-            conn, reply = self._attach(to, req)
-            failure = "" if reply.ok else reply.reason
-        except (TransportError, ProtocolError, TimeoutError) as exc:
-            conn, failure = None, str(exc)
-        if failure:
-            if conn is not None:
-                conn.close()
-            self.events.emit("move_failed", to=to, round=r, step=step, reason=failure)
-            log.warning("%s: move to %s failed (%s); staying on %s", self.name, to, failure, source)
-            back = m.AttachRequest(device=self.name, kind="migrate", round=r, step=step, source=source,
-                                   last_round=self.last_round)
-            self.conn, reply = self._attach(source, back)
-            if not reply.ok:
-                raise MigrationError(f"move to {to} failed and {source} cannot resume: {reply.reason}")
-            return step
-        pause_ms = (time.perf_counter() - t0) * 1000
-        self.conn = conn
-        with self.pos.lock:
-            self.pos.edge = to
-        report = m.MigrationReport(device=self.name, source=source, target=to, round=r, step=step, mode=self.mode,
-                                   pause_ms=pause_ms, state_bytes=reply.state_bytes, transfer_ms=reply.transfer_ms)
-        self.conn.send(report)
-        self.events.emit("moved", source=source, to=to, round=r, step=step, pause_ms=pause_ms,
-                         state_bytes=reply.state_bytes, transfer_ms=reply.transfer_ms, resume_step=reply.resume_step)
-        return reply.resume_step
+
+__all__ = ["DeviceClient", "TestbedError"]

@@ -1,35 +1,46 @@
 """The device's control port: the mobility controller's way in.
 
-Every connection is authenticated with the testbed key. ``MoveCommand`` is checked here
-and, if valid, left as a pending move that the training loop takes at its next step
-boundary (or at step 0 of the next round when the device is between rounds).
-``StatusRequest`` answers where the device is.
+Every connection is authenticated with the testbed key and has a deadline. A
+``MoveCommand`` is checked here and, if valid, left as a pending move that the training
+loop takes at its next step boundary (or at step 0 of the next round when the device is
+between rounds; or, while the device is reconnecting, as the place to reconnect to). A
+``DropCommand`` cuts the device's link at once (``EdgeLink.cut``): an emulated radio loss.
+``StatusRequest`` answers where the device is and how its link is.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 from common import messages as m
 from common import transport
 from common.errors import ConnectionClosed, ProtocolError, TransportError
 
+# A controller connection must say something this often (it sends one request and waits).
+CONTROL_IDLE_S = 30.0
+
 
 @dataclass
 class Position:
-    """Where the device is; shared by the training loop and the control thread."""
+    """Where the device is; shared by the training loop, its link and the control thread."""
     edge: str
     round: int = 0
     step: int = 0
     steps: int = 0
     pending: str | None = None
+    link: str = "reconnecting"   # one of messages.LINK_STATES
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take_pending(self) -> str | None:
         with self.lock:
             to, self.pending = self.pending, None
             return to
+
+    def peek_pending(self) -> str | None:
+        with self.lock:
+            return self.pending
 
 
 def check_move(pos: Position, *, device: str, edges: list[str], cmd: m.MoveCommand) -> str:
@@ -40,20 +51,31 @@ def check_move(pos: Position, *, device: str, edges: list[str], cmd: m.MoveComma
         return f"unknown edge {cmd.to!r} (edges: {', '.join(sorted(edges))})"
     if pos.pending is not None:
         return f"a move to {pos.pending} is already pending"
-    if cmd.to == pos.edge:
+    if cmd.to == pos.edge and pos.link != "reconnecting":
         return f"{device} is already on {cmd.to}"
+    return ""
+
+
+def check_drop(*, device: str, edges: list[str], cmd: m.DropCommand) -> str:
+    if cmd.device != device:
+        return f"this is device {device}, not {cmd.device}"
+    if cmd.to and cmd.to not in edges:
+        return f"unknown edge {cmd.to!r} (edges: {', '.join(sorted(edges))})"
     return ""
 
 
 class ControlServer:
     def __init__(self, *, host: str, port: int, key: bytes, device: str, edges: list[str], pos: Position,
-                 events) -> None:
+                 events, cut: Callable[[float, str], None], handshake_timeout: float | None = None) -> None:
         self.device = device
         self.edges = edges
         self.pos = pos
         self.events = events
+        self.cut = cut
         self.listener = transport.Listener(host, port, key=key, handler=self._serve, name=f"{device}-control",
-                                           on_reject=lambda peer, exc: events.emit("refused", peer=peer, detail=str(exc)))
+                                           handshake_timeout=handshake_timeout,
+                                           on_reject=lambda peer, exc: events.emit("refused", peer=peer,
+                                                                                   detail=str(exc)[:200]))
 
     def start(self) -> "ControlServer":
         self.listener.start()
@@ -63,6 +85,8 @@ class ControlServer:
         self.listener.close()
 
     def _serve(self, conn: transport.Connection) -> None:
+        conn.idle_timeout = CONTROL_IDLE_S
+        conn.send_timeout = CONTROL_IDLE_S
         try:
             while True:
                 msg = conn.recv()
@@ -74,17 +98,28 @@ class ControlServer:
                         edge = self.pos.edge
                     self.events.emit("move_command", to=msg.to, accepted=not reason, reason=reason)
                     conn.send(m.MoveReply(accepted=not reason, reason=reason, edge=edge))
+                elif isinstance(msg, m.DropCommand):
+                    reason = check_drop(device=self.device, edges=self.edges, cmd=msg)
+                    self.events.emit("drop_command", seconds=msg.seconds, to=msg.to, accepted=not reason,
+                                     reason=reason)
+                    if not reason:
+                        self.cut(msg.seconds, msg.to)
+                    with self.pos.lock:
+                        edge = self.pos.edge
+                    conn.send(m.MoveReply(accepted=not reason, reason=reason, edge=edge))
                 elif isinstance(msg, m.StatusRequest):
                     with self.pos.lock:
                         reply = m.StatusReply(device=self.device, edge=self.pos.edge, round=self.pos.round,
-                                              step=self.pos.step, steps=self.pos.steps, pending=self.pos.pending or "")
+                                              step=self.pos.step, steps=self.pos.steps,
+                                              pending=self.pos.pending or "", link=self.pos.link)
                     conn.send(reply)
                 else:
                     conn.close(notice=m.ErrorNotice(kind="RemoteProtocolError",
-                                                    detail=f"control port takes MoveCommand or StatusRequest, not {msg.TYPE}"))
+                                                    detail=f"control port takes MoveCommand, DropCommand or "
+                                                           f"StatusRequest, not {msg.TYPE}"))
                     return
         except ConnectionClosed:
             return
         except (ProtocolError, TransportError) as exc:
-            self.events.emit("protocol_error", peer=conn.peer, detail=str(exc))
-            conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)))
+            self.events.emit("protocol_error", peer=conn.peer, detail=str(exc)[:200])
+            conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)[:200]))

@@ -1,170 +1,201 @@
-"""Moving a device's session between edges: both ends of the edge-to-edge exchange.
+"""Moving a device's session between edges: the destination's side of the exchange.
 
-Destination B (``pull_session``)               Source A (``serve_pull``)
-    SessionPull(device, round, step) ------->  freeze + snapshot (under the session lock)
-                               <-------------  SessionSnapshot(meta, tensors, checksum)
-    verify checksum, rebuild session
-    SessionInstalled(checksum) ------------->  checksum matches: drop the session
-                               <-------------  SessionReleased
+Destination B (``Fetcher``, a worker thread)       Source A (``EdgeCore._on_pull``, its core)
+    SessionPull(device, round, step) ------------>  position checked, snapshot taken
+                               <------------------  SessionSnapshot(meta, tensors, checksum)
+    verify checksum, rebuild; the core installs
+    it and answers the device at once
+    SessionInstalled(checksum) ------------------>  checksum matches: drop the session
+                               <------------------  SessionReleased
+                                                    (a later pull for it: "moved to B")
 
-A keeps the session until B has proved it holds an identical copy, so a failure at any
-point leaves it on A (B discards its copy unless A has released). Modes restart and
-classic do not move state: ``drop_remote``/``serve_drop`` make A forget the session so
-the device's update can only come from B.
+A keeps the session until B has proved it holds an identical copy; if B never confirms,
+A's copy stays (DETACHED) and is never used unless the device names A again, which it does
+only if B's answer never reached it: the device's last successful attach names the one
+copy that counts. A's refusal can name where the session went (``moved_to``), so a device
+that missed an answer is found by following the pointers. Modes restart and classic move
+no state: ``drop`` makes A forget the session, off the device's path.
+
+Every edge-to-edge link is a ``Link`` (heartbeats both ways, a deadline for silence) kept
+open between handovers, so a move does not pay a TCP connect and a handshake.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from common import messages as m
 from common import transport
 from common.errors import ConnectionClosed, MigrationError, ProtocolError, TransportError
+from common.link import Link
+from edge.ports import PullOutcome
 from edge.session import EdgeSession, SparePart
 
-# How long either side waits for the other's next message in a handover.
-HANDOVER_TIMEOUT_S = 60.0
+log = logging.getLogger("edge")
+
+_LOST = object()
 
 
-@dataclass
-class PullResult:
-    session: EdgeSession
-    state_bytes: int
-    transfer_ms: float
+class PeerExchange:
+    """One request/response exchange on a kept link (holding that peer's lock)."""
+
+    def __init__(self, link: Link, inbox: queue.SimpleQueue, limit_s: float) -> None:
+        self.link = link
+        self._inbox = inbox
+        self._limit_s = limit_s
+
+    def send(self, msg: m.Message) -> None:
+        if not self.link.post(msg):
+            raise ConnectionClosed(f"link to {self.link.name} is lost")
+
+    def recv(self) -> m.Message:
+        """The peer's next message. The link's own deadline ends a silent peer's wait;
+        ``limit_s`` bounds a live peer that never answers."""
+        try:
+            msg = self._inbox.get(timeout=self._limit_s)
+        except queue.Empty:
+            raise TimeoutError(f"{self.link.name} did not answer within {self._limit_s} s") from None
+        if msg is _LOST:
+            self._inbox.put(_LOST)  # stays lost for anyone else who asks
+            raise ConnectionClosed(f"link to {self.link.name} lost: {self.link.lost_reason}")
+        return msg
 
 
 class PeerLinks:
-    """Authenticated connections to the other edges, opened on first use and kept, so a
-    migration does not pay a TCP connect and a handshake on the device's critical path.
-    One handover at a time per peer (a lock per peer)."""
+    """Authenticated links to the other edges, opened on first use and kept. One exchange
+    at a time per peer."""
 
-    def __init__(self, *, key: bytes, endpoints: dict[str, tuple[str, int]]) -> None:
+    def __init__(self, *, name: str, key: bytes, endpoints: dict[str, tuple[str, int]], heartbeat_s: float,
+                 dead_after_s: float, answer_limit_s: float) -> None:
+        self._name = name
         self._key = key
         self._endpoints = endpoints
-        self._conns: dict[str, transport.Connection] = {}
-        self._locks = {name: threading.Lock() for name in endpoints}
+        self._hb, self._dead = heartbeat_s, dead_after_s
+        self._limit = answer_limit_s
+        self._links: dict[str, tuple[Link, queue.SimpleQueue]] = {}
+        self._locks = {peer: threading.Lock() for peer in endpoints}
+        self._closed = False
 
-    def _open(self, peer: str) -> transport.Connection:
+    def _open(self, peer: str) -> tuple[Link, queue.SimpleQueue]:
         host, port = self._endpoints[peer]
         try:
-            conn = transport.connect(host, port, key=self._key, peer=f"edge {peer}", timeout=HANDOVER_TIMEOUT_S)
+            conn = transport.connect(host, port, key=self._key, peer=f"edge {peer}", timeout=self._dead)
         except (TransportError, ProtocolError) as exc:
             raise MigrationError(f"cannot reach edge {peer}: {exc}") from exc
-        self._conns[peer] = conn
-        return conn
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        link = Link(conn, name=f"edge {peer}", on_message=lambda _l, msg: inbox.put(msg),
+                    on_lost=lambda _l, exc: inbox.put(_LOST), heartbeat_s=self._hb, dead_after_s=self._dead).start()
+        self._links[peer] = (link, inbox)
+        return link, inbox
 
     @contextmanager
-    def exchange(self, peer: str, first: m.Message) -> Iterator[transport.Connection]:
-        """Send ``first`` to ``peer`` and yield the connection for the rest of the exchange.
-        A kept connection that turns out dead (the peer restarted) is replaced once; any
-        failure inside the exchange closes the connection."""
+    def exchange(self, peer: str) -> Iterator[PeerExchange]:
+        """A kept link to ``peer`` (a new one if the kept one is lost) for one exchange; any
+        failure inside closes it."""
         if peer not in self._locks:
             raise MigrationError(f"{peer!r} is not an edge of this testbed")
         with self._locks[peer]:
-            conn = self._conns.get(peer)
-            try:
-                if conn is None or conn.closed:
-                    raise TransportError("no open link")
-                conn.send(first)
-            except TransportError:
-                if conn is not None:
-                    conn.close()
-                conn = self._open(peer)
+            if self._closed:
+                raise MigrationError("the edge is shutting down")
+            kept = self._links.get(peer)
+            if kept is None or kept[0].lost:
+                kept = self._open(peer)
+            link, inbox = kept
+            while True:  # answers left over from an exchange that gave up on them
                 try:
-                    conn.send(first)
-                except TransportError as exc:
-                    conn.close()
-                    raise MigrationError(f"cannot reach edge {peer}: {exc}") from exc
+                    stale = inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if stale is _LOST:
+                    link, inbox = self._open(peer)
+                    break
             try:
-                yield conn
+                yield PeerExchange(link, inbox, self._limit)
             except BaseException:
-                conn.close()
-                self._conns.pop(peer, None)
+                link.close(drain=False)
+                self._links.pop(peer, None)
                 raise
 
     def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
+        self._closed = True
+        for link, _ in list(self._links.values()):
+            link.close(drain=False)
 
 
-def pull_session(links: PeerLinks, *, source: str, target: str, device: str, round: int, step: int,
-                 model: str, split_layer: int, install: Callable[[EdgeSession], None],
-                 spare: SparePart | None = None) -> PullResult:
-    """Destination side. ``install(session)`` is called once the snapshot is verified and
-    before A is told; if A then fails to release, the caller gets ``MigrationError`` and
-    must uninstall. Raises ``MigrationError`` with the reason on any failure."""
-    t0 = time.perf_counter()
-    try:
-        with links.exchange(source, m.SessionPull(device=device, round=round, step=step, target=target)) as conn:
-            before = conn.bytes_received
-            reply = conn.recv(timeout=HANDOVER_TIMEOUT_S)
-            if isinstance(reply, m.PullRefused):
-                raise MigrationError(f"{source} refused to hand over {device}: {reply.reason}")
-            if not isinstance(reply, m.SessionSnapshot) or reply.device != device:
-                raise MigrationError(f"{source} answered a pull with {reply.TYPE}")
-            state_bytes = conn.bytes_received - before
-            session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum,
-                                                expect_model=model, expect_split=split_layer, spare=spare)
-            if (session.device, session.round, session.step) != (device, round, step):
-                raise MigrationError(f"snapshot is {session.device} round {session.round} step {session.step}, "
-                                     f"expected {device} round {round} step {step}")
-            install(session)
-            conn.send(m.SessionInstalled(device=device, round=round, step=step, checksum=reply.checksum))
-            done = conn.recv(timeout=HANDOVER_TIMEOUT_S)
-            if not isinstance(done, m.SessionReleased) or done.device != device:
-                raise MigrationError(f"{source} did not release {device} (answered {done.TYPE})")
-    except (TransportError, ProtocolError, TimeoutError) as exc:
-        raise MigrationError(f"handover of {device} from {source} failed: {exc}") from exc
-    return PullResult(session, state_bytes, (time.perf_counter() - t0) * 1000)
+class Fetcher:
+    """The destination's side, one worker thread per handover; every outcome goes to the
+    core as a ``PullOutcome`` (through ``submit``)."""
 
+    def __init__(self, *, name: str, peers: PeerLinks, submit: Callable[[object], None], model: str,
+                 split_layer: int, spare: SparePart | None, events) -> None:
+        self.name = name
+        self.peers = peers
+        self.submit = submit
+        self.model, self.split = model, split_layer
+        self.spare = spare
+        self.events = events
 
-def serve_pull(conn: transport.Connection, req: m.SessionPull, *, lookup: Callable[[str], EdgeSession | None],
-               drop: Callable[[EdgeSession], None], unfreeze: Callable[[EdgeSession], None]) -> bool:
-    """Source side of one pull. Returns True if the session was handed over and dropped."""
-    session = lookup(req.device)
-    if session is None:
-        conn.send(m.PullRefused(device=req.device, reason=f"no session of {req.device} here"))
-        return False
-    if (session.round, session.step) != (req.round, req.step):
-        conn.send(m.PullRefused(device=req.device, reason=f"session is at round {session.round} step "
-                                f"{session.step}, not round {req.round} step {req.step}"))
-        return False
-    meta, tensors, checksum = session.snapshot()
-    try:
-        conn.send(m.SessionSnapshot(device=req.device, round=session.round, step=session.step,
-                                    meta=meta, checksum=checksum, state=tensors))
-        ack = conn.recv(timeout=HANDOVER_TIMEOUT_S)
-    except (TransportError, ProtocolError, TimeoutError, ConnectionClosed):
-        unfreeze(session)  # the target never confirmed: the session stays here, usable
-        raise
-    if not isinstance(ack, m.SessionInstalled) or ack.checksum != checksum:
-        unfreeze(session)
-        conn.send(m.ErrorNotice(kind="migration", detail="installed checksum does not match the snapshot"))
-        return False
-    drop(session)
-    conn.send(m.SessionReleased(device=req.device))
-    return True
+    def pull(self, *, device: str, source: str, round: int, step: int, token: int) -> None:
+        threading.Thread(target=self._pull, args=(device, source, round, step, token),
+                         name=f"pull-{device}", daemon=True).start()
 
+    def drop(self, *, device: str, source: str, round: int) -> None:
+        threading.Thread(target=self._drop, args=(device, source, round), name=f"drop-{device}", daemon=True).start()
 
-def drop_remote(links: PeerLinks, *, source: str, target: str, device: str, round: int) -> float:
-    """Destination side for modes restart/classic: make ``source`` forget the session.
-    Returns the exchange's time in ms. Raises ``MigrationError``."""
-    t0 = time.perf_counter()
-    try:
-        with links.exchange(source, m.SessionDrop(device=device, round=round, target=target)) as conn:
-            done = conn.recv(timeout=HANDOVER_TIMEOUT_S)
-            if not isinstance(done, m.SessionReleased):
-                raise MigrationError(f"{source} did not drop {device}'s session (answered {done.TYPE})")
-    except (TransportError, ProtocolError, TimeoutError) as exc:
-        raise MigrationError(f"dropping {device}'s session on {source} failed: {exc}") from exc
-    return (time.perf_counter() - t0) * 1000
+    def _pull(self, device: str, source: str, round: int, step: int, token: int) -> None:
+        t0 = time.perf_counter()
+        outcome = PullOutcome(device=device, token=token, source=source)
+        confirm: tuple[PeerExchange, str, int] | None = None
+        try:
+            with self.peers.exchange(source) as ex:
+                before = ex.link.conn.bytes_received
+                ex.send(m.SessionPull(device=device, round=round, step=step, target=self.name))
+                reply = ex.recv()
+                if isinstance(reply, m.PullRefused) and reply.device == device:
+                    outcome.refused = reply
+                elif isinstance(reply, m.SessionSnapshot) and reply.device == device:
+                    outcome.state_bytes = ex.link.conn.bytes_received - before
+                    session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum,
+                                                        expect_model=self.model, expect_split=self.split,
+                                                        spare=self.spare)
+                    if (session.device, session.round) != (device, round) or not session.position_matches(step):
+                        raise MigrationError(f"snapshot is {session.device} round {session.round} step "
+                                             f"{session.step}, expected {device} round {round} step {step}")
+                    outcome.session = session
+                    outcome.transfer_ms = (time.perf_counter() - t0) * 1000
+                    # The core answers the device now; the source is told in parallel.
+                    self.submit(outcome)
+                    ex.send(m.SessionInstalled(device=device, round=round, step=session.step,
+                                               checksum=reply.checksum))
+                    done = ex.recv()
+                    confirmed = isinstance(done, m.SessionReleased) and done.device == device
+                    self.events.emit("handover_confirmed" if confirmed else "handover_unconfirmed", device=device,
+                                     source=source, round=round, step=step)
+                    return
+                else:
+                    raise MigrationError(f"{source} answered a pull with {reply.TYPE}")
+        except (MigrationError, TransportError, ProtocolError, TimeoutError) as exc:
+            if outcome.session is not None:  # the session is installed; only the confirmation failed
+                self.events.emit("handover_unconfirmed", device=device, source=source, round=round, step=step,
+                                 detail=str(exc)[:200])
+                return
+            outcome.error = f"handover of {device} from {source} failed: {exc}"
+        outcome.transfer_ms = (time.perf_counter() - t0) * 1000
+        self.submit(outcome)
+        del confirm
 
-
-def serve_drop(conn: transport.Connection, req: m.SessionDrop, *, drop_device: Callable[[str], None]) -> None:
-    """Source side for modes restart/classic: forget the session, confirm."""
-    drop_device(req.device)
-    conn.send(m.SessionReleased(device=req.device))
+    def _drop(self, device: str, source: str, round: int) -> None:
+        try:
+            with self.peers.exchange(source) as ex:
+                ex.send(m.SessionDrop(device=device, round=round, target=self.name))
+                done = ex.recv()
+                ok = isinstance(done, m.SessionReleased)
+        except (MigrationError, TransportError, ProtocolError, TimeoutError) as exc:
+            ok = False
+            log.info("%s: could not tell %s to drop %s's session: %s", self.name, source, device, exc)
+        self.events.emit("drop_sent", device=device, source=source, round=round, confirmed=ok)

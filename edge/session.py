@@ -13,6 +13,7 @@ import hashlib
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgpack
@@ -87,9 +88,19 @@ class SparePart:
         threading.Thread(target=self._refill, name="spare-part", daemon=True).start()
 
 
+@dataclass(frozen=True)
+class Reply:
+    """The last answer a session sent: kept so that a step whose gradient was lost is
+    answered again instead of trained twice."""
+    step: int
+    loss: float
+    grad: torch.Tensor
+
+
 class EdgeSession:
-    """A device's edge-side state for one round. ``lock`` serialises training against
-    snapshots, so a snapshot never sees a half-applied step."""
+    """A device's edge-side state for one round. It has no lock: one thread (the edge's
+    core) owns every session, and its lifecycle (``edge.lifecycle``) says when it may
+    train, move or go."""
 
     def __init__(self, *, device: str, round: int, mode: str, model: str, split_layer: int,
                  lr: float, momentum: float, part_state: dict[str, torch.Tensor] | None,
@@ -105,9 +116,8 @@ class EdgeSession:
         self.step = step
         self.samples = samples
         self.loss_sum = loss_sum
-        self.lock = threading.Lock()
-        self.frozen = False  # set once handed to another edge: no more training here
-        self._prepared: tuple[dict[str, Any], dict[str, torch.Tensor], str] | None = None
+        self.last_reply: Reply | None = None
+        self._prepared: Callable[[], tuple[dict[str, Any], dict[str, torch.Tensor], str]] | None = None
         # An RNG for the edge part's random layers (none in VGG-5; kept so that a model
         # with dropout would migrate exactly too). Seeded per (device, round).
         self.rng = torch.Generator().manual_seed(stable_seed("edge-rng", seed, device, round))
@@ -124,28 +134,40 @@ class EdgeSession:
             self.part.train()
             self.optimizer = make_optimizer(self.part.parameters(), lr=lr, momentum=momentum)
 
+    def position_matches(self, step: int) -> bool:
+        """True if a device about to send ``step`` can go on with this session: it is at
+        ``step``, or one further with the reply to ``step`` kept."""
+        return self.step == step or (self.last_reply is not None and self.last_reply.step == step
+                                     and self.step == step + 1)
+
     def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor,
-                   reply: Callable[[torch.Tensor, float], None]) -> None:
-        """Forward, loss, backward on the edge part; ``reply(grad_at_cut, loss)`` as soon
-        as the cut's gradient exists (the device back-propagates while we step), then the
-        optimizer step. Raises ``MigrationError`` if the step is out of order."""
-        with self.lock:
-            if self.frozen:
-                raise MigrationError(f"{self.device}'s session was handed over; it cannot train here")
-            if step != self.step:
-                raise MigrationError(f"{self.device}: step {step} arrived, session expects step {self.step}")
-            self._prepared = None
-            assert self.part is not None and self.optimizer is not None
-            x = x.detach().requires_grad_(True)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = LOSS(self.part(x), y)
-            loss.backward()
-            value = loss.item()
-            reply(x.grad, value)
-            self.optimizer.step()
-            self.step += 1
-            self.samples += int(y.shape[0])
-            self.loss_sum += value
+                   reply: Callable[[torch.Tensor, float], None]) -> bool:
+        """Step ``step``, exactly once. The next step is trained: forward, loss, backward
+        on the edge part, ``reply(grad_at_cut, loss)`` as soon as the cut's gradient exists
+        (the device back-propagates while we step), then the optimizer step; returns True.
+        The step just trained again is answered from the kept reply, not trained; returns
+        False. Anything else raises ``MigrationError`` and changes nothing."""
+        if self.last_reply is not None and step == self.last_reply.step and step == self.step - 1:
+            reply(self.last_reply.grad, self.last_reply.loss)
+            return False
+        if step != self.step:
+            raise MigrationError(f"{self.device}: step {step} arrived, session expects step {self.step}")
+        assert self.part is not None and self.optimizer is not None
+        self._prepared = None
+        x = x.detach().requires_grad_(True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = LOSS(self.part(x), y)
+        loss.backward()
+        value = loss.item()
+        grad = x.grad
+        assert grad is not None
+        reply(grad, value)
+        self.optimizer.step()
+        self.last_reply = Reply(step, value, grad)
+        self.step += 1
+        self.samples += int(y.shape[0])
+        self.loss_sum += value
+        return True
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The edge part's state (weights and buffers); empty in mode classic."""
@@ -154,22 +176,26 @@ class EdgeSession:
     # -- migration -----------------------------------------------------------------------
 
     def prepare_snapshot(self) -> None:
-        """Take the snapshot and its checksum now, ahead of a pull (the edge calls this when
-        the device leaves at a step boundary), so that a handover only has to send it. A
-        step trained after this discards it."""
-        with self.lock:
-            if self._prepared is None and not self.frozen and self.part is not None:
-                self._prepared = self._take()
+        """Start the snapshot's checksum now, on the hashing threads, ahead of a pull (the
+        edge calls this when the device leaves at a step boundary), so that a handover
+        only has to send it. A step trained after this discards it."""
+        if self._prepared is None:
+            meta, tensors = self._parts(with_reply=False)
+            digest = start_checksum(meta, tensors)
+            self._prepared = lambda: (meta, tensors, digest())
 
-    def snapshot(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-        """(metadata, tensors, checksum), taken under the lock; freezes the session.
-        The tensors are the session's own (no copy): the session must not train after."""
-        with self.lock:
-            self.frozen = True
-            prepared, self._prepared = self._prepared, None
-            return prepared or self._take()
+    def snapshot(self, *, with_reply: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+        """(metadata, tensors, checksum). ``with_reply``: carry the kept reply too, for a
+        device that lost the gradient of the last step (a move at a step boundary does
+        not need it, and it is as large as a batch of activations). The tensors are the
+        session's own (no copy): the session must not train while they are being sent."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and not with_reply:
+            return prepared()
+        meta, tensors = self._parts(with_reply=with_reply)
+        return meta, tensors, snapshot_checksum(meta, tensors)
 
-    def _take(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    def _parts(self, *, with_reply: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors: dict[str, torch.Tensor] = {}
         opt_meta: dict[str, Any] = {}
         if self.part is not None and self.optimizer is not None:
@@ -183,10 +209,15 @@ class EdgeSession:
                     tensors[f"opt/{idx}/{name}"] = t
             opt_meta = {"param_groups": opt["param_groups"]}
         tensors["rng"] = self.rng.get_state()
+        reply_meta = None
+        if with_reply and self.last_reply is not None:
+            reply_meta = {"step": self.last_reply.step, "loss": self.last_reply.loss}
+            tensors["reply/grad"] = self.last_reply.grad
         meta = {"device": self.device, "round": self.round, "mode": self.mode, "model": self.model_name,
                 "split_layer": self.split_layer, "lr": self.lr, "momentum": self.momentum,
-                "step": self.step, "samples": self.samples, "loss_sum": self.loss_sum, "optimizer": opt_meta}
-        return meta, tensors, snapshot_checksum(meta, tensors)
+                "step": self.step, "samples": self.samples, "loss_sum": self.loss_sum, "optimizer": opt_meta,
+                "last_reply": reply_meta}
+        return meta, tensors
 
     @classmethod
     def from_snapshot(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], checksum: str,
@@ -215,6 +246,10 @@ class EdgeSession:
             if meta["model"] != expect_model or meta["split_layer"] != expect_split:
                 raise MigrationError(f"snapshot is for {meta['model']} split {meta['split_layer']}, "
                                      f"this edge runs {expect_model} split {expect_split}")
+            known = {"rng", "reply/grad"}
+            for k in tensors:
+                if k not in known and not k.startswith(("model/", "opt/")):
+                    raise MigrationError(f"snapshot holds an unknown tensor {k!r}")
             session = cls(device=meta["device"], round=meta["round"], mode=meta["mode"], model=meta["model"],
                           split_layer=meta["split_layer"], lr=meta["lr"], momentum=meta["momentum"],
                           part_state={k[6:]: v for k, v in tensors.items() if k.startswith("model/")},
@@ -228,6 +263,14 @@ class EdgeSession:
                         state.setdefault(int(idx), {})[name] = v
                 session.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
             session.rng.set_state(tensors["rng"].clone())
+            last = meta.get("last_reply")
+            if last is not None:
+                grad = tensors["reply/grad"]
+                if not (isinstance(last, dict) and type(last.get("step")) is int and isinstance(last.get("loss"), float)):
+                    raise MigrationError("snapshot's last reply is not {step, loss}")
+                session.last_reply = Reply(last["step"], last["loss"], grad)
+            elif "reply/grad" in tensors:
+                raise MigrationError("snapshot holds a reply tensor without its step")
         except MigrationError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:

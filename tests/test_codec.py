@@ -69,29 +69,38 @@ def _x(n: int = 4) -> torch.Tensor:
     return torch.arange(n * 3 * 5, dtype=torch.float32).reshape(n, 5, 3).transpose(1, 2)
 
 
+PLAN = {"round": 4, "lr": 0.1, "momentum": 0.0, "batch_size": 32, "local_epochs": 2,
+        "participants": ["device1", "device2"]}
+
 FACTORIES = {
     "ErrorNotice": lambda: m.ErrorNotice(kind="protocol", detail="bad frame \u00e9\u4e2d"),
+    "Heartbeat": lambda: m.Heartbeat(),
     "Shutdown": lambda: m.Shutdown(reason=""),
     "EdgeHello": lambda: m.EdgeHello(edge="edge1"),
     "Welcome": lambda: m.Welcome(run_name="20250101-fedfly", mode="fedfly"),
     "EdgeStatus": lambda: m.EdgeStatus(edge="edge2", attached=["device1", "device3"]),
-    "RoundStart": lambda: m.RoundStart(round=1, lr=0.01, momentum=0.9, batch_size=100, local_epochs=1,
-                                       weights=every_dtype()),
+    "RoundStart": lambda: m.RoundStart(plan={**PLAN, "round": 1}, weights=every_dtype()),
     "DeviceUpdate": lambda: m.DeviceUpdate(round=3, device="device1", edge="edge1", samples=1000, steps=10,
                                            train_seconds=12.5, weights=every_dtype()),
+    "UpdateAck": lambda: m.UpdateAck(round=3, device="device1"),
     "MigrationReport": lambda: m.MigrationReport(device="device1", source="edge1", target="edge2", round=2,
                                                  step=5, mode="fedfly", pause_ms=12.25, state_bytes=5_000_000,
                                                  transfer_ms=3.5),
-    "AttachRequest": lambda: m.AttachRequest(device="device1", kind="migrate", round=2, step=5, source="edge1",
-                                             last_round=1),
-    "AttachReply": lambda: m.AttachReply(ok=True, reason="", run_name="r", mode="restart", resume_step=0,
-                                         state_bytes=0, transfer_ms=0.0),
-    "DeviceRound": lambda: m.DeviceRound(round=4, lr=0.1, momentum=0.0, batch_size=32, local_epochs=2,
+    "FaultReport": lambda: m.FaultReport(kind="peer_silent", process="edge1", peer="device2", round=2, step=3,
+                                         detail="sent nothing for 5 s", detected_s=5.01, down_s=0.0, replayed=0,
+                                         recovery="session held", samples_lost=0),
+    "AttachRequest": lambda: m.AttachRequest(device="device1", kind="resume", round=2, step=5, source="edge1",
+                                             last_round=1, why="reconnect"),
+    "AttachReply": lambda: m.AttachReply(ok=True, reason="", run_name="r", mode="restart", action="continue",
+                                         round=2, resume_step=0, how="restart", state_bytes=0, transfer_ms=0.0),
+    "DeviceRound": lambda: m.DeviceRound(plan=PLAN,
                                          weights={"l0.conv.weight": torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(1)),
                                                   "n": torch.tensor(3)}),
+    "StandBy": lambda: m.StandBy(round=3, reason="round 3 is over"),
     "Activations": lambda: m.Activations(round=1, step=0, batch={"x": _x(), "y": torch.tensor([1, 0, 9, 3])}),
     "Gradients": lambda: m.Gradients(round=1, step=0, loss=float("nan"), grad={"g": _x()}),
     "DeviceDone": lambda: m.DeviceDone(round=1, samples=250, steps=3, train_seconds=0.0, weights={}),
+    "DoneAck": lambda: m.DoneAck(round=1),
     "SessionPull": lambda: m.SessionPull(device="device1", round=2, step=7, target="edge2"),
     "SessionDrop": lambda: m.SessionDrop(device="device1", round=2, target="edge2"),
     "SessionSnapshot": lambda: m.SessionSnapshot(
@@ -101,11 +110,13 @@ FACTORIES = {
               "big": 2 ** 64 - 1, "neg": -(2 ** 63), "text": "\u00e9"}),
     "SessionInstalled": lambda: m.SessionInstalled(device="device1", round=2, step=7, checksum="cd" * 32),
     "SessionReleased": lambda: m.SessionReleased(device="device1"),
-    "PullRefused": lambda: m.PullRefused(device="device1", reason="no session"),
+    "PullRefused": lambda: m.PullRefused(device="device1", reason="refused", moved_to="edge3", delivered=False),
     "MoveCommand": lambda: m.MoveCommand(device="device1", to="edge2"),
+    "DropCommand": lambda: m.DropCommand(device="device1", seconds=2.5, to=""),
     "MoveReply": lambda: m.MoveReply(accepted=False, reason="already there", edge="edge2"),
     "StatusRequest": lambda: m.StatusRequest(),
-    "StatusReply": lambda: m.StatusReply(device="device1", edge="edge1", round=3, step=4, steps=10, pending=""),
+    "StatusReply": lambda: m.StatusReply(device="device1", edge="edge1", round=3, step=4, steps=10, pending="",
+                                         link="attached"),
 }
 
 
@@ -848,18 +859,29 @@ def test_messages_are_frozen_and_keyword_only():
     lambda: m.SessionPull(device="d", round=1.0, step=0, target="t"),
     lambda: m.SessionPull(device="d", round=-1, step=0, target="t"),
     lambda: m.SessionPull(device=None, round=1, step=0, target="t"),
-    lambda: m.AttachReply(ok=1, reason="", run_name="", mode="", resume_step=0, state_bytes=0, transfer_ms=0.0),
-    lambda: m.AttachReply(ok=True, reason="", run_name="", mode="", resume_step=0, state_bytes=-1, transfer_ms=0.0),
-    lambda: m.AttachReply(ok=True, reason="", run_name="", mode="", resume_step=0, state_bytes=0, transfer_ms="0"),
-    lambda: m.AttachReply(ok=True, reason="", run_name="", mode="", resume_step=0, state_bytes=0, transfer_ms=False),
+    lambda: m.AttachReply(ok=1, reason="", run_name="", mode="", action="continue", round=1, how="", resume_step=0, state_bytes=0, transfer_ms=0.0),
+    lambda: m.AttachReply(ok=True, reason="", run_name="", mode="", action="continue", round=1, how="", resume_step=0, state_bytes=-1, transfer_ms=0.0),
+    lambda: m.AttachReply(ok=True, reason="", run_name="", mode="", action="continue", round=1, how="", resume_step=0, state_bytes=0, transfer_ms="0"),
+    lambda: m.AttachReply(ok=True, reason="", run_name="", mode="", action="continue", round=1, how="", resume_step=0, state_bytes=0, transfer_ms=False),
+    lambda: m.AttachReply(ok=True, reason="", run_name="", mode="", action="go", round=1, how="", resume_step=0,
+                          state_bytes=0, transfer_ms=0.0),
     lambda: m.EdgeStatus(edge="e", attached="device1"),
     lambda: m.EdgeStatus(edge="e", attached=["a", 1]),
-    lambda: m.RoundStart(round=0, lr=0.1, momentum=0.0, batch_size=1, local_epochs=1, weights={}),
-    lambda: m.RoundStart(round=1, lr=0.1, momentum=0.0, batch_size=-1, local_epochs=1, weights={}),
-    lambda: m.RoundStart(round=1, lr=0.1, momentum=0.0, batch_size=1, local_epochs=1, weights={"w": [1.0]}),
-    lambda: m.RoundStart(round=1, lr=0.1, momentum=0.0, batch_size=1, local_epochs=1, weights={1: torch.zeros(1)}),
-    lambda: m.RoundStart(round=1, lr=0.1, momentum=0.0, batch_size=1, local_epochs=1, weights=[torch.zeros(1)]),
-    lambda: m.AttachRequest(device="d", kind="hop", round=1, step=0, source="", last_round=0),
+    lambda: m.RoundStart(plan={**PLAN, "round": 0}, weights={}),
+    lambda: m.RoundStart(plan={**PLAN, "batch_size": -1}, weights={}),
+    lambda: m.RoundStart(plan={**PLAN, "lr": "0.1"}, weights={}),
+    lambda: m.RoundStart(plan={**PLAN, "participants": "device1"}, weights={}),
+    lambda: m.RoundStart(plan={**PLAN, "extra": 1}, weights={}),
+    lambda: m.RoundStart(plan={k: v for k, v in PLAN.items() if k != "lr"}, weights={}),
+    lambda: m.DeviceRound(plan=[PLAN], weights={}),
+    lambda: m.RoundStart(plan=PLAN, weights={"w": [1.0]}),
+    lambda: m.RoundStart(plan=PLAN, weights={1: torch.zeros(1)}),
+    lambda: m.RoundStart(plan=PLAN, weights=[torch.zeros(1)]),
+    lambda: m.AttachRequest(device="d", kind="hop", round=1, step=0, source="", last_round=0, why="move"),
+    lambda: m.AttachRequest(device="d", kind="join", round=1, step=0, source="", last_round=0, why="bored"),
+    lambda: m.FaultReport(kind="meteor", process="p", peer="q", round=1, step=0, detail="", detected_s=0.0,
+                          down_s=0.0, replayed=0, recovery="", samples_lost=0),
+    lambda: m.DropCommand(device="d", seconds=-1.0, to=""),
     lambda: m.SessionSnapshot(device="d", round=1, step=0, meta={1: 2}, checksum="", state={}),
     lambda: m.SessionSnapshot(device="d", round=1, step=0, meta={"a": object()}, checksum="", state={}),
     lambda: m.SessionSnapshot(device="d", round=1, step=0, meta={"a": b"x"}, checksum="", state={}),
@@ -874,7 +896,7 @@ def test_construction_validates(make):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_floats_are_refused_except_the_loss(value):
     with pytest.raises(LocalProtocolError):
-        m.RoundStart(round=1, lr=value, momentum=0.0, batch_size=1, local_epochs=1, weights={})
+        m.RoundStart(plan={**PLAN, "lr": value}, weights={})
     with pytest.raises(LocalProtocolError):
         m.DeviceDone(round=1, samples=1, steps=1, train_seconds=value, weights={})
     with pytest.raises(LocalProtocolError):
@@ -885,8 +907,9 @@ def test_non_finite_floats_are_refused_except_the_loss(value):
 
 
 def test_int_to_float_and_tuple_to_list_normalisation():
-    msg = m.RoundStart(round=1, lr=1, momentum=0, batch_size=1, local_epochs=1, weights={})
-    assert msg.lr == 1.0 and type(msg.lr) is float and type(msg.momentum) is float
+    msg = m.RoundStart(plan={**PLAN, "lr": 1, "momentum": 0}, weights={})
+    plan = msg.round_plan
+    assert plan.lr == 1.0 and type(plan.lr) is float and type(plan.momentum) is float
     g = m.Gradients(round=1, step=0, loss=3, grad={})
     assert type(g.loss) is float
     st_ = m.EdgeStatus(edge="e", attached=("a", "b"))

@@ -120,7 +120,9 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
 
     # Slow enough (a few seconds a round here) that the controller's calls land mid-run.
     slow = {f"devices.device{i}": {"slowdown": 3.0} for i in range(1, 5)}
-    cfg = write_config(tmp_path / "live", edges=2, devices=4, rounds=5, samples_per_device=500, batch_size=10,
+    # Rounds enough that the last scripted move lands before the run ends even on a busy
+    # machine (each controller call starts a Python process).
+    cfg = write_config(tmp_path / "live", edges=2, devices=4, rounds=8, samples_per_device=500, batch_size=10,
                        extra=slow)
     c = load_config(str(cfg))
     fast = [f"devices.device{i}.slowdown=1.0" for i in range(1, 5)]  # slowdown does not change results
@@ -150,7 +152,9 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
         r = mobility(cfg, "move", "--device", "device9", "--to", "edge1")
         assert r.returncode == 2 and "device9" in r.stderr
         r = mobility(cfg, "move", "--device", "device3", "--to", "edge9")
-        assert r.returncode == 3 and "unknown edge" in r.stderr
+        assert r.returncode == 2 and "edge9" in r.stderr  # a bad argument, caught before asking
+        r = mobility(cfg, "move", "--device", "device3", "--to", "edge2")
+        assert r.returncode == 3 and "already on edge2" in r.stderr  # the device refuses
         # a live move mid-round, and the scenario scripts
         r = mobility(cfg, "move", "--device", "device3", "--to", "edge1", "--when-round", "1",
                      "--when-fraction", "0.3", "--wait")

@@ -95,7 +95,7 @@ def test_snapshot_holds_bn_running_stats_momentum_and_counters():
     s = make_session(3)
     data = batches(3, 3)
     train(s, data, 0)
-    meta, tensors, checksum = s.snapshot()
+    meta, tensors, checksum = s.snapshot(with_reply=True)
     assert meta["step"] == 3 and meta["samples"] == 18 and meta["device"] == "device1" and meta["round"] == 2
     assert meta["model"] == "vgg5" and meta["split_layer"] == 3 and meta["mode"] == "fedfly"
     assert meta["lr"] == 0.05 and meta["momentum"] == 0.9 and meta["loss_sum"] > 0
@@ -110,7 +110,9 @@ def test_snapshot_holds_bn_running_stats_momentum_and_counters():
         assert torch.equal(buf, s.optimizer.state[p]["momentum_buffer"])
         assert buf.shape == p.shape and buf.abs().sum() > 0
     assert "rng" in tensors and tensors["rng"].dtype == torch.uint8
-    assert set(tensors) == {f"model/{k}" for k in w} | {f"opt/{i}/momentum_buffer" for i in range(len(params))} | {"rng"}
+    assert set(tensors) == {f"model/{k}" for k in w} | {f"opt/{i}/momentum_buffer" for i in range(len(params))} | \
+        {"rng", "reply/grad"}
+    assert meta["last_reply"]["step"] == 2 and torch.equal(tensors["reply/grad"], s.last_reply.grad)
     assert meta["optimizer"]["param_groups"][0]["momentum"] == 0.9
     assert checksum == snapshot_checksum(meta, tensors)
 
@@ -253,7 +255,7 @@ def test_train_step_with_the_wrong_step_number_is_refused_and_changes_nothing():
     train(s, data[:1], 0)
     before = {k: v.clone() for k, v in s.weights().items()}
     calls = []
-    for wrong in (0, 2, 5):
+    for wrong in (2, 5, -1):
         with pytest.raises(MigrationError):
             s.train_step(wrong, *data[1], lambda g, loss: calls.append(1))
     assert calls == [] and s.step == 1 and s.samples == 6
@@ -263,18 +265,39 @@ def test_train_step_with_the_wrong_step_number_is_refused_and_changes_nothing():
     assert calls == [1] and s.step == 2
 
 
-def test_frozen_session_refuses_to_train():
+def test_a_step_sent_again_is_answered_from_the_kept_reply_not_trained_twice():
+    """Exactly once: the device lost the gradient of step 1 and sends step 1 again."""
+    s, ref = make_session(), make_session()
+    data = batches(3, 3)
+    first = train(s, data[:2], 0)
+    train(ref, data[:2], 0)
+    snap = {k: v.clone() for k, v in s.weights().items()}
+    again = []
+    assert s.train_step(1, *data[1], lambda g, loss: again.append((g.clone(), loss))) is False
+    assert torch.equal(again[0][0], first[1][0]) and again[0][1] == first[1][1]
+    assert s.step == 2 and s.samples == 12
+    for k, v in s.weights().items():
+        assert torch.equal(v, snap[k]), k
+    with pytest.raises(MigrationError):  # only the last reply is kept
+        s.train_step(0, *data[0], lambda g, loss: None)
+    train(s, data[2:], 2)
+    train(ref, data[2:], 2)
+    assert_same_session(s, ref)
+
+
+def test_the_kept_reply_moves_with_the_session():
+    """A step whose gradient was lost just before a move is answered by the new edge."""
     s = make_session()
     data = batches(3, 2)
-    train(s, data[:1], 0)
-    s.snapshot()
-    assert s.frozen
-    before = {k: v.clone() for k, v in s.weights().items()}
-    with pytest.raises(MigrationError):
-        s.train_step(1, *data[1], lambda g, loss: None)
-    assert s.step == 1
-    for k, v in s.weights().items():
-        assert torch.equal(v, before[k]), k
+    first = train(s, data, 0)
+    plain = s.snapshot()  # a move at a step boundary: the device has that gradient already
+    assert "reply/grad" not in plain[1] and plain[0]["last_reply"] is None
+    meta, tensors, checksum = s.snapshot(with_reply=True)
+    moved = EdgeSession.from_snapshot(*_wire(meta, tensors, checksum), expect_model="vgg5", expect_split=3)
+    assert moved.position_matches(1) and moved.position_matches(2) and not moved.position_matches(0)
+    got = []
+    assert moved.train_step(1, *data[1], lambda g, loss: got.append((g, loss))) is False
+    assert torch.equal(got[0][0], first[1][0]) and got[0][1] == first[1][1]
 
 
 def test_reply_gets_the_gradient_at_the_cut_before_the_step():

@@ -7,7 +7,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 ctl() { "$PY" -m central.mobility "$@"; }
 
-# status_field CONFIG DEVICE FIELD -> the value of FIELD (edge, round, step, steps, pending)
+# status_field CONFIG DEVICE FIELD -> the value of FIELD (edge, round, step, steps, pending, link)
 status_field() {
   ctl status --config "$1" --device "$2" | tr ' ' '\n' | sed -n "s/^$3=//p"
 }

@@ -1,0 +1,64 @@
+"""The round plan: what every role needs to know about one round, in one typed value.
+
+The central makes it (``RoundPlan``) and sends it with the round's weights to every edge
+(``RoundStart``); an edge passes it on to each participating device (``DeviceRound``).
+On the wire it is a plain map (``to_wire``/``from_wire``), checked field by field when it
+arrives, so a bad plan is a protocol error and never a half-applied round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from common.errors import LocalProtocolError
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundPlan:
+    """Round ``round``'s hyperparameters and the devices expected to train in it (the
+    ones attached somewhere when it started; the others rejoin at a later round)."""
+
+    round: int
+    lr: float
+    momentum: float
+    batch_size: int
+    local_epochs: int
+    participants: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        problems = []
+        if type(self.round) is not int or self.round < 1:
+            problems.append(f"round {self.round!r} is not an int >= 1")
+        for name in ("lr", "momentum"):
+            v = getattr(self, name)
+            if type(v) is int:
+                object.__setattr__(self, name, float(v))
+                v = float(v)
+            if type(v) is not float or not math.isfinite(v) or v < 0:
+                problems.append(f"{name} {v!r} is not a finite float >= 0")
+        for name in ("batch_size", "local_epochs"):
+            v = getattr(self, name)
+            if type(v) is not int or not 1 <= v < (1 << 31):
+                problems.append(f"{name} {v!r} is not an int >= 1")
+        parts = self.participants
+        if not isinstance(parts, (list, tuple)) or not all(type(p) is str and p for p in parts):
+            problems.append("participants is not a list of names")
+        else:
+            object.__setattr__(self, "participants", tuple(sorted(set(parts))))
+        if problems:
+            raise LocalProtocolError("RoundPlan: " + "; ".join(problems))
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["participants"] = list(self.participants)
+        return d
+
+    @classmethod
+    def from_wire(cls, value: object) -> "RoundPlan":
+        """Raises ``LocalProtocolError`` (turned into ``RemoteProtocolError`` by the decoder)."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(value, dict) or set(value) != names:
+            raise LocalProtocolError(f"RoundPlan: expected the fields {sorted(names)}")
+        return cls(**value)

@@ -1,0 +1,454 @@
+"""The device's one link to an edge: attach, re-attach after a loss, resume, move.
+
+The training loop sees four calls: ``wait_round`` (idle until the next round's work),
+``step`` (one step's activations out, its gradient back), ``finish`` (the round's update,
+until the central has it) and ``move`` (a planned move, break-before-make). Whatever
+happens to the link underneath (a reset at any byte, an edge that goes silent, a radio
+cut by the controller), these calls carry on: the link reconnects with bounded backoff,
+to the edge the policy (``faults.reconnect``) names, attaches naming the exact round and
+step the device is at, and resends what was in flight. The edge answers a step it
+already trained from its kept reply and trains a step it never saw, so **every step is
+applied exactly once on both sides**. When the edge cannot go on from where the device
+is (its session was lost with its edge), the call raises ``Rollback`` and the loop goes on
+from the step named (0: the round again from its weights: exact, only slower).
+
+Every attach names the edge of the device's last successful attach as the session's
+source: that one copy counts, wherever the device turns up next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from common import messages as m
+from common import transport
+from common.config import Config
+from common.errors import AuthenticationError, ConnectionClosed, PeerSilent, ProtocolError, TestbedError, \
+    TransportError
+from common.link import Link
+from device.control import Position
+
+log = logging.getLogger("device")
+
+_LOST = "lost"
+_CUT = "cut"
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 1.0
+# Consecutive failed tries at one position (an edge that refuses us the same way every
+# time) before the device stops instead of looping.
+MAX_FAILURES_AT_ONE_PLACE = 20
+
+
+class Rollback(Exception):
+    """The round goes on from ``step`` (0: from the round's weights), not from where the
+    device was."""
+
+    def __init__(self, round: int, step: int, how: str) -> None:
+        super().__init__(f"round {round} goes on from step {step} ({how})")
+        self.round, self.step, self.how = round, step, how
+
+
+class RoundOver(Exception):
+    """The device's current round ended without it (``delivered``: its update was taken
+    after all). ``next`` is the next round's work when it came with the news."""
+
+    def __init__(self, round: int, *, delivered: bool = False, next: m.DeviceRound | None = None,
+                 reason: str = "") -> None:
+        super().__init__(f"round {round} is over for this device{': ' + reason if reason else ''}")
+        self.round, self.delivered, self.next = round, delivered, next
+
+
+class RunOver(Exception):
+    """The edge relayed the central's Shutdown."""
+
+
+class EdgeUnreachable(TestbedError):
+    """No edge would take the device for ``faults.give_up_s``."""
+
+
+class _Lost(Exception):
+    def __init__(self, detail: str, *, silent_s: float = 0.0, cut: bool = False) -> None:
+        super().__init__(detail)
+        self.detail, self.silent_s, self.cut = detail, silent_s, cut
+
+
+@dataclass
+class _Where:
+    """What the device would name in an attach."""
+    round: int = 0
+    step: int = 0
+    steps: int = 0
+    in_round: bool = False  # False: idle between rounds
+
+
+class EdgeLink:
+    def __init__(self, *, cfg: Config, name: str, key: bytes, events, pos: Position,
+                 report: Callable[[m.Message], None] | None = None) -> None:
+        self.cfg = cfg
+        self.name = name
+        self.key = key
+        self.events = events
+        self.pos = pos
+        self.faults = cfg.faults
+        self.mode = cfg.mode
+        self.edge = cfg.devices[name].edge  # the edge of the last successful attach
+        self.last_round = 0                 # last round whose update the central confirmed
+        self.where = _Where()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._link: Link | None = None
+        self._lock = threading.Lock()
+        self._cut_at = 0.0
+        self._cut_until = 0.0
+        self._cut_to = ""
+        self._held: list[m.Message] = []    # reports to send once linked again
+        self.run_name: str | None = None
+
+    # -- state for status and reports ----------------------------------------------------------
+
+    def _set_link_state(self, state: str) -> None:
+        with self.pos.lock:
+            self.pos.link = state
+            self.pos.edge = self.edge
+
+    def at(self, round: int, step: int, steps: int, *, in_round: bool = True) -> None:
+        """Where the device is now (the training loop calls this at every boundary)."""
+        self.where = _Where(round, step, steps, in_round)
+        with self.pos.lock:
+            self.pos.round, self.pos.step, self.pos.steps = round, step, steps
+
+    def report(self, msg: m.Message) -> None:
+        """Send a report (move, fault) to the central through the edge; held while unlinked."""
+        link = self._link
+        if link is None or not link.post(msg):
+            self._held.append(msg)
+
+    # -- connecting ----------------------------------------------------------------------------
+
+    def _request(self, why: str) -> m.AttachRequest:
+        w = self.where
+        if not w.in_round:
+            return m.AttachRequest(device=self.name, kind="join", round=0, step=0, source=self.edge,
+                                   last_round=self.last_round, why=why)
+        return m.AttachRequest(device=self.name, kind="resume", round=w.round, step=w.step, source=self.edge,
+                               last_round=self.last_round, why=why)
+
+    def _open(self, edge: str, req: m.AttachRequest, *, timeout: float) -> tuple[Link, m.AttachReply]:
+        """Connect to ``edge``, attach, wait for its answer; the link is not yet ours."""
+        ep = self.cfg.edges[edge]
+        dead = self.faults["dead_after_s"]
+        conn = transport.connect(ep.host, ep.port, key=self.key, peer=f"edge {edge}", timeout=min(timeout, dead))
+        inbox = self._inbox
+        link = Link(conn, name=f"edge {edge}", heartbeat_s=self.faults["heartbeat_s"], dead_after_s=dead,
+                    on_message=lambda l, msg: inbox.put((l, msg)),
+                    on_lost=lambda l, exc: inbox.put((l, _LOST)))
+        link.start()
+        link.post(req)
+        try:
+            reply = self._await(lambda msg: isinstance(msg, m.AttachReply), link=link, limit=timeout,
+                                during_attach=True)
+        except BaseException:
+            link.close(drain=False)
+            raise
+        assert isinstance(reply, m.AttachReply)
+        if not reply.ok:
+            link.close(drain=False)
+            raise _Refused(f"{edge} refused {self.name}: {reply.reason}")
+        return link, reply
+
+    def _install(self, edge: str, link: Link, reply: m.AttachReply) -> None:
+        old = self._link
+        with self._lock:
+            self._link = link
+            self.edge = edge
+            cut_active = time.monotonic() < self._cut_until
+        if old is not None and old is not link:
+            old.close(drain=False)
+        if reply.run_name and self.run_name is None:
+            self.run_name = reply.run_name
+            self.events.open(os.path.join(self.cfg.run["out"], reply.run_name))
+        self._set_link_state("attached")
+        held, self._held = self._held, []
+        for msg in held:
+            link.post(msg)
+        if cut_active:  # a cut came while we were attaching: it applies to this link too
+            link.go_silent()
+            self._inbox.put((link, _CUT))
+
+    def join(self) -> None:
+        """The first attach, to the config's edge; retried while it is not up yet."""
+        deadline = time.monotonic() + self.cfg.run["startup_timeout"]
+        backoff = BACKOFF_FIRST_S
+        while True:
+            try:
+                link, reply = self._open(self.edge, self._request("start"), timeout=self.cfg.run["startup_timeout"])
+                self._install(self.edge, link, reply)
+                self.events.emit("attached", edge=self.edge)
+                return
+            except (_Refused, AuthenticationError):
+                raise  # a refusal or a wrong key never heals by trying again
+            except (TransportError, ProtocolError, TimeoutError, _Lost) as exc:
+                if time.monotonic() >= deadline:
+                    raise EdgeUnreachable(f"cannot attach to {self.edge}: {exc}") from None
+                time.sleep(backoff)
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def _await(self, match: Callable[[m.Message], bool], *, link: Link | None = None, limit: float | None = None,
+               during_attach: bool = False) -> m.Message:
+        """The next message from ``link`` (default: ours) that ``match``es. Raises ``_Lost``
+        when that link ends, ``RunOver`` on a Shutdown, ``RoundOver`` when the device's
+        round ends without it (not while attaching)."""
+        link = link or self._link
+        if link is None:
+            raise _Lost("no link")
+        limit = self.cfg.run["round_timeout"] if limit is None else limit
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                src, msg = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise _Lost(f"no answer from {link.name} within {limit:.0f} s") from None
+            if src is not link:
+                continue  # from a link we left
+            if msg is _LOST:
+                reason = link.lost_reason
+                silent = time.monotonic() - link.conn.last_received if isinstance(reason, PeerSilent) else 0.0
+                raise _Lost(f"{link.name}: {reason}", silent_s=silent)
+            if msg is _CUT:
+                raise _Lost(f"{link.name}: cut by the controller", cut=True)
+            if isinstance(msg, m.Shutdown):
+                raise RunOver(msg.reason)
+            if isinstance(msg, m.ErrorNotice):
+                link.close(drain=False)
+                raise _Lost(f"{link.name} reported {msg.kind}: {msg.detail}")
+            if isinstance(msg, m.DoneAck):
+                self.last_round = max(self.last_round, msg.round)
+            if match(msg):
+                return msg
+            if during_attach:
+                continue
+            if isinstance(msg, m.StandBy) and self.where.in_round and msg.round == self.where.round:
+                raise RoundOver(msg.round, reason=msg.reason)
+            if isinstance(msg, m.DeviceRound) and self.where.in_round and \
+                    msg.round_plan.round > self.where.round:
+                raise RoundOver(self.where.round, next=msg, reason="a newer round started")
+
+    # -- losing the link and coming back ----------------------------------------------------------
+
+    def cut(self, seconds: float, to: str) -> None:
+        """The controller's radio loss: silence on the link now, for ``seconds``, then
+        reconnect to ``to`` (or as the policy says). Called from the control thread."""
+        with self._lock:
+            self._cut_at = time.monotonic()
+            self._cut_until = self._cut_at + seconds
+            self._cut_to = to
+            link = self._link
+        self._set_link_state("cut")
+        self.events.emit("cut", seconds=seconds, to=to, edge=self.edge)
+        if link is not None:
+            link.go_silent()
+            self._inbox.put((link, _CUT))
+
+    def _candidates(self, lost_at: float, tries: int) -> list[str]:
+        """Edges to try, in order, per ``faults.reconnect`` (and the controller's word)."""
+        edges = sorted(self.cfg.edges)
+        others = [e for e in edges if e != self.edge]
+        i = edges.index(self.edge)
+        others = edges[i + 1:] + edges[:i]
+        told = self._cut_to or self.pos.peek_pending() or ""
+        if told:
+            return [told] + [e for e in [self.edge] + others if e != told]
+        policy = self.faults["reconnect"]
+        if policy == "controller":
+            if time.monotonic() - lost_at < self.faults["device_grace_s"]:
+                return []  # wait for the controller to say where
+            policy = "same"
+        if policy == "nearest":
+            return self._nearest(edges)
+        # same: the edge we lost, until it has had dead_after_s to come back; then any edge
+        if time.monotonic() - lost_at < self.faults["dead_after_s"]:
+            return [self.edge]
+        return [self.edge] + others
+
+    def _nearest(self, edges: list[str]) -> list[str]:
+        """Every edge, the first to complete a handshake first (the nearest in the network)."""
+        results: "queue.SimpleQueue[tuple[str, float]]" = queue.SimpleQueue()
+
+        def probe(edge: str) -> None:
+            ep = self.cfg.edges[edge]
+            t0 = time.monotonic()
+            try:
+                conn = transport.connect(ep.host, ep.port, key=self.key, peer=f"edge {edge}",
+                                         timeout=self.faults["dead_after_s"])
+                conn.close()
+                results.put((edge, time.monotonic() - t0))
+            except (TransportError, ProtocolError):
+                results.put((edge, float("inf")))
+        for e in edges:
+            threading.Thread(target=probe, args=(e,), daemon=True).start()
+        got = [results.get() for _ in edges]
+        return [e for e, t in sorted(got, key=lambda x: (x[1], x[0])) if t != float("inf")]
+
+    def _reattach(self, lost: _Lost) -> m.AttachReply:
+        """Back on an edge after ``lost``; returns its answer. Raises ``EdgeUnreachable``."""
+        t_lost = time.monotonic()
+        # when the link really went: the cut itself, or the edge's last sign of life
+        last_heard = self._cut_at if lost.cut else t_lost - lost.silent_s
+        old_edge, old = self.edge, self._link
+        self._set_link_state("cut" if lost.cut else "reconnecting")
+        log.warning("%s: link to %s lost (%s); reconnecting", self.name, old_edge, lost.detail)
+        self.events.emit("link_lost", edge=old_edge, detail=lost.detail[:200], silent_s=round(lost.silent_s, 3),
+                         cut=lost.cut, round=self.where.round, step=self.where.step)
+        backoff = BACKOFF_FIRST_S
+        tries = 0
+        while True:
+            wait = self._cut_until - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+                continue
+            if old is not None:
+                old.close(drain=False)  # the radio is back: the old connection is of no use
+                old = None
+            self._set_link_state("reconnecting")
+            for edge in self._candidates(t_lost, tries):
+                try:
+                    link, reply = self._open(edge, self._request("reconnect"), timeout=max(
+                        2 * self.faults["dead_after_s"], 10.0))
+                except (TransportError, ProtocolError, TimeoutError, _Lost, _Refused) as exc:
+                    self.events.emit("reconnect_failed", edge=edge, detail=str(exc)[:200])
+                    continue
+                source = self.edge
+                self._install(edge, link, reply)
+                with self._lock:
+                    self._cut_to = ""
+                if edge == self.pos.peek_pending():
+                    self.pos.take_pending()  # the controller's move is done by this reconnect
+                back = time.monotonic()
+                self.events.emit("reattached", edge=edge, source=source, action=reply.action,
+                                 resume_step=reply.resume_step, how=reply.how, down_s=round(back - last_heard, 3))
+                w = self.where
+                replayed = w.step - reply.resume_step if reply.action == "continue" and w.in_round else 0
+                self.report(m.FaultReport(
+                    kind="peer_silent" if lost.silent_s else "link_lost", process=self.name, peer=old_edge,
+                    round=w.round, step=w.step, detail=(lost.detail + (f"; back on {edge} ({reply.how})"
+                                                                          if edge != old_edge else ""))[:300],
+                    detected_s=round(lost.silent_s, 3), down_s=round(back - last_heard, 3),
+                    replayed=max(0, replayed), recovery=reply.how or reply.action,
+                    samples_lost=0))
+                return reply
+            tries += 1
+            if time.monotonic() - t_lost > self.faults["give_up_s"]:
+                raise EdgeUnreachable(f"no edge took {self.name} for {self.faults['give_up_s']:.0f} s")
+            time.sleep(backoff)
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    def _outcome(self, reply: m.AttachReply) -> None:
+        """Go on from where the device is, or raise what the training loop must do."""
+        w = self.where
+        if reply.action == "done":
+            if w.in_round:
+                self.last_round = max(self.last_round, w.round)
+                raise RoundOver(w.round, delivered=True, reason="its update was taken")
+            return
+        if reply.action == "wait":
+            if w.in_round:
+                raise RoundOver(w.round, reason=reply.how or "no work here now")
+            return
+        if not w.in_round:
+            return
+        if reply.round != w.round:
+            raise RoundOver(w.round, reason=f"the edge is in round {reply.round}")
+        if reply.resume_step != w.step:
+            raise Rollback(w.round, reply.resume_step, reply.how)
+
+    # -- what the training loop calls ---------------------------------------------------------------
+
+    def _exchange(self, msg: m.Message, match: Callable[[m.Message], bool]) -> m.Message:
+        failures = 0
+        while True:
+            link = self._link
+            if link is None or not link.post(msg):
+                reply = self._reattach(_Lost("not linked"))
+                self._outcome(reply)
+                continue
+            try:
+                return self._await(match)
+            except _Lost as lost:
+                failures += 1
+                if failures > MAX_FAILURES_AT_ONE_PLACE:
+                    raise EdgeUnreachable(f"{self.name}: {failures} tries at round {self.where.round} step "
+                                          f"{self.where.step} failed; last: {lost.detail}") from None
+                reply = self._reattach(lost)
+                self._outcome(reply)  # continue here: send it again
+
+    def step(self, round: int, step: int, x: torch.Tensor, y: torch.Tensor) -> m.Gradients:
+        """One step with the edge: activations out, the gradient at the cut back."""
+        msg = m.Activations(round=round, step=step, batch={"x": x, "y": y})
+        reply = self._exchange(msg, lambda r: isinstance(r, m.Gradients) and (r.round, r.step) == (round, step))
+        assert isinstance(reply, m.Gradients)
+        return reply
+
+    def finish(self, done: m.DeviceDone) -> None:
+        """The round's update, until the central has it."""
+        r = done.round
+        self._exchange(done, lambda msg: isinstance(msg, m.DoneAck) and msg.round == r)
+        self.last_round = max(self.last_round, r)
+
+    def wait_round(self) -> m.DeviceRound:
+        """Idle until the next round's work (reconnecting as needed)."""
+        while True:
+            try:
+                msg = self._await(lambda msg: isinstance(msg, m.DeviceRound), limit=1e9)
+            except _Lost as lost:
+                self._outcome(self._reattach(lost))
+                continue
+            assert isinstance(msg, m.DeviceRound)
+            if msg.round_plan.round > self.last_round:
+                return msg
+
+    def move(self, to: str, round: int, step: int) -> m.AttachReply:
+        """A planned move at a step boundary: leave the current edge, attach to ``to``
+        naming it. If ``to`` cannot take the device, the link policy finds it a place
+        (the edge it left first). Raises ``Rollback``/``RoundOver`` like ``step``."""
+        source = self.edge
+        t0 = time.perf_counter()
+        old = self._link
+        self._set_link_state("reconnecting")
+        if old is not None:
+            old.close(drain=False)  # leaving: the source keeps the session until it is pulled
+        try:
+            link, reply = self._open(to, self._request("move"), timeout=max(2 * self.faults["dead_after_s"], 10.0))
+        except (TransportError, ProtocolError, TimeoutError, _Lost, _Refused) as exc:
+            self.events.emit("move_failed", to=to, round=round, step=step, reason=str(exc)[:200])
+            log.warning("%s: move to %s failed (%s)", self.name, to, exc)
+            reply = self._reattach(_Lost(f"move to {to} failed: {exc}"))
+            self._outcome(reply)
+            return reply
+        self._install(to, link, reply)
+        pause_ms = (time.perf_counter() - t0) * 1000
+        self.report(m.MigrationReport(device=self.name, source=source, target=to, round=round, step=step,
+                                      mode=self.mode, pause_ms=pause_ms, state_bytes=reply.state_bytes,
+                                      transfer_ms=reply.transfer_ms))
+        self.events.emit("moved", source=source, to=to, round=round, step=step, pause_ms=pause_ms,
+                         state_bytes=reply.state_bytes, transfer_ms=reply.transfer_ms,
+                         resume_step=reply.resume_step, how=reply.how)
+        self._outcome(reply)
+        return reply
+
+    def close(self) -> None:
+        link = self._link
+        if link is not None:
+            link.close(drain=False)
+
+
+class _Refused(ProtocolError):
+    """The edge answered the attach with a refusal."""

@@ -1,0 +1,682 @@
+"""The edge's core: one thread that owns every device's entry and session on this edge.
+
+Concurrency model. Link threads (devices, peer edges, the central) and handover workers
+only turn what happens into events on one queue (``submit``); ``run`` takes them one at
+a time and is the only code that reads or changes the session table, which therefore has
+no lock. It is also the edge's training thread: a step is trained here, between two
+events, so nothing can snapshot, move or drop a session while it trains, and a migrated
+session never lands on a cold thread. Nothing here blocks on the network: replies go out
+through ports, whose writer threads send them.
+
+Every change of an entry's state goes through ``_move``, which checks it against the
+table in ``edge.lifecycle``; a message that the table does not allow costs that one
+link (a typed error, the link closed), never the edge.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from common import messages as m
+from common.errors import LocalProtocolError, MigrationError, RemoteProtocolError
+from common.events import EventLog
+from common.plan import RoundPlan
+from edge.lifecycle import Event, State, TransitionError, check_transition
+from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
+                        Fetcher, PeerLost, PeerMessage, Port, PullOutcome, Stop, Tick)
+from edge.session import EdgeSession, SparePart
+
+log = logging.getLogger("edge")
+
+E, S = Event, State
+# A handed-over session may have moved on again before a pull reached it; each hop names
+# the next edge. More hops than edges means a loop (a bug): give up and restart the round.
+MAX_FORWARD_HOPS = 8
+TICK_S = 0.5
+
+
+@dataclass
+class RoundInfo:
+    plan: RoundPlan
+    weights: dict[str, torch.Tensor]
+
+    @property
+    def round(self) -> int:
+        return self.plan.round
+
+
+@dataclass
+class Entry:
+    """One device on this edge: its state in the lifecycle, its session, its link."""
+    device: str
+    state: State = State.GONE
+    session: EdgeSession | None = None
+    port: Port | None = None              # the device's current link, if linked
+    update: m.DeviceUpdate | None = None  # DELIVERING: what went to the central
+    pending: m.AttachRequest | None = None  # PULLING: the attach to answer
+    pull_token: int = 0                   # PULLING: which fetch counts (older outcomes are stale)
+    hops: int = 0
+    attach_at: float = 0.0
+    handover: tuple[Port, str, str] | None = None  # HANDING_OVER: (peer port, checksum, target)
+    last_round: int = 0                   # the device's word: last round whose update it knows taken
+
+
+@dataclass
+class Forward:
+    round: int
+    target: str
+
+
+@dataclass
+class Models:
+    """The model layout this edge serves: which keys are the device's and the edge's."""
+    name: str
+    split: int
+    device_keys: list[str]
+    edge_keys: list[str]
+
+
+class EdgeCore:
+    def __init__(self, *, name: str, mode: str, models: Models, seed: int, devices: set[str], peers: set[str],
+                 central: CentralPort, fetcher: Fetcher, events: EventLog, spare: SparePart | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.role = f"edge {name}"
+        self.mode = mode
+        self.models = models
+        self.seed = seed
+        self.known_devices = devices
+        self.central = central
+        self.fetcher = fetcher
+        self.events = events
+        self.spare = spare
+        self.clock = clock
+        self.peers = peers
+        self.entries: dict[str, Entry] = {}
+        self.forward: dict[str, Forward] = {}
+        self.delivered: dict[str, int] = {}   # device -> last round whose update the central confirmed
+        self.current: RoundInfo | None = None
+        self.run_name: str | None = None
+        self.up = False                        # welcomed by the central
+        self.parked: list[DeviceAttach] = []   # attaches that came before the central's welcome
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._token = 0
+        self._last_status: list[str] | None = None
+        self.stopped: Stop | None = None
+        self.closing: list[Port] = []  # device links told to shut down (the server waits for them)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def submit(self, event: object) -> None:
+        """Thread-safe: hand an event to the core."""
+        self._queue.put(event)
+
+    def run(self) -> Stop:
+        """Handle events until a ``Stop``; returns it."""
+        while self.stopped is None:
+            try:
+                ev = self._queue.get(timeout=TICK_S)
+            except queue.Empty:
+                ev = Tick()
+            self.handle(ev)
+        return self.stopped
+
+    def drain(self) -> None:
+        """Handle every event queued now (tests drive the core with this)."""
+        while True:
+            try:
+                ev = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self.handle(ev)
+
+    def handle(self, ev: object) -> None:
+        try:
+            if isinstance(ev, DeviceMessage):
+                self._on_device_message(ev)
+            elif isinstance(ev, DeviceAttach):
+                self._on_attach(ev)
+            elif isinstance(ev, DeviceLost):
+                self._on_device_lost(ev)
+            elif isinstance(ev, PeerMessage):
+                self._on_peer_message(ev)
+            elif isinstance(ev, PeerLost):
+                self._on_peer_lost(ev)
+            elif isinstance(ev, PullOutcome):
+                self._on_pull_outcome(ev)
+            elif isinstance(ev, CentralMessage):
+                self._on_central(ev.msg)
+            elif isinstance(ev, CentralUp):
+                self._on_central_up(ev)
+            elif isinstance(ev, CentralDown):
+                self.events.emit("central_down", detail=ev.detail)
+            elif isinstance(ev, Stop):
+                self._stop(ev)
+            elif isinstance(ev, Tick):
+                pass
+            else:  # pragma: no cover - a wiring bug
+                raise LocalProtocolError(f"{self.role}: unknown event {type(ev).__name__}")
+        except Exception as exc:  # noqa: BLE001 - one bad event must not stop the edge
+            log.exception("%s: handling %s failed", self.role, type(ev).__name__)
+            self.events.emit("core_error", event=type(ev).__name__, error=type(exc).__name__, detail=str(exc)[:300])
+        self._report_status()
+
+    # -- table -------------------------------------------------------------------------------
+
+    def _entry(self, device: str) -> Entry:
+        e = self.entries.get(device)
+        if e is None:
+            e = Entry(device)
+            self.entries[device] = e
+        return e
+
+    def _move(self, e: Entry, event: Event, to: State) -> None:
+        """The one place an entry changes state: checked against the table; what belongs
+        to the state left behind is cleared here."""
+        check_transition(self.role, e.device, e.state, event, to)
+        was = e.state
+        if to != was:
+            self.events.emit("session_state", device=e.device, state=to.value, was=was.value, on=event.value)
+            if was is S.HANDING_OVER:
+                e.handover = None       # a late confirmation is refused from now on
+            elif was is S.PULLING:
+                e.pull_token = 0        # a late outcome of the fetch is stale from now on
+                e.pending = None
+            elif was is S.DELIVERING:
+                e.update = None         # the update is the central link's to deliver now
+        e.state = to
+        if to in (S.GONE, S.IDLE):
+            e.session = None
+        if to is S.GONE and e.port is None:
+            self.entries.pop(e.device, None)
+
+    def _report_status(self) -> None:
+        linked = sorted(d for d, e in self.entries.items() if e.port is not None)
+        if linked != self._last_status and self.up:
+            self._last_status = linked
+            self.central.send(m.EdgeStatus(edge=self.name, attached=linked))
+
+    # -- the central -------------------------------------------------------------------------
+
+    def _on_central_up(self, ev: CentralUp) -> None:
+        first = not self.up and self.run_name is None
+        self.run_name = ev.run_name
+        self.up = True
+        self._last_status = None  # send it again: the central may have lost it
+        self.events.emit("central_up", run=ev.run_name, first=first)
+        parked, self.parked = self.parked, []
+        for att in parked:
+            self._on_attach(att)
+
+    def _on_central(self, msg: m.Message) -> None:
+        if isinstance(msg, m.RoundStart):
+            self._on_round_start(msg)
+        elif isinstance(msg, m.UpdateAck):
+            self._on_update_acked(msg)
+        elif isinstance(msg, m.Shutdown):
+            self._stop(Stop(reason=msg.reason))
+        else:
+            raise RemoteProtocolError(f"{self.role}: the central sent {msg.TYPE}, which it never should")
+
+    def _stop(self, stop: Stop) -> None:
+        if self.stopped is not None:
+            return
+        self.stopped = stop
+        self.events.emit("shutdown", reason=stop.reason)
+        for e in self.entries.values():
+            if e.port is not None:
+                e.port.close(notice=m.Shutdown(reason=stop.reason))
+                self.closing.append(e.port)
+
+    def _on_round_start(self, msg: m.RoundStart) -> None:
+        plan = msg.round_plan
+        if self.current is not None and plan.round <= self.current.round:
+            return  # sent again after we rejoined: we have it
+        self.current = RoundInfo(plan, msg.weights)
+        r = plan.round
+        self.forward = {d: f for d, f in self.forward.items() if f.round >= r}
+        self.events.emit("round_start", round=r, participants=list(plan.participants))
+        for e in list(self.entries.values()):
+            if e.state is S.REPLICA or (e.session is not None and e.session.round >= r):
+                continue
+            if e.state is S.PULLING and e.pending is not None and e.pending.round >= r:
+                self._resolve_pending(e)  # it was waiting for this very round
+                continue
+            old_round = e.session.round if e.session is not None else (e.pending.round if e.pending else 0)
+            if e.port is None:
+                self._move(e, E.ROUND_START, S.GONE)
+                continue
+            e.pending = None
+            if self._takes_part(e.device, r):
+                self._start_session(e, E.ROUND_START)
+            else:
+                self._move(e, E.ROUND_START, S.IDLE)
+                e.session = None
+                if old_round:
+                    e.port.post(m.StandBy(round=old_round, reason=f"round {old_round} is over; "
+                                          f"{e.device} is not in round {r}"))
+
+    def _takes_part(self, device: str, r: int) -> bool:
+        info = self.current
+        return (info is not None and info.round == r and device in info.plan.participants
+                and self.delivered.get(device, 0) < r)
+
+    def _on_update_acked(self, msg: m.UpdateAck) -> None:
+        self.central.acked(msg.device, msg.round)
+        self.delivered[msg.device] = max(self.delivered.get(msg.device, 0), msg.round)
+        e = self.entries.get(msg.device)
+        if e is None or e.state is not S.DELIVERING or e.update is None or e.update.round != msg.round:
+            return
+        e.update = None
+        if e.port is not None:
+            e.port.post(m.DoneAck(round=msg.round))
+            self._move(e, E.UPDATE_ACKED, S.IDLE)
+            e.session = None
+        else:
+            self._move(e, E.UPDATE_ACKED, S.GONE)
+
+    # -- devices: attach ---------------------------------------------------------------------
+
+    def _reply(self, e: Entry, *, ok: bool = True, reason: str = "", action: str = "wait", round: int = 0,
+               resume_step: int = 0, how: str = "", state_bytes: int = 0, transfer_ms: float = 0.0) -> None:
+        assert e.port is not None
+        e.port.post(m.AttachReply(ok=ok, reason=reason, run_name=self.run_name or "", mode=self.mode, action=action,
+                                  round=round, resume_step=resume_step, how=how, state_bytes=state_bytes,
+                                  transfer_ms=transfer_ms))
+
+    def _on_attach(self, ev: DeviceAttach) -> None:
+        req = ev.req
+        if not self.up:
+            self.parked.append(ev)
+            return
+        if req.device not in self.known_devices:
+            ev.port.post(m.AttachReply(ok=False, reason=f"{req.device!r} is not a device of this testbed",
+                                       run_name="", mode=self.mode, action="wait", round=0, resume_step=0, how="",
+                                       state_bytes=0, transfer_ms=0.0))
+            ev.port.close()
+            return
+        e = self._entry(req.device)
+        if e.port is not None and e.port is not ev.port:
+            e.port.close(notice=m.Shutdown(reason="replaced by a newer connection of the same device"), drain=False)
+        e.port = ev.port
+        e.attach_at = ev.at or self.clock()
+        e.last_round = max(e.last_round, req.last_round)
+        self.events.emit("attached", device=req.device, kind=req.kind, why=req.why, source=req.source,
+                         round=req.round, step=req.step, state=e.state.value)
+        if req.kind == "join":
+            self._attach_join(e)
+        else:
+            self._attach_resume(e, req)
+
+    def _attach_join(self, e: Entry) -> None:
+        """The device holds no round state: the current round from its start if it takes
+        part (a restarted device does the whole round again, exactly), else wait."""
+        if e.state is S.DELIVERING:
+            self._move(e, E.JOIN, S.DELIVERING)
+            self._reply(e, action="wait", how="delivering")
+            return
+        info = self.current
+        self._reply(e, action="wait", how="join")
+        if info is not None and self._takes_part(e.device, info.round) and e.last_round < info.round:
+            if e.state is S.PULLING:
+                e.pull_token = 0  # the fetch no longer counts
+            e.pending = None
+            self._start_session(e, E.JOIN)
+        else:
+            self._move(e, E.JOIN, S.IDLE)
+            e.session = None
+
+    def _attach_resume(self, e: Entry, req: m.AttachRequest) -> None:
+        event = E.RESUME_HERE if req.source == self.name else E.RESUME_FROM
+        r, s = req.round, req.step
+        if e.state is S.DELIVERING:
+            self._move(e, event, S.DELIVERING)
+            self._reply(e, action="continue", round=r, resume_step=s, how="delivering")
+            return
+        if e.state is S.PULLING:
+            self._move(e, event, S.PULLING)  # the fetch goes on; its outcome answers this link
+            e.pending = req
+            return
+        ours = e.session
+        if ours is not None and ours.round == r and ours.position_matches(s) and (
+                event is E.RESUME_HERE or e.state is S.HANDING_OVER):
+            # Its session is here: a link that came back (or a device that returned before
+            # our handover finished; the late confirmation will be refused).
+            if e.state is S.HANDING_OVER:
+                self.events.emit("handover_cancelled", device=e.device, round=r, step=s)
+                e.handover = None
+            self._move(e, event, S.ACTIVE)
+            self._reply(e, action="continue", round=r, resume_step=s, how="here")
+            return
+        self._begin_resume(e, event, req)
+
+    def _begin_resume(self, e: Entry, event: Event, req: m.AttachRequest) -> None:
+        """The session is not here (or not where the device is): fetch it, rebuild it from
+        the round's weights, or tell the device its round is over."""
+        r, s = req.round, req.step
+        info = self.current
+        fwd = self.forward.get(e.device)
+        if self.delivered.get(e.device, 0) >= r:
+            self._move(e, event, S.IDLE)
+            e.session = None
+            self._reply(e, action="done", round=r, how="delivered")
+            return
+        if info is None or info.round < r:
+            # We have not been told of round r yet (our link to the central lags): wait for it.
+            self._move(e, event, S.PULLING)
+            e.pending = req
+            e.pull_token = 0
+            self.events.emit("awaiting_round", device=e.device, round=r)
+            return
+        if info.round > r or not self._takes_part(e.device, r):
+            self._move(e, event, S.IDLE)
+            self._reply(e, action="wait", round=r, how="round over")
+            if self._takes_part(e.device, info.round):
+                self._start_session(e, E.ROUND_START)
+            return
+        source = req.source
+        if event is E.RESUME_HERE and fwd is not None and fwd.round == r:
+            source = fwd.target  # we handed it on; the device missed the other edge's reply
+        needs_state = self.mode == "fedfly" and s > 0
+        if source != self.name and needs_state:
+            self._pull(e, event, req, source)
+            return
+        if source != self.name and source in self.peers:
+            # No state to fetch; tell the old edge to let go (not on the device's path).
+            self.fetcher.drop(device=e.device, source=source, round=r)
+        # Modes restart and classic keep no state to fetch (restart: the round from its
+        # weights; classic: the device trains alone); fedfly at step 0: the round's weights
+        # are the whole session. Here with no session at all: the round again, exactly.
+        resume = 0 if self.mode == "restart" else s
+        how = "fresh"
+        if source == self.name and needs_state:
+            resume, how = 0, "restart"  # the device says its session is here, and it is not
+        self._fresh(e, event, info, resume)
+        self._reply(e, action="continue", round=r, resume_step=resume, how=how)
+
+    def _pull(self, e: Entry, event: Event, req: m.AttachRequest, source: str) -> None:
+        self._move(e, event, S.PULLING)
+        self._token += 1
+        e.pull_token = self._token
+        e.pending = req
+        e.hops = 0
+        self.fetcher.pull(device=e.device, source=source, round=req.round, step=req.step, token=e.pull_token)
+
+    def _resolve_pending(self, e: Entry) -> None:
+        """A PULLING entry that waited for the round's weights: decide again, now."""
+        req = e.pending
+        assert req is not None
+        if e.port is None:
+            self._move(e, E.ROUND_START, S.GONE)
+            return
+        self._begin_resume(e, E.PULLED, req)
+
+    def _fresh(self, e: Entry, event: Event, info: RoundInfo, step: int) -> None:
+        e.session = self._new_session(e.device, info)
+        e.session.step = step
+        self._move(e, event, S.ACTIVE if e.port is not None else S.DETACHED)
+
+    def _new_session(self, device: str, info: RoundInfo) -> EdgeSession:
+        edge_state = None if self.mode == "classic" else {k: info.weights[k] for k in self.models.edge_keys}
+        return EdgeSession(device=device, round=info.round, mode=self.mode, model=self.models.name,
+                           split_layer=self.models.split, lr=info.plan.lr, momentum=info.plan.momentum,
+                           part_state=edge_state, seed=self.seed)
+
+    def _start_session(self, e: Entry, event: Event) -> None:
+        """A fresh session of the current round, and the round's work sent to the device."""
+        info = self.current
+        assert info is not None and e.port is not None
+        self._fresh(e, event, info, 0)
+        keys = self.models.device_keys + (self.models.edge_keys if self.mode == "classic" else [])
+        e.port.post(m.DeviceRound(plan=info.plan.to_wire(), weights={k: info.weights[k] for k in keys}))
+
+    def _on_pull_outcome(self, ev: PullOutcome) -> None:
+        e = self.entries.get(ev.device)
+        if e is None or e.state is not S.PULLING or e.pull_token != ev.token or e.pending is None:
+            if ev.session is not None:
+                self.events.emit("pull_stale", device=ev.device, source=ev.source)
+            return
+        req = e.pending
+        r, s = req.round, req.step
+        if ev.session is not None:
+            e.pending = None
+            e.session = ev.session
+            if self.spare is not None:
+                self.spare.refill_soon()
+            self.events.emit("migrated_in", device=e.device, source=ev.source, round=r, step=s,
+                             state_bytes=ev.state_bytes, transfer_ms=ev.transfer_ms)
+            if e.port is None:
+                self._move(e, E.PULLED, S.DETACHED)
+                e.session.prepare_snapshot()
+                return
+            self._move(e, E.PULLED, S.ACTIVE)
+            self._reply(e, action="continue", round=r, resume_step=s, how="pulled", state_bytes=ev.state_bytes,
+                        transfer_ms=ev.transfer_ms)
+            return
+        refused = ev.refused
+        if refused is not None and refused.delivered:
+            e.pending = None
+            self._move(e, E.PULLED, S.IDLE)
+            if e.port is not None:
+                self._reply(e, action="done", round=r, how="delivered")
+            return
+        if refused is not None and refused.moved_to and refused.moved_to != self.name and e.hops < MAX_FORWARD_HOPS:
+            e.hops += 1
+            self.fetcher.pull(device=e.device, source=refused.moved_to, round=r, step=s, token=e.pull_token)
+            return
+        # The session cannot be had (its edge is gone or refuses): the round again from its
+        # weights here. Exact, at the cost of the steps done.
+        detail = ev.error or (refused.reason if refused is not None else "unknown")
+        self.events.emit("pull_failed", device=e.device, source=ev.source, round=r, step=s, detail=detail)
+        self.central.send(m.FaultReport(kind="handover_failed", process=self.name, peer=ev.source, round=r, step=s,
+                                        detail=detail[:200], detected_s=0.0, down_s=0.0, replayed=s,
+                                        recovery="restart", samples_lost=0))
+        e.pending = None
+        info = self.current
+        if info is None or info.round != r or not self._takes_part(e.device, r):
+            self._move(e, E.PULLED, S.IDLE)
+            if e.port is not None:
+                self._reply(e, action="wait", round=r, how="round over")
+            return
+        self._fresh(e, E.PULLED, info, 0)
+        if e.port is not None:
+            self._reply(e, action="continue", round=r, resume_step=0, how="restart")
+
+    # -- devices: steps, updates, loss ---------------------------------------------------------
+
+    def _on_device_message(self, ev: DeviceMessage) -> None:
+        e = self.entries.get(ev.device)
+        msg = ev.msg
+        if isinstance(msg, (m.MigrationReport, m.FaultReport)):
+            self.central.send(msg)
+            return
+        if e is None or e.port is not ev.port:
+            return  # from a link that was replaced: stale
+        try:
+            if isinstance(msg, m.Activations):
+                self._on_step(e, msg)
+            elif isinstance(msg, m.DeviceDone):
+                self._on_finish(e, msg)
+            else:
+                raise RemoteProtocolError(f"{self.role} (serving {e.device}, {e.state.name}): "
+                                          f"{msg.TYPE} is not allowed")
+        except (TransitionError, RemoteProtocolError) as exc:
+            self._drop_link(e, RemoteProtocolError(str(exc)))
+
+    def _on_step(self, e: Entry, msg: m.Activations) -> None:
+        session = e.session
+        if e.state is not S.ACTIVE or session is None or session.round != msg.round or self.mode == "classic":
+            if e.state is S.ACTIVE and session is not None and session.round == msg.round:
+                raise RemoteProtocolError(f"{self.role}: Activations from {e.device} in mode classic")
+            self._move(e, E.STEP, e.state)  # a stale step: the table says whether it may be ignored
+            self.events.emit("stale_step", device=e.device, round=msg.round, step=msg.step, state=e.state.value)
+            return
+        port = e.port
+        assert port is not None
+
+        def reply(grad: torch.Tensor, loss: float, _r: int = msg.round, _s: int = msg.step) -> None:
+            port.post(m.Gradients(round=_r, step=_s, loss=loss, grad={"g": grad}))
+        try:
+            trained = session.train_step(msg.step, msg.batch["x"], msg.batch["y"], reply)
+        except MigrationError as exc:
+            raise RemoteProtocolError(str(exc)) from None
+        except RuntimeError as exc:  # shapes that do not fit the edge part
+            raise RemoteProtocolError(f"edge part cannot take this batch: {exc}") from None
+        self._move(e, E.STEP, S.ACTIVE)
+        if not trained:
+            self.events.emit("step_replayed", device=e.device, round=msg.round, step=msg.step)
+
+    def _drop_link(self, e: Entry, exc: RemoteProtocolError) -> None:
+        """A device broke the protocol: its link goes (the device may attach again)."""
+        self.events.emit("protocol_error", peer=f"device {e.device}", detail=str(exc)[:300], error=type(exc).__name__)
+        if e.port is not None:
+            e.port.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)[:300]), drain=True)
+
+    def _on_finish(self, e: Entry, msg: m.DeviceDone) -> None:
+        if e.state is S.DELIVERING or (e.state is S.IDLE and self.delivered.get(e.device, 0) >= msg.round):
+            self._move(e, E.FINISH, e.state)
+            if e.state is S.IDLE:
+                e.port.post(m.DoneAck(round=msg.round))  # type: ignore[union-attr]
+            return
+        session = e.session
+        if e.state is not S.ACTIVE or session is None or session.round != msg.round:
+            self._move(e, E.FINISH, e.state)
+            self.events.emit("stale_update", device=e.device, round=msg.round, state=e.state.value)
+            return
+        keys = self.models.device_keys + (self.models.edge_keys if self.mode == "classic" else [])
+        if set(msg.weights) != set(keys):
+            raise RemoteProtocolError(f"{self.role}: DeviceDone from {e.device} has the wrong weights")
+        if self.mode != "classic" and session.step != msg.steps:
+            raise RemoteProtocolError(f"{self.role}: {e.device} finished after {msg.steps} steps, "
+                                      f"its session here has {session.step}")
+        weights = {**msg.weights, **session.weights()}
+        e.update = m.DeviceUpdate(round=msg.round, device=e.device, edge=self.name, samples=msg.samples,
+                                  steps=msg.steps, train_seconds=msg.train_seconds, weights=weights)
+        self._move(e, E.FINISH, S.DELIVERING)
+        self.central.deliver(e.update)
+        self.events.emit("device_done", device=e.device, round=msg.round, samples=msg.samples, steps=msg.steps,
+                         train_seconds=msg.train_seconds, edge_steps=session.step)
+
+    def _on_device_lost(self, ev: DeviceLost) -> None:
+        e = self.entries.get(ev.device)
+        if e is None or e.port is not ev.port:
+            return
+        e.port = None
+        silent = ev.silent_s > 0
+        self.events.emit("detached", device=e.device, state=e.state.value, detail=str(ev.error)[:200],
+                         silent_s=round(ev.silent_s, 3))
+        if silent:
+            step = e.session.step if e.session is not None else 0
+            rnd = e.session.round if e.session is not None else 0
+            self.central.send(m.FaultReport(kind="peer_silent", process=self.name, peer=e.device, round=rnd, step=step,
+                                            detail=str(ev.error)[:200], detected_s=round(ev.silent_s, 3), down_s=0.0,
+                                            replayed=0, recovery="session held", samples_lost=0))
+        if e.state is S.ACTIVE:
+            self._move(e, E.LINK_LOST, S.DETACHED)
+            if self.mode == "fedfly" and e.session is not None:
+                # Most likely the device is moving: hash its session now, while it
+                # reconnects, so that a pull only has to send it.
+                e.session.prepare_snapshot()
+        elif e.state is S.IDLE:
+            self._move(e, E.LINK_LOST, S.GONE)
+        elif e.state in (S.DELIVERING, S.PULLING):
+            self._move(e, E.LINK_LOST, e.state)
+
+    # -- peer edges --------------------------------------------------------------------------
+
+    def _on_peer_message(self, ev: PeerMessage) -> None:
+        msg = ev.msg
+        if isinstance(msg, m.SessionPull):
+            self._on_pull(ev.port, msg)
+        elif isinstance(msg, m.SessionInstalled):
+            self._on_installed(ev.port, msg)
+        elif isinstance(msg, m.SessionDrop):
+            self._on_drop(ev.port, msg)
+        else:
+            raise RemoteProtocolError(f"{self.role} (peer link {ev.port.name}): {msg.TYPE} is not allowed")
+
+    def _refuse(self, port: Port, device: str, reason: str, *, moved_to: str = "", delivered: bool = False) -> None:
+        port.post(m.PullRefused(device=device, reason=reason, moved_to=moved_to, delivered=delivered))
+
+    def _on_pull(self, port: Port, msg: m.SessionPull) -> None:
+        d, r, s = msg.device, msg.round, msg.step
+        e = self.entries.get(d)
+        state = e.state if e is not None else S.GONE
+        if e is None or e.session is None or state in (S.IDLE, S.GONE, S.PULLING):
+            fwd = self.forward.get(d)
+            if self.delivered.get(d, 0) >= r:
+                self._refuse(port, d, "refused", delivered=True)
+            elif fwd is not None and fwd.round == r and fwd.target != msg.target:
+                self._refuse(port, d, "refused", moved_to=fwd.target)
+            else:
+                self._refuse(port, d, "refused")
+            if e is not None:
+                check_transition(self.role, d, state, E.PULL, state)
+            self.events.emit("handover_refused", device=d, round=r, step=s, to=msg.target, state=state.value)
+            return
+        session = e.session
+        if state is S.REPLICA or session.round != r or not (session.position_matches(s) or
+                                                              (state is S.DELIVERING and session.step == s)):
+            self._move(e, E.PULL, state)
+            self._refuse(port, d, "refused")
+            self.events.emit("handover_refused", device=d, round=r, step=s, to=msg.target, state=state.value,
+                             have_round=session.round, have_step=session.step)
+            return
+        if e.port is not None:
+            # The device is attaching elsewhere: the link we have is stale.
+            e.port.close(drain=False)
+            e.port = None
+        # the kept reply goes along only when the device lost it (it names the step before)
+        meta, tensors, checksum = session.snapshot(with_reply=session.step == s + 1)
+        port.post(m.SessionSnapshot(device=d, round=r, step=session.step, meta=meta, checksum=checksum, state=tensors))
+        e.handover = (port, checksum, msg.target)
+        self._move(e, E.PULL, S.HANDING_OVER)
+        self.events.emit("handing_over", device=d, round=r, step=session.step, to=msg.target)
+
+    def _on_installed(self, port: Port, msg: m.SessionInstalled) -> None:
+        e = self.entries.get(msg.device)
+        if e is None or e.state is not S.HANDING_OVER or e.handover is None or e.handover[0] is not port \
+                or e.handover[1] != msg.checksum:
+            port.post(m.PullRefused(device=msg.device, reason="not released", moved_to="", delivered=False))
+            if e is not None and e.state is S.HANDING_OVER:
+                self._move(e, E.INSTALLED, S.HANDING_OVER)
+            return
+        target = e.handover[2]
+        round_ = e.session.round if e.session is not None else msg.round
+        if e.update is not None:
+            e.update = None  # the update goes on from the target (the central takes it once)
+        e.handover = None
+        self.forward[msg.device] = Forward(round_, target)
+        self._move(e, E.INSTALLED, S.GONE)
+        port.post(m.SessionReleased(device=msg.device))
+        self.events.emit("handed_over", device=msg.device, round=msg.round, step=msg.step, to=target)
+
+    def _on_drop(self, port: Port, msg: m.SessionDrop) -> None:
+        """Another edge took the device over without its state (modes restart and classic,
+        or fedfly at step 0). A session here that no device link serves goes; a linked
+        device is left alone (it came back here after that drop was sent)."""
+        e = self.entries.get(msg.device)
+        if e is not None and e.port is None and e.state is not S.PULLING and \
+                (e.session is None or e.session.round <= msg.round):
+            self._move(e, E.DROP, S.GONE)
+            self.entries.pop(msg.device, None)
+        elif e is not None:
+            self._move(e, E.DROP, e.state)
+        fwd = self.forward.get(msg.device)
+        if fwd is None or fwd.round <= msg.round:
+            self.forward[msg.device] = Forward(msg.round, msg.target)
+        port.post(m.SessionReleased(device=msg.device))
+        self.events.emit("session_dropped", device=msg.device, round=msg.round, to=msg.target)
+
+    def _on_peer_lost(self, ev: PeerLost) -> None:
+        for e in list(self.entries.values()):
+            if e.state is S.HANDING_OVER and e.handover is not None and e.handover[0] is ev.port:
+                e.handover = None
+                self._move(e, E.HANDOVER_FAILED, S.DETACHED)
+                self.events.emit("handover_unconfirmed", device=e.device)

@@ -1,0 +1,135 @@
+"""What the edge's core sees of the world: the events it handles and the ports it sends
+through (Flower's ``ClientProxy`` idea). The server wires real links to them; tests
+stand fakes in their place and drive the core with events, with no socket at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from common import messages as m
+from edge.session import EdgeSession
+
+
+class Port(Protocol):
+    """A peer's end of a link: the device's, or another edge's. ``post`` only queues."""
+
+    name: str
+
+    def post(self, msg: m.Message) -> bool: ...
+
+    def close(self, notice: m.Message | None = None, *, drain: bool = True) -> None: ...
+
+
+class CentralPort(Protocol):
+    def send(self, msg: m.Message) -> None:
+        """Best effort now; status and reports are sent again after a lost link."""
+
+    def deliver(self, update: m.DeviceUpdate) -> None:
+        """Kept and sent again after a lost link until ``acked``."""
+
+    def acked(self, device: str, round: int) -> None: ...
+
+
+class Fetcher(Protocol):
+    """Fetches sessions from other edges, off the core's thread; every outcome comes back
+    as a ``PullOutcome`` event."""
+
+    def pull(self, *, device: str, source: str, round: int, step: int, token: int) -> None: ...
+
+    def drop(self, *, device: str, source: str, round: int) -> None: ...
+
+
+# -- events ---------------------------------------------------------------------------------
+
+@dataclass
+class DeviceAttach:
+    port: Port
+    req: m.AttachRequest
+    at: float = 0.0
+
+
+@dataclass
+class DeviceMessage:
+    port: Port
+    device: str
+    msg: m.Message
+
+
+@dataclass
+class DeviceLost:
+    port: Port
+    device: str
+    error: Exception
+    silent_s: float = 0.0   # how long the device had said nothing when it was declared gone
+
+
+@dataclass
+class PeerMessage:
+    port: Port
+    msg: m.Message
+
+
+@dataclass
+class PeerLost:
+    port: Port
+
+
+@dataclass
+class PullOutcome:
+    device: str
+    token: int
+    source: str
+    session: EdgeSession | None = None
+    refused: m.PullRefused | None = None
+    error: str = ""
+    state_bytes: int = 0
+    transfer_ms: float = 0.0
+
+
+@dataclass
+class CentralMessage:
+    msg: m.Message
+
+
+@dataclass
+class CentralUp:
+    run_name: str
+    mode: str
+
+
+@dataclass
+class CentralDown:
+    detail: str
+
+
+@dataclass
+class Stop:
+    reason: str
+    status: int = 0
+
+
+@dataclass
+class Tick:
+    pass
+
+
+@dataclass
+class Outbox:
+    """A port that keeps what was posted (tests, and a device's port before it is linked)."""
+    name: str
+    sent: list[m.Message] = field(default_factory=list)
+    closed: bool = False
+    notice: m.Message | None = None
+
+    def post(self, msg: m.Message) -> bool:
+        if self.closed:
+            return False
+        self.sent.append(msg)
+        return True
+
+    def close(self, notice: m.Message | None = None, *, drain: bool = True) -> None:
+        if not self.closed:
+            self.notice = notice
+            self.closed = True

@@ -1,0 +1,86 @@
+"""The device side without the rest of the testbed: where a lost link reconnects
+(``faults.reconnect``), and the move sources the training loop asks at each boundary."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from common import transport
+from common.config import Move, build_config
+from common.events import EventLog
+from device.control import Position
+from device.link import EdgeLink
+from device.moves import CommandedMoves, MoveSources, ScheduledMoves
+
+KEY = bytes(range(32))
+
+
+def config(policy="same", ports=(2, 3, 4), dead=1.0, grace=5.0):
+    raw = {"central": {"host": "127.0.0.1", "port": 1},
+           "edges": {f"edge{i + 1}": {"host": "127.0.0.1", "port": p} for i, p in enumerate(ports)},
+           "devices": {"device1": {"edge": "edge2", "host": "127.0.0.1", "control_port": 9}},
+           "faults": {"reconnect": policy, "heartbeat_s": 0.1, "dead_after_s": dead, "device_grace_s": grace}}
+    return build_config(raw)
+
+
+def link(cfg) -> EdgeLink:
+    pos = Position(edge="edge2")
+    return EdgeLink(cfg=cfg, name="device1", key=KEY, events=EventLog(process="device1", role="device"), pos=pos)
+
+
+def test_same_tries_the_lost_edge_first_then_every_other_in_turn():
+    lk = link(config("same", dead=1.0))
+    now = time.monotonic()
+    assert lk._candidates(now, 0) == ["edge2"]
+    assert lk._candidates(now - 1.5, 3) == ["edge2", "edge3", "edge1"]  # after the deadline: any edge
+
+
+def test_the_controller_decides_where_and_same_is_the_fallback():
+    lk = link(config("controller", grace=5.0))
+    now = time.monotonic()
+    assert lk._candidates(now, 0) == []  # wait for the controller's word
+    lk.pos.pending = "edge3"                 # a move command while reconnecting
+    assert lk._candidates(now, 0)[0] == "edge3"
+    lk.pos.pending = None
+    assert lk._candidates(now - 6.0, 0)[0] == "edge2"  # no word within the grace: back where it was
+
+
+def test_a_drop_naming_an_edge_overrides_the_policy():
+    lk = link(config("same"))
+    lk.cut(0.0, "edge1")
+    assert lk._candidates(time.monotonic(), 0)[0] == "edge1"
+
+
+def test_nearest_is_the_first_edge_to_complete_a_handshake_and_skips_a_silent_one():
+    good = transport.Listener("127.0.0.1", 0, key=KEY, handler=lambda conn: None, name="good").start()
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does) but never answers
+    try:
+        from tests.testbed import free_ports
+        nobody = free_ports(1)[0]  # refused at once
+        cfg = config("nearest", ports=(silent.getsockname()[1], good.port, nobody), dead=0.5)
+        lk = link(cfg)
+        t0 = time.monotonic()
+        order = lk._nearest(sorted(cfg.edges))
+        assert order == ["edge2"] and time.monotonic() - t0 < 10
+    finally:
+        good.close()
+        silent.close()
+
+
+def test_scheduled_moves_fire_once_at_their_step():
+    src = ScheduledMoves([Move("device1", "edge2", 1, 0.5), Move("device1", "edge1", 2, 0.25),
+                          Move("device1", "edge3", 2, 0.75)])
+    assert src.due(1, 1, 4) is None
+    assert src.due(1, 2, 4) == "edge2" and src.due(1, 3, 4) is None
+    assert src.due(2, 3, 4) == "edge1" and src.due(2, 3, 4) == "edge3" and src.due(2, 3, 4) is None
+
+
+def test_sources_are_asked_in_order_and_commands_are_taken_once():
+    pos = Position(edge="edge1")
+    both = MoveSources(ScheduledMoves([Move("device1", "edge2", 1, 0.5)]), CommandedMoves(pos))
+    pos.pending = "edge3"
+    assert both.due(1, 2, 4) == "edge2" and both.due(1, 2, 4) == "edge3" and both.due(1, 2, 4) is None

@@ -1,0 +1,346 @@
+"""The edge's core driven by events through its seam: fake device and peer ports, a fake
+central, a fake fetcher. No socket, no thread: ``core.handle(event)`` and look at what it
+sent and which state each device is in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from common import messages as m
+from common.events import EventLog
+from common.models import build_model, part_keys
+from common.plan import RoundPlan
+from edge.core import EdgeCore, Models
+from edge.lifecycle import State
+from edge.ports import (CentralMessage, CentralUp, DeviceAttach, DeviceLost, DeviceMessage, Outbox, PeerLost,
+                        PeerMessage, PullOutcome)
+from edge.session import EdgeSession
+
+S = State
+WEIGHTS = dict(build_model("vgg5", seed=1).state_dict())
+DEV_KEYS, EDGE_KEYS = part_keys("vgg5", 3)
+
+
+@dataclass
+class FakeCentral:
+    sent: list = field(default_factory=list)
+    delivered: list = field(default_factory=list)
+    acks: list = field(default_factory=list)
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+    def deliver(self, update):
+        self.delivered.append(update)
+
+    def acked(self, device, round):
+        self.acks.append((device, round))
+
+    def faults(self):
+        return [x for x in self.sent if isinstance(x, m.FaultReport)]
+
+
+@dataclass
+class FakeFetcher:
+    pulls: list = field(default_factory=list)
+    drops: list = field(default_factory=list)
+
+    def pull(self, **kw):
+        self.pulls.append(kw)
+
+    def drop(self, **kw):
+        self.drops.append(kw)
+
+
+def make_core(mode: str = "fedfly", name: str = "edge1") -> EdgeCore:
+    core = EdgeCore(name=name, mode=mode, models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
+                    devices={"device1", "device2"}, peers={"edge1", "edge2"} - {name}, central=FakeCentral(),
+                    fetcher=FakeFetcher(), events=EventLog(process=name, role="edge"))
+    core.handle(CentralUp(run_name="run", mode=mode))
+    return core
+
+
+def start_round(core: EdgeCore, r: int = 1, participants=("device1", "device2")) -> None:
+    plan = RoundPlan(round=r, lr=0.01, momentum=0.9, batch_size=4, local_epochs=1, participants=participants)
+    core.handle(CentralMessage(m.RoundStart(plan=plan.to_wire(), weights=WEIGHTS)))
+
+
+def attach(core: EdgeCore, device="device1", *, kind="join", round=0, step=0, source="edge1", last_round=0,
+           why="start") -> Outbox:
+    port = Outbox(f"device {device}")
+    core.handle(DeviceAttach(port, m.AttachRequest(device=device, kind=kind, round=round, step=step, source=source,
+                                                   last_round=last_round, why=why)))
+    return port
+
+
+def batch(step: int) -> m.Activations:
+    g = torch.Generator().manual_seed(step)
+    return m.Activations(round=1, step=step, batch={"x": torch.randn(4, 64, 8, 8, generator=g),
+                                                    "y": torch.randint(0, 10, (4,), generator=g)})
+
+
+def of(port: Outbox, kind):
+    return [x for x in port.sent if isinstance(x, kind)]
+
+
+def state(core: EdgeCore, device="device1") -> State:
+    e = core.entries.get(device)
+    return e.state if e is not None else S.GONE
+
+
+def test_attaches_wait_for_the_central_then_the_round_starts_their_sessions():
+    core = EdgeCore(name="edge1", mode="fedfly", models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
+                    devices={"device1", "device2"}, peers={"edge2"}, central=FakeCentral(), fetcher=FakeFetcher(),
+                    events=EventLog(process="edge1", role="edge"))
+    p = attach(core)
+    assert p.sent == [] and core.parked  # not welcomed yet: parked
+    core.handle(CentralUp(run_name="run", mode="fedfly"))
+    assert of(p, m.AttachReply)[0].ok and state(core) is S.IDLE
+    assert core.central.sent[-1] == m.EdgeStatus(edge="edge1", attached=["device1"])
+    start_round(core)
+    (work,) = of(p, m.DeviceRound)
+    assert work.round_plan.round == 1 and set(work.weights) == set(DEV_KEYS)
+    assert state(core) is S.ACTIVE
+
+
+def test_unknown_device_is_refused_and_its_link_closed():
+    core = make_core()
+    p = attach(core, "device9")
+    assert not of(p, m.AttachReply)[0].ok and p.closed and "device9" not in core.entries
+
+
+def test_a_step_sent_again_is_answered_again_not_trained_twice():
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceMessage(p, "device1", batch(0)))
+    core.handle(DeviceMessage(p, "device1", batch(0)))  # the gradient was lost: sent again
+    g1, g2 = of(p, m.Gradients)
+    assert (g1.step, g2.step) == (0, 0) and g1.grad["g"] is g2.grad["g"] and g1.loss == g2.loss
+    assert core.entries["device1"].session.step == 1
+    core.handle(DeviceMessage(p, "device1", batch(1)))
+    assert core.entries["device1"].session.step == 2
+
+
+def test_an_out_of_order_step_costs_the_link_not_the_edge():
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceMessage(p, "device1", batch(3)))
+    assert p.closed and isinstance(p.notice, m.ErrorNotice) and "step 3" in p.notice.detail
+    assert state(core) is S.ACTIVE and core.entries["device1"].session.step == 0
+
+
+def test_a_dropped_link_keeps_the_session_and_a_reattach_resumes_it():
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceMessage(p, "device1", batch(0)))
+    core.handle(DeviceLost(p, "device1", ConnectionError("reset"), 0.0))
+    assert state(core) is S.DETACHED and core.central.sent[-1].attached == []
+    q = attach(core, kind="resume", round=1, step=1, source="edge1", why="reconnect")
+    (reply,) = of(q, m.AttachReply)
+    assert (reply.action, reply.round, reply.resume_step, reply.how) == ("continue", 1, 1, "here")
+    assert state(core) is S.ACTIVE
+    core.handle(DeviceMessage(p, "device1", batch(1)))  # from the old link: stale, ignored
+    assert not of(p, m.Gradients)[1:] and core.entries["device1"].session.step == 1
+
+
+def test_a_silent_device_is_reported_with_how_long_it_was_silent():
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceLost(p, "device1", TimeoutError("sent nothing"), 5.01))
+    (fault,) = core.central.faults()
+    assert fault.kind == "peer_silent" and fault.peer == "device1" and fault.detected_s == 5.01
+
+
+def test_a_new_link_of_the_same_device_replaces_the_old_one():
+    core = make_core()
+    p = attach(core)
+    q = attach(core)
+    assert p.closed and isinstance(p.notice, m.Shutdown) and core.entries["device1"].port is q
+
+
+def test_resume_from_another_edge_pulls_and_answers_when_the_session_is_here():
+    core = make_core(name="edge2")
+    start_round(core)
+    p = attach(core, kind="resume", round=1, step=3, source="edge1", why="move")
+    assert state(core) is S.PULLING and p.sent == []
+    (pull,) = core.fetcher.pulls
+    assert (pull["device"], pull["source"], pull["round"], pull["step"]) == ("device1", "edge1", 1, 3)
+    src = EdgeSession(device="device1", round=1, mode="fedfly", model="vgg5", split_layer=3, lr=0.01, momentum=0.9,
+                      part_state={k: WEIGHTS[k] for k in EDGE_KEYS}, step=3)
+    core.handle(PullOutcome(device="device1", token=pull["token"] + 1, source="edge1", session=src))  # stale token
+    assert state(core) is S.PULLING
+    core.handle(PullOutcome(device="device1", token=pull["token"], source="edge1", session=src, state_bytes=99,
+                            transfer_ms=1.5))
+    (reply,) = of(p, m.AttachReply)
+    assert (reply.action, reply.resume_step, reply.how, reply.state_bytes) == ("continue", 3, "pulled", 99)
+    assert state(core) is S.ACTIVE and core.entries["device1"].session is src
+
+
+def test_a_failed_pull_restarts_the_round_here_and_is_recorded():
+    core = make_core(name="edge2")
+    start_round(core)
+    p = attach(core, kind="resume", round=1, step=3, source="edge1", why="reconnect")
+    (pull,) = core.fetcher.pulls
+    core.handle(PullOutcome(device="device1", token=pull["token"], source="edge1", error="edge1 is gone"))
+    (reply,) = of(p, m.AttachReply)
+    assert (reply.action, reply.resume_step, reply.how) == ("continue", 0, "restart")
+    assert state(core) is S.ACTIVE and core.entries["device1"].session.step == 0
+    (fault,) = core.central.faults()
+    assert fault.kind == "handover_failed" and fault.replayed == 3
+
+
+def test_a_refusal_naming_where_the_session_went_is_followed():
+    core = make_core(name="edge2")
+    start_round(core)
+    attach(core, kind="resume", round=1, step=3, source="edge1")
+    token = core.fetcher.pulls[0]["token"]
+    refused = m.PullRefused(device="device1", reason="refused", moved_to="edge3", delivered=False)
+    core.handle(PullOutcome(device="device1", token=token, source="edge1", refused=refused))
+    assert core.fetcher.pulls[-1]["source"] == "edge3" and state(core) is S.PULLING
+
+
+@pytest.mark.parametrize("mode", ["restart", "classic"])
+def test_modes_without_state_to_move_start_afresh_and_tell_the_old_edge(mode):
+    core = make_core(mode, name="edge2")
+    start_round(core)
+    p = attach(core, kind="resume", round=1, step=3, source="edge1", why="move")
+    (reply,) = of(p, m.AttachReply)
+    assert reply.resume_step == (0 if mode == "restart" else 3) and state(core) is S.ACTIVE
+    assert core.fetcher.pulls == [] and core.fetcher.drops[0]["source"] == "edge1"
+
+
+def _detached_session(core: EdgeCore) -> Outbox:
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceMessage(p, "device1", batch(0)))
+    core.handle(DeviceMessage(p, "device1", batch(1)))
+    core.handle(DeviceLost(p, "device1", ConnectionError("left"), 0.0))
+    return p
+
+
+def test_the_source_hands_over_once_confirmed_and_then_points_to_the_target():
+    core = make_core()
+    _detached_session(core)
+    peer = Outbox("edge edge2")
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2")))
+    (snap,) = of(peer, m.SessionSnapshot)
+    assert snap.step == 2 and state(core) is S.HANDING_OVER
+    core.handle(PeerMessage(peer, m.SessionInstalled(device="device1", round=1, step=2, checksum="bad")))
+    assert of(peer, m.PullRefused) and state(core) is S.HANDING_OVER  # a wrong checksum releases nothing
+    core.handle(PeerMessage(peer, m.SessionInstalled(device="device1", round=1, step=2, checksum=snap.checksum)))
+    assert of(peer, m.SessionReleased) and state(core) is S.GONE
+    other = Outbox("edge edge3")
+    core.handle(PeerMessage(other, m.SessionPull(device="device1", round=1, step=2, target="edge3")))
+    (refusal,) = of(other, m.PullRefused)
+    assert refusal.moved_to == "edge2" and refusal.reason == "refused"
+
+
+def test_a_pull_at_the_wrong_position_is_refused_and_changes_nothing():
+    core = make_core()
+    _detached_session(core)
+    peer = Outbox("edge edge2")
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=5, target="edge2")))
+    assert of(peer, m.PullRefused) and state(core) is S.DETACHED
+    # one step behind is fine when the reply to it is kept (its gradient was lost)
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=1, target="edge2")))
+    assert of(peer, m.SessionSnapshot)
+
+
+def test_a_handover_whose_target_vanishes_leaves_the_session_here():
+    core = make_core()
+    _detached_session(core)
+    peer = Outbox("edge edge2")
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2")))
+    core.handle(PeerLost(peer))
+    assert state(core) is S.DETACHED
+    q = attach(core, kind="resume", round=1, step=2, source="edge1", why="reconnect")
+    assert of(q, m.AttachReply)[0].how == "here" and state(core) is S.ACTIVE
+
+
+def test_a_device_back_before_the_confirmation_keeps_its_session_here():
+    core = make_core()
+    _detached_session(core)
+    peer = Outbox("edge edge2")
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2")))
+    snap = of(peer, m.SessionSnapshot)[0]
+    q = attach(core, kind="resume", round=1, step=2, source="edge1", why="reconnect")
+    assert of(q, m.AttachReply)[0].how == "here" and state(core) is S.ACTIVE
+    core.handle(PeerMessage(peer, m.SessionInstalled(device="device1", round=1, step=2, checksum=snap.checksum)))
+    assert of(peer, m.PullRefused) and state(core) is S.ACTIVE  # too late: not released
+
+
+def test_the_update_is_delivered_and_acknowledged_once_the_central_has_it():
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    for s in range(2):
+        core.handle(DeviceMessage(p, "device1", batch(s)))
+    done = m.DeviceDone(round=1, samples=8, steps=2, train_seconds=0.1,
+                        weights={k: WEIGHTS[k] for k in DEV_KEYS})
+    core.handle(DeviceMessage(p, "device1", done))
+    (update,) = core.central.delivered
+    assert set(update.weights) == set(DEV_KEYS) | set(EDGE_KEYS) and state(core) is S.DELIVERING
+    core.handle(DeviceMessage(p, "device1", done))  # sent again (its ack was lost): no second update
+    assert len(core.central.delivered) == 1 and not of(p, m.DoneAck)
+    core.handle(CentralMessage(m.UpdateAck(round=1, device="device1")))
+    assert of(p, m.DoneAck) == [m.DoneAck(round=1)] and state(core) is S.IDLE
+    core.handle(DeviceMessage(p, "device1", done))  # and again, after the ack
+    assert len(of(p, m.DoneAck)) == 2 and len(core.central.delivered) == 1
+
+
+def test_an_update_with_the_wrong_steps_or_weights_costs_the_link():
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceMessage(p, "device1", m.DeviceDone(round=1, samples=8, steps=5, train_seconds=0.1,
+                                                         weights={k: WEIGHTS[k] for k in DEV_KEYS})))
+    assert p.closed and core.central.delivered == []
+
+
+def test_a_newer_round_stands_a_left_behind_device_by_or_restarts_it():
+    core = make_core()
+    p = attach(core)
+    q = attach(core, "device2")
+    start_round(core)
+    core.handle(DeviceMessage(p, "device1", batch(0)))
+    start_round(core, 2, participants=("device2",))
+    assert of(p, m.StandBy)[0].round == 1 and state(core) is S.IDLE
+    assert [w.round_plan.round for w in of(q, m.DeviceRound)] == [1, 2] and state(core, "device2") is S.ACTIVE
+
+
+def test_a_device_that_waited_for_a_round_we_had_not_seen_is_answered_when_it_comes():
+    core = make_core(name="edge2")
+    p = attach(core, kind="resume", round=1, step=0, source="edge1", why="move")
+    assert state(core) is S.PULLING and p.sent == []
+    start_round(core)
+    (reply,) = of(p, m.AttachReply)
+    assert reply.action == "continue" and reply.round == 1 and state(core) is S.ACTIVE
+
+
+def test_a_restarted_device_does_its_round_again_from_the_weights():
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceMessage(p, "device1", batch(0)))
+    core.handle(DeviceLost(p, "device1", ConnectionError("killed"), 0.0))
+    q = attach(core)  # join: a new process with nothing
+    assert of(q, m.DeviceRound) and core.entries["device1"].session.step == 0
+
+
+def test_everything_is_checked_against_the_table(monkeypatch):
+    """A transition the table does not allow raises, naming the role, state and event."""
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    e = core.entries["device1"]
+    from edge.lifecycle import Event, TransitionError
+    with pytest.raises(TransitionError, match="edge edge1.*FINISH.*ACTIVE"):
+        core._move(e, Event.FINISH, S.IDLE)
+    del p

@@ -1,0 +1,293 @@
+"""Unplanned mobility and silent peers, with real processes on loopback.
+
+Every role is started one by one (``Testbed``), never by the launcher, whose own policy
+would hide a fault. Faults come from outside the processes under test: a TCP proxy of our
+own (``tests.faultproxy``) between a device and its edge that cuts or blackholes a
+connection at an exact frame and byte; SIGSTOP and SIGKILL by PID; ``ss -K``; and the
+controller's ``drop``. The test of a fault the run survives is the test of the whole
+issue: **the final model is bit-identical to the run without the fault**.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.testbed import ROOT, Testbed, _env, free_ports, kill_tree, mobility, write_config
+
+SAMPLES, BATCH = 200, 25           # 8 steps a round: small, and every phase is reached
+FAULTS = {"heartbeat_s": 0.2, "dead_after_s": 1.0, "device_grace_s": 8.0, "central_grace_s": 30.0, "give_up_s": 60.0}
+RUN_TIMEOUT = 180.0
+
+
+def _config(tmp: Path, name: str, *, mode: str = "fedfly", faults: dict | None = None, moves=None, rounds: int = 2,
+            samples: int = SAMPLES, batch: int = BATCH, devices: int = 2):
+    return write_config(tmp / name, edges=2, devices=devices, rounds=rounds, samples_per_device=samples,
+                        batch_size=batch, mode=mode, moves=moves,
+                        extra={"faults": {**FAULTS, **(faults or {})}, "run": {"name": name}})
+
+
+def _summary(cfg: Path) -> dict:
+    runs = cfg.parent / "runs"
+    (run,) = list(runs.iterdir())
+    return json.loads((run / "summary.json").read_text())
+
+
+class Proxy:
+    """``tests.faultproxy`` in its own process, stopped by its PID."""
+
+    def __init__(self, log_dir: Path, name: str, to_port: int, rules: list[str]) -> None:
+        self.port = free_ports(1)[0]
+        self.log = log_dir / f"proxy-{name}.log"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "tests.faultproxy", "--listen", str(self.port), "--to", f"127.0.0.1:{to_port}",
+               "--lifetime", str(RUN_TIMEOUT + 60)]
+        for r in rules:
+            cmd += ["--rule", r]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while '"listening"' not in self.log.read_text():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            kill_tree(self.proc)
+
+
+def _run(cfg: Path, tmp: Path, *, proxies: dict[str, dict[str, list[str]]] | None = None, during=None,
+         device_args: dict[str, list[str]] | None = None) -> tuple[dict, dict[str, Proxy], Testbed]:
+    """Start central, edges, proxies (per device, per edge: rules), devices, one by one;
+    call ``during(bed)`` while it runs; wait for the central; stop everything by PID."""
+    from common.config import load_config
+    c = load_config(str(cfg))
+    bed = Testbed(cfg, log_dir=tmp / "logs")
+    started: dict[str, Proxy] = {}
+    try:
+        bed.start("central")
+        for e in sorted(c.edges):
+            bed.start("edge", e)
+        for d in sorted(c.devices):
+            extra = list((device_args or {}).get(d, []))
+            for edge, rules in ((proxies or {}).get(d) or {}).items():
+                px = Proxy(tmp / "logs", f"{d}-{edge}", c.edges[edge].port, rules)
+                started[f"{d}-{edge}"] = px
+                extra.append(f"edges.{edge}.port={px.port}")
+            bed.start("device", d, *extra)
+        if during is not None:
+            during(bed)
+        code = bed.wait("central", RUN_TIMEOUT)
+        assert code == 0, bed.log("central")[-3000:]
+    finally:
+        bed.stop()
+        for px in started.values():
+            px.stop()
+    return _summary(cfg), started, bed
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """The final model of the run without any fault (fedfly and restart share it: with no
+    move they run the same code), and of the same run with the move the move phase uses."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    cfg = _config(tmp, "base")
+    summary, _, _ = _run(cfg, tmp)
+    assert summary["status"] == "finished" and not summary["faults"], summary["faults"]
+    return summary["final_model_sha256"]
+
+
+MOVE = [{"device": "device1", "to": "edge2", "round": 1, "at": 0.5}]
+# Where device1's link breaks (rules of the proxy between device1 and edge1, or edge2).
+PHASES = {
+    # the edge never sees step 2: the device sends it again and it is trained once
+    "activations": {"edge1": ["up:Activations:3:50%:reset"]},
+    # the edge trained step 2 and its gradient is lost: answered again from the kept reply
+    "gradient": {"edge1": ["down:Gradients:3:50%:reset"]},
+    # the round's update is cut on its way, and (another run) its acknowledgement
+    "upload": {"edge1": ["up:DeviceDone:1:50%:reset"]},
+    "upload-ack": {"edge1": ["down:DoneAck:1:0:reset"]},
+    # a planned move to edge2: edge2 takes the session over, but its answer never reaches
+    # the device, which comes back to edge1: the session must end up in one place
+    "move": {"edge2": ["down:AttachReply:1:5:reset"]},
+}
+
+
+@pytest.mark.parametrize("mode", ["fedfly", "restart"])
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_a_cut_at_any_phase_loses_nothing(tmp_path, baseline, phase, mode):
+    moves = MOVE if phase == "move" else None
+    cfg = _config(tmp_path, f"{phase}-{mode}", mode=mode, moves=moves)
+    summary, proxies, bed = _run(cfg, tmp_path, proxies={"device1": PHASES[phase]})
+    (px,) = proxies.values()
+    cuts = [e for e in px.events() if e["event"] == "cut"]
+    assert len(cuts) == 1, px.events()  # the fault really happened
+    assert summary["status"] == "finished"
+    assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
+    lost = [f for f in summary["faults"] if f["process"] == "device1" and f["kind"] in ("link_lost", "peer_silent")]
+    assert lost, summary["faults"]
+    assert summary["final_model_sha256"] == baseline
+    if phase == "gradient" and mode == "fedfly":
+        events = (Path(cfg).parent / "runs" / f"gradient-{mode}" / "events-edge1.jsonl").read_text()
+        assert '"step_replayed"' in events  # answered from the kept reply, not trained twice
+
+
+def _wait_status(cfg: Path, device: str, pred, timeout: float = 90.0):
+    from central.mobility import status
+    from common.config import load_config
+    c = load_config(str(cfg))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            st = status(c, device, key=c.key())
+            if pred(st):
+                return st
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        assert time.monotonic() < deadline, f"{device} never reached the state wanted"
+        time.sleep(0.05)
+
+
+def _mid_round(st) -> bool:
+    return st.round == 1 and st.steps > 0 and 1 <= st.step < st.steps - 1
+
+
+def test_ss_k_reset_of_a_device_link_loses_nothing(tmp_path, baseline):
+    """What a Wi-Fi drop looks like to the kernel: the connection is reset under both ends."""
+    cfg = _config(tmp_path, "ssk", faults={}, samples=SAMPLES, batch=BATCH)
+    from common.config import load_config
+    c = load_config(str(cfg))
+    port = c.edges["edge1"].port
+
+    def during(bed):
+        # device1's steps are slowed so that the reset lands mid-round
+        _wait_status(cfg, "device1", _mid_round)
+        r = subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(port)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    assert summary["final_model_sha256"] == baseline
+    assert any(f["process"] in ("device1", "device2") and f["kind"] == "link_lost" for f in summary["faults"]), \
+        summary["faults"]
+
+
+def test_controller_drop_and_reappear_elsewhere_loses_nothing(tmp_path, baseline):
+    """A radio loss longer than the deadline: the edge notices the silence, the device
+    comes back on the other edge, which pulls its session."""
+    cfg = _config(tmp_path, "drop")
+
+    def during(bed):
+        # the scenario script: half-way through round 1, 1.5 s without a link, back on edge2
+        env = {**_env(), "PYTHON": sys.executable}
+        r = subprocess.run(["bash", "scripts/scenarios/drop_reappear.sh", str(cfg), "device1", "1.5", "edge2", "1"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "attached again on edge2" in r.stdout and "link=attached" in r.stdout, r.stdout
+        st = mobility(cfg, "status")
+        assert "device1 edge=edge2" in st.stdout and "link=attached" in st.stdout, st.stdout
+
+    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    assert summary["final_model_sha256"] == baseline
+    silent = [f for f in summary["faults"] if f["kind"] == "peer_silent" and f["peer"] == "device1"]
+    assert silent and silent[0]["process"] == "edge1"
+    assert FAULTS["dead_after_s"] <= silent[0]["detected_s"] < FAULTS["dead_after_s"] + 3
+    back = [f for f in summary["faults"] if f["process"] == "device1"]
+    assert back and "edge2" in back[0]["detail"] and back[0]["down_s"] >= 1.5
+    assert summary["devices"]["device1"]["edges"][0] == "edge2"
+
+
+def test_silent_device_is_dropped_from_the_round_and_the_run_ends(tmp_path):
+    """SIGSTOP: a host that says nothing and closes nothing. Its edge notices within the
+    deadline, the central drops it after its grace, and the run finishes without it."""
+    cfg = _config(tmp_path, "silentdev", faults={"device_grace_s": 2.0}, rounds=2)
+
+    def during(bed):
+        _wait_status(cfg, "device2", _mid_round)
+        os.kill(bed.procs["device2"].pid, signal.SIGSTOP)
+
+    try:
+        summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device2": ["devices.device2.slowdown=30"]})
+    finally:
+        pass
+    assert summary["status"] == "finished"
+    r1, r2 = summary["rounds"]
+    assert r1["missing"] == ["device2"] and r1["dropped"][0]["samples"] == SAMPLES and r1["samples_lost"] == SAMPLES
+    assert r2["missing"] == ["device2"] and r2["samples"] == SAMPLES
+    silent = [f for f in summary["faults"] if f["kind"] == "peer_silent" and f["peer"] == "device2"]
+    assert silent and FAULTS["dead_after_s"] <= silent[0]["detected_s"] < FAULTS["dead_after_s"] + 3
+    dropped = [f for f in summary["faults"] if f["kind"] == "device_dropped" and f["peer"] == "device2"]
+    assert dropped and dropped[0]["samples_lost"] == SAMPLES
+
+
+@pytest.mark.parametrize("how", ["sigstop", "sigkill"])
+def test_lost_edge_does_not_stop_the_run_and_loses_nothing(tmp_path, baseline, how):
+    """An edge that goes silent or dies mid-round: its device reconnects to the other edge
+    and does its round again there from the round's weights; the run finishes, exactly."""
+    cfg = _config(tmp_path, f"edge-{how}")
+
+    def during(bed):
+        _wait_status(cfg, "device2", _mid_round)
+        os.kill(bed.procs["edge2"].pid, signal.SIGSTOP if how == "sigstop" else signal.SIGKILL)
+        if how == "sigstop":
+            # once device2 is back on edge1, edge2 wakes up: the central takes it back
+            _wait_status(cfg, "device2", lambda st: st.edge == "edge1" and st.link == "attached")
+            os.kill(bed.procs["edge2"].pid, signal.SIGCONT)
+
+    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device2": ["devices.device2.slowdown=30"]})
+    assert summary["status"] == "finished"
+    if how == "sigstop":
+        assert any(f["kind"] == "edge_back" and f["peer"] == "edge2" for f in summary["faults"]), summary["faults"]
+    assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
+    assert summary["final_model_sha256"] == baseline
+    central = [f for f in summary["faults"] if f["process"] == "central" and f["peer"] == "edge2"]
+    assert central and central[0]["kind"] == ("peer_silent" if how == "sigstop" else "edge_lost")
+    device = [f for f in summary["faults"] if f["process"] == "device2"]
+    assert device and device[0]["recovery"] == "restart" and "edge1" in device[0]["detail"]
+    assert summary["devices"]["device2"]["edges"] == ["edge1", "edge1"]
+
+
+def test_restarted_device_rejoins_its_round_exactly(tmp_path, baseline):
+    """A device process killed mid-round and started again with the same name: its edge
+    gives it the round again from the round's weights (within its grace): nothing lost."""
+    cfg = _config(tmp_path, "restartdev")
+
+    def during(bed):
+        _wait_status(cfg, "device1", _mid_round)
+        os.kill(bed.procs["device1"].pid, signal.SIGKILL)
+        bed.procs["device1"].wait()
+        bed.start("device", "device1")
+
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    assert summary["status"] == "finished"
+    assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
+    assert summary["final_model_sha256"] == baseline
+
+
+def test_a_lost_gradient_is_answered_by_the_edge_the_controller_sends_the_device_to(tmp_path, baseline):
+    """faults.reconnect = "controller": after its link breaks the device waits for the
+    controller's word; it is sent to edge2, which pulls the session from edge1 together
+    with the reply to the step whose gradient was lost, and answers that step from it."""
+    cfg = _config(tmp_path, "ctl", faults={"reconnect": "controller"})
+
+    def during(bed):
+        _wait_status(cfg, "device1", lambda st: st.link == "reconnecting", timeout=120)
+        r = mobility(cfg, "move", "--device", "device1", "--to", "edge2", "--wait", "--timeout", "60")
+        assert r.returncode == 0 and "now on edge2" in r.stdout, r.stderr
+
+    summary, proxies, _ = _run(cfg, tmp_path, during=during,
+                               proxies={"device1": {"edge1": ["down:Gradients:3:50%:reset"]}})
+    assert summary["final_model_sha256"] == baseline
+    events = (Path(cfg).parent / "runs" / "ctl" / "events-edge2.jsonl").read_text()
+    assert '"step_replayed"' in events and '"migrated_in"' in events
+    (fault,) = [f for f in summary["faults"] if f["process"] == "device1"]
+    assert "back on edge2 (pulled)" in fault["detail"] and fault["replayed"] == 0

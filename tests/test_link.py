@@ -1,0 +1,200 @@
+"""Streams, connections and links: the checks are written once and run on a real socket
+pair and on the in-memory pair (trio's ``_check_streams`` idea), then the heartbeat and
+deadline behaviour of ``Link`` on top."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+
+import pytest
+
+from common import messages as m
+from common.errors import ConnectionClosed, LocalProtocolError, PeerSilent
+from common.link import Link, LinkClosedHere
+from common.stream import SocketStream, memory_stream_pair
+from common.transport import Connection
+
+pytestmark = pytest.mark.timeout(60)
+WAIT = 10.0
+
+
+@pytest.fixture(params=["socket", "memory"])
+def pair(request):
+    if request.param == "socket":
+        a, b = socket.socketpair()
+        # small buffers, so that a peer that does not read blocks a writer soon
+        for s in (a, b):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        x, y = SocketStream(a), SocketStream(b)
+    else:
+        x, y = memory_stream_pair(capacity=64 << 10)
+    yield x, y
+    x.close()
+    y.close()
+
+
+def _read_all(stream, n):
+    buf = bytearray(n)
+    got = 0
+    while got < n:
+        k = stream.receive_into(memoryview(buf)[got:], WAIT)
+        assert k > 0
+        got += k
+    return bytes(buf)
+
+
+def test_bytes_go_both_ways_in_order(pair):
+    a, b = pair
+    data = bytes(range(256)) * 1000
+    t = threading.Thread(target=a.send_all, args=([data[:1000], memoryview(data)[1000:]], WAIT))
+    t.start()
+    assert _read_all(b, len(data)) == data
+    t.join()
+    assert b.send_all([b"back"], WAIT) == 4 and _read_all(a, 4) == b"back"
+
+
+def test_end_of_stream_reads_zero(pair):
+    a, b = pair
+    a.send_all([b"last"], WAIT)
+    a.shutdown()
+    assert _read_all(b, 4) == b"last"
+    assert b.receive_into(memoryview(bytearray(10)), WAIT) == 0
+
+
+def test_a_receive_timeout_leaves_the_stream_usable(pair):
+    a, b = pair
+    with pytest.raises(TimeoutError):
+        b.receive_into(memoryview(bytearray(10)), 0.1)
+    a.send_all([b"x"], WAIT)
+    assert _read_all(b, 1) == b"x"
+
+
+def test_a_peer_that_takes_nothing_makes_the_sender_fail_after_its_stall_timeout(pair):
+    a, b = pair
+    t0 = time.monotonic()
+    with pytest.raises(PeerSilent):
+        a.send_all([bytes(8 << 20)], 0.3)
+    assert time.monotonic() - t0 < WAIT
+
+
+def test_close_here_wakes_a_blocked_reader_and_forbids_sending(pair):
+    a, b = pair
+    errors = queue.SimpleQueue()
+
+    def reader():
+        try:
+            b.receive_into(memoryview(bytearray(10)), None)
+        except ConnectionClosed as exc:
+            errors.put(exc)
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.1)
+    b.close()
+    t.join(WAIT)
+    assert not t.is_alive() and isinstance(errors.get(timeout=1), ConnectionClosed)
+    with pytest.raises(LocalProtocolError):
+        b.send_all([b"x"], 1.0)
+
+
+def test_sending_to_a_closed_peer_raises_connection_closed(pair):
+    a, b = pair
+    b.close()
+    with pytest.raises(ConnectionClosed):
+        for _ in range(100):
+            a.send_all([bytes(10000)], 1.0)
+            time.sleep(0.01)
+
+
+# -- connections: heartbeats are consumed, silence is a deadline --------------------------------
+
+def conns(pair, **kw):
+    a, b = pair
+    return Connection(a, peer="a", **kw), Connection(b, peer="b", **kw)
+
+
+def test_heartbeats_never_reach_the_caller(pair):
+    ca, cb = conns(pair)
+    for _ in range(3):
+        ca.send(m.Heartbeat())
+    ca.send(m.Shutdown(reason="after three heartbeats"))
+    assert cb.recv(timeout=WAIT) == m.Shutdown(reason="after three heartbeats")
+
+
+def test_a_silent_peer_raises_peer_silent_after_the_idle_deadline(pair):
+    ca, cb = conns(pair, idle_timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(PeerSilent):
+        cb.recv()
+    assert 0.25 < time.monotonic() - t0 < WAIT
+    ca.close()
+
+
+def test_heartbeats_keep_a_quiet_connection_alive(pair):
+    ca, cb = conns(pair, idle_timeout=0.3)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(0.05):
+            ca.send(m.Heartbeat())
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    with pytest.raises(TimeoutError):  # a plain timeout, not the peer's silence
+        cb.recv(timeout=1.0)
+    stop.set()
+    t.join()
+
+
+# -- links -------------------------------------------------------------------------------------
+
+class Ends:
+    def __init__(self, pair, *, hb=0.05, dead=0.4):
+        a, b = pair
+        self.got = {"a": queue.SimpleQueue(), "b": queue.SimpleQueue()}
+        self.lost = {"a": queue.SimpleQueue(), "b": queue.SimpleQueue()}
+        self.links = {}
+        for name, stream in (("a", a), ("b", b)):
+            self.links[name] = Link(Connection(stream), name=name, heartbeat_s=hb, dead_after_s=dead,
+                                    on_message=lambda l, msg, n=name: self.got[n].put(msg),
+                                    on_lost=lambda l, exc, n=name: self.lost[n].put(exc)).start()
+
+
+def test_a_link_carries_messages_and_stays_up_while_idle(pair):
+    ends = Ends(pair)
+    ends.links["a"].post(m.StatusRequest())
+    assert ends.got["b"].get(timeout=WAIT) == m.StatusRequest()
+    time.sleep(1.2)  # three times the deadline with nothing but heartbeats
+    assert ends.lost["a"].empty() and ends.lost["b"].empty()
+    ends.links["b"].post(m.Shutdown(reason="x"))
+    assert ends.got["a"].get(timeout=WAIT) == m.Shutdown(reason="x")
+    ends.links["a"].close(drain=False)
+    ends.links["b"].close(drain=False)
+
+
+def test_a_peer_gone_silent_is_lost_once_within_the_deadline(pair):
+    ends = Ends(pair)
+    t0 = time.monotonic()
+    ends.links["a"].go_silent()  # nothing in, nothing out: a radio loss
+    exc = ends.lost["b"].get(timeout=WAIT)
+    assert isinstance(exc, PeerSilent) and time.monotonic() - t0 < WAIT
+    assert ends.links["b"].lost and ends.lost["b"].empty()
+    ends.links["a"].close(drain=False)
+    # a's end is lost too: by b closing its side, or by our close, whichever came first
+    assert isinstance(ends.lost["a"].get(timeout=WAIT), ConnectionClosed)
+    time.sleep(0.2)
+    assert ends.lost["a"].empty() and ends.lost["b"].empty()  # once each
+
+
+def test_close_delivers_what_was_queued_first(pair):
+    ends = Ends(pair)
+    for i in range(5):
+        ends.links["a"].post(m.SessionReleased(device=f"d{i}"))
+    ends.links["a"].close(notice=m.Shutdown(reason="bye"))
+    got = [ends.got["b"].get(timeout=WAIT) for _ in range(6)]
+    assert got[-1] == m.Shutdown(reason="bye") and [g.device for g in got[:5]] == [f"d{i}" for i in range(5)]
+    assert isinstance(ends.lost["a"].get(timeout=WAIT), LinkClosedHere)
+    assert isinstance(ends.lost["b"].get(timeout=WAIT), ConnectionClosed)
+    assert not ends.links["a"].post(m.StatusRequest())  # nothing is sent on a lost link

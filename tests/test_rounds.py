@@ -1,0 +1,147 @@
+"""The central's round logic without a network: the pure ``RoundTracker``, and the round
+loop of ``CentralServer`` talking to fake edges through its registry seam."""
+
+from __future__ import annotations
+
+import io
+import queue
+
+import pytest
+import torch
+
+from central.edges import EdgeJoined, EdgeLost, EdgeMessage
+from central.rounds import RoundTracker
+from central.server import CentralServer, RunAborted
+from common import messages as m
+from common.config import build_config
+from common.events import EventLog
+from common.models import build_model, state_sha256
+
+
+def tracker(grace=5.0, participants=("d1", "d2", "d3")) -> RoundTracker:
+    return RoundTracker(round=2, participants=frozenset(participants), shard_samples={"d1": 10, "d2": 20, "d3": 30},
+                        grace_s=grace, started=0.0)
+
+
+def test_complete_when_everyone_delivered_or_was_dropped():
+    t = tracker()
+    t.presence({"d1", "d2", "d3"}, 0.0)
+    for d in ("d1", "d2"):
+        assert t.offer(d, 2) == "take"
+        t.take(d, object())
+    assert not t.complete and t.waiting_for == ["d3"]
+    t.presence({"d1", "d2"}, 1.0)          # d3 is attached nowhere from t=1
+    assert t.expire(5.9) == [] and t.next_deadline() == 6.0
+    (x,) = t.expire(6.5)
+    assert x.device == "d3" and x.samples == 30 and "device_grace_s" in x.reason
+    assert t.complete
+
+
+def test_coming_back_within_the_grace_cancels_it():
+    t = tracker(grace=2.0)
+    t.presence({"d1"}, 0.0)
+    t.presence({"d1", "d2", "d3"}, 1.5)    # back (on any edge) before the grace ran out
+    assert t.expire(10.0) == [] and t.next_deadline() is None
+
+
+def test_updates_are_taken_once_and_late_or_foreign_ones_are_named():
+    t = tracker(grace=0.0, participants=("d1", "d2"))
+    t.presence({"d1"}, 0.0)
+    assert t.offer("d1", 2) == "take"
+    t.take("d1", object())
+    assert t.offer("d1", 2) == "duplicate"
+    assert t.offer("d1", 1) == "stale" and t.offer("d1", 3) == "from the future"
+    assert t.offer("d9", 2) == "not a participant"
+    t.expire(1.0)
+    assert t.offer("d2", 2) == "late"
+
+
+# -- the round loop against fake edges ------------------------------------------------------------
+
+def config(devices=("device1", "device2"), rounds=2, grace=1.0):
+    raw = {"run": {"round_timeout": 30.0, "startup_timeout": 10.0}, "central": {"host": "127.0.0.1", "port": 1},
+           "edges": {"edge1": {"host": "127.0.0.1", "port": 2}},
+           "devices": {d: {"edge": "edge1", "host": "127.0.0.1", "control_port": 10 + i} for i, d in enumerate(devices)},
+           "training": {"rounds": rounds},
+           "faults": {"heartbeat_s": 0.05, "dead_after_s": 0.2, "device_grace_s": grace}}
+    return build_config(raw)
+
+
+class FakeEdges:
+    """Stands in for ``EdgeRegistry``: one edge that answers every RoundStart with an
+    update per device it serves, except the ones told to vanish."""
+
+    def __init__(self, devices, vanish=()):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.live = {"edge1"}
+        self.devices = list(devices)
+        self.vanish = set(vanish)
+        self.greeting = None
+        self.sent: list = []
+        self.queue.put(EdgeJoined("edge1", False))
+        self.queue.put(EdgeMessage("edge1", m.EdgeStatus(edge="edge1", attached=self.devices)))
+
+    def broadcast(self, msg):
+        self.sent.append(("*", msg))
+        if isinstance(msg, m.RoundStart):
+            r = msg.round_plan.round
+            here = [d for d in self.devices if d not in self.vanish]
+            self.queue.put(EdgeMessage("edge1", m.EdgeStatus(edge="edge1", attached=here)))
+            for d in here:
+                upd = m.DeviceUpdate(round=r, device=d, edge="edge1", samples=10, steps=1, train_seconds=0.0,
+                                     weights=msg.weights)
+                self.queue.put(EdgeMessage("edge1", upd))
+                self.queue.put(EdgeMessage("edge1", upd))  # sent again after a lost link: taken once
+
+    def send(self, edge, msg):
+        self.sent.append((edge, msg))
+        return True
+
+
+def server(cfg, edges):
+    test = (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))
+    import tempfile
+    return CentralServer(cfg, key=b"k" * 32, events=EventLog(process="central", role="central"), run_name="t",
+                         run_dir=tempfile.mkdtemp(), test_set=test, shard_samples={"device1": 10, "device2": 10},
+                         out=io.StringIO(), registry=edges)
+
+
+def test_rounds_take_each_update_once_and_acknowledge_every_copy():
+    cfg = config()
+    edges = FakeEdges(cfg.device_names)
+    srv = server(cfg, edges)
+    srv._wait_for_testbed()
+    w0 = dict(build_model("vgg5", seed=0).state_dict())
+    out = srv._rounds(w0)
+    assert state_sha256(out) == state_sha256(w0)  # every device sent the weights back: the mean is the same
+    acks = [msg for e, msg in edges.sent if isinstance(msg, m.UpdateAck)]
+    assert len(acks) == 8  # 2 rounds x 2 devices x 2 copies, every copy acknowledged
+    rounds = srv.results.summary["rounds"]
+    assert [r["missing"] for r in rounds] == [[], []] and all(r["samples"] == 20 for r in rounds)
+
+
+def test_a_device_gone_past_its_grace_is_dropped_and_the_next_round_goes_without_it():
+    cfg = config(grace=0.3)
+    edges = FakeEdges(cfg.device_names, vanish={"device2"})
+    srv = server(cfg, edges)
+    srv._wait_for_testbed()
+    srv._rounds(dict(build_model("vgg5", seed=0).state_dict()))
+    r1, r2 = srv.results.summary["rounds"]
+    assert r1["missing"] == ["device2"] and r1["dropped"][0]["samples"] == 10 and r1["samples_lost"] == 10
+    assert r2["missing"] == ["device2"] and "round started" in r2["dropped"][0]["reason"]
+    starts = [msg for e, msg in edges.sent if isinstance(msg, m.RoundStart)]
+    assert starts[1].round_plan.participants == ("device1",)
+    kinds = [f["kind"] for f in srv.results.summary["faults"]]
+    assert kinds.count("device_dropped") == 2
+
+
+def test_a_lost_edge_is_recorded_and_its_devices_count_as_absent():
+    cfg = config(grace=0.2, rounds=1)
+    edges = FakeEdges(cfg.device_names, vanish={"device1", "device2"})
+    srv = server(cfg, edges)
+    srv._wait_for_testbed()
+    edges.queue.put(EdgeLost("edge1", "edge edge1 sent nothing for 0.2 s", 0.2))
+    with pytest.raises(RunAborted, match="no device"):
+        srv.cfg.run["round_timeout"] = 0.5
+        srv._rounds(dict(build_model("vgg5", seed=0).state_dict()))
+    assert srv.results.summary["faults"][0]["kind"] == "peer_silent"
