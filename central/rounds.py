@@ -4,7 +4,10 @@ update is in, who is gone and since when, and when the round is complete.
 A round's participants are the devices attached to some edge when it starts; a device
 that is attached nowhere for longer than ``grace_s`` is dropped from the round (a failure
 recorded with the samples it cost), so the round never waits for a peer known to be gone.
-Each device's update is taken once: a copy sent again after a lost link is a duplicate,
+A device whose edge lost its link to the central is ``held``: the central cannot see it,
+but it may well be training (only the edge's uplink broke), so its grace does not run out
+while it is held; its absence still counts from when it was last seen. Each device's
+update is taken once: a copy sent again after a lost link is a duplicate,
 acknowledged and ignored (the same device computes the same weights, bit for bit).
 """
 
@@ -66,10 +69,12 @@ class RoundTracker:
         self.updates[device] = update
         self.absent_since.pop(device, None)
 
-    def expire(self, now: float) -> list[Dropped]:
-        """Drop every participant absent for longer than the grace period."""
+    def expire(self, now: float, held: frozenset[str] = frozenset()) -> list[Dropped]:
+        """Drop every participant absent for longer than the grace period (not ``held``)."""
         out = []
         for d in self.waiting_for:
+            if d in held:
+                continue
             since = self.absent_since.get(d)
             if since is not None and now - since > self.grace_s:
                 rec = Dropped(d, f"attached to no edge for {now - since:.1f} s (faults.device_grace_s = "
@@ -87,7 +92,8 @@ class RoundTracker:
         self.dropped[device] = rec
         return rec
 
-    def next_deadline(self) -> float | None:
-        """When the next grace period runs out (None: nobody is absent)."""
-        pending = [self.absent_since[d] + self.grace_s for d in self.waiting_for if d in self.absent_since]
+    def next_deadline(self, held: frozenset[str] = frozenset()) -> float | None:
+        """When the next grace period runs out (None: nobody is absent and not held)."""
+        pending = [self.absent_since[d] + self.grace_s for d in self.waiting_for
+                   if d in self.absent_since and d not in held]
         return min(pending) if pending else None

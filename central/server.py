@@ -27,7 +27,7 @@ from common import transport
 from common.config import Config
 from common.errors import TransportError
 from common.events import EventLog
-from common.models import build_model, part_keys
+from common.models import build_model, state_spec
 from common.plan import RoundPlan
 from common.training import evaluate
 
@@ -61,10 +61,12 @@ class CentralServer:
                                                  events=events, heartbeat_s=self.faults["heartbeat_s"],
                                                  dead_after_s=self.faults["dead_after_s"])
         self.attached: dict[str, set[str]] = {}   # live edge -> devices attached to it
+        # devices last seen on an edge whose link to us is lost -> when it was lost: they
+        # may be training still (only the edge's uplink broke); held for faults.central_grace_s
+        self.orphans: dict[str, float] = {}
         self.tracker: RoundTracker | None = None
         self.started = time.monotonic()
-        dev_keys, edge_keys = part_keys(cfg.model["name"], cfg.model["split_layer"])
-        self.full_keys = set(dev_keys) | set(edge_keys)
+        self.spec = state_spec(cfg.model["name"])
         t = cfg.training
         self.results = RunResults(run_dir=run_dir, header={
             "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run["seed"],
@@ -89,6 +91,14 @@ class CentralServer:
         """Devices attached to some live edge."""
         return set().union(*self.attached.values()) if self.attached else set()
 
+    def held(self, now: float) -> frozenset[str]:
+        """Devices not seen because their edge's link to us is down, for at most
+        ``faults.central_grace_s`` (the time an edge has to rejoin)."""
+        present = self.present
+        for d in [d for d in self.orphans if d in present]:
+            del self.orphans[d]
+        return frozenset(d for d, t in self.orphans.items() if now - t < self.faults["central_grace_s"])
+
     def _pump(self, timeout: float) -> None:
         """Handle every event that arrives within ``timeout`` (at least one wait)."""
         try:
@@ -110,7 +120,9 @@ class CentralServer:
                 self._fault({"kind": "edge_back", "process": "central", "peer": ev.edge,
                              "detail": f"edge {ev.edge} joined again"}, say=True)
         elif isinstance(ev, EdgeLost):
-            self.attached.pop(ev.edge, None)
+            now = time.monotonic()
+            for d in self.attached.pop(ev.edge, set()):
+                self.orphans.setdefault(d, now)
             kind = "peer_silent" if ev.silent_s else "edge_lost"
             self._fault({"kind": kind, "process": "central", "peer": ev.edge, "detail": ev.detail[:200],
                          "detected_s": round(ev.silent_s, 3)}, say=True)
@@ -170,12 +182,23 @@ class CentralServer:
         self.registry.send(edge, m.UpdateAck(round=msg.round, device=msg.device))
 
     def _check_update(self, msg: m.DeviceUpdate) -> str:
+        """Why an update may not be summed ("" if it may): the strategy must never see
+        weights of the wrong layout, a tensor that is not finite, or a made-up weight."""
         if msg.device not in self.cfg.devices:
             return f"unknown device {msg.device}"
-        if set(msg.weights) != self.full_keys:
+        if set(msg.weights) != set(self.spec):
             return "weights do not match the model"
+        for k, (shape, dtype) in self.spec.items():
+            t = msg.weights[k]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                return f"{k} is {t.dtype} {list(t.shape)}, the model has {dtype} {list(shape)}"
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"{k} holds values that are not finite"
         if msg.samples <= 0:
             return "no samples"
+        expected = self.shard_samples.get(msg.device)
+        if expected is not None and msg.samples > expected:
+            return f"claims {msg.samples} samples, its shard has {expected}"
         return ""
 
     # -- the run -------------------------------------------------------------------------
@@ -288,7 +311,8 @@ class CentralServer:
         tracker.presence(self.present, time.monotonic())
         while not tracker.complete:
             now = time.monotonic()
-            for x in tracker.expire(now):
+            held = self.held(now)
+            for x in tracker.expire(now, held):
                 self._fault({"kind": "device_dropped", "process": "central", "peer": x.device, "round": tracker.round,
                              "detail": x.reason, "samples_lost": x.samples}, say=True)
             if tracker.complete:
@@ -300,5 +324,5 @@ class CentralServer:
                         self._fault({"kind": "device_dropped", "process": "central", "peer": d,
                                      "round": tracker.round, "detail": x.reason, "samples_lost": x.samples}, say=True)
                 break
-            wake = min(deadline, tracker.next_deadline() or deadline, now + POLL_S)
+            wake = min(deadline, tracker.next_deadline(held) or deadline, now + POLL_S)
             self._pump(wake - now)

@@ -124,6 +124,13 @@ MOVE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "round": (int, REQUIRED, _AT_LEAST_1),
     "at": (float, REQUIRED, lambda v: None if 0 < v < 1 else "must be a fraction of the round, 0 < at < 1"),
 }
+DROP_KEYS: dict[str, tuple[type, Any, Any]] = {
+    "device": (str, REQUIRED, None),
+    "round": (int, REQUIRED, _AT_LEAST_1),
+    "at": (float, REQUIRED, lambda v: None if 0 <= v < 1 else "must be a fraction of the round, 0 <= at < 1"),
+    "seconds": (float, 0.0, _NONNEG),  # how long the radio is out
+    "to": (str, "", None),             # where it comes back ("": as faults.reconnect says)
+}
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,20 @@ class Move:
 
 
 @dataclass(frozen=True)
+class Drop:
+    """An unplanned move from a trace (``[[mobility.drops]]``): the device's radio goes out
+    at a step boundary for ``seconds``; it comes back on ``to`` (or where the policy says)."""
+    device: str
+    round: int
+    at: float
+    seconds: float = 0.0
+    to: str = ""
+
+    def step(self, steps_in_round: int) -> int:
+        return math.floor(self.at * steps_in_round + 1e-9)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     run: dict[str, Any]
@@ -184,6 +205,7 @@ class Config:
     links: dict[str, Any]
     remote: dict[str, Any]
     moves: tuple[Move, ...] = field(default_factory=tuple)
+    drops: tuple[Drop, ...] = field(default_factory=tuple)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -200,6 +222,9 @@ class Config:
 
     def moves_for(self, device: str) -> list[Move]:
         return [mv for mv in self.moves if mv.device == device]
+
+    def drops_for(self, device: str) -> list[Drop]:
+        return [d for d in self.drops if d.device == device]
 
     def key_file(self) -> str | None:
         kf = self.security["key_file"]
@@ -335,7 +360,9 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
 
     _check_endpoints(central, edges, devices)
     moves = _moves(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
-    return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, raw=raw, **sections)
+    drops = _drops(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
+    return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, drops=drops, raw=raw,
+                  **sections)
 
 
 def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dict[str, DeviceConfig]) -> None:
@@ -352,9 +379,9 @@ def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dic
 def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move, ...]:
     if not isinstance(mobility, dict):
         raise ConfigError("mobility", "must be a table", "write moves as [[mobility.moves]] tables")
-    unknown = sorted(set(mobility) - {"moves"})
+    unknown = sorted(set(mobility) - {"moves", "drops"})
     if unknown:
-        raise ConfigError(f"mobility.{unknown[0]}", "is not a known key", "use [[mobility.moves]]")
+        raise ConfigError(f"mobility.{unknown[0]}", "is not a known key", "use [[mobility.moves]] or [[mobility.drops]]")
     given = mobility.get("moves", [])
     if not isinstance(given, list):
         raise ConfigError("mobility.moves", "must be an array of tables", "write each move as [[mobility.moves]]")
@@ -377,3 +404,21 @@ def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move
                               "where it already is", "remove that move or name another edge")
         here[mv.device] = mv.to
     return tuple(sorted(moves, key=lambda mv: (mv.round, mv.at, mv.device)))
+
+
+def _drops(mobility: dict, edges: dict, devices: dict, rounds: int) -> tuple[Drop, ...]:
+    given = mobility.get("drops", [])
+    if not isinstance(given, list):
+        raise ConfigError("mobility.drops", "must be an array of tables", "write each drop as [[mobility.drops]]")
+    drops = []
+    for i, t in enumerate(given):
+        where = f"mobility.drops[{i}]"
+        d = Drop(**_table(where, t, DROP_KEYS))
+        if d.device not in devices:
+            raise ConfigError(f"{where}.device", f"{d.device!r} is not a device", f"use one of: {', '.join(sorted(devices))}")
+        if d.to and d.to not in edges:
+            raise ConfigError(f"{where}.to", f"{d.to!r} is not an edge", f"use one of: {', '.join(sorted(edges))}, or leave it out")
+        if d.round > rounds:
+            raise ConfigError(f"{where}.round", f"round {d.round} is after the last round ({rounds})", f"use 1 to {rounds}")
+        drops.append(d)
+    return tuple(sorted(drops, key=lambda d: (d.round, d.at, d.device)))

@@ -71,14 +71,22 @@ class Link:
 
     def start(self) -> "Link":
         """Start the writer and a reader thread."""
-        self._writer.start()
+        self.start_writer()
         self._reader = threading.Thread(target=self._read_loop, name=f"{self.name}-reader", daemon=True)
         self._reader.start()
         return self
 
+    def start_writer(self) -> "Link":
+        """Start the writer (once): what is posted from now on goes out, and a ``close``
+        drains it, before anyone reads."""
+        with self._lock:
+            if not self._writer.is_alive() and self._writer.ident is None:
+                self._writer.start()
+        return self
+
     def serve(self) -> None:
-        """Start the writer and read in the calling thread until the link ends."""
-        self._writer.start()
+        """Start the writer (if not yet) and read in the calling thread until the link ends."""
+        self.start_writer()
         self._read_loop()
 
     def post(self, msg: m.Message) -> bool:
@@ -166,6 +174,9 @@ class Link:
                 self.conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)[:200]))
             self._end(exc)
         except TestbedError as exc:  # a handler's deliberate error: this link is done
+            self._end(exc)
+        except Exception as exc:  # noqa: BLE001 - a handler's bug: this link ends, and says so
+            log.exception("%s: handling a message failed", self.name)
             self._end(exc)
 
     def _end(self, exc: Exception) -> None:

@@ -107,6 +107,18 @@ def empty_part(name: str, first: int, last: int | None = None) -> Part:
     return Part(layers, first).to_empty(device="cpu")
 
 
+def num_classes(name: str) -> int:
+    """How many classes the model's last layer scores (labels must lie in 0..n-1)."""
+    last = empty_part(name, len(LAYER_BUILDERS[name]) - 1)
+    return int(list(last.state_dict().values())[-1].shape[0])
+
+
+def state_spec(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every state-dict key of the whole model with its shape and dtype (what an update
+    must carry, checked before anything is summed)."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in empty_part(name, 0).state_dict().items()}
+
+
 def device_part(name: str, split_layer: int, *, seed: int = 0) -> Part:
     return split_model(build_model(name, seed=seed), split_layer)[0]
 

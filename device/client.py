@@ -24,7 +24,7 @@ from common.plan import RoundPlan
 from common.training import LOSS, make_optimizer, round_batches
 from device.control import ControlServer, Position
 from device.link import EdgeLink, EdgeUnreachable, Rollback, RoundOver, RunOver
-from device.moves import CommandedMoves, MoveSources, ScheduledMoves
+from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves
 
 log = logging.getLogger("device")
 
@@ -42,6 +42,7 @@ class DeviceClient:
         self.pos = Position(edge=self.me.edge)
         self.link = EdgeLink(cfg=cfg, name=name, key=key, events=events, pos=self.pos)
         self.moves = MoveSources(ScheduledMoves(cfg.moves_for(name)), CommandedMoves(self.pos))
+        self.drops = ScheduledDrops(cfg.drops_for(name))
         self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
         self.throttle_s = 0.0
         keys = part_keys(cfg.model["name"], cfg.model["split_layer"])
@@ -162,7 +163,12 @@ class DeviceClient:
 
     def _moves_due(self, r: int, step: int, steps: int) -> None:
         """Every move due at this boundary, one after another. A move that cannot go on
-        from here raises ``Rollback``/``RoundOver`` (from ``EdgeLink.move``)."""
+        from here raises ``Rollback``/``RoundOver`` (from ``EdgeLink.move``). A radio loss
+        from the trace (``[[mobility.drops]]``) cuts the link here; the next step finds it
+        cut and reconnects as any lost link does."""
+        drop = self.drops.due(r, step, steps)
+        if drop is not None:
+            self.link.cut(drop.seconds, drop.to, why="trace")
         while True:
             to = self.moves.due(r, step, steps)
             if to is None:

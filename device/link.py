@@ -108,6 +108,8 @@ class EdgeLink:
         self._cut_at = 0.0
         self._cut_until = 0.0
         self._cut_to = ""
+        self._cut_gen = 0                   # counts cuts: a reattach clears only the cut it served
+        self._cut_why = "controller"
         self._held: list[m.Message] = []    # reports to send once linked again
         self.run_name: str | None = None
 
@@ -127,8 +129,8 @@ class EdgeLink:
     def report(self, msg: m.Message) -> None:
         """Send a report (move, fault) to the central through the edge; held while unlinked."""
         link = self._link
-        if link is None or not link.post(msg):
-            self._held.append(msg)
+        if link is None or link.silent or not link.post(msg):
+            self._held.append(msg)  # a silenced link (a cut) would swallow it
 
     # -- connecting ----------------------------------------------------------------------------
 
@@ -183,22 +185,34 @@ class EdgeLink:
             self._inbox.put((link, _CUT))
 
     def join(self) -> None:
-        """The first attach, to the config's edge; retried while it is not up yet."""
-        deadline = time.monotonic() + self.cfg.run["startup_timeout"]
+        """The first attach, to the config's edge, retried while it is not up yet. A device
+        started again while that edge is down (killed, or out of reach) does not wait for
+        it: after ``faults.device_grace_s`` it tries the other edges too."""
+        t0 = time.monotonic()
+        deadline = t0 + self.cfg.run["startup_timeout"]
+        home = self.edge
+        edges = sorted(self.cfg.edges)
+        i = edges.index(home)
+        others = edges[i + 1:] + edges[:i]
         backoff = BACKOFF_FIRST_S
         while True:
-            try:
-                link, reply = self._open(self.edge, self._request("start"), timeout=self.cfg.run["startup_timeout"])
-                self._install(self.edge, link, reply)
-                self.events.emit("attached", edge=self.edge)
+            tried = [home] + (others if time.monotonic() - t0 >= self.faults["device_grace_s"] else [])
+            last: Exception | None = None
+            for edge in tried:
+                try:
+                    link, reply = self._open(edge, self._request("start"), timeout=self.cfg.run["startup_timeout"])
+                except (_Refused, AuthenticationError):
+                    raise  # a refusal or a wrong key never heals by trying again
+                except (TransportError, ProtocolError, TimeoutError, _Lost) as exc:
+                    last = exc
+                    continue
+                self._install(edge, link, reply)
+                self.events.emit("attached", edge=edge, home=home)
                 return
-            except (_Refused, AuthenticationError):
-                raise  # a refusal or a wrong key never heals by trying again
-            except (TransportError, ProtocolError, TimeoutError, _Lost) as exc:
-                if time.monotonic() >= deadline:
-                    raise EdgeUnreachable(f"cannot attach to {self.edge}: {exc}") from None
-                time.sleep(backoff)
-                backoff = min(BACKOFF_MAX_S, backoff * 2)
+            if time.monotonic() >= deadline:
+                raise EdgeUnreachable(f"cannot attach to {' or '.join(tried)}: {last}") from None
+            time.sleep(backoff)
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -224,7 +238,7 @@ class EdgeLink:
                 silent = time.monotonic() - link.conn.last_received if isinstance(reason, PeerSilent) else 0.0
                 raise _Lost(f"{link.name}: {reason}", silent_s=silent)
             if msg is _CUT:
-                raise _Lost(f"{link.name}: cut by the controller", cut=True)
+                raise _Lost(f"{link.name}: cut by the {self._cut_why}", cut=True)
             if isinstance(msg, m.Shutdown):
                 raise RunOver(msg.reason)
             if isinstance(msg, m.ErrorNotice):
@@ -244,59 +258,80 @@ class EdgeLink:
 
     # -- losing the link and coming back ----------------------------------------------------------
 
-    def cut(self, seconds: float, to: str) -> None:
-        """The controller's radio loss: silence on the link now, for ``seconds``, then
-        reconnect to ``to`` (or as the policy says). Called from the control thread."""
+    def cut(self, seconds: float, to: str, *, why: str = "controller") -> None:
+        """A radio loss (the controller's ``drop``, or the config's trace): silence on the
+        link now, for ``seconds``, then reconnect to ``to`` (or as the policy says). Called
+        from the control thread or the training loop."""
         with self._lock:
+            self._cut_gen += 1
             self._cut_at = time.monotonic()
             self._cut_until = self._cut_at + seconds
             self._cut_to = to
             link = self._link
         self._set_link_state("cut")
-        self.events.emit("cut", seconds=seconds, to=to, edge=self.edge)
+        self.events.emit("cut", seconds=seconds, to=to, edge=self.edge, by=why)
+        self._cut_why = why
         if link is not None:
             link.go_silent()
             self._inbox.put((link, _CUT))
 
-    def _candidates(self, lost_at: float, tries: int) -> list[str]:
-        """Edges to try, in order, per ``faults.reconnect`` (and the controller's word)."""
+    def _candidates(self, lost_at: float, silent: bool, failed: dict[str, float]) -> list[str]:
+        """Edges to try, in order, per ``faults.reconnect`` (and the controller's word); an
+        edge that failed us within ``faults.dead_after_s`` goes last."""
         edges = sorted(self.cfg.edges)
-        others = [e for e in edges if e != self.edge]
         i = edges.index(self.edge)
         others = edges[i + 1:] + edges[:i]
+        now = time.monotonic()
+        dead = self.faults["dead_after_s"]
         told = self._cut_to or self.pos.peek_pending() or ""
         if told:
-            return [told] + [e for e in [self.edge] + others if e != told]
-        policy = self.faults["reconnect"]
-        if policy == "controller":
-            if time.monotonic() - lost_at < self.faults["device_grace_s"]:
-                return []  # wait for the controller to say where
-            policy = "same"
-        if policy == "nearest":
-            return self._nearest(edges)
-        # same: the edge we lost, until it has had dead_after_s to come back; then any edge
-        if time.monotonic() - lost_at < self.faults["dead_after_s"]:
-            return [self.edge]
-        return [self.edge] + others
+            order = [told] + [e for e in [self.edge] + others if e != told]
+        else:
+            policy = self.faults["reconnect"]
+            if policy == "controller":
+                # wait for the controller to say where, but not so long that the central
+                # gives up on us: then as "same"
+                if now - lost_at < self.faults["device_grace_s"] / 2:
+                    return []
+                policy = "same"
+            if policy == "nearest":
+                order = self._nearest(edges)
+            elif silent:
+                # the edge said nothing for dead_after_s: most likely it is gone (or we
+                # moved out of its reach); any other edge first, it last
+                order = others + [self.edge]
+            elif now - lost_at < dead:
+                order = [self.edge]  # a dropped connection: the same edge, while it may come back
+            else:
+                order = [self.edge] + others
+        recent = {e for e, t in failed.items() if now - t < dead}
+        return [e for e in order if e not in recent] + [e for e in order if e in recent]
 
     def _nearest(self, edges: list[str]) -> list[str]:
         """Every edge, the first to complete a handshake first (the nearest in the network)."""
         results: "queue.SimpleQueue[tuple[str, float]]" = queue.SimpleQueue()
+        dead = self.faults["dead_after_s"]
 
         def probe(edge: str) -> None:
             ep = self.cfg.edges[edge]
             t0 = time.monotonic()
             try:
-                conn = transport.connect(ep.host, ep.port, key=self.key, peer=f"edge {edge}",
-                                         timeout=self.faults["dead_after_s"])
+                conn = transport.connect(ep.host, ep.port, key=self.key, peer=f"edge {edge}", timeout=dead)
                 conn.close()
                 results.put((edge, time.monotonic() - t0))
-            except (TransportError, ProtocolError):
+            except Exception:  # noqa: BLE001 - any failure: not reachable now
                 results.put((edge, float("inf")))
         for e in edges:
             threading.Thread(target=probe, args=(e,), daemon=True).start()
-        got = [results.get() for _ in edges]
-        return [e for e, t in sorted(got, key=lambda x: (x[1], x[0])) if t != float("inf")]
+        got: dict[str, float] = {}
+        deadline = time.monotonic() + dead + 1.0
+        while len(got) < len(edges):
+            try:
+                edge, took = results.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            got[edge] = took
+        return [e for e, t in sorted(got.items(), key=lambda x: (x[1], x[0])) if t != float("inf")]
 
     def _reattach(self, lost: _Lost) -> m.AttachReply:
         """Back on an edge after ``lost``; returns its answer. Raises ``EdgeUnreachable``."""
@@ -309,7 +344,7 @@ class EdgeLink:
         self.events.emit("link_lost", edge=old_edge, detail=lost.detail[:200], silent_s=round(lost.silent_s, 3),
                          cut=lost.cut, round=self.where.round, step=self.where.step)
         backoff = BACKOFF_FIRST_S
-        tries = 0
+        failed: dict[str, float] = {}
         while True:
             wait = self._cut_until - time.monotonic()
             if wait > 0:
@@ -319,17 +354,21 @@ class EdgeLink:
                 old.close(drain=False)  # the radio is back: the old connection is of no use
                 old = None
             self._set_link_state("reconnecting")
-            for edge in self._candidates(t_lost, tries):
+            with self._lock:
+                gen = self._cut_gen
+            for edge in self._candidates(t_lost, lost.silent_s > 0, failed):
                 try:
                     link, reply = self._open(edge, self._request("reconnect"), timeout=max(
                         2 * self.faults["dead_after_s"], 10.0))
                 except (TransportError, ProtocolError, TimeoutError, _Lost, _Refused) as exc:
                     self.events.emit("reconnect_failed", edge=edge, detail=str(exc)[:200])
+                    failed[edge] = time.monotonic()
                     continue
                 source = self.edge
                 self._install(edge, link, reply)
                 with self._lock:
-                    self._cut_to = ""
+                    if self._cut_gen == gen:  # a newer cut names its own edge
+                        self._cut_to = ""
                 if edge == self.pos.peek_pending():
                     self.pos.take_pending()  # the controller's move is done by this reconnect
                 back = time.monotonic()
@@ -345,7 +384,6 @@ class EdgeLink:
                     replayed=max(0, replayed), recovery=reply.how or reply.action,
                     samples_lost=0))
                 return reply
-            tries += 1
             if time.monotonic() - t_lost > self.faults["give_up_s"]:
                 raise EdgeUnreachable(f"no edge took {self.name} for {self.faults['give_up_s']:.0f} s")
             time.sleep(backoff)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from common.config import Move
+from common.config import Drop, Move
 from device.control import Position
 
 
@@ -34,6 +34,22 @@ class ScheduledMoves:
             if mv.round == round and mv not in self._done and mv.step(steps) <= step:
                 self._done.add(mv)
                 return mv.to
+        return None
+
+
+class ScheduledDrops:
+    """``[[mobility.drops]]``: a trace of radio losses, each at the step boundary
+    floor(at x steps) of its round; each fires once."""
+
+    def __init__(self, drops: Iterable[Drop]) -> None:
+        self._drops = sorted(drops, key=lambda d: (d.round, d.at))
+        self._done: set[Drop] = set()
+
+    def due(self, round: int, step: int, steps: int) -> Drop | None:
+        for d in self._drops:
+            if d.round == round and d not in self._done and d.step(steps) <= step:
+                self._done.add(d)
+                return d
         return None
 
 

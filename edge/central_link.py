@@ -102,6 +102,13 @@ class CentralLink:
         return conn, welcome
 
     def _run(self) -> None:
+        try:
+            self._run_links()
+        except Exception as exc:  # noqa: BLE001 - a bug here must stop the edge, not leave it deaf
+            log.exception("%s: the central link failed", self.name)
+            self.submit(Stop(reason=f"central link failed: {type(exc).__name__}: {exc}", status=1))
+
+    def _run_links(self) -> None:
         joined = False
         deadline = time.monotonic() + self.cfg.run["startup_timeout"]
         backoff = BACKOFF_FIRST_S
@@ -148,7 +155,10 @@ class CentralLink:
             if joined:
                 self.events.emit("central_rejoined")
             joined = True
-            self._lost.wait()
+            while not self._lost.wait(0.5):
+                if self._closed:  # a close that came between our clear() and this wait
+                    link.close()
+                    break
             with self._lock:
                 self._link = None
             if self._closed:

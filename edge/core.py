@@ -27,7 +27,8 @@ from common import messages as m
 from common.errors import LocalProtocolError, MigrationError, RemoteProtocolError
 from common.events import EventLog
 from common.plan import RoundPlan
-from edge.lifecycle import Event, State, TransitionError, check_transition
+from common.models import num_classes
+from edge.lifecycle import Event, State, TransitionError, allowed, check_transition
 from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
                         Fetcher, PeerLost, PeerMessage, Port, PullOutcome, Stop, Tick)
 from edge.session import EdgeSession, SparePart
@@ -61,6 +62,8 @@ class Entry:
     update: m.DeviceUpdate | None = None  # DELIVERING: what went to the central
     pending: m.AttachRequest | None = None  # PULLING: the attach to answer
     pull_token: int = 0                   # PULLING: which fetch counts (older outcomes are stale)
+    pull_at: float = 0.0                  # PULLING: when the fetch started (its deadline)
+    handover_at: float = 0.0              # HANDING_OVER: when the snapshot went
     hops: int = 0
     attach_at: float = 0.0
     handover: tuple[Port, str, str] | None = None  # HANDING_OVER: (peer port, checksum, target)
@@ -85,11 +88,12 @@ class Models:
 class EdgeCore:
     def __init__(self, *, name: str, mode: str, models: Models, seed: int, devices: set[str], peers: set[str],
                  central: CentralPort, fetcher: Fetcher, events: EventLog, spare: SparePart | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, handover_deadline_s: float = 30.0) -> None:
         self.name = name
         self.role = f"edge {name}"
         self.mode = mode
         self.models = models
+        self.num_classes = num_classes(models.name)
         self.seed = seed
         self.known_devices = devices
         self.central = central
@@ -97,6 +101,8 @@ class EdgeCore:
         self.events = events
         self.spare = spare
         self.clock = clock
+        # a fetch (or a confirmation) not done by then has failed: the device is not kept waiting
+        self.handover_deadline_s = handover_deadline_s
         self.peers = peers
         self.entries: dict[str, Entry] = {}
         self.forward: dict[str, Forward] = {}
@@ -159,12 +165,12 @@ class EdgeCore:
             elif isinstance(ev, Stop):
                 self._stop(ev)
             elif isinstance(ev, Tick):
-                pass
+                self._on_tick()
             else:  # pragma: no cover - a wiring bug
                 raise LocalProtocolError(f"{self.role}: unknown event {type(ev).__name__}")
         except Exception as exc:  # noqa: BLE001 - one bad event must not stop the edge
             log.exception("%s: handling %s failed", self.role, type(ev).__name__)
-            self.events.emit("core_error", event=type(ev).__name__, error=type(exc).__name__, detail=str(exc)[:300])
+            self.events.emit("core_error", on=type(ev).__name__, error=type(exc).__name__, detail=str(exc)[:300])
         self._report_status()
 
     # -- table -------------------------------------------------------------------------------
@@ -243,24 +249,36 @@ class EdgeCore:
         self.forward = {d: f for d, f in self.forward.items() if f.round >= r}
         self.events.emit("round_start", round=r, participants=list(plan.participants))
         for e in list(self.entries.values()):
-            if e.state is S.REPLICA or (e.session is not None and e.session.round >= r):
-                continue
-            if e.state is S.PULLING and e.pending is not None and e.pending.round >= r:
-                self._resolve_pending(e)  # it was waiting for this very round
-                continue
-            old_round = e.session.round if e.session is not None else (e.pending.round if e.pending else 0)
-            if e.port is None:
-                self._move(e, E.ROUND_START, S.GONE)
-                continue
-            e.pending = None
-            if self._takes_part(e.device, r):
-                self._start_session(e, E.ROUND_START)
-            else:
-                self._move(e, E.ROUND_START, S.IDLE)
-                e.session = None
-                if old_round:
-                    e.port.post(m.StandBy(round=old_round, reason=f"round {old_round} is over; "
-                                          f"{e.device} is not in round {r}"))
+            try:
+                self._entry_round_start(e, r)
+            except Exception as exc:  # noqa: BLE001 - one entry's bug must not cost the others their round
+                log.exception("%s: round %d start for %s failed", self.role, r, e.device)
+                self.events.emit("core_error", on="RoundStart", device=e.device, error=type(exc).__name__,
+                                 detail=str(exc)[:300])
+
+    def _entry_round_start(self, e: Entry, r: int) -> None:
+        if e.state is S.REPLICA or (e.session is not None and e.session.round >= r):
+            return
+        if e.state is S.PULLING and e.pending is not None and e.pending.round >= r:
+            self._resolve_pending(e)  # it was waiting for this very round
+            return
+        old_round = e.session.round if e.session is not None else (e.pending.round if e.pending else 0)
+        if e.port is None:
+            self._move(e, E.ROUND_START, S.GONE)
+            return
+        answered = e.state is S.PULLING
+        if answered:
+            # The device waits for an answer to its attach: its round is over.
+            self._reply(e, action="wait", round=old_round, how="round over")
+        e.pending = None
+        if self._takes_part(e.device, r):
+            self._start_session(e, E.ROUND_START)
+        else:
+            self._move(e, E.ROUND_START, S.IDLE)
+            e.session = None
+            if old_round and not answered:
+                e.port.post(m.StandBy(round=old_round, reason=f"round {old_round} is over; "
+                                      f"{e.device} is not in round {r}"))
 
     def _takes_part(self, device: str, r: int) -> bool:
         info = self.current
@@ -337,7 +355,15 @@ class EdgeCore:
         r, s = req.round, req.step
         if e.state is S.DELIVERING:
             self._move(e, event, S.DELIVERING)
-            self._reply(e, action="continue", round=r, resume_step=s, how="delivering")
+            upd = e.update
+            if upd is not None and (upd.round, upd.steps) == (r, s):
+                # It lost our DoneAck: it sends its update again and gets the ack once the
+                # central confirms.
+                self._reply(e, action="continue", round=r, resume_step=s, how="delivering")
+            else:
+                # Its round's update is on its way from here; whatever the device holds of
+                # that round is not what counts.
+                self._reply(e, action="wait", round=r, how="delivering")
             return
         if e.state is S.PULLING:
             self._move(e, event, S.PULLING)  # the fetch goes on; its outcome answers this link
@@ -406,6 +432,7 @@ class EdgeCore:
         e.pull_token = self._token
         e.pending = req
         e.hops = 0
+        e.pull_at = self.clock()
         self.fetcher.pull(device=e.device, source=source, round=req.round, step=req.step, token=e.pull_token)
 
     def _resolve_pending(self, e: Entry) -> None:
@@ -444,49 +471,92 @@ class EdgeCore:
             return
         req = e.pending
         r, s = req.round, req.step
+        if ev.session is not None and not ev.session.position_matches(s):
+            # The device attached again, at another step, while this copy was on its way:
+            # it is not the one that counts. Ask again where the device says it is.
+            self.events.emit("pull_superseded", device=e.device, source=ev.source, round=r, step=s,
+                             got_step=ev.session.step)
+            self._begin_resume(e, E.PULLED, req)
+            return
         if ev.session is not None:
-            e.pending = None
-            e.session = ev.session
-            if self.spare is not None:
-                self.spare.refill_soon()
-            self.events.emit("migrated_in", device=e.device, source=ev.source, round=r, step=s,
-                             state_bytes=ev.state_bytes, transfer_ms=ev.transfer_ms)
-            if e.port is None:
-                self._move(e, E.PULLED, S.DETACHED)
-                e.session.prepare_snapshot()
-                return
-            self._move(e, E.PULLED, S.ACTIVE)
-            self._reply(e, action="continue", round=r, resume_step=s, how="pulled", state_bytes=ev.state_bytes,
-                        transfer_ms=ev.transfer_ms)
+            self._install_pulled(e, ev.session, source=ev.source, state_bytes=ev.state_bytes,
+                                 transfer_ms=ev.transfer_ms)
             return
         refused = ev.refused
+        linked = S.IDLE if e.port is not None else S.GONE
         if refused is not None and refused.delivered:
             e.pending = None
-            self._move(e, E.PULLED, S.IDLE)
+            self._move(e, E.PULLED, linked)
             if e.port is not None:
                 self._reply(e, action="done", round=r, how="delivered")
             return
+        if refused is not None and refused.moved_to == self.name and e.session is not None and \
+                e.session.round == r and e.session.position_matches(s):
+            # It moved here earlier and we still hold it: the pointer led back to us.
+            self._install_pulled(e, e.session, source=self.name, state_bytes=0, transfer_ms=0.0)
+            return
         if refused is not None and refused.moved_to and refused.moved_to != self.name and e.hops < MAX_FORWARD_HOPS:
             e.hops += 1
+            e.pull_at = self.clock()
             self.fetcher.pull(device=e.device, source=refused.moved_to, round=r, step=s, token=e.pull_token)
             return
         # The session cannot be had (its edge is gone or refuses): the round again from its
         # weights here. Exact, at the cost of the steps done.
         detail = ev.error or (refused.reason if refused is not None else "unknown")
-        self.events.emit("pull_failed", device=e.device, source=ev.source, round=r, step=s, detail=detail)
-        self.central.send(m.FaultReport(kind="handover_failed", process=self.name, peer=ev.source, round=r, step=s,
+        self._pull_failed(e, source=ev.source, detail=detail)
+
+    def _install_pulled(self, e: Entry, session: EdgeSession, *, source: str, state_bytes: int,
+                        transfer_ms: float) -> None:
+        req = e.pending
+        assert req is not None
+        r, s = req.round, req.step
+        e.pending = None
+        e.session = session
+        if self.spare is not None and source != self.name:
+            self.spare.refill_soon()
+        self.events.emit("migrated_in", device=e.device, source=source, round=r, step=s,
+                         state_bytes=state_bytes, transfer_ms=transfer_ms)
+        if e.port is None:
+            self._move(e, E.PULLED, S.DETACHED)
+            session.prepare_snapshot()
+            return
+        self._move(e, E.PULLED, S.ACTIVE)
+        self._reply(e, action="continue", round=r, resume_step=s, how="pulled" if source != self.name else "here",
+                    state_bytes=state_bytes, transfer_ms=transfer_ms)
+
+    def _pull_failed(self, e: Entry, *, source: str, detail: str) -> None:
+        req = e.pending
+        assert req is not None
+        r, s = req.round, req.step
+        self.events.emit("pull_failed", device=e.device, source=source, round=r, step=s, detail=detail)
+        self.central.send(m.FaultReport(kind="handover_failed", process=self.name, peer=source, round=r, step=s,
                                         detail=detail[:200], detected_s=0.0, down_s=0.0, replayed=s,
                                         recovery="restart", samples_lost=0))
         e.pending = None
         info = self.current
         if info is None or info.round != r or not self._takes_part(e.device, r):
-            self._move(e, E.PULLED, S.IDLE)
+            self._move(e, E.PULLED, S.IDLE if e.port is not None else S.GONE)
             if e.port is not None:
                 self._reply(e, action="wait", round=r, how="round over")
             return
         self._fresh(e, E.PULLED, info, 0)
         if e.port is not None:
             self._reply(e, action="continue", round=r, resume_step=0, how="restart")
+
+    def _on_tick(self) -> None:
+        """Deadlines of handovers: a fetch or a confirmation that never comes (a peer that
+        answers heartbeats but not us) must not hold a device forever."""
+        now = self.clock()
+        for e in list(self.entries.values()):
+            if e.state is S.PULLING and e.pull_token and now - e.pull_at > self.handover_deadline_s:
+                self.events.emit("pull_deadline", device=e.device, waited_s=round(now - e.pull_at, 3))
+                e.pull_token = 0  # a late outcome is stale
+                self._pull_failed(e, source=e.pending.source if e.pending else "", detail=(
+                    f"no outcome within {self.handover_deadline_s:g} s"))
+            elif e.state is S.HANDING_OVER and now - e.handover_at > self.handover_deadline_s:
+                e.handover = None
+                self._move(e, E.HANDOVER_FAILED, S.DETACHED)
+                self.events.emit("handover_unconfirmed", device=e.device, detail="no confirmation in time")
 
     # -- devices: steps, updates, loss ---------------------------------------------------------
 
@@ -522,12 +592,16 @@ class EdgeCore:
 
         def reply(grad: torch.Tensor, loss: float, _r: int = msg.round, _s: int = msg.step) -> None:
             port.post(m.Gradients(round=_r, step=_s, loss=loss, grad={"g": grad}))
+        x, y = msg.batch["x"], msg.batch["y"]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise RemoteProtocolError(f"{self.role}: step {msg.step} from {e.device}: labels outside "
+                                      f"0..{self.num_classes - 1}")
         try:
-            trained = session.train_step(msg.step, msg.batch["x"], msg.batch["y"], reply)
+            trained = session.train_step(msg.step, x, y, reply)
         except MigrationError as exc:
             raise RemoteProtocolError(str(exc)) from None
-        except RuntimeError as exc:  # shapes that do not fit the edge part
-            raise RemoteProtocolError(f"edge part cannot take this batch: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - shapes or values that do not fit the edge part
+            raise RemoteProtocolError(f"edge part cannot take this batch: {type(exc).__name__}: {exc}") from None
         self._move(e, E.STEP, S.ACTIVE)
         if not trained:
             self.events.emit("step_replayed", device=e.device, round=msg.round, step=msg.step)
@@ -564,6 +638,7 @@ class EdgeCore:
                          train_seconds=msg.train_seconds, edge_steps=session.step)
 
     def _on_device_lost(self, ev: DeviceLost) -> None:
+        self.parked = [att for att in self.parked if att.port is not ev.port]
         e = self.entries.get(ev.device)
         if e is None or e.port is not ev.port:
             return
@@ -636,6 +711,7 @@ class EdgeCore:
         meta, tensors, checksum = session.snapshot(with_reply=session.step == s + 1)
         port.post(m.SessionSnapshot(device=d, round=r, step=session.step, meta=meta, checksum=checksum, state=tensors))
         e.handover = (port, checksum, msg.target)
+        e.handover_at = self.clock()
         self._move(e, E.PULL, S.HANDING_OVER)
         self.events.emit("handing_over", device=d, round=r, step=session.step, to=msg.target)
 
@@ -660,19 +736,23 @@ class EdgeCore:
     def _on_drop(self, port: Port, msg: m.SessionDrop) -> None:
         """Another edge took the device over without its state (modes restart and classic,
         or fedfly at step 0). A session here that no device link serves goes; a linked
-        device is left alone (it came back here after that drop was sent)."""
-        e = self.entries.get(msg.device)
-        if e is not None and e.port is None and e.state is not S.PULLING and \
-                (e.session is None or e.session.round <= msg.round):
-            self._move(e, E.DROP, S.GONE)
-            self.entries.pop(msg.device, None)
-        elif e is not None:
-            self._move(e, E.DROP, e.state)
-        fwd = self.forward.get(msg.device)
-        if fwd is None or fwd.round <= msg.round:
-            self.forward[msg.device] = Forward(msg.round, msg.target)
-        port.post(m.SessionReleased(device=msg.device))
-        self.events.emit("session_dropped", device=msg.device, round=msg.round, to=msg.target)
+        device is left alone (it came back here after that drop was sent), as is a session
+        of a newer round than the drop's. The peer is always answered."""
+        try:
+            e = self.entries.get(msg.device)
+            if e is None or (e.session is not None and e.session.round > msg.round):
+                pass  # nothing here, or a drop from an older round: nothing to do
+            elif e.port is None and e.state in (S.DETACHED, S.HANDING_OVER, S.REPLICA, S.DELIVERING, S.IDLE):
+                self._move(e, E.DROP, S.GONE)
+                self.entries.pop(msg.device, None)
+            elif e.state in allowed(e.state, E.DROP):
+                self._move(e, E.DROP, e.state)
+            fwd = self.forward.get(msg.device)
+            if fwd is None or fwd.round <= msg.round:
+                self.forward[msg.device] = Forward(msg.round, msg.target)
+            self.events.emit("session_dropped", device=msg.device, round=msg.round, to=msg.target)
+        finally:
+            port.post(m.SessionReleased(device=msg.device))
 
     def _on_peer_lost(self, ev: PeerLost) -> None:
         for e in list(self.entries.values()):

@@ -95,8 +95,8 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.FINISH: {S.IDLE},          # an update sent again: acknowledged again
         E.LINK_LOST: {S.GONE},
         E.PULL: {S.IDLE},            # refused ("delivered" or nothing here)
-        E.DROP: {S.IDLE},            # the device is linked here: a late drop changes nothing
-        E.ROUND_START: {S.IDLE, S.ACTIVE},
+        E.DROP: {S.IDLE, S.GONE},    # linked here: a late drop changes nothing / no link: gone
+        E.ROUND_START: {S.IDLE, S.ACTIVE, S.GONE},  # ... / no link: gone
         E.UPDATE_ACKED: {S.IDLE},
         E.REPLICATE: {S.IDLE},       # stale: this device is served here now
     },
@@ -105,7 +105,7 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.RESUME_HERE: _ATTACH,      # a new link after a drop: the same session goes on (ACTIVE)
         E.RESUME_FROM: _ATTACH,      # a stale link here; the device came from elsewhere
         E.STEP: {S.ACTIVE},          # trained, or answered again from the kept reply
-        E.FINISH: {S.DELIVERING},
+        E.FINISH: {S.DELIVERING, S.ACTIVE},  # delivered / an update of an older round: ignored
         E.LINK_LOST: {S.DETACHED},
         E.PULL: {S.HANDING_OVER, S.ACTIVE},  # the device went elsewhere (our link is stale) / refused
         E.DROP: {S.ACTIVE},          # linked here: a late drop changes nothing
@@ -144,7 +144,8 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.LINK_LOST: {S.PULLING},    # the fetch goes on; the session will wait here
         E.PULL: {S.PULLING},         # refused: not here yet
         E.DROP: {S.PULLING},
-        E.PULLED: {S.ACTIVE, S.DETACHED, S.IDLE, S.PULLING},  # here / device gone meanwhile / round over / next hop
+        # here / device gone meanwhile / round over (no link: gone) / fetched again
+        E.PULLED: {S.ACTIVE, S.DETACHED, S.IDLE, S.GONE, S.PULLING},
         E.ROUND_START: {S.IDLE, S.ACTIVE, S.GONE, S.PULLING},
         E.UPDATE_ACKED: {S.PULLING},
         E.REPLICATE: {S.PULLING},

@@ -42,7 +42,7 @@ _LOST = object()
 
 
 class PeerExchange:
-    """One request/response exchange on a kept link (holding that peer's lock)."""
+    """One request/response exchange about one device on a kept link to a peer."""
 
     def __init__(self, link: Link, inbox: queue.SimpleQueue, limit_s: float) -> None:
         self.link = link
@@ -54,21 +54,42 @@ class PeerExchange:
             raise ConnectionClosed(f"link to {self.link.name} is lost")
 
     def recv(self) -> m.Message:
-        """The peer's next message. The link's own deadline ends a silent peer's wait;
-        ``limit_s`` bounds a live peer that never answers."""
+        """The peer's next message about this device. The link's own deadline ends a
+        silent peer's wait; ``limit_s`` bounds a live peer that never answers."""
         try:
             msg = self._inbox.get(timeout=self._limit_s)
         except queue.Empty:
             raise TimeoutError(f"{self.link.name} did not answer within {self._limit_s} s") from None
         if msg is _LOST:
-            self._inbox.put(_LOST)  # stays lost for anyone else who asks
             raise ConnectionClosed(f"link to {self.link.name} lost: {self.link.lost_reason}")
         return msg
 
 
+class _Peer:
+    """A kept link to one peer edge and who waits for answers on it (by device)."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.waiters: dict[str, queue.SimpleQueue] = {}
+        self.lock = threading.Lock()
+
+    def route(self, msg: m.Message) -> None:
+        with self.lock:
+            q = self.waiters.get(getattr(msg, "device", ""))
+        if q is not None:
+            q.put(msg)  # else: an answer nobody waits for any more (its exchange gave up)
+
+    def lost(self) -> None:
+        with self.lock:
+            waiting = list(self.waiters.values())
+        for q in waiting:
+            q.put(_LOST)
+
+
 class PeerLinks:
-    """Authenticated links to the other edges, opened on first use and kept. One exchange
-    at a time per peer."""
+    """Authenticated links to the other edges, opened on first use and kept. Exchanges
+    about different devices share a link and run at the same time (answers are matched
+    by device); two about the same device take turns."""
 
     def __init__(self, *, name: str, key: bytes, endpoints: dict[str, tuple[str, int]], heartbeat_s: float,
                  dead_after_s: float, answer_limit_s: float) -> None:
@@ -77,54 +98,63 @@ class PeerLinks:
         self._endpoints = endpoints
         self._hb, self._dead = heartbeat_s, dead_after_s
         self._limit = answer_limit_s
-        self._links: dict[str, tuple[Link, queue.SimpleQueue]] = {}
-        self._locks = {peer: threading.Lock() for peer in endpoints}
+        self._peers: dict[str, _Peer] = {}
+        self._connect_locks = {peer: threading.Lock() for peer in endpoints}
+        self._device_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._lock = threading.Lock()
         self._closed = False
 
-    def _open(self, peer: str) -> tuple[Link, queue.SimpleQueue]:
-        host, port = self._endpoints[peer]
-        try:
-            conn = transport.connect(host, port, key=self._key, peer=f"edge {peer}", timeout=self._dead)
-        except (TransportError, ProtocolError) as exc:
-            raise MigrationError(f"cannot reach edge {peer}: {exc}") from exc
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
-        link = Link(conn, name=f"edge {peer}", on_message=lambda _l, msg: inbox.put(msg),
-                    on_lost=lambda _l, exc: inbox.put(_LOST), heartbeat_s=self._hb, dead_after_s=self._dead).start()
-        self._links[peer] = (link, inbox)
-        return link, inbox
-
-    @contextmanager
-    def exchange(self, peer: str) -> Iterator[PeerExchange]:
-        """A kept link to ``peer`` (a new one if the kept one is lost) for one exchange; any
-        failure inside closes it."""
-        if peer not in self._locks:
-            raise MigrationError(f"{peer!r} is not an edge of this testbed")
-        with self._locks[peer]:
+    def _peer(self, peer: str) -> _Peer:
+        """The kept link to ``peer``, or a new one. Only the connect is serialised."""
+        with self._connect_locks[peer]:
             if self._closed:
                 raise MigrationError("the edge is shutting down")
-            kept = self._links.get(peer)
-            if kept is None or kept[0].lost:
-                kept = self._open(peer)
-            link, inbox = kept
-            while True:  # answers left over from an exchange that gave up on them
-                try:
-                    stale = inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if stale is _LOST:
-                    link, inbox = self._open(peer)
-                    break
+            kept = self._peers.get(peer)
+            if kept is not None and not kept.link.lost:
+                return kept
+            host, port = self._endpoints[peer]
             try:
-                yield PeerExchange(link, inbox, self._limit)
+                conn = transport.connect(host, port, key=self._key, peer=f"edge {peer}", timeout=self._dead)
+            except (TransportError, ProtocolError) as exc:
+                raise MigrationError(f"cannot reach edge {peer}: {exc}") from exc
+            holder: list[_Peer] = []
+            link = Link(conn, name=f"edge {peer}", on_message=lambda _l, msg: holder[0].route(msg),
+                        on_lost=lambda _l, exc: holder[0].lost(), heartbeat_s=self._hb, dead_after_s=self._dead)
+            kept = _Peer(link)
+            holder.append(kept)
+            link.start()
+            self._peers[peer] = kept
+            return kept
+
+    @contextmanager
+    def exchange(self, peer: str, device: str) -> Iterator[PeerExchange]:
+        """An exchange about ``device`` with ``peer`` on the kept link (a new one if it is
+        lost). A failure inside closes the link (an answer that comes after its exchange
+        gave up must not be read as the answer to the next one)."""
+        if peer not in self._connect_locks:
+            raise MigrationError(f"{peer!r} is not an edge of this testbed")
+        with self._lock:
+            turn = self._device_locks.setdefault((peer, device), threading.Lock())
+        with turn:
+            kept = self._peer(peer)
+            inbox: queue.SimpleQueue = queue.SimpleQueue()
+            with kept.lock:
+                kept.waiters[device] = inbox
+            if kept.link.lost:
+                inbox.put(_LOST)
+            try:
+                yield PeerExchange(kept.link, inbox, self._limit)
             except BaseException:
-                link.close(drain=False)
-                self._links.pop(peer, None)
+                kept.link.close(drain=False)
                 raise
+            finally:
+                with kept.lock:
+                    kept.waiters.pop(device, None)
 
     def close(self) -> None:
         self._closed = True
-        for link, _ in list(self._links.values()):
-            link.close(drain=False)
+        for kept in list(self._peers.values()):
+            kept.link.close(drain=False)
 
 
 class Fetcher:
@@ -141,18 +171,36 @@ class Fetcher:
         self.events = events
 
     def pull(self, *, device: str, source: str, round: int, step: int, token: int) -> None:
-        threading.Thread(target=self._pull, args=(device, source, round, step, token),
+        threading.Thread(target=self._pull_guarded, args=(device, source, round, step, token),
                          name=f"pull-{device}", daemon=True).start()
 
     def drop(self, *, device: str, source: str, round: int) -> None:
-        threading.Thread(target=self._drop, args=(device, source, round), name=f"drop-{device}", daemon=True).start()
+        threading.Thread(target=self._drop_guarded, args=(device, source, round), name=f"drop-{device}",
+                         daemon=True).start()
 
-    def _pull(self, device: str, source: str, round: int, step: int, token: int) -> None:
-        t0 = time.perf_counter()
+    def _pull_guarded(self, device: str, source: str, round: int, step: int, token: int) -> None:
+        """Whatever goes wrong, the core hears an outcome (a device never waits on a
+        worker that died)."""
         outcome = PullOutcome(device=device, token=token, source=source)
-        confirm: tuple[PeerExchange, str, int] | None = None
         try:
-            with self.peers.exchange(source) as ex:
+            self._pull(outcome, round, step)
+        except Exception as exc:  # noqa: BLE001 - a bug here must fail the pull, not strand it
+            log.exception("%s: pull of %s from %s failed", self.name, device, source)
+            if outcome.session is None:
+                outcome.error = f"handover of {device} from {source} failed: {type(exc).__name__}: {exc}"
+                self.submit(outcome)
+
+    def _drop_guarded(self, device: str, source: str, round: int) -> None:
+        try:
+            self._drop(device, source, round)
+        except Exception:  # noqa: BLE001 - best effort, off the device's path
+            log.exception("%s: drop of %s at %s failed", self.name, device, source)
+
+    def _pull(self, outcome: PullOutcome, round: int, step: int) -> None:
+        device, source = outcome.device, outcome.source
+        t0 = time.perf_counter()
+        try:
+            with self.peers.exchange(source, device) as ex:
                 before = ex.link.conn.bytes_received
                 ex.send(m.SessionPull(device=device, round=round, step=step, target=self.name))
                 reply = ex.recv()
@@ -187,11 +235,10 @@ class Fetcher:
             outcome.error = f"handover of {device} from {source} failed: {exc}"
         outcome.transfer_ms = (time.perf_counter() - t0) * 1000
         self.submit(outcome)
-        del confirm
 
     def _drop(self, device: str, source: str, round: int) -> None:
         try:
-            with self.peers.exchange(source) as ex:
+            with self.peers.exchange(source, device) as ex:
                 ex.send(m.SessionDrop(device=device, round=round, target=self.name))
                 done = ex.recv()
                 ok = isinstance(done, m.SessionReleased)

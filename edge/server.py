@@ -34,6 +34,10 @@ log = logging.getLogger("edge")
 
 # After a Shutdown, how long the device links get to deliver it before the process exits.
 SHUTDOWN_FLUSH_S = 2.0
+# How long a live peer edge may take to answer a pull (a large state over a slow link);
+# a silent one is noticed sooner, by the link's own deadline. A device that gives up
+# waiting meanwhile and attaches again is answered by the same fetch.
+HANDOVER_LIMIT_S = 30.0
 
 
 class EdgeServer:
@@ -49,10 +53,11 @@ class EdgeServer:
         self.peers = PeerLinks(name=name, key=key,
                                endpoints={n: (e.host, e.port) for n, e in cfg.edges.items() if n != name},
                                heartbeat_s=self.faults["heartbeat_s"], dead_after_s=self.faults["dead_after_s"],
-                               answer_limit_s=max(30.0, 4 * self.faults["dead_after_s"]))
+                               answer_limit_s=HANDOVER_LIMIT_S)
         self.core = EdgeCore(name=name, mode=cfg.mode, models=Models(model, split, dev_keys, edge_keys),
                              seed=cfg.run["seed"], devices=set(cfg.devices), peers=set(cfg.edges) - {name},
-                             central=None, fetcher=None, events=events, spare=self.spare)  # type: ignore[arg-type]
+                             central=None, fetcher=None, events=events, spare=self.spare,  # type: ignore[arg-type]
+                             handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"])
         self.central = CentralLink(cfg=cfg, name=name, key=key, submit=self.core.submit, events=events,
                                    on_welcome=self._on_welcome)
         self.core.central = self.central
@@ -116,12 +121,14 @@ class EdgeServer:
 
             link = Link(conn, name=f"device {device}", heartbeat_s=hb, dead_after_s=dead,
                         on_message=lambda l, msg, _d=device: core.submit(DeviceMessage(l, _d, msg)), on_lost=on_lost)
+            link.start_writer()  # the core's answer (even a refusal and a close) goes out
             core.submit(DeviceAttach(link, first, at=time.monotonic()))
             link.serve()
         elif isinstance(first, (m.SessionPull, m.SessionDrop)):
             link = Link(conn, name=f"edge {first.target}", heartbeat_s=hb, dead_after_s=dead,
                         on_message=lambda l, msg: core.submit(PeerMessage(l, msg)),
                         on_lost=lambda l, exc: core.submit(PeerLost(l)))
+            link.start_writer()
             core.submit(PeerMessage(link, first))
             link.serve()
         else:

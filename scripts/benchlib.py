@@ -64,17 +64,20 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"no TOML form for {v!r}")
 
 
-def render_toml(sections: dict[str, dict[str, Any]], moves: list[dict] | None = None) -> str:
-    """A testbed file's text: one table per section, then one [[mobility.moves]] per move."""
+def render_toml(sections: dict[str, dict[str, Any]], moves: list[dict] | None = None,
+                drops: list[dict] | None = None) -> str:
+    """A testbed file's text: one table per section, then one [[mobility.moves]] per move
+    and one [[mobility.drops]] per drop."""
     lines: list[str] = []
     for sec, vals in sections.items():
         lines.append(f"[{sec}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in vals.items()]
         lines.append("")
-    for mv in moves or []:
-        lines.append("[[mobility.moves]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in mv.items()]
-        lines.append("")
+    for kind, items in (("moves", moves), ("drops", drops)):
+        for item in items or []:
+            lines.append(f"[[mobility.{kind}]]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -379,3 +379,22 @@ def test_cli_with_a_wrong_name_exits_2_and_names_the_key(tmp_path):
     proc = _run_edge(tmp_path, LOCAL, name="edge9")
     assert proc.returncode == 2, proc.stderr
     assert "edges.edge9" in proc.stderr
+
+
+def test_drops_of_a_trace_are_checked_and_sorted(tmp_path):
+    base = {"central": {"host": "127.0.0.1", "port": 1},
+            "edges": {"edge1": {"host": "127.0.0.1", "port": 2}, "edge2": {"host": "127.0.0.1", "port": 3}},
+            "devices": {"device1": {"edge": "edge1", "host": "127.0.0.1", "control_port": 4}},
+            "training": {"rounds": 2}}
+    cfg = build_config({**base, "mobility": {"drops": [
+        {"device": "device1", "round": 2, "at": 0.0, "seconds": 1.0},
+        {"device": "device1", "round": 1, "at": 0.5, "seconds": 2.5, "to": "edge2"}]}})
+    assert [(d.round, d.to, d.seconds) for d in cfg.drops_for("device1")] == [(1, "edge2", 2.5), (2, "", 1.0)]
+    for bad, key in [({"device": "device9", "round": 1, "at": 0.5}, "mobility.drops[0].device"),
+                     ({"device": "device1", "round": 1, "at": 0.5, "to": "edge7"}, "mobility.drops[0].to"),
+                     ({"device": "device1", "round": 3, "at": 0.5}, "mobility.drops[0].round"),
+                     ({"device": "device1", "round": 1, "at": 1.5}, "mobility.drops[0].at"),
+                     ({"device": "device1", "round": 1, "at": 0.5, "seconds": -1}, "mobility.drops[0].seconds")]:
+        with pytest.raises(ConfigError) as err:
+            build_config({**base, "mobility": {"drops": [bad]}})
+        assert err.value.key == key

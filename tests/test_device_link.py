@@ -35,24 +35,33 @@ def link(cfg) -> EdgeLink:
 def test_same_tries_the_lost_edge_first_then_every_other_in_turn():
     lk = link(config("same", dead=1.0))
     now = time.monotonic()
-    assert lk._candidates(now, 0) == ["edge2"]
-    assert lk._candidates(now - 1.5, 3) == ["edge2", "edge3", "edge1"]  # after the deadline: any edge
+    assert lk._candidates(now, False, {}) == ["edge2"]
+    assert lk._candidates(now - 1.5, False, {}) == ["edge2", "edge3", "edge1"]  # after the deadline: any edge
+
+
+def test_an_edge_that_went_silent_is_tried_last_and_so_is_one_that_just_failed():
+    lk = link(config("same", dead=1.0))
+    now = time.monotonic()
+    assert lk._candidates(now, True, {}) == ["edge3", "edge1", "edge2"]
+    assert lk._candidates(now, True, {"edge3": now}) == ["edge1", "edge2", "edge3"]
+    assert lk._candidates(now, True, {"edge3": now - 2.0}) == ["edge3", "edge1", "edge2"]  # long ago: forgiven
 
 
 def test_the_controller_decides_where_and_same_is_the_fallback():
     lk = link(config("controller", grace=5.0))
     now = time.monotonic()
-    assert lk._candidates(now, 0) == []  # wait for the controller's word
+    assert lk._candidates(now, False, {}) == []  # wait for the controller's word
     lk.pos.pending = "edge3"                 # a move command while reconnecting
-    assert lk._candidates(now, 0)[0] == "edge3"
+    assert lk._candidates(now, False, {})[0] == "edge3"
     lk.pos.pending = None
-    assert lk._candidates(now - 6.0, 0)[0] == "edge2"  # no word within the grace: back where it was
+    # no word within half the grace (the central's patience): back where it was
+    assert lk._candidates(now - 3.0, False, {})[0] == "edge2"
 
 
 def test_a_drop_naming_an_edge_overrides_the_policy():
     lk = link(config("same"))
     lk.cut(0.0, "edge1")
-    assert lk._candidates(time.monotonic(), 0)[0] == "edge1"
+    assert lk._candidates(time.monotonic(), False, {})[0] == "edge1"
 
 
 def test_nearest_is_the_first_edge_to_complete_a_handshake_and_skips_a_silent_one():

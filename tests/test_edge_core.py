@@ -344,3 +344,169 @@ def test_everything_is_checked_against_the_table(monkeypatch):
     with pytest.raises(TransitionError, match="edge edge1.*FINISH.*ACTIVE"):
         core._move(e, Event.FINISH, S.IDLE)
     del p
+
+
+# -- the review's cases: events in states where they used to break the core ----------------
+
+def test_a_handler_that_fails_is_logged_and_the_edge_goes_on(monkeypatch):
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    seen = []
+    monkeypatch.setattr(core.events, "emit", lambda event, **f: seen.append((event, f)))
+
+    def boom(ev):
+        raise ValueError("a bug")
+    monkeypatch.setattr(core, "_on_peer_lost", boom)
+    core.handle(PeerLost(Outbox("edge edge2")))
+    (err,) = [f for ev, f in seen if ev == "core_error"]
+    assert err["on"] == "PeerLost" and err["error"] == "ValueError"
+    monkeypatch.undo()
+    core.handle(DeviceMessage(p, "device1", batch(0)))  # still serving
+    assert of(p, m.Gradients)
+
+
+def test_labels_outside_the_model_cost_the_link_not_the_edge():
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    bad = batch(0)
+    bad.batch["y"][0] = 10
+    core.handle(DeviceMessage(p, "device1", bad))
+    assert p.closed and "labels outside 0..9" in p.notice.detail
+    assert state(core) is S.ACTIVE and core.entries["device1"].session.step == 0
+
+
+def test_a_device_gone_while_its_session_was_fetched_leaves_no_linkless_entry():
+    core = make_core(name="edge2")
+    start_round(core)
+    p = attach(core, kind="resume", round=1, step=3, source="edge1")
+    core.handle(DeviceLost(p, "device1", ConnectionError("gone"), 0.0))
+    token = core.fetcher.pulls[0]["token"]
+    delivered = m.PullRefused(device="device1", reason="refused", moved_to="", delivered=True)
+    core.handle(PullOutcome(device="device1", token=token, source="edge1", refused=delivered))
+    assert "device1" not in core.entries
+    start_round(core, 2)  # and the next round has nothing to trip on
+    assert "device1" not in core.entries
+
+
+def test_a_drop_is_answered_in_every_state_and_only_removes_an_unlinked_session():
+    core = make_core()
+    peer = Outbox("edge edge2")
+    for st in (None, "idle", "active", "detached"):
+        core2 = make_core()
+        if st is not None:
+            p = attach(core2)
+            if st != "idle":
+                start_round(core2)
+            if st == "detached":
+                core2.handle(DeviceLost(p, "device1", ConnectionError("left"), 0.0))
+        out = Outbox("edge edge2")
+        core2.handle(PeerMessage(out, m.SessionDrop(device="device1", round=1, target="edge2")))
+        assert of(out, m.SessionReleased), st
+        assert state(core2) is {None: S.GONE, "idle": S.IDLE, "active": S.ACTIVE, "detached": S.GONE}[st]
+    # a drop of an older round leaves a newer session alone
+    p = attach(core)
+    start_round(core, 2)
+    core.handle(DeviceLost(p, "device1", ConnectionError("left"), 0.0))
+    core.handle(PeerMessage(peer, m.SessionDrop(device="device1", round=1, target="edge2")))
+    assert state(core) is S.DETACHED and of(peer, m.SessionReleased)
+
+
+def test_an_update_of_an_older_round_is_ignored_not_fatal():
+    core = make_core()
+    p = attach(core)
+    start_round(core, 2)
+    core.handle(DeviceMessage(p, "device1", m.DeviceDone(round=1, samples=8, steps=2, train_seconds=0.1,
+                                                         weights={k: WEIGHTS[k] for k in DEV_KEYS})))
+    assert not p.closed and state(core) is S.ACTIVE and core.central.delivered == []
+
+
+def test_a_device_waiting_on_a_fetch_when_its_round_ends_is_answered_then_given_the_next():
+    core = make_core(name="edge2")
+    start_round(core)
+    p = attach(core, kind="resume", round=1, step=3, source="edge1")
+    start_round(core, 2)
+    (reply,) = of(p, m.AttachReply)
+    assert reply.action == "wait" and reply.how == "round over"
+    assert of(p, m.DeviceRound)[0].round_plan.round == 2 and state(core) is S.ACTIVE
+    assert p.sent.index(reply) < p.sent.index(of(p, m.DeviceRound)[0])
+
+
+def test_a_copy_fetched_for_an_older_attach_is_not_installed():
+    core = make_core(name="edge2")
+    start_round(core)
+    p = attach(core, kind="resume", round=1, step=3, source="edge1")
+    token = core.fetcher.pulls[0]["token"]
+    q = attach(core, kind="resume", round=1, step=5, source="edge3")  # it went on elsewhere meanwhile
+    old = EdgeSession(device="device1", round=1, mode="fedfly", model="vgg5", split_layer=3, lr=0.01,
+                      momentum=0.9, part_state={k: WEIGHTS[k] for k in EDGE_KEYS}, step=3)
+    core.handle(PullOutcome(device="device1", token=token, source="edge1", session=old))
+    assert state(core) is S.PULLING and core.fetcher.pulls[-1]["source"] == "edge3"
+    assert not of(q, m.AttachReply) and not of(p, m.AttachReply)
+
+
+def test_a_pointer_back_to_this_edge_uses_the_copy_held_here():
+    core = make_core()
+    _detached_session(core)  # its session (step 2) is here
+    e = core.entries["device1"]
+    held = e.session
+    q = attach(core, kind="resume", round=1, step=2, source="edge2", why="reconnect")
+    assert state(core) is S.PULLING
+    token = core.fetcher.pulls[-1]["token"]
+    back = m.PullRefused(device="device1", reason="refused", moved_to="edge1", delivered=False)
+    core.handle(PullOutcome(device="device1", token=token, source="edge2", refused=back))
+    (reply,) = of(q, m.AttachReply)
+    assert (reply.action, reply.resume_step) == ("continue", 2) and e.session is held and state(core) is S.ACTIVE
+
+
+def test_a_delivering_entry_answers_continue_only_at_the_round_end():
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    for s in range(2):
+        core.handle(DeviceMessage(p, "device1", batch(s)))
+    core.handle(DeviceMessage(p, "device1", m.DeviceDone(round=1, samples=8, steps=2, train_seconds=0.1,
+                                                         weights={k: WEIGHTS[k] for k in DEV_KEYS})))
+    q = attach(core, kind="resume", round=1, step=2, source="edge1")
+    assert of(q, m.AttachReply)[0].action == "continue"
+    r = attach(core, kind="resume", round=1, step=1, source="edge1")
+    assert of(r, m.AttachReply)[0].action == "wait" and state(core) is S.DELIVERING
+
+
+def test_a_parked_attach_whose_link_died_is_forgotten():
+    core = EdgeCore(name="edge1", mode="fedfly", models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
+                    devices={"device1", "device2"}, peers={"edge2"}, central=FakeCentral(), fetcher=FakeFetcher(),
+                    events=EventLog(process="edge1", role="edge"))
+    p = attach(core)
+    core.handle(DeviceLost(p, "device1", ConnectionError("gone"), 0.0))
+    core.handle(CentralUp(run_name="run", mode="fedfly"))
+    assert "device1" not in core.entries and p.sent == []
+
+
+def test_a_fetch_that_never_ends_fails_at_its_deadline_and_a_handover_too():
+    now = [100.0]
+    core = EdgeCore(name="edge2", mode="fedfly", models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
+                    devices={"device1", "device2"}, peers={"edge1"}, central=FakeCentral(), fetcher=FakeFetcher(),
+                    events=EventLog(process="edge2", role="edge"), clock=lambda: now[0], handover_deadline_s=10)
+    core.handle(CentralUp(run_name="run", mode="fedfly"))
+    start_round(core)
+    p = attach(core, kind="resume", round=1, step=3, source="edge1")
+    from edge.ports import Tick
+    now[0] += 5
+    core.handle(Tick())
+    assert state(core) is S.PULLING
+    now[0] += 6
+    core.handle(Tick())
+    (reply,) = of(p, m.AttachReply)
+    assert (reply.action, reply.how) == ("continue", "restart") and state(core) is S.ACTIVE
+    # the source side: a snapshot sent, no confirmation ever
+    for s in range(2):
+        core.handle(DeviceMessage(p, "device1", batch(s)))
+    core.handle(DeviceLost(p, "device1", ConnectionError("left"), 0.0))
+    peer = Outbox("edge edge1")
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge1")))
+    assert state(core) is S.HANDING_OVER
+    now[0] += 11
+    core.handle(Tick())
+    assert state(core) is S.DETACHED

@@ -28,9 +28,9 @@ RUN_TIMEOUT = 180.0
 
 
 def _config(tmp: Path, name: str, *, mode: str = "fedfly", faults: dict | None = None, moves=None, rounds: int = 2,
-            samples: int = SAMPLES, batch: int = BATCH, devices: int = 2):
+            samples: int = SAMPLES, batch: int = BATCH, devices: int = 2, drops=None):
     return write_config(tmp / name, edges=2, devices=devices, rounds=rounds, samples_per_device=samples,
-                        batch_size=batch, mode=mode, moves=moves,
+                        batch_size=batch, mode=mode, moves=moves, drops=drops,
                         extra={"faults": {**FAULTS, **(faults or {})}, "run": {"name": name}})
 
 
@@ -203,6 +203,19 @@ def test_controller_drop_and_reappear_elsewhere_loses_nothing(tmp_path, baseline
     assert FAULTS["dead_after_s"] <= silent[0]["detected_s"] < FAULTS["dead_after_s"] + 3
     back = [f for f in summary["faults"] if f["process"] == "device1"]
     assert back and "edge2" in back[0]["detail"] and back[0]["down_s"] >= 1.5
+    assert summary["devices"]["device1"]["edges"][0] == "edge2"
+
+
+def test_a_drop_from_the_config_trace_reappears_where_the_trace_says_and_loses_nothing(tmp_path, baseline):
+    """``[[mobility.drops]]``: the same radio loss as the controller's, from the testbed
+    file (reproducible: the step it happens at is fixed)."""
+    cfg = _config(tmp_path, "trace", drops=[{"device": "device1", "round": 1, "at": 0.5, "seconds": 1.5,
+                                              "to": "edge2"}])
+    summary, _, _ = _run(cfg, tmp_path)
+    assert summary["final_model_sha256"] == baseline
+    (back,) = [f for f in summary["faults"] if f["process"] == "device1"]
+    assert "cut by the trace" in back["detail"] and "back on edge2 (pulled)" in back["detail"], back
+    assert back["round"] == 1 and back["step"] == 4 and back["down_s"] >= 1.5
     assert summary["devices"]["device1"]["edges"][0] == "edge2"
 
 

@@ -198,3 +198,51 @@ def test_close_delivers_what_was_queued_first(pair):
     assert isinstance(ends.lost["a"].get(timeout=WAIT), LinkClosedHere)
     assert isinstance(ends.lost["b"].get(timeout=WAIT), ConnectionClosed)
     assert not ends.links["a"].post(m.StatusRequest())  # nothing is sent on a lost link
+
+
+def test_pulls_of_two_devices_share_a_peer_link_and_their_answers_are_matched_by_device():
+    """A peer that answers the second pull first: each exchange gets its own answer, and
+    neither waits for the other (no lock held across an exchange)."""
+    import threading as _t
+
+    from common import messages as m
+    from common import transport
+    from edge.migration import PeerLinks
+
+    key = bytes(range(32))
+    connections = []
+
+    def peer(conn):
+        connections.append(conn)
+        first = conn.recv(timeout=5)
+        second = conn.recv(timeout=5)
+        for pull in (second, first):  # the other way round
+            conn.send(m.PullRefused(device=pull.device, reason=f"answer for {pull.device}", moved_to="",
+                                    delivered=False))
+        try:
+            conn.recv(timeout=5)
+        except Exception:
+            pass
+
+    lst = transport.Listener("127.0.0.1", 0, key=key, handler=peer, name="peer").start()
+    links = PeerLinks(name="edge1", key=key, endpoints={"edge2": ("127.0.0.1", lst.port)}, heartbeat_s=0.2,
+                      dead_after_s=2.0, answer_limit_s=5.0)
+    got = {}
+    entered = _t.Barrier(2)
+
+    def pull(device):
+        with links.exchange("edge2", device) as ex:
+            ex.send(m.SessionPull(device=device, round=1, step=1, target="edge1"))
+            entered.wait(timeout=5)  # both are inside their exchange at once
+            got[device] = ex.recv().reason
+    try:
+        threads = [_t.Thread(target=pull, args=(d,)) for d in ("device1", "device2")]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(10)
+        assert got == {"device1": "answer for device1", "device2": "answer for device2"}
+        assert len(connections) == 1  # one kept link
+    finally:
+        links.close()
+        lst.close()

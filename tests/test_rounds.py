@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import queue
+import time
 
 import pytest
 import torch
@@ -145,3 +146,45 @@ def test_a_lost_edge_is_recorded_and_its_devices_count_as_absent():
         srv.cfg.run["round_timeout"] = 0.5
         srv._rounds(dict(build_model("vgg5", seed=0).state_dict()))
     assert srv.results.summary["faults"][0]["kind"] == "peer_silent"
+
+
+def test_a_held_device_is_not_dropped_while_held_and_its_absence_counts_from_when_it_went():
+    t = tracker(grace=1.0)
+    t.presence({"d1", "d3"}, 0.0)          # d2 is not seen from t=0
+    assert t.expire(5.0, held=frozenset({"d2"})) == [] and t.next_deadline(frozenset({"d2"})) is None
+    (x,) = t.expire(5.0)                    # the hold is over: gone since 0.0
+    assert x.device == "d2" and x.absent_s == 5.0
+
+
+def test_devices_of_an_edge_whose_uplink_broke_are_held_for_the_central_grace():
+    cfg = config()
+    srv = server(cfg, FakeEdges(cfg.device_names))
+    srv._pump(0.0)
+    assert srv.present == {"device1", "device2"}
+    srv._handle(EdgeLost("edge1", "edge edge1 closed the connection", 0.0))
+    now = time.monotonic()
+    assert srv.held(now) == {"device1", "device2"}
+    assert srv.held(now + cfg.faults["central_grace_s"] + 1) == frozenset()
+    srv._handle(EdgeJoined("edge1", True))
+    srv._handle(EdgeMessage("edge1", m.EdgeStatus(edge="edge1", attached=["device1"])))
+    assert srv.held(now) == {"device2"} and "device1" not in srv.orphans  # seen again: no longer held
+
+
+@pytest.mark.parametrize("spoil, why", [
+    (lambda w: w.update({"l0.conv.weight": torch.zeros(1)}), "l0.conv.weight is torch.float32 [1]"),
+    (lambda w: w.update({"l0.conv.bias": w["l0.conv.bias"].double()}), "float64"),
+    (lambda w: w["l6.fc.bias"].__setitem__(0, float("nan")), "not finite"),
+    (lambda w: w.pop("l0.conv.bias"), "do not match the model"),
+])
+def test_an_update_the_strategy_cannot_sum_is_refused_acknowledged_and_recorded(spoil, why):
+    cfg = config(rounds=1)
+    srv = server(cfg, FakeEdges(cfg.device_names))
+    weights = {k: v.clone() for k, v in build_model("vgg5", seed=0).state_dict().items()}
+    spoil(weights)
+    assert why in srv._check_update(m.DeviceUpdate(round=1, device="device1", edge="edge1", samples=10, steps=1,
+                                                   train_seconds=0.0, weights=weights))
+    ok = build_model("vgg5", seed=0).state_dict()
+    assert srv._check_update(m.DeviceUpdate(round=1, device="device1", edge="edge1", samples=10, steps=1,
+                                            train_seconds=0.0, weights=ok)) == ""
+    assert "its shard has 10" in srv._check_update(m.DeviceUpdate(
+        round=1, device="device1", edge="edge1", samples=11, steps=1, train_seconds=0.0, weights=ok))

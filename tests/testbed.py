@@ -28,7 +28,8 @@ def write_config(tmp: Path, *, edges: int = 2, devices: int = 4, rounds: int = 2
                  moves: list[dict] | None = None, samples_per_device: int = 200, batch_size: int = 50,
                  split_layer: int = 3, distribution: str = "balanced", seed: int = 1, threads: int = 1,
                  host: str = LOOPBACK, extra: dict[str, dict[str, Any]] | None = None,
-                 device_edges: dict[str, str] | None = None, name: str = "testbed.toml") -> Path:
+                 device_edges: dict[str, str] | None = None, name: str = "testbed.toml",
+                 drops: list[dict] | None = None) -> Path:
     """A testbed file with free loopback ports and its own key."""
     tmp.mkdir(parents=True, exist_ok=True)
     key = tmp / "test.key"
@@ -55,7 +56,7 @@ def write_config(tmp: Path, *, edges: int = 2, devices: int = 4, rounds: int = 2
     for sec, vals in (extra or {}).items():
         sections.setdefault(sec, {}).update(vals)
     path = tmp / name
-    path.write_text(render_toml(sections, moves))
+    path.write_text(render_toml(sections, moves, drops))
     return path
 
 
