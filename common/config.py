@@ -361,6 +361,7 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
     _check_endpoints(central, edges, devices)
     moves = _moves(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
     drops = _drops(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
+    _check_timeline(moves, drops, devices)
     return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, drops=drops, raw=raw,
                   **sections)
 
@@ -396,14 +397,20 @@ def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move
         if mv.round > rounds:
             raise ConfigError(f"{where}.round", f"round {mv.round} is after the last round ({rounds})", f"use 1 to {rounds}")
         moves.append(mv)
-    moves.sort(key=lambda mv: (mv.device, mv.round, mv.at))
-    here = {name: d.edge for name, d in devices.items()}
-    for mv in moves:
-        if here[mv.device] == mv.to:
-            raise ConfigError("mobility.moves", f"{mv.device} would move to {mv.to} in round {mv.round} at {mv.at}, "
-                              "where it already is", "remove that move or name another edge")
-        here[mv.device] = mv.to
     return tuple(sorted(moves, key=lambda mv: (mv.round, mv.at, mv.device)))
+
+
+def _check_timeline(moves: tuple[Move, ...], drops: tuple["Drop", ...], devices: dict) -> None:
+    """No planned move to the edge the device is on by then (a drop that names an edge
+    puts it there; at the same boundary the drop comes first)."""
+    events = sorted([(d.device, d.round, d.at, 0, d.to) for d in drops if d.to] +
+                    [(mv.device, mv.round, mv.at, 1, mv.to) for mv in moves])
+    here = {name: d.edge for name, d in devices.items()}
+    for device, rnd, at, is_move, to in events:
+        if is_move and here[device] == to:
+            raise ConfigError("mobility.moves", f"{device} would move to {to} in round {rnd} at {at}, "
+                              "where it already is", "remove that move or name another edge")
+        here[device] = to
 
 
 def _drops(mobility: dict, edges: dict, devices: dict, rounds: int) -> tuple[Drop, ...]:

@@ -8,7 +8,7 @@ and ends with a table of the issue's goals.
 ``--quick`` (the default) takes minutes on a 2-core machine; ``--full`` runs the paper's
 scale (100 rounds of CIFAR-10 for the accuracy benchmark, thousands of samples per device
 elsewhere) and takes many hours (see BENCHMARKS.md). Benchmarks, in order: codec, split,
-migration, sweep, accuracy, scale (``--only``/``--skip`` take comma-separated names).
+migration, sweep, accuracy, scale, faults (``--only``/``--skip`` take comma-separated names).
 
 Writes into DIR (default ``bench-results/<timestamp>/``): ``<name>/result.json`` per
 benchmark (with its testbed files and run folders beside it), ``results.json`` (all of
@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from scripts import benchlib
 
-NAMES = ("codec", "split", "migration", "sweep", "accuracy", "scale")
+NAMES = ("codec", "split", "migration", "sweep", "accuracy", "scale", "faults")
 
 
 def _module(name: str):
@@ -77,6 +77,14 @@ def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         add(f"scale: 1 central, 4 edges, {f['devices_wanted']} devices, moves every round",
             f"{f['status']} with {f['devices']} devices", "finished", f["status"] == "finished"
             and f["devices"] == f["devices_wanted"])
+    if "faults" in results:
+        f = results["faults"]["figures"]
+        if f.get("detected_s"):
+            add("a silent device noticed by its edge within faults.dead_after_s (+ one heartbeat)",
+                f"{f['detected_s']['max']:.2f} s max", f"<= {f['dead_after_s'] + 1:g} s",
+                f["detected_s"]["max"] <= f["dead_after_s"] + 1)
+        add("final model with drops, reconnects and radio losses = without", "bit-identical"
+            if f["identical_to_reference"] else "different", "bit-identical", f["identical_to_reference"])
     return checks
 
 

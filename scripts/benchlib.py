@@ -96,7 +96,8 @@ def write_config(folder: Path, name: str, *, edges: int = 2, devices: int = 1, r
                  batch_size: int = 100, split_layer: int = 3, distribution: str = "balanced",
                  dataset: str = "synthetic", data_root: str = "", test_samples: int = 1000,
                  seed: int = 1, threads: int = 1, alpha: float = 0.5, lr: float = 0.01,
-                 device_edges: dict[str, str] | None = None, run_timeout: float = 1800.0) -> Path:
+                 device_edges: dict[str, str] | None = None, run_timeout: float = 1800.0,
+                 drops: list[dict] | None = None, extra: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write ``folder/<name>.toml``: a testbed on free loopback ports, with its own key file
     in ``folder`` and results under ``folder/runs``. Devices start on the edges in turn
     (``device_edges`` overrides); ``moves`` are ``[[mobility.moves]]`` tables."""
@@ -127,8 +128,10 @@ def write_config(folder: Path, name: str, *, edges: int = 2, devices: int = 1, r
     for i, d in enumerate(devices_):
         first = (device_edges or {}).get(d, edges_[i % edges])
         sections[f"devices.{d}"] = {"edge": first, "host": LOOPBACK, "control_port": ports[1 + edges + i]}
+    for sec, vals in (extra or {}).items():
+        sections.setdefault(sec, {}).update(vals)
     path = folder / f"{name}.toml"
-    path.write_text(render_toml(sections, moves))
+    path.write_text(render_toml(sections, moves, drops))
     return path
 
 
