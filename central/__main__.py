@@ -6,6 +6,7 @@ import os
 import time
 
 from common.cli import base_parser, data_spec, run_main, exit_process
+from common.errors import ConfigError, TestbedError
 from common.events import EventLog
 from common.training import set_threads
 
@@ -13,25 +14,67 @@ from common.training import set_threads
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("fedfly-central", "FedFly central server: rounds, FedAvg, evaluation, results",
                          name_required=False)
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="go on with the run in RUN_DIR from its last completed round (after a crash)")
 
     def body(args, cfg) -> int:
+        from central import checkpoint
         from central.server import CentralServer
         from common.data import load_test_set, shard_sizes
         set_threads(cfg.training["threads"])
         key = cfg.key()
-        run_name = cfg.run["name"] or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}"
-        run_dir = os.path.join(cfg.run["out"], run_name)
+        resume = None
+        if args.resume:
+            run_dir = os.path.abspath(args.resume)
+            run_name = os.path.basename(run_dir.rstrip(os.sep))
+            resume = checkpoint.load(run_dir)
+            check_resumable(cfg, resume.summary, run_dir)
+        else:
+            run_name, run_dir = new_run_dir(cfg)
         test_set = load_test_set(data_spec(cfg))
         shards = shard_sizes(data_spec(cfg), devices=cfg.device_names)
         events = EventLog(process="central", role="central")
         events.open(run_dir)
         try:
             return CentralServer(cfg, key=key, events=events, run_name=run_name, run_dir=run_dir,
-                                 test_set=test_set, shard_samples=shards).run()
+                                 test_set=test_set, shard_samples=shards, resume=resume).run()
         finally:
             events.close()
 
     return run_main(argv, parser, body)
+
+
+def new_run_dir(cfg) -> tuple[str, str]:
+    """The run's name and folder. A folder is never reused: a ``run.name`` whose folder
+    exists is refused (resume it, or name another run); a generated name gets a suffix."""
+    out = cfg.run["out"]
+    if cfg.run["name"]:
+        run_dir = os.path.join(out, cfg.run["name"])
+        if os.path.exists(os.path.join(run_dir, "summary.json")):
+            raise ConfigError("run.name", f"a run named {cfg.run['name']!r} exists already in {run_dir}",
+                              f"continue it with --resume {run_dir}, or choose another run.name")
+        return cfg.run["name"], run_dir
+    base = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}"
+    name, n = base, 1
+    while os.path.exists(os.path.join(out, name)):
+        n += 1
+        name = f"{base}-{n}"
+    return name, os.path.join(out, name)
+
+
+def check_resumable(cfg, summary: dict, run_dir: str) -> None:
+    """The config must be the run's: the same mode, model, data and seed (else the
+    resumed run would be another experiment under the old name)."""
+    if summary.get("status") == "finished":
+        raise TestbedError(f"{run_dir} has finished: nothing to resume")
+    same = {"run.mode": (summary.get("mode"), cfg.mode), "run.seed": (summary.get("seed"), cfg.run["seed"]),
+            "model.name": (summary.get("model"), cfg.model["name"]),
+            "model.split_layer": (summary.get("split_layer"), cfg.model["split_layer"]),
+            "data.dataset": (summary.get("dataset"), cfg.data["dataset"])}
+    for key, (was, now) in same.items():
+        if was != now:
+            raise ConfigError(key, f"is {now!r}, the run in {run_dir} used {was!r}",
+                              "resume with the run's own config file")
 
 
 def entry() -> None:

@@ -34,16 +34,30 @@ class Child:
     log_path: str | None
 
 
-def command(role: str, cfg_path: str, name: str, overrides: list[str]) -> list[str]:
+def command(role: str, cfg_path: str, name: str, overrides: list[str], resume: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", role, "--config", cfg_path]
     if role != "central":
         cmd += ["--name", name]
+    elif resume:
+        cmd += ["--resume", resume]
     for o in overrides:
         cmd += ["--set", o]
     return cmd
 
 
-def start_all(cfg: Config, cfg_path: str, overrides: list[str], log_dir: str) -> list[Child]:
+def fresh_path(path: str) -> str:
+    """``path``, or ``stem.1.ext``, ``stem.2.ext``... : a file of an earlier process life
+    (a resumed run) is never overwritten."""
+    stem, ext = os.path.splitext(path)
+    n = 0
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}.{n}{ext}"
+    return path
+
+
+def start_all(cfg: Config, cfg_path: str, overrides: list[str], log_dir: str,
+              resume: str | None = None) -> list[Child]:
     os.makedirs(log_dir, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     children = []
@@ -53,9 +67,9 @@ def start_all(cfg: Config, cfg_path: str, overrides: list[str], log_dir: str) ->
         if role == "central":
             out, log_path = None, None  # the central's progress goes to our terminal
         else:
-            log_path = os.path.join(log_dir, f"{name}.log")
+            log_path = fresh_path(os.path.join(log_dir, f"{name}.log"))
             out = open(log_path, "wb")
-        proc = subprocess.Popen(command(role, cfg_path, name, overrides), stdout=out,
+        proc = subprocess.Popen(command(role, cfg_path, name, overrides, resume), stdout=out,
                                 stderr=subprocess.STDOUT if out else None, env=env, start_new_session=True)
         if out:
             out.close()
@@ -116,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedfly-launch", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="go on with the run in RUN_DIR from its last completed round")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -125,10 +141,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedfly-launch: error: {exc}", file=sys.stderr)
         return 2
     overrides = list(args.overrides)
-    run_name = cfg.run["name"] or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}"
-    if not cfg.run["name"]:
-        overrides.append(f"run.name={run_name!r}".replace("'", '"'))
-    run_dir = os.path.join(cfg.run["out"], run_name)
+    from central.__main__ import new_run_dir
+    if args.resume:
+        run_dir = os.path.abspath(args.resume)
+        if not os.path.isdir(run_dir):
+            print(f"fedfly-launch: error: --resume {args.resume}: no such run folder", file=sys.stderr)
+            return 2
+        run_name = os.path.basename(run_dir.rstrip(os.sep))
+        overrides += [f'run.name="{run_name}"', f'run.out="{os.path.dirname(run_dir)}"']
+    else:
+        try:
+            run_name, run_dir = new_run_dir(cfg)
+        except ConfigError as exc:
+            print(f"fedfly-launch: error: {exc}", file=sys.stderr)
+            return 2
+        if not cfg.run["name"]:
+            overrides.append(f'run.name="{run_name}"')
     print(f"launch: {len(cfg.edges)} edges, {len(cfg.devices)} devices, mode {cfg.mode}, run {run_dir}", flush=True)
 
     def on_signal(signum, frame):
@@ -137,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     children: list[Child] = []
     try:
-        children = start_all(cfg, args.config, overrides, os.path.join(run_dir, "logs"))
+        children = start_all(cfg, args.config, overrides, os.path.join(run_dir, "logs"), args.resume and run_dir)
         status = supervise(children)
     except KeyboardInterrupt:
         print("launch: interrupted; stopping every process", file=sys.stderr)

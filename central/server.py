@@ -11,6 +11,7 @@ a device gone past its grace period, an update refused, each is recorded in
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import time
@@ -18,9 +19,10 @@ from typing import Any
 
 import torch
 
+from central import checkpoint
 from central.edges import EdgeJoined, EdgeLost, EdgeMessage, EdgeRegistry
 from central.fedavg import FedAvg, Strategy
-from central.results import RunResults, fault_line, final_table, migration_line, progress_line
+from central.results import SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
 from central.rounds import RoundTracker
 from common import messages as m
 from common import transport
@@ -46,7 +48,8 @@ class RunAborted(Exception):
 class CentralServer:
     def __init__(self, cfg: Config, *, key: bytes, events: EventLog, run_name: str, run_dir: str,
                  test_set: tuple[torch.Tensor, torch.Tensor], shard_samples: dict[str, int] | None = None,
-                 strategy: Strategy | None = None, out=sys.stdout, registry: EdgeRegistry | None = None) -> None:
+                 strategy: Strategy | None = None, out=sys.stdout, registry: EdgeRegistry | None = None,
+                 resume: checkpoint.Checkpoint | None = None) -> None:
         self.cfg = cfg
         self.key = key
         self.events = events
@@ -77,6 +80,26 @@ class CentralServer:
                                 for n, d in sorted(cfg.devices.items())},
             "edges": sorted(cfg.edges), "torch": torch.__version__,
             "scheduled_moves": [vars(mv) for mv in cfg.moves]})
+        self.resume = resume
+        if resume is not None:
+            self._resumed_from(resume, run_dir)
+
+    def _resumed_from(self, ck: checkpoint.Checkpoint, run_dir: str) -> None:
+        """Go on from a checkpoint: the results as they stood after its round, and the
+        restart recorded as a fault of the central."""
+        summary = dict(ck.summary)
+        summary["status"] = "running"
+        summary["final_model_sha256"] = None
+        self.results.summary = summary
+        try:
+            down = max(0.0, time.time() - os.path.getmtime(os.path.join(run_dir, SUMMARY)))
+        except OSError:
+            down = 0.0
+        summary.setdefault("resumed", []).append({"after_round": ck.round, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self._fault({"kind": "restarted", "process": "central", "peer": "central", "round": ck.round + 1,
+                     "detail": f"resumed from the checkpoint of round {ck.round}"
+                               + (f"; round {ck.round + 1} again with its plan" if ck.plan else ""),
+                     "down_s": round(down, 3), "recovery": "checkpoint", "samples_lost": 0}, say=True)
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -214,11 +237,16 @@ class CentralServer:
             self.say(f"central: {exc}")
             return 1
         self.events.emit("listening", host=c.listen_host, port=c.port, run=self.run_name)
-        weights = build_model(self.cfg.model["name"], seed=self.cfg.run["seed"]).state_dict()
+        if self.resume is not None:
+            weights, first = self.resume.weights, self.resume.round + 1
+            if self.resume.rng is not None:
+                torch.set_rng_state(self.resume.rng)
+        else:
+            weights, first = build_model(self.cfg.model["name"], seed=self.cfg.run["seed"]).state_dict(), 1
         status = "finished"
         try:
             self._wait_for_testbed()
-            weights = self._rounds(dict(weights))
+            weights = self._rounds(dict(weights), first=first)
         except RunAborted as exc:
             status = "aborted"
             self.say(f"run aborted: {exc}")
@@ -258,15 +286,23 @@ class CentralServer:
             self._pump(min(POLL_S, deadline - time.monotonic()))
         return self.present
 
-    def _rounds(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _rounds(self, weights: dict[str, torch.Tensor], first: int = 1) -> dict[str, torch.Tensor]:
         t = self.cfg.training
         rounds = t["rounds"]
-        for r in range(1, rounds + 1):
+        for r in range(first, rounds + 1):
             self._pump(0.0)
-            participants = self._await_devices(r)
+            replan = self.resume.plan if self.resume is not None and self.resume.plan is not None and \
+                self.resume.plan.round == r else None
+            if replan is not None:
+                # the round a crash cut short, again with the plan it had: its participants
+                # are training it still (or have finished: their edges send the updates again)
+                participants = set(replan.participants)
+            else:
+                participants = self._await_devices(r)
             t0 = time.monotonic()
-            plan = RoundPlan(round=r, lr=t["lr"], momentum=t["momentum"], batch_size=t["batch_size"],
-                             local_epochs=t["local_epochs"], participants=tuple(sorted(participants)))
+            plan = replan or RoundPlan(round=r, lr=t["lr"], momentum=t["momentum"], batch_size=t["batch_size"],
+                                       local_epochs=t["local_epochs"], participants=tuple(sorted(participants)))
+            checkpoint.save_plan(self.results.run_dir, plan)
             start = m.RoundStart(plan=plan.to_wire(), weights=weights)
             self.events.emit("round_start", round=r, participants=list(plan.participants))
             tracker = RoundTracker(round=r, participants=frozenset(participants), shard_samples=self.shard_samples,
@@ -300,6 +336,7 @@ class CentralServer:
                    "samples_lost": sum(x["samples"] for x in dropped)}
             self.results.add_round(rec, {d: {"samples": u.samples, "train_seconds": u.train_seconds,
                                              "steps": u.steps, "edge": u.edge} for d, u in updates.items()})
+            checkpoint.save(self.results.run_dir, r, weights, self.results.summary)
             self.events.emit("round_done", **{k: v for k, v in rec.items() if k != "devices"})
             moves = sum(1 for mv in self.results.summary["migrations"] if mv["round"] == r)
             elapsed = time.monotonic() - self.results.started

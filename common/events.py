@@ -27,12 +27,18 @@ class EventLog:
         self.path: str | None = None
 
     def open(self, folder: str) -> None:
-        """Start writing to ``folder/events-<process>.jsonl`` (flushing what was held back)."""
+        """Start writing to ``folder/events-<process>.jsonl`` (flushing what was held back).
+        Each process life has its own file: a process started again in the same run (a
+        resumed central, a restarted edge) writes ``events-<process>.1.jsonl``, and so on."""
         os.makedirs(folder, exist_ok=True)
         with self._lock:
             if self._file is not None:
                 return
-            self.path = os.path.join(folder, f"events-{self.process}.jsonl")
+            path, n = os.path.join(folder, f"events-{self.process}.jsonl"), 0
+            while os.path.exists(path):
+                n += 1
+                path = os.path.join(folder, f"events-{self.process}.{n}.jsonl")
+            self.path = path
             self._file = open(self.path, "a", encoding="utf-8")
             for line in self._pending:
                 self._file.write(line)

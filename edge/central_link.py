@@ -46,6 +46,9 @@ class CentralLink:
         self._closed = False
         self._status: m.EdgeStatus | None = None
         self._unacked: dict[tuple[str, int], m.DeviceUpdate] = {}
+        # Acknowledged updates of the current round, kept until the next round starts: a
+        # central that crashes before it has summed them gets them again when it is back.
+        self._retained: dict[tuple[str, int], m.DeviceUpdate] = {}
         self._held: list[m.Message] = []
         self.run_name: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"{name}-central", daemon=True)
@@ -74,7 +77,16 @@ class CentralLink:
 
     def acked(self, device: str, round: int) -> None:
         with self._lock:
-            self._unacked.pop((device, round), None)
+            update = self._unacked.pop((device, round), None)
+            if update is not None:
+                self._retained[(device, round)] = update
+
+    def round_started(self, round: int) -> None:
+        """The central started ``round``: it has summed every earlier one."""
+        with self._lock:
+            for kept in (self._unacked, self._retained):
+                for k in [k for k in kept if k[1] < round]:
+                    del kept[k]
 
     def close(self) -> None:
         with self._lock:
@@ -149,7 +161,7 @@ class CentralLink:
                 for msg in self._held:
                     link.post(msg)
                 self._held.clear()
-                for update in self._unacked.values():
+                for update in [*self._retained.values(), *self._unacked.values()]:
                     link.post(update)
             link.start()
             if joined:

@@ -246,6 +246,7 @@ class EdgeCore:
             return  # sent again after we rejoined: we have it
         self.current = RoundInfo(plan, msg.weights)
         r = plan.round
+        self.central.round_started(r)
         self.forward = {d: f for d, f in self.forward.items() if f.round >= r}
         self.events.emit("round_start", round=r, participants=list(plan.participants))
         for e in list(self.entries.values()):

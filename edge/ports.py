@@ -31,6 +31,9 @@ class CentralPort(Protocol):
 
     def acked(self, device: str, round: int) -> None: ...
 
+    def round_started(self, round: int) -> None:
+        """Updates of earlier rounds need not be kept any more."""
+
 
 class Fetcher(Protocol):
     """Fetches sessions from other edges, off the core's thread; every outcome comes back

@@ -39,6 +39,9 @@ class FakeCentral:
     def acked(self, device, round):
         self.acks.append((device, round))
 
+    def round_started(self, round):
+        self.started = round
+
     def faults(self):
         return [x for x in self.sent if isinstance(x, m.FaultReport)]
 

@@ -304,3 +304,62 @@ def test_a_lost_gradient_is_answered_by_the_edge_the_controller_sends_the_device
     assert '"step_replayed"' in events and '"migrated_in"' in events
     (fault,) = [f for f in summary["faults"] if f["process"] == "device1"]
     assert "back on edge2 (pulled)" in fault["detail"] and fault["replayed"] == 0
+
+
+@pytest.mark.parametrize("when, mode", [("mid-round", "fedfly"), ("between-rounds", "restart")])
+def test_a_killed_central_resumed_from_its_checkpoint_loses_nothing(tmp_path, baseline, when, mode):
+    """SIGKILL of the central, then ``python -m central --resume RUN_DIR``: the edges and
+    devices wait for it (faults.central_grace_s), it goes on from the last completed round
+    (the round cut short again, with its plan; updates its edges had delivered are sent
+    again), and the final model is the run's without the crash."""
+    name = f"central-{when}-{mode}"
+    cfg = _config(tmp_path, name, mode=mode)
+    run_dir = tmp_path / name / "runs" / name
+    from common.config import load_config
+    c = load_config(str(cfg))
+    bed = Testbed(cfg, log_dir=tmp_path / "logs")
+    try:
+        bed.start("central")
+        for e in sorted(c.edges):
+            bed.start("edge", e)
+        for d in sorted(c.devices):
+            bed.start("device", d, *(["devices.device1.slowdown=30"] if d == "device1" else []))
+        if when == "mid-round":
+            _wait_status(cfg, "device1", lambda st: st.round == 2 and 1 <= st.step < st.steps - 1)
+        else:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not (run_dir / "checkpoint.json").exists():
+                assert time.monotonic() < deadline and bed.procs["central"].poll() is None, bed.log("central")
+                time.sleep(0.02)
+        os.kill(bed.procs["central"].pid, signal.SIGKILL)
+        bed.procs["central"].wait()
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
+        bed.start("central", "central-resumed", args=("--resume", str(run_dir)))
+        code = bed.wait("central-resumed", RUN_TIMEOUT)
+        assert code == 0, bed.log("central-resumed")[-3000:]
+        bed.wait_all(60)
+    finally:
+        bed.stop()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["final_model_sha256"] == baseline
+    (restart,) = [f for f in summary["faults"] if f["kind"] == "restarted" and f["process"] == "central"]
+    assert restart["round"] == 2 and restart["samples_lost"] == 0
+    assert (run_dir / "events-central.jsonl").exists() and (run_dir / "events-central.1.jsonl").exists()
+
+
+def test_a_run_name_in_use_is_refused_and_a_finished_run_is_not_resumed(tmp_path):
+    from tests.testbed import ROOT as root
+    cfg = _config(tmp_path, "taken", rounds=1)
+    run_dir = tmp_path / "taken" / "runs" / "taken"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"status": "finished", "mode": "fedfly"}))
+    r = subprocess.run([sys.executable, "-m", "central", "--config", str(cfg)], cwd=root, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "run.name" in r.stderr and f"--resume {run_dir}" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "central.launch", "--config", str(cfg)], cwd=root, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "exists already" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "central", "--config", str(cfg), "--resume", str(run_dir)], cwd=root,
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "checkpoint.json" in r.stderr, r.stderr

@@ -124,8 +124,10 @@ class Testbed:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, role: str, name: str = "central", *extra: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", role, "--config", str(self.config)]
+    def start(self, role: str, name: str = "central", *extra: str, args: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Start ``role`` (``name``: its config name; for the central, only the name of its
+        log and entry here). ``extra``: overrides; ``args``: more arguments."""
+        cmd = [sys.executable, "-m", role, "--config", str(self.config), *args]
         if role != "central":
             cmd += ["--name", name]
         for o in self.overrides + list(extra):

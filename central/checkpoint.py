@@ -1,0 +1,103 @@
+"""The central's round checkpoint: what a restarted central needs to go on exactly.
+
+After every completed round the central writes, into the run folder,
+
+    checkpoint.safetensors   the global weights after that round (safetensors layout) and
+                             torch's RNG state (key ``__rng__``)
+    checkpoint.json          {"round", "weights_sha256", "summary"}: the round number, the
+                             weights' hash, and summary.json as it stood then
+
+and before a round starts, ``round_plan.json``: that round's plan (its participants above
+all), so a round cut short by a crash is run again with the same plan. Each file is
+written to a temporary name and renamed, the weights before the JSON that names their
+hash, so a crash at any instant leaves the previous checkpoint or the new one, never a
+mix; ``load`` checks the hash before it hands anything back. Nothing here is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.errors import ProtocolError, TestbedError
+from common.models import state_sha256
+from common.plan import RoundPlan
+from common.tensorfile import TensorFileError, read_tensors, write_tensors
+
+WEIGHTS = "checkpoint.safetensors"
+META = "checkpoint.json"
+PLAN = "round_plan.json"
+RNG_KEY = "__rng__"
+
+
+class CheckpointError(TestbedError):
+    """A run folder that cannot be resumed (no checkpoint, or a damaged one)."""
+
+
+@dataclass
+class Checkpoint:
+    round: int                          # the last completed round
+    weights: dict[str, torch.Tensor]    # the global weights after it
+    summary: dict[str, Any]             # summary.json as it stood then
+    rng: torch.Tensor | None = None
+    plan: RoundPlan | None = None       # the plan of the round after it, if that one had started
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(run_dir: str, round: int, weights: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
+    sha = state_sha256(weights)
+    write_tensors(os.path.join(run_dir, WEIGHTS), {**weights, RNG_KEY: torch.get_rng_state()}, {"round": str(round)})
+    _write_json(os.path.join(run_dir, META), {"round": round, "weights_sha256": sha, "summary": summary})
+
+
+def save_plan(run_dir: str, plan: RoundPlan) -> None:
+    _write_json(os.path.join(run_dir, PLAN), plan.to_wire())
+
+
+def exists(run_dir: str) -> bool:
+    return os.path.exists(os.path.join(run_dir, META))
+
+
+def load(run_dir: str) -> Checkpoint:
+    """The run folder's last checkpoint. Raises ``CheckpointError`` naming what is wrong."""
+    meta_path = os.path.join(run_dir, META)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        round_, sha, summary = int(meta["round"]), str(meta["weights_sha256"]), meta["summary"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir} has no {META}: no round of that run was completed "
+                              "(start it again without --resume, under another run.name)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{meta_path} is damaged: {exc}") from None
+    try:
+        tensors, _ = read_tensors(os.path.join(run_dir, WEIGHTS))
+    except (OSError, TensorFileError) as exc:
+        raise CheckpointError(f"{os.path.join(run_dir, WEIGHTS)} cannot be read: {exc}") from None
+    rng = tensors.pop(RNG_KEY, None)
+    if state_sha256(tensors) != sha:
+        raise CheckpointError(f"{os.path.join(run_dir, WEIGHTS)} does not match {META} (sha256 differs)")
+    plan = None
+    try:
+        with open(os.path.join(run_dir, PLAN), encoding="utf-8") as f:
+            p = json.load(f)
+        got = RoundPlan.from_wire(p)
+        if got.round == round_ + 1:
+            plan = got
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError, ProtocolError) as exc:
+        raise CheckpointError(f"{os.path.join(run_dir, PLAN)} is damaged: {exc}") from None
+    return Checkpoint(round=round_, weights=tensors, summary=summary, rng=rng, plan=plan)

@@ -1,0 +1,50 @@
+"""The central's round checkpoint: written atomically, read back exactly, refused when
+damaged (nothing is ever unpickled)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from central import checkpoint
+from common.models import build_model, state_sha256
+from common.plan import RoundPlan
+
+
+def test_a_checkpoint_reads_back_bit_for_bit_with_the_plan_of_the_next_round(tmp_path):
+    w = dict(build_model("vgg5", seed=3).state_dict())
+    checkpoint.save(str(tmp_path), 4, w, {"rounds": [{"round": 4}], "status": "running"})
+    checkpoint.save_plan(str(tmp_path), RoundPlan(round=5, lr=0.01, momentum=0.9, batch_size=8, local_epochs=1,
+                                                  participants=("device2", "device1")))
+    ck = checkpoint.load(str(tmp_path))
+    assert ck.round == 4 and state_sha256(ck.weights) == state_sha256(w) and list(ck.weights) == list(w)
+    assert ck.plan is not None and ck.plan.participants == ("device1", "device2") and ck.rng is not None
+    assert ck.summary["rounds"] == [{"round": 4}]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_plan_of_another_round_is_not_taken(tmp_path):
+    w = dict(build_model("vgg5", seed=3).state_dict())
+    checkpoint.save_plan(str(tmp_path), RoundPlan(round=4, lr=0.01, momentum=0.9, batch_size=8, local_epochs=1,
+                                                  participants=("device1",)))
+    checkpoint.save(str(tmp_path), 4, w, {})
+    assert checkpoint.load(str(tmp_path)).plan is None  # round 4's plan: that round is done
+
+
+@pytest.mark.parametrize("damage", ["no-meta", "bad-json", "other-weights", "truncated"])
+def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(tmp_path, damage):
+    w = dict(build_model("vgg5", seed=3).state_dict())
+    if damage != "no-meta":
+        checkpoint.save(str(tmp_path), 2, w, {})
+    meta, weights = tmp_path / checkpoint.META, tmp_path / checkpoint.WEIGHTS
+    if damage == "bad-json":
+        meta.write_text("{not json")
+    elif damage == "other-weights":
+        d = json.loads(meta.read_text())
+        d["weights_sha256"] = "0" * 64
+        meta.write_text(json.dumps(d))
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(str(tmp_path))
