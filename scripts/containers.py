@@ -107,7 +107,7 @@ def probe(arch: str | None = None) -> str | None:
     missing = [c for c in ("podman", "runc") if shutil.which(c) is None]
     if missing:
         return (f"{' and '.join(missing)} not installed (apt-get install podman runc catatonit netavark "
-                f"aardvark-dns podman-compose debootstrap)")
+                f"aardvark-dns iptables podman-compose debootstrap)")
     try:
         r = subprocess.run(["podman", "info", "--format", "{{.Host.OCIRuntime.Name}} {{.Host.NetworkBackend}}"],
                            env=podman_env(), capture_output=True, text=True, timeout=INFO_TIMEOUT_S)
