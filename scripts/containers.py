@@ -253,6 +253,7 @@ def build_image(arch: str | None = None, *, mirror: str | None = None, log=print
     base = ensure_base(arch, mirror=mirror, log=log)
     wheels = ensure_wheels(arch, log=log)
     tag = image_tag(arch)
+    before = podman("image", "inspect", tag, "--format", "{{.Id}}", check=False).stdout.strip()
     t0 = time.monotonic()
     log(f"image: podman build {tag} from {base}")
     with open(cache_dir() / f"build-{arch}.log", "w") as out:
@@ -265,6 +266,11 @@ def build_image(arch: str | None = None, *, mirror: str | None = None, log=print
                              + Path(out.name).read_text()[-3000:])
     if arch == native_arch():
         podman("tag", tag, f"{IMAGE}:latest")
+    # The image this build replaced, now without a tag (its layers that the new one shares
+    # stay); kept if a container still uses it.
+    after = podman("image", "inspect", tag, "--format", "{{.Id}}").stdout.strip()
+    if before and before != after:
+        podman("rmi", before, check=False)
     log(f"image: {tag} in {time.monotonic() - t0:.0f} s")
     return tag
 
