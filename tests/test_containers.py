@@ -47,6 +47,9 @@ SMALL = {"training": {"rounds": 2, "batch_size": 50}, "data": {"samples_per_devi
          "run": {"name": RUN_NAME}}
 START_TIMEOUT_S = 300        # podman-compose up -d / podman kube play: create and start 7 containers
 RUN_TIMEOUT_S = 600          # the central's whole run (about 20 s here)
+# The first test to use the image builds it: 3 min here with nothing cached (debootstrap,
+# the wheels, unpacking torch), and more on a busy machine than setup.cfg's 600 s per test.
+BUILD_AND_RUN_TIMEOUT_S = 1800
 
 
 def _manifests() -> list[dict]:
@@ -201,6 +204,7 @@ def _check(summary: dict, cfg: RunConfig, expected_sha: str | None) -> None:
         assert summary["final_model_sha256"] == expected_sha, "the container run trained differently from loopback"
 
 
+@pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
 def test_compose_up_runs_the_testbed(image, run_config, loopback_sha):
     if shutil.which("podman-compose") is None:
         pytest.skip("podman-compose is not installed (apt-get install podman-compose)")
@@ -280,6 +284,7 @@ def _kube_play(run_config: RunConfig, tmp: Path, *, images: dict[str, str] | Non
         containers.podman("network", "rm", "-f", network, check=False)
 
 
+@pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
 def test_kube_play_runs_the_manifests(image, run_config, loopback_sha, tmp_path):
     summary, arch = _kube_play(run_config, tmp_path)
     _check(summary, run_config, loopback_sha)
