@@ -59,9 +59,14 @@ def _flag(command: list[str], flag: str) -> str | None:
     return command[command.index(flag) + 1] if flag in command else None
 
 
+def _default(value: str) -> str:
+    """A compose value with each ${VAR:-default} replaced by its default."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
 def _mount(service: dict, target: str) -> str | None:
     for v in service.get("volumes", []):
-        parts = v.split(":")
+        parts = _default(v).split(":")
         if parts[1] == target:
             return parts[0]
     return None
@@ -83,6 +88,8 @@ def test_services_are_the_testbed_of_the_config(compose, cfg):
         assert _flag(cmd, "--config") == CONFIG_IN_CONTAINER
         src = _mount(svc, CONFIG_IN_CONTAINER)
         assert src and (DOCKER / src.split(":")[0]).resolve() == ROOT / "configs" / "docker.toml"
+        # another testbed file for the same services: FEDFLY_CONFIG (tests/test_containers.py)
+        assert f"${{FEDFLY_CONFIG:-{src}}}:{CONFIG_IN_CONTAINER}:ro" in svc["volumes"]
         if role == "central":
             assert name == "central" and "--name" not in cmd
             ep = cfg.central
@@ -142,7 +149,8 @@ def test_mobility_one_shot_plays_a_scenario(compose, cfg):
 
 def test_dockerfile_cpu_torch_per_architecture_non_root():
     text = (DOCKER / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    # the public image by default; a local base (scripts/containers.py) by build argument
+    assert re.search(r"^ARG BASE=python:3\.11-slim$", text, re.M) and re.search(r"^FROM \$\{BASE\}$", text, re.M)
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
     assert "https://download.pytorch.org/whl/cpu" in text

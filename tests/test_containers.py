@@ -1,0 +1,308 @@
+"""The image, the compose file and the Kubernetes manifests, run for real with podman.
+
+The image is built here (scripts/containers.py: a debootstrap base, this host's wheels, the
+Dockerfile; all cached, so only the first run of a machine pays for it). Then the compose
+file (podman-compose) and the manifests (`podman kube play`) each run configs/docker.toml,
+made small (2 rounds of 4 steps per device, its scheduled move kept), over podman's bridge
+network: roles reach each other by the service and pod names that the testbed file gives
+as hosts. Each run must finish with the move recorded and the same `final_model_sha256` as
+the same training on loopback.
+
+Without podman (not root, not installed: `.ci/run` installs it) these tests are skipped
+with the reason; the checks of the manifests themselves need no engine. Everything a test
+starts (containers, pods, networks, volumes, secrets) is removed by that test.
+
+The arm64 image (qemu-user-static) runs one device in the kube run only when
+FEDFLY_TEST_ARM64=1: under emulation its build alone takes many minutes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts import containers
+from scripts.benchlib import render_toml
+from tests.testbed import LOOPBACK, ROOT, free_ports, run_launch
+
+COMPOSE = ROOT / "docker" / "docker-compose.yml"
+K8S = ROOT / "deploy" / "k8s"
+DOCKER_TOML = ROOT / "configs" / "docker.toml"
+CONFIG_IN_CONTAINER = "/etc/fedfly/testbed.toml"
+KEY_IN_CONTAINER = "/run/secrets/fedfly_key"
+IMAGE_UID = 1000             # the Dockerfile's default UID: the key file must be readable by it
+RUN_NAME = "containers"
+# configs/docker.toml made small: 2 rounds of 4 steps on each of its 4 devices
+SMALL = {"training": {"rounds": 2, "batch_size": 50}, "data": {"samples_per_device": 200, "test_samples": 500},
+         "run": {"name": RUN_NAME}}
+START_TIMEOUT_S = 300        # podman-compose up -d / podman kube play: create and start 7 containers
+RUN_TIMEOUT_S = 600          # the central's whole run (about 20 s here)
+# The first test to use the image builds it: 3 min here with nothing cached (debootstrap,
+# the wheels, unpacking torch), and more on a busy machine than setup.cfg's 600 s per test.
+BUILD_AND_RUN_TIMEOUT_S = 1800
+
+
+def _manifests() -> list[dict]:
+    docs: list[dict] = []
+    for f in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(f.read_text()) if d]
+    return docs
+
+
+def _of_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def _sections(raw: dict) -> tuple[dict[str, dict], list[dict]]:
+    """A parsed testbed file as benchlib.render_toml's sections and moves."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    moves = raw.pop("mobility", {}).get("moves", [])
+    sections: dict[str, dict] = {}
+    for name, table in raw.items():
+        if name in ("edges", "devices"):
+            sections.update({f"{name}.{n}": dict(t) for n, t in table.items()})
+        else:
+            sections[name] = dict(table)
+    return sections, moves
+
+
+# -- the manifests, without an engine --------------------------------------------------------
+
+def test_configmap_is_the_compose_testbed_file_and_secret_the_demo_key():
+    docs = _manifests()
+    cm = _of_kind(docs, "ConfigMap")["fedfly-testbed"]
+    assert cm["data"]["testbed.toml"] == DOCKER_TOML.read_text(), "deploy/k8s/config.yaml drifted from configs/docker.toml"
+    secret = _of_kind(docs, "Secret")["fedfly-key"]
+    key = base64.b64decode(secret["data"]["fedfly_key"])
+    assert key == (ROOT / "configs" / "demo-INSECURE.key").read_bytes()
+    assert "INSECURE" in next(K8S.glob("*INSECURE*.yaml")).name
+
+
+def test_one_pod_per_role_placed_by_role_with_services_for_the_names():
+    cfg = tomllib.loads(DOCKER_TOML.read_text())
+    docs = _manifests()
+    pods, services = _of_kind(docs, "Pod"), _of_kind(docs, "Service")
+    compose = yaml.safe_load(COMPOSE.read_text())
+    # name -> (role, its table in the testbed file, its port, its command)
+    roles = {"central": ("central", cfg["central"], cfg["central"]["port"],
+                         ["fedfly-central", "--config", CONFIG_IN_CONTAINER])}
+    roles |= {e: ("edge", t, t["port"], ["fedfly-edge", "--config", CONFIG_IN_CONTAINER, "--name", e])
+              for e, t in cfg["edges"].items()}
+    roles |= {d: ("device", t, t["control_port"], ["fedfly-device", "--config", CONFIG_IN_CONTAINER, "--name", d])
+              for d, t in cfg["devices"].items()}
+    assert set(pods) == set(roles)
+    for name, (role, table, port, argv) in roles.items():
+        spec = pods[name]["spec"]
+        (ctr,) = spec["containers"]
+        assert ctr["args"] == argv == compose["services"][name]["command"]
+        assert ctr["image"] == compose["x-role"]["image"] and ctr["imagePullPolicy"] == "IfNotPresent"
+        assert spec["restartPolicy"] == "Never"
+        assert spec["nodeSelector"]["fedfly.io/role"] == role
+        if role == "device":
+            assert spec["nodeSelector"]["kubernetes.io/arch"] == "arm64", "devices run on the Pis"
+        mounts = {m["mountPath"]: m["name"] for m in ctr["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes[mounts[str(Path(CONFIG_IN_CONTAINER).parent)]]["configMap"]["name"] == "fedfly-testbed"
+        assert volumes[mounts[str(Path(KEY_IN_CONTAINER).parent)]]["secret"]["secretName"] == "fedfly-key"
+        assert "hostPath" in volumes[mounts[cfg["run"]["out"]]]
+        # reached by its name: a Service of that name selects this pod, on the config's port
+        svc = services[name]["spec"]
+        assert pods[name]["metadata"]["labels"].items() >= svc["selector"].items()
+        assert [(p["port"], p["targetPort"]) for p in svc["ports"]] == [(port, port)]
+        assert table["host"] == name and table["bind"] == "0.0.0.0"
+
+
+# -- the image and the runs -----------------------------------------------------------------
+
+@dataclass
+class RunConfig:
+    container_toml: Path     # hosts are the service/pod names; key and results where the containers have them
+    key: Path
+    loopback_toml: Path      # the same run on loopback ports here
+    moves: set[tuple[str, str]]
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    reason = containers.probe()
+    if reason:
+        pytest.skip(reason)
+    try:
+        return containers.build_image(log=lambda m: None)
+    except containers.ContainerError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory) -> RunConfig:
+    tmp = tmp_path_factory.mktemp("containers")
+    key = tmp / "test.key"
+    key.write_text(secrets.token_hex(32))
+    key.chmod(0o600)
+    os.chown(key, IMAGE_UID, IMAGE_UID)  # compose hands it in as a bind mount that keeps its owner
+    sections, moves = _sections(tomllib.loads(DOCKER_TOML.read_text()))
+    for sec, vals in SMALL.items():
+        sections[sec].update(vals)
+    container = tmp / "container.toml"
+    container.write_text(render_toml(sections, moves))
+    # the same run here: loopback addresses and free ports, the key and results in tmp
+    ports = iter(free_ports(sum(1 for s in sections if s == "central" or s.startswith(("edges.", "devices.")))))
+    for sec, vals in sections.items():
+        if sec == "central" or sec.startswith(("edges.", "devices.")):
+            vals.update(host=LOOPBACK, bind="")
+            vals["control_port" if sec.startswith("devices.") else "port"] = next(ports)
+    sections["security"]["key_file"] = str(key)
+    sections["run"]["out"] = str(tmp / "runs")
+    loopback = tmp / "loopback.toml"
+    loopback.write_text(render_toml(sections, moves))
+    return RunConfig(container, key, loopback, {(m["device"], m["to"]) for m in moves})
+
+
+@pytest.fixture(scope="module")
+def loopback_sha(run_config) -> str:
+    status, out, summary = run_launch(run_config.loopback_toml, timeout=RUN_TIMEOUT_S)
+    assert status == 0 and summary and summary["status"] == "finished", out[-3000:]
+    assert {(m["device"], m["to"]) for m in summary["migrations"]} == run_config.moves
+    return summary["final_model_sha256"]
+
+
+def _podman(*args: str, timeout: float = 120, check: bool = True) -> str:
+    try:
+        return containers.podman(*args, timeout=timeout, check=check).stdout.strip()
+    except containers.ContainerError as exc:
+        raise AssertionError(str(exc)) from None
+
+
+def _logs(names: list[str]) -> str:
+    out = []
+    for n in names:
+        r = containers.podman("logs", n, check=False, timeout=60)
+        out.append(f"--- {n}:\n{(r.stdout + r.stderr)[-1500:]}")
+    return "\n".join(out)
+
+
+def _wait(container: str, names: list[str]) -> None:
+    """Until ``container`` exits; it must exit with 0."""
+    status = _podman("wait", container, timeout=RUN_TIMEOUT_S)
+    assert status == "0", f"{container} exited with {status}\n{_logs(names)}"
+
+
+def _check(summary: dict, cfg: RunConfig, expected_sha: str | None) -> None:
+    assert summary["status"] == "finished" and len(summary["rounds"]) == SMALL["training"]["rounds"]
+    assert {(m["device"], m["to"]) for m in summary["migrations"]} == cfg.moves
+    if expected_sha is not None:
+        assert summary["final_model_sha256"] == expected_sha, "the container run trained differently from loopback"
+
+
+@pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
+def test_compose_up_runs_the_testbed(image, run_config, loopback_sha):
+    if shutil.which("podman-compose") is None:
+        pytest.skip("podman-compose is not installed (apt-get install podman-compose)")
+    compose = yaml.safe_load(COMPOSE.read_text())
+    # podman-compose 1.0.3 (Debian 12) knows no profiles: name the services of `up`
+    services = [s for s, svc in compose["services"].items() if not svc.get("profiles")]
+    project = f"fftest{secrets.token_hex(3)}"
+    cmd = ["podman-compose", "-p", project, "-f", str(COMPOSE)]
+    env = containers.podman_env({**os.environ, "FEDFLY_CONFIG": str(run_config.container_toml),
+                                 "FEDFLY_KEY_FILE": str(run_config.key)})
+    names = [f"{project}_{s}_1" for s in services]
+    summary = None
+    try:
+        r = subprocess.run([*cmd, "up", "-d", "--no-build", *services], env=env, capture_output=True, text=True,
+                           timeout=START_TIMEOUT_S)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        _wait(f"{project}_central_1", names)
+        results = Path(_podman("volume", "inspect", f"{project}_results", "--format", "{{.Mountpoint}}"))
+        summary = json.loads((results / RUN_NAME / "summary.json").read_text())
+    finally:
+        subprocess.run([*cmd, "down", "-v", "-t", "5"], env=env, capture_output=True, timeout=START_TIMEOUT_S)
+        # whatever down left (podman-compose 1.0.3 leaves the network; an interrupted up, more)
+        left = _podman("ps", "-aq", "--filter", f"label=io.podman.compose.project={project}", check=False).split()
+        if left:
+            _podman("rm", "-f", "-t", "0", *left, check=False)
+        _podman("volume", "rm", "-f", f"{project}_results", check=False)
+        _podman("network", "rm", "-f", f"{project}_testbed", check=False)
+    _check(summary, run_config, loopback_sha)
+
+
+def _kube_play(run_config: RunConfig, tmp: Path, *, images: dict[str, str] | None = None) -> tuple[dict, dict]:
+    """Run deploy/k8s/ with `podman kube play`: the ConfigMap holds the run's testbed file,
+    the Secret its key, each node's results folder is ``tmp/results``, and ``images`` gives
+    some pods another image. Everything is removed afterwards. Returns summary.json and the
+    architecture each pod's container ran."""
+    docs = _manifests()
+    results = tmp / "results"
+    results.mkdir()
+    for d in docs:
+        if d["kind"] == "ConfigMap":
+            d["data"]["testbed.toml"] = run_config.container_toml.read_text()
+        elif d["kind"] == "Secret":
+            d["data"]["fedfly_key"] = base64.b64encode(run_config.key.read_bytes()).decode()
+        elif d["kind"] == "Pod":
+            for v in d["spec"]["volumes"]:
+                if "hostPath" in v:
+                    v["hostPath"]["path"] = str(results)
+            for c in d["spec"]["containers"] + d["spec"].get("initContainers", []):
+                c["image"] = (images or {}).get(d["metadata"]["name"], c["image"])
+    # the Secret first: podman makes it before the pods that mount it
+    docs.sort(key=lambda d: d["kind"] != "Secret")
+    play = tmp / "play.yaml"
+    play.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    pods = list(_of_kind(docs, "Pod"))
+    # podman names are global: never touch what is not ours
+    volumes = list(_of_kind(docs, "ConfigMap")) + list(_of_kind(docs, "Secret"))
+    taken = [p for p in pods if containers.podman("pod", "exists", p, check=False).returncode == 0]
+    taken += [v for v in volumes if containers.podman("volume", "exists", v, check=False).returncode == 0]
+    taken += [s for s in _of_kind(docs, "Secret") if containers.podman("secret", "inspect", s, check=False).returncode == 0]
+    assert not taken, f"podman already has pods, volumes or secrets named {taken}: remove them to run this test"
+    network = f"fftest{secrets.token_hex(3)}"
+    names = [f"{p}-{c['name']}" for p, d in _of_kind(docs, "Pod").items() for c in d["spec"]["containers"]]
+    _podman("network", "create", network)
+    try:
+        _podman("kube", "play", "--network", network, str(play), timeout=START_TIMEOUT_S)
+        _wait("central-central", names)
+        arch = {n.split("-")[0]: _podman("image", "inspect", _podman("inspect", n, "--format", "{{.Image}}"),
+                                         "--format", "{{.Architecture}}") for n in names}
+        return json.loads((results / RUN_NAME / "summary.json").read_text()), arch
+    finally:
+        containers.podman("kube", "down", str(play), check=False, timeout=START_TIMEOUT_S)
+        for p in pods:  # a play that failed half-way
+            containers.podman("pod", "rm", "-f", "-t", "0", p, check=False)
+        containers.podman("volume", "rm", "-f", *volumes, check=False)
+        for s in _of_kind(docs, "Secret"):
+            containers.podman("secret", "rm", s, check=False)
+        containers.podman("network", "rm", "-f", network, check=False)
+
+
+@pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
+def test_kube_play_runs_the_manifests(image, run_config, loopback_sha, tmp_path):
+    summary, arch = _kube_play(run_config, tmp_path)
+    _check(summary, run_config, loopback_sha)
+    assert set(arch.values()) == {containers.native_arch()}
+
+
+@pytest.mark.timeout(7200)
+def test_arm64_device_among_x86_roles(image, run_config, tmp_path):
+    """device1 from the arm64 image (under qemu), the others from this machine's: the run
+    finishes with the move; its weights differ from x86's (another torch build on device1)."""
+    if os.environ.get("FEDFLY_TEST_ARM64") != "1":
+        pytest.skip("opt-in: FEDFLY_TEST_ARM64=1 (builds the arm64 image under qemu: slow)")
+    reason = containers.probe("arm64")
+    if reason:
+        pytest.skip(reason)
+    arm = containers.build_image("arm64", log=lambda m: None)
+    assert _podman("image", "inspect", arm, "--format", "{{.Architecture}}") == "arm64"
+    summary, arch = _kube_play(run_config, tmp_path, images={"device1": arm})
+    _check(summary, run_config, None)
+    assert arch.pop("device1") == "arm64" and set(arch.values()) == {containers.native_arch()}
+    assert summary["devices"]["device1"]["steps"] == summary["devices"]["device2"]["steps"]
