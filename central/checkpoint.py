@@ -78,8 +78,8 @@ def load(run_dir: str) -> Checkpoint:
             meta = json.load(f)
         round_, sha, summary = int(meta["round"]), str(meta["weights_sha256"]), meta["summary"]
     except FileNotFoundError:
-        raise CheckpointError(f"{run_dir} has no {META}: no round of that run was completed "
-                              "(start it again without --resume, under another run.name)") from None
+        raise CheckpointError(f"{run_dir} has no {META}: it is not the folder of a run that started "
+                              "(start it again without --resume)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{meta_path} is damaged: {exc}") from None
     try:

@@ -243,6 +243,8 @@ class CentralServer:
                 torch.set_rng_state(self.resume.rng)
         else:
             weights, first = build_model(self.cfg.model["name"], seed=self.cfg.run["seed"]).state_dict(), 1
+            # round 0: a central that dies before its first round ends can be resumed too
+            checkpoint.save(self.results.run_dir, 0, dict(weights), self.results.summary)
         status = "finished"
         try:
             self._wait_for_testbed()

@@ -20,6 +20,7 @@ from common.errors import ConfigError
 
 MODES = ("fedfly", "restart", "classic")
 RECONNECT_POLICIES = ("same", "nearest", "controller")
+DEATH_POLICIES = ("stop", "restart")
 DATASETS = ("synthetic", "cifar10", "imagefolder")
 DISTRIBUTIONS = ("balanced", "imbalanced")
 MODELS = {"vgg5": 7}  # model name -> number of layers (valid split layers: 0 .. n-2)
@@ -54,6 +55,13 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "reconnect": (str, "same", _choice(RECONNECT_POLICIES)),
         "central_grace_s": (float, 60.0, _POSITIVE),  # edges wait this long for a lost central
         "give_up_s": (float, 300.0, _POSITIVE),      # a device with no edge this long exits
+        # every this many steps (mode fedfly) an edge copies each session to its buddy edge and
+        # the device keeps its own state: a dead edge costs the steps since (0: the round again)
+        "checkpoint_steps": (int, 0, _NONNEG),
+        # what the launcher does when a process it started dies: stop the testbed (naming
+        # it), or start it again (the central with --resume) at most max_restarts times each
+        "on_death": (str, "stop", _choice(DEATH_POLICIES)),
+        "max_restarts": (int, 3, _NONNEG),
     },
     "security": {
         "key_file": (str, "", None),

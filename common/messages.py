@@ -304,7 +304,9 @@ class AttachRequest(Message):
     update it knows was taken (0: none or unknown). ``resume``: the device is in
     ``round`` at ``step`` (``step`` = its round's step count once its update is only
     waiting to be taken), and edge ``source`` is the last one that held its session.
-    ``why`` is for the record: a planned move or a reconnect after a lost link."""
+    ``why`` is for the record: a planned move or a reconnect after a lost link.
+    ``checkpoints``: the steps of ``round`` the device can roll back to (0 always; more
+    with ``faults.checkpoint_steps``), for an edge that recovers its session from a replica."""
     device: str
     kind: str
     round: int
@@ -312,6 +314,8 @@ class AttachRequest(Message):
     source: str
     last_round: int
     why: str
+    checkpoints: list[int] = dataclasses.field(default_factory=list)
+    run: str = ""  # the run the device's state belongs to ("": unknown); another run's is not resumed
 
     def check(self) -> None:
         if self.kind not in ATTACH_KINDS:
@@ -441,6 +445,30 @@ class SessionSnapshot(Message):
     meta: JSON
     checksum: str
     state: Tensors
+
+
+@message
+class SessionReplica(Message):
+    """edge -> its buddy edge, one way: a copy of ``device``'s session at ``step``, kept
+    for the day the edge dies (``faults.checkpoint_steps``). ``target``: the sender."""
+    device: str
+    round: int
+    step: int
+    target: str
+    meta: JSON
+    checksum: str
+    state: Tensors
+
+
+@message
+class ReplicaPull(Message):
+    """an edge that took over a device of a dead edge -> that edge's buddy: its replica
+    of ``device``'s session in ``round``, at one of ``steps`` (where the device can roll
+    back to). Answered with ``SessionSnapshot`` (a copy: the buddy keeps it) or ``PullRefused``."""
+    device: str
+    round: int
+    steps: list[int]
+    target: str
 
 
 @message

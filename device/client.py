@@ -10,6 +10,7 @@ reattaching is ``device.link.EdgeLink``'s; what reaches this loop is where to go
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -24,6 +25,7 @@ from common.plan import RoundPlan
 from common.training import LOSS, make_optimizer, round_batches
 from device.control import ControlServer, Position
 from device.link import EdgeLink, EdgeUnreachable, Rollback, RoundOver, RunOver
+from device import state as disk
 from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves
 
 log = logging.getLogger("device")
@@ -43,6 +45,11 @@ class DeviceClient:
         self.link = EdgeLink(cfg=cfg, name=name, key=key, events=events, pos=self.pos)
         self.moves = MoveSources(ScheduledMoves(cfg.moves_for(name)), CommandedMoves(self.pos))
         self.drops = ScheduledDrops(cfg.drops_for(name))
+        # faults.checkpoint_steps (mode fedfly): the device part and its optimizer every K
+        # steps, in memory, so that the round can go back to a step its edge's buddy holds
+        self.checkpoint_steps = cfg.faults["checkpoint_steps"] if self.mode == "fedfly" else 0
+        self.state_dir = disk.folder(cfg.run["out"], name)
+        self._round_ctx: tuple[RoundPlan, dict[str, torch.Tensor]] | None = None
         self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
         self.throttle_s = 0.0
         keys = part_keys(cfg.model["name"], cfg.model["split_layer"])
@@ -55,15 +62,41 @@ class DeviceClient:
                                 device=self.name, edges=list(self.cfg.edges), pos=self.pos, events=self.events,
                                 cut=self.link.cut, handshake_timeout=self.cfg.faults["dead_after_s"]).start()
         try:
-            self.link.join()
+            saved = disk.load(self.state_dir) if self.checkpoint_steps else None
+            if saved is not None:
+                # A process started again: go on from the step saved, if the edges agree.
+                self.link.edge, self.link.last_round, self.link.run_hint = saved.edge, saved.last_round, saved.run
+                self.link.at(saved.round, saved.step, saved.steps)
+                self.link.checkpoints = sorted({0, saved.step})
+            reply = self.link.join()
+            resume = None
+            if saved is not None:
+                if reply.run_name == saved.run and reply.action == "continue" and reply.round == saved.round \
+                        and reply.resume_step in (0, saved.step):
+                    resume = (saved, reply.resume_step)
+                    self.events.emit("resumed_from_disk", round=saved.round, step=saved.step,
+                                     resume_step=reply.resume_step, how=reply.how)
+                else:
+                    if reply.action == "done" and reply.run_name == saved.run:
+                        self.link.last_round = max(self.link.last_round, saved.round)
+                    self.events.emit("checkpoint_unused", round=saved.round, step=saved.step, action=reply.action,
+                                     how=reply.how, run=saved.run)
+                    disk.clear(self.state_dir)
             work: m.DeviceRound | None = None
             while True:
+                if resume is not None:
+                    saved, at = resume
+                    resume = None
+                    work = self._train_round(m.DeviceRound(plan=saved.plan.to_wire(), weights=saved.start),
+                                             resume=(saved, at))
+                    continue
                 if work is None:
                     self.link.at(self.link.last_round, 0, 0, in_round=False)
                     work = self.link.wait_round()
                 work = self._train_round(work)
         except RunOver as exc:
             self.events.emit("shutdown", reason=str(exc))
+            disk.clear(self.state_dir)
             return 0
         except (EdgeUnreachable, TransportError, ProtocolError) as exc:
             log.error("%s: %s", self.name, exc)
@@ -75,7 +108,7 @@ class DeviceClient:
 
     # -- a round -------------------------------------------------------------------------
 
-    def _train_round(self, msg: m.DeviceRound) -> m.DeviceRound | None:
+    def _train_round(self, msg: m.DeviceRound, resume: tuple[disk.Saved, int] | None = None) -> m.DeviceRound | None:
         """Train one round to its end (its update taken); returns the next round's work if
         it arrived early (the central went on without this device)."""
         plan = msg.round_plan
@@ -87,15 +120,25 @@ class DeviceClient:
                                 seed=self.cfg.run["seed"], device=self.name, round=r)
         steps = len(batches)
         model, opt = self._fresh(start_weights, plan)
-        self.link.at(r, 0, steps)
-        self.events.emit("round_start", round=r, steps=steps, edge=self.link.edge)
-        t0 = time.perf_counter()
+        ckpts: dict[int, tuple[dict, dict]] = {}
+        self._ckpts = ckpts
+        self._round_ctx = (plan, start_weights)
+        self._keep(ckpts, 0, model, opt)
         step, restarts = 0, 0
+        if resume is not None and resume[1]:
+            saved, step = resume
+            model.load_state_dict(saved.model)
+            opt.load_state_dict(copy.deepcopy(saved.optimizer))
+            ckpts[step] = ({k: v.clone() for k, v in saved.model.items()}, copy.deepcopy(saved.optimizer))
+            self.link.checkpoints = sorted(ckpts)
+        self.link.at(r, step, steps)
+        self.events.emit("round_start", round=r, steps=steps, edge=self.link.edge, step=step)
+        t0 = time.perf_counter()
         self.compute_s = self.throttle_s = 0.0
         while True:
             try:
                 while step < steps:
-                    self._moves_due(r, step, steps)
+                    self._moves_due(r, step, steps, model, opt)
                     idx = batches[step]
                     if self.mode == "classic":
                         t_step = time.perf_counter()
@@ -107,26 +150,59 @@ class DeviceClient:
                         compute = self._split_step(model, opt, r, step, self.x[idx], self.y[idx])
                     self._throttle(compute)
                     step += 1
+                    if self.checkpoint_steps and step % self.checkpoint_steps == 0:
+                        self._keep(ckpts, step, model, opt)
                     self.link.at(r, step, steps)
                 train_seconds = time.perf_counter() - t0
                 self.link.finish(m.DeviceDone(round=r, samples=len(self.x), steps=steps, train_seconds=train_seconds,
                                               weights=dict(model.state_dict())))
+                if self.checkpoint_steps:
+                    disk.clear(self.state_dir)  # the round's update is taken: nothing to go back to
                 self.events.emit("round_done", round=r, steps=steps, train_seconds=train_seconds, restarts=restarts,
                                  edge=self.link.edge, compute_seconds=self.compute_s,
                                  throttle_seconds=self.throttle_s)
                 return None
             except Rollback as rb:
-                # Only the round's start is kept on the device: going on from step 0 is the
-                # round again from its weights (same batches, same seeds: the same result).
-                if rb.step != 0:
-                    raise RemoteProtocolError(f"{self.name}: asked to go on from step {rb.step}, which it cannot")
+                # Back to a step the device kept (0: the round's start; others with
+                # faults.checkpoint_steps): the steps since are trained again with the same
+                # batches and seeds, so the result is the same.
+                if rb.step not in ckpts:
+                    raise RemoteProtocolError(f"{self.name}: asked to go on from step {rb.step}, which it cannot "
+                                              f"(it kept steps {sorted(ckpts)})")
                 self.events.emit("rollback", round=r, step=step, to=rb.step, how=rb.how)
                 model, opt = self._fresh(start_weights, plan)
-                step, restarts = 0, restarts + 1
-                self.link.at(r, 0, steps)
+                if rb.step:
+                    state, opt_state = ckpts[rb.step]
+                    model.load_state_dict(state)
+                    opt.load_state_dict(copy.deepcopy(opt_state))
+                for later in [c for c in ckpts if c > rb.step]:
+                    del ckpts[later]
+                self.link.checkpoints = sorted(ckpts)
+                step, restarts = rb.step, restarts + 1
+                self.link.at(r, step, steps)
             except RoundOver as ro:
                 self.events.emit("round_over", round=r, step=step, delivered=ro.delivered, reason=str(ro))
                 return ro.next
+
+    # how many checkpoints besides the round's start a device keeps: the buddy's copy lags
+    # the live session by at most the time a copy takes to send
+    KEEP = 3
+
+    def _keep(self, ckpts: dict[int, tuple[dict, dict]], step: int, model, opt) -> None:
+        if step:
+            ckpts[step] = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                           copy.deepcopy(opt.state_dict()))
+            for old in sorted(c for c in ckpts if c)[:-self.KEEP]:
+                del ckpts[old]
+            if self._round_ctx is not None and self.link.run_name:
+                plan, start = self._round_ctx
+                w = self.link.where
+                disk.save(self.state_dir, run=self.link.run_name, round=plan.round, step=step, steps=w.steps,
+                          edge=self.link.edge, last_round=self.link.last_round, plan=plan, start=start,
+                          model=ckpts[step][0], optimizer=ckpts[step][1])
+        else:
+            ckpts[0] = ({}, {})
+        self.link.checkpoints = sorted(ckpts)
 
     def _fresh(self, weights: dict[str, torch.Tensor], plan: RoundPlan):
         full = build_model(self.cfg.model["name"], seed=0)
@@ -161,7 +237,7 @@ class DeviceClient:
 
     # -- moves ---------------------------------------------------------------------------
 
-    def _moves_due(self, r: int, step: int, steps: int) -> None:
+    def _moves_due(self, r: int, step: int, steps: int, model=None, opt=None) -> None:
         """Every move due at this boundary, one after another. A move that cannot go on
         from here raises ``Rollback``/``RoundOver`` (from ``EdgeLink.move``). A radio loss
         from the trace (``[[mobility.drops]]``) cuts the link here; the next step finds it
@@ -176,6 +252,9 @@ class DeviceClient:
             if to == self.link.edge:
                 self.events.emit("move_skipped", to=to, round=r, step=step, reason="already there")
                 continue
+            if self.checkpoint_steps and model is not None and step not in self._ckpts:
+                # the source keeps a copy of what it hands over: a point to come back to
+                self._keep(self._ckpts, step, model, opt)
             self.link.move(to, r, step)
 
 

@@ -111,6 +111,8 @@ class EdgeLink:
         self._cut_gen = 0                   # counts cuts: a reattach clears only the cut it served
         self._cut_why = "controller"
         self._held: list[m.Message] = []    # reports to send once linked again
+        self.checkpoints: list[int] = []    # steps of the current round the device can go back to
+        self.run_hint = ""                  # the run of a checkpoint read from disk (before any attach)
         self.run_name: str | None = None
 
     # -- state for status and reports ----------------------------------------------------------
@@ -140,7 +142,8 @@ class EdgeLink:
             return m.AttachRequest(device=self.name, kind="join", round=0, step=0, source=self.edge,
                                    last_round=self.last_round, why=why)
         return m.AttachRequest(device=self.name, kind="resume", round=w.round, step=w.step, source=self.edge,
-                               last_round=self.last_round, why=why)
+                               last_round=self.last_round, why=why, checkpoints=list(self.checkpoints),
+                               run=self.run_name or self.run_hint)
 
     def _open(self, edge: str, req: m.AttachRequest, *, timeout: float) -> tuple[Link, m.AttachReply]:
         """Connect to ``edge``, attach, wait for its answer; the link is not yet ours."""
@@ -184,7 +187,7 @@ class EdgeLink:
             link.go_silent()
             self._inbox.put((link, _CUT))
 
-    def join(self) -> None:
+    def join(self) -> m.AttachReply:
         """The first attach, to the config's edge, retried while it is not up yet. A device
         started again while that edge is down (killed, or out of reach) does not wait for
         it: after ``faults.device_grace_s`` it tries the other edges too."""
@@ -207,8 +210,8 @@ class EdgeLink:
                     last = exc
                     continue
                 self._install(edge, link, reply)
-                self.events.emit("attached", edge=edge, home=home)
-                return
+                self.events.emit("attached", edge=edge, home=home, action=reply.action, how=reply.how)
+                return reply
             if time.monotonic() >= deadline:
                 raise EdgeUnreachable(f"cannot attach to {' or '.join(tried)}: {last}") from None
             time.sleep(backoff)

@@ -28,6 +28,7 @@ from common.errors import LocalProtocolError, MigrationError, RemoteProtocolErro
 from common.events import EventLog
 from common.plan import RoundPlan
 from common.models import num_classes
+from edge.migration import buddy_of
 from edge.lifecycle import Event, State, TransitionError, allowed, check_transition
 from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
                         Fetcher, PeerLost, PeerMessage, Port, PullOutcome, Stop, Tick)
@@ -64,6 +65,7 @@ class Entry:
     pull_token: int = 0                   # PULLING: which fetch counts (older outcomes are stale)
     pull_at: float = 0.0                  # PULLING: when the fetch started (its deadline)
     handover_at: float = 0.0              # HANDING_OVER: when the snapshot went
+    handed: "Replica | None" = None       # HANDING_OVER: what went (kept as a replica once confirmed)
     hops: int = 0
     attach_at: float = 0.0
     handover: tuple[Port, str, str] | None = None  # HANDING_OVER: (peer port, checksum, target)
@@ -74,6 +76,18 @@ class Entry:
 class Forward:
     round: int
     target: str
+
+
+@dataclass
+class Replica:
+    """A copy of another edge's session, kept for the day that edge dies. Kept as it came
+    (verified only when it is used)."""
+    source: str
+    round: int
+    step: int
+    meta: dict
+    checksum: str
+    tensors: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -88,7 +102,8 @@ class Models:
 class EdgeCore:
     def __init__(self, *, name: str, mode: str, models: Models, seed: int, devices: set[str], peers: set[str],
                  central: CentralPort, fetcher: Fetcher, events: EventLog, spare: SparePart | None = None,
-                 clock: Callable[[], float] = time.monotonic, handover_deadline_s: float = 30.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, handover_deadline_s: float = 30.0,
+                 checkpoint_steps: int = 0, edges: list[str] | None = None) -> None:
         self.name = name
         self.role = f"edge {name}"
         self.mode = mode
@@ -104,6 +119,12 @@ class EdgeCore:
         # a fetch (or a confirmation) not done by then has failed: the device is not kept waiting
         self.handover_deadline_s = handover_deadline_s
         self.peers = peers
+        # replication (mode fedfly): every checkpoint_steps steps a copy of each session goes
+        # to this edge's buddy; this edge keeps the copies of the edge it is buddy of
+        self.edges = sorted(edges or (peers | {name}))
+        self.buddy_of = lambda edge: buddy_of(edge, self.edges)
+        self.checkpoint_steps = checkpoint_steps if mode == "fedfly" and self.buddy_of(name) else 0
+        self.replicas: dict[str, list[Replica]] = {}  # per device, the newest few (oldest first)
         self.entries: dict[str, Entry] = {}
         self.forward: dict[str, Forward] = {}
         self.delivered: dict[str, int] = {}   # device -> last round whose update the central confirmed
@@ -247,6 +268,7 @@ class EdgeCore:
         self.current = RoundInfo(plan, msg.weights)
         r = plan.round
         self.central.round_started(r)
+        self.replicas = {d: kept for d, reps in self.replicas.items() if (kept := [x for x in reps if x.round >= r])}
         self.forward = {d: f for d, f in self.forward.items() if f.round >= r}
         self.events.emit("round_start", round=r, participants=list(plan.participants))
         for e in list(self.entries.values()):
@@ -328,7 +350,11 @@ class EdgeCore:
         e.last_round = max(e.last_round, req.last_round)
         self.events.emit("attached", device=req.device, kind=req.kind, why=req.why, source=req.source,
                          round=req.round, step=req.step, state=e.state.value)
-        if req.kind == "join":
+        if req.kind == "resume" and req.run and self.run_name and req.run != self.run_name:
+            # state of another run (left on a device's disk by a crash): of no use here
+            self.events.emit("other_run", device=req.device, run=req.run)
+            self._attach_join(e)
+        elif req.kind == "join":
             self._attach_join(e)
         else:
             self._attach_resume(e, req)
@@ -423,6 +449,13 @@ class EdgeCore:
         resume = 0 if self.mode == "restart" else s
         how = "fresh"
         if source == self.name and needs_state:
+            if self.checkpoint_steps and req.checkpoints:
+                # The device went back (a process restarted from its disk checkpoint), or
+                # our session is gone: the buddy's copy at a step the device holds.
+                self._move(e, event, S.PULLING)
+                e.pending, e.hops = req, 0
+                self._pull_failed(e, source=self.name, detail=f"no session of {e.device} at step {s} here")
+                return
             resume, how = 0, "restart"  # the device says its session is here, and it is not
         self._fresh(e, event, info, resume)
         self._reply(e, action="continue", round=r, resume_step=resume, how=how)
@@ -472,6 +505,15 @@ class EdgeCore:
             return
         req = e.pending
         r, s = req.round, req.step
+        if ev.replica:
+            if ev.session is not None and ev.session.step in req.checkpoints and ev.session.step <= s:
+                self._install_replica(e, ev.session, source=ev.source, state_bytes=ev.state_bytes,
+                                      transfer_ms=ev.transfer_ms)
+            else:
+                self._pull_failed(e, source=ev.source, detail=ev.error or (ev.refused.reason if ev.refused
+                                                                           else "replica at the wrong step"),
+                                  replica_tried=True)
+            return
         if ev.session is not None and not ev.session.position_matches(s):
             # The device attached again, at another step, while this copy was on its way:
             # it is not the one that counts. Ask again where the device says it is.
@@ -525,10 +567,35 @@ class EdgeCore:
         self._reply(e, action="continue", round=r, resume_step=s, how="pulled" if source != self.name else "here",
                     state_bytes=state_bytes, transfer_ms=transfer_ms)
 
-    def _pull_failed(self, e: Entry, *, source: str, detail: str) -> None:
+    def _pull_failed(self, e: Entry, *, source: str, detail: str, replica_tried: bool = False) -> None:
         req = e.pending
         assert req is not None
         r, s = req.round, req.step
+        info = self.current
+        if not replica_tried and self.checkpoint_steps and req.checkpoints and info is not None and info.round == r:
+            # The session died with its edge: a copy at a step the device can go back to.
+            lost = source or req.source
+            rep = self._replica_at(e.device, r, [c for c in req.checkpoints if c <= s])
+            if rep is not None:
+                try:
+                    session = EdgeSession.from_snapshot(rep.meta, rep.tensors, rep.checksum,
+                                                        expect_model=self.models.name, expect_split=self.models.split,
+                                                        spare=self.spare)
+                except MigrationError as exc:
+                    self.events.emit("replica_damaged", device=e.device, detail=str(exc)[:200])
+                else:
+                    self.events.emit("pull_failed", device=e.device, source=source, round=r, step=s, detail=detail)
+                    self._install_replica(e, session, source=self.name, state_bytes=0, transfer_ms=0.0)
+                    return
+            keeper = self.buddy_of(lost)
+            if keeper is not None and keeper != self.name and keeper in self.peers:
+                self.events.emit("pull_failed", device=e.device, source=source, round=r, step=s, detail=detail)
+                self._token += 1
+                e.pull_token = self._token
+                e.pull_at = self.clock()
+                self.fetcher.pull_replica(device=e.device, source=keeper, round=r, steps=list(req.checkpoints),
+                                          token=e.pull_token)
+                return
         self.events.emit("pull_failed", device=e.device, source=source, round=r, step=s, detail=detail)
         self.central.send(m.FaultReport(kind="handover_failed", process=self.name, peer=source, round=r, step=s,
                                         detail=detail[:200], detected_s=0.0, down_s=0.0, replayed=s,
@@ -543,6 +610,27 @@ class EdgeCore:
         self._fresh(e, E.PULLED, info, 0)
         if e.port is not None:
             self._reply(e, action="continue", round=r, resume_step=0, how="restart")
+
+    def _install_replica(self, e: Entry, session: EdgeSession, *, source: str, state_bytes: int,
+                         transfer_ms: float) -> None:
+        """The device and the session go back to the replica's step; the steps since are
+        trained again (same batches, same seeds: the same result)."""
+        req = e.pending
+        assert req is not None
+        r, s, c = req.round, req.step, session.step
+        self.central.send(m.FaultReport(kind="handover_failed", process=self.name, peer=req.source, round=r, step=s,
+                                        detail=f"session of {e.device} lost with {req.source}; replica of step {c} "
+                                               f"from {source}", detected_s=0.0, down_s=0.0, replayed=s - c,
+                                        recovery="replica", samples_lost=0))
+        self.events.emit("replica_installed", device=e.device, source=source, round=r, step=c, device_step=s)
+        e.pending = None
+        e.session = session
+        if e.port is None:
+            self._move(e, E.PULLED, S.DETACHED)
+            return
+        self._move(e, E.PULLED, S.ACTIVE)
+        self._reply(e, action="continue", round=r, resume_step=c, how="replica", state_bytes=state_bytes,
+                    transfer_ms=transfer_ms)
 
     def _on_tick(self) -> None:
         """Deadlines of handovers: a fetch or a confirmation that never comes (a peer that
@@ -606,6 +694,15 @@ class EdgeCore:
         self._move(e, E.STEP, S.ACTIVE)
         if not trained:
             self.events.emit("step_replayed", device=e.device, round=msg.round, step=msg.step)
+        elif self.checkpoint_steps and session.step % self.checkpoint_steps == 0:
+            self._replicate(session)
+
+    def _replicate(self, session: EdgeSession) -> None:
+        """A copy of ``session`` as it is now, to the buddy. The copy is taken here, between
+        two steps (a memory copy); checksum and send happen on the replicator's thread."""
+        meta, tensors = session._parts(with_reply=False)
+        copy = {k: v.detach().clone() for k, v in tensors.items()}
+        self.fetcher.replicate(session.device, session.round, session.step, meta, copy)
 
     def _drop_link(self, e: Entry, exc: RemoteProtocolError) -> None:
         """A device broke the protocol: its link goes (the device may attach again)."""
@@ -674,6 +771,10 @@ class EdgeCore:
             self._on_installed(ev.port, msg)
         elif isinstance(msg, m.SessionDrop):
             self._on_drop(ev.port, msg)
+        elif isinstance(msg, m.SessionReplica):
+            self._on_replica(ev.port, msg)
+        elif isinstance(msg, m.ReplicaPull):
+            self._on_replica_pull(ev.port, msg)
         else:
             raise RemoteProtocolError(f"{self.role} (peer link {ev.port.name}): {msg.TYPE} is not allowed")
 
@@ -713,6 +814,10 @@ class EdgeCore:
         port.post(m.SessionSnapshot(device=d, round=r, step=session.step, meta=meta, checksum=checksum, state=tensors))
         e.handover = (port, checksum, msg.target)
         e.handover_at = self.clock()
+        if self.checkpoint_steps:
+            # kept as a replica once handed over: if the edge it went to dies before its own
+            # first copy reaches its buddy, the device can come back here and go on from it
+            e.handed = Replica(self.name, r, session.step, meta, checksum, tensors)
         self._move(e, E.PULL, S.HANDING_OVER)
         self.events.emit("handing_over", device=d, round=r, step=session.step, to=msg.target)
 
@@ -729,6 +834,9 @@ class EdgeCore:
         if e.update is not None:
             e.update = None  # the update goes on from the target (the central takes it once)
         e.handover = None
+        if e.handed is not None:
+            self._keep_replica(msg.device, e.handed)
+            e.handed = None
         self.forward[msg.device] = Forward(round_, target)
         self._move(e, E.INSTALLED, S.GONE)
         port.post(m.SessionReleased(device=msg.device))
@@ -754,6 +862,38 @@ class EdgeCore:
             self.events.emit("session_dropped", device=msg.device, round=msg.round, to=msg.target)
         finally:
             port.post(m.SessionReleased(device=msg.device))
+
+    def _on_replica(self, port: Port, msg: m.SessionReplica) -> None:
+        source = msg.target
+        if self.current is not None and msg.round < self.current.round:
+            return  # of a round that is over
+        self._keep_replica(msg.device, Replica(source, msg.round, msg.step, msg.meta, msg.checksum, msg.state))
+
+    # A device's own checkpoints lag the session by up to a step (its edge trains a step
+    # before the device does), and a copy takes time to arrive: the newest few are kept.
+    KEEP_REPLICAS = 3
+
+    def _keep_replica(self, device: str, rep: Replica) -> None:
+        reps = [x for x in self.replicas.get(device, []) if (x.round, x.step) != (rep.round, rep.step)]
+        reps.append(rep)
+        reps.sort(key=lambda x: (x.round, x.step))
+        self.replicas[device] = reps[-self.KEEP_REPLICAS:]
+
+    def _replica_at(self, device: str, round: int, steps: list[int]) -> Replica | None:
+        """The newest copy of ``device``'s session in ``round`` at one of ``steps``."""
+        fits = [x for x in self.replicas.get(device, []) if x.round == round and x.step in steps]
+        return fits[-1] if fits else None
+
+    def _on_replica_pull(self, port: Port, msg: m.ReplicaPull) -> None:
+        rep = self._replica_at(msg.device, msg.round, msg.steps)
+        if rep is None:
+            have = f" (have steps {[x.step for x in self.replicas.get(msg.device, [])]})"
+            self._refuse(port, msg.device, f"no replica at one of steps {msg.steps[-4:]}{have}")
+            self.events.emit("replica_refused", device=msg.device, round=msg.round, to=msg.target)
+            return
+        port.post(m.SessionSnapshot(device=msg.device, round=rep.round, step=rep.step, meta=rep.meta,
+                                    checksum=rep.checksum, state=rep.tensors))
+        self.events.emit("replica_given", device=msg.device, round=rep.round, step=rep.step, to=msg.target)
 
     def _on_peer_lost(self, ev: PeerLost) -> None:
         for e in list(self.entries.values()):

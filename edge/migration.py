@@ -29,12 +29,14 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+import torch
+
 from common import messages as m
 from common import transport
 from common.errors import ConnectionClosed, MigrationError, ProtocolError, TransportError
 from common.link import Link
 from edge.ports import PullOutcome
-from edge.session import EdgeSession, SparePart
+from edge.session import EdgeSession, SparePart, snapshot_checksum
 
 log = logging.getLogger("edge")
 
@@ -126,6 +128,12 @@ class PeerLinks:
             self._peers[peer] = kept
             return kept
 
+    def link(self, peer: str) -> Link:
+        """The kept link to ``peer`` (opened if need be), for one-way messages."""
+        if peer not in self._connect_locks:
+            raise MigrationError(f"{peer!r} is not an edge of this testbed")
+        return self._peer(peer).link
+
     @contextmanager
     def exchange(self, peer: str, device: str) -> Iterator[PeerExchange]:
         """An exchange about ``device`` with ``peer`` on the kept link (a new one if it is
@@ -162,8 +170,9 @@ class Fetcher:
     core as a ``PullOutcome`` (through ``submit``)."""
 
     def __init__(self, *, name: str, peers: PeerLinks, submit: Callable[[object], None], model: str,
-                 split_layer: int, spare: SparePart | None, events) -> None:
+                 split_layer: int, spare: SparePart | None, events, replicator: "Replicator | None" = None) -> None:
         self.name = name
+        self.replicator = replicator
         self.peers = peers
         self.submit = submit
         self.model, self.split = model, split_layer
@@ -189,6 +198,40 @@ class Fetcher:
             if outcome.session is None:
                 outcome.error = f"handover of {device} from {source} failed: {type(exc).__name__}: {exc}"
                 self.submit(outcome)
+
+    def pull_replica(self, *, device: str, source: str, round: int, steps: list[int], token: int) -> None:
+        threading.Thread(target=self._replica_guarded, args=(device, source, round, list(steps), token),
+                         name=f"replica-{device}", daemon=True).start()
+
+    def replicate(self, device: str, round: int, step: int, meta: dict, tensors: dict) -> None:
+        if self.replicator is not None:
+            self.replicator.send(device, round, step, meta, tensors)
+
+    def _replica_guarded(self, device: str, source: str, round: int, steps: list[int], token: int) -> None:
+        t0 = time.perf_counter()
+        outcome = PullOutcome(device=device, token=token, source=source, replica=True)
+        try:
+            with self.peers.exchange(source, device) as ex:
+                before = ex.link.conn.bytes_received
+                ex.send(m.ReplicaPull(device=device, round=round, steps=steps, target=self.name))
+                reply = ex.recv()
+                if isinstance(reply, m.PullRefused) and reply.device == device:
+                    outcome.refused = reply
+                elif isinstance(reply, m.SessionSnapshot) and reply.device == device:
+                    outcome.state_bytes = ex.link.conn.bytes_received - before
+                    session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum,
+                                                        expect_model=self.model, expect_split=self.split,
+                                                        spare=self.spare)
+                    if (session.device, session.round) != (device, round) or session.step not in steps:
+                        raise MigrationError(f"replica is {session.device} round {session.round} step "
+                                             f"{session.step}, expected {device} round {round} at one of {steps}")
+                    outcome.session = session
+                else:
+                    raise MigrationError(f"{source} answered a replica pull with {reply.TYPE}")
+        except Exception as exc:  # noqa: BLE001 - every failure is an outcome: the round again from its start
+            outcome.error = f"replica of {device} from {source}: {type(exc).__name__}: {exc}"
+        outcome.transfer_ms = (time.perf_counter() - t0) * 1000
+        self.submit(outcome)
 
     def _drop_guarded(self, device: str, source: str, round: int) -> None:
         try:
@@ -246,3 +289,59 @@ class Fetcher:
             ok = False
             log.info("%s: could not tell %s to drop %s's session: %s", self.name, source, device, exc)
         self.events.emit("drop_sent", device=device, source=source, round=round, confirmed=ok)
+
+
+def buddy_of(edge: str, edges: list[str]) -> str | None:
+    """The edge that keeps ``edge``'s replicas: the next one in name order (a ring)."""
+    ring = sorted(edges)
+    if len(ring) < 2 or edge not in ring:
+        return None
+    return ring[(ring.index(edge) + 1) % len(ring)]
+
+
+class Replicator:
+    """Sends copies of sessions to this edge's buddy, off the training path: the core hands
+    over a copy of the state (``send``) and goes on training; a worker thread checksums it
+    and posts it on the kept link. Only the newest copy per device waits: an older one
+    still queued is replaced (the buddy needs the latest, not every one)."""
+
+    def __init__(self, *, name: str, buddy: str, peers: PeerLinks, events) -> None:
+        self.name, self.buddy = name, buddy
+        self.peers = peers
+        self.events = events
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[int, int, dict, dict[str, torch.Tensor]]] = {}
+        self._wake = threading.Event()
+        self._closed = False
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, name=f"{name}-replicator", daemon=True)
+        self._thread.start()
+
+    def send(self, device: str, round: int, step: int, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        with self._lock:
+            self._pending[device] = (round, step, meta, tensors)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            while not self._closed:
+                with self._lock:
+                    if not self._pending:
+                        break
+                    device = next(iter(self._pending))
+                    round_, step, meta, tensors = self._pending.pop(device)
+                try:
+                    checksum = snapshot_checksum(meta, tensors)
+                    link = self.peers.link(self.buddy)
+                    link.post(m.SessionReplica(device=device, round=round_, step=step, target=self.name, meta=meta,
+                                               checksum=checksum, state=tensors))
+                    self.sent += 1
+                except Exception as exc:  # noqa: BLE001 - a copy that does not go is only a copy
+                    self.events.emit("replica_failed", device=device, round=round_, step=step, to=self.buddy,
+                                     detail=f"{type(exc).__name__}: {exc}"[:200])

@@ -43,6 +43,12 @@ class Fetcher(Protocol):
 
     def drop(self, *, device: str, source: str, round: int) -> None: ...
 
+    def pull_replica(self, *, device: str, source: str, round: int, steps: list[int], token: int) -> None:
+        """A copy of the session at one of ``steps``, from ``source``'s replicas."""
+
+    def replicate(self, device: str, round: int, step: int, meta: dict, tensors: dict) -> None:
+        """Send a copy of a session (already detached from the live one) to the buddy."""
+
 
 # -- events ---------------------------------------------------------------------------------
 
@@ -89,6 +95,7 @@ class PullOutcome:
     error: str = ""
     state_bytes: int = 0
     transfer_ms: float = 0.0
+    replica: bool = False   # a copy from a dead edge's buddy (at a checkpoint step), not the session
 
 
 @dataclass

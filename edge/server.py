@@ -26,7 +26,7 @@ from common.link import Link
 from common.models import part_keys
 from edge.central_link import CentralLink
 from edge.core import EdgeCore, Models
-from edge.migration import Fetcher, PeerLinks
+from edge.migration import Fetcher, PeerLinks, Replicator, buddy_of
 from edge.ports import DeviceAttach, DeviceLost, DeviceMessage, PeerLost, PeerMessage
 from edge.session import SparePart
 
@@ -57,12 +57,16 @@ class EdgeServer:
         self.core = EdgeCore(name=name, mode=cfg.mode, models=Models(model, split, dev_keys, edge_keys),
                              seed=cfg.run["seed"], devices=set(cfg.devices), peers=set(cfg.edges) - {name},
                              central=None, fetcher=None, events=events, spare=self.spare,  # type: ignore[arg-type]
-                             handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"])
+                             handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
+                             checkpoint_steps=self.faults["checkpoint_steps"], edges=sorted(cfg.edges))
         self.central = CentralLink(cfg=cfg, name=name, key=key, submit=self.core.submit, events=events,
                                    on_welcome=self._on_welcome)
         self.core.central = self.central
+        buddy = buddy_of(name, sorted(cfg.edges))
+        self.replicator = Replicator(name=name, buddy=buddy, peers=self.peers, events=events) \
+            if self.core.checkpoint_steps and buddy else None
         self.core.fetcher = Fetcher(name=name, peers=self.peers, submit=self.core.submit, model=model,
-                                    split_layer=split, spare=self.spare, events=events)
+                                    split_layer=split, spare=self.spare, events=events, replicator=self.replicator)
 
     def _on_welcome(self, run_name: str) -> None:
         self.events.open(os.path.join(self.cfg.run["out"], run_name))
@@ -88,6 +92,8 @@ class EdgeServer:
             if wait is not None:
                 wait(max(0.0, deadline - time.monotonic()))
         self.central.close()
+        if self.replicator is not None:
+            self.replicator.close()
         self.peers.close()
         if stop.status:
             log.error("%s: stopping: %s", self.name, stop.reason)
@@ -124,7 +130,7 @@ class EdgeServer:
             link.start_writer()  # the core's answer (even a refusal and a close) goes out
             core.submit(DeviceAttach(link, first, at=time.monotonic()))
             link.serve()
-        elif isinstance(first, (m.SessionPull, m.SessionDrop)):
+        elif isinstance(first, (m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull)):
             link = Link(conn, name=f"edge {first.target}", heartbeat_s=hb, dead_after_s=dead,
                         on_message=lambda l, msg: core.submit(PeerMessage(l, msg)),
                         on_lost=lambda l, exc: core.submit(PeerLost(l)))

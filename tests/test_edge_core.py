@@ -50,12 +50,20 @@ class FakeCentral:
 class FakeFetcher:
     pulls: list = field(default_factory=list)
     drops: list = field(default_factory=list)
+    replica_pulls: list = field(default_factory=list)
+    replicated: list = field(default_factory=list)
 
     def pull(self, **kw):
         self.pulls.append(kw)
 
     def drop(self, **kw):
         self.drops.append(kw)
+
+    def pull_replica(self, **kw):
+        self.replica_pulls.append(kw)
+
+    def replicate(self, device, round, step, meta, tensors):
+        self.replicated.append((device, round, step, meta, tensors))
 
 
 def make_core(mode: str = "fedfly", name: str = "edge1") -> EdgeCore:

@@ -36,7 +36,7 @@ def _config(tmp: Path, name: str, *, mode: str = "fedfly", faults: dict | None =
 
 def _summary(cfg: Path) -> dict:
     runs = cfg.parent / "runs"
-    (run,) = list(runs.iterdir())
+    (run,) = [p for p in runs.iterdir() if (p / "summary.json").exists()]
     return json.loads((run / "summary.json").read_text())
 
 
@@ -328,7 +328,8 @@ def test_a_killed_central_resumed_from_its_checkpoint_loses_nothing(tmp_path, ba
             _wait_status(cfg, "device1", lambda st: st.round == 2 and 1 <= st.step < st.steps - 1)
         else:
             deadline = time.monotonic() + RUN_TIMEOUT
-            while not (run_dir / "checkpoint.json").exists():
+            ck = run_dir / "checkpoint.json"  # written at start (round 0) and after every round
+            while not (ck.exists() and json.loads(ck.read_text())["round"] == 1):
                 assert time.monotonic() < deadline and bed.procs["central"].poll() is None, bed.log("central")
                 time.sleep(0.02)
         os.kill(bed.procs["central"].pid, signal.SIGKILL)
@@ -363,3 +364,117 @@ def test_a_run_name_in_use_is_refused_and_a_finished_run_is_not_resumed(tmp_path
     r = subprocess.run([sys.executable, "-m", "central", "--config", str(cfg), "--resume", str(run_dir)], cwd=root,
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "checkpoint.json" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("how", ["sigkill"])
+def test_a_killed_edge_costs_only_the_steps_since_the_last_replica(tmp_path, baseline, how):
+    """faults.checkpoint_steps = 2: every 2 steps each session is copied to the buddy edge
+    and the device keeps its own state. The edge is killed mid-round: the device goes to
+    the other edge (the buddy), which installs the copy; both go back to that step and
+    train the steps since again. Nothing else is done again, and the result is exact."""
+    cfg = _config(tmp_path, f"replica-{how}", faults={"checkpoint_steps": 2})
+
+    def during(bed):
+        _wait_status(cfg, "device2", lambda st: st.round == 1 and 5 <= st.step < st.steps - 1)
+        os.kill(bed.procs["edge2"].pid, signal.SIGKILL)
+
+    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device2": ["devices.device2.slowdown=30"]})
+    assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
+    assert summary["final_model_sha256"] == baseline
+    (edge,) = [f for f in summary["faults"] if f["process"] == "edge1" and f["recovery"] == "replica"]
+    assert edge["peer"] == "edge2" and 0 <= edge["replayed"] <= 3, edge  # at most about K steps again
+    (dev,) = [f for f in summary["faults"] if f["process"] == "device2"]
+    assert dev["recovery"] == "replica" and dev["replayed"] == edge["replayed"], dev
+
+
+def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_since_a_replica(tmp_path, baseline):
+    """A planned move edge1 -> edge2 whose snapshot is cut half-way (the source's end of
+    the pull resets, as when it dies mid-transfer), then edge1 is killed: edge2 (edge1's
+    buddy) goes on from its copy; the run finishes without edge1, exactly."""
+    cfg = _config(tmp_path, "src-dies", faults={"checkpoint_steps": 2}, moves=MOVE)
+    from common.config import load_config
+    c = load_config(str(cfg))
+    bed = Testbed(cfg, log_dir=tmp_path / "logs")
+    proxy = Proxy(tmp_path / "logs", "edge2-edge1", c.edges["edge1"].port, ["down:SessionSnapshot:1:50%:reset"])
+    try:
+        bed.start("central")
+        bed.start("edge", "edge1")
+        bed.start("edge", "edge2", f"edges.edge1.port={proxy.port}")  # edge2 reaches edge1 through the proxy
+        for d in sorted(c.devices):
+            bed.start("device", d, *(["devices.device1.slowdown=30"] if d == "device1" else []))
+        _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.link == "attached", timeout=120)
+        os.kill(bed.procs["edge1"].pid, signal.SIGKILL)
+        code = bed.wait("central", RUN_TIMEOUT)
+        assert code == 0, bed.log("central")[-3000:]
+    finally:
+        bed.stop()
+        proxy.stop()
+    assert any(e.get("event") == "cut" for e in proxy.events()), proxy.log.read_text()
+    summary = _summary(cfg)
+    assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
+    assert summary["final_model_sha256"] == baseline
+    rec = [f for f in summary["faults"] if f["process"] == "edge2" and f["recovery"] == "replica"]
+    assert rec and rec[0]["peer"] == "edge1" and rec[0]["replayed"] <= 2, summary["faults"]
+
+
+def test_a_destination_edge_dying_after_a_handover_sends_the_device_back_to_the_copy_it_left(tmp_path, baseline):
+    """The move edge1 -> edge2 completes; edge2 dies before its own first copy is made
+    (checkpoint_steps = 3, the move at step 4): edge1 kept what it handed over, the device
+    kept its state at the move, and the round goes on from there."""
+    cfg = _config(tmp_path, "dst-dies", faults={"checkpoint_steps": 3}, moves=MOVE)
+
+    def during(bed):
+        _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.round == 1 and st.step >= 5)
+        os.kill(bed.procs["edge2"].pid, signal.SIGKILL)
+
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
+    assert summary["final_model_sha256"] == baseline
+    rec = [f for f in summary["faults"] if f["process"] == "edge1" and f["recovery"] == "replica"]
+    assert rec and rec[0]["peer"] == "edge2", summary["faults"]
+
+
+def test_a_killed_device_started_again_goes_on_from_its_disk_checkpoint(tmp_path, baseline):
+    """faults.checkpoint_steps = 2: the device writes its state to disk every 2 steps. Its
+    process is killed mid-round and started again: it attaches at the step it saved, its
+    edge goes back to the same step with the buddy's copy, and the round ends exactly."""
+    cfg = _config(tmp_path, "dev-disk", faults={"checkpoint_steps": 2})
+    state = {}
+
+    def during(bed):
+        state["at"] = _wait_status(cfg, "device1", lambda st: st.round == 1 and 5 <= st.step < st.steps - 1).step
+        os.kill(bed.procs["device1"].pid, signal.SIGKILL)
+        bed.procs["device1"].wait()
+        bed.start("device", "device1", "devices.device1.slowdown=30")
+
+    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
+    assert summary["final_model_sha256"] == baseline
+    run = Path(cfg).parent / "runs" / "dev-disk"
+    assert sorted(p.name for p in run.glob("events-device1*.jsonl")) == ["events-device1.1.jsonl",
+                                                                        "events-device1.jsonl"]
+    second_life = (run / "events-device1.1.jsonl").read_text().splitlines()
+    resumed = [json.loads(x) for x in second_life if '"resumed_from_disk"' in x]
+    assert resumed and resumed[0]["round"] == 1 and resumed[0]["step"] >= 4 and resumed[0]["resume_step"] >= 4, resumed
+    assert not (Path(cfg).parent / "runs" / ".device-state" / "device1" / "state.json").exists()  # cleared at the end
+
+
+def test_chaos_soak_ends_bit_identical(tmp_path, baseline):
+    """``central.launch --chaos``: the launcher SIGKILLs a random role (central, edge or
+    device) about every 3 s, 3 times, and starts each again (faults.on_death = restart;
+    the central with --resume). With checkpoint_steps = 2 the run still ends with the
+    model of the run without any kill."""
+    cfg = _config(tmp_path, "chaos", faults={"checkpoint_steps": 2})
+    cmd = [sys.executable, "-m", "central.launch", "--config", str(cfg), "--chaos", "3", "--chaos-max", "3",
+           "--chaos-seed", "7", "--set", "devices.device1.slowdown=15", "--set", "devices.device2.slowdown=15"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT + 120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 0, (out[-2000:], err[-3000:])
+    kills = [line for line in err.splitlines() if "chaos: killing" in line]
+    assert kills, err
+    summary = _summary(cfg)
+    assert summary["status"] == "finished" and summary["final_model_sha256"] == baseline, (kills, summary["faults"])

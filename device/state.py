@@ -1,0 +1,106 @@
+"""A device's checkpoint on its own disk (``faults.checkpoint_steps``): what a device
+process started again needs to go on with its round from the step it saved.
+
+    <run.out>/.device-state/<device>/state.safetensors   the round's start weights
+                                                        ("start/..."), the device part at
+                                                        the step ("model/...") and its
+                                                        optimizer's buffers ("opt/i/name")
+    <run.out>/.device-state/<device>/state.json          run, round, step, steps, edge,
+                                                        last_round, the round's plan, the
+                                                        optimizer's settings, the tensors' hash
+
+The tensors are written first, the JSON that names their hash second, each to a
+temporary name and renamed: a crash at any instant leaves the previous checkpoint or the
+new one. ``load`` checks the hash and returns None (saying why) for anything that does
+not hold together; nothing is unpickled. The files go once the round's update is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.models import state_sha256
+from common.plan import RoundPlan
+from common.tensorfile import TensorFileError, read_tensors, write_tensors
+
+log = logging.getLogger("device")
+
+TENSORS = "state.safetensors"
+META = "state.json"
+
+
+@dataclass
+class Saved:
+    run: str
+    round: int
+    step: int
+    steps: int
+    edge: str
+    last_round: int
+    plan: RoundPlan
+    start: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]       # a state_dict for torch.optim.SGD
+
+
+def folder(out: str, device: str) -> str:
+    return os.path.join(out, ".device-state", device)
+
+
+def save(where: str, *, run: str, round: int, step: int, steps: int, edge: str, last_round: int, plan: RoundPlan,
+         start: dict[str, torch.Tensor], model: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
+    os.makedirs(where, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {f"start/{k}": v for k, v in start.items()}
+    tensors.update({f"model/{k}": v for k, v in model.items()})
+    for idx, st in optimizer["state"].items():
+        for name, t in st.items():
+            tensors[f"opt/{idx}/{name}"] = t
+    write_tensors(os.path.join(where, TENSORS), tensors)
+    meta = {"run": run, "round": round, "step": step, "steps": steps, "edge": edge, "last_round": last_round,
+            "plan": plan.to_wire(), "param_groups": optimizer["param_groups"], "sha256": state_sha256(tensors)}
+    tmp = os.path.join(where, META + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(where, META))
+
+
+def load(where: str) -> Saved | None:
+    path = os.path.join(where, META)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        tensors, _ = read_tensors(os.path.join(where, TENSORS))
+        if state_sha256(tensors) != meta["sha256"]:
+            raise ValueError("the tensors do not match state.json")
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt/"):
+                _, idx, name = k.split("/", 2)
+                state.setdefault(int(idx), {})[name] = v
+        return Saved(run=str(meta["run"]), round=int(meta["round"]), step=int(meta["step"]),
+                     steps=int(meta["steps"]), edge=str(meta["edge"]), last_round=int(meta["last_round"]),
+                     plan=RoundPlan.from_wire(meta["plan"]),
+                     start={k[6:]: v for k, v in tensors.items() if k.startswith("start/")},
+                     model={k[6:]: v for k, v in tensors.items() if k.startswith("model/")},
+                     optimizer={"state": state, "param_groups": meta["param_groups"]})
+    except (OSError, ValueError, KeyError, TypeError, TensorFileError, Exception) as exc:  # noqa: BLE001
+        log.warning("device checkpoint in %s cannot be used: %s", where, exc)
+        return None
+
+
+def clear(where: str) -> None:
+    for name in (META, TENSORS):
+        try:
+            os.remove(os.path.join(where, name))
+        except FileNotFoundError:
+            pass
