@@ -3,38 +3,21 @@
 Starts the central, every edge and every device of the config as separate processes,
 waits for the run to end, and stops every process it started: when the run ends, on
 Ctrl-C or SIGTERM, or as soon as one of them dies (naming it and showing the end of its
-log). Prints where the results are.
+log) unless ``faults.on_death = "restart"`` (or ``--chaos``) starts it again. Prints where
+the results are. The supervision itself is ``common.supervisor``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import signal
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 
 from central import checkpoint
 from common.config import Config, load_config
 from common.errors import ConfigError
-
-POLL_S = 0.2
-# After the central exits, edges and devices get this long to follow its Shutdown.
-DRAIN_S = 30.0
-# SIGTERM first; SIGKILL whoever is still there after this long.
-KILL_AFTER_S = 5.0
-
-
-@dataclass
-class Child:
-    name: str
-    role: str
-    proc: subprocess.Popen
-    log_path: str | None
-
+from common.supervisor import Child, LocalSpawner, Policy, Supervisor, stop_all
 
 def command(role: str, cfg_path: str, name: str, overrides: list[str], resume: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", role, "--config", cfg_path]
@@ -47,155 +30,18 @@ def command(role: str, cfg_path: str, name: str, overrides: list[str], resume: s
     return cmd
 
 
-def fresh_path(path: str) -> str:
-    """``path``, or ``stem.1.ext``, ``stem.2.ext``... : a file of an earlier process life
-    (a resumed run) is never overwritten."""
-    stem, ext = os.path.splitext(path)
-    n = 0
-    while os.path.exists(path):
-        n += 1
-        path = f"{stem}.{n}{ext}"
-    return path
-
-
-def start_all(cfg: Config, cfg_path: str, overrides: list[str], log_dir: str,
-              resume: str | None = None) -> list[Child]:
+def children_of(cfg: Config, cfg_path: str, overrides: list[str], log_dir: str, run_dir: str,
+                resume_now: bool) -> list[Child]:
+    """Central first (its progress goes to our terminal), then the edges and devices."""
     os.makedirs(log_dir, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    children = []
     plan = [("central", "central")] + [("edge", e) for e in sorted(cfg.edges)] + \
            [("device", d) for d in cfg.device_names]
+    out = []
     for role, name in plan:
-        if role == "central":
-            out, log_path = None, None  # the central's progress goes to our terminal
-        else:
-            log_path = fresh_path(os.path.join(log_dir, f"{name}.log"))
-            out = open(log_path, "wb")
-        proc = subprocess.Popen(command(role, cfg_path, name, overrides, resume), stdout=out,
-                                stderr=subprocess.STDOUT if out else None, env=env, start_new_session=True)
-        if out:
-            out.close()
-        children.append(Child(name, role, proc, log_path))
-    return children
-
-
-def stop_all(children: list[Child]) -> None:
-    """SIGTERM every child still running, then SIGKILL the ones that do not exit."""
-    for c in children:
-        if c.proc.poll() is None:
-            c.proc.terminate()
-    deadline = time.monotonic() + KILL_AFTER_S
-    for c in children:
-        left = max(0.0, deadline - time.monotonic())
-        try:
-            c.proc.wait(timeout=left)
-        except subprocess.TimeoutExpired:
-            c.proc.kill()
-            c.proc.wait()
-
-
-def tail(path: str | None, lines: int = 15) -> str:
-    if not path or not os.path.exists(path):
-        return ""
-    with open(path, "rb") as f:
-        text = f.read().decode(errors="replace")
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class Supervisor:
-    """Waits for the central and applies ``faults.on_death`` to every other death: ``stop``
-    tears the testbed down naming the dead one; ``restart`` starts it again with backoff,
-    at most ``faults.max_restarts`` times per process (the central with ``--resume``).
-    ``chaos``: every so often (SECONDS x 0.5..1.5) SIGKILL a random running role, at most
-    ``chaos_max`` times: a soak test of crash recovery."""
-
-    def __init__(self, children: list[Child], *, cfg: Config, cfg_path: str, overrides: list[str], log_dir: str,
-                 run_dir: str, chaos_s: float = 0.0, chaos_max: int = 0, chaos_seed: int = 0) -> None:
-        self.children = children
-        self.cfg, self.cfg_path, self.overrides, self.log_dir = cfg, cfg_path, overrides, log_dir
-        self.run_dir = run_dir
-        self.policy = "restart" if chaos_s else cfg.faults["on_death"]
-        self.max_restarts = cfg.faults["max_restarts"]
-        self.restarts: dict[str, int] = {}
-        self.chaos_s, self.chaos_max = chaos_s, chaos_max
-        self.rng = random.Random(chaos_seed)
-        self.kills = 0
-        self.next_kill = self._next_kill(time.monotonic())
-
-    def _next_kill(self, now: float) -> float:
-        return now + self.chaos_s * self.rng.uniform(0.5, 1.5) if self.chaos_s else float("inf")
-
-    def _restart(self, c: Child) -> bool:
-        n = self.restarts.get(c.name, 0)
-        if self.policy != "restart" or n >= self.max_restarts:
-            return False
-        self.restarts[c.name] = n + 1
-        time.sleep(min(2.0, 0.2 * 2 ** n))
-        # the central goes on from its checkpoint; one that died before writing any starts again
-        resume = self.run_dir if c.role == "central" and checkpoint.exists(self.run_dir) else None
-        out = None
-        log_path = c.log_path
-        if c.role != "central":
-            log_path = fresh_path(os.path.join(self.log_dir, f"{c.name}.log"))
-            out = open(log_path, "wb")
-        c.proc = subprocess.Popen(command(c.role, self.cfg_path, c.name, self.overrides, resume), stdout=out,
-                                  stderr=subprocess.STDOUT if out else None, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                  start_new_session=True)
-        if out:
-            out.close()
-        c.log_path = log_path
-        print(f"launch: started {c.role} {c.name} again (pid {c.proc.pid}; restart {n + 1} of {self.max_restarts})",
-              file=sys.stderr, flush=True)
-        return True
-
-    def _chaos(self) -> None:
-        now = time.monotonic()
-        if self.kills >= self.chaos_max or now < self.next_kill:
-            return
-        alive = [c for c in self.children if c.proc.poll() is None and
-                 self.restarts.get(c.name, 0) < self.max_restarts]
-        self.next_kill = self._next_kill(now)
-        if not alive:
-            return
-        victim = self.rng.choice(alive)
-        self.kills += 1
-        print(f"launch: chaos: killing {victim.role} {victim.name} (pid {victim.proc.pid}); kill {self.kills} of "
-              f"{self.chaos_max}", file=sys.stderr, flush=True)
-        try:
-            os.kill(victim.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def run(self) -> int:
-        """Wait for the central; returns the launcher's exit status."""
-        central = self.children[0]
-        while True:
-            self._chaos()
-            status = central.proc.poll()
-            if status is not None:
-                if status < 0 and self._restart(central):  # killed by a signal: resume it
-                    continue
-                break
-            for c in self.children[1:]:
-                code = c.proc.poll()
-                if code not in (None, 0):
-                    print(f"launch: {c.role} {c.name} (pid {c.proc.pid}) died with status {code}", file=sys.stderr)
-                    text = tail(c.log_path)
-                    if text:
-                        print(f"--- last lines of {c.log_path} ---\n{text}", file=sys.stderr)
-                    if self._restart(c):
-                        continue
-                    print("launch: stopping the testbed", file=sys.stderr)
-                    return 1
-            time.sleep(POLL_S)
-        deadline = time.monotonic() + DRAIN_S
-        while time.monotonic() < deadline and any(c.proc.poll() is None for c in self.children):
-            time.sleep(POLL_S)
-        failed = [c for c in self.children[1:] if c.proc.poll() not in (None, 0)]
-        for c in failed:
-            print(f"launch: {c.role} {c.name} exited with status {c.proc.returncode} (log: {c.log_path})",
-                  file=sys.stderr)
-        return status if status != 0 else (1 if failed else 0)
+        def argv(resume: bool, _role=role, _name=name) -> list[str]:
+            return command(_role, cfg_path, _name, overrides, run_dir if (resume or resume_now) else None)
+        out.append(Child(name, role, argv, None if role == "central" else log_dir))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,13 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
-    children: list[Child] = []
+    log_dir = os.path.join(run_dir, "logs")
+    children = children_of(cfg, args.config, overrides, log_dir, run_dir, bool(args.resume))
+    policy = Policy(on_death="restart" if args.chaos else cfg.faults["on_death"],
+                    max_restarts=cfg.faults["max_restarts"], chaos_s=args.chaos, chaos_max=args.chaos_max,
+                    chaos_seed=args.chaos_seed, can_resume=lambda: checkpoint.exists(run_dir))
+    sup = Supervisor(children, LocalSpawner(), policy, say="launch")
     try:
-        log_dir = os.path.join(run_dir, "logs")
-        children = start_all(cfg, args.config, overrides, log_dir, args.resume and run_dir)
-        status = Supervisor(children, cfg=cfg, cfg_path=args.config, overrides=overrides, log_dir=log_dir,
-                            run_dir=run_dir, chaos_s=args.chaos, chaos_max=args.chaos_max,
-                            chaos_seed=args.chaos_seed).run()
+        sup.start_all()
+        status = sup.run()
     except KeyboardInterrupt:
         print("launch: interrupted; stopping every process", file=sys.stderr)
         status = 130

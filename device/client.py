@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 
 import torch
@@ -76,6 +77,16 @@ class DeviceClient:
                     resume = (saved, reply.resume_step)
                     self.events.emit("resumed_from_disk", round=saved.round, step=saved.step,
                                      resume_step=reply.resume_step, how=reply.how)
+                    try:
+                        age = time.time() - os.path.getmtime(os.path.join(self.state_dir, disk.META))
+                    except OSError:
+                        age = 0.0
+                    self.link.report(m.FaultReport(
+                        kind="restarted", process=self.name, peer=self.link.edge, round=saved.round,
+                        step=reply.resume_step, detail=f"process started again; checkpoint of step {saved.step} "
+                        f"(written {age:.1f} s before), the edge went on from step {reply.resume_step} ({reply.how})",
+                        detected_s=0.0, down_s=round(age, 3), replayed=0,
+                        recovery="disk checkpoint" if reply.resume_step else "restart", samples_lost=0))
                 else:
                     if reply.action == "done" and reply.run_name == saved.run:
                         self.link.last_round = max(self.link.last_round, saved.round)

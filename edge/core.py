@@ -369,6 +369,14 @@ class EdgeCore:
         info = self.current
         self._reply(e, action="wait", how="join")
         if info is not None and self._takes_part(e.device, info.round) and e.last_round < info.round:
+            old = e.session
+            if old is not None and old.round == info.round and old.step > 0:
+                # a device process started again with nothing: its round again from the start
+                self.central.send(m.FaultReport(kind="restarted", process=e.device, peer=self.name, round=info.round,
+                                                step=old.step, detail="the device process started again without "
+                                                "a checkpoint: its round again from the round's weights",
+                                                detected_s=0.0, down_s=0.0, replayed=old.step, recovery="restart",
+                                                samples_lost=0))
             if e.state is S.PULLING:
                 e.pull_token = 0  # the fetch no longer counts
             e.pending = None

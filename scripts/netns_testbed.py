@@ -50,15 +50,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from central import checkpoint
 from common.config import Config, load_config
 from common.errors import ConfigError
+from common.supervisor import Child, NetnsSpawner, Policy, Supervisor, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = "bb"
 IP_TIMEOUT_S = 20.0        # one ip/tc/bridge call; they take milliseconds
-DRAIN_S = 30.0             # after the central exits, the others get this long to follow its Shutdown
-KILL_AFTER_S = 5.0         # SIGTERM, then SIGKILL whoever is still there
-POLL_S = 0.2
 # tbf needs a bucket of at least one timer tick of traffic at its rate (4 ms at HZ=250), and
 # a few full-size segments at low rates, or it cannot reach the rate it is given.
 MIN_BURST_BYTES = 32 * 1024
@@ -267,74 +266,9 @@ def probe() -> str | None:
 
 # -- processes ----------------------------------------------------------------------------
 
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    log: Path | None
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
-
-
-def start_in(ns: str, name: str, argv: list[str], log: Path | None) -> Child:
-    """Start ``argv`` in namespace ``ns``, output to ``log`` (None: our own stdout)."""
-    out = open(log, "wb") if log else None
-    try:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT if out else None, env=_env(), start_new_session=True)
-    finally:
-        if out:
-            out.close()
-    return Child(name, proc, log)  # `ip netns exec` execs the command: this PID is the role's
-
-
 def role_argv(role: str, name: str, config: str, overrides: list[str]) -> list[str]:
     argv = [sys.executable, "-m", role, "--config", config] + (["--name", name] if role != "central" else [])
     return argv + [a for o in overrides for a in ("--set", o)]
-
-
-def stop(children: list[Child]) -> None:
-    for c in children:
-        if c.proc.poll() is None:
-            c.proc.terminate()
-    deadline = time.monotonic() + KILL_AFTER_S
-    for c in children:
-        try:
-            c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            c.proc.kill()
-            c.proc.wait(timeout=KILL_AFTER_S)
-
-
-def _tail(path: Path | None, lines: int = 15) -> str:
-    if path is None:
-        return "(on the terminal)"
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def supervise(central: Child, others: list[Child]) -> int:
-    """Wait for the central; then every other process (the driver too) must end with 0."""
-    while central.proc.poll() is None:
-        for c in others:
-            if c.proc.poll() not in (None, 0):
-                print(f"netns: {c.name} (pid {c.proc.pid}) died with status {c.proc.returncode}; stopping\n"
-                      f"--- last lines of {c.log} ---\n{_tail(c.log)}", file=sys.stderr)
-                return 1
-        time.sleep(POLL_S)
-    deadline = time.monotonic() + DRAIN_S
-    while time.monotonic() < deadline and any(c.proc.poll() is None for c in others):
-        time.sleep(POLL_S)
-    failed = [c for c in others if c.proc.poll() != 0]
-    for c in failed:
-        how = "is still running" if c.proc.returncode is None else f"exited with status {c.proc.returncode}"
-        print(f"netns: {c.name} {how} after the run (log: {c.log})", file=sys.stderr)
-    return central.proc.returncode or (1 if failed else 0)
 
 
 # -- moves --------------------------------------------------------------------------------
@@ -425,19 +359,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"netns: built {len(p.namespaces)} namespaces in {time.monotonic() - t0:.1f} s; links in Mbit/s "
               f"(0 = unshaped): {devices}; uplinks {cfg.links['edge_mbit']:g}; central {cfg.links['central_mbit']:g}",
               flush=True)
-        for h in p.hosts.values():  # the central's progress goes to our terminal, like central.launch's
-            log = None if h.role == "central" else run_dir / "logs" / f"{h.name}.log"
-            children.append(start_in(h.ns, h.name, role_argv(h.role, h.name, args.config, role_overrides), log))
+        logs = str(run_dir / "logs")
+        hosts = sorted(p.hosts.values(), key=lambda h: h.role != "central")  # the central first
+        for h in hosts:  # the central's progress goes to our terminal, like central.launch's
+            def argv(resume: bool, _h=h) -> list[str]:
+                return role_argv(_h.role, _h.name, args.config, role_overrides) + \
+                    (["--resume", str(run_dir)] if resume else [])
+            children.append(Child(h.name, h.role, argv, None if h.role == "central" else logs))
         if cfg.moves:
             driver = [sys.executable, "-m", "scripts.netns_testbed", "_drive", "--config", args.config,
                       "--state", str(state_path), "--record", str(record)]
-            children.append(start_in(p.hosts["central"].ns, "driver",
-                                     driver + [a for o in overrides_all for a in ("--set", o)],
-                                     run_dir / "logs" / "netns-driver.log"))
+            driver += [a for o in overrides_all for a in ("--set", o)]
+            children.append(Child("netns-driver", "driver", lambda resume, _d=driver: _d, logs, restartable=False))
+        ns_of = {h.name: h.ns for h in p.hosts.values()} | {"netns-driver": p.hosts["central"].ns}
+        sup = Supervisor(children, NetnsSpawner(lambda c: ns_of[c.name], extra_path=str(ROOT)),
+                         Policy(on_death=cfg.faults["on_death"], max_restarts=cfg.faults["max_restarts"],
+                                can_resume=lambda: checkpoint.exists(str(run_dir))), say="netns")
+        sup.start_all()
         state["pids"] = {c.name: c.proc.pid for c in children}
         state_path.write_text(json.dumps(state, indent=2))
-        central = next(c for c in children if c.name == "central")
-        status = supervise(central, [c for c in children if c is not central])
+        status = sup.run()
     except KeyboardInterrupt:
         print("netns: interrupted; stopping every process and deleting the namespaces", file=sys.stderr)
         status = 130
@@ -446,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave half a network
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop(children)
+        stop_all(children)
         state["stray_pids_killed"] = teardown(p.namespaces)
         if record.exists():
             state["rewires"] = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -162,3 +163,37 @@ def test_garbage_and_strangers_lose_their_connection_not_the_run(tmp_path):
         bed.stop()
     events = next((tmp_path / "runs").glob("*/events-edge1.jsonl")).read_text()
     assert '"protocol_error"' in events and '"refused"' in events
+
+
+def test_on_death_restart_brings_a_killed_edge_back_and_stop_names_it(tmp_path):
+    """faults.on_death: "restart" starts a SIGKILLed edge again (the run finishes), "stop"
+    tears the testbed down naming it. The launcher's log says which."""
+    import signal as _signal
+
+    import psutil
+    for policy in ("restart", "stop"):
+        cfg = write_config(tmp_path / policy, edges=2, devices=2, rounds=3, samples_per_device=200, batch_size=25,
+                           extra={"faults": {"on_death": policy, "heartbeat_s": 0.2, "dead_after_s": 1.0},
+                                  "devices.device1": {"slowdown": 20}})
+        proc = subprocess.Popen([sys.executable, "-m", "central.launch", "--config", str(cfg)], cwd=ROOT, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            edge = None
+            while edge is None:
+                assert time.monotonic() < deadline and proc.poll() is None
+                kids = psutil.Process(proc.pid).children()
+                edge = next((k for k in kids if "edge2" in " ".join(k.cmdline())), None)
+                if edge is None or not list((tmp_path / policy / "runs").glob("*/events-edge2.jsonl")):
+                    edge = None
+                    time.sleep(0.1)
+            time.sleep(1.0)
+            os.kill(edge.pid, _signal.SIGKILL)
+            out, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc)
+        if policy == "restart":
+            assert proc.returncode == 0 and "started edge edge2 again" in err, err[-2000:]
+        else:
+            assert proc.returncode == 1 and "edge edge2" in err and "stopping the testbed" in err, err[-2000:]
