@@ -391,21 +391,30 @@ def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move
     unknown = sorted(set(mobility) - {"moves", "drops"})
     if unknown:
         raise ConfigError(f"mobility.{unknown[0]}", "is not a known key", "use [[mobility.moves]] or [[mobility.drops]]")
-    given = mobility.get("moves", [])
+    return _mobility_list(mobility, "moves", Move, MOVE_KEYS, edges, devices, rounds)
+
+
+def _mobility_list(mobility: dict, kind: str, cls: type, schema: dict, edges: dict, devices: dict,
+                   rounds: int) -> tuple[Any, ...]:
+    """``[[mobility.<kind>]]`` tables as ``cls`` objects, each naming a device, an edge
+    (``to``; a drop may leave it out) and a round of this testbed; sorted by (round, at)."""
+    given = mobility.get(kind, [])
     if not isinstance(given, list):
-        raise ConfigError("mobility.moves", "must be an array of tables", "write each move as [[mobility.moves]]")
-    moves = []
+        raise ConfigError(f"mobility.{kind}", "must be an array of tables", f"write each as [[mobility.{kind}]]")
+    out = []
     for i, t in enumerate(given):
-        where = f"mobility.moves[{i}]"
-        mv = Move(**_table(where, t, MOVE_KEYS))
-        if mv.device not in devices:
-            raise ConfigError(f"{where}.device", f"{mv.device!r} is not a device", f"use one of: {', '.join(sorted(devices))}")
-        if mv.to not in edges:
-            raise ConfigError(f"{where}.to", f"{mv.to!r} is not an edge", f"use one of: {', '.join(sorted(edges))}")
-        if mv.round > rounds:
-            raise ConfigError(f"{where}.round", f"round {mv.round} is after the last round ({rounds})", f"use 1 to {rounds}")
-        moves.append(mv)
-    return tuple(sorted(moves, key=lambda mv: (mv.round, mv.at, mv.device)))
+        where = f"mobility.{kind}[{i}]"
+        item = cls(**_table(where, t, schema))
+        if item.device not in devices:
+            raise ConfigError(f"{where}.device", f"{item.device!r} is not a device",
+                              f"use one of: {', '.join(sorted(devices))}")
+        if (item.to or kind == "moves") and item.to not in edges:
+            raise ConfigError(f"{where}.to", f"{item.to!r} is not an edge", f"use one of: {', '.join(sorted(edges))}")
+        if item.round > rounds:
+            raise ConfigError(f"{where}.round", f"round {item.round} is after the last round ({rounds})",
+                              f"use 1 to {rounds}")
+        out.append(item)
+    return tuple(sorted(out, key=lambda x: (x.round, x.at, x.device)))
 
 
 def _check_timeline(moves: tuple[Move, ...], drops: tuple["Drop", ...], devices: dict) -> None:
@@ -422,18 +431,4 @@ def _check_timeline(moves: tuple[Move, ...], drops: tuple["Drop", ...], devices:
 
 
 def _drops(mobility: dict, edges: dict, devices: dict, rounds: int) -> tuple[Drop, ...]:
-    given = mobility.get("drops", [])
-    if not isinstance(given, list):
-        raise ConfigError("mobility.drops", "must be an array of tables", "write each drop as [[mobility.drops]]")
-    drops = []
-    for i, t in enumerate(given):
-        where = f"mobility.drops[{i}]"
-        d = Drop(**_table(where, t, DROP_KEYS))
-        if d.device not in devices:
-            raise ConfigError(f"{where}.device", f"{d.device!r} is not a device", f"use one of: {', '.join(sorted(devices))}")
-        if d.to and d.to not in edges:
-            raise ConfigError(f"{where}.to", f"{d.to!r} is not an edge", f"use one of: {', '.join(sorted(edges))}, or leave it out")
-        if d.round > rounds:
-            raise ConfigError(f"{where}.round", f"round {d.round} is after the last round ({rounds})", f"use 1 to {rounds}")
-        drops.append(d)
-    return tuple(sorted(drops, key=lambda d: (d.round, d.at, d.device)))
+    return _mobility_list(mobility, "drops", Drop, DROP_KEYS, edges, devices, rounds)

@@ -50,6 +50,7 @@ class DeviceClient:
         # steps, in memory, so that the round can go back to a step its edge's buddy holds
         self.checkpoint_steps = cfg.faults["checkpoint_steps"] if self.mode == "fedfly" else 0
         self.state_dir = disk.folder(cfg.run["out"], name)
+        self.writer = disk.Writer(self.state_dir) if self.checkpoint_steps else None
         self._round_ctx: tuple[RoundPlan, dict[str, torch.Tensor]] | None = None
         self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
         self.throttle_s = 0.0
@@ -92,7 +93,7 @@ class DeviceClient:
                         self.link.last_round = max(self.link.last_round, saved.round)
                     self.events.emit("checkpoint_unused", round=saved.round, step=saved.step, action=reply.action,
                                      how=reply.how, run=saved.run)
-                    disk.clear(self.state_dir)
+                    self.writer.clear()
             work: m.DeviceRound | None = None
             while True:
                 if resume is not None:
@@ -107,7 +108,8 @@ class DeviceClient:
                 work = self._train_round(work)
         except RunOver as exc:
             self.events.emit("shutdown", reason=str(exc))
-            disk.clear(self.state_dir)
+            if self.writer is not None:
+                self.writer.clear()
             return 0
         except (EdgeUnreachable, TransportError, ProtocolError) as exc:
             log.error("%s: %s", self.name, exc)
@@ -167,8 +169,8 @@ class DeviceClient:
                 train_seconds = time.perf_counter() - t0
                 self.link.finish(m.DeviceDone(round=r, samples=len(self.x), steps=steps, train_seconds=train_seconds,
                                               weights=dict(model.state_dict())))
-                if self.checkpoint_steps:
-                    disk.clear(self.state_dir)  # the round's update is taken: nothing to go back to
+                if self.writer is not None:
+                    self.writer.clear()  # the round's update is taken: nothing to go back to
                 self.events.emit("round_done", round=r, steps=steps, train_seconds=train_seconds, restarts=restarts,
                                  edge=self.link.edge, compute_seconds=self.compute_s,
                                  throttle_seconds=self.throttle_s)
@@ -205,12 +207,12 @@ class DeviceClient:
                            copy.deepcopy(opt.state_dict()))
             for old in sorted(c for c in ckpts if c)[:-self.KEEP]:
                 del ckpts[old]
-            if self._round_ctx is not None and self.link.run_name:
+            if self.writer is not None and self._round_ctx is not None and self.link.run_name:
                 plan, start = self._round_ctx
                 w = self.link.where
-                disk.save(self.state_dir, run=self.link.run_name, round=plan.round, step=step, steps=w.steps,
-                          edge=self.link.edge, last_round=self.link.last_round, plan=plan, start=start,
-                          model=ckpts[step][0], optimizer=ckpts[step][1])
+                self.writer.submit(run=self.link.run_name, round=plan.round, step=step, steps=w.steps,
+                                   edge=self.link.edge, last_round=self.link.last_round, plan=plan, start=start,
+                                   model=ckpts[step][0], optimizer=ckpts[step][1])
         else:
             ckpts[0] = ({}, {})
         self.link.checkpoints = sorted(ckpts)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,3 +106,51 @@ def clear(where: str) -> None:
             os.remove(os.path.join(where, name))
         except FileNotFoundError:
             pass
+
+
+class Writer:
+    """Writes a device's checkpoints on a thread of its own, so the training loop never
+    waits for the disk (fsync on a Pi's SD card takes tens of milliseconds). Only the
+    newest waiting checkpoint is written; ``clear`` cancels what waits and removes the
+    files, after a write in progress has ended (so nothing old comes back)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self._lock = threading.Lock()
+        self._pending: dict[str, Any] | None = None
+        self._wake = threading.Event()
+        self.written = 0
+        threading.Thread(target=self._run, name="checkpoint-writer", daemon=True).start()
+
+    def submit(self, **checkpoint: Any) -> None:
+        with self._lock:
+            self._pending = checkpoint
+        self._wake.set()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pending = None
+            clear(self.where)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until what was submitted is on disk (tests, and the end of a process)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._pending is None:
+                    return
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                job, self._pending = self._pending, None
+                if job is None:
+                    continue
+                try:
+                    save(self.where, **job)
+                    self.written += 1
+                except OSError as exc:
+                    log.warning("device checkpoint not written to %s: %s", self.where, exc)

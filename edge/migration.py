@@ -212,26 +212,34 @@ class Fetcher:
         outcome = PullOutcome(device=device, token=token, source=source, replica=True)
         try:
             with self.peers.exchange(source, device) as ex:
-                before = ex.link.conn.bytes_received
-                ex.send(m.ReplicaPull(device=device, round=round, steps=steps, target=self.name))
-                reply = ex.recv()
-                if isinstance(reply, m.PullRefused) and reply.device == device:
-                    outcome.refused = reply
-                elif isinstance(reply, m.SessionSnapshot) and reply.device == device:
-                    outcome.state_bytes = ex.link.conn.bytes_received - before
-                    session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum,
-                                                        expect_model=self.model, expect_split=self.split,
-                                                        spare=self.spare)
-                    if (session.device, session.round) != (device, round) or session.step not in steps:
-                        raise MigrationError(f"replica is {session.device} round {session.round} step "
-                                             f"{session.step}, expected {device} round {round} at one of {steps}")
-                    outcome.session = session
-                else:
-                    raise MigrationError(f"{source} answered a replica pull with {reply.TYPE}")
+                outcome.session = self._fetch(ex, outcome, m.ReplicaPull(device=device, round=round, steps=steps,
+                                                                         target=self.name),
+                                              lambda s: s.step in steps, f"round {round} at one of {steps}")[0]
         except Exception as exc:  # noqa: BLE001 - every failure is an outcome: the round again from its start
             outcome.error = f"replica of {device} from {source}: {type(exc).__name__}: {exc}"
         outcome.transfer_ms = (time.perf_counter() - t0) * 1000
         self.submit(outcome)
+
+    def _fetch(self, ex: PeerExchange, outcome: PullOutcome, request: m.Message, fits: Callable[[EdgeSession], bool],
+               expected: str) -> tuple[EdgeSession | None, str]:
+        """Send ``request``; the session the peer answers with, verified and rebuilt (and its
+        checksum), or (None, "") with ``outcome.refused`` set. Raises ``MigrationError``."""
+        device, round_ = outcome.device, request.round  # type: ignore[attr-defined]
+        before = ex.link.conn.bytes_received
+        ex.send(request)
+        reply = ex.recv()
+        if isinstance(reply, m.PullRefused) and reply.device == device:
+            outcome.refused = reply
+            return None, ""
+        if not (isinstance(reply, m.SessionSnapshot) and reply.device == device):
+            raise MigrationError(f"{outcome.source} answered {request.TYPE} with {reply.TYPE}")
+        outcome.state_bytes = ex.link.conn.bytes_received - before
+        session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum, expect_model=self.model,
+                                           expect_split=self.split, spare=self.spare)
+        if (session.device, session.round) != (device, round_) or not fits(session):
+            raise MigrationError(f"{outcome.source} sent {session.device} round {session.round} step "
+                                 f"{session.step}, expected {device} {expected}")
+        return session, reply.checksum
 
     def _drop_guarded(self, device: str, source: str, round: int) -> None:
         try:
@@ -244,32 +252,20 @@ class Fetcher:
         t0 = time.perf_counter()
         try:
             with self.peers.exchange(source, device) as ex:
-                before = ex.link.conn.bytes_received
-                ex.send(m.SessionPull(device=device, round=round, step=step, target=self.name))
-                reply = ex.recv()
-                if isinstance(reply, m.PullRefused) and reply.device == device:
-                    outcome.refused = reply
-                elif isinstance(reply, m.SessionSnapshot) and reply.device == device:
-                    outcome.state_bytes = ex.link.conn.bytes_received - before
-                    session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum,
-                                                        expect_model=self.model, expect_split=self.split,
-                                                        spare=self.spare)
-                    if (session.device, session.round) != (device, round) or not session.position_matches(step):
-                        raise MigrationError(f"snapshot is {session.device} round {session.round} step "
-                                             f"{session.step}, expected {device} round {round} step {step}")
+                session, checksum = self._fetch(ex, outcome, m.SessionPull(device=device, round=round, step=step,
+                                                                           target=self.name),
+                                                lambda s: s.position_matches(step), f"round {round} step {step}")
+                if session is not None:
                     outcome.session = session
                     outcome.transfer_ms = (time.perf_counter() - t0) * 1000
                     # The core answers the device now; the source is told in parallel.
                     self.submit(outcome)
-                    ex.send(m.SessionInstalled(device=device, round=round, step=session.step,
-                                               checksum=reply.checksum))
+                    ex.send(m.SessionInstalled(device=device, round=round, step=session.step, checksum=checksum))
                     done = ex.recv()
                     confirmed = isinstance(done, m.SessionReleased) and done.device == device
                     self.events.emit("handover_confirmed" if confirmed else "handover_unconfirmed", device=device,
                                      source=source, round=round, step=step)
                     return
-                else:
-                    raise MigrationError(f"{source} answered a pull with {reply.TYPE}")
         except (MigrationError, TransportError, ProtocolError, TimeoutError) as exc:
             if outcome.session is not None:  # the session is installed; only the confirmation failed
                 self.events.emit("handover_unconfirmed", device=device, source=source, round=round, step=step,

@@ -2,8 +2,8 @@
 
     python -m scripts.bench_replication [--quick | --full] [--out DIR]
 
-Cost. The same testbed (2 edges, 2 devices, one per edge, mode fedfly, VGG-5 split 3, 20
-steps a round) with ``faults.checkpoint_steps`` K = 0 (off), 1, 5 and 10, the runs
+Cost. The same testbed (2 edges, 2 devices, one per edge, mode fedfly, VGG-5 split 3, 40
+steps a round at the quick scale) with ``faults.checkpoint_steps`` K = 0 (off), 1, 5 and 10, the runs
 interleaved (K0, K1, K5, K10, K0, ...) so that a change in the machine's load hits every
 K alike. Training time is the central's round seconds after round 1 (a warm-up); the
 slowdown of K is its median over the median of K = 0.
@@ -31,7 +31,7 @@ from scripts import benchlib
 
 KS = (0, 1, 5, 10)
 # scale -> (samples per device, measured rounds, repetitions per K)
-SCALES = {"tiny": (200, 1, 1), "quick": (1000, 3, 2), "full": (2000, 6, 4)}
+SCALES = {"tiny": (200, 1, 1), "quick": (2000, 3, 3), "full": (4000, 6, 5)}
 BATCH = 50
 FAULTS = {"heartbeat_s": 0.5, "dead_after_s": 2.0, "device_grace_s": 20.0}
 
@@ -82,7 +82,7 @@ def recovery(out: Path, samples: int, rounds: int) -> dict[str, Any]:
             assert time.monotonic() < deadline and procs["central"].poll() is None, "the run ended too soon"
             try:
                 st = status(cfg, "device2", key=key)
-                if st.round == 2 and st.steps and st.step >= st.steps // 2:
+                if st.round == 2 and st.steps and st.step >= st.steps // 2 + 2:  # between two copies
                     break
             except Exception:  # noqa: BLE001 - not up yet
                 pass

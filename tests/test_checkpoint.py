@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from central import checkpoint
 from common.models import build_model, state_sha256
@@ -48,3 +49,29 @@ def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(tmp_path, damage):
         weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.load(str(tmp_path))
+
+
+def test_a_device_checkpoint_round_trips_and_a_cleared_one_stays_gone(tmp_path):
+    from common.training import make_optimizer
+    from device import state as disk
+    model = build_model("vgg5", seed=1)
+    opt = make_optimizer(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    plan = RoundPlan(round=3, lr=0.1, momentum=0.9, batch_size=2, local_epochs=1, participants=("device1",))
+    w = disk.Writer(str(tmp_path / "d1"))
+    w.submit(run="r", round=3, step=4, steps=8, edge="edge2", last_round=2, plan=plan,
+             start=dict(build_model("vgg5", seed=0).state_dict()), model=dict(model.state_dict()),
+             optimizer=opt.state_dict())
+    w.flush()
+    got = disk.load(str(tmp_path / "d1"))
+    assert got is not None and (got.run, got.round, got.step, got.edge, got.plan) == ("r", 3, 4, "edge2", plan)
+    assert state_sha256(got.model) == state_sha256(dict(model.state_dict()))
+    opt2 = make_optimizer(build_model("vgg5", seed=0).parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(got.optimizer)  # the momentum buffers come back
+    assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+               for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()))
+    (tmp_path / "d1" / disk.TENSORS).write_bytes(b"\0" * 64)  # damaged: not used
+    assert disk.load(str(tmp_path / "d1")) is None
+    w.clear()
+    assert disk.load(str(tmp_path / "d1")) is None and not list((tmp_path / "d1").iterdir())

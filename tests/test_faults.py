@@ -242,11 +242,11 @@ def test_silent_device_is_dropped_from_the_round_and_the_run_ends(tmp_path):
     assert dropped and dropped[0]["samples_lost"] == SAMPLES
 
 
-@pytest.mark.parametrize("how", ["sigstop", "sigkill"])
-def test_lost_edge_does_not_stop_the_run_and_loses_nothing(tmp_path, baseline, how):
+@pytest.mark.parametrize("how, mode", [("sigstop", "fedfly"), ("sigkill", "fedfly"), ("sigkill", "restart")])
+def test_lost_edge_does_not_stop_the_run_and_loses_nothing(tmp_path, baseline, how, mode):
     """An edge that goes silent or dies mid-round: its device reconnects to the other edge
     and does its round again there from the round's weights; the run finishes, exactly."""
-    cfg = _config(tmp_path, f"edge-{how}")
+    cfg = _config(tmp_path, f"edge-{how}-{mode}", mode=mode)
 
     def during(bed):
         _wait_status(cfg, "device2", _mid_round)
@@ -265,14 +265,16 @@ def test_lost_edge_does_not_stop_the_run_and_loses_nothing(tmp_path, baseline, h
     central = [f for f in summary["faults"] if f["process"] == "central" and f["peer"] == "edge2"]
     assert central and central[0]["kind"] == ("peer_silent" if how == "sigstop" else "edge_lost")
     device = [f for f in summary["faults"] if f["process"] == "device2"]
-    assert device and device[0]["recovery"] == "restart" and "edge1" in device[0]["detail"]
-    assert summary["devices"]["device2"]["edges"] == ["edge1", "edge1"]
+    # fedfly: the session died with the edge; restart: the mode never moves one (the round again)
+    assert device and device[0]["recovery"] == ("restart" if mode == "fedfly" else "fresh"), device
+    assert "edge1" in device[0]["detail"] and summary["devices"]["device2"]["edges"] == ["edge1", "edge1"]
 
 
-def test_restarted_device_rejoins_its_round_exactly(tmp_path, baseline):
+@pytest.mark.parametrize("mode", ["fedfly", "restart"])
+def test_restarted_device_rejoins_its_round_exactly(tmp_path, baseline, mode):
     """A device process killed mid-round and started again with the same name: its edge
     gives it the round again from the round's weights (within its grace): nothing lost."""
-    cfg = _config(tmp_path, "restartdev")
+    cfg = _config(tmp_path, f"restartdev-{mode}", mode=mode)
 
     def during(bed):
         _wait_status(cfg, "device1", _mid_round)
@@ -284,6 +286,8 @@ def test_restarted_device_rejoins_its_round_exactly(tmp_path, baseline):
     assert summary["status"] == "finished"
     assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
     assert summary["final_model_sha256"] == baseline
+    again = [f for f in summary["faults"] if f["kind"] == "restarted" and f["process"] == "device1"]
+    assert again and again[0]["recovery"] == "restart" and again[0]["replayed"] >= 1, summary["faults"]
 
 
 def test_a_lost_gradient_is_answered_by_the_edge_the_controller_sends_the_device_to(tmp_path, baseline):
