@@ -8,7 +8,8 @@ and ends with a table of the issue's goals.
 ``--quick`` (the default) takes minutes on a 2-core machine; ``--full`` runs the paper's
 scale (100 rounds of CIFAR-10 for the accuracy benchmark, thousands of samples per device
 elsewhere) and takes many hours (see BENCHMARKS.md). Benchmarks, in order: codec, split,
-migration, sweep, accuracy, scale, faults (``--only``/``--skip`` take comma-separated names).
+migration, sweep, accuracy, scale, faults, replication (``--only``/``--skip`` take comma-separated
+names).
 
 Writes into DIR (default ``bench-results/<timestamp>/``): ``<name>/result.json`` per
 benchmark (with its testbed files and run folders beside it), ``results.json`` (all of
@@ -34,7 +35,7 @@ from typing import Any, Callable
 
 from scripts import benchlib
 
-NAMES = ("codec", "split", "migration", "sweep", "accuracy", "scale", "faults")
+NAMES = ("codec", "split", "migration", "sweep", "accuracy", "scale", "faults", "replication")
 
 
 def _module(name: str):
@@ -85,6 +86,12 @@ def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 f["detected_s"]["max"] <= f["dead_after_s"] + 1)
         add("final model with drops, reconnects and radio losses = without", "bit-identical"
             if f["identical_to_reference"] else "different", "bit-identical", f["identical_to_reference"])
+    if "replication" in results:
+        f = results["replication"]["figures"]
+        add("replication every 10 steps: training slowdown", f"{f['slowdown']['10'] * 100:+.1f}%", "< 3%",
+            f["slowdown"]["10"] < 0.03)
+        add("edge killed: final model = without the kill", "bit-identical" if f["recovery_identical"] else
+            "different", "bit-identical", f["recovery_identical"])
     return checks
 
 
