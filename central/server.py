@@ -67,6 +67,8 @@ class CentralServer:
         # devices last seen on an edge whose link to us is lost -> when it was lost: they
         # may be training still (only the edge's uplink broke); held for faults.central_grace_s
         self.orphans: dict[str, float] = {}
+        self.early: dict[tuple[str, int], tuple[str, m.DeviceUpdate]] = {}  # updates of a round not started yet
+        self.done_round = resume.round if resume is not None else 0      # the last round summed
         self.tracker: RoundTracker | None = None
         self.started = time.monotonic()
         self.spec = state_spec(cfg.model["name"])
@@ -188,7 +190,12 @@ class CentralServer:
     def _on_update(self, edge: str, msg: m.DeviceUpdate) -> None:
         tracker = self.tracker
         verdict = tracker.offer(msg.device, msg.round) if tracker is not None else "no round running"
-        if verdict == "take":
+        if verdict in ("no round running", "from the future") and msg.round > self.done_round:
+            # A round this central has not started yet (a resumed central, before its first
+            # round starts, gets the updates its edges kept): held for that round.
+            self.early[(msg.device, msg.round)] = (edge, msg)
+            self.events.emit("update_held", device=msg.device, edge=edge, round=msg.round)
+        elif verdict == "take":
             problem = self._check_update(msg)
             if problem:
                 self.results.add_failure({"round": msg.round, "device": msg.device, "edge": edge, "reason": problem})
@@ -312,6 +319,12 @@ class CentralServer:
             self.tracker = tracker
             self.registry.greeting = start
             self.registry.broadcast(start)
+            early, self.early = self.early, {}
+            for (_d, rnd), (edge, upd) in sorted(early.items()):
+                if rnd == r:
+                    self._on_update(edge, upd)
+                elif rnd > r:
+                    self.early[(_d, rnd)] = (edge, upd)
             absent = sorted(set(self.cfg.devices) - participants)
             for d in absent:
                 self._fault({"kind": "device_dropped", "process": "central", "peer": d, "round": r,
@@ -319,6 +332,7 @@ class CentralServer:
                              "samples_lost": self.shard_samples.get(d, 0)}, say=True)
             self._collect(tracker, t0 + self.cfg.run["round_timeout"])
             self.tracker = None
+            self.done_round = r
             seconds = time.monotonic() - t0
             updates = {d: u for d, u in tracker.updates.items()}
             order = sorted(updates)  # the fixed order of summation

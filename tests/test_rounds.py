@@ -188,3 +188,20 @@ def test_an_update_the_strategy_cannot_sum_is_refused_acknowledged_and_recorded(
                                             train_seconds=0.0, weights=ok)) == ""
     assert "its shard has 10" in srv._check_update(m.DeviceUpdate(
         round=1, device="device1", edge="edge1", samples=11, steps=1, train_seconds=0.0, weights=ok))
+
+
+def test_an_update_for_a_round_not_started_yet_is_held_and_taken_when_it_starts():
+    """A resumed central gets the updates its edges kept before it starts the round they
+    belong to: they are held, not ignored (else the round would wait for them forever)."""
+    cfg = config(rounds=1)
+    edges = FakeEdges(cfg.device_names, vanish={"device1"})  # device1's update arrives before the round
+    srv = server(cfg, edges)
+    srv._pump(0.0)
+    w0 = dict(build_model("vgg5", seed=0).state_dict())
+    srv._handle(EdgeMessage("edge1", m.DeviceUpdate(round=1, device="device1", edge="edge1", samples=10, steps=1,
+                                                    train_seconds=0.0, weights=w0)))
+    assert ("device1", 1) in srv.early
+    srv._wait_for_testbed()
+    srv._rounds(w0)
+    (r1,) = srv.results.summary["rounds"]
+    assert r1["missing"] == [] and r1["devices"] == ["device1", "device2"]
