@@ -190,7 +190,9 @@ class EdgeLink:
     def join(self) -> m.AttachReply:
         """The first attach, to the config's edge, retried while it is not up yet. A device
         started again while that edge is down (killed, or out of reach) does not wait for
-        it: after ``faults.device_grace_s`` it tries the other edges too."""
+        it for ever: after half of ``run.startup_timeout`` it tries the other edges too. (Not
+        sooner: at the testbed's start an edge may take that long to come up on a loaded
+        host, and a device must not start somewhere its config does not say.)"""
         t0 = time.monotonic()
         deadline = t0 + self.cfg.run["startup_timeout"]
         home = self.edge
@@ -199,7 +201,7 @@ class EdgeLink:
         others = edges[i + 1:] + edges[:i]
         backoff = BACKOFF_FIRST_S
         while True:
-            tried = [home] + (others if time.monotonic() - t0 >= self.faults["device_grace_s"] else [])
+            tried = [home] + (others if time.monotonic() - t0 >= self.cfg.run["startup_timeout"] / 2 else [])
             last: Exception | None = None
             for edge in tried:
                 try:

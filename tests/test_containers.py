@@ -199,7 +199,8 @@ def _wait(container: str, names: list[str]) -> None:
 
 def _check(summary: dict, cfg: RunConfig, expected_sha: str | None) -> None:
     assert summary["status"] == "finished" and len(summary["rounds"]) == SMALL["training"]["rounds"]
-    assert {(m["device"], m["to"]) for m in summary["migrations"]} == cfg.moves
+    assert {(m["device"], m["to"]) for m in summary["migrations"]} == cfg.moves, (summary["migrations"],
+                                                                                    summary["faults"])
     if expected_sha is not None:
         assert summary["final_model_sha256"] == expected_sha, "the container run trained differently from loopback"
 
