@@ -180,8 +180,13 @@ class Move:
 
     def step(self, steps_in_round: int) -> int:
         """The step boundary the move happens at: just before step floor(at * S)."""
-        # The epsilon keeps 0.29 x 100 (28.999999999999996 in binary) at step 29.
-        return math.floor(self.at * steps_in_round + 1e-9)
+        return boundary(self.at, steps_in_round)
+
+
+def boundary(at: float, steps_in_round: int) -> int:
+    """The step boundary at fraction ``at`` of a round: just before step floor(at * S)."""
+    # The epsilon keeps 0.29 x 100 (28.999999999999996 in binary) at step 29.
+    return math.floor(at * steps_in_round + 1e-9)
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,7 @@ class Drop:
     to: str = ""
 
     def step(self, steps_in_round: int) -> int:
-        return math.floor(self.at * steps_in_round + 1e-9)
+        return boundary(self.at, steps_in_round)
 
 
 @dataclass(frozen=True)

@@ -22,35 +22,42 @@ class MoveSource(Protocol):
         Each answer is given once."""
 
 
-class ScheduledMoves:
-    """``[[mobility.moves]]``: move before step floor(at x steps) of the round named."""
+class _Schedule:
+    """Items (``Move`` or ``Drop``) due at the step boundary floor(at x steps) of their
+    round; each is given once."""
 
-    def __init__(self, moves: Iterable[Move]) -> None:
-        self._moves = sorted(moves, key=lambda mv: (mv.round, mv.at))
-        self._done: set[Move] = set()
+    def __init__(self, items: Iterable) -> None:
+        self._items = sorted(items, key=lambda x: (x.round, x.at))
+        self._done: set = set()
 
-    def due(self, round: int, step: int, steps: int) -> str | None:
-        for mv in self._moves:
-            if mv.round == round and mv not in self._done and mv.step(steps) <= step:
-                self._done.add(mv)
-                return mv.to
+    def next_due(self, round: int, step: int, steps: int):
+        for x in self._items:
+            if x.round == round and x not in self._done and x.step(steps) <= step:
+                self._done.add(x)
+                return x
         return None
 
 
-class ScheduledDrops:
+class ScheduledMoves(_Schedule):
+    """``[[mobility.moves]]``: move before step floor(at x steps) of the round named."""
+
+    def __init__(self, moves: Iterable[Move]) -> None:
+        super().__init__(moves)
+
+    def due(self, round: int, step: int, steps: int) -> str | None:
+        mv = self.next_due(round, step, steps)
+        return mv.to if mv is not None else None
+
+
+class ScheduledDrops(_Schedule):
     """``[[mobility.drops]]``: a trace of radio losses, each at the step boundary
     floor(at x steps) of its round; each fires once."""
 
     def __init__(self, drops: Iterable[Drop]) -> None:
-        self._drops = sorted(drops, key=lambda d: (d.round, d.at))
-        self._done: set[Drop] = set()
+        super().__init__(drops)
 
     def due(self, round: int, step: int, steps: int) -> Drop | None:
-        for d in self._drops:
-            if d.round == round and d not in self._done and d.step(steps) <= step:
-                self._done.add(d)
-                return d
-        return None
+        return self.next_due(round, step, steps)
 
 
 class CommandedMoves:

@@ -23,11 +23,11 @@ survives must leave it bit for bit the same. From ``summary.json``: each fault's
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from common.config import boundary
 from scripts import benchlib
 
 # scale -> (samples per device, measured rounds)
@@ -70,7 +70,7 @@ def run(out: Path, scale: str) -> dict[str, Any]:
     ref = benchlib.launch_ok(ref_cfg, timeout=600 + 120 * measured)
     faults = [f for f in res.summary["faults"] if f.get("round", 0) > 1]
     steps = samples // BATCH
-    at_step = {math.floor(at * steps + 1e-9): k for at, k in ((0.2, "reconnect"), (0.4, "elsewhere"), (0.8, "silent"))}
+    at_step = {boundary(at, steps): k for at, k in ((0.2, "reconnect"), (0.4, "elsewhere"), (0.8, "silent"))}
     down: dict[str, list[float]] = {"reconnect": [], "elsewhere": [], "silent": []}
     for f in faults:
         if f["process"] == "device1" and f["step"] in at_step:
