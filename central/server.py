@@ -31,6 +31,7 @@ from common.errors import TransportError
 from common.events import EventLog
 from common.models import build_model, state_spec
 from common.plan import RoundPlan
+from common.security import Credentials
 from common.training import evaluate
 
 log = logging.getLogger("central")
@@ -46,12 +47,12 @@ class RunAborted(Exception):
 
 
 class CentralServer:
-    def __init__(self, cfg: Config, *, key: bytes, events: EventLog, run_name: str, run_dir: str,
+    def __init__(self, cfg: Config, *, creds: Credentials, events: EventLog, run_name: str, run_dir: str,
                  test_set: tuple[torch.Tensor, torch.Tensor], shard_samples: dict[str, int] | None = None,
                  strategy: Strategy | None = None, out=sys.stdout, registry: EdgeRegistry | None = None,
                  resume: checkpoint.Checkpoint | None = None) -> None:
         self.cfg = cfg
-        self.key = key
+        self.creds = creds
         self.events = events
         self.run_name = run_name
         self.test_x, self.test_y = test_set
@@ -236,7 +237,7 @@ class CentralServer:
     def run(self) -> int:
         c = self.cfg.central
         try:
-            listener = transport.Listener(c.listen_host, c.port, key=self.key, handler=self.registry.serve,
+            listener = transport.Listener(c.listen_host, c.port, creds=self.creds, handler=self.registry.serve,
                                           name="central", handshake_timeout=self.faults["dead_after_s"],
                                           on_reject=lambda p, e: self.events.emit("refused", peer=p,
                                                                                   detail=str(e)[:200])).start()

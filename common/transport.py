@@ -1,10 +1,10 @@
-"""Framed, authenticated connections: moves bytes between a ``ByteStream`` and the codec.
+"""Framed, secured connections: moves bytes between a ``ByteStream`` and the codec.
 
 ``OSError`` is translated once, in ``common.stream``: a peer that goes away raises
 ``ConnectionClosed``; one that says nothing within its deadline raises ``PeerSilent`` (a
 ``ConnectionClosed``); garbage raises ``RemoteProtocolError`` from the codec. Every
-connection is authenticated (``auth``) before its first frame is read, under one deadline
-for the whole handshake.
+connection is secured (``common.security``: TLS, or the shared key with a MAC on every
+record) before its first frame is read, under one deadline for the whole handshake.
 
 Liveness. A ``Connection`` may carry two deadlines: ``idle_timeout`` (the peer must send
 something, a heartbeat at least, this often) and ``send_timeout`` (the peer must take
@@ -20,10 +20,11 @@ import threading
 import time
 from typing import Callable
 
-from common import auth, codec
+from common import codec
 from common import messages as m
-from common.errors import (AuthenticationError, ConnectionClosed, LocalProtocolError, PeerSilent, ProtocolError,
+from common.errors import (ConnectionClosed, LocalProtocolError, PeerSilent, ProtocolError,
                            TransportError)
+from common.security import Credentials, Identity
 from common.stream import ByteStream, SocketStream
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,16 @@ class Connection:
     """One authenticated, framed connection. ``send`` is safe from several threads;
     ``recv`` is meant for one reader thread."""
 
-    def __init__(self, stream: ByteStream | socket.socket, *, peer: str = "?",
+    def __init__(self, stream: ByteStream | socket.socket, *, peer: str = "?", identity: Identity | None = None,
                  max_payload: int = codec.DEFAULT_MAX_PAYLOAD_BYTES, idle_timeout: float | None = None,
                  send_timeout: float | None = None) -> None:
         if isinstance(stream, socket.socket):
             stream = SocketStream(stream)
         self.stream = stream
         self.peer = peer
+        # Who the peer proved to be (its certificate); None in the shared-key mode, where
+        # any holder of the key is trusted as anyone (``security.allowed``).
+        self.identity = identity
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self._decoder = codec.FrameDecoder(max_payload=max_payload)
@@ -162,69 +166,21 @@ class Connection:
         return self._closed
 
 
-def _receive_exact(stream: ByteStream, n: int, peer: str, deadline: float) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise PeerSilent(f"{peer} did not complete the handshake in time")
-        try:
-            k = stream.receive_into(view[got:], left)
-        except TimeoutError:
-            raise PeerSilent(f"{peer} did not complete the handshake in time") from None
-        if k == 0:
-            raise ConnectionClosed(f"{peer} closed the connection during the handshake")
-        got += k
-    return bytes(buf)
-
-
 def _tune(sock: socket.socket) -> None:
     # Small control messages must not wait for Nagle's algorithm: every step is a round trip.
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def client_handshake(stream: ByteStream, *, key: bytes, peer: str, timeout: float) -> None:
-    """The client side of ``auth``'s handshake over ``stream``, all within ``timeout``.
-    Raises ``AuthenticationError`` if the server lacks the key or rejects ours (both
-    final), ``ConnectionClosed`` if the connection broke (worth another try)."""
-    deadline = time.monotonic() + timeout
-    hello, client_nonce = auth.client_hello()
-    stream.send_all([hello], timeout)
-    challenge = _receive_exact(stream, auth.SERVER_CHALLENGE_BYTES, peer, deadline)
-    stream.send_all([auth.client_response(key, client_nonce, challenge)], timeout)
-    accepted = _receive_exact(stream, 1, peer, deadline)
-    if accepted != auth.ACCEPT:
-        raise AuthenticationError(f"{peer} did not accept our key (a different key?)")
-
-
-def server_handshake(stream: ByteStream, *, key: bytes, peer: str, timeout: float) -> None:
-    """The server side, all within ``timeout``. Raises ``AuthenticationError``,
-    ``PeerSilent`` (too slow) or ``ConnectionClosed``."""
-    deadline = time.monotonic() + timeout
-    hello = _receive_exact(stream, auth.CLIENT_HELLO_BYTES, peer, deadline)
-    reply, client_nonce, server_nonce = auth.server_challenge(key, hello)
-    stream.send_all([reply], timeout)
-    try:
-        auth.server_verify(key, client_nonce, server_nonce, _receive_exact(stream, auth.MAC_BYTES, peer, deadline))
-    except AuthenticationError:
-        try:
-            stream.send_all([auth.REJECT], 1.0)
-        except (ConnectionClosed, PeerSilent):
-            pass
-        raise
-    stream.send_all([auth.ACCEPT], timeout)
-
-
-def connect(host: str, port: int, *, key: bytes, peer: str, timeout: float = 10.0, retry_for: float = 0.0,
-            idle_timeout: float | None = None, send_timeout: float | None = None) -> Connection:
-    """Open a TCP connection to ``host:port`` and authenticate, within ``timeout`` for the
-    connect and ``timeout`` for the handshake. Retries refused connections for up to
-    ``retry_for`` seconds (peers start in any order). Raises ``ConnectionClosed`` if nobody
-    answers (``PeerSilent`` if a listener never completes the handshake: a stopped host),
-    ``AuthenticationError`` if the peer lacks the key."""
+def connect(host: str, port: int, *, creds: Credentials, expect: Identity | None = None, peer: str, timeout: float = 10.0,
+            retry_for: float = 0.0, idle_timeout: float | None = None,
+            send_timeout: float | None = None) -> Connection:
+    """Open a TCP connection to ``host:port`` and secure it (``creds``; the peer must
+    prove it is ``expect``), within ``timeout`` for the connect and ``timeout`` for the
+    handshake. Retries refused connections for up to ``retry_for`` seconds (peers start in
+    any order). Raises ``ConnectionClosed`` if nobody answers (``PeerSilent`` if a
+    listener never completes the handshake: a stopped host), ``AuthenticationError`` if
+    the peer is not who we expect or refuses us."""
     deadline = time.monotonic() + retry_for
     while True:
         try:
@@ -236,21 +192,21 @@ def connect(host: str, port: int, *, key: bytes, peer: str, timeout: float = 10.
             time.sleep(0.1)
     try:
         _tune(sock)
-        stream = SocketStream(sock)
-        client_handshake(stream, key=key, peer=peer, timeout=timeout)
+        stream, identity = creds.client(SocketStream(sock), expect=expect, peer=peer, timeout=timeout)
     except BaseException:
         sock.close()
         raise
-    return Connection(stream, peer=peer, idle_timeout=idle_timeout, send_timeout=send_timeout)
+    return Connection(stream, peer=peer, identity=identity, idle_timeout=idle_timeout, send_timeout=send_timeout)
 
 
-def accept_handshake(sock: socket.socket, *, key: bytes, peer: str, timeout: float | None = None) -> Connection:
-    """Authenticate an accepted socket (server side). Raises ``AuthenticationError``,
-    ``ConnectionClosed`` or ``PeerSilent``; the caller closes the socket then."""
+def accept_handshake(sock: socket.socket, *, creds: Credentials, peer: str, timeout: float | None = None) -> Connection:
+    """Secure an accepted socket (server side), the whole handshake within ``timeout``.
+    Raises ``AuthenticationError``, ``ConnectionClosed`` or ``PeerSilent``; the caller
+    closes the socket then."""
     _tune(sock)
-    stream = SocketStream(sock)
-    server_handshake(stream, key=key, peer=peer, timeout=HANDSHAKE_TIMEOUT_S if timeout is None else timeout)
-    return Connection(stream, peer=peer)
+    stream, identity = creds.server(SocketStream(sock), peer=peer,
+                                    timeout=HANDSHAKE_TIMEOUT_S if timeout is None else timeout)
+    return Connection(stream, peer=peer, identity=identity)
 
 
 class Listener:
@@ -259,10 +215,10 @@ class Listener:
     it when the handler returns). Unauthenticated peers are dropped and reported to
     ``on_reject(peer, error)``; the listener goes on."""
 
-    def __init__(self, host: str, port: int, *, key: bytes, handler: Callable[[Connection], None],
+    def __init__(self, host: str, port: int, *, creds: Credentials, handler: Callable[[Connection], None],
                  on_reject: Callable[[str, Exception], None] | None = None, name: str = "listener",
                  handshake_timeout: float | None = None) -> None:
-        self._key = key
+        self._creds = creds
         self._handler = handler
         self._on_reject = on_reject or (lambda peer, exc: log.warning("rejected %s: %s", peer, exc))
         self._name = name
@@ -293,7 +249,7 @@ class Listener:
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         try:
-            conn = accept_handshake(sock, key=self._key, peer=peer, timeout=self._handshake_timeout)
+            conn = accept_handshake(sock, creds=self._creds, peer=peer, timeout=self._handshake_timeout)
         except (ProtocolError, ConnectionClosed) as exc:
             sock.close()
             self._on_reject(peer, exc)

@@ -34,6 +34,7 @@ from common.config import Config
 from common.errors import AuthenticationError, ConnectionClosed, PeerSilent, ProtocolError, TestbedError, \
     TransportError
 from common.link import Link
+from common.security import Credentials, Identity
 from device.control import Position
 
 log = logging.getLogger("device")
@@ -90,11 +91,11 @@ class _Where:
 
 
 class EdgeLink:
-    def __init__(self, *, cfg: Config, name: str, key: bytes, events, pos: Position,
+    def __init__(self, *, cfg: Config, name: str, creds: Credentials, events, pos: Position,
                  report: Callable[[m.Message], None] | None = None) -> None:
         self.cfg = cfg
         self.name = name
-        self.key = key
+        self.creds = creds
         self.events = events
         self.pos = pos
         self.faults = cfg.faults
@@ -149,7 +150,8 @@ class EdgeLink:
         """Connect to ``edge``, attach, wait for its answer; the link is not yet ours."""
         ep = self.cfg.edges[edge]
         dead = self.faults["dead_after_s"]
-        conn = transport.connect(ep.host, ep.port, key=self.key, peer=f"edge {edge}", timeout=min(timeout, dead))
+        conn = transport.connect(ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge), peer=f"edge {edge}",
+                                 timeout=min(timeout, dead))
         inbox = self._inbox
         link = Link(conn, name=f"edge {edge}", heartbeat_s=self.faults["heartbeat_s"], dead_after_s=dead,
                     on_message=lambda l, msg: inbox.put((l, msg)),
@@ -321,7 +323,8 @@ class EdgeLink:
             ep = self.cfg.edges[edge]
             t0 = time.monotonic()
             try:
-                conn = transport.connect(ep.host, ep.port, key=self.key, peer=f"edge {edge}", timeout=dead)
+                conn = transport.connect(ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge),
+                                         peer=f"edge {edge}", timeout=dead)
                 conn.close()
                 results.put((edge, time.monotonic() - t0))
             except Exception:  # noqa: BLE001 - any failure: not reachable now

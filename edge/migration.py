@@ -35,6 +35,7 @@ from common import messages as m
 from common import transport
 from common.errors import ConnectionClosed, MigrationError, ProtocolError, TransportError
 from common.link import Link
+from common.security import Credentials, Identity
 from edge.ports import PullOutcome
 from edge.session import EdgeSession, SparePart, snapshot_checksum
 
@@ -93,10 +94,10 @@ class PeerLinks:
     about different devices share a link and run at the same time (answers are matched
     by device); two about the same device take turns."""
 
-    def __init__(self, *, name: str, key: bytes, endpoints: dict[str, tuple[str, int]], heartbeat_s: float,
+    def __init__(self, *, name: str, creds: Credentials, endpoints: dict[str, tuple[str, int]], heartbeat_s: float,
                  dead_after_s: float, answer_limit_s: float) -> None:
         self._name = name
-        self._key = key
+        self._creds = creds
         self._endpoints = endpoints
         self._hb, self._dead = heartbeat_s, dead_after_s
         self._limit = answer_limit_s
@@ -116,7 +117,7 @@ class PeerLinks:
                 return kept
             host, port = self._endpoints[peer]
             try:
-                conn = transport.connect(host, port, key=self._key, peer=f"edge {peer}", timeout=self._dead)
+                conn = transport.connect(host, port, creds=self._creds, expect=Identity("edge", peer), peer=f"edge {peer}", timeout=self._dead)
             except (TransportError, ProtocolError) as exc:
                 raise MigrationError(f"cannot reach edge {peer}: {exc}") from exc
             holder: list[_Peer] = []

@@ -24,6 +24,7 @@ from common.errors import PeerSilent, ProtocolError, RemoteProtocolError, Transp
 from common.events import EventLog
 from common.link import Link
 from common.models import part_keys
+from common.security import Credentials, allowed
 from edge.central_link import CentralLink
 from edge.core import EdgeCore, Models
 from edge.migration import Fetcher, PeerLinks, Replicator, buddy_of
@@ -41,16 +42,16 @@ HANDOVER_LIMIT_S = 30.0
 
 
 class EdgeServer:
-    def __init__(self, cfg: Config, name: str, *, key: bytes, events: EventLog) -> None:
+    def __init__(self, cfg: Config, name: str, *, creds: Credentials, events: EventLog) -> None:
         self.cfg = cfg
         self.name = name
-        self.key = key
+        self.creds = creds
         self.events = events
         self.faults = cfg.faults
         model, split = cfg.model["name"], cfg.model["split_layer"]
         dev_keys, edge_keys = part_keys(model, split)
         self.spare = SparePart(model, split + 1) if cfg.mode == "fedfly" else None
-        self.peers = PeerLinks(name=name, key=key,
+        self.peers = PeerLinks(name=name, creds=creds,
                                endpoints={n: (e.host, e.port) for n, e in cfg.edges.items() if n != name},
                                heartbeat_s=self.faults["heartbeat_s"], dead_after_s=self.faults["dead_after_s"],
                                answer_limit_s=HANDOVER_LIMIT_S)
@@ -59,7 +60,7 @@ class EdgeServer:
                              central=None, fetcher=None, events=events, spare=self.spare,  # type: ignore[arg-type]
                              handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
                              checkpoint_steps=self.faults["checkpoint_steps"], edges=sorted(cfg.edges))
-        self.central = CentralLink(cfg=cfg, name=name, key=key, submit=self.core.submit, events=events,
+        self.central = CentralLink(cfg=cfg, name=name, creds=creds, submit=self.core.submit, events=events,
                                    on_welcome=self._on_welcome)
         self.core.central = self.central
         buddy = buddy_of(name, sorted(cfg.edges))
@@ -75,7 +76,7 @@ class EdgeServer:
         """Serve until the central says stop (0) or is lost for good (1)."""
         me = self.cfg.edges[self.name]
         try:
-            listener = transport.Listener(me.listen_host, me.port, key=self.key, handler=self._serve,
+            listener = transport.Listener(me.listen_host, me.port, creds=self.creds, handler=self._serve,
                                           on_reject=self._rejected, name=self.name,
                                           handshake_timeout=self.faults["dead_after_s"]).start()
         except TransportError as exc:
@@ -105,6 +106,15 @@ class EdgeServer:
 
     # -- connections ---------------------------------------------------------------------------
 
+    def _who(self, first: m.Message) -> tuple[str, str] | None:
+        """As whom the first message of a connection acts (role, name), or None for a
+        message not allowed first (refused below)."""
+        if isinstance(first, m.AttachRequest):
+            return "device", first.device
+        if isinstance(first, (m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull)):
+            return "edge", first.target
+        return None
+
     def _serve(self, conn: transport.Connection) -> None:
         """A listener thread: the first message says what the connection is; then this
         thread reads the link until it ends."""
@@ -118,6 +128,15 @@ class EdgeServer:
             return
         core = self.core
         hb = self.faults["heartbeat_s"]
+        who = self._who(first)
+        if who is not None and (not allowed(conn.identity, *who)
+                                or who[0] == "edge" and (who[1] not in self.cfg.edges or who[1] == self.name)):
+            # a device attaches only as itself, an edge pulls only as itself (and names an edge)
+            detail = "refused"
+            self.events.emit("protocol_error", peer=conn.peer, error="AuthenticationError",
+                             detail=f"{conn.identity} may not send {first.TYPE} as {who[0]} {who[1]}"[:200])
+            conn.close(notice=m.ErrorNotice(kind="AuthenticationError", detail=detail))
+            return
         if isinstance(first, m.AttachRequest):
             device = first.device
 
@@ -131,8 +150,15 @@ class EdgeServer:
             core.submit(DeviceAttach(link, first, at=time.monotonic()))
             link.serve()
         elif isinstance(first, (m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull)):
-            link = Link(conn, name=f"edge {first.target}", heartbeat_s=hb, dead_after_s=dead,
-                        on_message=lambda l, msg: core.submit(PeerMessage(l, msg)),
+            peer = first.target
+
+            def on_peer_message(link: Link, msg: m.Message) -> None:
+                if getattr(msg, "target", peer) != peer:  # the link speaks for one edge only
+                    link.close(notice=m.ErrorNotice(kind="AuthenticationError", detail="refused"))
+                    return
+                core.submit(PeerMessage(link, msg))
+
+            link = Link(conn, name=f"edge {peer}", heartbeat_s=hb, dead_after_s=dead, on_message=on_peer_message,
                         on_lost=lambda l, exc: core.submit(PeerLost(l)))
             link.start_writer()
             core.submit(PeerMessage(link, first))

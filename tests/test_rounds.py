@@ -14,6 +14,7 @@ from central.edges import EdgeJoined, EdgeLost, EdgeMessage
 from central.rounds import RoundTracker
 from central.server import CentralServer, RunAborted
 from common import messages as m
+from common import security
 from common.config import build_config
 from common.events import EventLog
 from common.models import build_model, state_sha256
@@ -102,7 +103,7 @@ class FakeEdges:
 def server(cfg, edges):
     test = (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64))
     import tempfile
-    return CentralServer(cfg, key=b"k" * 32, events=EventLog(process="central", role="central"), run_name="t",
+    return CentralServer(cfg, creds=security.SharedKey(b"k" * 32), events=EventLog(process="central", role="central"), run_name="t",
                          run_dir=tempfile.mkdtemp(), test_set=test, shard_samples={"device1": 10, "device2": 10},
                          out=io.StringIO(), registry=edges)
 
