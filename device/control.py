@@ -17,6 +17,7 @@ from typing import Callable
 from common import messages as m
 from common import transport
 from common.errors import ConnectionClosed, ProtocolError, TransportError
+from common.limits import refusal_reporter
 
 # A controller connection must say something this often (it sends one request and waits).
 CONTROL_IDLE_S = 30.0
@@ -74,8 +75,7 @@ class ControlServer:
         self.cut = cut
         self.listener = transport.Listener(host, port, key=key, handler=self._serve, name=f"{device}-control",
                                            handshake_timeout=handshake_timeout,
-                                           on_reject=lambda peer, exc: events.emit("refused", peer=peer,
-                                                                                   detail=str(exc)[:200]))
+                                           on_reject=refusal_reporter(events=events))
 
     def start(self) -> "ControlServer":
         self.listener.start()
