@@ -29,6 +29,7 @@ from common import transport
 from common.config import Config
 from common.errors import TransportError
 from common.events import EventLog
+from common.limits import refusal_reporter
 from common.models import build_model, state_spec
 from common.plan import RoundPlan
 from common.security import Credentials
@@ -239,8 +240,7 @@ class CentralServer:
         try:
             listener = transport.Listener(c.listen_host, c.port, creds=self.creds, handler=self.registry.serve,
                                           name="central", handshake_timeout=self.faults["dead_after_s"],
-                                          on_reject=lambda p, e: self.events.emit("refused", peer=p,
-                                                                                  detail=str(e)[:200])).start()
+                                          on_reject=refusal_reporter(events=self.events)).start()
         except TransportError as exc:
             self.say(f"central: {exc}")
             return 1

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable
 
-from common import codec
+from common import codec, limits
 from common import messages as m
 from common.errors import (ConnectionClosed, LocalProtocolError, PeerSilent, ProtocolError,
                            TransportError)
@@ -213,16 +213,36 @@ class Listener:
     """Accepts connections on ``host:port``; each authenticated one is handed to
     ``handler(conn)`` on its own thread, which owns it from then on (the listener closes
     it when the handler returns). Unauthenticated peers are dropped and reported to
-    ``on_reject(peer, error)``; the listener goes on."""
+    ``on_reject(peer, error)`` (on the accept thread for a refusal at once: it must be
+    quick; ``limits.RateLimitedReporter`` is); the listener goes on.
+
+    Limits (``common.limits``): at most ``max_handshakes`` connections handshaking at once,
+    ``max_handshakes_per_source`` from one address; a connection over either, or one no
+    thread can be started for, is closed at once and refused (``limits.OverLimit``). The
+    handshake has one deadline for the whole exchange. ``accept`` failing (out of
+    descriptors, buffers, memory) backs off, exponentially up to a second, and is logged
+    rate-limited; nothing of that stops the listener. ``refused`` and ``accept_errors``
+    count them."""
 
     def __init__(self, host: str, port: int, *, creds: Credentials, handler: Callable[[Connection], None],
                  on_reject: Callable[[str, Exception], None] | None = None, name: str = "listener",
-                 handshake_timeout: float | None = None) -> None:
+                 handshake_timeout: float | None = None,
+                 max_handshakes: int = limits.MAX_HANDSHAKES,
+                 max_handshakes_per_source: int = limits.MAX_HANDSHAKES_PER_SOURCE) -> None:
         self._creds = creds
         self._handler = handler
-        self._on_reject = on_reject or (lambda peer, exc: log.warning("rejected %s: %s", peer, exc))
+        self._on_reject = on_reject or limits.RateLimitedReporter(
+            lambda what, f: log.warning("%s: %s %s", name, what, f))
         self._name = name
         self._handshake_timeout = handshake_timeout
+        self.slots = limits.HandshakeSlots(total=max_handshakes, per_source=max_handshakes_per_source)
+        self.refused = 0        # refused at once by a limit
+        self.accept_errors = 0  # accept() failures (each followed by a back-off)
+        self._backoff = limits.Backoff()
+        self._accept_log = limits.RateLimitedReporter(
+            lambda what, f: log.warning("%s: accept failed: %s", name, f.get("detail") if what == "accept_error"
+                                        else f"{f['suppressed']} more times in {f['interval_s']:g} s"),
+            what="accept_error", summary="accept_error_suppressed")
         try:
             self.sock = socket.create_server((host, port), reuse_port=False, backlog=128)
         except OSError as exc:
@@ -239,25 +259,69 @@ class Listener:
         while not self._stop.is_set():
             try:
                 sock, addr = self.sock.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     return
-                time.sleep(0.05)
+                # Out of descriptors (or buffers, memory), the connection stays queued and
+                # accept fails again at once: wait, longer each time, for one to be freed.
+                self.accept_errors += 1
+                self._accept_log(self._name, exc)
+                self._stop.wait(self._backoff.next())
                 continue
-            threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "local"),
-                             name=f"{self._name}-conn", daemon=True).start()
+            self._backoff.reset()
+            try:
+                self._admit(sock, addr)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end the accept loop
+                self._close_quietly(sock)
+                self._accept_log(self._name, exc)
 
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _admit(self, sock: socket.socket, addr) -> None:
+        """A thread for ``sock``'s handshake, if a slot and a thread are free; else
+        closed at once and refused."""
+        source, peer = (addr[0], f"{addr[0]}:{addr[1]}") if isinstance(addr, tuple) else ("local", "local")
+        why = self.slots.acquire(source)
+        if not why:
+            try:
+                threading.Thread(target=self._serve, args=(sock, peer, source), name=f"{self._name}-conn",
+                                 daemon=True).start()
+                return
+            except RuntimeError as exc:  # "can't start new thread": refuse this one, go on
+                self.slots.release(source)
+                why = f"no thread to serve it ({exc})"
+        self.refused += 1
+        self._close_quietly(sock)
+        self._reject(peer, limits.OverLimit(why))
+
+    def _reject(self, peer: str, exc: Exception) -> None:
+        try:
+            self._on_reject(peer, exc)
+        except Exception:  # noqa: BLE001 - reporting a refusal must not stop the listener
+            log.debug("%s: on_reject failed", self._name, exc_info=True)
+
+    def _serve(self, sock: socket.socket, peer: str, source: str | None = None) -> None:
         try:
             conn = accept_handshake(sock, creds=self._creds, peer=peer, timeout=self._handshake_timeout)
-        except (ProtocolError, ConnectionClosed) as exc:
-            sock.close()
-            self._on_reject(peer, exc)
+        except (ProtocolError, ConnectionClosed, OSError) as exc:
+            self._close_quietly(sock)
+            self._reject(peer, exc)
             return
+        except BaseException:
+            self._close_quietly(sock)
+            raise
+        finally:
+            if source is not None:
+                self.slots.release(source)
         try:
             self._handler(conn)
         finally:
             conn.close()
+
+    @staticmethod
+    def _close_quietly(sock: socket.socket) -> None:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
     def close(self) -> None:
         """Stop accepting and free the port. Connections already handed out go on."""
@@ -270,3 +334,10 @@ class Listener:
         self.sock.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        flush = getattr(self._on_reject, "flush", None)
+        if flush is not None:
+            try:
+                flush()
+            except Exception:  # noqa: BLE001 - best effort at close
+                pass
+

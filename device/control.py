@@ -17,6 +17,7 @@ from typing import Callable
 from common import messages as m
 from common import transport
 from common.errors import ConnectionClosed, ProtocolError, TransportError
+from common.limits import refusal_reporter
 from common.security import Credentials, allowed
 
 # A controller connection must say something this often (it sends one request and waits).
@@ -75,8 +76,7 @@ class ControlServer:
         self.cut = cut
         self.listener = transport.Listener(host, port, creds=creds, handler=self._serve, name=f"{device}-control",
                                            handshake_timeout=handshake_timeout,
-                                           on_reject=lambda peer, exc: events.emit("refused", peer=peer,
-                                                                                   detail=str(exc)[:200]))
+                                           on_reject=refusal_reporter(events=events))
 
     def start(self) -> "ControlServer":
         self.listener.start()

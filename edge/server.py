@@ -22,6 +22,7 @@ from common import transport
 from common.config import Config
 from common.errors import PeerSilent, ProtocolError, RemoteProtocolError, TransportError
 from common.events import EventLog
+from common.limits import refusal_reporter
 from common.link import Link
 from common.models import part_keys
 from common.security import Credentials, allowed
@@ -66,6 +67,8 @@ class EdgeServer:
         buddy = buddy_of(name, sorted(cfg.edges))
         self.replicator = Replicator(name=name, buddy=buddy, peers=self.peers, events=events) \
             if self.core.checkpoint_steps and buddy else None
+        # refusals of the listener, rate-limited: a flood of strangers writes a few lines and a count
+        self._refusals = refusal_reporter(events=events, logger=log, who=name)
         self.core.fetcher = Fetcher(name=name, peers=self.peers, submit=self.core.submit, model=model,
                                     split_layer=split, spare=self.spare, events=events, replicator=self.replicator)
 
@@ -77,7 +80,7 @@ class EdgeServer:
         me = self.cfg.edges[self.name]
         try:
             listener = transport.Listener(me.listen_host, me.port, creds=self.creds, handler=self._serve,
-                                          on_reject=self._rejected, name=self.name,
+                                          on_reject=self._refusals, name=self.name,
                                           handshake_timeout=self.faults["dead_after_s"]).start()
         except TransportError as exc:
             log.error("%s: %s", self.name, exc)
@@ -99,10 +102,6 @@ class EdgeServer:
         if stop.status:
             log.error("%s: stopping: %s", self.name, stop.reason)
         return stop.status
-
-    def _rejected(self, peer: str, exc: Exception) -> None:
-        log.warning("%s: refused %s: %s", self.name, peer, exc)
-        self.events.emit("refused", peer=peer, detail=str(exc)[:200])
 
     # -- connections ---------------------------------------------------------------------------
 
