@@ -398,17 +398,19 @@ def decode_target(data: bytes, rng: random.Random) -> int:
     eager = rng.choice([codec.EAGER_PAYLOAD_BYTES, codec.EAGER_PAYLOAD_BYTES, 1, 7, 64])
     dec = codec.FrameDecoder(max_payload=rng.choice([codec.DEFAULT_MAX_PAYLOAD_BYTES, 4096]), eager_payload=eager)
     got: list[m.Message] = []
-    how = rng.randrange(4)
+    # whole (2 in 8), one byte at a time (1 in 8, short inputs: it is the costly one),
+    # straight into the payload buffer (2 in 8), random cuts (3 in 8)
+    how = rng.randrange(8)
     try:
         try:
-            if how == 0 or len(data) < 2:
+            if how < 2 or len(data) < 2:
                 dec.receive_data(data)
                 _drain(dec, got)
-            elif how == 1 and len(data) <= 400:
+            elif how == 2 and len(data) <= 300:
                 for i in range(len(data)):
                     dec.receive_data(data[i:i + 1])
                     _drain(dec, got)
-            elif how == 2:
+            elif how in (3, 4):
                 _feed_direct(dec, data, rng, got)
             else:
                 cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(1, 6))))
@@ -443,9 +445,10 @@ def _feed_direct(dec: codec.FrameDecoder, data: bytes, rng: random.Random, got: 
     """What ``Connection.recv`` does: receive into ``payload_buffer()`` when there is
     one, else through ``receive_data``; the previous view is still alive on purpose."""
     pos, view = 0, None
+    most = rng.choice([7, 64, 512, 4096])
     while pos < len(data):
         room = dec.payload_buffer()
-        n = rng.randint(1, 64)
+        n = rng.randint(1, most)
         if room is None:
             dec.receive_data(data[pos:pos + n])
             pos += n
