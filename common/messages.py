@@ -148,6 +148,8 @@ def from_wire(type_name: str, fields: dict, tensors: list[tuple[str, str, torch.
     cls = MESSAGE_TYPES.get(type_name)
     if cls is None:
         raise LocalProtocolError(f"unknown message type {type_name!r}")
+    if not all(type(k) is str for k in fields):
+        raise LocalProtocolError(f"{type_name}: a field name is not a string")
     kwargs: dict[str, object] = dict(fields)
     tensor_fields = {n for n, h in cls._hints.items() if _is_tensors(h)}
     if set(kwargs) & tensor_fields or set(kwargs) | tensor_fields != set(cls._hints):

@@ -21,7 +21,7 @@ from common import messages as m
 from common.config import Config
 from common.errors import ProtocolError, RemoteProtocolError, TestbedError, TransportError
 from common.events import EventLog
-from common.models import build_model, part_keys, split_model
+from common.models import build_model, part_keys, split_model, state_spec, weights_problem
 from common.plan import RoundPlan
 from common.security import Credentials
 from common.training import LOSS, make_optimizer, round_batches
@@ -128,7 +128,8 @@ class DeviceClient:
         plan = msg.round_plan
         r = plan.round
         start_weights = {k: v.clone() for k, v in msg.weights.items()}
-        if set(start_weights) != set(self.keys):
+        spec = state_spec(self.cfg.model["name"])
+        if weights_problem(start_weights, {k: spec[k] for k in self.keys}):  # load_state_dict would raise RuntimeError
             raise RemoteProtocolError(f"device {self.name}: round {r} weights do not fit the model")
         batches = round_batches(len(self.x), plan.batch_size, local_epochs=plan.local_epochs,
                                 seed=self.cfg.run["seed"], device=self.name, round=r)

@@ -27,7 +27,7 @@ from common import messages as m
 from common.errors import LocalProtocolError, MigrationError, RemoteProtocolError
 from common.events import EventLog
 from common.plan import RoundPlan
-from common.models import num_classes
+from common.models import num_classes, state_spec, weights_problem
 from edge.migration import buddy_of
 from edge.lifecycle import Event, State, TransitionError, allowed, check_transition
 from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
@@ -109,6 +109,7 @@ class EdgeCore:
         self.mode = mode
         self.models = models
         self.num_classes = num_classes(models.name)
+        self.spec = state_spec(models.name)  # what a round's weights must hold
         self.seed = seed
         self.known_devices = devices
         self.central = central
@@ -263,6 +264,8 @@ class EdgeCore:
 
     def _on_round_start(self, msg: m.RoundStart) -> None:
         plan = msg.round_plan
+        if problem := weights_problem(msg.weights, self.spec):  # before any session is built from them
+            raise RemoteProtocolError(f"{self.role}: RoundStart of round {plan.round}: {problem}")
         if self.current is not None and plan.round <= self.current.round:
             return  # sent again after we rejoined: we have it
         self.current = RoundInfo(plan, msg.weights)
