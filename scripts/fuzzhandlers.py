@@ -17,6 +17,7 @@ import torch
 
 from common import messages as m
 from common.errors import ProtocolError, RemoteProtocolError
+from common.security import SharedKey
 from scripts.fuzzlib import FuzzFailure, NAMES, hostile_message, hostile_tensor
 
 DEVICES = ("device1", "device2")
@@ -288,7 +289,7 @@ class CentralHarness:
         self.registry = _FakeRegistry()
         self.shards = {"device1": 100, "device2": 50}
         test = (torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.int64))
-        self.srv = CentralServer(self.cfg, key=b"k" * 32, events=Events(), run_name="t",
+        self.srv = CentralServer(self.cfg, creds=SharedKey(b"k" * 32), events=Events(), run_name="t",
                                  run_dir=tempfile.gettempdir(), test_set=test, shard_samples=self.shards,
                                  out=io.StringIO(), registry=self.registry)
         self.srv.tracker = RoundTracker(round=1, participants=frozenset(DEVICES), shard_samples=self.shards,
