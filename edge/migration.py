@@ -31,8 +31,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from common import codec, transport
 from common import messages as m
-from common import transport
 from common.errors import ConnectionClosed, MigrationError, ProtocolError, TransportError
 from common.link import Link
 from common.security import Credentials, Identity
@@ -236,7 +236,7 @@ class Fetcher:
             raise MigrationError(f"{outcome.source} answered {request.TYPE} with {reply.TYPE}")
         outcome.state_bytes = ex.link.conn.bytes_received - before
         session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum, expect_model=self.model,
-                                           expect_split=self.split, spare=self.spare)
+                                           expect_split=self.split, spare=self.spare, crcs=_state_crcs(reply))
         if (session.device, session.round) != (device, round_) or not fits(session):
             raise MigrationError(f"{outcome.source} sent {session.device} round {session.round} step "
                                  f"{session.step}, expected {device} {expected}")
@@ -286,6 +286,13 @@ class Fetcher:
             ok = False
             log.info("%s: could not tell %s to drop %s's session: %s", self.name, source, device, exc)
         self.events.emit("drop_sent", device=device, source=source, round=round, confirmed=ok)
+
+
+def _state_crcs(msg: m.Message) -> dict[str, int] | None:
+    """The CRC-32s of ``msg.state``'s tensors as their bytes arrived, by name (None for a
+    message that was not received over a connection)."""
+    crcs = codec.arrival_crcs(msg)
+    return None if crcs is None else {key: crc for (field, key), crc in crcs.items() if field == "state"}
 
 
 def buddy_of(edge: str, edges: list[str]) -> str | None:

@@ -1088,3 +1088,35 @@ def test_activations_accept_any_float_dtype_and_empty_batches():
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         m.Activations(round=1, step=0, batch={"x": torch.zeros(2, 3, dtype=dtype), "y": torch.zeros(2, dtype=torch.int64)})
     m.Activations(round=1, step=0, batch={"x": torch.zeros(0, 3), "y": torch.zeros(0, dtype=torch.int64)})
+
+
+def test_snapshot_tensors_crc32_as_they_arrive():
+    import zlib
+    tensors = {"a": torch.arange(7, dtype=torch.float32), "e": torch.empty(0), "b": torch.arange(33, dtype=torch.int8),
+               "c": torch.ones(3, 5, dtype=torch.float64)}
+    frame = codec.encode_bytes(m.SessionSnapshot(device="d", round=1, step=0, meta={}, checksum="", state=tensors))
+    want = {("state", k): zlib.crc32(t.numpy().tobytes()) for k, t in tensors.items()}
+    for chunk in (1, 5, len(frame)):
+        dec = codec.FrameDecoder()
+        for i in range(0, len(frame), chunk):
+            dec.receive_data(frame[i:i + chunk])
+        assert codec.arrival_crcs(dec.next_message()) == want
+    # into the decoder's own buffer (the transport's path), and only for snapshot types
+    dec = codec.FrameDecoder()
+    dec.receive_data(frame[:40])
+    rest = memoryview(frame)[40:]
+    while rest:
+        room = dec.payload_buffer()
+        if room is None:
+            dec.receive_data(rest[:1])
+            rest = rest[1:]
+            continue
+        n = min(len(room), len(rest), 17)
+        room[:n] = rest[:n]
+        del room
+        dec.payload_written(n)
+        rest = rest[n:]
+    assert codec.arrival_crcs(dec.next_message()) == want
+    act = codec.encode_bytes(m.Activations(round=1, step=0,
+                                           batch={"x": tensors["c"].float(), "y": torch.zeros(3, dtype=torch.int64)}))
+    assert codec.arrival_crcs(next(codec.decode_all(act))) is None

@@ -341,3 +341,39 @@ def test_snapshot_missing_a_batch_norm_counter_is_refused(snap):
     del tensors["model/l4.bn.num_batches_tracked"]
     with pytest.raises(MigrationError):
         _rebuild(*_reseal(meta, tensors))
+
+
+# -- verify while receiving: the destination's CRCs are summed as the bytes arrive --------------
+
+def _received(snap, chunk: int, flip: int | None = None):
+    """The snapshot as a destination gets it: framed, optionally one payload byte flipped
+    on the way, fed to a decoder in ``chunk``-byte pieces."""
+    from common import codec
+    from common import messages as m
+    meta, tensors, checksum = snap
+    frame = bytearray(codec.encode_bytes(m.SessionSnapshot(device="d", round=1, step=2, meta=meta,
+                                                           checksum=checksum, state=tensors)))
+    if flip is not None:
+        frame[len(frame) - flip] ^= 0x40
+    dec = codec.FrameDecoder()
+    for i in range(0, len(frame), chunk):
+        dec.receive_data(bytes(frame[i:i + chunk]))
+    msg = dec.next_message()
+    crcs = {k: c for (f, k), c in codec.arrival_crcs(msg).items() if f == "state"}
+    return msg, crcs
+
+
+@pytest.mark.parametrize("chunk", [1000, 1 << 20])
+def test_crcs_summed_on_arrival_verify_and_rebuild(snap, chunk):
+    msg, crcs = _received(snap, chunk)
+    assert set(crcs) == set(msg.state)
+    session = EdgeSession.from_snapshot(msg.meta, msg.state, msg.checksum, expect_model="vgg5", expect_split=3,
+                                        crcs=crcs)
+    assert session.step == 2
+
+
+@pytest.mark.parametrize("flip", [1, 300_000, 2_000_000])
+def test_crcs_summed_on_arrival_catch_a_damaged_snapshot(snap, flip):
+    msg, crcs = _received(snap, 1 << 16, flip=flip)
+    with pytest.raises(MigrationError, match="checksum"):
+        EdgeSession.from_snapshot(msg.meta, msg.state, msg.checksum, expect_model="vgg5", expect_split=3, crcs=crcs)
