@@ -224,6 +224,11 @@ class Config:
     remote: dict[str, Any]
     moves: tuple[Move, ...] = field(default_factory=tuple)
     drops: tuple[Drop, ...] = field(default_factory=tuple)
+    # mobility.preconnect: make-before-break. A device opens and secures its link to the
+    # next edge while it still trains on this one (a scheduled move, one step ahead), so a
+    # move's pause covers only the handover. Off by default: a radio cannot always reach
+    # the next cell before it leaves this one.
+    preconnect: bool = False
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -403,8 +408,11 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
     moves = _moves(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
     drops = _drops(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
     _check_timeline(moves, drops, devices)
+    preconnect = raw.get("mobility", {}).get("preconnect", False)
+    if type(preconnect) is not bool:
+        raise ConfigError("mobility.preconnect", f"{preconnect!r} is not true or false", "write true or false")
     return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, drops=drops, raw=raw,
-                  **sections)
+                  preconnect=preconnect, **sections)
 
 
 def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dict[str, DeviceConfig]) -> None:
@@ -421,9 +429,10 @@ def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dic
 def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move, ...]:
     if not isinstance(mobility, dict):
         raise ConfigError("mobility", "must be a table", "write moves as [[mobility.moves]] tables")
-    unknown = sorted(set(mobility) - {"moves", "drops"})
+    unknown = sorted(set(mobility) - {"moves", "drops", "preconnect"})
     if unknown:
-        raise ConfigError(f"mobility.{unknown[0]}", "is not a known key", "use [[mobility.moves]] or [[mobility.drops]]")
+        raise ConfigError(f"mobility.{unknown[0]}", "is not a known key",
+                          "use [[mobility.moves]], [[mobility.drops]] or mobility.preconnect")
     return _mobility_list(mobility, "moves", Move, MOVE_KEYS, edges, devices, rounds)
 
 

@@ -150,11 +150,13 @@ class DeviceClient:
         self.events.emit("round_start", round=r, steps=steps, edge=self.link.edge, step=step)
         t0 = time.perf_counter()
         self.compute_s = self.throttle_s = 0.0
+        step_ms: list[float | None] = [None] * steps  # wall time of each step, the wait for the edge included
         while True:
             try:
                 while step < steps:
                     self._moves_due(r, step, steps, model, opt)
                     idx = batches[step]
+                    t_wall = time.perf_counter()
                     if self.mode == "classic":
                         t_step = time.perf_counter()
                         opt.zero_grad(set_to_none=True)
@@ -163,6 +165,7 @@ class DeviceClient:
                         compute = time.perf_counter() - t_step
                     else:
                         compute = self._split_step(model, opt, r, step, self.x[idx], self.y[idx])
+                    step_ms[step] = round((time.perf_counter() - t_wall) * 1000, 2)
                     self._throttle(compute)
                     step += 1
                     if self.checkpoint_steps and step % self.checkpoint_steps == 0:
@@ -175,7 +178,7 @@ class DeviceClient:
                     self.writer.clear()  # the round's update is taken: nothing to go back to
                 self.events.emit("round_done", round=r, steps=steps, train_seconds=train_seconds, restarts=restarts,
                                  edge=self.link.edge, compute_seconds=self.compute_s,
-                                 throttle_seconds=self.throttle_s)
+                                 throttle_seconds=self.throttle_s, step_ms=step_ms)
                 return None
             except Rollback as rb:
                 # Back to a step the device kept (0: the round's start; others with
@@ -263,7 +266,7 @@ class DeviceClient:
         while True:
             to = self.moves.due(r, step, steps)
             if to is None:
-                return
+                break
             if to == self.link.edge:
                 self.events.emit("move_skipped", to=to, round=r, step=step, reason="already there")
                 continue
@@ -271,6 +274,10 @@ class DeviceClient:
                 # the source keeps a copy of what it hands over: a point to come back to
                 self._keep(self._ckpts, step, model, opt)
             self.link.move(to, r, step)
+        if self.cfg.preconnect:
+            ahead = self.moves.upcoming(r, step, steps)
+            if ahead is not None and ahead != self.link.edge:
+                self.link.preconnect(ahead)
 
 
 __all__ = ["DeviceClient", "TestbedError"]

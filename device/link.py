@@ -115,6 +115,7 @@ class EdgeLink:
         self.checkpoints: list[int] = []    # steps of the current round the device can go back to
         self.run_hint = ""                  # the run of a checkpoint read from disk (before any attach)
         self.run_name: str | None = None
+        self._pre: _Preconnect | None = None  # mobility.preconnect: a link opened ahead of a move
 
     # -- state for status and reports ----------------------------------------------------------
 
@@ -467,6 +468,9 @@ class EdgeLink:
         (the edge it left first). Raises ``Rollback``/``RoundOver`` like ``step``."""
         source = self.edge
         t0 = time.perf_counter()
+        pre = self._take_preconnect(to)
+        if pre is not None:
+            return self._move_preconnected(pre, to, round, step, t0)
         old = self._link
         self._set_link_state("reconnecting")
         if old is not None:
@@ -494,6 +498,158 @@ class EdgeLink:
         link = self._link
         if link is not None:
             link.close(drain=False)
+        pre, self._pre = self._pre, None
+        if pre is not None:
+            pre.discard()
+
+    # -- make-before-break (mobility.preconnect) ----------------------------------------------
+
+    def preconnect(self, edge: str) -> None:
+        """Open and secure a connection to ``edge`` in the background while the device
+        still trains where it is, for a move expected at the next boundary: the move then
+        pays only for the handover of its session. A later call for another edge discards
+        this one; an unused connection is closed once older than ``faults.dead_after_s``
+        (the edge would hang up on a connection that says nothing for longer)."""
+        with self._lock:
+            kept = self._pre
+            if kept is not None and kept.edge == edge and not kept.stale():
+                return
+            ep = self.cfg.edges[edge]
+            pre = self._pre = _Preconnect(edge, lambda: transport.connect(
+                ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge), peer=f"edge {edge}",
+                timeout=self.faults["dead_after_s"]), max_age_s=self.faults["dead_after_s"])
+        if kept is not None:
+            kept.discard()
+        self.events.emit("preconnect", to=edge, round=self.where.round, step=self.where.step)
+        pre.start()
+
+    def _take_preconnect(self, edge: str) -> "_Preconnect | None":
+        """The connection opened ahead for a move to ``edge``, if there is one (any other
+        is discarded)."""
+        with self._lock:
+            pre, self._pre = self._pre, None
+        if pre is not None and (pre.edge != edge or pre.stale()):
+            pre.discard()
+            return None
+        return pre
+
+    def _attach_on(self, conn: transport.Connection, edge: str, req: m.AttachRequest, *,
+                   timeout: float) -> tuple[Link, m.AttachReply]:
+        """``_open`` on a connection that is already secured."""
+        dead = self.faults["dead_after_s"]
+        inbox = self._inbox
+        link = Link(conn, name=f"edge {edge}", heartbeat_s=self.faults["heartbeat_s"], dead_after_s=dead,
+                    on_message=lambda l, msg: inbox.put((l, msg)),
+                    on_lost=lambda l, exc: inbox.put((l, _LOST)))
+        link.start()
+        link.post(req)
+        try:
+            reply = self._await(lambda msg: isinstance(msg, m.AttachReply), link=link, limit=timeout,
+                                during_attach=True)
+        except BaseException:
+            link.close(drain=False)
+            raise
+        assert isinstance(reply, m.AttachReply)
+        if not reply.ok:
+            link.close(drain=False)
+            raise _Refused(f"{edge} refused {self.name}: {reply.reason}")
+        return link, reply
+
+    def _move_preconnected(self, pre: "_Preconnect", to: str, round: int, step: int, t0: float) -> m.AttachReply:
+        """``move`` with the link to ``to`` opened ahead (make-before-break): the old link
+        is closed on another thread (its end tells the source the device left, which then
+        readies the snapshot) while the attach goes out on the new one."""
+        source = self.edge
+        old = self._link
+        self._set_link_state("reconnecting")
+        if old is not None:
+            threading.Thread(target=old.close, kwargs={"drain": False}, name="close-old-link", daemon=True).start()
+        limit = max(2 * self.faults["dead_after_s"], 10.0)
+        try:
+            conn = pre.result(limit)
+            t_ready = time.perf_counter()
+            link, reply = self._attach_on(conn, to, self._request("move"), timeout=limit)
+        except (TransportError, ProtocolError, TimeoutError, _Lost, _Refused) as exc:
+            pre.discard()
+            self.events.emit("move_failed", to=to, round=round, step=step, reason=str(exc)[:200], preconnected=True)
+            log.warning("%s: move to %s failed (%s)", self.name, to, exc)
+            reply = self._reattach(_Lost(f"move to {to} failed: {exc}"))
+            self._outcome(reply)
+            return reply
+        self._install(to, link, reply)
+        pause_ms = (time.perf_counter() - t0) * 1000
+        self.report(m.MigrationReport(device=self.name, source=source, target=to, round=round, step=step,
+                                      mode=self.mode, pause_ms=pause_ms, state_bytes=reply.state_bytes,
+                                      transfer_ms=reply.transfer_ms))
+        self.events.emit("moved", source=source, to=to, round=round, step=step, pause_ms=pause_ms,
+                         state_bytes=reply.state_bytes, transfer_ms=reply.transfer_ms,
+                         resume_step=reply.resume_step, how=reply.how, preconnected=True,
+                         connect_wait_ms=round_ms(t_ready - t0), connect_ms=pre.connect_ms)
+        self._outcome(reply)
+        return reply
+
+
+def round_ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+class _Preconnect:
+    """A connection being opened (and secured) on its own thread, ahead of a move."""
+
+    def __init__(self, edge: str, connect: Callable[[], transport.Connection], *, max_age_s: float) -> None:
+        self.edge = edge
+        self._connect = connect
+        self._max_age_s = max_age_s
+        self._started = time.monotonic()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._conn: transport.Connection | None = None
+        self._error: Exception | None = None
+        self._discarded = False
+        self.connect_ms = 0.0
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name=f"preconnect-{self.edge}", daemon=True).start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            conn = self._connect()
+        except Exception as exc:  # noqa: BLE001 - the move finds out, and reconnects as usual
+            conn, error = None, exc
+        else:
+            error = None
+        self.connect_ms = round_ms(time.perf_counter() - t0)
+        with self._lock:
+            self._conn, self._error = conn, error
+            discarded = self._discarded
+        self._done.set()
+        if discarded and conn is not None:
+            conn.close()
+
+    def stale(self) -> bool:
+        return time.monotonic() - self._started > self._max_age_s
+
+    def result(self, timeout: float) -> transport.Connection:
+        """The secured connection, waiting for it if need be. Raises what connecting raised
+        (``TransportError``, ``ProtocolError``) or ``TimeoutError``."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"connecting to edge {self.edge} took over {timeout} s")
+        with self._lock:
+            conn, error, self._conn = self._conn, self._error, None  # the caller owns it now
+        if error is not None:
+            raise error
+        if conn is None:
+            raise TimeoutError(f"the connection to edge {self.edge} was discarded")
+        return conn
+
+    def discard(self) -> None:
+        """Not used after all: closed (now, or when its connect ends)."""
+        with self._lock:
+            self._discarded = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
 
 class _Refused(ProtocolError):

@@ -48,6 +48,13 @@ class ScheduledMoves(_Schedule):
         mv = self.next_due(round, step, steps)
         return mv.to if mv is not None else None
 
+    def upcoming(self, round: int, step: int, steps: int) -> str | None:
+        """The edge a move due at the next boundary (before step ``step + 1``) goes to."""
+        for x in self._items:
+            if x.round == round and x not in self._done and x.step(steps) <= step + 1:
+                return x.to
+        return None
+
 
 class ScheduledDrops(_Schedule):
     """``[[mobility.drops]]``: a trace of radio losses, each at the step boundary
@@ -79,6 +86,16 @@ class MoveSources:
     def due(self, round: int, step: int, steps: int) -> str | None:
         for src in self.sources:
             to = src.due(round, step, steps)
+            if to is not None:
+                return to
+        return None
+
+    def upcoming(self, round: int, step: int, steps: int) -> str | None:
+        """Where a move known now will go at the next boundary, if any (from the sources
+        that know ahead: a schedule does, the controller's commands do not)."""
+        for src in self.sources:
+            ahead = getattr(src, "upcoming", None)
+            to = ahead(round, step, steps) if ahead is not None else None
             if to is not None:
                 return to
         return None

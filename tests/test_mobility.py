@@ -65,6 +65,16 @@ def test_moves_leave_the_model_bit_identical(tmp_path, baseline, mode):
     assert summary["final_model_sha256"] == baseline
 
 
+def test_preconnected_moves_leave_the_model_bit_identical(tmp_path, baseline):
+    # make-before-break: the device opens its link to the next edge a step ahead
+    summary = _run(tmp_path, "pre", moves=MOVES, extra={"mobility": {"preconnect": True}})
+    _check_migrations(summary, "fedfly")
+    assert summary["final_model_sha256"] == baseline
+    events = (tmp_path / "pre" / "runs").rglob("events-device1.jsonl")
+    moved = [line for f in events for line in f.read_text().splitlines() if '"moved"' in line]
+    assert len(moved) == 3 and all('"preconnected": true' in line for line in moved)
+
+
 def test_restart_costs_the_lost_steps(tmp_path):
     """In mode restart the moving device redoes the steps before the move; in fedfly it
     does not (seen in the edges' event logs as the number of edge steps trained)."""
