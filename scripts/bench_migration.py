@@ -14,6 +14,19 @@ moves the median ``state_bytes`` over loopback, on an open connection and on a f
 
 Last, the pull's critical path in one process, piece by piece (snapshot with checksum at
 the source, framing, verify and rebuild at the destination), to say what bounds the pause.
+
+    python -m scripts.bench_migration --matrix [--scenarios alone,pair,four]
+        [--security key,tls] [--moves break,preconnect] [--rounds N] [--repeat N] [--out DIR]
+
+The matrix: the same ping-pong of device1 in every combination of the load on the
+machine (``alone``: 1 device; ``pair``: device2 trains on edge2 all along, five processes
+on two cores; ``four``: 4 devices on 2 edges), the security mode (``key``: a MAC on every
+record; ``tls``) and the move mode (``break``: break-before-make, the default;
+``preconnect``: ``mobility.preconnect``), the runs interleaved (``--repeat`` passes over
+the matrix), with the plain socket measured between them. Per combination: the pause,
+the pull, and the first step after each move against the median step of device1 (its
+``round_done`` events' ``step_ms``). Every run records the share of the CPUs others
+took; nothing is re-run (the machine's load is reported, not waited out).
 """
 
 from __future__ import annotations
@@ -129,6 +142,124 @@ def breakdown(repeats: int) -> dict[str, float]:
     return result
 
 
+SCENARIOS = {"alone": 1, "pair": 2, "four": 4}
+
+
+def _matrix_config(out: Path, scenario: str, security: str, move: str, rounds: int, tag: str) -> Path:
+    devices = SCENARIOS[scenario]
+    placement = {"device1": "edge1", "device2": "edge2", "device3": "edge1", "device4": "edge2"}
+    extra: dict[str, dict[str, Any]] = {"mobility": {"preconnect": move == "preconnect"}}
+    if security == "tls":
+        extra["security"] = {"mode": "tls", "certs": str(out / "certs")}
+    else:
+        extra["security"] = {"mode": "key"}
+    return benchlib.write_config(out, f"{scenario}-{security}-{move}-{tag}", edges=2, devices=devices,
+                                 rounds=1 + rounds, mode="fedfly", moves=plan(rounds), samples_per_device=2000,
+                                 batch_size=BATCH, split_layer=SPLIT, test_samples=200,
+                                 device_edges={d: placement[d] for d in benchlib.device_names(devices)}, extra=extra)
+
+
+def _step_figures(run_dir: Path, moves: list[dict]) -> dict[str, Any]:
+    """device1's step times: the first step after each measured move, and every other step
+    of the measured rounds (its ``round_done`` events)."""
+    import json
+    steps: dict[int, list] = {}
+    for line in (run_dir / "events-device1.jsonl").read_text().splitlines():
+        ev = json.loads(line)
+        if ev.get("event") == "round_done" and ev.get("step_ms") and ev.get("round", 0) > 1:
+            steps[ev["round"]] = ev["step_ms"]
+    after = {(mv["round"], mv["step"]) for mv in moves}
+    first = [steps[r][s] for r, s in sorted(after) if r in steps and s < len(steps[r]) and steps[r][s] is not None]
+    other = [ms for r, row in steps.items() for s, ms in enumerate(row) if ms is not None and (r, s) not in after]
+    return {"first_step_ms": benchlib.summarize(first) if first else None,
+            "other_step_ms": benchlib.summarize(other) if other else None}
+
+
+def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves: list[str], rounds: int,
+               repeat: int) -> dict[str, Any]:
+    from common import pki
+    from common.config import load_config
+
+    results: list[dict[str, Any]] = []
+    plains: list[dict[str, Any]] = []
+    for rep in range(repeat):
+        for scenario in scenarios:
+            for security in securities:
+                for move in moves:
+                    cfg = _matrix_config(out, scenario, security, move, rounds, f"r{rep}")
+                    if security == "tls":
+                        pki.ensure(load_config(str(cfg)))
+                    load0 = benchlib.machine()["loadavg"][0]
+                    with benchlib.ForeignLoad() as fl:
+                        res = benchlib.launch_ok(cfg, timeout=300 + 120 * rounds * SCENARIOS[scenario])
+                    migs = [mv for mv in res.summary["migrations"] if mv["round"] > 1]
+                    row = {"scenario": scenario, "security": security, "move": move, "repeat": rep,
+                           "moves": len(migs), "pause_ms": benchlib.summarize([mv["pause_ms"] for mv in migs]),
+                           "transfer_ms": benchlib.summarize([mv["transfer_ms"] for mv in migs]),
+                           "state_bytes": int(statistics.median(mv["state_bytes"] for mv in migs)),
+                           **_step_figures(res.run_dir, migs), "foreign_cpu_share": round(fl.share, 3),
+                           "loadavg_before": load0, "run_dir": str(res.run_dir)}
+                    results.append(row)
+                    print(f"   {scenario:5} {security:3} {move:10} pause median {row['pause_ms']['median']:6.2f} ms "
+                          f"(p95 {row['pause_ms']['p95']:6.2f}), first step {_med(row['first_step_ms'])} vs "
+                          f"{_med(row['other_step_ms'])} ms; others took {fl.share:.0%}", flush=True)
+                    if scenario == "alone":
+                        with benchlib.ForeignLoad() as fl:
+                            plain = bench_plainsock.measure(row["state_bytes"], 50)
+                        plains.append({"after": f"{scenario}-{security}-{move}-r{rep}", **plain,
+                                       "foreign_cpu_share": round(fl.share, 3)})
+    return {"benchmark": "migration-matrix", "runs": results, "plain": plains, "machine": benchlib.machine()}
+
+
+def _med(s: dict | None) -> str:
+    return "-" if not s else f"{s['median']:.1f}"
+
+
+def report_matrix(result: dict[str, Any]) -> str:
+    """One row per combination: medians over the repeats' medians."""
+    plain = statistics.median(p["transfer"]["median"] for p in result["plain"]) if result["plain"] else float("nan")
+    groups: dict[tuple, list[dict]] = {}
+    for row in result["runs"]:
+        groups.setdefault((row["scenario"], row["security"], row["move"]), []).append(row)
+    rows = []
+    for (scenario, security, move), rs in groups.items():
+        pause = statistics.median(r["pause_ms"]["median"] for r in rs)
+        p95 = statistics.median(r["pause_ms"]["p95"] for r in rs)
+        pull = statistics.median(r["transfer_ms"]["median"] for r in rs)
+        first = [r["first_step_ms"]["median"] for r in rs if r["first_step_ms"]]
+        other = [r["other_step_ms"]["median"] for r in rs if r["other_step_ms"]]
+        rows.append([scenario, security, move, sum(r["moves"] for r in rs), pause, p95, pull,
+                     pause / plain if scenario == "alone" else float("nan"),
+                     statistics.median(first) if first else float("nan"),
+                     statistics.median(other) if other else float("nan"),
+                     "/".join(f"{r['foreign_cpu_share']:.0%}" for r in rs)])
+    head = ["scenario", "security", "move", "n", "pause med", "pause p95", "pull med", "x plain", "1st step",
+            "med step", "others' CPU"]
+    return "\n".join([benchlib.table(head, rows, floatfmt=".2f"),
+                      f"plain socket, open connection, same bytes: median {plain:.3f} ms "
+                      f"({len(result['plain'])} measurements of 50)"])
+
+
+def matrix_main(argv: list[str]) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="scripts.bench_migration --matrix")
+    p.add_argument("--matrix", action="store_true")
+    p.add_argument("--scenarios", default="alone,pair,four")
+    p.add_argument("--security", default="key,tls")
+    p.add_argument("--moves", default="break,preconnect")
+    p.add_argument("--rounds", type=int, default=2, help="measured rounds per run (9 moves each)")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    out = benchlib.out_dir(args.out) / "migration-matrix"
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_matrix(out, scenarios=args.scenarios.split(","), securities=args.security.split(","),
+                        moves=args.moves.split(","), rounds=args.rounds, repeat=args.repeat)
+    benchlib.write_json(out / "result.json", result)
+    print(report_matrix(result), flush=True)
+    return 0
+
+
 def report(result: dict[str, Any]) -> str:
     f = result["figures"]
     rows = []
@@ -153,4 +284,6 @@ def report(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    if "--matrix" in sys.argv[1:]:
+        sys.exit(matrix_main(sys.argv[1:]))
     sys.exit(benchlib.standalone("migration", describe, run, report))
