@@ -26,7 +26,9 @@ record; ``tls``) and the move mode (``break``: break-before-make, the default;
 the matrix), with the plain socket measured between them. Per combination: the pause,
 the pull, and the first step after each move against the median step of device1 (its
 ``round_done`` events' ``step_ms``). Every run records the share of the CPUs others
-took; nothing is re-run (the machine's load is reported, not waited out).
+took; nothing is re-run (the machine's load is reported, not waited out). ``--baseline
+DIR`` (another checkout, e.g. ``git worktree add DIR main``) runs every break-before-make
+combination from that code too, right after the same one from this code.
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ SCENARIOS = {"alone": 1, "pair": 2, "four": 4}
 def _matrix_config(out: Path, scenario: str, security: str, move: str, rounds: int, tag: str) -> Path:
     devices = SCENARIOS[scenario]
     placement = {"device1": "edge1", "device2": "edge2", "device3": "edge1", "device4": "edge2"}
-    extra: dict[str, dict[str, Any]] = {"mobility": {"preconnect": move == "preconnect"}}
+    # mobility.preconnect only when on, so that the matrix also runs on code without it
+    extra: dict[str, dict[str, Any]] = {"mobility": {"preconnect": True}} if move == "preconnect" else {}
     if security == "tls":
         extra["security"] = {"mode": "tls", "certs": str(out / "certs")}
     else:
@@ -176,7 +179,7 @@ def _step_figures(run_dir: Path, moves: list[dict]) -> dict[str, Any]:
 
 
 def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves: list[str], rounds: int,
-               repeat: int) -> dict[str, Any]:
+               repeat: int, baseline: Path | None = None) -> dict[str, Any]:
     from common import pki
     from common.config import load_config
 
@@ -185,14 +188,17 @@ def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves:
     for rep in range(repeat):
         for scenario in scenarios:
             for security in securities:
-                for move in moves:
-                    cfg = _matrix_config(out, scenario, security, move, rounds, f"r{rep}")
+                for move, code in [(mv, c) for mv in moves for c in ([None] if baseline is None or mv != "break"
+                                                                      else [None, baseline])]:
+                    tag = f"r{rep}" + ("-baseline" if code is not None else "")
+                    cfg = _matrix_config(out, scenario, security, move, rounds, tag)
                     if security == "tls":
                         pki.ensure(load_config(str(cfg)))
                     load0 = benchlib.machine()["loadavg"][0]
                     with benchlib.ForeignLoad() as fl:
-                        res = benchlib.launch_ok(cfg, timeout=300 + 120 * rounds * SCENARIOS[scenario])
+                        res = benchlib.launch_ok(cfg, timeout=300 + 120 * rounds * SCENARIOS[scenario], code=code)
                     migs = [mv for mv in res.summary["migrations"] if mv["round"] > 1]
+                    move = move if code is None else "break, baseline"
                     row = {"scenario": scenario, "security": security, "move": move, "repeat": rep,
                            "moves": len(migs), "pause_ms": benchlib.summarize([mv["pause_ms"] for mv in migs]),
                            "transfer_ms": benchlib.summarize([mv["transfer_ms"] for mv in migs]),
@@ -200,10 +206,10 @@ def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves:
                            **_step_figures(res.run_dir, migs), "foreign_cpu_share": round(fl.share, 3),
                            "loadavg_before": load0, "run_dir": str(res.run_dir)}
                     results.append(row)
-                    print(f"   {scenario:5} {security:3} {move:10} pause median {row['pause_ms']['median']:6.2f} ms "
+                    print(f"   {scenario:5} {security:3} {move:15} pause median {row['pause_ms']['median']:6.2f} ms "
                           f"(p95 {row['pause_ms']['p95']:6.2f}), first step {_med(row['first_step_ms'])} vs "
                           f"{_med(row['other_step_ms'])} ms; others took {fl.share:.0%}", flush=True)
-                    if scenario == "alone":
+                    if scenario == "alone" and code is None:
                         with benchlib.ForeignLoad() as fl:
                             plain = bench_plainsock.measure(row["state_bytes"], 50)
                         plains.append({"after": f"{scenario}-{security}-{move}-r{rep}", **plain,
@@ -249,12 +255,15 @@ def matrix_main(argv: list[str]) -> int:
     p.add_argument("--moves", default="break,preconnect")
     p.add_argument("--rounds", type=int, default=2, help="measured rounds per run (9 moves each)")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="another checkout of the project: each break-before-make run again from its code, beside")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     out = benchlib.out_dir(args.out) / "migration-matrix"
     out.mkdir(parents=True, exist_ok=True)
     result = run_matrix(out, scenarios=args.scenarios.split(","), securities=args.security.split(","),
-                        moves=args.moves.split(","), rounds=args.rounds, repeat=args.repeat)
+                        moves=args.moves.split(","), rounds=args.rounds, repeat=args.repeat,
+                        baseline=Path(args.baseline) if args.baseline else None)
     benchlib.write_json(out / "result.json", result)
     print(report_matrix(result), flush=True)
     return 0

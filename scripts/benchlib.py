@@ -242,10 +242,10 @@ class RunOutcome:
         return self.status == 0 and self.summary is not None and self.summary.get("status") == "finished"
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path = ROOT) -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("FEDFLY_SET", None)  # a stray override would silently change a benchmark
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -264,12 +264,14 @@ def kill_tree(pid: int) -> None:
 
 
 def launch(config: Path, *overrides: str, timeout: float, echo: bool = False,
-           sample_memory: bool = False) -> RunOutcome:
+           sample_memory: bool = False, code: Path | None = None) -> RunOutcome:
     """Run the whole testbed of ``config`` through ``central.launch``; its output goes to
     ``<config>.out``. Kills the launcher's process tree after ``timeout`` seconds (status
     124). With ``sample_memory`` the result's summary gets ``bench_memory`` (peak summed
     RSS/USS of the testbed's processes, sampled every second). ``foreign_share`` says how
-    much of the machine other processes used meanwhile (``ForeignLoad``)."""
+    much of the machine other processes used meanwhile (``ForeignLoad``). ``code``: run
+    the testbed from another checkout of the project (a baseline), not this one."""
+    root = ROOT if code is None else Path(code).resolve()
     cmd = [sys.executable, "-m", "central.launch", "--config", str(config)]
     for o in overrides:
         cmd += ["--set", o]
@@ -277,7 +279,7 @@ def launch(config: Path, *overrides: str, timeout: float, echo: bool = False,
     t0 = time.monotonic()
     peak = {"rss_mb": 0.0, "uss_mb": 0.0, "processes": 0}
     with ForeignLoad() as foreign, open(out_path, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=root, env=_env(root), stdout=out, stderr=subprocess.STDOUT, text=True)
         status = None
         while status is None:
             try:
@@ -297,7 +299,7 @@ def launch(config: Path, *overrides: str, timeout: float, echo: bool = False,
     run_dir = None
     for line in text.splitlines():
         if line.startswith("results: "):
-            run_dir = (ROOT / line.split(": ", 1)[1].strip()).resolve()
+            run_dir = (root / line.split(": ", 1)[1].strip()).resolve()
     summary = None
     if run_dir is not None and (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
