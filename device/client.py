@@ -63,7 +63,8 @@ class DeviceClient:
     def run(self) -> int:
         control = ControlServer(host=self.me.control.listen_host, port=self.me.control_port, creds=self.creds,
                                 device=self.name, edges=list(self.cfg.edges), pos=self.pos, events=self.events,
-                                cut=self.link.cut, handshake_timeout=self.cfg.faults["dead_after_s"]).start()
+                                cut=self.link.cut, handshake_timeout=self.cfg.faults["dead_after_s"],
+                                on_move=self.link.preconnect if self.cfg.preconnect else None).start()
         try:
             saved = disk.load(self.state_dir) if self.checkpoint_steps else None
             if saved is not None:

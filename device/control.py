@@ -68,12 +68,14 @@ def check_drop(*, device: str, edges: list[str], cmd: m.DropCommand) -> str:
 
 class ControlServer:
     def __init__(self, *, host: str, port: int, creds: Credentials, device: str, edges: list[str], pos: Position,
-                 events, cut: Callable[[float, str], None], handshake_timeout: float | None = None) -> None:
+                 events, cut: Callable[[float, str], None], handshake_timeout: float | None = None,
+                 on_move: Callable[[str], None] | None = None) -> None:
         self.device = device
         self.edges = edges
         self.pos = pos
         self.events = events
         self.cut = cut
+        self.on_move = on_move  # an accepted move, before the training loop takes it (preconnect)
         self.listener = transport.Listener(host, port, creds=creds, handler=self._serve, name=f"{device}-control",
                                            handshake_timeout=handshake_timeout,
                                            on_reject=refusal_reporter(events=events))
@@ -103,6 +105,8 @@ class ControlServer:
                             self.pos.pending = msg.to
                         edge = self.pos.edge
                     self.events.emit("move_command", to=msg.to, accepted=not reason, reason=reason)
+                    if not reason and self.on_move is not None:
+                        self.on_move(msg.to)
                     conn.send(m.MoveReply(accepted=not reason, reason=reason, edge=edge))
                 elif isinstance(msg, m.DropCommand):
                     reason = check_drop(device=self.device, edges=self.edges, cmd=msg)

@@ -512,7 +512,7 @@ class EdgeLink:
         (the edge would hang up on a connection that says nothing for longer)."""
         with self._lock:
             kept = self._pre
-            if kept is not None and kept.edge == edge and not kept.stale():
+            if edge == self.edge or (kept is not None and kept.edge == edge and not kept.stale()):
                 return
             ep = self.cfg.edges[edge]
             pre = self._pre = _Preconnect(edge, lambda: transport.connect(
@@ -584,12 +584,12 @@ class EdgeLink:
         self.events.emit("moved", source=source, to=to, round=round, step=step, pause_ms=pause_ms,
                          state_bytes=reply.state_bytes, transfer_ms=reply.transfer_ms,
                          resume_step=reply.resume_step, how=reply.how, preconnected=True,
-                         connect_wait_ms=round_ms(t_ready - t0), connect_ms=pre.connect_ms)
+                         connect_wait_ms=_ms(t_ready - t0), connect_ms=pre.connect_ms)
         self._outcome(reply)
         return reply
 
 
-def round_ms(seconds: float) -> float:
+def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
@@ -619,7 +619,7 @@ class _Preconnect:
             conn, error = None, exc
         else:
             error = None
-        self.connect_ms = round_ms(time.perf_counter() - t0)
+        self.connect_ms = _ms(time.perf_counter() - t0)
         with self._lock:
             self._conn, self._error = conn, error
             discarded = self._discarded

@@ -92,7 +92,8 @@ class MoveSources:
 
     def upcoming(self, round: int, step: int, steps: int) -> str | None:
         """Where a move known now will go at the next boundary, if any (from the sources
-        that know ahead: a schedule does, the controller's commands do not)."""
+        that know ahead: a schedule; the controller's commands start their preconnect
+        when the command is accepted, ``ControlServer.on_move``)."""
         for src in self.sources:
             ahead = getattr(src, "upcoming", None)
             to = ahead(round, step, steps) if ahead is not None else None
