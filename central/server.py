@@ -71,7 +71,7 @@ class CentralServer:
         self.done_round = resume.round if resume is not None else 0      # the last round summed
         self.tracker: RoundTracker | None = None
         self.started = time.monotonic()
-        self.spec = state_spec(cfg.model["name"])
+        self.spec = state_spec(cfg.model_key)
         t = cfg.training
         self.results = RunResults(run_dir=run_dir, header={
             "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run["seed"],
@@ -249,7 +249,7 @@ class CentralServer:
             if self.resume.rng is not None:
                 torch.set_rng_state(self.resume.rng)
         else:
-            weights, first = build_model(self.cfg.model["name"], seed=self.cfg.run["seed"]).state_dict(), 1
+            weights, first = build_model(self.cfg.model_key, seed=self.cfg.run["seed"]).state_dict(), 1
             # round 0: a central that dies before its first round ends can be resumed too
             checkpoint.save(self.results.run_dir, 0, dict(weights), self.results.summary)
         status = "finished"
@@ -338,7 +338,7 @@ class CentralServer:
             order = sorted(updates)  # the fixed order of summation
             if updates:
                 weights = self.strategy.aggregate([(updates[d].weights, updates[d].samples) for d in order])
-            model = build_model(self.cfg.model["name"], seed=0)
+            model = build_model(self.cfg.model_key, seed=0)
             model.load_state_dict(weights)
             t_eval = time.monotonic()
             acc, loss = evaluate(model, self.test_x, self.test_y)

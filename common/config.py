@@ -16,14 +16,14 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.datasets import DATASETS, dataset_info
 from common.errors import ConfigError
+from common.nets import NETS, ModelSpec, net
 
 MODES = ("fedfly", "restart", "classic")
 RECONNECT_POLICIES = ("same", "nearest", "controller")
 DEATH_POLICIES = ("stop", "restart")
-DATASETS = ("synthetic", "cifar10", "imagefolder")
 DISTRIBUTIONS = ("balanced", "imbalanced")
-MODELS = {"vgg5": 7}  # model name -> number of layers (valid split layers: 0 .. n-2)
 REQUIRED = object()
 ENV_OVERRIDES = "FEDFLY_SET"
 
@@ -89,13 +89,16 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "ssh_options": (str, "", None),
     },
     "model": {
-        "name": (str, "vgg5", _choice(tuple(MODELS))),
+        "name": (str, "vgg5", _choice(tuple(NETS))),
         "split_layer": (int, 3, None),
     },
     "data": {
-        "dataset": (str, "synthetic", _choice(DATASETS)),
+        "dataset": (str, "synthetic", _choice(tuple(DATASETS))),
         "root": (str, "data", None),
         "download": (bool, False, None),
+        # 0: the data set's own size; else images are resized to image_size x image_size
+        # (and the model built for it): small inputs for tests and quick sweeps
+        "image_size": (int, 0, _NONNEG),
         "distribution": (str, "balanced", _choice(DISTRIBUTIONS)),
         "alpha": (float, 0.5, _POSITIVE),
         "samples_per_device": (int, 0, _NONNEG),
@@ -224,6 +227,14 @@ class Config:
     @property
     def mode(self) -> str:
         return self.run["mode"]
+
+    @property
+    def model_key(self) -> str:
+        """The model built for this data set's input (``common.nets.ModelSpec.key``)."""
+        info = dataset_info(self.data["dataset"])
+        c, h, w = info.shape
+        size = self.data["image_size"]
+        return ModelSpec(self.model["name"], c, size or h, size or w, info.classes).key
 
     @property
     def device_names(self) -> list[str]:
@@ -366,10 +377,7 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
                           f"({f['heartbeat_s']}): one late heartbeat would look like a dead peer",
                           f"set it to at least {2 * f['heartbeat_s']:g}")
     model = sections["model"]
-    layers = MODELS[model["name"]]
-    if not 0 <= model["split_layer"] <= layers - 2:
-        raise ConfigError("model.split_layer", f"{model['split_layer']} is not a split of {model['name']}",
-                          f"use 0 to {layers - 2} (the device runs layers 0..split_layer, the edge the rest)")
+    _check_cut("model.split_layer", model["split_layer"], model["name"])
 
     _check_endpoints(central, edges, devices)
     moves = _moves(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
@@ -377,6 +385,13 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
     _check_timeline(moves, drops, devices)
     return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, drops=drops, raw=raw,
                   **sections)
+
+
+def _check_cut(key: str, split: int, model: str) -> None:
+    entry = net(model)
+    if split not in entry.cuts:
+        raise ConfigError(key, f"{split} is not a cut point of {model}",
+                          f"use one of {entry.describe_cuts()} (the device runs layers 0..split_layer, the edge the rest)")
 
 
 def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dict[str, DeviceConfig]) -> None:

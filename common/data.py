@@ -82,6 +82,7 @@ class DataSpec:
     test_samples: int = 0
     synthetic_train_size: int = 50000
     seed: int = 0
+    image_size: int = 0  # 0: the data set's own size; else resized to image_size x image_size
 
 
 # --------------------------------------------------------------------------- public API
@@ -162,6 +163,10 @@ def load_train_shard(spec: DataSpec, *, devices: list[str], device: str) -> tupl
     result depends only on ``spec``, the *set* of device names and ``device``. Only this
     shard's images are materialised. Samples appear in ascending dataset order.
     """
+    return _resized(spec, *_train_shard(spec, devices=devices, device=device))
+
+
+def _train_shard(spec: DataSpec, *, devices: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
     rank, num_devices = _device_rank(devices, device)
     _check_spec(spec)
     if spec.dataset == "synthetic":
@@ -194,6 +199,19 @@ def load_test_set(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     set, in ascending order. A synthetic test set of N samples is samples ``0..N-1`` of
     the synthetic test stream (which is independent of the training stream).
     """
+    return _resized(spec, *_test_set(spec))
+
+
+def _resized(spec: DataSpec, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images resized to ``spec.image_size`` (bilinear, antialiased: a pure function of
+    each image, so a device's shard is the same whoever loads it)."""
+    size = spec.image_size
+    if size and x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).contiguous()
+    return x, y
+
+
+def _test_set(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     _check_spec(spec)
     if spec.dataset == "synthetic":
         n = spec.test_samples or SYNTHETIC_TEST_SIZE

@@ -48,7 +48,7 @@ def in_process(cfg_path: Path, rounds: int) -> list[float]:
     set_threads(cfg.training["threads"])
     device = cfg.device_names[0]
     x, y = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=device)
-    model = build_model(cfg.model["name"], seed=cfg.run["seed"])
+    model = build_model(cfg.model_key, seed=cfg.run["seed"])
     t = cfg.training
     seconds = []
     for r in range(1, rounds + 1):

@@ -14,22 +14,25 @@ from tests.testbed import run_launch, write_config
 
 
 def reference_sha(cfg_path, rounds: int) -> str:
-    """The same run as one device and one edge would do, in this process, whole model."""
+    """The same run as the devices and edges would do, in this process: each device's
+    whole model trained on its batches, FedAvg over the devices in name order."""
     cfg = load_config(str(cfg_path))
     old = torch.get_num_threads()
     set_threads(cfg.training["threads"])
     try:
-        (device,) = cfg.device_names
-        x, y = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=device)
+        shards = {d: load_train_shard(data_spec(cfg), devices=cfg.device_names, device=d) for d in cfg.device_names}
         t = cfg.training
-        weights = build_model("vgg5", seed=cfg.run["seed"]).state_dict()
+        weights = build_model(cfg.model_key, seed=cfg.run["seed"]).state_dict()
         for r in range(1, rounds + 1):
-            model = build_model("vgg5", seed=0)
-            model.load_state_dict(weights)
-            batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
-                                    device=device, round=r)
-            train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"])
-            weights = fedavg([(model.state_dict(), len(x))])
+            updates = []
+            for device, (x, y) in shards.items():
+                model = build_model(cfg.model_key, seed=0)
+                model.load_state_dict(weights)
+                batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
+                                        device=device, round=r)
+                train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"])
+                updates.append((model.state_dict(), len(x)))
+            weights = fedavg(updates)
         return state_sha256(weights)
     finally:
         torch.set_num_threads(old)
