@@ -21,7 +21,7 @@ import torch
 
 from central import checkpoint
 from central.edges import EdgeJoined, EdgeLost, EdgeMessage, EdgeRegistry
-from central.fedavg import FedAvg, Strategy
+from central.strategies import Failure, Strategy, make_strategy
 from central.results import SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
 from central.rounds import RoundTracker
 from common import messages as m
@@ -56,7 +56,8 @@ class CentralServer:
         self.run_name = run_name
         self.test_x, self.test_y = test_set
         self.shard_samples = shard_samples or {}
-        self.strategy = strategy or FedAvg()
+        self.strategy = strategy or make_strategy(cfg.strategy)
+        self.strategy_state = dict(resume.strategy_state) if resume is not None else {}
         self.out = out
         self.faults = cfg.faults
         # The seam between the round logic and the network: tests stand a fake here.
@@ -76,6 +77,7 @@ class CentralServer:
         self.results = RunResults(run_dir=run_dir, header={
             "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run["seed"],
             "model": cfg.model["name"], "split_layer": cfg.model["split_layer"], "dataset": cfg.data["dataset"],
+            "strategy": self.strategy.describe(),
             "distribution": cfg.data["distribution"], "training": dict(t), "threads": t["threads"],
             "faults_settings": dict(cfg.faults),
             "device_settings": {n: {"edge": d.edge, "slowdown": d.slowdown, "threads": cfg.device_threads(n)}
@@ -310,7 +312,8 @@ class CentralServer:
                 participants = self._await_devices(r)
             t0 = time.monotonic()
             plan = replan or RoundPlan(round=r, lr=t["lr"], momentum=t["momentum"], batch_size=t["batch_size"],
-                                       local_epochs=t["local_epochs"], participants=tuple(sorted(participants)))
+                                       local_epochs=t["local_epochs"], participants=tuple(sorted(participants)),
+                                       **self.strategy.configure(r))
             checkpoint.save_plan(self.results.run_dir, plan)
             start = m.RoundStart(plan=plan.to_wire(), weights=weights)
             self.events.emit("round_start", round=r, participants=list(plan.participants))
@@ -337,7 +340,10 @@ class CentralServer:
             updates = {d: u for d, u in tracker.updates.items()}
             order = sorted(updates)  # the fixed order of summation
             if updates:
-                weights = self.strategy.aggregate([(updates[d].weights, updates[d].samples) for d in order])
+                failures = [Failure(x.device, x.reason, x.samples) for x in tracker.dropped.values()]
+                weights, self.strategy_state = self.strategy.aggregate(
+                    [(updates[d].weights, updates[d].samples) for d in order], failures,
+                    current=weights, state=self.strategy_state)
             model = build_model(self.cfg.model_key, seed=0)
             model.load_state_dict(weights)
             t_eval = time.monotonic()
@@ -352,7 +358,7 @@ class CentralServer:
                    "samples_lost": sum(x["samples"] for x in dropped)}
             self.results.add_round(rec, {d: {"samples": u.samples, "train_seconds": u.train_seconds,
                                              "steps": u.steps, "edge": u.edge} for d, u in updates.items()})
-            checkpoint.save(self.results.run_dir, r, weights, self.results.summary)
+            checkpoint.save(self.results.run_dir, r, weights, self.results.summary, self.strategy_state)
             self.events.emit("round_done", **{k: v for k, v in rec.items() if k != "devices"})
             moves = sum(1 for mv in self.results.summary["migrations"] if mv["round"] == r)
             elapsed = time.monotonic() - self.results.started

@@ -24,6 +24,7 @@ MODES = ("fedfly", "restart", "classic")
 RECONNECT_POLICIES = ("same", "nearest", "controller")
 DEATH_POLICIES = ("stop", "restart")
 DISTRIBUTIONS = ("balanced", "imbalanced")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm")  # central/strategies.py (kept torch-free here)
 REQUIRED = object()
 ENV_OVERRIDES = "FEDFLY_SET"
 
@@ -103,6 +104,13 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "alpha": (float, 0.5, _POSITIVE),
         "samples_per_device": (int, 0, _NONNEG),
         "test_samples": (int, 0, _NONNEG),
+    },
+    # Aggregation (central/strategies.py): mu for fedprox, server_lr and server_momentum for fedavgm.
+    "strategy": {
+        "name": (str, "fedavg", _choice(STRATEGIES)),
+        "mu": (float, 0.01, _NONNEG),
+        "server_lr": (float, 1.0, _POSITIVE),
+        "server_momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
     },
     "training": {
         "rounds": (int, 5, _AT_LEAST_1),
@@ -218,6 +226,7 @@ class Config:
     model: dict[str, Any]
     data: dict[str, Any]
     training: dict[str, Any]
+    strategy: dict[str, Any]
     links: dict[str, Any]
     remote: dict[str, Any]
     moves: tuple[Move, ...] = field(default_factory=tuple)

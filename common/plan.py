@@ -26,12 +26,13 @@ class RoundPlan:
     batch_size: int
     local_epochs: int
     participants: tuple[str, ...]
+    prox_mu: float = 0.0   # FedProx's proximal weight this round (0: none); set by the strategy
 
     def __post_init__(self) -> None:
         problems = []
         if type(self.round) is not int or self.round < 1:
             problems.append(f"round {self.round!r} is not an int >= 1")
-        for name in ("lr", "momentum"):
+        for name in ("lr", "momentum", "prox_mu"):
             v = getattr(self, name)
             if type(v) is int:
                 object.__setattr__(self, name, float(v))

@@ -222,7 +222,7 @@ class DeviceClient:
         model = full if self.mode == "classic" else split_model(full, self.cfg.model["split_layer"])[0]
         model.load_state_dict(weights)
         model.train()
-        return model, make_optimizer(model.parameters(), lr=plan.lr, momentum=plan.momentum)
+        return model, make_optimizer(model.parameters(), lr=plan.lr, momentum=plan.momentum, prox_mu=plan.prox_mu)
 
     def _split_step(self, model, opt, r: int, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
         """One lockstep step with the edge; returns the device's own compute seconds (not

@@ -495,7 +495,7 @@ class EdgeCore:
         edge_state = None if self.mode == "classic" else {k: info.weights[k] for k in self.models.edge_keys}
         return EdgeSession(device=device, round=info.round, mode=self.mode, model=self.models.name,
                            split_layer=self.models.split, lr=info.plan.lr, momentum=info.plan.momentum,
-                           part_state=edge_state, seed=self.seed)
+                           part_state=edge_state, seed=self.seed, prox_mu=info.plan.prox_mu)
 
     def _start_session(self, e: Entry, event: Event) -> None:
         """A fresh session of the current round, and the round's work sent to the device."""

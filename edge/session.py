@@ -105,7 +105,7 @@ class EdgeSession:
     def __init__(self, *, device: str, round: int, mode: str, model: str, split_layer: int,
                  lr: float, momentum: float, part_state: dict[str, torch.Tensor] | None,
                  step: int = 0, samples: int = 0, loss_sum: float = 0.0, seed: int = 0,
-                 adopt: bool = False, part: Part | None = None) -> None:
+                 adopt: bool = False, part: Part | None = None, prox_mu: float = 0.0) -> None:
         self.device = device
         self.round = round
         self.mode = mode
@@ -132,7 +132,9 @@ class EdgeSession:
             # weights, which every session of the round starts from.
             self.part.load_state_dict(part_state, assign=adopt)
             self.part.train()
-            self.optimizer = make_optimizer(self.part.parameters(), lr=lr, momentum=momentum)
+            # prox_mu (FedProx): the reference is the part as loaded, the round's weights; a
+            # migrated session's comes back with its optimizer state
+            self.optimizer = make_optimizer(self.part.parameters(), lr=lr, momentum=momentum, prox_mu=prox_mu)
 
     def position_matches(self, step: int) -> bool:
         """True if a device about to send ``step`` can go on with this session: it is at
