@@ -78,6 +78,7 @@ class CentralServer:
             "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run["seed"],
             "model": cfg.model["name"], "split_layer": cfg.model["split_layer"], "dataset": cfg.data["dataset"],
             "strategy": self.strategy.describe(),
+            "cuts": {d: cfg.split_of(d) for d in cfg.device_names},
             "distribution": cfg.data["distribution"], "training": dict(t), "threads": t["threads"],
             "faults_settings": dict(cfg.faults),
             "device_settings": {n: {"edge": d.edge, "slowdown": d.slowdown, "threads": cfg.device_threads(n)}

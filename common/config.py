@@ -135,6 +135,7 @@ DEVICE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "slowdown": (float, 1.0, lambda v: None if v >= 1 else "must be >= 1 (1 = full speed)"),
     "threads": (int, 0, _NONNEG),
     "link_mbit": (float, 0.0, _NONNEG),  # 0: links.device_mbit
+    "split_layer": (int, None, None),    # this device's cut (default: model.split_layer)
     "ssh": (str, "", None),
 }
 MOVE_KEYS: dict[str, tuple[type, Any, Any]] = {
@@ -176,6 +177,7 @@ class DeviceConfig:
     threads: int = 0
     link_mbit: float = 0.0
     ssh: str = ""
+    split_layer: int | None = None
 
     @property
     def control(self) -> Endpoint:
@@ -249,6 +251,16 @@ class Config:
     def device_names(self) -> list[str]:
         """Devices in the fixed order used everywhere (FedAvg, shards): sorted by name."""
         return sorted(self.devices)
+
+    def split_of(self, device: str) -> int:
+        """``device``'s cut: its own ``split_layer`` or the model's."""
+        own = self.devices[device].split_layer
+        return self.model["split_layer"] if own is None else own
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """The devices that cut elsewhere than ``model.split_layer``, with their cut."""
+        return {d: self.split_of(d) for d in sorted(self.devices) if self.split_of(d) != self.model["split_layer"]}
 
     def device_threads(self, name: str) -> int:
         return self.devices[name].threads or self.training["threads"]
@@ -387,6 +399,9 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
                           f"set it to at least {2 * f['heartbeat_s']:g}")
     model = sections["model"]
     _check_cut("model.split_layer", model["split_layer"], model["name"])
+    for dev in devices.values():
+        if dev.split_layer is not None:
+            _check_cut(f"devices.{dev.name}.split_layer", dev.split_layer, model["name"])
 
     _check_endpoints(central, edges, devices)
     moves = _moves(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])

@@ -107,8 +107,14 @@ def edge_part(name: str, split_layer: int, *, seed: int = 0) -> Part:
 
 def part_keys(name: str, split_layer: int) -> tuple[list[str], list[str]]:
     """State-dict keys of the device part and of the edge part."""
+    dev, edge = _part_keys(name, split_layer)
+    return list(dev), list(edge)
+
+
+@functools.lru_cache(maxsize=64)
+def _part_keys(name: str, split_layer: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     dev, edge = split_model(empty_part(name, 0), split_layer)
-    return list(dev.state_dict()), list(edge.state_dict())
+    return tuple(dev.state_dict()), tuple(edge.state_dict())
 
 
 def select(state: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:

@@ -54,7 +54,8 @@ class DeviceClient:
         self._round_ctx: tuple[RoundPlan, dict[str, torch.Tensor]] | None = None
         self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
         self.throttle_s = 0.0
-        keys = part_keys(cfg.model_key, cfg.model["split_layer"])
+        self.split = cfg.split_of(name)
+        keys = part_keys(cfg.model_key, self.split)
         self.keys = keys[0] + keys[1] if self.mode == "classic" else keys[0]
 
     # -- life cycle ----------------------------------------------------------------------
@@ -219,7 +220,7 @@ class DeviceClient:
 
     def _fresh(self, weights: dict[str, torch.Tensor], plan: RoundPlan):
         full = build_model(self.cfg.model_key, seed=0)
-        model = full if self.mode == "classic" else split_model(full, self.cfg.model["split_layer"])[0]
+        model = full if self.mode == "classic" else split_model(full, self.split)[0]
         model.load_state_dict(weights)
         model.train()
         return model, make_optimizer(model.parameters(), lr=plan.lr, momentum=plan.momentum, prox_mu=plan.prox_mu)

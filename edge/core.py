@@ -27,7 +27,7 @@ from common import messages as m
 from common.errors import LocalProtocolError, MigrationError, RemoteProtocolError
 from common.events import EventLog
 from common.plan import RoundPlan
-from common.models import num_classes
+from common.models import num_classes, part_keys
 from edge.migration import buddy_of
 from edge.lifecycle import Event, State, TransitionError, allowed, check_transition
 from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
@@ -92,11 +92,21 @@ class Replica:
 
 @dataclass
 class Models:
-    """The model layout this edge serves: which keys are the device's and the edge's."""
+    """The model layout this edge serves: which keys are the device's and the edge's, for
+    the model's cut and for each device that cuts elsewhere (``devices.NAME.split_layer``)."""
     name: str
     split: int
     device_keys: list[str]
     edge_keys: list[str]
+    splits: dict[str, int] = field(default_factory=dict)
+
+    def cut(self, device: str) -> int:
+        return self.splits.get(device, self.split)
+
+    def keys(self, device: str) -> tuple[list[str], list[str]]:
+        """(device part's keys, edge part's keys) of ``device``'s cut."""
+        cut = self.cut(device)
+        return (self.device_keys, self.edge_keys) if cut == self.split else part_keys(self.name, cut)
 
 
 class EdgeCore:
@@ -492,9 +502,9 @@ class EdgeCore:
         self._move(e, event, S.ACTIVE if e.port is not None else S.DETACHED)
 
     def _new_session(self, device: str, info: RoundInfo) -> EdgeSession:
-        edge_state = None if self.mode == "classic" else {k: info.weights[k] for k in self.models.edge_keys}
+        edge_state = None if self.mode == "classic" else {k: info.weights[k] for k in self.models.keys(device)[1]}
         return EdgeSession(device=device, round=info.round, mode=self.mode, model=self.models.name,
-                           split_layer=self.models.split, lr=info.plan.lr, momentum=info.plan.momentum,
+                           split_layer=self.models.cut(device), lr=info.plan.lr, momentum=info.plan.momentum,
                            part_state=edge_state, seed=self.seed, prox_mu=info.plan.prox_mu)
 
     def _start_session(self, e: Entry, event: Event) -> None:
@@ -502,7 +512,8 @@ class EdgeCore:
         info = self.current
         assert info is not None and e.port is not None
         self._fresh(e, event, info, 0)
-        keys = self.models.device_keys + (self.models.edge_keys if self.mode == "classic" else [])
+        dev_keys, edge_keys = self.models.keys(e.device)
+        keys = dev_keys + (edge_keys if self.mode == "classic" else [])
         e.port.post(m.DeviceRound(plan=info.plan.to_wire(), weights={k: info.weights[k] for k in keys}))
 
     def _on_pull_outcome(self, ev: PullOutcome) -> None:
@@ -587,7 +598,7 @@ class EdgeCore:
             if rep is not None:
                 try:
                     session = EdgeSession.from_snapshot(rep.meta, rep.tensors, rep.checksum,
-                                                        expect_model=self.models.name, expect_split=self.models.split,
+                                                        expect_model=self.models.name, expect_split=self.models.cut(e.device),
                                                         spare=self.spare)
                 except MigrationError as exc:
                     self.events.emit("replica_damaged", device=e.device, detail=str(exc)[:200])
@@ -729,7 +740,8 @@ class EdgeCore:
             self._move(e, E.FINISH, e.state)
             self.events.emit("stale_update", device=e.device, round=msg.round, state=e.state.value)
             return
-        keys = self.models.device_keys + (self.models.edge_keys if self.mode == "classic" else [])
+        dev_keys, edge_keys = self.models.keys(e.device)
+        keys = dev_keys + (edge_keys if self.mode == "classic" else [])
         if set(msg.weights) != set(keys):
             raise RemoteProtocolError(f"{self.role}: DeviceDone from {e.device} has the wrong weights")
         if self.mode != "classic" and session.step != msg.steps:

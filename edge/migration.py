@@ -170,12 +170,13 @@ class Fetcher:
     core as a ``PullOutcome`` (through ``submit``)."""
 
     def __init__(self, *, name: str, peers: PeerLinks, submit: Callable[[object], None], model: str,
-                 split_layer: int, spare: SparePart | None, events, replicator: "Replicator | None" = None) -> None:
+                 cut_of: Callable[[str], int], spare: SparePart | None, events,
+                 replicator: "Replicator | None" = None) -> None:
         self.name = name
         self.replicator = replicator
         self.peers = peers
         self.submit = submit
-        self.model, self.split = model, split_layer
+        self.model, self.cut_of = model, cut_of  # cut_of(device): that device's split layer
         self.spare = spare
         self.events = events
 
@@ -235,7 +236,7 @@ class Fetcher:
             raise MigrationError(f"{outcome.source} answered {request.TYPE} with {reply.TYPE}")
         outcome.state_bytes = ex.link.conn.bytes_received - before
         session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum, expect_model=self.model,
-                                           expect_split=self.split, spare=self.spare)
+                                           expect_split=self.cut_of(device), spare=self.spare)
         if (session.device, session.round) != (device, round_) or not fits(session):
             raise MigrationError(f"{outcome.source} sent {session.device} round {session.round} step "
                                  f"{session.step}, expected {device} {expected}")

@@ -73,8 +73,11 @@ class SparePart:
         with self._lock:
             self._spare = part
 
-    def take(self) -> Part:
-        """The spare (or a new part, if it was already taken)."""
+    def take(self, first: int | None = None) -> Part:
+        """The spare (or a new part, if it was already taken, or if the session starts at
+        another layer ``first``: a device that cuts elsewhere)."""
+        if first is not None and first != self._first:
+            return empty_part(self._model, first)
         with self._lock:
             part, self._spare = self._spare, None
         return part if part is not None else empty_part(self._model, self._first)
@@ -256,7 +259,7 @@ class EdgeSession:
                           split_layer=meta["split_layer"], lr=meta["lr"], momentum=meta["momentum"],
                           part_state={k[6:]: v for k, v in tensors.items() if k.startswith("model/")},
                           step=meta["step"], samples=meta["samples"], loss_sum=meta["loss_sum"], adopt=True,
-                          part=spare.take() if spare is not None and meta["mode"] != "classic" else None)
+                          part=spare.take(meta["split_layer"] + 1) if spare is not None and meta["mode"] != "classic" else None)
             if session.part is not None and session.optimizer is not None:
                 state: dict[int, dict[str, torch.Tensor]] = {}
                 for k, v in tensors.items():
