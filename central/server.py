@@ -79,6 +79,7 @@ class CentralServer:
             "model": cfg.model["name"], "split_layer": cfg.model["split_layer"], "dataset": cfg.data["dataset"],
             "strategy": self.strategy.describe(),
             "cuts": {d: cfg.split_of(d) for d in cfg.device_names},
+            "mobility": {**cfg.mobility, "timed_moves": len(cfg.timed_moves)},
             "distribution": cfg.data["distribution"], "training": dict(t), "threads": t["threads"],
             "faults_settings": dict(cfg.faults),
             "device_settings": {n: {"edge": d.edge, "slowdown": d.slowdown, "threads": cfg.device_threads(n)}

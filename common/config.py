@@ -9,6 +9,7 @@ key and the fix. Relative ``security.key_file`` paths are relative to the config
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shlex
@@ -18,6 +19,7 @@ from typing import Any
 
 from common.datasets import DATASETS, dataset_info
 from common.errors import ConfigError
+from common.mobility_models import TimedMove, TraceError, read_trace, waypoint_trace
 from common.nets import NETS, ModelSpec, net
 
 MODES = ("fedfly", "restart", "classic")
@@ -25,6 +27,7 @@ RECONNECT_POLICIES = ("same", "nearest", "controller")
 DEATH_POLICIES = ("stop", "restart")
 DISTRIBUTIONS = ("balanced", "imbalanced")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm")  # central/strategies.py (kept torch-free here)
+MOBILITY_MODELS = ("schedule", "trace", "waypoint")  # common/mobility_models.py
 REQUIRED = object()
 ENV_OVERRIDES = "FEDFLY_SET"
 
@@ -144,6 +147,21 @@ MOVE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "round": (int, REQUIRED, _AT_LEAST_1),
     "at": (float, REQUIRED, lambda v: None if 0 < v < 1 else "must be a fraction of the round, 0 < at < 1"),
 }
+# [mobility]: which model moves the devices ([[mobility.moves]] and [[mobility.drops]] apply
+# under every model).
+MOBILITY_KEYS: dict[str, tuple[type, Any, Any]] = {
+    "model": (str, "schedule", _choice(MOBILITY_MODELS)),
+    "trace": (str, "", None),   # CSV (relative to the config file): time_s,device,edge or round,at,device,edge
+}
+# [mobility.waypoint]: random waypoint over a grid of edge cells (common/mobility_models.py)
+WAYPOINT_KEYS: dict[str, tuple[type, Any, Any]] = {
+    "cell_m": (float, 100.0, _POSITIVE),     # side of an edge's square cell
+    "speed_mps": (float, 1.5, _POSITIVE),    # walking speed
+    "pause_s": (float, 0.0, _NONNEG),        # pause at each waypoint
+    "columns": (int, 0, _NONNEG),            # cells per row (0: ceil(sqrt(edges)))
+    "seed": (int, -1, None),                 # -1: run.seed
+    "horizon_s": (float, 3600.0, _POSITIVE),  # how far ahead the walk is drawn
+}
 DROP_KEYS: dict[str, tuple[type, Any, Any]] = {
     "device": (str, REQUIRED, None),
     "round": (int, REQUIRED, _AT_LEAST_1),
@@ -233,6 +251,8 @@ class Config:
     remote: dict[str, Any]
     moves: tuple[Move, ...] = field(default_factory=tuple)
     drops: tuple[Drop, ...] = field(default_factory=tuple)
+    traced_moves: tuple[TimedMove, ...] = field(default_factory=tuple)  # a time-based trace's
+    mobility: dict[str, Any] = field(default_factory=dict)   # the mobility model in force and its settings
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -267,6 +287,18 @@ class Config:
 
     def moves_for(self, device: str) -> list[Move]:
         return [mv for mv in self.moves if mv.device == device]
+
+    @functools.cached_property
+    def timed_moves(self) -> tuple[TimedMove, ...]:
+        """Time-based moves: a trace's, or the random-waypoint walk (drawn on first use:
+        only devices and the central need it)."""
+        wp = self.mobility.get("waypoint")
+        if wp is None:
+            return self.traced_moves
+        return tuple(waypoint_trace(devices={n: d.edge for n, d in self.devices.items()}, edges=list(self.edges), **wp))
+
+    def timed_moves_for(self, device: str) -> list[TimedMove]:
+        return [mv for mv in self.timed_moves if mv.device == device]
 
     def drops_for(self, device: str) -> list[Drop]:
         return [d for d in self.drops if d.device == device]
@@ -406,8 +438,12 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
     _check_endpoints(central, edges, devices)
     moves = _moves(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
     drops = _drops(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
+    mobility, traced, timed = _mobility_model(raw.get("mobility", {}), path, edges, devices,
+                                              sections["training"]["rounds"], sections["run"]["seed"])
+    moves = tuple(sorted(moves + traced, key=lambda x: (x.round, x.at, x.device)))
     _check_timeline(moves, drops, devices)
     return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, drops=drops, raw=raw,
+                  traced_moves=timed, mobility=mobility,
                   **sections)
 
 
@@ -432,10 +468,53 @@ def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dic
 def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move, ...]:
     if not isinstance(mobility, dict):
         raise ConfigError("mobility", "must be a table", "write moves as [[mobility.moves]] tables")
-    unknown = sorted(set(mobility) - {"moves", "drops"})
+    unknown = sorted(set(mobility) - {"moves", "drops", "waypoint"} - set(MOBILITY_KEYS))
     if unknown:
-        raise ConfigError(f"mobility.{unknown[0]}", "is not a known key", "use [[mobility.moves]] or [[mobility.drops]]")
+        raise ConfigError(f"mobility.{unknown[0]}", "is not a known key",
+                          "use [[mobility.moves]], [[mobility.drops]], model, trace or [mobility.waypoint]")
     return _mobility_list(mobility, "moves", Move, MOVE_KEYS, edges, devices, rounds)
+
+
+def _mobility_model(mobility: dict, path: str, edges: dict, devices: dict, rounds: int,
+                    seed: int) -> tuple[dict[str, Any], tuple[Move, ...], tuple[TimedMove, ...]]:
+    """The ``[mobility]`` model: its settings (for summary.json), the round-based moves of
+    a trace, and the time-based moves of a trace or of the random-waypoint model."""
+    settings = _table("mobility", {k: v for k, v in mobility.items() if k in MOBILITY_KEYS}, MOBILITY_KEYS)
+    model = settings["model"]
+    if "waypoint" in mobility and model != "waypoint":
+        raise ConfigError("mobility.waypoint", f"is set but mobility.model is {model!r}", 'set model = "waypoint"')
+    if settings["trace"] and model != "trace":
+        raise ConfigError("mobility.trace", f"is set but mobility.model is {model!r}", 'set model = "trace"')
+    rounds_moves: list[Move] = []
+    timed: list[TimedMove] = []
+    if model == "trace":
+        if not settings["trace"]:
+            raise ConfigError("mobility.trace", "is missing (mobility.model is \"trace\")",
+                              'add trace = "moves.csv" (time_s,device,edge or round,at,device,edge)')
+        file = settings["trace"]
+        file = file if os.path.isabs(file) else os.path.join(os.path.dirname(os.path.abspath(path)), file)
+        try:
+            rows = read_trace(file)
+        except TraceError as exc:
+            raise ConfigError("mobility.trace", str(exc), "fix the file or point trace at another") from None
+        for i, row in enumerate(rows):
+            where = f"mobility.trace (row {i + 1} of {settings['trace']})"
+            if row.device not in devices:
+                raise ConfigError(where, f"{row.device!r} is not a device", f"use one of: {', '.join(sorted(devices))}")
+            if row.to not in edges:
+                raise ConfigError(where, f"{row.to!r} is not an edge", f"use one of: {', '.join(sorted(edges))}")
+            if isinstance(row, TimedMove):
+                timed.append(row)
+            elif not 1 <= row.round <= rounds:
+                raise ConfigError(where, f"round {row.round} is not a round of this run", f"use 1 to {rounds}")
+            else:
+                rounds_moves.append(Move(row.device, row.to, row.round, row.at))
+        timed.sort(key=lambda mv: (mv.time_s, mv.device))
+    elif model == "waypoint":
+        wp = _table("mobility.waypoint", mobility.get("waypoint", {}), WAYPOINT_KEYS)
+        wp["seed"] = seed if wp["seed"] == -1 else wp["seed"]
+        settings["waypoint"] = wp
+    return settings, tuple(rounds_moves), tuple(timed)
 
 
 def _mobility_list(mobility: dict, kind: str, cls: type, schema: dict, edges: dict, devices: dict,

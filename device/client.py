@@ -27,7 +27,7 @@ from common.training import LOSS, make_optimizer, round_batches
 from device.control import ControlServer, Position
 from device.link import EdgeLink, EdgeUnreachable, Rollback, RoundOver, RunOver
 from device import state as disk
-from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves
+from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves, TimedMoves
 
 log = logging.getLogger("device")
 
@@ -44,7 +44,8 @@ class DeviceClient:
         self.me = cfg.devices[name]
         self.pos = Position(edge=self.me.edge)
         self.link = EdgeLink(cfg=cfg, name=name, key=key, events=events, pos=self.pos)
-        self.moves = MoveSources(ScheduledMoves(cfg.moves_for(name)), CommandedMoves(self.pos))
+        self.moves = MoveSources(ScheduledMoves(cfg.moves_for(name)), TimedMoves(cfg.timed_moves_for(name)),
+                                 CommandedMoves(self.pos))
         self.drops = ScheduledDrops(cfg.drops_for(name))
         # faults.checkpoint_steps (mode fedfly): the device part and its optimizer every K
         # steps, in memory, so that the round can go back to a step its edge's buddy holds
