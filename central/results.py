@@ -1,8 +1,11 @@
-"""The run folder: ``summary.json`` (the contract benchmarks and users rely on), the final
-weights, and the progress lines and table printed as the run goes."""
+"""The run folder: ``summary.json`` (the contract benchmarks and users rely on),
+``rounds.csv`` (one row per round, for plotting with any tool), the final weights, and
+the progress lines and table printed as the run goes."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import time
@@ -14,6 +17,10 @@ from common.models import state_sha256
 from common.tensorfile import write_tensors
 
 SUMMARY = "summary.json"
+ROUNDS_CSV = "rounds.csv"
+# rounds.csv: the round's own fields, then what its migrations cost (summed over them)
+CSV_FIELDS = ["round", "seconds", "eval_seconds", "test_accuracy", "test_loss", "samples", "devices", "missing",
+              "dropped", "samples_lost", "migrations", "migration_bytes", "migration_pause_ms"]
 FINAL_WEIGHTS = "final_model.safetensors"
 
 
@@ -60,6 +67,25 @@ class RunResults:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(self.summary, f, indent=2)
         os.replace(path + ".tmp", path)
+        path = os.path.join(self.run_dir, ROUNDS_CSV)
+        with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+            f.write(rounds_csv(self.summary))
+        os.replace(path + ".tmp", path)
+
+
+def rounds_csv(summary: dict[str, Any]) -> str:
+    """One row per round of ``summary``: ``CSV_FIELDS``; lists are counted (devices,
+    missing, dropped), migrations summed per round."""
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for rec in summary.get("rounds", []):
+        migs = [mv for mv in summary.get("migrations", []) if mv.get("round") == rec.get("round")]
+        row = {k: (len(v) if isinstance(v, list) else v) for k, v in rec.items()}
+        row.update(migrations=len(migs), migration_bytes=sum(mv.get("state_bytes", 0) for mv in migs),
+                   migration_pause_ms=round(sum(mv.get("pause_ms", 0.0) for mv in migs), 3))
+        w.writerow(row)
+    return out.getvalue()
 
 
 def fmt_seconds(s: float) -> str:

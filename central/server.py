@@ -76,7 +76,8 @@ class CentralServer:
         t = cfg.training
         self.results = RunResults(run_dir=run_dir, header={
             "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run["seed"],
-            "model": cfg.model["name"], "split_layer": cfg.model["split_layer"], "dataset": cfg.data["dataset"],
+            "model": cfg.model["name"], "model_key": cfg.model_key, "split_layer": cfg.model["split_layer"],
+            "dataset": cfg.data["dataset"],
             "strategy": self.strategy.describe(),
             "cuts": {d: cfg.split_of(d) for d in cfg.device_names},
             "mobility": {**cfg.mobility, "timed_moves": len(cfg.timed_moves)},

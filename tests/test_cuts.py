@@ -25,7 +25,7 @@ def test_devices_of_different_cuts_with_fedprox_and_a_move_equal_whole_model_tra
     to edge2, which serves device2 (cut 3) and device3 (cut 5). The final model is the
     in-process whole-model run's (FedProx included), bit for bit."""
     from tests.test_exactness import reference_sha
-    from tests.testbed import run_launch, write_config
+    from tests.testbed import run_dir_of, run_launch, write_config
     cfg = write_config(tmp_path, edges=2, devices=3, rounds=1, samples_per_device=16, batch_size=4, split_layer=3,
                        moves=[{"device": "device1", "to": "edge2", "round": 1, "at": 0.5}],
                        device_edges={"device1": "edge1", "device2": "edge2", "device3": "edge2"},
@@ -39,3 +39,23 @@ def test_devices_of_different_cuts_with_fedprox_and_a_move_equal_whole_model_tra
     (mig,) = summary["migrations"]
     assert (mig["device"], mig["to"], mig["step"], mig["mode"]) == ("device1", "edge2", 2, "fedfly")
     assert summary["final_model_sha256"] == reference_sha(cfg, rounds=1)
+    # the per-round CSV beside summary.json
+    rows = (run_dir_of(out) / "rounds.csv").read_text().splitlines()
+    assert rows[0].startswith("round,seconds,") and len(rows) == 2
+    row = dict(zip(rows[0].split(","), rows[1].split(",")))
+    assert row["round"] == "1" and row["devices"] == "3" and row["migrations"] == "1"
+    assert int(row["migration_bytes"]) == mig["state_bytes"] and row["samples"] == "48"
+
+
+def test_rounds_csv_counts_lists_and_sums_migrations():
+    from central.results import rounds_csv
+    summary = {"rounds": [{"round": 1, "seconds": 2.5, "test_accuracy": 0.5, "devices": ["a", "b"], "missing": [],
+                           "dropped": [{"device": "c"}], "samples": 10, "samples_lost": 5},
+                          {"round": 2, "seconds": 1.0, "devices": ["a"], "missing": ["b"]}],
+               "migrations": [{"round": 1, "state_bytes": 100, "pause_ms": 1.5},
+                              {"round": 1, "state_bytes": 50, "pause_ms": 2.0}]}
+    lines = rounds_csv(summary).splitlines()
+    assert lines[0] == ("round,seconds,eval_seconds,test_accuracy,test_loss,samples,devices,missing,dropped,"
+                        "samples_lost,migrations,migration_bytes,migration_pause_ms")
+    assert lines[1] == "1,2.5,,0.5,,10,2,0,1,5,2,150,3.5"
+    assert lines[2] == "2,1.0,,,,,1,1,,,0,0,0"
