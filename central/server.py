@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from central import checkpoint
+from central import autosplit, checkpoint
 from central.edges import EdgeJoined, EdgeLost, EdgeMessage, EdgeRegistry
 from central.strategies import Failure, Strategy, make_strategy
 from central.results import SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
@@ -58,6 +58,8 @@ class CentralServer:
         self.shard_samples = shard_samples or {}
         self.strategy = strategy or make_strategy(cfg.strategy)
         self.strategy_state = dict(resume.strategy_state) if resume is not None else {}
+        # split_layer = "auto": the cuts are chosen once, here (a resumed run keeps its own)
+        self.auto = {} if cfg.mode == "classic" or resume is not None else autosplit.choose(cfg, self.shard_samples)
         self.out = out
         self.faults = cfg.faults
         # The seam between the round logic and the network: tests stand a fake here.
@@ -79,7 +81,8 @@ class CentralServer:
             "model": cfg.model["name"], "model_key": cfg.model_key, "split_layer": cfg.model["split_layer"],
             "dataset": cfg.data["dataset"],
             "strategy": self.strategy.describe(),
-            "cuts": {d: cfg.split_of(d) for d in cfg.device_names},
+            "cuts": {d: self.auto[d]["cut"] if d in self.auto else cfg.split_of(d) for d in cfg.device_names},
+            "auto_split": self.auto,
             "mobility": {**cfg.mobility, "timed_moves": len(cfg.timed_moves)},
             "distribution": cfg.data["distribution"], "training": dict(t), "threads": t["threads"],
             "faults_settings": dict(cfg.faults),
@@ -300,6 +303,10 @@ class CentralServer:
             self._pump(min(POLL_S, deadline - time.monotonic()))
         return self.present
 
+    def _auto_cuts(self) -> dict[str, int]:
+        """The cuts chosen at start ("auto"), for every round's plan."""
+        return {d: rec["cut"] for d, rec in self.results.summary.get("auto_split", {}).items()}
+
     def _rounds(self, weights: dict[str, torch.Tensor], first: int = 1) -> dict[str, torch.Tensor]:
         t = self.cfg.training
         rounds = t["rounds"]
@@ -316,7 +323,7 @@ class CentralServer:
             t0 = time.monotonic()
             plan = replan or RoundPlan(round=r, lr=t["lr"], momentum=t["momentum"], batch_size=t["batch_size"],
                                        local_epochs=t["local_epochs"], participants=tuple(sorted(participants)),
-                                       **self.strategy.configure(r))
+                                       cuts=self._auto_cuts(), **self.strategy.configure(r))
             checkpoint.save_plan(self.results.run_dir, plan)
             start = m.RoundStart(plan=plan.to_wire(), weights=weights)
             self.events.emit("round_start", round=r, participants=list(plan.participants))
@@ -361,6 +368,9 @@ class CentralServer:
                    "samples_lost": sum(x["samples"] for x in dropped)}
             self.results.add_round(rec, {d: {"samples": u.samples, "train_seconds": u.train_seconds,
                                              "steps": u.steps, "edge": u.edge} for d, u in updates.items()})
+            for d, rec_d in self.results.summary.get("auto_split", {}).items():  # measured beside predicted
+                if d in updates:
+                    rec_d["measured_train_s"].append(round(updates[d].train_seconds, 4))
             checkpoint.save(self.results.run_dir, r, weights, self.results.summary, self.strategy_state)
             self.events.emit("round_done", **{k: v for k, v in rec.items() if k != "devices"})
             moves = sum(1 for mv in self.results.summary["migrations"] if mv["round"] == r)

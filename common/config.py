@@ -38,6 +38,13 @@ _PORT = (lambda v: None if 1 <= v <= 65535 else "must be a TCP port, 1-65535")
 _NONNEG = (lambda v: None if v >= 0 else "must be >= 0")
 
 
+class Cut:
+    """Schema type of a split layer: an int, or "auto" (chosen at start: central/autosplit.py)."""
+
+
+AUTO = "auto"
+
+
 def _choice(options: tuple[str, ...]):
     return lambda v: None if v in options else f"must be one of {', '.join(options)}"
 
@@ -94,7 +101,7 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
     },
     "model": {
         "name": (str, "vgg5", _choice(tuple(NETS))),
-        "split_layer": (int, 3, None),
+        "split_layer": (Cut, 3, None),
     },
     "data": {
         "dataset": (str, "synthetic", _choice(tuple(DATASETS))),
@@ -129,6 +136,9 @@ EDGE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "port": (int, REQUIRED, _PORT),
     "bind": (str, "", None),
     "ssh": (str, "", None),   # ssh target when it differs from host (scripts/remote.py)
+    # the rate of every device attached here (netns testbed; 0: links.device_mbit); a device's
+    # own devices.NAME.link_mbit wins
+    "link_mbit": (float, 0.0, _NONNEG),
 }
 DEVICE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "edge": (str, REQUIRED, None),
@@ -138,7 +148,7 @@ DEVICE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "slowdown": (float, 1.0, lambda v: None if v >= 1 else "must be >= 1 (1 = full speed)"),
     "threads": (int, 0, _NONNEG),
     "link_mbit": (float, 0.0, _NONNEG),  # 0: links.device_mbit
-    "split_layer": (int, None, None),    # this device's cut (default: model.split_layer)
+    "split_layer": (Cut, None, None),    # this device's cut, or "auto" (default: model.split_layer)
     "ssh": (str, "", None),
 }
 MOVE_KEYS: dict[str, tuple[type, Any, Any]] = {
@@ -177,6 +187,7 @@ class Endpoint:
     port: int
     bind: str = ""
     ssh: str = ""
+    link_mbit: float = 0.0   # edges only: the rate of the devices attached there
 
     @property
     def listen_host(self) -> str:
@@ -195,7 +206,7 @@ class DeviceConfig:
     threads: int = 0
     link_mbit: float = 0.0
     ssh: str = ""
-    split_layer: int | None = None
+    split_layer: int | str | None = None   # an int, "auto", or None: the model's
 
     @property
     def control(self) -> Endpoint:
@@ -272,15 +283,29 @@ class Config:
         """Devices in the fixed order used everywhere (FedAvg, shards): sorted by name."""
         return sorted(self.devices)
 
-    def split_of(self, device: str) -> int:
-        """``device``'s cut: its own ``split_layer`` or the model's."""
+    def split_of(self, device: str) -> int | str:
+        """``device``'s cut: its own ``split_layer`` or the model's; ``"auto"`` when the
+        central chooses it at start (it comes in every round's plan, ``RoundPlan.cuts``)."""
         own = self.devices[device].split_layer
         return self.model["split_layer"] if own is None else own
 
     @property
+    def base_cut(self) -> int:
+        """The model's cut; with ``model.split_layer = "auto"``, a placeholder (the middle
+        cut) until the plan names each device's."""
+        cut = self.model["split_layer"]
+        return cut if cut != AUTO else len(net(self.model["name"]).cuts) // 2
+
+    @property
     def splits(self) -> dict[str, int]:
-        """The devices that cut elsewhere than ``model.split_layer``, with their cut."""
-        return {d: self.split_of(d) for d in sorted(self.devices) if self.split_of(d) != self.model["split_layer"]}
+        """The devices that cut elsewhere than ``base_cut`` (and not "auto"), with their cut."""
+        return {d: c for d in sorted(self.devices) if (c := self.split_of(d)) != AUTO and c != self.base_cut}
+
+    def link_rate(self, device: str, edge: str | None = None) -> float:
+        """Mbit/s of ``device``'s link while attached to ``edge`` (default: its first edge):
+        its own ``link_mbit``, else the edge's, else ``links.device_mbit``; 0 = unshaped."""
+        return (self.devices[device].link_mbit or self.edges[edge or self.devices[device].edge].link_mbit
+                or self.links["device_mbit"])
 
     def device_threads(self, name: str) -> int:
         return self.devices[name].threads or self.training["threads"]
@@ -348,6 +373,11 @@ def _apply(raw: dict, path: list[str], value: Any) -> None:
 
 
 def _typed(key: str, value: Any, typ: type) -> Any:
+    if typ is Cut:
+        if value == AUTO or type(value) is int:
+            return value
+        raise ConfigError(key, f"is {type(value).__name__} {value!r}, must be a layer number or \"auto\"",
+                          'write it like 3, or "auto" (chosen from a cost model at start)')
     if typ is float and type(value) is int:
         return float(value)
     if type(value) is not typ:
@@ -447,9 +477,9 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
                   **sections)
 
 
-def _check_cut(key: str, split: int, model: str) -> None:
+def _check_cut(key: str, split: int | str, model: str) -> None:
     entry = net(model)
-    if split not in entry.cuts:
+    if split != AUTO and split not in entry.cuts:
         raise ConfigError(key, f"{split} is not a cut point of {model}",
                           f"use one of {entry.describe_cuts()} (the device runs layers 0..split_layer, the edge the rest)")
 
@@ -481,7 +511,7 @@ def _mobility_model(mobility: dict, path: str, edges: dict, devices: dict, round
     a trace, and the time-based moves of a trace or of the random-waypoint model."""
     settings = _table("mobility", {k: v for k, v in mobility.items() if k in MOBILITY_KEYS}, MOBILITY_KEYS)
     model = settings["model"]
-    if "waypoint" in mobility and model != "waypoint":
+    if mobility.get("waypoint") and model != "waypoint":
         raise ConfigError("mobility.waypoint", f"is set but mobility.model is {model!r}", 'set model = "waypoint"')
     if settings["trace"] and model != "trace":
         raise ConfigError("mobility.trace", f"is set but mobility.model is {model!r}", 'set model = "trace"')

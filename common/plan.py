@@ -9,7 +9,7 @@ arrives, so a bad plan is a protocol error and never a half-applied round.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from common.errors import LocalProtocolError
@@ -27,6 +27,7 @@ class RoundPlan:
     local_epochs: int
     participants: tuple[str, ...]
     prox_mu: float = 0.0   # FedProx's proximal weight this round (0: none); set by the strategy
+    cuts: dict[str, int] = field(default_factory=dict)  # device -> cut chosen at start ("auto")
 
     def __post_init__(self) -> None:
         problems = []
@@ -48,6 +49,9 @@ class RoundPlan:
             problems.append("participants is not a list of names")
         else:
             object.__setattr__(self, "participants", tuple(sorted(set(parts))))
+        if not isinstance(self.cuts, dict) or not all(type(k) is str and type(v) is int and 0 <= v < 1024
+                                                      for k, v in self.cuts.items()):
+            problems.append("cuts is not a map of device names to layer numbers")
         if problems:
             raise LocalProtocolError("RoundPlan: " + "; ".join(problems))
 

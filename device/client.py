@@ -55,8 +55,12 @@ class DeviceClient:
         self._round_ctx: tuple[RoundPlan, dict[str, torch.Tensor]] | None = None
         self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
         self.throttle_s = 0.0
-        self.split = cfg.split_of(name)
-        keys = part_keys(cfg.model_key, self.split)
+        self._set_cut(cfg.base_cut if cfg.split_of(name) == "auto" else cfg.split_of(name))
+
+    def _set_cut(self, cut: int) -> None:
+        """Cut the model at ``cut`` (config, or the round plan's for split_layer = "auto")."""
+        self.split = cut
+        keys = part_keys(self.cfg.model_key, cut)
         self.keys = keys[0] + keys[1] if self.mode == "classic" else keys[0]
 
     # -- life cycle ----------------------------------------------------------------------
@@ -128,6 +132,8 @@ class DeviceClient:
         it arrived early (the central went on without this device)."""
         plan = msg.round_plan
         r = plan.round
+        if self.name in plan.cuts and plan.cuts[self.name] != self.split:
+            self._set_cut(plan.cuts[self.name])
         start_weights = {k: v.clone() for k, v in msg.weights.items()}
         if set(start_weights) != set(self.keys):
             raise RemoteProtocolError(f"device {self.name}: round {r} weights do not fit the model")

@@ -276,6 +276,7 @@ class EdgeCore:
         if self.current is not None and plan.round <= self.current.round:
             return  # sent again after we rejoined: we have it
         self.current = RoundInfo(plan, msg.weights)
+        self.models.splits.update(plan.cuts)  # cuts chosen at start (split_layer = "auto")
         r = plan.round
         self.central.round_started(r)
         self.replicas = {d: kept for d, reps in self.replicas.items() if (kept := [x for x in reps if x.round >= r])}

@@ -47,7 +47,7 @@ class EdgeServer:
         self.key = key
         self.events = events
         self.faults = cfg.faults
-        model, split = cfg.model_key, cfg.model["split_layer"]
+        model, split = cfg.model_key, cfg.base_cut
         dev_keys, edge_keys = part_keys(model, split)
         self.spare = SparePart(model, split + 1) if cfg.mode == "fedfly" else None
         self.peers = PeerLinks(name=name, key=key,
