@@ -60,6 +60,7 @@ class CentralServer:
         self.shard_samples = shard_samples or {}
         self.strategy = strategy or FedAvg()
         self.out = out
+        self.unsaid = 0  # progress lines stdout could not take
         self.faults = cfg.faults
         # The seam between the round logic and the network: tests stand a fake here.
         self.registry = registry or EdgeRegistry(edges=set(cfg.edges), run_name=run_name, mode=cfg.mode,
@@ -106,7 +107,19 @@ class CentralServer:
                      "down_s": round(down, 3), "recovery": "checkpoint", "samples_lost": 0}, say=True)
 
     def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        try:
+            print(text, file=self.out, flush=True)
+        except (OSError, ValueError):  # a closed or full stdout must not stop the run: the files say it all
+            self.unsaid += 1
+
+    def _checkpoint(self, save, *args) -> None:
+        """A checkpoint that cannot be written (no descriptor, no space) costs a resume
+        point, not the run: recorded, and the run goes on."""
+        try:
+            save(*args)
+        except OSError as exc:
+            self.events.emit("checkpoint_failed", what=save.__name__, detail=str(exc)[:200])
+            log.warning("checkpoint not written: %s", exc)
 
     def _now(self) -> float:
         return round(time.monotonic() - self.started, 3)
@@ -229,7 +242,7 @@ class CentralServer:
         if msg.samples <= 0:
             return "no samples"
         expected = self.shard_samples.get(msg.device)
-        if expected is not None and msg.samples > expected:
+        if expected is not None and msg.samples != expected:
             return f"claims {msg.samples} samples, its shard has {expected}"
         return ""
 
@@ -252,7 +265,7 @@ class CentralServer:
         else:
             weights, first = build_model(self.cfg.model["name"], seed=self.cfg.run["seed"]).state_dict(), 1
             # round 0: a central that dies before its first round ends can be resumed too
-            checkpoint.save(self.results.run_dir, 0, dict(weights), self.results.summary)
+            self._checkpoint(checkpoint.save, self.results.run_dir, 0, dict(weights), self.results.summary)
         status = "finished"
         try:
             self._wait_for_testbed()
@@ -312,7 +325,7 @@ class CentralServer:
             t0 = time.monotonic()
             plan = replan or RoundPlan(round=r, lr=t["lr"], momentum=t["momentum"], batch_size=t["batch_size"],
                                        local_epochs=t["local_epochs"], participants=tuple(sorted(participants)))
-            checkpoint.save_plan(self.results.run_dir, plan)
+            self._checkpoint(checkpoint.save_plan, self.results.run_dir, plan)
             start = m.RoundStart(plan=plan.to_wire(), weights=weights)
             self.events.emit("round_start", round=r, participants=list(plan.participants))
             tracker = RoundTracker(round=r, participants=frozenset(participants), shard_samples=self.shard_samples,
@@ -353,7 +366,7 @@ class CentralServer:
                    "samples_lost": sum(x["samples"] for x in dropped)}
             self.results.add_round(rec, {d: {"samples": u.samples, "train_seconds": u.train_seconds,
                                              "steps": u.steps, "edge": u.edge} for d, u in updates.items()})
-            checkpoint.save(self.results.run_dir, r, weights, self.results.summary)
+            self._checkpoint(checkpoint.save, self.results.run_dir, r, weights, self.results.summary)
             self.events.emit("round_done", **{k: v for k, v in rec.items() if k != "devices"})
             moves = sum(1 for mv in self.results.summary["migrations"] if mv["round"] == r)
             elapsed = time.monotonic() - self.results.started

@@ -263,7 +263,7 @@ class _FakeFetcher:
     def pull_replica(self, **kw) -> None:
         self.calls += 1
 
-    def replicate(self, device, round, step, meta, tensors) -> None:
+    def replicate(self, device, round, step, meta, tensors, *, edge_key="") -> None:
         self.calls += 1
 
 

@@ -159,6 +159,8 @@ def _value(rng: random.Random, field: str, hint: object, cls: str = "") -> Any:
         return [_value(rng, field, args[0]) for _ in range(rng.choice([0, 1, 2, 3, 8]))]
     if origin is dict and args[1] is torch.Tensor:
         return hostile_tensors(rng, field)
+    if origin is dict:
+        return {_value(rng, field, args[0]): _value(rng, field, args[1]) for _ in range(rng.choice([0, 1, 2, 3]))}
     raise TypeError(f"no generator for {field}: {hint}")  # pragma: no cover - a new field type
 
 
