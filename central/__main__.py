@@ -8,6 +8,7 @@ import time
 from common.cli import base_parser, data_spec, run_main, exit_process
 from common.errors import ConfigError, TestbedError
 from common.events import EventLog
+from common.security import CENTRAL
 from common.training import set_threads
 
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         from central.server import CentralServer
         from common.data import load_test_set, shard_sizes
         set_threads(cfg.training["threads"])
-        key = cfg.key()
+        creds = cfg.credentials(CENTRAL)
         resume = None
         if args.resume:
             run_dir = os.path.abspath(args.resume)
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         events = EventLog(process="central", role="central")
         events.open(run_dir)
         try:
-            return CentralServer(cfg, key=key, events=events, run_name=run_name, run_dir=run_dir,
+            return CentralServer(cfg, creds=creds, events=events, run_name=run_name, run_dir=run_dir,
                                  test_set=test_set, shard_samples=shards, resume=resume).run()
         finally:
             events.close()

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from common import messages as m
 from common import transport
-from common.errors import PeerSilent, ProtocolError, RemoteProtocolError, TransportError
+from common.errors import AuthenticationError, PeerSilent, ProtocolError, RemoteProtocolError, TransportError
 from common.link import Link
+from common.security import allowed
 
 
 @dataclass
@@ -82,6 +83,8 @@ class EdgeRegistry:
                 raise RemoteProtocolError(f"central (new connection): {hello.TYPE} is not allowed first")
             if hello.edge not in self.known:
                 raise RemoteProtocolError(f"{hello.edge!r} is not an edge of this testbed")
+            if not allowed(conn.identity, "edge", hello.edge):
+                raise AuthenticationError(f"{conn.identity} may not join as edge {hello.edge}")
         except (ProtocolError, TimeoutError) as exc:
             self.events.emit("protocol_error", peer=conn.peer, detail=str(exc)[:200], error=type(exc).__name__)
             conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)[:200]))

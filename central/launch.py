@@ -15,6 +15,7 @@ import signal
 import sys
 
 from central import checkpoint
+from common import pki
 from common.config import Config, load_config
 from common.errors import ConfigError
 from common.supervisor import Child, LocalSpawner, Policy, Supervisor, stop_all
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
-        key_ok = cfg.key()  # fail here, once, rather than in every child
-        del key_ok
+        # fail here, once, rather than in every child; TLS certificates made on first use
+        pki.prepare(cfg)
     except ConfigError as exc:
         print(f"fedfly-launch: error: {exc}", file=sys.stderr)
         return 2

@@ -26,18 +26,20 @@ from common import messages as m
 from common import transport
 from common.config import Config, load_config
 from common.errors import ConfigError, ProtocolError, TransportError
+from common.security import CONTROLLER, Credentials, Identity
 
 REFUSED = 3
 
 
-def _connect(cfg: Config, device: str, key: bytes) -> transport.Connection:
+def _connect(cfg: Config, device: str, creds: Credentials) -> transport.Connection:
     ep = cfg.devices[device].control
-    return transport.connect(ep.host, ep.port, key=key, peer=f"device {device}", timeout=10.0)
+    return transport.connect(ep.host, ep.port, creds=creds, expect=Identity("device", device), peer=f"device {device}",
+                             timeout=10.0)
 
 
-def move(cfg: Config, device: str, to: str, *, key: bytes) -> m.MoveReply:
+def move(cfg: Config, device: str, to: str, *, creds: Credentials) -> m.MoveReply:
     """Send one move command; returns the device's reply."""
-    conn = _connect(cfg, device, key)
+    conn = _connect(cfg, device, creds)
     try:
         conn.send(m.MoveCommand(device=device, to=to))
         reply = conn.recv(timeout=10.0)
@@ -48,9 +50,9 @@ def move(cfg: Config, device: str, to: str, *, key: bytes) -> m.MoveReply:
     return reply
 
 
-def drop(cfg: Config, device: str, seconds: float, to: str, *, key: bytes) -> m.MoveReply:
+def drop(cfg: Config, device: str, seconds: float, to: str, *, creds: Credentials) -> m.MoveReply:
     """Cut ``device``'s link for ``seconds``; returns the device's reply."""
-    conn = _connect(cfg, device, key)
+    conn = _connect(cfg, device, creds)
     try:
         conn.send(m.DropCommand(device=device, seconds=seconds, to=to))
         reply = conn.recv(timeout=10.0)
@@ -61,12 +63,12 @@ def drop(cfg: Config, device: str, seconds: float, to: str, *, key: bytes) -> m.
     return reply
 
 
-def wait_until_attached(cfg: Config, device: str, *, key: bytes, timeout: float, after: float = 0.0) -> m.StatusReply:
+def wait_until_attached(cfg: Config, device: str, *, creds: Credentials, timeout: float, after: float = 0.0) -> m.StatusReply:
     """Poll until ``device``'s link is attached again (checking from ``after`` seconds on)."""
     time.sleep(after)
     deadline = time.monotonic() + timeout
     while True:
-        st = _poll(cfg, device, key=key, deadline=deadline)
+        st = _poll(cfg, device, creds=creds, deadline=deadline)
         if st is not None and st.link == "attached":
             return st
         if time.monotonic() >= deadline:
@@ -74,8 +76,8 @@ def wait_until_attached(cfg: Config, device: str, *, key: bytes, timeout: float,
         time.sleep(0.05)
 
 
-def status(cfg: Config, device: str, *, key: bytes) -> m.StatusReply:
-    conn = _connect(cfg, device, key)
+def status(cfg: Config, device: str, *, creds: Credentials) -> m.StatusReply:
+    conn = _connect(cfg, device, creds)
     try:
         conn.send(m.StatusRequest())
         reply = conn.recv(timeout=10.0)
@@ -86,23 +88,23 @@ def status(cfg: Config, device: str, *, key: bytes) -> m.StatusReply:
     return reply
 
 
-def _poll(cfg: Config, device: str, *, key: bytes, deadline: float) -> m.StatusReply | None:
+def _poll(cfg: Config, device: str, *, creds: Credentials, deadline: float) -> m.StatusReply | None:
     """One status poll; None while the device cannot be reached yet (not up, or between
     two of its lives), until ``deadline``, then the error."""
     try:
-        return status(cfg, device, key=key)
+        return status(cfg, device, creds=creds)
     except (TransportError, ProtocolError, TimeoutError):
         if time.monotonic() >= deadline:
             raise
         return None
 
 
-def wait_until_at(cfg: Config, device: str, round: int, fraction: float, *, key: bytes,
+def wait_until_at(cfg: Config, device: str, round: int, fraction: float, *, creds: Credentials,
                   timeout: float) -> m.StatusReply:
     """Poll until ``device`` is in ``round`` at step >= fraction x steps (or past it)."""
     deadline = time.monotonic() + timeout
     while True:
-        st = _poll(cfg, device, key=key, deadline=deadline)
+        st = _poll(cfg, device, creds=creds, deadline=deadline)
         if st is not None and (st.round > round or (st.round == round and st.steps > 0
                                                      and st.step >= fraction * st.steps)):
             return st
@@ -111,10 +113,10 @@ def wait_until_at(cfg: Config, device: str, round: int, fraction: float, *, key:
         time.sleep(0.01)
 
 
-def wait_until_on(cfg: Config, device: str, edge: str, *, key: bytes, timeout: float) -> m.StatusReply:
+def wait_until_on(cfg: Config, device: str, edge: str, *, creds: Credentials, timeout: float) -> m.StatusReply:
     deadline = time.monotonic() + timeout
     while True:
-        st = _poll(cfg, device, key=key, deadline=deadline)
+        st = _poll(cfg, device, creds=creds, deadline=deadline)
         if st is not None and st.edge == edge and not st.pending and st.link == "attached":
             return st
         if time.monotonic() >= deadline:
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"use one of: {', '.join(sorted(cfg.edges))}")
         if args.cmd == "drop" and args.seconds < 0:
             raise ConfigError("--for", f"{args.seconds} is negative", "give the seconds without a link, >= 0")
-        key = cfg.key()
+        creds = cfg.credentials(CONTROLLER)
     except ConfigError as exc:
         print(f"fedfly-mobility: error: {exc}", file=sys.stderr)
         return 2
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "status":
             for d in devices:
                 try:
-                    st = status(cfg, d, key=key)
+                    st = status(cfg, d, creds=creds)
                 except (TransportError, ProtocolError, TimeoutError) as exc:
                     print(f"{d} link=gone ({exc})")
                     continue
@@ -171,24 +173,24 @@ def main(argv: list[str] | None = None) -> int:
                       f"pending={st.pending or '-'} link={st.link}")
             return 0
         if args.when_round is not None:
-            wait_until_at(cfg, args.device, args.when_round, args.when_fraction, key=key, timeout=args.timeout)
+            wait_until_at(cfg, args.device, args.when_round, args.when_fraction, creds=creds, timeout=args.timeout)
         if args.cmd == "drop":
-            reply = drop(cfg, args.device, args.seconds, args.to, key=key)
+            reply = drop(cfg, args.device, args.seconds, args.to, creds=creds)
             if not reply.accepted:
                 print(f"fedfly-mobility: refused: {reply.reason}", file=sys.stderr)
                 return REFUSED
             print(f"{args.device}: link to {reply.edge} cut for {args.seconds:g} s", flush=True)
             if args.wait:
-                st = wait_until_attached(cfg, args.device, key=key, timeout=args.timeout, after=args.seconds)
+                st = wait_until_attached(cfg, args.device, creds=creds, timeout=args.timeout, after=args.seconds)
                 print(f"{args.device}: attached again on {st.edge} (round {st.round}, step {st.step})")
             return 0
-        reply = move(cfg, args.device, args.to, key=key)
+        reply = move(cfg, args.device, args.to, creds=creds)
         if not reply.accepted:
             print(f"fedfly-mobility: refused: {reply.reason}", file=sys.stderr)
             return REFUSED
         print(f"{args.device}: move {reply.edge} -> {args.to} accepted", flush=True)
         if args.wait:
-            st = wait_until_on(cfg, args.device, args.to, key=key, timeout=args.timeout)
+            st = wait_until_on(cfg, args.device, args.to, creds=creds, timeout=args.timeout)
             print(f"{args.device}: now on {st.edge} (round {st.round}, step {st.step})")
         return 0
     except (TransportError, ProtocolError, TimeoutError) as exc:

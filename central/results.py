@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -15,6 +16,10 @@ import torch
 
 from common.models import state_sha256
 from common.tensorfile import write_tensors
+
+log = logging.getLogger("central")
+WRITE_TRIES = 5           # about 1.5 s
+WRITE_TRIES_FINAL = 60    # about a minute
 
 SUMMARY = "summary.json"
 ROUNDS_CSV = "rounds.csv"
@@ -59,18 +64,32 @@ class RunResults:
         self.summary["final_model_sha256"] = sha
         self.summary["status"] = status
         self.summary["total_seconds"] = round(time.monotonic() - self.started, 3)
-        self.write()
+        self.write(final=True)
         return sha
 
-    def write(self) -> None:
+    def write(self, *, final: bool = False) -> None:
+        """summary.json, whole (written aside and renamed). A file system that fails (no
+        descriptor, no space) is tried again for a while; a round's write that still fails
+        is skipped (the next one holds everything), only the final one raises."""
         path = os.path.join(self.run_dir, SUMMARY)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(self.summary, f, indent=2)
-        os.replace(path + ".tmp", path)
-        path = os.path.join(self.run_dir, ROUNDS_CSV)
-        with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
-            f.write(rounds_csv(self.summary))
-        os.replace(path + ".tmp", path)
+        csv_path = os.path.join(self.run_dir, ROUNDS_CSV)  # rounds.csv, the same way
+        tries = WRITE_TRIES_FINAL if final else WRITE_TRIES
+        for i in range(tries):
+            try:
+                with open(path + ".tmp", "w", encoding="utf-8") as f:
+                    json.dump(self.summary, f, indent=2)
+                os.replace(path + ".tmp", path)
+                with open(csv_path + ".tmp", "w", encoding="utf-8", newline="") as f:
+                    f.write(rounds_csv(self.summary))
+                os.replace(csv_path + ".tmp", csv_path)
+                return
+            except OSError as exc:
+                if i == tries - 1:
+                    if final:
+                        raise
+                    log.warning("summary.json not written this round: %s", exc)
+                    return
+                time.sleep(min(1.0, 0.05 * 2 ** i))
 
 
 def rounds_csv(summary: dict[str, Any]) -> str:

@@ -29,8 +29,10 @@ from common import transport
 from common.config import Config
 from common.errors import TransportError
 from common.events import EventLog
+from common.limits import refusal_reporter
 from common.models import build_model, state_spec
 from common.plan import RoundPlan
+from common.security import Credentials
 from common.training import evaluate
 
 log = logging.getLogger("central")
@@ -46,12 +48,12 @@ class RunAborted(Exception):
 
 
 class CentralServer:
-    def __init__(self, cfg: Config, *, key: bytes, events: EventLog, run_name: str, run_dir: str,
+    def __init__(self, cfg: Config, *, creds: Credentials, events: EventLog, run_name: str, run_dir: str,
                  test_set: tuple[torch.Tensor, torch.Tensor], shard_samples: dict[str, int] | None = None,
                  strategy: Strategy | None = None, out=sys.stdout, registry: EdgeRegistry | None = None,
                  resume: checkpoint.Checkpoint | None = None) -> None:
         self.cfg = cfg
-        self.key = key
+        self.creds = creds
         self.events = events
         self.run_name = run_name
         self.test_x, self.test_y = test_set
@@ -61,6 +63,7 @@ class CentralServer:
         # split_layer = "auto": the cuts are chosen once, here (a resumed run keeps its own)
         self.auto = {} if cfg.mode == "classic" or resume is not None else autosplit.choose(cfg, self.shard_samples)
         self.out = out
+        self.unsaid = 0  # progress lines stdout could not take
         self.faults = cfg.faults
         # The seam between the round logic and the network: tests stand a fake here.
         self.registry = registry or EdgeRegistry(edges=set(cfg.edges), run_name=run_name, mode=cfg.mode,
@@ -112,7 +115,19 @@ class CentralServer:
                      "down_s": round(down, 3), "recovery": "checkpoint", "samples_lost": 0}, say=True)
 
     def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        try:
+            print(text, file=self.out, flush=True)
+        except (OSError, ValueError):  # a closed or full stdout must not stop the run: the files say it all
+            self.unsaid += 1
+
+    def _checkpoint(self, save, *args) -> None:
+        """A checkpoint that cannot be written (no descriptor, no space) costs a resume
+        point, not the run: recorded, and the run goes on."""
+        try:
+            save(*args)
+        except OSError as exc:
+            self.events.emit("checkpoint_failed", what=save.__name__, detail=str(exc)[:200])
+            log.warning("checkpoint not written: %s", exc)
 
     def _now(self) -> float:
         return round(time.monotonic() - self.started, 3)
@@ -235,7 +250,7 @@ class CentralServer:
         if msg.samples <= 0:
             return "no samples"
         expected = self.shard_samples.get(msg.device)
-        if expected is not None and msg.samples > expected:
+        if expected is not None and msg.samples != expected:
             return f"claims {msg.samples} samples, its shard has {expected}"
         return ""
 
@@ -244,10 +259,9 @@ class CentralServer:
     def run(self) -> int:
         c = self.cfg.central
         try:
-            listener = transport.Listener(c.listen_host, c.port, key=self.key, handler=self.registry.serve,
+            listener = transport.Listener(c.listen_host, c.port, creds=self.creds, handler=self.registry.serve,
                                           name="central", handshake_timeout=self.faults["dead_after_s"],
-                                          on_reject=lambda p, e: self.events.emit("refused", peer=p,
-                                                                                  detail=str(e)[:200])).start()
+                                          on_reject=refusal_reporter(events=self.events)).start()
         except TransportError as exc:
             self.say(f"central: {exc}")
             return 1
@@ -259,7 +273,7 @@ class CentralServer:
         else:
             weights, first = build_model(self.cfg.model_key, seed=self.cfg.run["seed"]).state_dict(), 1
             # round 0: a central that dies before its first round ends can be resumed too
-            checkpoint.save(self.results.run_dir, 0, dict(weights), self.results.summary)
+            self._checkpoint(checkpoint.save, self.results.run_dir, 0, dict(weights), self.results.summary)
         status = "finished"
         try:
             self._wait_for_testbed()
@@ -324,7 +338,7 @@ class CentralServer:
             plan = replan or RoundPlan(round=r, lr=t["lr"], momentum=t["momentum"], batch_size=t["batch_size"],
                                        local_epochs=t["local_epochs"], participants=tuple(sorted(participants)),
                                        cuts=self._auto_cuts(), **self.strategy.configure(r))
-            checkpoint.save_plan(self.results.run_dir, plan)
+            self._checkpoint(checkpoint.save_plan, self.results.run_dir, plan)
             start = m.RoundStart(plan=plan.to_wire(), weights=weights)
             self.events.emit("round_start", round=r, participants=list(plan.participants))
             tracker = RoundTracker(round=r, participants=frozenset(participants), shard_samples=self.shard_samples,
@@ -366,12 +380,13 @@ class CentralServer:
                    "test_accuracy": acc, "test_loss": loss, "samples": sum(u.samples for u in updates.values()),
                    "devices": order, "missing": sorted(set(self.cfg.devices) - set(updates)), "dropped": dropped,
                    "samples_lost": sum(x["samples"] for x in dropped)}
-            self.results.add_round(rec, {d: {"samples": u.samples, "train_seconds": u.train_seconds,
-                                             "steps": u.steps, "edge": u.edge} for d, u in updates.items()})
             for d, rec_d in self.results.summary.get("auto_split", {}).items():  # measured beside predicted
                 if d in updates:
                     rec_d["measured_train_s"].append(round(updates[d].train_seconds, 4))
-            checkpoint.save(self.results.run_dir, r, weights, self.results.summary, self.strategy_state)
+            self.results.add_round(rec, {d: {"samples": u.samples, "train_seconds": u.train_seconds,
+                                             "steps": u.steps, "edge": u.edge} for d, u in updates.items()})
+            self._checkpoint(checkpoint.save, self.results.run_dir, r, weights, self.results.summary,
+                             self.strategy_state)
             self.events.emit("round_done", **{k: v for k, v in rec.items() if k != "devices"})
             moves = sum(1 for mv in self.results.summary["migrations"] if mv["round"] == r)
             elapsed = time.monotonic() - self.results.started

@@ -36,10 +36,24 @@ MAX_HEADER_BYTES = 1 << 20
 # VGG-5 frames are at most ~13 MB (activations at split 0 with batch 100); 512 MiB admits
 # far larger models and batches but not a length field that would exhaust a Pi's RAM.
 DEFAULT_MAX_PAYLOAD_BYTES = 512 << 20
+# Payloads up to this size get their whole buffer as soon as the header is in, so a socket
+# can receive straight into it (a 4.5 MB migration snapshot, 13 MB of activations: no
+# extra copy). A larger one grows with the bytes that actually arrive (doubling, never
+# beyond what came in times two), so a 100-byte header declaring 512 MiB costs a
+# stranger's connection nothing until it sends those bytes.
+EAGER_PAYLOAD_BYTES = 16 << 20
 # Tensors start at 16-byte offsets so views of the payload stay aligned for SIMD kernels.
 TENSOR_ALIGN = 16
 MAX_TENSORS = 4096
 MAX_DIMS = 8
+# A shape's sizes multiplied together, zeros counted as ones, must stay below this: a
+# tensor with no elements but sizes like [0, 2**39, 2**39] passes every byte count while
+# its strides overflow int64 (torch raises RuntimeError). No payload under the 512 MiB
+# limit comes near 2**40 elements.
+MAX_SHAPE_SPAN = 1 << 40
+# An error about a peer's message names what was wrong, not all that was sent (a field
+# may hold up to a megabyte of header).
+MAX_ERROR_TEXT = 300
 
 # Only plain numeric dtypes cross the wire; anything else is refused when decoding.
 DTYPES: dict[str, torch.dtype] = {
@@ -140,13 +154,16 @@ def _parse_descriptors(raw: object, payload_len: int) -> list[_Descriptor]:
             raise RemoteProtocolError("tensor field and key must be strings")
         dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
-            raise RemoteProtocolError(f"tensor dtype {dtype_name!r} is not allowed")
+            raise RemoteProtocolError(f"tensor dtype {_short(dtype_name)} is not allowed")
         if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
-                and all(type(d) is int and 0 <= d < (1 << 40) for d in shape)):
-            raise RemoteProtocolError(f"tensor shape {shape!r} is not a list of at most {MAX_DIMS} sizes")
-        count = 1
+                and all(type(d) is int and 0 <= d < MAX_SHAPE_SPAN for d in shape)):
+            raise RemoteProtocolError(f"tensor shape {_short(shape)} is not a list of at most {MAX_DIMS} sizes")
+        count, span = 1, 1
         for d in shape:
             count *= d
+            span *= max(d, 1)
+        if span >= MAX_SHAPE_SPAN:
+            raise RemoteProtocolError(f"tensor shape {_short(shape)} is too large")
         nbytes = count * torch.tensor([], dtype=dtype).element_size()
         offset = _aligned(offset)
         if offset + nbytes > payload_len:
@@ -163,12 +180,16 @@ class FrameDecoder:
 
     Feed bytes with ``receive_data`` (``b""`` means end of stream), then call
     ``next_message`` until it returns ``NEED_DATA``. Payload bytes are copied once, straight
-    into the frame's own buffer. After a ``RemoteProtocolError`` the decoder stays broken:
-    every later call raises again.
+    into the frame's own buffer. A payload of at most ``eager_payload`` bytes gets that
+    buffer whole when its header is in; a larger one's buffer grows with the bytes that
+    arrive, so memory follows what the peer sent, not what its header claims. After a
+    ``RemoteProtocolError`` the decoder stays broken: every later call raises again.
     """
 
-    def __init__(self, *, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    def __init__(self, *, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES,
+                 eager_payload: int = EAGER_PAYLOAD_BYTES) -> None:
         self._max_payload = max_payload
+        self._eager_payload = max(1, eager_payload)
         self._buf = bytearray()            # prefix and header of the frame being read
         self._header_len = -1              # known once the prefix is in
         self._payload_len = 0
@@ -218,16 +239,34 @@ class FrameDecoder:
                 self._header = _unpack_header(bytes(self._buf[PREFIX.size:end]))
                 self._descr = _parse_descriptors(self._header["x"], self._payload_len)
                 self._buf = bytearray()
-                self._payload = bytearray(self._payload_len)
+                self._payload = bytearray(min(self._payload_len, self._eager_payload))
                 self._filled = 0
-            take = min(len(mv), len(self._payload) - self._filled)
-            self._payload[self._filled:self._filled + take] = mv[:take]
+            if self._filled == self._payload_len:
+                self._complete()          # a frame with no payload
+                self._pending += mv
+                return
+            room = self._room()
+            take = min(len(mv), len(room))
+            room[:take] = mv[:take]
+            del room                      # no view of the buffer outlives this step
             self._filled += take
             mv = mv[take:]
-            if self._filled == len(self._payload):
+            if self._filled == self._payload_len:
                 self._complete()
                 self._pending += mv
                 return
+
+    def _room(self) -> memoryview:
+        """A view of the free part of the payload buffer (never empty while payload is
+        due). A full buffer short of the payload length is replaced by one twice its size
+        (at most the payload length), with the bytes so far copied over: the old buffer is
+        never resized, so a view of it that a caller still holds stays valid."""
+        assert self._payload is not None
+        if self._filled == len(self._payload):
+            grown = bytearray(min(self._payload_len, 2 * len(self._payload)))
+            grown[:self._filled] = self._payload
+            self._payload = grown
+        return memoryview(self._payload)[self._filled:]
 
     def _complete(self) -> None:
         assert self._header is not None and self._payload is not None
@@ -235,19 +274,21 @@ class FrameDecoder:
         self._header, self._payload, self._descr, self._header_len = None, None, [], -1
 
     def payload_buffer(self) -> memoryview | None:
-        """The rest of the current frame's payload buffer, for a reader that receives
+        """Free room in the current frame's payload buffer, for a reader that receives
         straight into it (``socket.recv_into``) and then calls ``payload_written``; saves a
-        copy of every large frame. None when no payload is being filled."""
+        copy of every large frame. The room may be shorter than the payload still due (a
+        large payload's buffer grows as its bytes arrive); each call gives the room left
+        now. None when no payload is being filled. Drop the view before the next call."""
         if self._error is not None or self._payload is None or self._ready is not None or self._pending:
             return None
-        return memoryview(self._payload)[self._filled:]
+        return self._room()
 
     def payload_written(self, n: int) -> None:
-        """``n`` bytes were written at the start of ``payload_buffer()``."""
+        """``n`` bytes were written at the start of the last ``payload_buffer()``."""
         if self._payload is None or not 0 < n <= len(self._payload) - self._filled:
             raise LocalProtocolError("payload_written without a matching payload_buffer")
         self._filled += n
-        if self._filled == len(self._payload):
+        if self._filled == self._payload_len:
             self._complete()
 
     def _fill_buf(self, mv: memoryview, upto: int) -> memoryview:
@@ -287,7 +328,7 @@ class FrameDecoder:
             tensors = [(d.field, d.key, _view(payload, d)) for d in descr]
             return m.from_wire(header["t"], header["f"], tensors)
         except (LocalProtocolError, RemoteProtocolError) as exc:
-            self._error = RemoteProtocolError(str(exc))
+            self._error = RemoteProtocolError(str(exc)[:MAX_ERROR_TEXT])
             raise self._error from None
 
 
@@ -303,12 +344,23 @@ def _unpack_header(raw: bytes) -> dict:
 
 
 def _view(payload: bytearray, d: _Descriptor) -> torch.Tensor:
-    if d.nbytes == 0:
-        return torch.empty(d.shape, dtype=d.dtype)
-    flat = torch.frombuffer(payload, dtype=torch.uint8, count=d.nbytes, offset=d.offset)
-    if d.dtype is torch.bool and int(flat.max()) > 1:
-        raise RemoteProtocolError("bool tensor holds bytes other than 0 and 1")
-    return flat.view(d.dtype).view(d.shape)
+    try:
+        if d.nbytes == 0:
+            return torch.empty(d.shape, dtype=d.dtype)
+        flat = torch.frombuffer(payload, dtype=torch.uint8, count=d.nbytes, offset=d.offset)
+        if d.dtype is torch.bool and int(flat.max()) > 1:
+            raise RemoteProtocolError("bool tensor holds bytes other than 0 and 1")
+        return flat.view(d.dtype).view(d.shape)
+    except (RuntimeError, ValueError, OverflowError) as exc:
+        # _parse_descriptors admits only shapes torch can build; this is the last guard
+        raise RemoteProtocolError(f"tensor {_short(d.field)}/{_short(d.key)}: {type(exc).__name__}") from None
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error names what the peer sent
+    without echoing all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def decode_all(data: bytes) -> Iterator[m.Message]:

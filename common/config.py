@@ -3,7 +3,7 @@
 ``load_config(path, overrides)`` parses, applies overrides (``section.key=value``, from
 the ``FEDFLY_SET`` environment variable first, then the command line), checks every key
 and value, and returns a frozen ``Config``. Any mistake raises ``ConfigError`` naming the
-key and the fix. Relative ``security.key_file`` paths are relative to the config file;
+key and the fix. Relative ``security.key_file`` and ``security.certs`` paths are relative to the config file;
 ``run.out`` and ``data.root`` to the working directory.
 """
 
@@ -75,6 +75,11 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "max_restarts": (int, 3, _NONNEG),
     },
     "security": {
+        # tls: TLS 1.3, mutual, one certificate per process from the testbed's CA (in
+        # `certs`); key: the shared key, a MAC on every record, nothing encrypted.
+        # Unset: tls when `certs` is set, else key.
+        "mode": (str, "", _choice(("", "tls", "key"))),
+        "certs": (str, "", None),
         "key_file": (str, "", None),
         "key_env": (str, "", None),
     },
@@ -337,6 +342,29 @@ class Config:
     def key(self) -> bytes:
         from common.auth import load_key
         return load_key(key_file=self.key_file(), key_env=self.security["key_env"] or None)
+
+    @property
+    def security_mode(self) -> str:
+        return self.security["mode"] or ("tls" if self.security["certs"] else "key")
+
+    def certs_dir(self) -> str:
+        """The folder of the TLS files (relative to the config file), ``security.certs``."""
+        d = self.security["certs"] or "certs"
+        return d if os.path.isabs(d) else os.path.join(os.path.dirname(os.path.abspath(self.path)), d)
+
+    def credentials(self, identity):
+        """What process ``identity`` (a ``common.security.Identity``) secures its
+        connections with, as ``security.mode`` says. Raises ``ConfigError``."""
+        from common import security
+        if self.security_mode == "tls":
+            return security.load_tls(self.certs_dir(), identity)
+        return security.SharedKey(self.key())
+
+    def identities(self) -> list:
+        """Every process of the testbed that holds a certificate in the ``tls`` mode."""
+        from common.security import CENTRAL, CONTROLLER, Identity
+        return [CENTRAL, CONTROLLER, *(Identity("edge", e) for e in sorted(self.edges)),
+                *(Identity("device", d) for d in sorted(self.devices))]
 
     def require(self, role: str, name: str) -> None:
         """Check that ``name`` is a ``role`` of this testbed (for ``--name``)."""

@@ -97,6 +97,19 @@ def state_spec(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {k: (tuple(v.shape), v.dtype) for k, v in empty_part(name, 0).state_dict().items()}
 
 
+def weights_problem(weights: dict[str, torch.Tensor], spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> str:
+    """Why ``weights`` (from a peer) do not fit ``spec`` (a part of ``state_spec``): a
+    name missing or made up, a shape or dtype that differs; '' if they fit. Checked
+    before ``load_state_dict``, which raises ``RuntimeError`` or casts silently."""
+    if set(weights) != set(spec):
+        return "weights do not match the model's names"
+    for k, (shape, dtype) in spec.items():
+        t = weights[k]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            return f"{k} is {t.dtype} {list(t.shape)[:8]}, the model has {dtype} {list(shape)}"
+    return ""
+
+
 def device_part(name: str, split_layer: int, *, seed: int = 0) -> Part:
     return split_model(build_model(name, seed=seed), split_layer)[0]
 

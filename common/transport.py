@@ -1,10 +1,10 @@
-"""Framed, authenticated connections: moves bytes between a ``ByteStream`` and the codec.
+"""Framed, secured connections: moves bytes between a ``ByteStream`` and the codec.
 
 ``OSError`` is translated once, in ``common.stream``: a peer that goes away raises
 ``ConnectionClosed``; one that says nothing within its deadline raises ``PeerSilent`` (a
 ``ConnectionClosed``); garbage raises ``RemoteProtocolError`` from the codec. Every
-connection is authenticated (``auth``) before its first frame is read, under one deadline
-for the whole handshake.
+connection is secured (``common.security``: TLS, or the shared key with a MAC on every
+record) before its first frame is read, under one deadline for the whole handshake.
 
 Liveness. A ``Connection`` may carry two deadlines: ``idle_timeout`` (the peer must send
 something, a heartbeat at least, this often) and ``send_timeout`` (the peer must take
@@ -20,10 +20,11 @@ import threading
 import time
 from typing import Callable
 
-from common import auth, codec
+from common import codec, limits
 from common import messages as m
-from common.errors import (AuthenticationError, ConnectionClosed, LocalProtocolError, PeerSilent, ProtocolError,
+from common.errors import (ConnectionClosed, LocalProtocolError, PeerSilent, ProtocolError,
                            TransportError)
+from common.security import Credentials, Identity
 from common.stream import ByteStream, SocketStream
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,16 @@ class Connection:
     """One authenticated, framed connection. ``send`` is safe from several threads;
     ``recv`` is meant for one reader thread."""
 
-    def __init__(self, stream: ByteStream | socket.socket, *, peer: str = "?",
+    def __init__(self, stream: ByteStream | socket.socket, *, peer: str = "?", identity: Identity | None = None,
                  max_payload: int = codec.DEFAULT_MAX_PAYLOAD_BYTES, idle_timeout: float | None = None,
                  send_timeout: float | None = None) -> None:
         if isinstance(stream, socket.socket):
             stream = SocketStream(stream)
         self.stream = stream
         self.peer = peer
+        # Who the peer proved to be (its certificate); None in the shared-key mode, where
+        # any holder of the key is trusted as anyone (``security.allowed``).
+        self.identity = identity
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self._decoder = codec.FrameDecoder(max_payload=max_payload)
@@ -162,69 +166,21 @@ class Connection:
         return self._closed
 
 
-def _receive_exact(stream: ByteStream, n: int, peer: str, deadline: float) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise PeerSilent(f"{peer} did not complete the handshake in time")
-        try:
-            k = stream.receive_into(view[got:], left)
-        except TimeoutError:
-            raise PeerSilent(f"{peer} did not complete the handshake in time") from None
-        if k == 0:
-            raise ConnectionClosed(f"{peer} closed the connection during the handshake")
-        got += k
-    return bytes(buf)
-
-
 def _tune(sock: socket.socket) -> None:
     # Small control messages must not wait for Nagle's algorithm: every step is a round trip.
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def client_handshake(stream: ByteStream, *, key: bytes, peer: str, timeout: float) -> None:
-    """The client side of ``auth``'s handshake over ``stream``, all within ``timeout``.
-    Raises ``AuthenticationError`` if the server lacks the key or rejects ours (both
-    final), ``ConnectionClosed`` if the connection broke (worth another try)."""
-    deadline = time.monotonic() + timeout
-    hello, client_nonce = auth.client_hello()
-    stream.send_all([hello], timeout)
-    challenge = _receive_exact(stream, auth.SERVER_CHALLENGE_BYTES, peer, deadline)
-    stream.send_all([auth.client_response(key, client_nonce, challenge)], timeout)
-    accepted = _receive_exact(stream, 1, peer, deadline)
-    if accepted != auth.ACCEPT:
-        raise AuthenticationError(f"{peer} did not accept our key (a different key?)")
-
-
-def server_handshake(stream: ByteStream, *, key: bytes, peer: str, timeout: float) -> None:
-    """The server side, all within ``timeout``. Raises ``AuthenticationError``,
-    ``PeerSilent`` (too slow) or ``ConnectionClosed``."""
-    deadline = time.monotonic() + timeout
-    hello = _receive_exact(stream, auth.CLIENT_HELLO_BYTES, peer, deadline)
-    reply, client_nonce, server_nonce = auth.server_challenge(key, hello)
-    stream.send_all([reply], timeout)
-    try:
-        auth.server_verify(key, client_nonce, server_nonce, _receive_exact(stream, auth.MAC_BYTES, peer, deadline))
-    except AuthenticationError:
-        try:
-            stream.send_all([auth.REJECT], 1.0)
-        except (ConnectionClosed, PeerSilent):
-            pass
-        raise
-    stream.send_all([auth.ACCEPT], timeout)
-
-
-def connect(host: str, port: int, *, key: bytes, peer: str, timeout: float = 10.0, retry_for: float = 0.0,
-            idle_timeout: float | None = None, send_timeout: float | None = None) -> Connection:
-    """Open a TCP connection to ``host:port`` and authenticate, within ``timeout`` for the
-    connect and ``timeout`` for the handshake. Retries refused connections for up to
-    ``retry_for`` seconds (peers start in any order). Raises ``ConnectionClosed`` if nobody
-    answers (``PeerSilent`` if a listener never completes the handshake: a stopped host),
-    ``AuthenticationError`` if the peer lacks the key."""
+def connect(host: str, port: int, *, creds: Credentials, expect: Identity | None = None, peer: str, timeout: float = 10.0,
+            retry_for: float = 0.0, idle_timeout: float | None = None,
+            send_timeout: float | None = None) -> Connection:
+    """Open a TCP connection to ``host:port`` and secure it (``creds``; the peer must
+    prove it is ``expect``), within ``timeout`` for the connect and ``timeout`` for the
+    handshake. Retries refused connections for up to ``retry_for`` seconds (peers start in
+    any order). Raises ``ConnectionClosed`` if nobody answers (``PeerSilent`` if a
+    listener never completes the handshake: a stopped host), ``AuthenticationError`` if
+    the peer is not who we expect or refuses us."""
     deadline = time.monotonic() + retry_for
     while True:
         try:
@@ -236,37 +192,57 @@ def connect(host: str, port: int, *, key: bytes, peer: str, timeout: float = 10.
             time.sleep(0.1)
     try:
         _tune(sock)
-        stream = SocketStream(sock)
-        client_handshake(stream, key=key, peer=peer, timeout=timeout)
+        stream, identity = creds.client(SocketStream(sock), expect=expect, peer=peer, timeout=timeout)
     except BaseException:
         sock.close()
         raise
-    return Connection(stream, peer=peer, idle_timeout=idle_timeout, send_timeout=send_timeout)
+    return Connection(stream, peer=peer, identity=identity, idle_timeout=idle_timeout, send_timeout=send_timeout)
 
 
-def accept_handshake(sock: socket.socket, *, key: bytes, peer: str, timeout: float | None = None) -> Connection:
-    """Authenticate an accepted socket (server side). Raises ``AuthenticationError``,
-    ``ConnectionClosed`` or ``PeerSilent``; the caller closes the socket then."""
+def accept_handshake(sock: socket.socket, *, creds: Credentials, peer: str, timeout: float | None = None) -> Connection:
+    """Secure an accepted socket (server side), the whole handshake within ``timeout``.
+    Raises ``AuthenticationError``, ``ConnectionClosed`` or ``PeerSilent``; the caller
+    closes the socket then."""
     _tune(sock)
-    stream = SocketStream(sock)
-    server_handshake(stream, key=key, peer=peer, timeout=HANDSHAKE_TIMEOUT_S if timeout is None else timeout)
-    return Connection(stream, peer=peer)
+    stream, identity = creds.server(SocketStream(sock), peer=peer,
+                                    timeout=HANDSHAKE_TIMEOUT_S if timeout is None else timeout)
+    return Connection(stream, peer=peer, identity=identity)
 
 
 class Listener:
     """Accepts connections on ``host:port``; each authenticated one is handed to
     ``handler(conn)`` on its own thread, which owns it from then on (the listener closes
     it when the handler returns). Unauthenticated peers are dropped and reported to
-    ``on_reject(peer, error)``; the listener goes on."""
+    ``on_reject(peer, error)`` (on the accept thread for a refusal at once: it must be
+    quick; ``limits.RateLimitedReporter`` is); the listener goes on.
 
-    def __init__(self, host: str, port: int, *, key: bytes, handler: Callable[[Connection], None],
+    Limits (``common.limits``): at most ``max_handshakes`` connections handshaking at once,
+    ``max_handshakes_per_source`` from one address; a connection over either, or one no
+    thread can be started for, is closed at once and refused (``limits.OverLimit``). The
+    handshake has one deadline for the whole exchange. ``accept`` failing (out of
+    descriptors, buffers, memory) backs off, exponentially up to a second, and is logged
+    rate-limited; nothing of that stops the listener. ``refused`` and ``accept_errors``
+    count them."""
+
+    def __init__(self, host: str, port: int, *, creds: Credentials, handler: Callable[[Connection], None],
                  on_reject: Callable[[str, Exception], None] | None = None, name: str = "listener",
-                 handshake_timeout: float | None = None) -> None:
-        self._key = key
+                 handshake_timeout: float | None = None,
+                 max_handshakes: int = limits.MAX_HANDSHAKES,
+                 max_handshakes_per_source: int = limits.MAX_HANDSHAKES_PER_SOURCE) -> None:
+        self._creds = creds
         self._handler = handler
-        self._on_reject = on_reject or (lambda peer, exc: log.warning("rejected %s: %s", peer, exc))
+        self._on_reject = on_reject or limits.RateLimitedReporter(
+            lambda what, f: log.warning("%s: %s %s", name, what, f))
         self._name = name
         self._handshake_timeout = handshake_timeout
+        self.slots = limits.HandshakeSlots(total=max_handshakes, per_source=max_handshakes_per_source)
+        self.refused = 0        # refused at once by a limit
+        self.accept_errors = 0  # accept() failures (each followed by a back-off)
+        self._backoff = limits.Backoff()
+        self._accept_log = limits.RateLimitedReporter(
+            lambda what, f: log.warning("%s: accept failed: %s", name, f.get("detail") if what == "accept_error"
+                                        else f"{f['suppressed']} more times in {f['interval_s']:g} s"),
+            what="accept_error", summary="accept_error_suppressed")
         try:
             self.sock = socket.create_server((host, port), reuse_port=False, backlog=128)
         except OSError as exc:
@@ -283,25 +259,69 @@ class Listener:
         while not self._stop.is_set():
             try:
                 sock, addr = self.sock.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     return
-                time.sleep(0.05)
+                # Out of descriptors (or buffers, memory), the connection stays queued and
+                # accept fails again at once: wait, longer each time, for one to be freed.
+                self.accept_errors += 1
+                self._accept_log(self._name, exc)
+                self._stop.wait(self._backoff.next())
                 continue
-            threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "local"),
-                             name=f"{self._name}-conn", daemon=True).start()
+            self._backoff.reset()
+            try:
+                self._admit(sock, addr)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end the accept loop
+                self._close_quietly(sock)
+                self._accept_log(self._name, exc)
 
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _admit(self, sock: socket.socket, addr) -> None:
+        """A thread for ``sock``'s handshake, if a slot and a thread are free; else
+        closed at once and refused."""
+        source, peer = (addr[0], f"{addr[0]}:{addr[1]}") if isinstance(addr, tuple) else ("local", "local")
+        why = self.slots.acquire(source)
+        if not why:
+            try:
+                threading.Thread(target=self._serve, args=(sock, peer, source), name=f"{self._name}-conn",
+                                 daemon=True).start()
+                return
+            except RuntimeError as exc:  # "can't start new thread": refuse this one, go on
+                self.slots.release(source)
+                why = f"no thread to serve it ({exc})"
+        self.refused += 1
+        self._close_quietly(sock)
+        self._reject(peer, limits.OverLimit(why))
+
+    def _reject(self, peer: str, exc: Exception) -> None:
         try:
-            conn = accept_handshake(sock, key=self._key, peer=peer, timeout=self._handshake_timeout)
-        except (ProtocolError, ConnectionClosed) as exc:
-            sock.close()
             self._on_reject(peer, exc)
+        except Exception:  # noqa: BLE001 - reporting a refusal must not stop the listener
+            log.debug("%s: on_reject failed", self._name, exc_info=True)
+
+    def _serve(self, sock: socket.socket, peer: str, source: str | None = None) -> None:
+        try:
+            conn = accept_handshake(sock, creds=self._creds, peer=peer, timeout=self._handshake_timeout)
+        except (ProtocolError, ConnectionClosed, OSError) as exc:
+            self._close_quietly(sock)
+            self._reject(peer, exc)
             return
+        except BaseException:
+            self._close_quietly(sock)
+            raise
+        finally:
+            if source is not None:
+                self.slots.release(source)
         try:
             self._handler(conn)
         finally:
             conn.close()
+
+    @staticmethod
+    def _close_quietly(sock: socket.socket) -> None:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
     def close(self) -> None:
         """Stop accepting and free the port. Connections already handed out go on."""
@@ -314,3 +334,10 @@ class Listener:
         self.sock.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        flush = getattr(self._on_reject, "flush", None)
+        if flush is not None:
+            try:
+                flush()
+            except Exception:  # noqa: BLE001 - best effort at close
+                pass
+

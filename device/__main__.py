@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from common.cli import base_parser, data_spec, run_main, exit_process
 from common.events import EventLog
+from common.security import Identity
 from common.training import set_threads, warm_up
 
 
@@ -17,13 +18,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg.require("device", args.name)
         set_threads(cfg.device_threads(args.name))
         warm_up()
-        key = cfg.key()
+        creds = cfg.credentials(Identity("device", args.name))
         data = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=args.name)
         events = EventLog(process=args.name, role="device")
         events.emit("data_loaded", samples=len(data[1]), threads=cfg.device_threads(args.name),
                     slowdown=cfg.devices[args.name].slowdown)
         try:
-            return DeviceClient(cfg, args.name, key=key, events=events, data=data).run()
+            return DeviceClient(cfg, args.name, creds=creds, events=events, data=data).run()
         finally:
             events.close()
 

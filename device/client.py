@@ -21,8 +21,9 @@ from common import messages as m
 from common.config import Config
 from common.errors import ProtocolError, RemoteProtocolError, TestbedError, TransportError
 from common.events import EventLog
-from common.models import build_model, part_keys, split_model
+from common.models import build_model, part_keys, split_model, state_spec, weights_problem
 from common.plan import RoundPlan
+from common.security import Credentials
 from common.training import LOSS, make_optimizer, round_batches
 from device.control import ControlServer, Position
 from device.link import EdgeLink, EdgeUnreachable, Rollback, RoundOver, RunOver
@@ -33,17 +34,17 @@ log = logging.getLogger("device")
 
 
 class DeviceClient:
-    def __init__(self, cfg: Config, name: str, *, key: bytes, events: EventLog,
+    def __init__(self, cfg: Config, name: str, *, creds: Credentials, events: EventLog,
                  data: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.cfg = cfg
         self.name = name
-        self.key = key
+        self.creds = creds
         self.events = events
         self.x, self.y = data
         self.mode = cfg.mode
         self.me = cfg.devices[name]
         self.pos = Position(edge=self.me.edge)
-        self.link = EdgeLink(cfg=cfg, name=name, key=key, events=events, pos=self.pos)
+        self.link = EdgeLink(cfg=cfg, name=name, creds=creds, events=events, pos=self.pos)
         self.moves = MoveSources(ScheduledMoves(cfg.moves_for(name)), TimedMoves(cfg.timed_moves_for(name)),
                                  CommandedMoves(self.pos))
         self.drops = ScheduledDrops(cfg.drops_for(name))
@@ -66,7 +67,7 @@ class DeviceClient:
     # -- life cycle ----------------------------------------------------------------------
 
     def run(self) -> int:
-        control = ControlServer(host=self.me.control.listen_host, port=self.me.control_port, key=self.key,
+        control = ControlServer(host=self.me.control.listen_host, port=self.me.control_port, creds=self.creds,
                                 device=self.name, edges=list(self.cfg.edges), pos=self.pos, events=self.events,
                                 cut=self.link.cut, handshake_timeout=self.cfg.faults["dead_after_s"]).start()
         try:
@@ -135,7 +136,8 @@ class DeviceClient:
         if self.name in plan.cuts and plan.cuts[self.name] != self.split:
             self._set_cut(plan.cuts[self.name])
         start_weights = {k: v.clone() for k, v in msg.weights.items()}
-        if set(start_weights) != set(self.keys):
+        spec = state_spec(self.cfg.model_key)
+        if weights_problem(start_weights, {k: spec[k] for k in self.keys}):  # load_state_dict would raise RuntimeError
             raise RemoteProtocolError(f"device {self.name}: round {r} weights do not fit the model")
         batches = round_batches(len(self.x), plan.batch_size, local_epochs=plan.local_epochs,
                                 seed=self.cfg.run["seed"], device=self.name, round=r)

@@ -17,6 +17,8 @@ from typing import Callable
 from common import messages as m
 from common import transport
 from common.errors import ConnectionClosed, ProtocolError, TransportError
+from common.limits import refusal_reporter
+from common.security import Credentials, allowed
 
 # A controller connection must say something this often (it sends one request and waits).
 CONTROL_IDLE_S = 30.0
@@ -65,17 +67,16 @@ def check_drop(*, device: str, edges: list[str], cmd: m.DropCommand) -> str:
 
 
 class ControlServer:
-    def __init__(self, *, host: str, port: int, key: bytes, device: str, edges: list[str], pos: Position,
+    def __init__(self, *, host: str, port: int, creds: Credentials, device: str, edges: list[str], pos: Position,
                  events, cut: Callable[[float, str], None], handshake_timeout: float | None = None) -> None:
         self.device = device
         self.edges = edges
         self.pos = pos
         self.events = events
         self.cut = cut
-        self.listener = transport.Listener(host, port, key=key, handler=self._serve, name=f"{device}-control",
+        self.listener = transport.Listener(host, port, creds=creds, handler=self._serve, name=f"{device}-control",
                                            handshake_timeout=handshake_timeout,
-                                           on_reject=lambda peer, exc: events.emit("refused", peer=peer,
-                                                                                   detail=str(exc)[:200]))
+                                           on_reject=refusal_reporter(events=events))
 
     def start(self) -> "ControlServer":
         self.listener.start()
@@ -87,6 +88,11 @@ class ControlServer:
     def _serve(self, conn: transport.Connection) -> None:
         conn.idle_timeout = CONTROL_IDLE_S
         conn.send_timeout = CONTROL_IDLE_S
+        if not allowed(conn.identity, "controller"):  # only the mobility controller moves devices
+            self.events.emit("protocol_error", peer=conn.peer, detail=f"{conn.identity} is not the controller",
+                             error="AuthenticationError")
+            conn.close(notice=m.ErrorNotice(kind="AuthenticationError", detail="refused: only the controller"))
+            return
         try:
             while True:
                 msg = conn.recv()

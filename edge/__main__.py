@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from common.cli import base_parser, run_main, exit_process
 from common.events import EventLog
+from common.security import Identity
 from common.training import set_threads, warm_up
 
 
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_up()
         events = EventLog(process=args.name, role="edge")
         try:
-            return EdgeServer(cfg, args.name, key=cfg.key(), events=events).run()
+            return EdgeServer(cfg, args.name, creds=cfg.credentials(Identity("edge", args.name)), events=events).run()
         finally:
             events.close()
 

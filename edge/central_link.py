@@ -20,6 +20,7 @@ from common import transport
 from common.config import Config
 from common.errors import AuthenticationError, ProtocolError, TransportError
 from common.link import Link
+from common.security import CENTRAL, Credentials
 from edge.ports import CentralDown, CentralMessage, CentralUp, Stop
 
 log = logging.getLogger("edge")
@@ -31,12 +32,12 @@ MAX_HELD_REPORTS = 1000
 
 
 class CentralLink:
-    def __init__(self, *, cfg: Config, name: str, key: bytes, submit: Callable[[object], None], events,
+    def __init__(self, *, cfg: Config, name: str, creds: Credentials, submit: Callable[[object], None], events,
                  on_welcome: Callable[[str], None] = lambda run_name: None) -> None:
         self.on_welcome = on_welcome
         self.cfg = cfg
         self.name = name
-        self.key = key
+        self.creds = creds
         self.submit = submit
         self.events = events
         self.faults = cfg.faults
@@ -101,7 +102,7 @@ class CentralLink:
     def _connect(self) -> tuple[transport.Connection, m.Welcome]:
         c = self.cfg.central
         dead = self.faults["dead_after_s"]
-        conn = transport.connect(c.host, c.port, key=self.key, peer="central", timeout=dead)
+        conn = transport.connect(c.host, c.port, creds=self.creds, expect=CENTRAL, peer="central", timeout=dead)
         try:
             conn.send(m.EdgeHello(edge=self.name))
             welcome = conn.recv(timeout=2 * dead)

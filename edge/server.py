@@ -22,8 +22,10 @@ from common import transport
 from common.config import Config
 from common.errors import PeerSilent, ProtocolError, RemoteProtocolError, TransportError
 from common.events import EventLog
+from common.limits import refusal_reporter
 from common.link import Link
 from common.models import part_keys
+from common.security import Credentials, allowed
 from edge.central_link import CentralLink
 from edge.core import EdgeCore, Models
 from edge.migration import Fetcher, PeerLinks, Replicator, buddy_of
@@ -41,16 +43,16 @@ HANDOVER_LIMIT_S = 30.0
 
 
 class EdgeServer:
-    def __init__(self, cfg: Config, name: str, *, key: bytes, events: EventLog) -> None:
+    def __init__(self, cfg: Config, name: str, *, creds: Credentials, events: EventLog) -> None:
         self.cfg = cfg
         self.name = name
-        self.key = key
+        self.creds = creds
         self.events = events
         self.faults = cfg.faults
         model, split = cfg.model_key, cfg.base_cut
         dev_keys, edge_keys = part_keys(model, split)
         self.spare = SparePart(model, split + 1) if cfg.mode == "fedfly" else None
-        self.peers = PeerLinks(name=name, key=key,
+        self.peers = PeerLinks(name=name, creds=creds,
                                endpoints={n: (e.host, e.port) for n, e in cfg.edges.items() if n != name},
                                heartbeat_s=self.faults["heartbeat_s"], dead_after_s=self.faults["dead_after_s"],
                                answer_limit_s=HANDOVER_LIMIT_S)
@@ -59,12 +61,14 @@ class EdgeServer:
                              central=None, fetcher=None, events=events, spare=self.spare,  # type: ignore[arg-type]
                              handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
                              checkpoint_steps=self.faults["checkpoint_steps"], edges=sorted(cfg.edges))
-        self.central = CentralLink(cfg=cfg, name=name, key=key, submit=self.core.submit, events=events,
+        self.central = CentralLink(cfg=cfg, name=name, creds=creds, submit=self.core.submit, events=events,
                                    on_welcome=self._on_welcome)
         self.core.central = self.central
         buddy = buddy_of(name, sorted(cfg.edges))
         self.replicator = Replicator(name=name, buddy=buddy, peers=self.peers, events=events) \
             if self.core.checkpoint_steps and buddy else None
+        # refusals of the listener, rate-limited: a flood of strangers writes a few lines and a count
+        self._refusals = refusal_reporter(events=events, logger=log, who=name)
         self.core.fetcher = Fetcher(name=name, peers=self.peers, submit=self.core.submit, model=model,
                                     cut_of=self.core.models.cut, spare=self.spare, events=events, replicator=self.replicator)
 
@@ -75,8 +79,8 @@ class EdgeServer:
         """Serve until the central says stop (0) or is lost for good (1)."""
         me = self.cfg.edges[self.name]
         try:
-            listener = transport.Listener(me.listen_host, me.port, key=self.key, handler=self._serve,
-                                          on_reject=self._rejected, name=self.name,
+            listener = transport.Listener(me.listen_host, me.port, creds=self.creds, handler=self._serve,
+                                          on_reject=self._refusals, name=self.name,
                                           handshake_timeout=self.faults["dead_after_s"]).start()
         except TransportError as exc:
             log.error("%s: %s", self.name, exc)
@@ -99,11 +103,16 @@ class EdgeServer:
             log.error("%s: stopping: %s", self.name, stop.reason)
         return stop.status
 
-    def _rejected(self, peer: str, exc: Exception) -> None:
-        log.warning("%s: refused %s: %s", self.name, peer, exc)
-        self.events.emit("refused", peer=peer, detail=str(exc)[:200])
-
     # -- connections ---------------------------------------------------------------------------
+
+    def _who(self, first: m.Message) -> tuple[str, str] | None:
+        """As whom the first message of a connection acts (role, name), or None for a
+        message not allowed first (refused below)."""
+        if isinstance(first, m.AttachRequest):
+            return "device", first.device
+        if isinstance(first, (m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull)):
+            return "edge", first.target
+        return None
 
     def _serve(self, conn: transport.Connection) -> None:
         """A listener thread: the first message says what the connection is; then this
@@ -118,6 +127,15 @@ class EdgeServer:
             return
         core = self.core
         hb = self.faults["heartbeat_s"]
+        who = self._who(first)
+        if who is not None and (not allowed(conn.identity, *who)
+                                or who[0] == "edge" and (who[1] not in self.cfg.edges or who[1] == self.name)):
+            # a device attaches only as itself, an edge pulls only as itself (and names an edge)
+            detail = "refused"
+            self.events.emit("protocol_error", peer=conn.peer, error="AuthenticationError",
+                             detail=f"{conn.identity} may not send {first.TYPE} as {who[0]} {who[1]}"[:200])
+            conn.close(notice=m.ErrorNotice(kind="AuthenticationError", detail=detail))
+            return
         if isinstance(first, m.AttachRequest):
             device = first.device
 
@@ -131,8 +149,15 @@ class EdgeServer:
             core.submit(DeviceAttach(link, first, at=time.monotonic()))
             link.serve()
         elif isinstance(first, (m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull)):
-            link = Link(conn, name=f"edge {first.target}", heartbeat_s=hb, dead_after_s=dead,
-                        on_message=lambda l, msg: core.submit(PeerMessage(l, msg)),
+            peer = first.target
+
+            def on_peer_message(link: Link, msg: m.Message) -> None:
+                if getattr(msg, "target", peer) != peer:  # the link speaks for one edge only
+                    link.close(notice=m.ErrorNotice(kind="AuthenticationError", detail="refused"))
+                    return
+                core.submit(PeerMessage(link, msg))
+
+            link = Link(conn, name=f"edge {peer}", heartbeat_s=hb, dead_after_s=dead, on_message=on_peer_message,
                         on_lost=lambda l, exc: core.submit(PeerLost(l)))
             link.start_writer()
             core.submit(PeerMessage(link, first))

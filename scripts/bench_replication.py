@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.security import CONTROLLER
 from scripts import benchlib
 
 KS = (0, 1, 5, 10)
@@ -60,7 +61,7 @@ def recovery(out: Path, samples: int, rounds: int) -> dict[str, Any]:
     from common.config import load_config
     cfg_path = _config(out, "recovery", 5, samples, rounds)
     cfg = load_config(str(cfg_path))
-    key = cfg.key()
+    creds = cfg.credentials(CONTROLLER)
     logs = out / "recovery-logs"
     logs.mkdir(exist_ok=True)
     procs: dict[str, subprocess.Popen] = {}
@@ -81,7 +82,7 @@ def recovery(out: Path, samples: int, rounds: int) -> dict[str, Any]:
         while True:
             assert time.monotonic() < deadline and procs["central"].poll() is None, "the run ended too soon"
             try:
-                st = status(cfg, "device2", key=key)
+                st = status(cfg, "device2", creds=creds)
                 if st.round == 2 and st.steps and st.step >= st.steps // 2 + 2:  # between two copies
                     break
             except Exception:  # noqa: BLE001 - not up yet

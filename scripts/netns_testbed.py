@@ -58,6 +58,8 @@ from pathlib import Path
 from central import checkpoint
 from common.config import Config, load_config
 from common.errors import ConfigError
+from common import pki
+from common.security import CONTROLLER
 from common.supervisor import Child, NetnsSpawner, Policy, Supervisor, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,13 +312,13 @@ def drive(cfg: Config, p: Plan, record: Path) -> int:
     """Play ``cfg.moves`` (run inside the central's namespace): re-wire, then move."""
     from central import mobility
     from common.errors import TransportError
-    key = cfg.key()
+    creds = cfg.credentials(CONTROLLER)
     deadline = time.monotonic() + cfg.run["startup_timeout"] + cfg.training["rounds"] * cfg.run["round_timeout"]
     rate = {d: p.hosts[d].mbit for d in cfg.devices}
     for mv in cfg.moves:
         while True:  # the device may not be listening yet
             try:
-                mobility.wait_until_at(cfg, mv.device, mv.round, mv.at, key=key,
+                mobility.wait_until_at(cfg, mv.device, mv.round, mv.at, creds=creds,
                                        timeout=max(0.0, deadline - time.monotonic()))
                 break
             except TransportError:
@@ -325,11 +327,11 @@ def drive(cfg: Config, p: Plan, record: Path) -> int:
                 time.sleep(0.5)
         rec = rewire(p, mv.device, mv.to, mbit=cfg.link_rate(mv.device, mv.to), mbit_before=rate[mv.device])
         rate[mv.device] = cfg.link_rate(mv.device, mv.to)
-        reply = mobility.move(cfg, mv.device, mv.to, key=key)
+        reply = mobility.move(cfg, mv.device, mv.to, creds=creds)
         if not reply.accepted:
             print(f"netns: {mv.device} refused the move to {mv.to}: {reply.reason}", file=sys.stderr)
             return 3
-        st = mobility.wait_until_on(cfg, mv.device, mv.to, key=key, timeout=max(1.0, deadline - time.monotonic()))
+        st = mobility.wait_until_on(cfg, mv.device, mv.to, creds=creds, timeout=max(1.0, deadline - time.monotonic()))
         rec.update(scheduled={"round": mv.round, "at": mv.at}, landed={"round": st.round, "step": st.step})
         with open(record, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
@@ -347,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         moves = [vars(mv) for mv in base.moves] + [parse_move(t) for t in args.move]
         overrides_all = overrides + [moves_override(moves)]
         cfg = load_config(args.config, overrides_all)  # checks the --move ones too
-        cfg.key()
+        pki.prepare(cfg)
         prefix = args.prefix or f"ff{secrets.token_hex(3)}"
         if not prefix.isalnum() or len(prefix) < 4:
             raise ConfigError("--prefix", f"{prefix!r} must be 4 or more letters and digits", "e.g. --prefix fflab1")

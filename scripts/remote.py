@@ -43,8 +43,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common import pki
 from common.config import ENV_OVERRIDES, Config, load_config
 from common.errors import ConfigError
+from common.security import CENTRAL, Identity, tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE = ("central", "edge", "device", "common", "scripts", "setup.cfg", "pyproject.toml")
@@ -120,6 +122,7 @@ class State:
     workdir: str          # on every host
     ssh: Ssh
     procs: list[Proc] = field(default_factory=list)
+    security_mode: str = "key"
 
     @property
     def remote_dir(self) -> str:  # relative to workdir
@@ -149,7 +152,7 @@ class State:
     def load(cls, path: str) -> State:
         d = json.loads(Path(path).read_text())
         return cls(run_name=d["run_name"], run_dir=d["run_dir"], workdir=d["workdir"], ssh=Ssh(**d["ssh"]),
-                   procs=[Proc(**p) for p in d["procs"]])
+                   procs=[Proc(**p) for p in d["procs"]], security_mode=d.get("security_mode", "key"))
 
 
 # -- up -----------------------------------------------------------------------------------
@@ -162,8 +165,10 @@ def plan(cfg: Config, ssh: Ssh) -> list[Proc]:
     return procs
 
 
-def bundle(cfg: Config, remote_dir: str, *, code: bool) -> bytes:
-    """A tar of what every host needs: the config, the key, and with ``code`` the code."""
+def bundle(cfg: Config, remote_dir: str, *, code: bool, who: list[Identity] = ()) -> bytes:
+    """A tar of what a host needs: the config, the key (or in the ``tls`` mode the CA's
+    certificate and the keys and certificates of ``who``, the processes it runs), and
+    with ``code`` the code."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         def add_bytes(name: str, data: bytes, mode: int) -> None:
@@ -171,13 +176,20 @@ def bundle(cfg: Config, remote_dir: str, *, code: bool) -> bytes:
             info.size, info.mode, info.mtime = len(data), mode, int(time.time())
             tar.addfile(info, io.BytesIO(data))
 
-        for d in (".fedfly", remote_dir, f"{remote_dir}/logs", f"{remote_dir}/results"):
+        for d in (".fedfly", remote_dir, f"{remote_dir}/logs", f"{remote_dir}/results", f"{remote_dir}/certs"):
             info = tarfile.TarInfo(d)
             info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o700, int(time.time())
             tar.addfile(info)
         add_bytes(f"{remote_dir}/testbed.toml", Path(cfg.path).read_bytes(), 0o600)
-        # the key this machine checked, whether it came from key_file or key_env
-        add_bytes(f"{remote_dir}/testbed.key", cfg.key().hex().encode() + b"\n", 0o600)
+        if cfg.security_mode == "tls":
+            certs = cfg.certs_dir()
+            add_bytes(f"{remote_dir}/certs/ca.crt", Path(certs, "ca.crt").read_bytes(), 0o644)
+            for ident in who:
+                for path in (tls_files(certs, ident)["cert"], tls_files(certs, ident)["key"]):
+                    add_bytes(f"{remote_dir}/certs/{os.path.basename(path)}", Path(path).read_bytes(), 0o600)
+        else:
+            # the key this machine checked, whether it came from key_file or key_env
+            add_bytes(f"{remote_dir}/testbed.key", cfg.key().hex().encode() + b"\n", 0o600)
         if code:
             def no_cache(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
                 return None if "__pycache__" in ti.name.split("/") or ti.name.endswith(".pyc") else ti
@@ -191,9 +203,11 @@ def bundle(cfg: Config, remote_dir: str, *, code: bool) -> bytes:
 def role_command(state: State, proc: Proc, overrides: list[str], python: str) -> str:
     """The sh line that starts ``proc`` in the background on its host and prints its PID."""
     rd = state.remote_dir
-    # the key file sits beside the config (.fedfly/<run>/testbed.key); key_env is not used there
+    # the key file or the certificates sit beside the config (.fedfly/<run>/testbed.key or
+    # certs/); key_env is not used there
     sets = list(overrides) + [f'run.name="{state.run_name}"', f'run.out="{rd}/results"',
-                              'security.key_file="testbed.key"', 'security.key_env=""']
+                              'security.key_file="testbed.key"', 'security.key_env=""', 'security.certs="certs"',
+                              f'security.mode="{state.security_mode}"']
     argv = [python, "-m", proc.role, "--config", f"{rd}/testbed.toml"]
     argv += ["--name", proc.name] if proc.role != "central" else []
     argv += [a for s in sets for a in ("--set", s)]
@@ -213,10 +227,12 @@ def up(cfg: Config, overrides: list[str], *, sync_code: bool) -> State:
             identity = os.path.join(os.path.dirname(os.path.abspath(cfg.path)), identity)
     run_name = cfg.run["name"] or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}-remote"
     state = State(run_name=run_name, run_dir=str(Path(cfg.run["out"]) / run_name), workdir=r["workdir"],
-                  ssh=Ssh(user=r["user"], port=r["ssh_port"], identity=identity, options=r["ssh_options"]))
+                  ssh=Ssh(user=r["user"], port=r["ssh_port"], identity=identity, options=r["ssh_options"]),
+                  security_mode=cfg.security_mode)
     procs = plan(cfg, state.ssh)
-    data = bundle(cfg, state.remote_dir, code=sync_code)
     for target in dict.fromkeys(p.target for p in procs):
+        who = [CENTRAL if p.role == "central" else Identity(p.role, p.name) for p in procs if p.target == target]
+        data = bundle(cfg, state.remote_dir, code=sync_code, who=who)
         mk = f"mkdir -p {shlex.quote(state.workdir)} && " if state.workdir else ""
         cd = f"cd {shlex.quote(state.workdir)} && " if state.workdir else ""
         state.ssh.ssh(target, f"{mk}{cd}umask 077 && tar --no-same-owner -xf -", data=data)
@@ -343,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 # FEDFLY_SET here is applied remotely too, as --set before the command line's
                 overrides = shlex.split(os.environ.get(ENV_OVERRIDES, "")) + args.overrides
                 cfg = load_config(args.config, overrides, env={})
-                cfg.key()
+                pki.prepare(cfg)
             except ConfigError as exc:
                 print(f"remote: error: {exc}", file=sys.stderr)
                 return 2

@@ -3,8 +3,9 @@
     python -m tests.faultproxy --listen PORT --to HOST:PORT [--rule RULE]... [--lifetime S]
 
 It forwards every connection made to 127.0.0.1:PORT to HOST:PORT, byte for byte, and
-follows the testbed's framing as it goes (the handshake's fixed lengths, then each
-frame's prefix and msgpack header), so a rule can name a message:
+follows the testbed's framing as it goes in the shared-key mode (the handshake's fixed
+lengths, then each record's length, data and tag, and inside the records each frame's
+prefix and msgpack header), so a rule can name a message:
 
     RULE = DIR:TYPE:N:AT:ACTION[:HOLD]
       DIR     up (client -> server) or down (server -> client)
@@ -16,6 +17,10 @@ frame's prefix and msgpack header), so a rule can name a message:
               blackhole (nothing more goes either way; the sockets stay open: a silent
               peer), for HOLD seconds (default: until the proxy ends), then reset
     Each rule fires once. Connections made after it pass untouched.
+
+A cut inside a record delivers none of that record (its tag never arrives). ``--flip
+DIR:BYTE`` alters one byte instead (an active attacker without the key), ``--capture``
+keeps what passed (a passive listener), ``--opaque`` forwards TLS without parsing.
 
 Every cut is printed as a JSON line on stdout ({"event": "cut", ...}). The proxy ends by
 itself after ``--lifetime`` seconds (default 600); tests stop it by its PID anyway.
@@ -35,6 +40,9 @@ from dataclasses import dataclass
 import msgpack
 
 PREFIX = struct.Struct("!2sBxIQ")
+# the shared-key mode's records (common.security.MacStream): length, data, tag
+RECORD_HEAD = struct.Struct("!I")
+TAG_BYTES = 16
 CLIENT_HANDSHAKE = 40 + 32   # hello (magic + nonce), then the client's MAC
 SERVER_HANDSHAKE = 64 + 1    # nonce + MAC, then the accept byte
 _print_lock = threading.Lock()
@@ -104,10 +112,28 @@ class Pair:
             s.close()
 
 
+@dataclass
+class Flip:
+    direction: str
+    at: int
+    fired: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "Flip":
+        parts = text.split(":")
+        if len(parts) != 2 or parts[0] not in ("up", "down") or not parts[1].isdigit():
+            raise SystemExit(f"bad flip {text!r}: want DIR:BYTE")
+        return cls(parts[0], int(parts[1]))
+
+
 class Proxy:
-    def __init__(self, listen: int, target: tuple[str, int], rules: list[Rule]) -> None:
+    def __init__(self, listen: int, target: tuple[str, int], rules: list[Rule], *, flips: list[Flip] = (),
+                 capture=None, opaque: bool = False) -> None:
         self.target = target
         self.rules = rules
+        self.flips = list(flips)
+        self.capture = capture
+        self.opaque = opaque
         self.lock = threading.Lock()
         self.sock = socket.create_server(("127.0.0.1", listen))
         self.count = 0
@@ -159,70 +185,59 @@ class Proxy:
     def pump(self, pair: Pair, direction: str) -> None:
         src, dst = (pair.client, pair.server) if direction == "up" else (pair.server, pair.client)
         handshake = CLIENT_HANDSHAKE if direction == "up" else SERVER_HANDSHAKE
-        head = bytearray()        # prefix + header of the frame being read
-        need = PREFIX.size
-        in_payload = False
-        payload_left = 0          # payload bytes of the current frame not yet forwarded
-        frame_pos = 0             # bytes of the current frame forwarded so far
-        cut: tuple[Rule, int, str] | None = None
+        frames = FrameTracker(self, direction)
+        rec_head = bytearray()    # the record's length prefix being read
+        rec_left = 0              # data bytes of the current record not yet forwarded
+        tag_left = 0              # tag bytes of the current record not yet forwarded
+        offset = 0                # bytes of this direction seen so far (for flips)
         try:
             while True:
-                data = src.recv(1 << 16)
+                data = bytearray(src.recv(1 << 16))
                 if not data:
                     break
+                if self.capture is not None:
+                    with self.lock:
+                        self.capture.write(bytes(data))
+                        self.capture.flush()
+                self.flip(pair, direction, data, offset)
+                offset += len(data)
                 if pair.silent:
                     continue
                 out = bytearray()
                 i = 0
                 while i < len(data):
-                    if handshake:
-                        take = min(handshake, len(data) - i)
+                    if handshake or self.opaque:
+                        take = len(data) - i if self.opaque else min(handshake, len(data) - i)
                         out += data[i:i + take]
-                        handshake -= take
+                        handshake -= 0 if self.opaque else take
                         i += take
                         continue
-                    if not in_payload:
-                        take = min(need - len(head), len(data) - i)
-                        head += data[i:i + take]
+                    if rec_left == 0 and tag_left == 0:  # the record's length prefix
+                        take = min(RECORD_HEAD.size - len(rec_head), len(data) - i)
+                        rec_head += data[i:i + take]
+                        out += data[i:i + take]
                         i += take
-                        if len(head) < need:
-                            continue
-                        if need == PREFIX.size:
-                            need = PREFIX.size + PREFIX.unpack_from(head)[2]
-                            if len(head) < need:
-                                continue
-                        plen = PREFIX.unpack_from(head)[3]
-                        try:
-                            type_ = msgpack.unpackb(bytes(head[PREFIX.size:]), raw=False).get("t", "?")
-                        except Exception:  # noqa: BLE001 - not our framing: just forward
-                            type_ = "?"
-                        found = self.match(direction, type_, len(head) + plen)
-                        cut = None
+                        if len(rec_head) == RECORD_HEAD.size:
+                            rec_left, tag_left = RECORD_HEAD.unpack(rec_head)[0], TAG_BYTES
+                            rec_head = bytearray()
+                        continue
+                    if rec_left:
+                        take = min(rec_left, len(data) - i)
+                        found = frames.feed(data[i:i + take])
                         if found is not None:
-                            rule, at = found
-                            if at < len(head):
-                                out += head[:at]
-                                dst.sendall(out)
-                                self.act(pair, rule, direction, type_, at)
-                                return
-                            cut = (rule, at, type_)
-                        out += head
-                        frame_pos, payload_left = len(head), plen
-                        head, need = bytearray(), PREFIX.size
-                        in_payload = payload_left > 0
+                            rule, j, type_, at = found
+                            out += data[i:i + j]
+                            dst.sendall(out)
+                            self.act(pair, rule, direction, type_, at)
+                            return
+                        out += data[i:i + take]
+                        i += take
+                        rec_left -= take
                         continue
-                    take = min(payload_left, len(data) - i)
-                    if cut is not None and frame_pos + take > cut[1]:
-                        out += data[i:i + cut[1] - frame_pos]
-                        dst.sendall(out)
-                        self.act(pair, cut[0], direction, cut[2], cut[1])
-                        return
+                    take = min(tag_left, len(data) - i)
                     out += data[i:i + take]
                     i += take
-                    frame_pos += take
-                    payload_left -= take
-                    if payload_left == 0:
-                        in_payload, cut = False, None
+                    tag_left -= take
                 if out and not pair.silent:
                     dst.sendall(out)
         except OSError:
@@ -231,16 +246,87 @@ class Proxy:
             if not pair.silent:
                 pair.close()
 
+    def flip(self, pair: Pair, direction: str, data: bytearray, offset: int) -> None:
+        """Apply the ``--flip`` rules that fall in ``data`` (bytes ``offset`` on of this direction)."""
+        for f in self.flips:
+            if f.fired or f.direction != direction or not offset <= f.at < offset + len(data):
+                continue
+            with self.lock:
+                if f.fired:
+                    continue
+                f.fired = True
+            data[f.at - offset] ^= 0x01
+            say(event="flip", conn=pair.cid, dir=direction, at=f.at)
+
+
+class FrameTracker:
+    """Follows the frames inside one direction's record data and says where a rule cuts."""
+
+    def __init__(self, proxy: Proxy, direction: str) -> None:
+        self.proxy, self.direction = proxy, direction
+        self.head = bytearray()      # prefix + header of the frame being read
+        self.need = PREFIX.size
+        self.payload_left = 0        # payload bytes of the current frame not yet seen
+        self.frame_pos = 0           # bytes of the current frame seen so far
+        self.cut: tuple[Rule, int, str] | None = None
+
+    def feed(self, data: bytes | bytearray) -> tuple[Rule, int, str, int] | None:
+        """Take ``data``; returns (rule, index in ``data`` to cut before, type, offset in the frame) or None."""
+        i = 0
+        while i < len(data):
+            if not self.payload_left:
+                take = min(self.need - len(self.head), len(data) - i)
+                self.head += data[i:i + take]
+                i += take
+                if len(self.head) < self.need:
+                    continue
+                if self.need == PREFIX.size:
+                    self.need = PREFIX.size + PREFIX.unpack_from(self.head)[2]
+                    if len(self.head) < self.need:
+                        continue
+                plen = PREFIX.unpack_from(self.head)[3]
+                try:
+                    type_ = msgpack.unpackb(bytes(self.head[PREFIX.size:]), raw=False).get("t", "?")
+                except Exception:  # noqa: BLE001 - not our framing: just forward
+                    type_ = "?"
+                found = self.proxy.match(self.direction, type_, len(self.head) + plen)
+                self.cut = None
+                head_len = len(self.head)
+                self.head, self.need = bytearray(), PREFIX.size
+                if found is not None:
+                    rule, at = found
+                    if at < head_len:
+                        return rule, max(0, i - (head_len - at)), type_, at
+                    self.cut = (rule, at, type_)
+                self.frame_pos, self.payload_left = head_len, plen
+                continue
+            take = min(self.payload_left, len(data) - i)
+            if self.cut is not None and self.frame_pos + take > self.cut[1]:
+                rule, at, type_ = self.cut
+                return rule, i + at - self.frame_pos, type_, at
+            i += take
+            self.frame_pos += take
+            self.payload_left -= take
+            if self.payload_left == 0:
+                self.cut = None
+        return None
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--listen", type=int, required=True)
     p.add_argument("--to", required=True, help="HOST:PORT")
     p.add_argument("--rule", action="append", default=[])
+    p.add_argument("--flip", action="append", default=[], metavar="DIR:BYTE",
+                   help="flip the lowest bit of byte BYTE (from 0) of direction DIR, once")
+    p.add_argument("--capture", metavar="FILE", help="write every byte that passes, both ways, to FILE")
+    p.add_argument("--opaque", action="store_true", help="TLS: do not follow records or frames (rules never fire)")
     p.add_argument("--lifetime", type=float, default=600.0)
     args = p.parse_args(argv)
     host, port = args.to.rsplit(":", 1)
-    proxy = Proxy(args.listen, (host, int(port)), [Rule.parse(r) for r in args.rule])
+    capture = open(args.capture, "wb") if args.capture else None
+    proxy = Proxy(args.listen, (host, int(port)), [Rule.parse(r) for r in args.rule],
+                  flips=[Flip.parse(f) for f in args.flip], capture=capture, opaque=args.opaque)
     threading.Thread(target=proxy.serve, daemon=True).start()
     say(event="listening", port=args.listen)
     time.sleep(args.lifetime)

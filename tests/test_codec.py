@@ -535,6 +535,25 @@ def test_bad_tensor_descriptors(descr, payload):
     assert_refused(_with_descriptor(descr, payload))
 
 
+@pytest.mark.parametrize("shape", [
+    [0, 1 << 39, 1 << 39],                      # strides overflow int64 (torch: RuntimeError)
+    [1 << 39, 1 << 39, 0, 1 << 39, 1 << 39],    # storage size overflows
+    [0] + [1 << 39] * 7,
+    [0, 1 << 20, 1 << 20],                      # span 2**40: at the limit
+    [(1 << 40) - 1, 0, 2],
+])
+def test_zero_element_tensors_with_huge_sizes_are_a_protocol_error(shape):
+    # no element, no payload byte: the byte counts all pass, the sizes do not
+    err = assert_refused(_with_descriptor([["weights", "w", "float64", shape]], b""))
+    assert len(str(err)) < 200  # names the shape without echoing all of it
+
+
+@pytest.mark.parametrize("shape", [[0, 1 << 19, 1 << 19], [3, 0, 1000, 1000], [0] * 8])
+def test_zero_element_tensors_with_large_sizes_are_fine(shape):
+    msg = decode_one(_with_descriptor([["weights", "w", "float32", shape]], b""))
+    assert list(msg.weights["w"].shape) == shape and msg.weights["w"].numel() == 0
+
+
 def test_descriptor_payload_length_mismatch_by_padding():
     # two tensors where the second needs padding: length without padding is refused
     descr = [["weights", "a", "uint8", [3]], ["weights", "b", "float32", [1]]]
@@ -546,6 +565,131 @@ def test_prefix_payload_length_disagrees_with_the_bytes():
     # the prefix claims more payload than the descriptors: refused as soon as the header is in
     descr = [["weights", "w", "float32", [1]]]
     assert_refused(_with_descriptor(descr, bytes(4), payload_len=8) + bytes(4))
+
+
+# --------------------------------------------------------------------------------------
+# payload memory follows the bytes that arrive, not the header's claim
+# --------------------------------------------------------------------------------------
+
+def _big_frame_head(nbytes: int) -> bytes:
+    """Prefix and header of a DeviceDone whose one uint8 tensor has ``nbytes`` bytes."""
+    header = {"t": "DeviceDone", "f": {"round": 1, "samples": 1, "steps": 1, "train_seconds": 0.0},
+              "x": [["weights", "w", "uint8", [nbytes]]]}
+    hb = msgpack.packb(header, use_bin_type=True)
+    return codec.PREFIX.pack(codec.MAGIC, codec.VERSION, len(hb), nbytes) + hb
+
+
+def test_a_header_declaring_400_mib_allocates_little_until_the_bytes_arrive():
+    import tracemalloc
+    big = 400 << 20
+    head = _big_frame_head(big)
+    assert len(head) < 120  # a "100-byte header"
+    dec = codec.FrameDecoder()
+    tracemalloc.start()
+    try:
+        dec.receive_data(head)
+        assert dec.next_message() is codec.NEED_DATA
+        _, peak = tracemalloc.get_traced_memory()
+        assert peak <= codec.EAGER_PAYLOAD_BYTES + (1 << 20)  # not 400 MiB
+        room = dec.payload_buffer()
+        assert room is not None and len(room) == codec.EAGER_PAYLOAD_BYTES
+        del room
+        chunk = bytes(range(256)) * 4096  # 1 MiB
+        got = 0
+        for _ in range(40):  # 40 MiB of the 400 arrive: the buffer stays within twice that
+            dec.receive_data(chunk)
+            got += len(chunk)
+            assert dec.next_message() is codec.NEED_DATA
+        current, peak = tracemalloc.get_traced_memory()
+        assert current <= 2 * got + (1 << 20) and peak <= 3 * got + (1 << 20)
+    finally:
+        tracemalloc.stop()
+
+
+def test_an_eager_payload_is_one_buffer_received_into_directly():
+    head = _big_frame_head(5_000_000)  # a migration snapshot's size: allocated whole
+    dec = codec.FrameDecoder()
+    dec.receive_data(head)
+    room = dec.payload_buffer()
+    assert room is not None and len(room) == 5_000_000
+    room[:] = b"\x07" * 5_000_000
+    dec.payload_written(5_000_000)
+    msg = dec.next_message()
+    w = msg.weights["w"]
+    assert w.shape == (5_000_000,) and int(w[0]) == int(w[-1]) == 7
+    assert w.untyped_storage().data_ptr() == torch.frombuffer(room, dtype=torch.uint8).data_ptr()  # no copy
+
+
+@pytest.mark.parametrize("eager", [1, 100, 4096, 1 << 30])
+def test_growing_payloads_decode_bit_for_bit_in_any_chunking(eager):
+    g = torch.Generator().manual_seed(3)
+    msgs = [FACTORIES["RoundStart"](), m.DeviceDone(round=1, samples=9, steps=2, train_seconds=0.5,
+                                                    weights={"a": torch.randn(3000, generator=g),
+                                                             "b": torch.randint(0, 255, (777,), dtype=torch.uint8,
+                                                                                generator=g)})]
+    data = b"".join(codec.encode_bytes(x) for x in msgs)
+    rng = __import__("random").Random(eager)
+    for cuts in ([], list(range(len(data))), sorted(rng.sample(range(len(data)), 40))):
+        dec = codec.FrameDecoder(eager_payload=eager)
+        got, start = [], 0
+        for cut in cuts + [len(data)]:
+            if cut > start:
+                dec.receive_data(data[start:cut])
+                got += drain(dec)
+                start = cut
+        assert len(got) == 2
+        for a, b in zip(msgs, got):
+            assert_same_message(a, b)
+
+
+@pytest.mark.parametrize("eager", [1, 1000, 1 << 30])
+def test_direct_receive_while_the_buffer_grows_keeps_old_views_valid(eager):
+    """What ``Connection.recv`` does: receive into ``payload_buffer()``, still holding the
+    previous view when it asks for the next one (a bytearray with a live view cannot be
+    resized: the decoder must never try)."""
+    msg = m.DeviceDone(round=1, samples=9, steps=2, train_seconds=0.5,
+                       weights={"a": torch.arange(50_000, dtype=torch.float32)})
+    data = codec.encode_bytes(msg)
+    dec = codec.FrameDecoder(eager_payload=eager)
+    pos, views = 0, []
+    while pos < len(data):
+        room = dec.payload_buffer()
+        if room is None:
+            dec.receive_data(data[pos:pos + 7])
+            pos += 7
+            continue
+        views.append(room)  # kept alive on purpose
+        n = min(len(room), 3001, len(data) - pos)
+        room[:n] = data[pos:pos + n]
+        dec.payload_written(n)
+        pos += n
+    (got,) = drain(dec)
+    assert_same_message(msg, got)
+    if eager < 1000:
+        assert len({id(v.obj) for v in views}) > 3  # it grew, buffer after buffer
+
+
+def test_payload_written_past_the_room_is_our_mistake():
+    dec = codec.FrameDecoder(eager_payload=16)
+    dec.receive_data(_big_frame_head(1000))
+    room = dec.payload_buffer()
+    assert len(room) == 16
+    with pytest.raises(LocalProtocolError):
+        dec.payload_written(17)
+    dec.payload_written(16)
+    assert len(dec.payload_buffer()) == 16  # doubled to 32, 16 of them free
+
+
+def test_a_big_frame_over_the_eager_size_decodes_right():
+    n = codec.EAGER_PAYLOAD_BYTES * 2 + 12345
+    t = torch.arange(n // 4, dtype=torch.int32)
+    msg = m.DeviceDone(round=1, samples=9, steps=2, train_seconds=0.5, weights={"w": t})
+    data = codec.encode_bytes(msg)
+    dec = codec.FrameDecoder()
+    for i in range(0, len(data), 1 << 20):
+        dec.receive_data(data[i:i + (1 << 20)])
+    (got,) = drain(dec)
+    assert torch.equal(got.weights["w"], t)
 
 
 def _header_of(name: str) -> tuple[dict, bytes]:

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from common import transport
+from common import security
 from common.config import Move, build_config
 from common.events import EventLog
 from device.control import Position
@@ -29,7 +30,7 @@ def config(policy="same", ports=(2, 3, 4), dead=1.0, grace=5.0):
 
 def link(cfg) -> EdgeLink:
     pos = Position(edge="edge2")
-    return EdgeLink(cfg=cfg, name="device1", key=KEY, events=EventLog(process="device1", role="device"), pos=pos)
+    return EdgeLink(cfg=cfg, name="device1", creds=security.SharedKey(KEY), events=EventLog(process="device1", role="device"), pos=pos)
 
 
 def test_same_tries_the_lost_edge_first_then_every_other_in_turn():
@@ -65,7 +66,7 @@ def test_a_drop_naming_an_edge_overrides_the_policy():
 
 
 def test_nearest_is_the_first_edge_to_complete_a_handshake_and_skips_a_silent_one():
-    good = transport.Listener("127.0.0.1", 0, key=KEY, handler=lambda conn: None, name="good").start()
+    good = transport.Listener("127.0.0.1", 0, creds=security.SharedKey(KEY), handler=lambda conn: None, name="good").start()
     silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does) but never answers
     try:
         from tests.testbed import free_ports

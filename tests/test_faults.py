@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from common.security import CONTROLLER
 from tests.testbed import ROOT, Testbed, _env, free_ports, kill_tree, mobility, write_config
 
 SAMPLES, BATCH = 200, 25           # 8 steps a round: small, and every phase is reached
@@ -43,7 +44,7 @@ def _summary(cfg: Path) -> dict:
 class Proxy:
     """``tests.faultproxy`` in its own process, stopped by its PID."""
 
-    def __init__(self, log_dir: Path, name: str, to_port: int, rules: list[str]) -> None:
+    def __init__(self, log_dir: Path, name: str, to_port: int, rules: list[str], extra: list[str] = ()) -> None:
         self.port = free_ports(1)[0]
         self.log = log_dir / f"proxy-{name}.log"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +52,7 @@ class Proxy:
                "--lifetime", str(RUN_TIMEOUT + 60)]
         for r in rules:
             cmd += ["--rule", r]
+        cmd += list(extra)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -67,9 +69,11 @@ class Proxy:
 
 
 def _run(cfg: Path, tmp: Path, *, proxies: dict[str, dict[str, list[str]]] | None = None, during=None,
-         device_args: dict[str, list[str]] | None = None) -> tuple[dict, dict[str, Proxy], Testbed]:
-    """Start central, edges, proxies (per device, per edge: rules), devices, one by one;
-    call ``during(bed)`` while it runs; wait for the central; stop everything by PID."""
+         device_args: dict[str, list[str]] | None = None,
+         proxy_args: list[str] = ()) -> tuple[dict, dict[str, Proxy], Testbed]:
+    """Start central, edges, proxies (per device, per edge: rules; ``proxy_args`` to every
+    proxy), devices, one by one; call ``during(bed)`` while it runs; wait for the
+    central; stop everything by PID."""
     from common.config import load_config
     c = load_config(str(cfg))
     bed = Testbed(cfg, log_dir=tmp / "logs")
@@ -81,7 +85,7 @@ def _run(cfg: Path, tmp: Path, *, proxies: dict[str, dict[str, list[str]]] | Non
         for d in sorted(c.devices):
             extra = list((device_args or {}).get(d, []))
             for edge, rules in ((proxies or {}).get(d) or {}).items():
-                px = Proxy(tmp / "logs", f"{d}-{edge}", c.edges[edge].port, rules)
+                px = Proxy(tmp / "logs", f"{d}-{edge}", c.edges[edge].port, rules, proxy_args)
                 started[f"{d}-{edge}"] = px
                 extra.append(f"edges.{edge}.port={px.port}")
             bed.start("device", d, *extra)
@@ -149,7 +153,7 @@ def _wait_status(cfg: Path, device: str, pred, timeout: float = 90.0):
     deadline = time.monotonic() + timeout
     while True:
         try:
-            st = status(c, device, key=c.key())
+            st = status(c, device, creds=c.credentials(CONTROLLER))
             if pred(st):
                 return st
         except Exception:  # noqa: BLE001 - not up yet

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from common import security
+from common.security import CONTROLLER
 from tests.testbed import ROOT, Testbed, _env, kill_tree, run_launch, run_dir_of, write_config
 
 ROUND_FIELDS = {"round", "seconds", "test_accuracy", "test_loss", "samples"}
@@ -140,13 +142,13 @@ def test_garbage_and_strangers_lose_their_connection_not_the_run(tmp_path):
     try:
         bed.start_all(["edge1"], ["device1"])
         edge = c.edges["edge1"]
-        conn = transport.connect(edge.host, edge.port, key=c.key(), peer="edge1", retry_for=60)
+        conn = transport.connect(edge.host, edge.port, creds=c.credentials(CONTROLLER), peer="edge1", retry_for=60)
         conn.sock.sendall(codec.PREFIX.pack(b"FF", 1, 5, 0) + b"\xc1garb")
         reply = conn.recv(timeout=30)
         assert isinstance(reply, m.ErrorNotice) and reply.kind == "RemoteProtocolError"
         conn.close()
         try:
-            transport.connect(edge.host, edge.port, key=b"x" * 32, peer="edge1")
+            transport.connect(edge.host, edge.port, creds=security.SharedKey(b"x" * 32), peer="edge1")
             raise AssertionError("a wrong key was accepted")
         except Exception as exc:
             assert type(exc).__name__ == "AuthenticationError"

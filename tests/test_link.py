@@ -12,6 +12,7 @@ import time
 import pytest
 
 from common import messages as m
+from common import security
 from common.errors import ConnectionClosed, LocalProtocolError, PeerSilent
 from common.link import Link, LinkClosedHere
 from common.stream import SocketStream, memory_stream_pair
@@ -224,8 +225,8 @@ def test_pulls_of_two_devices_share_a_peer_link_and_their_answers_are_matched_by
         except Exception:
             pass
 
-    lst = transport.Listener("127.0.0.1", 0, key=key, handler=peer, name="peer").start()
-    links = PeerLinks(name="edge1", key=key, endpoints={"edge2": ("127.0.0.1", lst.port)}, heartbeat_s=0.2,
+    lst = transport.Listener("127.0.0.1", 0, creds=security.SharedKey(key), handler=peer, name="peer").start()
+    links = PeerLinks(name="edge1", creds=security.SharedKey(key), endpoints={"edge2": ("127.0.0.1", lst.port)}, heartbeat_s=0.2,
                       dead_after_s=2.0, answer_limit_s=5.0)
     got = {}
     entered = _t.Barrier(2)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from common.security import CONTROLLER
 from tests.testbed import ROOT, Testbed, _env, mobility, read_summary, run_launch, write_config
 
 SAMPLES, BATCH = 200, 50          # 4 steps per round
@@ -104,7 +105,7 @@ def _wait_up(cfg, device: str) -> None:
     deadline = time.monotonic() + 120
     while True:
         try:
-            status(c, device, key=c.key())
+            status(c, device, creds=c.credentials(CONTROLLER))
             return
         except Exception:
             assert time.monotonic() < deadline, f"{device} never came up"
@@ -138,16 +139,16 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
         _wait_up(cfg, "device1")
         ok = mobility(cfg, "move", "--device", "device1", "--to", "edge2")
         assert ok.returncode == 0, ok.stderr
-        again = move(c, "device1", "edge2", key=c.key())
+        again = move(c, "device1", "edge2", creds=c.credentials(CONTROLLER))
         assert not again.accepted and "already pending" in again.reason
         for d in ("device2", "device3", "device4"):
             bed.start("device", d)
         for d in ("device2", "device3", "device4"):
             _wait_up(cfg, d)
         # refused moves change nothing and the run goes on
-        r = move(c, "device3", "edge7", key=c.key())
+        r = move(c, "device3", "edge7", creds=c.credentials(CONTROLLER))
         assert not r.accepted and "unknown edge" in r.reason
-        r = move(c, "device3", "edge2", key=c.key())
+        r = move(c, "device3", "edge2", creds=c.credentials(CONTROLLER))
         assert not r.accepted and "already on edge2" in r.reason and r.edge == "edge2"
         r = mobility(cfg, "move", "--device", "device9", "--to", "edge1")
         assert r.returncode == 2 and "device9" in r.stderr
@@ -170,7 +171,8 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
         assert codes == {n: 0 for n in codes}, {n: bed.log(n)[-2000:] for n, c in codes.items() if c}
     finally:
         bed.stop()
-    summary = read_summary("results: " + str(next((tmp_path / "live" / "runs").iterdir())))
+    summary = read_summary("results: " + str(next(p for p in (tmp_path / "live" / "runs").iterdir()
+                                                   if not p.name.startswith("."))))  # not .device-state
     assert summary["status"] == "finished"
     migs = summary["migrations"]
     first = [m for m in migs if m["device"] == "device1"]

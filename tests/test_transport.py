@@ -19,10 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from common import auth, codec, transport
+from common import auth, codec, security, transport
 from common import messages as m
 from common.errors import (AuthenticationError, ConnectionClosed, LocalProtocolError, RemoteProtocolError,
                            TestbedError, TransportError)
+from common.stream import SocketStream
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -113,14 +114,15 @@ class TcpEndpoint(Endpoint):
             self.outcomes.put(conn)
             self.release.wait(60)  # the listener closes conn when the handler returns
 
-        self.listener = transport.Listener(HOST, 0, key=KEY, handler=handler,
+        self.listener = transport.Listener(HOST, 0, creds=security.SharedKey(KEY), handler=handler,
                                            on_reject=lambda peer, exc: self.outcomes.put(exc), name="test").start()
 
     def open_raw(self) -> socket.socket:
         return socket.create_connection((HOST, self.listener.port), timeout=WAIT)
 
     def connect(self, key: bytes) -> transport.Connection:
-        return transport.connect(HOST, self.listener.port, key=key, peer="server", timeout=WAIT)
+        return transport.connect(HOST, self.listener.port, creds=security.SharedKey(key), expect=None, peer="server",
+                                 timeout=WAIT)
 
     def close(self) -> None:
         self.release.set()
@@ -147,7 +149,7 @@ class PairEndpoint(Endpoint):
 
         def accept() -> None:
             try:
-                self.outcomes.put(transport.accept_handshake(server, key=KEY, peer="pair-client"))
+                self.outcomes.put(transport.accept_handshake(server, creds=security.SharedKey(KEY), peer="pair-client"))
             except Exception as exc:  # noqa: BLE001 - reported to the test through the queue
                 server.close()        # as the Listener does
                 self.outcomes.put(exc)
@@ -157,14 +159,13 @@ class PairEndpoint(Endpoint):
 
     def connect(self, key: bytes) -> transport.Connection:
         sock = self.open_raw()
-        sock.settimeout(WAIT)
         try:
-            client_handshake(sock, key)
+            stream, _ = security.SharedKey(key).client(SocketStream(sock), expect=None, peer="pair-server",
+                                                       timeout=WAIT)
         except Exception:
             sock.close()
             raise
-        sock.settimeout(None)
-        return transport.Connection(sock, peer="pair-server")
+        return transport.Connection(stream, peer="pair-server")
 
     def close(self) -> None:
         for s in self.socks:
@@ -320,7 +321,7 @@ def test_close_with_a_notice_delivers_it_first(conns):
 def test_peer_closing_inside_a_frame_is_a_protocol_error(conns):
     client, server = conns
     frame = codec.encode_bytes(m.MoveCommand(device="device1", to="edge2"))
-    client.sock.sendall(frame[: len(frame) // 2])
+    client.stream.send_all([frame[: len(frame) // 2]])
     client.close()
     with pytest.raises(RemoteProtocolError):
         server.recv(timeout=WAIT)
@@ -339,7 +340,7 @@ def test_messages_before_a_close_are_all_delivered(conns):
 @pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", bytes(64), b"FF\x01\x00" + b"\xff" * 12])
 def test_garbage_from_the_peer_is_a_protocol_error_and_sticks(conns, garbage):
     client, server = conns
-    client.sock.sendall(garbage)
+    client.stream.send_all([garbage])
     with pytest.raises(RemoteProtocolError):
         server.recv(timeout=WAIT)
     client.send(m.StatusRequest())  # a valid frame after garbage does not heal it
@@ -349,7 +350,7 @@ def test_garbage_from_the_peer_is_a_protocol_error_and_sticks(conns, garbage):
 
 def test_good_frames_before_garbage_are_delivered(conns):
     client, server = conns
-    client.sock.sendall(codec.encode_bytes(m.Shutdown(reason="a")) + b"\x00garbage after a good frame")
+    client.stream.send_all([codec.encode_bytes(m.Shutdown(reason="a")) + b"\x00garbage after a good frame"])
     assert server.recv(timeout=WAIT).reason == "a"
     with pytest.raises(RemoteProtocolError):
         server.recv(timeout=WAIT)
@@ -363,10 +364,10 @@ def test_recv_timeout(conns):
     assert 0.15 <= time.monotonic() - t0 < 5
     # half a frame, then a timeout: the half is kept, and the rest completes the message
     frame = codec.encode_bytes(m.MoveCommand(device="device7", to="edge1"))
-    client.sock.sendall(frame[:10])
+    client.stream.send_all([frame[:10]])
     with pytest.raises(TimeoutError):
         server.recv(timeout=0.2)
-    client.sock.sendall(frame[10:])
+    client.stream.send_all([frame[10:]])
     assert server.recv(timeout=WAIT).device == "device7"
     client.send(m.StatusRequest())
     assert isinstance(server.recv(), m.StatusRequest)  # no timeout: blocks until it comes
@@ -374,7 +375,7 @@ def test_recv_timeout(conns):
 
 def test_another_connection_is_served_after_a_broken_one(endpoint):
     bad_client, bad_server = endpoint.pair()
-    bad_client.sock.sendall(b"\x00" * 100)
+    bad_client.stream.send_all([b"\x00" * 100])
     with pytest.raises(RemoteProtocolError):
         bad_server.recv(timeout=WAIT)
     bad_server.close()
@@ -472,7 +473,7 @@ def test_connect_to_nobody_raises_connection_closed():
     port = _free_port()
     t0 = time.monotonic()
     with pytest.raises(ConnectionClosed):
-        transport.connect(HOST, port, key=KEY, peer="nobody", timeout=2)
+        transport.connect(HOST, port, creds=security.SharedKey(KEY), peer="nobody", timeout=2)
     assert time.monotonic() - t0 < 2
 
 
@@ -482,10 +483,10 @@ def test_connect_retries_until_the_listener_is_up(pool):
 
     def start_later():
         time.sleep(0.4)
-        return transport.Listener(HOST, port, key=KEY, handler=lambda c: served.put(c.recv(timeout=WAIT))).start()
+        return transport.Listener(HOST, port, creds=security.SharedKey(KEY), handler=lambda c: served.put(c.recv(timeout=WAIT))).start()
 
     later = pool.submit(start_later)
-    conn = transport.connect(HOST, port, key=KEY, peer="late", timeout=WAIT, retry_for=WAIT)
+    conn = transport.connect(HOST, port, creds=security.SharedKey(KEY), peer="late", timeout=WAIT, retry_for=WAIT)
     conn.send(m.EdgeHello(edge="edge1"))
     assert served.get(timeout=WAIT).edge == "edge1"
     conn.close()
@@ -498,10 +499,10 @@ def test_connect_retries_until_the_listener_is_up(pool):
 
 
 def test_listening_on_a_used_port_is_a_transport_error():
-    first = transport.Listener(HOST, 0, key=KEY, handler=lambda c: None)
+    first = transport.Listener(HOST, 0, creds=security.SharedKey(KEY), handler=lambda c: None)
     try:
         with pytest.raises(TransportError):
-            transport.Listener(HOST, first.port, key=KEY, handler=lambda c: None)
+            transport.Listener(HOST, first.port, creds=security.SharedKey(KEY), handler=lambda c: None)
     finally:
         first.close()
 
@@ -545,13 +546,13 @@ def test_rejected_peers_never_reach_the_handler(monkeypatch):
 
 def test_listener_close_stops_accepting():
     handled = queue.Queue()
-    listener = transport.Listener(HOST, 0, key=KEY, handler=lambda c: handled.put(c)).start()
+    listener = transport.Listener(HOST, 0, creds=security.SharedKey(KEY), handler=lambda c: handled.put(c)).start()
     time.sleep(0.2)  # the accept thread is now blocked in accept()
     port = listener.port
     listener.close()
     time.sleep(0.2)
     try:
-        conn = transport.connect(HOST, port, key=KEY, peer="after-close", timeout=2)
+        conn = transport.connect(HOST, port, creds=security.SharedKey(KEY), peer="after-close", timeout=2)
     except (ConnectionClosed, AuthenticationError):
         return  # refused: correct
     conn.close()
@@ -579,7 +580,7 @@ def test_accept_handshake_works_on_a_socketpair():
                 client_handshake(client, KEY)
             fut = ex.submit(client_side)
             try:
-                conn = transport.accept_handshake(server, key=KEY, peer="pair")
+                conn = transport.accept_handshake(server, creds=security.SharedKey(KEY), peer="pair")
             except BaseException:
                 server.close()  # lets the client thread see the end of the stream
                 raise
