@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ WEIGHTS = "checkpoint.safetensors"
 META = "checkpoint.json"
 PLAN = "round_plan.json"
 RNG_KEY = "__rng__"
+STRATEGY_PREFIX = "__strategy__/"  # the aggregation strategy's state (central/strategies.py)
 
 
 class CheckpointError(TestbedError):
@@ -45,6 +46,7 @@ class Checkpoint:
     summary: dict[str, Any]             # summary.json as it stood then
     rng: torch.Tensor | None = None
     plan: RoundPlan | None = None       # the plan of the round after it, if that one had started
+    strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. FedAvgM's server momentum
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -56,9 +58,12 @@ def _write_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save(run_dir: str, round: int, weights: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
+def save(run_dir: str, round: int, weights: dict[str, torch.Tensor], summary: dict[str, Any],
+         strategy_state: dict[str, torch.Tensor] | None = None) -> None:
     sha = state_sha256(weights)
-    write_tensors(os.path.join(run_dir, WEIGHTS), {**weights, RNG_KEY: torch.get_rng_state()}, {"round": str(round)})
+    extra = {STRATEGY_PREFIX + k: v for k, v in (strategy_state or {}).items()}
+    write_tensors(os.path.join(run_dir, WEIGHTS), {**weights, **extra, RNG_KEY: torch.get_rng_state()},
+                  {"round": str(round)})
     _write_json(os.path.join(run_dir, META), {"round": round, "weights_sha256": sha, "summary": summary})
 
 
@@ -87,6 +92,7 @@ def load(run_dir: str) -> Checkpoint:
     except (OSError, TensorFileError) as exc:
         raise CheckpointError(f"{os.path.join(run_dir, WEIGHTS)} cannot be read: {exc}") from None
     rng = tensors.pop(RNG_KEY, None)
+    strategy_state = {k[len(STRATEGY_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(STRATEGY_PREFIX)}
     if state_sha256(tensors) != sha:
         raise CheckpointError(f"{os.path.join(run_dir, WEIGHTS)} does not match {META} (sha256 differs)")
     plan = None
@@ -100,4 +106,5 @@ def load(run_dir: str) -> Checkpoint:
         pass
     except (OSError, ValueError, KeyError, TypeError, ProtocolError) as exc:
         raise CheckpointError(f"{os.path.join(run_dir, PLAN)} is damaged: {exc}") from None
-    return Checkpoint(round=round_, weights=tensors, summary=summary, rng=rng, plan=plan)
+    return Checkpoint(round=round_, weights=tensors, summary=summary, rng=rng, plan=plan,
+                      strategy_state=strategy_state)

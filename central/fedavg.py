@@ -7,16 +7,11 @@ reported it or when: float addition is not associative.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
 Weights = dict[str, torch.Tensor]
-
-
-class Strategy(Protocol):
-    def aggregate(self, updates: Sequence[tuple[Weights, int]]) -> Weights:
-        """Combine the updates of one round into the next global weights."""
 
 
 def fedavg(updates: Sequence[tuple[Weights, int]]) -> Weights:
@@ -44,10 +39,3 @@ def fedavg(updates: Sequence[tuple[Weights, int]]) -> Weights:
             acc += w[key].to(torch.float64) * (n / total)
         out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
     return out
-
-
-class FedAvg:
-    """The paper's strategy: FedAvg weighted by each device's samples."""
-
-    def aggregate(self, updates: Sequence[tuple[Weights, int]]) -> Weights:
-        return fedavg(updates)

@@ -1,9 +1,13 @@
-"""The run folder: ``summary.json`` (the contract benchmarks and users rely on), the final
-weights, and the progress lines and table printed as the run goes."""
+"""The run folder: ``summary.json`` (the contract benchmarks and users rely on),
+``rounds.csv`` (one row per round, for plotting with any tool), the final weights, and
+the progress lines and table printed as the run goes."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -13,7 +17,15 @@ import torch
 from common.models import state_sha256
 from common.tensorfile import write_tensors
 
+log = logging.getLogger("central")
+WRITE_TRIES = 5           # about 1.5 s
+WRITE_TRIES_FINAL = 60    # about a minute
+
 SUMMARY = "summary.json"
+ROUNDS_CSV = "rounds.csv"
+# rounds.csv: the round's own fields, then what its migrations cost (summed over them)
+CSV_FIELDS = ["round", "seconds", "eval_seconds", "test_accuracy", "test_loss", "samples", "devices", "missing",
+              "dropped", "samples_lost", "migrations", "migration_bytes", "migration_pause_ms"]
 FINAL_WEIGHTS = "final_model.safetensors"
 
 
@@ -52,14 +64,47 @@ class RunResults:
         self.summary["final_model_sha256"] = sha
         self.summary["status"] = status
         self.summary["total_seconds"] = round(time.monotonic() - self.started, 3)
-        self.write()
+        self.write(final=True)
         return sha
 
-    def write(self) -> None:
+    def write(self, *, final: bool = False) -> None:
+        """summary.json, whole (written aside and renamed). A file system that fails (no
+        descriptor, no space) is tried again for a while; a round's write that still fails
+        is skipped (the next one holds everything), only the final one raises."""
         path = os.path.join(self.run_dir, SUMMARY)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(self.summary, f, indent=2)
-        os.replace(path + ".tmp", path)
+        csv_path = os.path.join(self.run_dir, ROUNDS_CSV)  # rounds.csv, the same way
+        tries = WRITE_TRIES_FINAL if final else WRITE_TRIES
+        for i in range(tries):
+            try:
+                with open(path + ".tmp", "w", encoding="utf-8") as f:
+                    json.dump(self.summary, f, indent=2)
+                os.replace(path + ".tmp", path)
+                with open(csv_path + ".tmp", "w", encoding="utf-8", newline="") as f:
+                    f.write(rounds_csv(self.summary))
+                os.replace(csv_path + ".tmp", csv_path)
+                return
+            except OSError as exc:
+                if i == tries - 1:
+                    if final:
+                        raise
+                    log.warning("summary.json not written this round: %s", exc)
+                    return
+                time.sleep(min(1.0, 0.05 * 2 ** i))
+
+
+def rounds_csv(summary: dict[str, Any]) -> str:
+    """One row per round of ``summary``: ``CSV_FIELDS``; lists are counted (devices,
+    missing, dropped), migrations summed per round."""
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for rec in summary.get("rounds", []):
+        migs = [mv for mv in summary.get("migrations", []) if mv.get("round") == rec.get("round")]
+        row = {k: (len(v) if isinstance(v, list) else v) for k, v in rec.items()}
+        row.update(migrations=len(migs), migration_bytes=sum(mv.get("state_bytes", 0) for mv in migs),
+                   migration_pause_ms=round(sum(mv.get("pause_ms", 0.0) for mv in migs), 3))
+        w.writerow(row)
+    return out.getvalue()
 
 
 def fmt_seconds(s: float) -> str:

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from central import checkpoint
+from central import autosplit, checkpoint
 from central.edges import EdgeJoined, EdgeLost, EdgeMessage, EdgeRegistry
-from central.fedavg import FedAvg, Strategy
+from central.strategies import Failure, Strategy, make_strategy
 from central.results import SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
 from central.rounds import RoundTracker
 from common import messages as m
@@ -58,8 +58,12 @@ class CentralServer:
         self.run_name = run_name
         self.test_x, self.test_y = test_set
         self.shard_samples = shard_samples or {}
-        self.strategy = strategy or FedAvg()
+        self.strategy = strategy or make_strategy(cfg.strategy)
+        self.strategy_state = dict(resume.strategy_state) if resume is not None else {}
+        # split_layer = "auto": the cuts are chosen once, here (a resumed run keeps its own)
+        self.auto = {} if cfg.mode == "classic" or resume is not None else autosplit.choose(cfg, self.shard_samples)
         self.out = out
+        self.unsaid = 0  # progress lines stdout could not take
         self.faults = cfg.faults
         # The seam between the round logic and the network: tests stand a fake here.
         self.registry = registry or EdgeRegistry(edges=set(cfg.edges), run_name=run_name, mode=cfg.mode,
@@ -73,11 +77,16 @@ class CentralServer:
         self.done_round = resume.round if resume is not None else 0      # the last round summed
         self.tracker: RoundTracker | None = None
         self.started = time.monotonic()
-        self.spec = state_spec(cfg.model["name"])
+        self.spec = state_spec(cfg.model_key)
         t = cfg.training
         self.results = RunResults(run_dir=run_dir, header={
             "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run["seed"],
-            "model": cfg.model["name"], "split_layer": cfg.model["split_layer"], "dataset": cfg.data["dataset"],
+            "model": cfg.model["name"], "model_key": cfg.model_key, "split_layer": cfg.model["split_layer"],
+            "dataset": cfg.data["dataset"],
+            "strategy": self.strategy.describe(),
+            "cuts": {d: self.auto[d]["cut"] if d in self.auto else cfg.split_of(d) for d in cfg.device_names},
+            "auto_split": self.auto,
+            "mobility": {**cfg.mobility, "timed_moves": len(cfg.timed_moves)},
             "distribution": cfg.data["distribution"], "training": dict(t), "threads": t["threads"],
             "faults_settings": dict(cfg.faults),
             "device_settings": {n: {"edge": d.edge, "slowdown": d.slowdown, "threads": cfg.device_threads(n)}
@@ -106,7 +115,19 @@ class CentralServer:
                      "down_s": round(down, 3), "recovery": "checkpoint", "samples_lost": 0}, say=True)
 
     def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        try:
+            print(text, file=self.out, flush=True)
+        except (OSError, ValueError):  # a closed or full stdout must not stop the run: the files say it all
+            self.unsaid += 1
+
+    def _checkpoint(self, save, *args) -> None:
+        """A checkpoint that cannot be written (no descriptor, no space) costs a resume
+        point, not the run: recorded, and the run goes on."""
+        try:
+            save(*args)
+        except OSError as exc:
+            self.events.emit("checkpoint_failed", what=save.__name__, detail=str(exc)[:200])
+            log.warning("checkpoint not written: %s", exc)
 
     def _now(self) -> float:
         return round(time.monotonic() - self.started, 3)
@@ -229,7 +250,7 @@ class CentralServer:
         if msg.samples <= 0:
             return "no samples"
         expected = self.shard_samples.get(msg.device)
-        if expected is not None and msg.samples > expected:
+        if expected is not None and msg.samples != expected:
             return f"claims {msg.samples} samples, its shard has {expected}"
         return ""
 
@@ -250,9 +271,9 @@ class CentralServer:
             if self.resume.rng is not None:
                 torch.set_rng_state(self.resume.rng)
         else:
-            weights, first = build_model(self.cfg.model["name"], seed=self.cfg.run["seed"]).state_dict(), 1
+            weights, first = build_model(self.cfg.model_key, seed=self.cfg.run["seed"]).state_dict(), 1
             # round 0: a central that dies before its first round ends can be resumed too
-            checkpoint.save(self.results.run_dir, 0, dict(weights), self.results.summary)
+            self._checkpoint(checkpoint.save, self.results.run_dir, 0, dict(weights), self.results.summary)
         status = "finished"
         try:
             self._wait_for_testbed()
@@ -296,6 +317,10 @@ class CentralServer:
             self._pump(min(POLL_S, deadline - time.monotonic()))
         return self.present
 
+    def _auto_cuts(self) -> dict[str, int]:
+        """The cuts chosen at start ("auto"), for every round's plan."""
+        return {d: rec["cut"] for d, rec in self.results.summary.get("auto_split", {}).items()}
+
     def _rounds(self, weights: dict[str, torch.Tensor], first: int = 1) -> dict[str, torch.Tensor]:
         t = self.cfg.training
         rounds = t["rounds"]
@@ -311,8 +336,9 @@ class CentralServer:
                 participants = self._await_devices(r)
             t0 = time.monotonic()
             plan = replan or RoundPlan(round=r, lr=t["lr"], momentum=t["momentum"], batch_size=t["batch_size"],
-                                       local_epochs=t["local_epochs"], participants=tuple(sorted(participants)))
-            checkpoint.save_plan(self.results.run_dir, plan)
+                                       local_epochs=t["local_epochs"], participants=tuple(sorted(participants)),
+                                       cuts=self._auto_cuts(), **self.strategy.configure(r))
+            self._checkpoint(checkpoint.save_plan, self.results.run_dir, plan)
             start = m.RoundStart(plan=plan.to_wire(), weights=weights)
             self.events.emit("round_start", round=r, participants=list(plan.participants))
             tracker = RoundTracker(round=r, participants=frozenset(participants), shard_samples=self.shard_samples,
@@ -338,8 +364,11 @@ class CentralServer:
             updates = {d: u for d, u in tracker.updates.items()}
             order = sorted(updates)  # the fixed order of summation
             if updates:
-                weights = self.strategy.aggregate([(updates[d].weights, updates[d].samples) for d in order])
-            model = build_model(self.cfg.model["name"], seed=0)
+                failures = [Failure(x.device, x.reason, x.samples) for x in tracker.dropped.values()]
+                weights, self.strategy_state = self.strategy.aggregate(
+                    [(updates[d].weights, updates[d].samples) for d in order], failures,
+                    current=weights, state=self.strategy_state)
+            model = build_model(self.cfg.model_key, seed=0)
             model.load_state_dict(weights)
             t_eval = time.monotonic()
             acc, loss = evaluate(model, self.test_x, self.test_y)
@@ -351,9 +380,13 @@ class CentralServer:
                    "test_accuracy": acc, "test_loss": loss, "samples": sum(u.samples for u in updates.values()),
                    "devices": order, "missing": sorted(set(self.cfg.devices) - set(updates)), "dropped": dropped,
                    "samples_lost": sum(x["samples"] for x in dropped)}
+            for d, rec_d in self.results.summary.get("auto_split", {}).items():  # measured beside predicted
+                if d in updates:
+                    rec_d["measured_train_s"].append(round(updates[d].train_seconds, 4))
             self.results.add_round(rec, {d: {"samples": u.samples, "train_seconds": u.train_seconds,
                                              "steps": u.steps, "edge": u.edge} for d, u in updates.items()})
-            checkpoint.save(self.results.run_dir, r, weights, self.results.summary)
+            self._checkpoint(checkpoint.save, self.results.run_dir, r, weights, self.results.summary,
+                             self.strategy_state)
             self.events.emit("round_done", **{k: v for k, v in rec.items() if k != "devices"})
             moves = sum(1 for mv in self.results.summary["migrations"] if mv["round"] == r)
             elapsed = time.monotonic() - self.results.started

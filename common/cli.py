@@ -26,7 +26,7 @@ def data_spec(cfg: Config):
     d = cfg.data
     return DataSpec(dataset=d["dataset"], root=d["root"], download=d["download"], distribution=d["distribution"],
                     alpha=d["alpha"], samples_per_device=d["samples_per_device"], test_samples=d["test_samples"],
-                    seed=cfg.run["seed"])
+                    image_size=d["image_size"], seed=cfg.run["seed"])
 
 
 def run_main(argv: list[str] | None, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace, Config], int]) -> int:

@@ -9,6 +9,7 @@ key and the fix. Relative ``security.key_file`` and ``security.certs`` paths are
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shlex
@@ -16,14 +17,17 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.datasets import DATASETS, dataset_info
 from common.errors import ConfigError
+from common.mobility_models import TimedMove, TraceError, read_trace, waypoint_trace
+from common.nets import NETS, ModelSpec, net
 
 MODES = ("fedfly", "restart", "classic")
 RECONNECT_POLICIES = ("same", "nearest", "controller")
 DEATH_POLICIES = ("stop", "restart")
-DATASETS = ("synthetic", "cifar10", "imagefolder")
 DISTRIBUTIONS = ("balanced", "imbalanced")
-MODELS = {"vgg5": 7}  # model name -> number of layers (valid split layers: 0 .. n-2)
+STRATEGIES = ("fedavg", "fedprox", "fedavgm")  # central/strategies.py (kept torch-free here)
+MOBILITY_MODELS = ("schedule", "trace", "waypoint")  # common/mobility_models.py
 REQUIRED = object()
 ENV_OVERRIDES = "FEDFLY_SET"
 
@@ -32,6 +36,13 @@ _POSITIVE = (lambda v: None if v > 0 else "must be > 0")
 _AT_LEAST_1 = (lambda v: None if v >= 1 else "must be >= 1")
 _PORT = (lambda v: None if 1 <= v <= 65535 else "must be a TCP port, 1-65535")
 _NONNEG = (lambda v: None if v >= 0 else "must be >= 0")
+
+
+class Cut:
+    """Schema type of a split layer: an int, or "auto" (chosen at start: central/autosplit.py)."""
+
+
+AUTO = "auto"
 
 
 def _choice(options: tuple[str, ...]):
@@ -94,17 +105,27 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "ssh_options": (str, "", None),
     },
     "model": {
-        "name": (str, "vgg5", _choice(tuple(MODELS))),
-        "split_layer": (int, 3, None),
+        "name": (str, "vgg5", _choice(tuple(NETS))),
+        "split_layer": (Cut, 3, None),
     },
     "data": {
-        "dataset": (str, "synthetic", _choice(DATASETS)),
+        "dataset": (str, "synthetic", _choice(tuple(DATASETS))),
         "root": (str, "data", None),
         "download": (bool, False, None),
+        # 0: the data set's own size; else images are resized to image_size x image_size
+        # (and the model built for it): small inputs for tests and quick sweeps
+        "image_size": (int, 0, _NONNEG),
         "distribution": (str, "balanced", _choice(DISTRIBUTIONS)),
         "alpha": (float, 0.5, _POSITIVE),
         "samples_per_device": (int, 0, _NONNEG),
         "test_samples": (int, 0, _NONNEG),
+    },
+    # Aggregation (central/strategies.py): mu for fedprox, server_lr and server_momentum for fedavgm.
+    "strategy": {
+        "name": (str, "fedavg", _choice(STRATEGIES)),
+        "mu": (float, 0.01, _NONNEG),
+        "server_lr": (float, 1.0, _POSITIVE),
+        "server_momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
     },
     "training": {
         "rounds": (int, 5, _AT_LEAST_1),
@@ -120,6 +141,9 @@ EDGE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "port": (int, REQUIRED, _PORT),
     "bind": (str, "", None),
     "ssh": (str, "", None),   # ssh target when it differs from host (scripts/remote.py)
+    # the rate of every device attached here (netns testbed; 0: links.device_mbit); a device's
+    # own devices.NAME.link_mbit wins
+    "link_mbit": (float, 0.0, _NONNEG),
 }
 DEVICE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "edge": (str, REQUIRED, None),
@@ -129,6 +153,7 @@ DEVICE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "slowdown": (float, 1.0, lambda v: None if v >= 1 else "must be >= 1 (1 = full speed)"),
     "threads": (int, 0, _NONNEG),
     "link_mbit": (float, 0.0, _NONNEG),  # 0: links.device_mbit
+    "split_layer": (Cut, None, None),    # this device's cut, or "auto" (default: model.split_layer)
     "ssh": (str, "", None),
 }
 MOVE_KEYS: dict[str, tuple[type, Any, Any]] = {
@@ -136,6 +161,21 @@ MOVE_KEYS: dict[str, tuple[type, Any, Any]] = {
     "to": (str, REQUIRED, None),
     "round": (int, REQUIRED, _AT_LEAST_1),
     "at": (float, REQUIRED, lambda v: None if 0 < v < 1 else "must be a fraction of the round, 0 < at < 1"),
+}
+# [mobility]: which model moves the devices ([[mobility.moves]] and [[mobility.drops]] apply
+# under every model).
+MOBILITY_KEYS: dict[str, tuple[type, Any, Any]] = {
+    "model": (str, "schedule", _choice(MOBILITY_MODELS)),
+    "trace": (str, "", None),   # CSV (relative to the config file): time_s,device,edge or round,at,device,edge
+}
+# [mobility.waypoint]: random waypoint over a grid of edge cells (common/mobility_models.py)
+WAYPOINT_KEYS: dict[str, tuple[type, Any, Any]] = {
+    "cell_m": (float, 100.0, _POSITIVE),     # side of an edge's square cell
+    "speed_mps": (float, 1.5, _POSITIVE),    # walking speed
+    "pause_s": (float, 0.0, _NONNEG),        # pause at each waypoint
+    "columns": (int, 0, _NONNEG),            # cells per row (0: ceil(sqrt(edges)))
+    "seed": (int, -1, None),                 # -1: run.seed
+    "horizon_s": (float, 3600.0, _POSITIVE),  # how far ahead the walk is drawn
 }
 DROP_KEYS: dict[str, tuple[type, Any, Any]] = {
     "device": (str, REQUIRED, None),
@@ -152,6 +192,7 @@ class Endpoint:
     port: int
     bind: str = ""
     ssh: str = ""
+    link_mbit: float = 0.0   # edges only: the rate of the devices attached there
 
     @property
     def listen_host(self) -> str:
@@ -170,6 +211,7 @@ class DeviceConfig:
     threads: int = 0
     link_mbit: float = 0.0
     ssh: str = ""
+    split_layer: int | str | None = None   # an int, "auto", or None: the model's
 
     @property
     def control(self) -> Endpoint:
@@ -220,6 +262,7 @@ class Config:
     model: dict[str, Any]
     data: dict[str, Any]
     training: dict[str, Any]
+    strategy: dict[str, Any]
     links: dict[str, Any]
     remote: dict[str, Any]
     moves: tuple[Move, ...] = field(default_factory=tuple)
@@ -229,6 +272,8 @@ class Config:
     # move's pause covers only the handover. Off by default: a radio cannot always reach
     # the next cell before it leaves this one.
     preconnect: bool = False
+    traced_moves: tuple[TimedMove, ...] = field(default_factory=tuple)  # a time-based trace's
+    mobility: dict[str, Any] = field(default_factory=dict)   # the mobility model in force and its settings
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -236,15 +281,59 @@ class Config:
         return self.run["mode"]
 
     @property
+    def model_key(self) -> str:
+        """The model built for this data set's input (``common.nets.ModelSpec.key``)."""
+        info = dataset_info(self.data["dataset"])
+        c, h, w = info.shape
+        size = self.data["image_size"]
+        return ModelSpec(self.model["name"], c, size or h, size or w, info.classes).key
+
+    @property
     def device_names(self) -> list[str]:
         """Devices in the fixed order used everywhere (FedAvg, shards): sorted by name."""
         return sorted(self.devices)
+
+    def split_of(self, device: str) -> int | str:
+        """``device``'s cut: its own ``split_layer`` or the model's; ``"auto"`` when the
+        central chooses it at start (it comes in every round's plan, ``RoundPlan.cuts``)."""
+        own = self.devices[device].split_layer
+        return self.model["split_layer"] if own is None else own
+
+    @property
+    def base_cut(self) -> int:
+        """The model's cut; with ``model.split_layer = "auto"``, a placeholder (the middle
+        cut) until the plan names each device's."""
+        cut = self.model["split_layer"]
+        return cut if cut != AUTO else len(net(self.model["name"]).cuts) // 2
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """The devices that cut elsewhere than ``base_cut`` (and not "auto"), with their cut."""
+        return {d: c for d in sorted(self.devices) if (c := self.split_of(d)) != AUTO and c != self.base_cut}
+
+    def link_rate(self, device: str, edge: str | None = None) -> float:
+        """Mbit/s of ``device``'s link while attached to ``edge`` (default: its first edge):
+        its own ``link_mbit``, else the edge's, else ``links.device_mbit``; 0 = unshaped."""
+        return (self.devices[device].link_mbit or self.edges[edge or self.devices[device].edge].link_mbit
+                or self.links["device_mbit"])
 
     def device_threads(self, name: str) -> int:
         return self.devices[name].threads or self.training["threads"]
 
     def moves_for(self, device: str) -> list[Move]:
         return [mv for mv in self.moves if mv.device == device]
+
+    @functools.cached_property
+    def timed_moves(self) -> tuple[TimedMove, ...]:
+        """Time-based moves: a trace's, or the random-waypoint walk (drawn on first use:
+        only devices and the central need it)."""
+        wp = self.mobility.get("waypoint")
+        if wp is None:
+            return self.traced_moves
+        return tuple(waypoint_trace(devices={n: d.edge for n, d in self.devices.items()}, edges=list(self.edges), **wp))
+
+    def timed_moves_for(self, device: str) -> list[TimedMove]:
+        return [mv for mv in self.timed_moves if mv.device == device]
 
     def drops_for(self, device: str) -> list[Drop]:
         return [d for d in self.drops if d.device == device]
@@ -317,6 +406,11 @@ def _apply(raw: dict, path: list[str], value: Any) -> None:
 
 
 def _typed(key: str, value: Any, typ: type) -> Any:
+    if typ is Cut:
+        if value == AUTO or type(value) is int:
+            return value
+        raise ConfigError(key, f"is {type(value).__name__} {value!r}, must be a layer number or \"auto\"",
+                          'write it like 3, or "auto" (chosen from a cost model at start)')
     if typ is float and type(value) is int:
         return float(value)
     if type(value) is not typ:
@@ -399,20 +493,31 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
                           f"({f['heartbeat_s']}): one late heartbeat would look like a dead peer",
                           f"set it to at least {2 * f['heartbeat_s']:g}")
     model = sections["model"]
-    layers = MODELS[model["name"]]
-    if not 0 <= model["split_layer"] <= layers - 2:
-        raise ConfigError("model.split_layer", f"{model['split_layer']} is not a split of {model['name']}",
-                          f"use 0 to {layers - 2} (the device runs layers 0..split_layer, the edge the rest)")
+    _check_cut("model.split_layer", model["split_layer"], model["name"])
+    for dev in devices.values():
+        if dev.split_layer is not None:
+            _check_cut(f"devices.{dev.name}.split_layer", dev.split_layer, model["name"])
 
     _check_endpoints(central, edges, devices)
     moves = _moves(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
     drops = _drops(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
+    mobility, traced, timed = _mobility_model(raw.get("mobility", {}), path, edges, devices,
+                                              sections["training"]["rounds"], sections["run"]["seed"])
+    moves = tuple(sorted(moves + traced, key=lambda x: (x.round, x.at, x.device)))
     _check_timeline(moves, drops, devices)
     preconnect = raw.get("mobility", {}).get("preconnect", False)
     if type(preconnect) is not bool:
         raise ConfigError("mobility.preconnect", f"{preconnect!r} is not true or false", "write true or false")
     return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, drops=drops, raw=raw,
-                  preconnect=preconnect, **sections)
+                  preconnect=preconnect, traced_moves=timed, mobility=mobility,
+                  **sections)
+
+
+def _check_cut(key: str, split: int | str, model: str) -> None:
+    entry = net(model)
+    if split != AUTO and split not in entry.cuts:
+        raise ConfigError(key, f"{split} is not a cut point of {model}",
+                          f"use one of {entry.describe_cuts()} (the device runs layers 0..split_layer, the edge the rest)")
 
 
 def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dict[str, DeviceConfig]) -> None:
@@ -429,11 +534,53 @@ def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dic
 def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move, ...]:
     if not isinstance(mobility, dict):
         raise ConfigError("mobility", "must be a table", "write moves as [[mobility.moves]] tables")
-    unknown = sorted(set(mobility) - {"moves", "drops", "preconnect"})
+    unknown = sorted(set(mobility) - {"moves", "drops", "waypoint", "preconnect"} - set(MOBILITY_KEYS))
     if unknown:
         raise ConfigError(f"mobility.{unknown[0]}", "is not a known key",
-                          "use [[mobility.moves]], [[mobility.drops]] or mobility.preconnect")
+                          "use [[mobility.moves]], [[mobility.drops]], model, trace, preconnect or [mobility.waypoint]")
     return _mobility_list(mobility, "moves", Move, MOVE_KEYS, edges, devices, rounds)
+
+
+def _mobility_model(mobility: dict, path: str, edges: dict, devices: dict, rounds: int,
+                    seed: int) -> tuple[dict[str, Any], tuple[Move, ...], tuple[TimedMove, ...]]:
+    """The ``[mobility]`` model: its settings (for summary.json), the round-based moves of
+    a trace, and the time-based moves of a trace or of the random-waypoint model."""
+    settings = _table("mobility", {k: v for k, v in mobility.items() if k in MOBILITY_KEYS}, MOBILITY_KEYS)
+    model = settings["model"]
+    if mobility.get("waypoint") and model != "waypoint":
+        raise ConfigError("mobility.waypoint", f"is set but mobility.model is {model!r}", 'set model = "waypoint"')
+    if settings["trace"] and model != "trace":
+        raise ConfigError("mobility.trace", f"is set but mobility.model is {model!r}", 'set model = "trace"')
+    rounds_moves: list[Move] = []
+    timed: list[TimedMove] = []
+    if model == "trace":
+        if not settings["trace"]:
+            raise ConfigError("mobility.trace", "is missing (mobility.model is \"trace\")",
+                              'add trace = "moves.csv" (time_s,device,edge or round,at,device,edge)')
+        file = settings["trace"]
+        file = file if os.path.isabs(file) else os.path.join(os.path.dirname(os.path.abspath(path)), file)
+        try:
+            rows = read_trace(file)
+        except TraceError as exc:
+            raise ConfigError("mobility.trace", str(exc), "fix the file or point trace at another") from None
+        for i, row in enumerate(rows):
+            where = f"mobility.trace (row {i + 1} of {settings['trace']})"
+            if row.device not in devices:
+                raise ConfigError(where, f"{row.device!r} is not a device", f"use one of: {', '.join(sorted(devices))}")
+            if row.to not in edges:
+                raise ConfigError(where, f"{row.to!r} is not an edge", f"use one of: {', '.join(sorted(edges))}")
+            if isinstance(row, TimedMove):
+                timed.append(row)
+            elif not 1 <= row.round <= rounds:
+                raise ConfigError(where, f"round {row.round} is not a round of this run", f"use 1 to {rounds}")
+            else:
+                rounds_moves.append(Move(row.device, row.to, row.round, row.at))
+        timed.sort(key=lambda mv: (mv.time_s, mv.device))
+    elif model == "waypoint":
+        wp = _table("mobility.waypoint", mobility.get("waypoint", {}), WAYPOINT_KEYS)
+        wp["seed"] = seed if wp["seed"] == -1 else wp["seed"]
+        settings["waypoint"] = wp
+    return settings, tuple(rounds_moves), tuple(timed)
 
 
 def _mobility_list(mobility: dict, kind: str, cls: type, schema: dict, edges: dict, devices: dict,

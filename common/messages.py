@@ -318,6 +318,10 @@ class AttachRequest(Message):
     why: str
     checkpoints: list[int] = dataclasses.field(default_factory=list)
     run: str = ""  # the run the device's state belongs to ("": unknown); another run's is not resumed
+    # this edge's key for the device's proofs of attachment (``common.security.edge_key``),
+    # and for a resume the proofs for the other edges that this attach is real
+    edge_key: str = ""
+    proofs: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def check(self) -> None:
         if self.kind not in ATTACH_KINDS:
@@ -423,19 +427,23 @@ class DoneAck(Message):
 @message
 class SessionPull(Message):
     """destination -> source: hand over ``device``'s session, which must be at
-    ``round``/``step`` (or one step further, with the reply to ``step`` kept)."""
+    ``round``/``step`` (or one step further, with the reply to ``step`` kept).
+    ``proofs``: the device's, that it attached to ``target`` in ``round``."""
     device: str
     round: int
     step: int
     target: str
+    proofs: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @message
 class SessionDrop(Message):
-    """destination -> source (modes restart and classic): forget ``device``'s session of ``round``."""
+    """destination -> source (modes restart and classic): forget ``device``'s session of
+    ``round``. ``proofs``: as ``SessionPull``'s."""
     device: str
     round: int
     target: str
+    proofs: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @message
@@ -452,7 +460,8 @@ class SessionSnapshot(Message):
 @message
 class SessionReplica(Message):
     """edge -> its buddy edge, one way: a copy of ``device``'s session at ``step``, kept
-    for the day the edge dies (``faults.checkpoint_steps``). ``target``: the sender."""
+    for the day the edge dies (``faults.checkpoint_steps``). ``target``: the sender;
+    ``edge_key``: its key for the device's proofs (a replica pull must prove an attach)."""
     device: str
     round: int
     step: int
@@ -460,6 +469,7 @@ class SessionReplica(Message):
     meta: JSON
     checksum: str
     state: Tensors
+    edge_key: str = ""
 
 
 @message
@@ -471,6 +481,7 @@ class ReplicaPull(Message):
     round: int
     steps: list[int]
     target: str
+    proofs: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @message

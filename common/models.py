@@ -1,56 +1,35 @@
-"""VGG-5 as in FedFly, built from numbered layers so that any split is a pair of parts.
+"""Splittable models: any registered model (``common.nets``) as numbered layers, so that
+any cut is a pair of parts.
 
-Layers (numbered from 0 as in FedFly's code):
-
-    0 conv 3->32 + BN + ReLU    1 max-pool 2    2 conv 32->64 + BN + ReLU    3 max-pool 2
-    4 conv 64->64 + BN + ReLU   5 FC 4096->128 + ReLU    6 FC 128->10
-
-At split layer ``s`` the device runs layers 0..s and the edge runs s+1..6. Parts keep the
-full model's parameter names (``l<index>.<...>``), so a device part's state_dict and an
-edge part's state_dict join into the full model's state_dict with a plain dict union,
-and FedAvg works on full models whatever the split.
+A model is named by its key (``common.nets.ModelSpec``): ``"vgg5"`` is FedFly's VGG-5
+for 3x32x32 images and 10 classes; ``"resnet18/1x28x28/10"`` a ResNet-18 for MNIST.
+At split layer ``s`` the device runs layers 0..s and the edge runs s+1..last. Parts keep
+the full model's parameter names (``l<index>.<...>``), so a device part's state_dict and
+an edge part's state_dict join into the full model's state_dict with a plain dict union,
+and FedAvg works on full models whatever the split (and whatever each device's split).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 
 import torch
 from torch import nn
 
-
-class ConvBlock(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size=3, padding=1)
-        self.bn = nn.BatchNorm2d(cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x)))
+from common.nets import ModelSpec, net
 
 
-class Dense(nn.Module):
-    def __init__(self, fin: int, fout: int, *, relu: bool) -> None:
-        super().__init__()
-        self.fc = nn.Linear(fin, fout)
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc(x.flatten(1))
-        return torch.relu(x) if self.relu else x
-
-
-# One factory per layer, so a part builds only its own layers.
-VGG5 = [
-    lambda: ConvBlock(3, 32),
-    lambda: nn.MaxPool2d(2),
-    lambda: ConvBlock(32, 64),
-    lambda: nn.MaxPool2d(2),
-    lambda: ConvBlock(64, 64),
-    lambda: Dense(64 * 8 * 8, 128, relu=True),
-    lambda: Dense(128, 10, relu=False),
-]
-LAYER_BUILDERS = {"vgg5": VGG5}
+@functools.lru_cache(maxsize=None)
+def layer_builders(model: str) -> tuple:
+    """One zero-argument factory per layer of ``model`` (a key), so a part builds only its own layers."""
+    spec = ModelSpec.parse(model)
+    entry = net(spec.name)
+    makers = tuple(importlib.import_module(entry.module).layers(spec))
+    if len(makers) != len(entry.layers):
+        raise RuntimeError(f"{entry.module} builds {len(makers)} layers, the registry names {len(entry.layers)}")
+    return makers
 
 
 class Part(nn.Module):
@@ -86,7 +65,7 @@ def build_model(name: str, *, seed: int) -> Part:
     """The whole model with its initial weights, the same in every process for ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Part([make() for make in LAYER_BUILDERS[name]], 0)
+        return Part([make() for make in layer_builders(name)], 0)
 
 
 def split_model(model: Part, split_layer: int) -> tuple[Part, Part]:
@@ -100,7 +79,7 @@ def split_model(model: Part, split_layer: int) -> tuple[Part, Part]:
 def empty_part(name: str, first: int, last: int | None = None) -> Part:
     """Layers ``first..last`` with uninitialised weights, for a state that will be loaded
     right after (a migrated session): skips the random initialisation of every layer."""
-    makers = LAYER_BUILDERS[name]
+    makers = layer_builders(name)
     last = len(makers) - 1 if last is None else last
     with torch.device("meta"):
         layers = [make() for make in makers[first:last + 1]]
@@ -109,8 +88,7 @@ def empty_part(name: str, first: int, last: int | None = None) -> Part:
 
 def num_classes(name: str) -> int:
     """How many classes the model's last layer scores (labels must lie in 0..n-1)."""
-    last = empty_part(name, len(LAYER_BUILDERS[name]) - 1)
-    return int(list(last.state_dict().values())[-1].shape[0])
+    return ModelSpec.parse(name).classes
 
 
 def state_spec(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -142,8 +120,14 @@ def edge_part(name: str, split_layer: int, *, seed: int = 0) -> Part:
 
 def part_keys(name: str, split_layer: int) -> tuple[list[str], list[str]]:
     """State-dict keys of the device part and of the edge part."""
-    dev, edge = split_model(build_model(name, seed=0), split_layer)
-    return list(dev.state_dict()), list(edge.state_dict())
+    dev, edge = _part_keys(name, split_layer)
+    return list(dev), list(edge)
+
+
+@functools.lru_cache(maxsize=64)
+def _part_keys(name: str, split_layer: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    dev, edge = split_model(empty_part(name, 0), split_layer)
+    return tuple(dev.state_dict()), tuple(edge.state_dict())
 
 
 def select(state: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:

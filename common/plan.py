@@ -9,7 +9,7 @@ arrives, so a bad plan is a protocol error and never a half-applied round.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from common.errors import LocalProtocolError
@@ -26,12 +26,14 @@ class RoundPlan:
     batch_size: int
     local_epochs: int
     participants: tuple[str, ...]
+    prox_mu: float = 0.0   # FedProx's proximal weight this round (0: none); set by the strategy
+    cuts: dict[str, int] = field(default_factory=dict)  # device -> cut chosen at start ("auto")
 
     def __post_init__(self) -> None:
         problems = []
         if type(self.round) is not int or self.round < 1:
             problems.append(f"round {self.round!r} is not an int >= 1")
-        for name in ("lr", "momentum"):
+        for name in ("lr", "momentum", "prox_mu"):
             v = getattr(self, name)
             if type(v) is int:
                 object.__setattr__(self, name, float(v))
@@ -47,6 +49,9 @@ class RoundPlan:
             problems.append("participants is not a list of names")
         else:
             object.__setattr__(self, "participants", tuple(sorted(set(parts))))
+        if not isinstance(self.cuts, dict) or not all(type(k) is str and type(v) is int and 0 <= v < 1024
+                                                      for k, v in self.cuts.items()):
+            problems.append("cuts is not a map of device names to layer numbers")
         if problems:
             raise LocalProtocolError("RoundPlan: " + "; ".join(problems))
 

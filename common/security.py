@@ -511,6 +511,48 @@ def _receive_tls_exact(stream: TLSStream, n: int, peer: str, deadline: float) ->
 
 
 # ---------------------------------------------------------------------------------------
+# proofs of attachment: who may take a device's session
+# ---------------------------------------------------------------------------------------
+#
+# A device holds a secret of its own (``device.state.attach_secret``) and gives each edge
+# it attaches to a key derived from it for that edge alone (``edge_key``). With every
+# attach it adds, for every other edge, a proof made with that edge's key that it attaches
+# to *this* edge (``attach_proofs``).
+# The edge it attaches to forwards them in its pull (or drop, or replica pull); the
+# holder checks the one made with the key it was given (``proof_holds``): so an edge takes
+# a session only for an attach the device really made to it, and no edge can make a
+# proof for another (it knows only its own key). A buddy edge holding a replica checks
+# against the key of the edge the replica came from, which travels with the replica.
+
+def edge_key(secret: bytes, edge: str) -> str:
+    """The key of ``edge`` for one device (hex), derived from the device's secret."""
+    return hmac.new(secret, b"fedfly edge key|" + edge.encode(), hashlib.sha256).hexdigest()
+
+
+def _proof(key_hex: str, device: str, target: str) -> str:
+    try:
+        key = bytes.fromhex(key_hex)
+    except ValueError:
+        key = b""
+    msg = f"fedfly attach|{device}|{target}".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def attach_proofs(secret: bytes, *, device: str, target: str, edges) -> dict[str, str]:
+    """For each edge but ``target``: proof that ``device`` attached to ``target``."""
+    return {e: _proof(edge_key(secret, e), device, target) for e in edges if e != target}
+
+
+def proof_holds(key_hex: str | None, proofs: dict[str, str], *, holder: str, device: str, target: str) -> bool:
+    """Does ``proofs`` hold a proof, made with ``holder``'s key ``key_hex``, that
+    ``device`` attached to ``target``?"""
+    given = proofs.get(holder, "")
+    if not key_hex or not isinstance(given, str):
+        return False
+    return hmac.compare_digest(given.encode(), _proof(key_hex, device, target).encode())
+
+
+# ---------------------------------------------------------------------------------------
 # from the config
 # ---------------------------------------------------------------------------------------
 

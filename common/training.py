@@ -54,18 +54,46 @@ def round_batches(n: int, batch_size: int, *, local_epochs: int, seed: int, devi
     return batches
 
 
-def make_optimizer(params, *, lr: float, momentum: float) -> torch.optim.SGD:
-    # foreach=False: the single-tensor path on every platform, so device, edge and the
-    # reference take the same kernels.
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=False)
+class ProxSGD(torch.optim.SGD):
+    """SGD with FedProx's proximal term (Li et al. 2020): before each step every gradient
+    gets ``prox_mu * (w - w_ref)``, the gradient of ``prox_mu / 2 * ||w - w_ref||^2``, where
+    ``w_ref`` is the parameter as the optimizer found it (the round's global weights). The
+    term is per parameter, so the device part and the edge part each apply it to their own
+    parameters and split training stays the whole model's, bit for bit. ``w_ref`` lives in
+    the optimizer's state (``prox_ref``) and ``prox_mu`` in its param group, so both travel
+    with a migrated session and with a device checkpoint. ``prox_mu = 0`` is plain SGD."""
+
+    def __init__(self, params, *, lr: float, momentum: float, prox_mu: float = 0.0) -> None:
+        # foreach=False: the single-tensor path on every platform, so device, edge and the
+        # reference take the same kernels.
+        super().__init__(params, lr=lr, momentum=momentum, foreach=False)
+        for group in self.param_groups:
+            group["prox_mu"] = float(prox_mu)
+            if prox_mu:
+                for p in group["params"]:
+                    self.state[p]["prox_ref"] = p.detach().clone()
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            mu = group.get("prox_mu", 0.0)
+            if mu:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.add_(p - self.state[p]["prox_ref"], alpha=mu)
+        return super().step(closure)
+
+
+def make_optimizer(params, *, lr: float, momentum: float, prox_mu: float = 0.0) -> torch.optim.SGD:
+    return ProxSGD(params, lr=lr, momentum=momentum, prox_mu=prox_mu)
 
 
 def train_reference_round(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor],
-                          *, lr: float, momentum: float) -> float:
+                          *, lr: float, momentum: float, prox_mu: float = 0.0) -> float:
     """Train the whole model in this process on ``batches``; returns the mean batch loss.
     The yardstick split training over TCP must match bit for bit."""
     model.train()
-    opt = make_optimizer(model.parameters(), lr=lr, momentum=momentum)
+    opt = make_optimizer(model.parameters(), lr=lr, momentum=momentum, prox_mu=prox_mu)
     total = 0.0
     for idx in batches:
         opt.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ from common.training import LOSS, make_optimizer, round_batches
 from device.control import ControlServer, Position
 from device.link import EdgeLink, EdgeUnreachable, Rollback, RoundOver, RunOver
 from device import state as disk
-from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves
+from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves, TimedMoves
 
 log = logging.getLogger("device")
 
@@ -45,7 +45,8 @@ class DeviceClient:
         self.me = cfg.devices[name]
         self.pos = Position(edge=self.me.edge)
         self.link = EdgeLink(cfg=cfg, name=name, creds=creds, events=events, pos=self.pos)
-        self.moves = MoveSources(ScheduledMoves(cfg.moves_for(name)), CommandedMoves(self.pos))
+        self.moves = MoveSources(ScheduledMoves(cfg.moves_for(name)), TimedMoves(cfg.timed_moves_for(name)),
+                                 CommandedMoves(self.pos))
         self.drops = ScheduledDrops(cfg.drops_for(name))
         # faults.checkpoint_steps (mode fedfly): the device part and its optimizer every K
         # steps, in memory, so that the round can go back to a step its edge's buddy holds
@@ -55,7 +56,12 @@ class DeviceClient:
         self._round_ctx: tuple[RoundPlan, dict[str, torch.Tensor]] | None = None
         self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
         self.throttle_s = 0.0
-        keys = part_keys(cfg.model["name"], cfg.model["split_layer"])
+        self._set_cut(cfg.base_cut if cfg.split_of(name) == "auto" else cfg.split_of(name))
+
+    def _set_cut(self, cut: int) -> None:
+        """Cut the model at ``cut`` (config, or the round plan's for split_layer = "auto")."""
+        self.split = cut
+        keys = part_keys(self.cfg.model_key, cut)
         self.keys = keys[0] + keys[1] if self.mode == "classic" else keys[0]
 
     # -- life cycle ----------------------------------------------------------------------
@@ -128,8 +134,10 @@ class DeviceClient:
         it arrived early (the central went on without this device)."""
         plan = msg.round_plan
         r = plan.round
+        if self.name in plan.cuts and plan.cuts[self.name] != self.split:
+            self._set_cut(plan.cuts[self.name])
         start_weights = {k: v.clone() for k, v in msg.weights.items()}
-        spec = state_spec(self.cfg.model["name"])
+        spec = state_spec(self.cfg.model_key)
         if weights_problem(start_weights, {k: spec[k] for k in self.keys}):  # load_state_dict would raise RuntimeError
             raise RemoteProtocolError(f"device {self.name}: round {r} weights do not fit the model")
         batches = round_batches(len(self.x), plan.batch_size, local_epochs=plan.local_epochs,
@@ -224,11 +232,11 @@ class DeviceClient:
         self.link.checkpoints = sorted(ckpts)
 
     def _fresh(self, weights: dict[str, torch.Tensor], plan: RoundPlan):
-        full = build_model(self.cfg.model["name"], seed=0)
-        model = full if self.mode == "classic" else split_model(full, self.cfg.model["split_layer"])[0]
+        full = build_model(self.cfg.model_key, seed=0)
+        model = full if self.mode == "classic" else split_model(full, self.split)[0]
         model.load_state_dict(weights)
         model.train()
-        return model, make_optimizer(model.parameters(), lr=plan.lr, momentum=plan.momentum)
+        return model, make_optimizer(model.parameters(), lr=plan.lr, momentum=plan.momentum, prox_mu=plan.prox_mu)
 
     def _split_step(self, model, opt, r: int, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
         """One lockstep step with the edge; returns the device's own compute seconds (not

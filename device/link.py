@@ -18,6 +18,7 @@ source: that one copy counts, wherever the device turns up next.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -34,7 +35,8 @@ from common.config import Config
 from common.errors import AuthenticationError, ConnectionClosed, PeerSilent, ProtocolError, TestbedError, \
     TransportError
 from common.link import Link
-from common.security import Credentials, Identity
+from common.security import Credentials, Identity, attach_proofs, edge_key
+from device.state import attach_secret
 from device.control import Position
 
 log = logging.getLogger("device")
@@ -116,6 +118,7 @@ class EdgeLink:
         self.run_hint = ""                  # the run of a checkpoint read from disk (before any attach)
         self.run_name: str | None = None
         self._pre: _Preconnect | None = None  # mobility.preconnect: a link opened ahead of a move
+        self.secret = attach_secret(cfg.run["out"], name)  # for the proofs of its attaches
 
     # -- state for status and reports ----------------------------------------------------------
 
@@ -147,6 +150,14 @@ class EdgeLink:
                                last_round=self.last_round, why=why, checkpoints=list(self.checkpoints),
                                run=self.run_name or self.run_hint)
 
+    def _signed(self, req: m.AttachRequest, edge: str) -> m.AttachRequest:
+        """``req`` as sent to ``edge``: with that edge's key for the proofs of this device,
+        and the proofs, for every other edge, that this attach to ``edge`` is real (the
+        edge that holds the session hands it over only against one)."""
+        return dataclasses.replace(req, edge_key=edge_key(self.secret, edge),
+                                   proofs=attach_proofs(self.secret, device=self.name, target=edge,
+                                                        edges=sorted(self.cfg.edges)))
+
     def _open(self, edge: str, req: m.AttachRequest, *, timeout: float) -> tuple[Link, m.AttachReply]:
         """Connect to ``edge``, attach, wait for its answer; the link is not yet ours."""
         ep = self.cfg.edges[edge]
@@ -158,7 +169,7 @@ class EdgeLink:
                     on_message=lambda l, msg: inbox.put((l, msg)),
                     on_lost=lambda l, exc: inbox.put((l, _LOST)))
         link.start()
-        link.post(req)
+        link.post(self._signed(req, edge))
         try:
             reply = self._await(lambda msg: isinstance(msg, m.AttachReply), link=link, limit=timeout,
                                 during_attach=True)
@@ -542,7 +553,7 @@ class EdgeLink:
                     on_message=lambda l, msg: inbox.put((l, msg)),
                     on_lost=lambda l, exc: inbox.put((l, _LOST)))
         link.start()
-        link.post(req)
+        link.post(self._signed(req, edge))
         try:
             reply = self._await(lambda msg: isinstance(msg, m.AttachReply), link=link, limit=timeout,
                                 during_attach=True)

@@ -3,16 +3,19 @@
 A ``MoveSource`` answers one question at every step boundary: should the device move now,
 and to which edge? The training loop asks its sources in order (``MoveSources``) and
 moves at once if one answers; it never needs to know where the answer came from. Sources
-here: the config's schedule (``[[mobility.moves]]``) and the controller's commands (the
-control port). A mobility model (a trace, a random walk over cells) is one more class
-with the same method.
+here: the config's schedule (``[[mobility.moves]]`` and a round-based trace), the
+time-based moves of a trace or of the random-waypoint model (``TimedMoves``), and the
+controller's commands (the control port). Another mobility model is one more class with
+the same method.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+import time
+from typing import Callable, Iterable, Protocol
 
 from common.config import Drop, Move
+from common.mobility_models import TimedMove
 from device.control import Position
 
 
@@ -65,6 +68,29 @@ class ScheduledDrops(_Schedule):
 
     def due(self, round: int, step: int, steps: int) -> Drop | None:
         return self.next_due(round, step, steps)
+
+
+class TimedMoves:
+    """Moves at times (seconds since the device's first step boundary: a time-based trace
+    or the random-waypoint model), each taken at the first step boundary at or after its
+    time. When several came due during one step, only the last counts: the device goes
+    straight to the cell it is in now."""
+
+    def __init__(self, moves: Iterable[TimedMove], *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._moves = sorted(moves, key=lambda mv: mv.time_s)
+        self._next = 0
+        self._clock = clock
+        self._t0: float | None = None
+
+    def due(self, round: int, step: int, steps: int) -> str | None:
+        now = self._clock()
+        if self._t0 is None:
+            self._t0 = now
+        elapsed, to = now - self._t0, None
+        while self._next < len(self._moves) and self._moves[self._next].time_s <= elapsed:
+            to = self._moves[self._next].to
+            self._next += 1
+        return to
 
 
 class CommandedMoves:

@@ -55,6 +55,35 @@ def folder(out: str, device: str) -> str:
     return os.path.join(out, ".device-state", device)
 
 
+SECRET = "attach.secret"
+
+
+def attach_secret(out: str, device: str) -> bytes:
+    """The device's own secret for its proofs of attachment (``common.security``), kept
+    beside its checkpoints (mode 600) so that a device process started again proves its
+    attaches as before. A folder that cannot be written gives a secret for this process
+    only (a restarted device then cannot take its session back: its round starts again)."""
+    path = os.path.join(folder(out, device), SECRET)
+    try:
+        with open(path, "rb") as f:
+            secret = f.read()
+        if len(secret) == 32:
+            return secret
+    except OSError:
+        pass
+    secret = os.urandom(32)
+    try:
+        os.makedirs(folder(out, device), exist_ok=True)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("%s: cannot keep its attach secret in %s: %s", device, path, exc)
+    return secret
+
+
 def save(where: str, *, run: str, round: int, step: int, steps: int, edge: str, last_round: int, plan: RoundPlan,
          start: dict[str, torch.Tensor], model: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
     os.makedirs(where, exist_ok=True)

@@ -4,7 +4,11 @@
 #   entrypoint.sh health PORT   exit 0 if a process here listens on TCP PORT (the health
 #                               check: it reads /proc/net/tcp*, so it opens no connection and
 #                               no role logs a failed handshake for it)
-#   entrypoint.sh CMD [ARG...]  run CMD. With FEDFLY_LINGER_S > 0, a CMD that succeeds keeps
+#   entrypoint.sh CMD [ARG...]  run CMD. With FEDFLY_CERTS_FOR set (a testbed file), first
+#                               make the TLS certificates it names that are missing
+#                               (python -m scripts.certs; the central's container does it
+#                               before it listens, so every other container finds them).
+#                               With FEDFLY_LINGER_S > 0, a CMD that succeeds keeps
 #                               the container up that many more seconds, so that in
 #                               `docker compose up --exit-code-from central` the central is
 #                               the first to exit (compose then stops the rest and returns
@@ -23,6 +27,9 @@ if [ "${1:-}" = health ]; then
 fi
 
 [ "$#" -gt 0 ] || { echo "usage: entrypoint.sh CMD [ARG...] | entrypoint.sh health PORT" >&2; exit 2; }
+if [ -n "${FEDFLY_CERTS_FOR:-}" ]; then
+    python -m scripts.certs --config "$FEDFLY_CERTS_FOR" >/dev/null || exit 2
+fi
 linger=${FEDFLY_LINGER_S:-0}
 [ "$linger" -gt 0 ] 2>/dev/null || exec "$@"
 

@@ -27,7 +27,8 @@ from common import messages as m
 from common.errors import LocalProtocolError, MigrationError, RemoteProtocolError
 from common.events import EventLog
 from common.plan import RoundPlan
-from common.models import num_classes, state_spec, weights_problem
+from common.security import proof_holds
+from common.models import num_classes, part_keys, state_spec, weights_problem
 from edge.migration import buddy_of
 from edge.lifecycle import Event, State, TransitionError, allowed, check_transition
 from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
@@ -88,15 +89,26 @@ class Replica:
     meta: dict
     checksum: str
     tensors: dict[str, torch.Tensor]
+    edge_key: str = ""  # ``source``'s key for the device's proofs of attachment
 
 
 @dataclass
 class Models:
-    """The model layout this edge serves: which keys are the device's and the edge's."""
+    """The model layout this edge serves: which keys are the device's and the edge's, for
+    the model's cut and for each device that cuts elsewhere (``devices.NAME.split_layer``)."""
     name: str
     split: int
     device_keys: list[str]
     edge_keys: list[str]
+    splits: dict[str, int] = field(default_factory=dict)
+
+    def cut(self, device: str) -> int:
+        return self.splits.get(device, self.split)
+
+    def keys(self, device: str) -> tuple[list[str], list[str]]:
+        """(device part's keys, edge part's keys) of ``device``'s cut."""
+        cut = self.cut(device)
+        return (self.device_keys, self.edge_keys) if cut == self.split else part_keys(self.name, cut)
 
 
 class EdgeCore:
@@ -133,6 +145,9 @@ class EdgeCore:
         self.run_name: str | None = None
         self.up = False                        # welcomed by the central
         self.parked: list[DeviceAttach] = []   # attaches that came before the central's welcome
+        # device -> the key it gave us in its latest attach: a peer takes its session only
+        # with a proof made with it (``common.security.proof_holds``)
+        self.attach_keys: dict[str, str] = {}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._token = 0
         self._last_status: list[str] | None = None
@@ -269,6 +284,7 @@ class EdgeCore:
         if self.current is not None and plan.round <= self.current.round:
             return  # sent again after we rejoined: we have it
         self.current = RoundInfo(plan, msg.weights)
+        self.models.splits.update(plan.cuts)  # cuts chosen at start (split_layer = "auto")
         r = plan.round
         self.central.round_started(r)
         self.replicas = {d: kept for d, reps in self.replicas.items() if (kept := [x for x in reps if x.round >= r])}
@@ -351,6 +367,8 @@ class EdgeCore:
         e.port = ev.port
         e.attach_at = ev.at or self.clock()
         e.last_round = max(e.last_round, req.last_round)
+        if req.edge_key:
+            self.attach_keys[req.device] = req.edge_key
         self.events.emit("attached", device=req.device, kind=req.kind, why=req.why, source=req.source,
                          round=req.round, step=req.step, state=e.state.value)
         if req.kind == "resume" and req.run and self.run_name and req.run != self.run_name:
@@ -453,7 +471,7 @@ class EdgeCore:
             return
         if source != self.name and source in self.peers:
             # No state to fetch; tell the old edge to let go (not on the device's path).
-            self.fetcher.drop(device=e.device, source=source, round=r)
+            self.fetcher.drop(device=e.device, source=source, round=r, proofs=req.proofs)
         # Modes restart and classic keep no state to fetch (restart: the round from its
         # weights; classic: the device trains alone); fedfly at step 0: the round's weights
         # are the whole session. Here with no session at all: the round again, exactly.
@@ -478,7 +496,8 @@ class EdgeCore:
         e.pending = req
         e.hops = 0
         e.pull_at = self.clock()
-        self.fetcher.pull(device=e.device, source=source, round=req.round, step=req.step, token=e.pull_token)
+        self.fetcher.pull(device=e.device, source=source, round=req.round, step=req.step, token=e.pull_token,
+                          proofs=req.proofs)
 
     def _resolve_pending(self, e: Entry) -> None:
         """A PULLING entry that waited for the round's weights: decide again, now."""
@@ -495,17 +514,18 @@ class EdgeCore:
         self._move(e, event, S.ACTIVE if e.port is not None else S.DETACHED)
 
     def _new_session(self, device: str, info: RoundInfo) -> EdgeSession:
-        edge_state = None if self.mode == "classic" else {k: info.weights[k] for k in self.models.edge_keys}
+        edge_state = None if self.mode == "classic" else {k: info.weights[k] for k in self.models.keys(device)[1]}
         return EdgeSession(device=device, round=info.round, mode=self.mode, model=self.models.name,
-                           split_layer=self.models.split, lr=info.plan.lr, momentum=info.plan.momentum,
-                           part_state=edge_state, seed=self.seed)
+                           split_layer=self.models.cut(device), lr=info.plan.lr, momentum=info.plan.momentum,
+                           part_state=edge_state, seed=self.seed, prox_mu=info.plan.prox_mu)
 
     def _start_session(self, e: Entry, event: Event) -> None:
         """A fresh session of the current round, and the round's work sent to the device."""
         info = self.current
         assert info is not None and e.port is not None
         self._fresh(e, event, info, 0)
-        keys = self.models.device_keys + (self.models.edge_keys if self.mode == "classic" else [])
+        dev_keys, edge_keys = self.models.keys(e.device)
+        keys = dev_keys + (edge_keys if self.mode == "classic" else [])
         e.port.post(m.DeviceRound(plan=info.plan.to_wire(), weights={k: info.weights[k] for k in keys}))
 
     def _on_pull_outcome(self, ev: PullOutcome) -> None:
@@ -552,7 +572,8 @@ class EdgeCore:
         if refused is not None and refused.moved_to and refused.moved_to != self.name and e.hops < MAX_FORWARD_HOPS:
             e.hops += 1
             e.pull_at = self.clock()
-            self.fetcher.pull(device=e.device, source=refused.moved_to, round=r, step=s, token=e.pull_token)
+            self.fetcher.pull(device=e.device, source=refused.moved_to, round=r, step=s, token=e.pull_token,
+                              proofs=e.pending.proofs if e.pending is not None else {})
             return
         # The session cannot be had (its edge is gone or refuses): the round again from its
         # weights here. Exact, at the cost of the steps done.
@@ -590,7 +611,7 @@ class EdgeCore:
             if rep is not None:
                 try:
                     session = EdgeSession.from_snapshot(rep.meta, rep.tensors, rep.checksum,
-                                                        expect_model=self.models.name, expect_split=self.models.split,
+                                                        expect_model=self.models.name, expect_split=self.models.cut(e.device),
                                                         spare=self.spare)
                 except MigrationError as exc:
                     self.events.emit("replica_damaged", device=e.device, detail=str(exc)[:200])
@@ -605,7 +626,7 @@ class EdgeCore:
                 e.pull_token = self._token
                 e.pull_at = self.clock()
                 self.fetcher.pull_replica(device=e.device, source=keeper, round=r, steps=list(req.checkpoints),
-                                          token=e.pull_token)
+                                          token=e.pull_token, proofs=req.proofs)
                 return
         self.events.emit("pull_failed", device=e.device, source=source, round=r, step=s, detail=detail)
         self.central.send(m.FaultReport(kind="handover_failed", process=self.name, peer=source, round=r, step=s,
@@ -713,7 +734,8 @@ class EdgeCore:
         two steps (a memory copy); checksum and send happen on the replicator's thread."""
         meta, tensors = session._parts(with_reply=False)
         copy = {k: v.detach().clone() for k, v in tensors.items()}
-        self.fetcher.replicate(session.device, session.round, session.step, meta, copy)
+        self.fetcher.replicate(session.device, session.round, session.step, meta, copy,
+                               edge_key=self.attach_keys.get(session.device, ""))
 
     def _drop_link(self, e: Entry, exc: RemoteProtocolError) -> None:
         """A device broke the protocol: its link goes (the device may attach again)."""
@@ -732,7 +754,8 @@ class EdgeCore:
             self._move(e, E.FINISH, e.state)
             self.events.emit("stale_update", device=e.device, round=msg.round, state=e.state.value)
             return
-        keys = self.models.device_keys + (self.models.edge_keys if self.mode == "classic" else [])
+        dev_keys, edge_keys = self.models.keys(e.device)
+        keys = dev_keys + (edge_keys if self.mode == "classic" else [])
         if set(msg.weights) != set(keys):
             raise RemoteProtocolError(f"{self.role}: DeviceDone from {e.device} has the wrong weights")
         if self.mode != "classic" and session.step != msg.steps:
@@ -792,8 +815,19 @@ class EdgeCore:
     def _refuse(self, port: Port, device: str, reason: str, *, moved_to: str = "", delivered: bool = False) -> None:
         port.post(m.PullRefused(device=device, reason=reason, moved_to=moved_to, delivered=delivered))
 
+    def _proven(self, msg: m.SessionPull | m.SessionDrop | m.ReplicaPull, key: str | None, holder: str) -> bool:
+        """Did the device really attach to the edge asking for its session? (Refused
+        otherwise, saying no more than "refused": nothing of the session is told.)"""
+        ok = proof_holds(key, msg.proofs, holder=holder, device=msg.device, target=msg.target)
+        if not ok:
+            self.events.emit("request_unproven", type=msg.TYPE, device=msg.device, by=msg.target)
+        return ok
+
     def _on_pull(self, port: Port, msg: m.SessionPull) -> None:
         d, r, s = msg.device, msg.round, msg.step
+        if not self._proven(msg, self.attach_keys.get(d), self.name):
+            self._refuse(port, d, "refused")
+            return
         e = self.entries.get(d)
         state = e.state if e is not None else S.GONE
         if e is None or e.session is None or state in (S.IDLE, S.GONE, S.PULLING):
@@ -828,7 +862,7 @@ class EdgeCore:
         if self.checkpoint_steps:
             # kept as a replica once handed over: if the edge it went to dies before its own
             # first copy reaches its buddy, the device can come back here and go on from it
-            e.handed = Replica(self.name, r, session.step, meta, checksum, tensors)
+            e.handed = Replica(self.name, r, session.step, meta, checksum, tensors, self.attach_keys.get(d, ""))
         self._move(e, E.PULL, S.HANDING_OVER)
         self.events.emit("handing_over", device=d, round=r, step=session.step, to=msg.target)
 
@@ -858,6 +892,9 @@ class EdgeCore:
         or fedfly at step 0). A session here that no device link serves goes; a linked
         device is left alone (it came back here after that drop was sent), as is a session
         of a newer round than the drop's. The peer is always answered."""
+        if not self._proven(msg, self.attach_keys.get(msg.device), self.name):
+            self._refuse(port, msg.device, "refused")
+            return
         try:
             e = self.entries.get(msg.device)
             if e is None or (e.session is not None and e.session.round > msg.round):
@@ -878,7 +915,8 @@ class EdgeCore:
         source = msg.target
         if self.current is not None and msg.round < self.current.round:
             return  # of a round that is over
-        self._keep_replica(msg.device, Replica(source, msg.round, msg.step, msg.meta, msg.checksum, msg.state))
+        self._keep_replica(msg.device, Replica(source, msg.round, msg.step, msg.meta, msg.checksum, msg.state,
+                                               msg.edge_key))
 
     # A device's own checkpoints lag the session by up to a step (its edge trains a step
     # before the device does), and a copy takes time to arrive: the newest few are kept.
@@ -897,10 +935,10 @@ class EdgeCore:
 
     def _on_replica_pull(self, port: Port, msg: m.ReplicaPull) -> None:
         rep = self._replica_at(msg.device, msg.round, msg.steps)
-        if rep is None:
-            have = f" (have steps {[x.step for x in self.replicas.get(msg.device, [])]})"
-            self._refuse(port, msg.device, f"no replica at one of steps {msg.steps[-4:]}{have}")
-            self.events.emit("replica_refused", device=msg.device, round=msg.round, to=msg.target)
+        if rep is None or not self._proven(msg, rep.edge_key, rep.source):
+            self._refuse(port, msg.device, "refused")  # what we hold is not told
+            self.events.emit("replica_refused", device=msg.device, round=msg.round, to=msg.target,
+                             have_steps=[x.step for x in self.replicas.get(msg.device, [])])
             return
         port.post(m.SessionSnapshot(device=msg.device, round=rep.round, step=rep.step, meta=rep.meta,
                                     checksum=rep.checksum, state=rep.tensors))

@@ -171,50 +171,55 @@ class Fetcher:
     core as a ``PullOutcome`` (through ``submit``)."""
 
     def __init__(self, *, name: str, peers: PeerLinks, submit: Callable[[object], None], model: str,
-                 split_layer: int, spare: SparePart | None, events, replicator: "Replicator | None" = None) -> None:
+                 cut_of: Callable[[str], int], spare: SparePart | None, events,
+                 replicator: "Replicator | None" = None) -> None:
         self.name = name
         self.replicator = replicator
         self.peers = peers
         self.submit = submit
-        self.model, self.split = model, split_layer
+        self.model, self.cut_of = model, cut_of  # cut_of(device): that device's split layer
         self.spare = spare
         self.events = events
 
-    def pull(self, *, device: str, source: str, round: int, step: int, token: int) -> None:
-        threading.Thread(target=self._pull_guarded, args=(device, source, round, step, token),
+    def pull(self, *, device: str, source: str, round: int, step: int, token: int,
+             proofs: dict[str, str]) -> None:
+        threading.Thread(target=self._pull_guarded, args=(device, source, round, step, token, proofs),
                          name=f"pull-{device}", daemon=True).start()
 
-    def drop(self, *, device: str, source: str, round: int) -> None:
-        threading.Thread(target=self._drop_guarded, args=(device, source, round), name=f"drop-{device}",
+    def drop(self, *, device: str, source: str, round: int, proofs: dict[str, str]) -> None:
+        threading.Thread(target=self._drop_guarded, args=(device, source, round, proofs), name=f"drop-{device}",
                          daemon=True).start()
 
-    def _pull_guarded(self, device: str, source: str, round: int, step: int, token: int) -> None:
+    def _pull_guarded(self, device: str, source: str, round: int, step: int, token: int,
+                      proofs: dict[str, str]) -> None:
         """Whatever goes wrong, the core hears an outcome (a device never waits on a
         worker that died)."""
         outcome = PullOutcome(device=device, token=token, source=source)
         try:
-            self._pull(outcome, round, step)
+            self._pull(outcome, round, step, proofs)
         except Exception as exc:  # noqa: BLE001 - a bug here must fail the pull, not strand it
             log.exception("%s: pull of %s from %s failed", self.name, device, source)
             if outcome.session is None:
                 outcome.error = f"handover of {device} from {source} failed: {type(exc).__name__}: {exc}"
                 self.submit(outcome)
 
-    def pull_replica(self, *, device: str, source: str, round: int, steps: list[int], token: int) -> None:
-        threading.Thread(target=self._replica_guarded, args=(device, source, round, list(steps), token),
+    def pull_replica(self, *, device: str, source: str, round: int, steps: list[int], token: int,
+                     proofs: dict[str, str]) -> None:
+        threading.Thread(target=self._replica_guarded, args=(device, source, round, list(steps), token, proofs),
                          name=f"replica-{device}", daemon=True).start()
 
-    def replicate(self, device: str, round: int, step: int, meta: dict, tensors: dict) -> None:
+    def replicate(self, device: str, round: int, step: int, meta: dict, tensors: dict, *, edge_key: str = "") -> None:
         if self.replicator is not None:
-            self.replicator.send(device, round, step, meta, tensors)
+            self.replicator.send(device, round, step, meta, tensors, edge_key=edge_key)
 
-    def _replica_guarded(self, device: str, source: str, round: int, steps: list[int], token: int) -> None:
+    def _replica_guarded(self, device: str, source: str, round: int, steps: list[int], token: int,
+                         proofs: dict[str, str]) -> None:
         t0 = time.perf_counter()
         outcome = PullOutcome(device=device, token=token, source=source, replica=True)
         try:
             with self.peers.exchange(source, device) as ex:
                 outcome.session = self._fetch(ex, outcome, m.ReplicaPull(device=device, round=round, steps=steps,
-                                                                         target=self.name),
+                                                                         target=self.name, proofs=proofs),
                                               lambda s: s.step in steps, f"round {round} at one of {steps}")[0]
         except Exception as exc:  # noqa: BLE001 - every failure is an outcome: the round again from its start
             outcome.error = f"replica of {device} from {source}: {type(exc).__name__}: {exc}"
@@ -236,25 +241,26 @@ class Fetcher:
             raise MigrationError(f"{outcome.source} answered {request.TYPE} with {reply.TYPE}")
         outcome.state_bytes = ex.link.conn.bytes_received - before
         session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum, expect_model=self.model,
-                                           expect_split=self.split, spare=self.spare, crcs=_state_crcs(reply))
+                                           expect_split=self.cut_of(device), spare=self.spare,
+                                           crcs=_state_crcs(reply))
         if (session.device, session.round) != (device, round_) or not fits(session):
             raise MigrationError(f"{outcome.source} sent {session.device} round {session.round} step "
                                  f"{session.step}, expected {device} {expected}")
         return session, reply.checksum
 
-    def _drop_guarded(self, device: str, source: str, round: int) -> None:
+    def _drop_guarded(self, device: str, source: str, round: int, proofs: dict[str, str]) -> None:
         try:
-            self._drop(device, source, round)
+            self._drop(device, source, round, proofs)
         except Exception:  # noqa: BLE001 - best effort, off the device's path
             log.exception("%s: drop of %s at %s failed", self.name, device, source)
 
-    def _pull(self, outcome: PullOutcome, round: int, step: int) -> None:
+    def _pull(self, outcome: PullOutcome, round: int, step: int, proofs: dict[str, str]) -> None:
         device, source = outcome.device, outcome.source
         t0 = time.perf_counter()
         try:
             with self.peers.exchange(source, device) as ex:
                 session, checksum = self._fetch(ex, outcome, m.SessionPull(device=device, round=round, step=step,
-                                                                           target=self.name),
+                                                                           target=self.name, proofs=proofs),
                                                 lambda s: s.position_matches(step), f"round {round} step {step}")
                 if session is not None:
                     outcome.session = session
@@ -276,10 +282,10 @@ class Fetcher:
         outcome.transfer_ms = (time.perf_counter() - t0) * 1000
         self.submit(outcome)
 
-    def _drop(self, device: str, source: str, round: int) -> None:
+    def _drop(self, device: str, source: str, round: int, proofs: dict[str, str]) -> None:
         try:
             with self.peers.exchange(source, device) as ex:
-                ex.send(m.SessionDrop(device=device, round=round, target=self.name))
+                ex.send(m.SessionDrop(device=device, round=round, target=self.name, proofs=proofs))
                 done = ex.recv()
                 ok = isinstance(done, m.SessionReleased)
         except (MigrationError, TransportError, ProtocolError, TimeoutError) as exc:
@@ -321,9 +327,10 @@ class Replicator:
         self._thread = threading.Thread(target=self._run, name=f"{name}-replicator", daemon=True)
         self._thread.start()
 
-    def send(self, device: str, round: int, step: int, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    def send(self, device: str, round: int, step: int, meta: dict, tensors: dict[str, torch.Tensor], *,
+             edge_key: str = "") -> None:
         with self._lock:
-            self._pending[device] = (round, step, meta, tensors)
+            self._pending[device] = (round, step, meta, tensors, edge_key)
         self._wake.set()
 
     def close(self) -> None:
@@ -339,12 +346,12 @@ class Replicator:
                     if not self._pending:
                         break
                     device = next(iter(self._pending))
-                    round_, step, meta, tensors = self._pending.pop(device)
+                    round_, step, meta, tensors, edge_key = self._pending.pop(device)
                 try:
                     checksum = snapshot_checksum(meta, tensors)
                     link = self.peers.link(self.buddy)
                     link.post(m.SessionReplica(device=device, round=round_, step=step, target=self.name, meta=meta,
-                                               checksum=checksum, state=tensors))
+                                               checksum=checksum, state=tensors, edge_key=edge_key))
                     self.sent += 1
                 except Exception as exc:  # noqa: BLE001 - a copy that does not go is only a copy
                     self.events.emit("replica_failed", device=device, round=round_, step=step, to=self.buddy,

@@ -39,14 +39,17 @@ class Fetcher(Protocol):
     """Fetches sessions from other edges, off the core's thread; every outcome comes back
     as a ``PullOutcome`` event."""
 
-    def pull(self, *, device: str, source: str, round: int, step: int, token: int) -> None: ...
+    def pull(self, *, device: str, source: str, round: int, step: int, token: int,
+             proofs: dict[str, str]) -> None: ...
 
-    def drop(self, *, device: str, source: str, round: int) -> None: ...
+    def drop(self, *, device: str, source: str, round: int, proofs: dict[str, str]) -> None: ...
 
-    def pull_replica(self, *, device: str, source: str, round: int, steps: list[int], token: int) -> None:
+    def pull_replica(self, *, device: str, source: str, round: int, steps: list[int], token: int,
+                     proofs: dict[str, str]) -> None:
         """A copy of the session at one of ``steps``, from ``source``'s replicas."""
 
-    def replicate(self, device: str, round: int, step: int, meta: dict, tensors: dict) -> None:
+    def replicate(self, device: str, round: int, step: int, meta: dict, tensors: dict, *,
+                  edge_key: str = "") -> None:
         """Send a copy of a session (already detached from the live one) to the buddy."""
 
 

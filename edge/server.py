@@ -49,14 +49,14 @@ class EdgeServer:
         self.creds = creds
         self.events = events
         self.faults = cfg.faults
-        model, split = cfg.model["name"], cfg.model["split_layer"]
+        model, split = cfg.model_key, cfg.base_cut
         dev_keys, edge_keys = part_keys(model, split)
         self.spare = SparePart(model, split + 1) if cfg.mode == "fedfly" else None
         self.peers = PeerLinks(name=name, creds=creds,
                                endpoints={n: (e.host, e.port) for n, e in cfg.edges.items() if n != name},
                                heartbeat_s=self.faults["heartbeat_s"], dead_after_s=self.faults["dead_after_s"],
                                answer_limit_s=HANDOVER_LIMIT_S)
-        self.core = EdgeCore(name=name, mode=cfg.mode, models=Models(model, split, dev_keys, edge_keys),
+        self.core = EdgeCore(name=name, mode=cfg.mode, models=Models(model, split, dev_keys, edge_keys, splits=cfg.splits),
                              seed=cfg.run["seed"], devices=set(cfg.devices), peers=set(cfg.edges) - {name},
                              central=None, fetcher=None, events=events, spare=self.spare,  # type: ignore[arg-type]
                              handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
@@ -70,7 +70,7 @@ class EdgeServer:
         # refusals of the listener, rate-limited: a flood of strangers writes a few lines and a count
         self._refusals = refusal_reporter(events=events, logger=log, who=name)
         self.core.fetcher = Fetcher(name=name, peers=self.peers, submit=self.core.submit, model=model,
-                                    split_layer=split, spare=self.spare, events=events, replicator=self.replicator)
+                                    cut_of=self.core.models.cut, spare=self.spare, events=events, replicator=self.replicator)
 
     def _on_welcome(self, run_name: str) -> None:
         self.events.open(os.path.join(self.cfg.run["out"], run_name))

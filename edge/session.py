@@ -98,8 +98,11 @@ class SparePart:
         with self._lock:
             self._spare = part
 
-    def take(self) -> Part:
-        """The spare (or a new part, if it was already taken)."""
+    def take(self, first: int | None = None) -> Part:
+        """The spare (or a new part, if it was already taken, or if the session starts at
+        another layer ``first``: a device that cuts elsewhere)."""
+        if first is not None and first != self._first:
+            return empty_part(self._model, first)
         with self._lock:
             part, self._spare = self._spare, None
         return part if part is not None else empty_part(self._model, self._first)
@@ -130,7 +133,7 @@ class EdgeSession:
     def __init__(self, *, device: str, round: int, mode: str, model: str, split_layer: int,
                  lr: float, momentum: float, part_state: dict[str, torch.Tensor] | None,
                  step: int = 0, samples: int = 0, loss_sum: float = 0.0, seed: int = 0,
-                 adopt: bool = False, part: Part | None = None) -> None:
+                 adopt: bool = False, part: Part | None = None, prox_mu: float = 0.0) -> None:
         self.device = device
         self.round = round
         self.mode = mode
@@ -157,7 +160,9 @@ class EdgeSession:
             # weights, which every session of the round starts from.
             self.part.load_state_dict(part_state, assign=adopt)
             self.part.train()
-            self.optimizer = make_optimizer(self.part.parameters(), lr=lr, momentum=momentum)
+            # prox_mu (FedProx): the reference is the part as loaded, the round's weights; a
+            # migrated session's comes back with its optimizer state
+            self.optimizer = make_optimizer(self.part.parameters(), lr=lr, momentum=momentum, prox_mu=prox_mu)
 
     def position_matches(self, step: int) -> bool:
         """True if a device about to send ``step`` can go on with this session: it is at
@@ -282,7 +287,7 @@ class EdgeSession:
                           split_layer=meta["split_layer"], lr=meta["lr"], momentum=meta["momentum"],
                           part_state={k[6:]: v for k, v in tensors.items() if k.startswith("model/")},
                           step=meta["step"], samples=meta["samples"], loss_sum=meta["loss_sum"], adopt=True,
-                          part=spare.take() if spare is not None and meta["mode"] != "classic" else None)
+                          part=spare.take(meta["split_layer"] + 1) if spare is not None and meta["mode"] != "classic" else None)
             if session.part is not None and session.optimizer is not None:
                 state: dict[int, dict[str, torch.Tensor]] = {}
                 for k, v in tensors.items():

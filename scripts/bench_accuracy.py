@@ -85,7 +85,7 @@ def centralised(cfg_path: Path, rounds: int) -> list[dict[str, float]]:
     x = torch.cat([p[0] for p in parts])
     y = torch.cat([p[1] for p in parts])
     tx, ty = load_test_set(spec)
-    model = build_model(cfg.model["name"], seed=cfg.run["seed"])
+    model = build_model(cfg.model_key, seed=cfg.run["seed"])
     t = cfg.training
     curve = []
     for epoch in range(1, rounds * t["local_epochs"] + 1):

@@ -12,8 +12,14 @@ framed. Timed, each over many iterations (median reported):
 * encode + decode: both, the buffers of ``encode`` fed straight to the decoder;
 * memcpy of the frame's bytes, as the yardstick of this machine's memory bandwidth.
 
-GB/s is frame bytes (1e9) per second. No socket is involved: see the migration
-benchmark for the wire.
+and, over a socketpair (the kernel, no network), one frame sent by a ``Connection`` on
+one thread and received and decoded by another's ``recv``, in each security mode:
+
+* wire plain: no security layer (the yardstick);
+* wire key: the shared-key mode's records, an HMAC-SHA256 tag on every 64 KiB;
+* wire tls: TLS 1.3 (AES-GCM where the CPU has AES instructions).
+
+GB/s is frame bytes (1e9) per second. See the migration benchmark for a whole handover.
 """
 
 from __future__ import annotations
@@ -68,7 +74,43 @@ def _median_ms(fn: Callable[[], Any], iterations: int) -> tuple[float, float]:
     return statistics.median(times), benchlib.percentile(times, 95)
 
 
+def _secured_pairs(out: Path) -> dict[str, Callable[[], tuple[Any, Any]]]:
+    """Per mode, a maker of (sender, receiver) ``Connection`` pairs over a socketpair."""
+    import socket
+    import threading
+
+    from common import pki, security, transport
+    from common.config import load_config
+    from common.stream import SocketStream
+
+    cfg_path = benchlib.write_config(out, "codec-tls", edges=1, devices=1, rounds=1, mode="fedfly",
+                                     samples_per_device=100, batch_size=50, split_layer=SPLIT_LAYER, test_samples=100)
+    cfg = load_config(str(cfg_path), ['security.mode="tls"', 'security.certs="certs"'])
+    pki.ensure(cfg)
+    key = security.SharedKey(bytes(range(32)))
+    tls_client = cfg.credentials(security.Identity("edge", "edge1"))
+    tls_server = cfg.credentials(security.CENTRAL)
+
+    def make(client_creds, server_creds):
+        def pair():
+            a, b = socket.socketpair()
+            if client_creds is None:
+                return transport.Connection(SocketStream(a)), transport.Connection(SocketStream(b))
+            got = {}
+            t = threading.Thread(target=lambda: got.update(s=server_creds.server(SocketStream(b), peer="b",
+                                                                                  timeout=10)))
+            t.start()
+            sa, _ = client_creds.client(SocketStream(a), expect=None, peer="a", timeout=10)
+            t.join()
+            return transport.Connection(sa), transport.Connection(got["s"][0])
+        return pair
+
+    return {"wire_plain": make(None, None), "wire_key": make(key, key), "wire_tls": make(tls_client, tls_server)}
+
+
 def run(out: Path, scale: str) -> dict[str, Any]:
+    import threading
+
     from common import codec
     from common.training import set_threads
     from common.transport import RECV_CHUNK
@@ -110,16 +152,34 @@ def run(out: Path, scale: str) -> dict[str, Any]:
                      ("memcpy", memcpy)):
         med, p95 = _median_ms(fn, n)
         figures[name] = {"median_ms": med, "p95_ms": p95, "gb_per_s": nbytes / (med / 1000) / 1e9}
+    for name, make in _secured_pairs(out).items():
+        sender, receiver = make()
+
+        def over_the_wire():
+            t = threading.Thread(target=sender.send, args=(msg,))
+            t.start()
+            got = receiver.recv(timeout=30)
+            t.join()
+            assert got.checksum == msg.checksum
+
+        med, p95 = _median_ms(over_the_wire, max(5, n // 4))
+        figures[name] = {"median_ms": med, "p95_ms": p95, "gb_per_s": nbytes / (med / 1000) / 1e9}
+        sender.close()
+        receiver.close()
     return {"benchmark": "codec", "scale": scale, "config": describe(scale), "figures": figures}
 
 
 def report(result: dict[str, Any]) -> str:
     f = result["figures"]
     rows = [[name, f[name]["median_ms"], f[name]["p95_ms"], f[name]["gb_per_s"]]
-            for name in ("encode", "decode", "encode_decode", "memcpy")]
+            for name in ("encode", "decode", "encode_decode", "memcpy", "wire_plain", "wire_key", "wire_tls")
+            if name in f]
     return (f"codec: SessionSnapshot frame of {f['frame_bytes']:,} bytes, {f['tensors']} tensors\n"
             + benchlib.table(["operation", "median ms", "p95 ms", "GB/s"], rows, floatfmt=".3f")
-            + f"\ncodec encode+decode: {f['encode_decode']['gb_per_s']:.2f} GB/s (goal >= 2 GB/s)")
+            + f"\ncodec encode+decode: {f['encode_decode']['gb_per_s']:.2f} GB/s (goal >= 2 GB/s)"
+            + (f"\none frame over a socketpair: key mode {f['wire_key']['median_ms'] / f['wire_plain']['median_ms']:.2f}x, "
+               f"tls {f['wire_tls']['median_ms'] / f['wire_plain']['median_ms']:.2f}x the time without security"
+               if "wire_tls" in f else ""))
 
 
 if __name__ == "__main__":

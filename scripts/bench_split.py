@@ -3,7 +3,8 @@ edge) against training the same full model in one process on the same batches.
 
     python -m scripts.bench_split [--quick | --full] [--out DIR]
 
-Over TCP: a testbed of 1 central, 1 edge, 1 device, mode fedfly, VGG-5 split 3, batch 100;
+Over TCP: a testbed of 1 central, 1 edge, 1 device, mode fedfly, VGG-5 split 3, batch 100,
+run twice: in the shared-key mode (a MAC on every record) and with TLS 1.3 (``security.mode``);
 per round the device's ``round_seconds`` (its training loop: activations out, gradient
 back, backward, step) gives samples/s. In one process: ``common.training.train_reference_round``
 on the device's own shard, with the batches ``round_batches`` gives it for the same
@@ -48,7 +49,7 @@ def in_process(cfg_path: Path, rounds: int) -> list[float]:
     set_threads(cfg.training["threads"])
     device = cfg.device_names[0]
     x, y = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=device)
-    model = build_model(cfg.model["name"], seed=cfg.run["seed"])
+    model = build_model(cfg.model_key, seed=cfg.run["seed"])
     t = cfg.training
     seconds = []
     for r in range(1, rounds + 1):
@@ -65,10 +66,14 @@ def run(out: Path, scale: str) -> dict[str, Any]:
     cfg = benchlib.write_config(out, "split", edges=1, devices=1, rounds=rounds, mode="fedfly",
                                 samples_per_device=samples, batch_size=BATCH, split_layer=SPLIT, test_samples=500)
     before, shares_before = benchlib.quietly(lambda _: in_process(cfg, rounds), what="in-process training")
-    res = benchlib.launch_timed(cfg, timeout=600 + 60 * rounds)
+    res = benchlib.launch_timed(cfg, 'security.mode="key"', timeout=600 + 60 * rounds)
+    # the same run with TLS 1.3 on every connection (certificates made by the launcher)
+    tls_res = benchlib.launch_timed(cfg, 'security.mode="tls"', 'security.certs="certs"', 'run.name="split-tls"',
+                                    timeout=600 + 60 * rounds)
     after, shares_after = benchlib.quietly(lambda _: in_process(cfg, rounds), what="in-process training")
     dev = next(iter(res.summary["devices"].values()))
     tcp = dev["round_seconds"][1:]
+    tls = next(iter(tls_res.summary["devices"].values()))["round_seconds"][1:]
     central = [r["seconds"] for r in res.summary["rounds"][1:]]
     local = before + after
     tcp_rate = samples / statistics.median(tcp)
@@ -79,10 +84,13 @@ def run(out: Path, scale: str) -> dict[str, Any]:
         "tcp_samples_per_s": tcp_rate, "in_process_samples_per_s": local_rate,
         "central_samples_per_s": samples / statistics.median(central),
         "ratio": tcp_rate / local_rate,
+        "tls_round_s": tls, "tls_samples_per_s": samples / statistics.median(tls),
+        "tls_ratio": samples / statistics.median(tls) / local_rate,
+        "tls_step_ms": statistics.median(tls) / dev["steps"][0] * 1000,
         "tcp_step_ms": statistics.median(tcp) / dev["steps"][0] * 1000,
         "in_process_step_ms": statistics.median(local) / dev["steps"][0] * 1000,
         "run_dir": str(res.run_dir),
-        "foreign_cpu_share": {"in_process_before": shares_before, "testbed": res.attempts,
+        "foreign_cpu_share": {"in_process_before": shares_before, "testbed": res.attempts, "tls": tls_res.attempts,
                               "in_process_after": shares_after},
     }
     return {"benchmark": "split", "scale": scale, "config": describe(scale), "figures": figures}
@@ -91,12 +99,16 @@ def run(out: Path, scale: str) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
     f = result["figures"]
     rows = [["split over TCP (device's round)", f["tcp_samples_per_s"], f["tcp_step_ms"], len(f["tcp_round_s"])],
+            *([["split over TLS (device's round)", f["tls_samples_per_s"], f["tls_step_ms"], len(f["tls_round_s"])]]
+              if "tls_ratio" in f else []),
             ["one process, full model", f["in_process_samples_per_s"], f["in_process_step_ms"],
              len(f["in_process_round_s"])],
             ["split over TCP (central's round)", f["central_samples_per_s"],
              statistics.median(f["central_round_s"]) / f["steps_per_round"] * 1000, len(f["central_round_s"])]]
     return (benchlib.table(["", "samples/s", "ms/step", "rounds"], rows, floatfmt=".1f")
-            + f"\nsplit training over TCP: {f['ratio']:.3f}x the in-process samples/s (goal >= 0.95x)")
+            + f"\nsplit training over TCP: {f['ratio']:.3f}x the in-process samples/s (goal >= 0.95x)"
+            + (f"\nsplit training over TLS: {f['tls_ratio']:.3f}x the in-process samples/s (goal >= 0.95x)"
+               if "tls_ratio" in f else ""))
 
 
 if __name__ == "__main__":

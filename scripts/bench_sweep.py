@@ -2,7 +2,7 @@
 10%, 20%, ... 90% of a round, in mode ``fedfly`` (its session migrates) and in mode
 ``restart`` (the SplitFed-style baseline: it starts the round over on the new edge).
 
-    python -m scripts.bench_sweep [--quick | --full] [--out DIR]
+    python -m scripts.bench_sweep [--quick | --full] [--out DIR] [--models-only]
 
 Per data setting and repetition, one testbed run per mode (the modes alternate in time),
 the same config otherwise (same seed, data, shards, schedule):
@@ -22,6 +22,12 @@ reports 33% at 50% and 45% at 90%.
 Settings: ``balanced`` is one device alone (its time is not shared with other devices on
 this 2-core machine, so the numbers are clean); ``imbalanced`` is four devices with
 Dirichlet shards (alpha 0.5), the largest of them moving, all sharing the machine's cores.
+
+Other models (``MODEL_RUNS``): the same sweep, one device alone, for ResNet-18 and
+MobileNetV2 at two cuts each, on fewer points (``MODEL_POINTS``), smaller images and
+batches (``MODEL_IMAGE``, ``MODEL_BATCH``: ResNet-18 on 32x32 batches of 100 takes seconds a
+step on this machine): does FedFly's saving hold for a deeper model, and how many bytes
+does a migration move at each cut?
 """
 
 from __future__ import annotations
@@ -45,6 +51,16 @@ SETTINGS = {
     "full": {"balanced": (1, 5000, 5), "imbalanced": (4, 5000, 3)},
 }
 MODES = ("fedfly", "restart")
+# the other models: (model, cut) pairs per scale, an early and a late cut each
+MODEL_RUNS = {
+    "tiny": [("resnet18", 4), ("mobilenetv2", 9)],
+    "quick": [("resnet18", 2), ("resnet18", 6), ("mobilenetv2", 3), ("mobilenetv2", 14)],
+    "full": [("resnet18", 2), ("resnet18", 6), ("mobilenetv2", 3), ("mobilenetv2", 14)],
+}
+MODEL_POINTS = [0.3, 0.6, 0.9]
+MODEL_IMAGE = 16                                                    # data.image_size
+MODEL_BATCH = 20
+MODEL_SAMPLES = {"tiny": (100, 1), "quick": (200, 1), "full": (1000, 3)}  # samples per device, repetitions
 
 
 def describe(scale: str) -> dict[str, Any]:
@@ -55,6 +71,10 @@ def describe(scale: str) -> dict[str, Any]:
         d[name] = (f"{devices} device(s), {samples} samples per device{extra}; "
                    f"{reps} repetition(s) x 2 modes, each a testbed run of 1 warm-up round + {len(POINTS)} "
                    "rounds with one move (shuffled order) + 1 round without a move")
+    runs = ", ".join(f"{m} cut {c}" for m, c in MODEL_RUNS[scale])
+    samples, reps = MODEL_SAMPLES[scale]
+    d["other models"] = (f"{runs}: 1 device, {samples} samples, batch {MODEL_BATCH}, {MODEL_IMAGE}x{MODEL_IMAGE} "
+                         f"images, points {', '.join(f'{p:.0%}' for p in MODEL_POINTS)}, {reps} repetition(s)")
     return d
 
 
@@ -69,59 +89,64 @@ def _mover(devices: int, samples: int) -> tuple[str, int]:
     return name, sizes[name]
 
 
-def schedule(rep: int) -> list[tuple[int, float | None]]:
+def schedule(rep: int, points: list[float] = POINTS) -> list[tuple[int, float | None]]:
     """(round, move point or None) of every measured round of repetition ``rep`` (round 1
     is the warm-up): the points in a seeded shuffled order, so that a burst of load from
     elsewhere on the machine lands on a different point in each repetition, then a round
     without a move."""
-    order = list(POINTS)
+    order = list(points)
     random.Random(rep).shuffle(order)
     rounds: list[tuple[int, float | None]] = [(2 + i, f) for i, f in enumerate(order)]
     rounds.append((2 + len(order), None))
     return rounds
 
 
-def effective_f(f: float, samples: int) -> float:
+def effective_f(f: float, samples: int, batch: int = BATCH) -> float:
     """Share of the device's samples trained before the move at ``f``."""
-    steps = -(-samples // BATCH)
-    return min(int(f * steps) * BATCH, samples) / samples
+    steps = -(-samples // batch)
+    return min(int(f * steps) * batch, samples) / samples
 
 
-def run_setting(out: Path, setting: str, devices: int, samples: int, reps: int) -> dict[str, Any]:
+def run_setting(out: Path, setting: str, devices: int, samples: int, reps: int, *, at: list[float] = POINTS,
+                batch: int = BATCH, split: int = SPLIT, model: str = "vgg5", image_size: int = 0) -> dict[str, Any]:
     """Per repetition one testbed run per mode, the modes alternating in time so that
     changes in the machine's load fall on both alike."""
     mover, n = _mover(devices, samples)
     dist = "balanced" if devices == 1 else "imbalanced"
     first_edge = benchlib.edge_names(2)[benchlib.device_names(devices).index(mover) % 2]
     other = "edge2" if first_edge == "edge1" else "edge1"
-    times: dict[str, dict[float, list[float]]] = {mode: {f: [] for f in POINTS} for mode in MODES}
+    times: dict[str, dict[float, list[float]]] = {mode: {f: [] for f in at} for mode in MODES}
     no_move: dict[str, list[float]] = {mode: [] for mode in MODES}
     pauses: list[float] = []
+    state_bytes: list[float] = []
     runs: list[dict[str, Any]] = []
+    extra = {"model": {"name": model}, "data": {"image_size": image_size}}
     for rep in range(reps):
-        rounds = schedule(rep)
-        points = [(1, at) for at in WARMUP_MOVES] + [(r, f) for r, f in rounds if f is not None]
+        rounds = schedule(rep, at)
+        points = [(1, w) for w in WARMUP_MOVES] + [(r, f) for r, f in rounds if f is not None]
         moves = benchlib.ping_pong_moves(mover, (first_edge, other), first_edge, points)
         for mode in MODES:
             cfg = benchlib.write_config(out, f"sweep-{setting}-{mode}-{rep + 1}", edges=2, devices=devices,
                                         rounds=1 + len(rounds), mode=mode, moves=moves, samples_per_device=samples,
-                                        batch_size=BATCH, split_layer=SPLIT, distribution=dist, test_samples=500)
+                                        batch_size=batch, split_layer=split, distribution=dist, test_samples=500,
+                                        extra=extra)
             res = benchlib.launch_timed(cfg, timeout=900 + 60 * len(rounds))
             secs = res.summary["devices"][mover]["round_seconds"]
             for r, f in rounds:
                 (times[mode][f] if f is not None else no_move[mode]).append(secs[r - 1])
             if mode == "fedfly":
                 pauses += [mv["pause_ms"] for mv in res.summary["migrations"] if mv["round"] > 1]
+                state_bytes += [mv["state_bytes"] for mv in res.summary["migrations"] if mv["round"] > 1]
             runs.append({"mode": mode, "repetition": rep + 1, "run_dir": str(res.run_dir),
                          "foreign_cpu_share": res.attempts,
                          "round_seconds": secs, "schedule": rounds,
                          "moves": [[mv["round"], mv["step"], mv["pause_ms"]] for mv in res.summary["migrations"]
                                    if mv["device"] == mover]})
     table = []
-    for f in POINTS:
+    for f in at:
         fed = statistics.median(times["fedfly"][f])
         rst = statistics.median(times["restart"][f])
-        fe = effective_f(f, n)
+        fe = effective_f(f, n, batch)
         saving = 1 - fed / rst
         ideal = fe / (1 + fe)
         table.append({"f": f, "f_effective": fe, "fedfly_s": fed, "restart_s": rst, "saving": saving,
@@ -129,11 +154,13 @@ def run_setting(out: Path, setting: str, devices: int, samples: int, reps: int) 
                       "fedfly_rounds_s": times["fedfly"][f], "restart_rounds_s": times["restart"][f]})
     return {
         "setting": setting, "devices": devices, "samples_per_device": samples, "repetitions": reps,
-        "mover": mover, "mover_samples": n, "steps": -(-n // BATCH),
+        "model": model, "split_layer": split, "image_size": image_size, "batch": batch,
+        "mover": mover, "mover_samples": n, "steps": -(-n // batch),
         "no_move_round_s": {mode: statistics.median(no_move[mode]) for mode in MODES},
         "points": table,
         "max_gap_pp": max(abs(p["gap_pp"]) for p in table),
         "fedfly_pause_ms": benchlib.summarize(pauses),
+        "state_bytes": benchlib.summarize(state_bytes),
         "foreign_cpu_share_max": max(r["foreign_cpu_share"][-1] for r in runs),
         "runs": runs,
     }
@@ -143,7 +170,16 @@ def run(out: Path, scale: str) -> dict[str, Any]:
     settings = {}
     for name, (devices, samples, reps) in SETTINGS[scale].items():
         settings[name] = run_setting(out, name, devices, samples, reps)
-    return {"benchmark": "sweep", "scale": scale, "config": describe(scale), "figures": settings}
+    return {"benchmark": "sweep", "scale": scale, "config": describe(scale), "figures": settings,
+            "models": run_models(out, scale)}
+
+
+def run_models(out: Path, scale: str) -> dict[str, Any]:
+    """The sweep for the other models, one device alone, at two cuts each."""
+    samples, reps = MODEL_SAMPLES[scale]
+    return {f"{model}-cut{cut}": run_setting(out, f"{model}-cut{cut}", 1, samples, reps, at=MODEL_POINTS,
+                                             batch=MODEL_BATCH, split=cut, model=model, image_size=MODEL_IMAGE)
+            for model, cut in MODEL_RUNS[scale]}
 
 
 def report(result: dict[str, Any]) -> str:
@@ -167,8 +203,26 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"sweep {name}: largest gap to the ideal saving {s['max_gap_pp']:.1f} pp (goal <= 2 pp); "
                      f"saving at 50% {s['points'][4]['saving']:.1%} (paper 33%), at 90% {s['points'][8]['saving']:.1%} "
                      f"(paper 45%)")
+    if result.get("models"):
+        rows = []
+        for name, s in result["models"].items():
+            for p in s["points"]:
+                rows.append([s["model"], s["split_layer"], f"{p['f']:.0%}", p["fedfly_s"], p["restart_s"],
+                             f"{p['saving']:.1%}", f"{p['ideal']:.1%}", s["state_bytes"].get("median", 0) / 1e6,
+                             s["fedfly_pause_ms"].get("median", 0.0)])
+        lines.append(f"sweep, other models ({MODEL_IMAGE}x{MODEL_IMAGE} images, batch {MODEL_BATCH}, one device):")
+        lines.append(benchlib.table(["model", "cut", "move at", "fedfly s", "restart s", "saving", "ideal f/(1+f)",
+                                     "migration MB", "pause ms"], rows, floatfmt=".2f"))
     return "\n".join(lines)
 
 
+def run_models_only(out: Path, scale: str) -> dict[str, Any]:
+    return {"benchmark": "sweep", "scale": scale, "config": describe(scale), "figures": {},
+            "models": run_models(out, scale)}
+
+
 if __name__ == "__main__":
-    sys.exit(benchlib.standalone("sweep", describe, run, report))
+    # --models-only: just the other models' sweep (ResNet-18, MobileNetV2)
+    only = "--models-only" in sys.argv
+    argv = [a for a in sys.argv[1:] if a != "--models-only"]
+    sys.exit(benchlib.standalone("sweep", describe, run_models_only if only else run, report, argv))

@@ -48,7 +48,7 @@ PYTHON_VERSION = "3.11"             # the base's python3; the wheels are for thi
 GLIBC_MINOR = 36                    # bookworm's glibc 2.36: the newest manylinux tag it runs
 # What the Dockerfile installs beside torch (as setup.cfg asks), and the build backend of
 # pyproject.toml, which pip needs to install /app with no index.
-REQUIREMENTS = ("numpy", "msgpack>=1.0", "psutil", "setuptools>=64")
+REQUIREMENTS = ("numpy", "msgpack>=1.0", "psutil", "cryptography>=41", "setuptools>=64")
 MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}   # Docker's name -> uname -m and wheel tags
 
 # Limits on the external commands, so that nothing here can hang a caller (the tests).

@@ -117,7 +117,7 @@ class EdgeHarness:
 
     def _round_start(self, r: int, weights: dict | None = None) -> m.RoundStart:
         plan = {"round": r, "lr": 0.01, "momentum": 0.9, "batch_size": 4, "local_epochs": 1,
-                "participants": list(DEVICES)}
+                "participants": list(DEVICES), "prox_mu": 0.0, "cuts": {}}
         return m.RoundStart(plan=plan, weights=_model_weights() if weights is None else weights)
 
     def _attach(self, req: m.AttachRequest) -> None:
@@ -263,7 +263,7 @@ class _FakeFetcher:
     def pull_replica(self, **kw) -> None:
         self.calls += 1
 
-    def replicate(self, device, round, step, meta, tensors) -> None:
+    def replicate(self, device, round, step, meta, tensors, *, edge_key="") -> None:
         self.calls += 1
 
 

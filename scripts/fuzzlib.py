@@ -101,7 +101,9 @@ def hostile_plan(rng: random.Random) -> dict:
             "batch_size": rng.choice([4, 1, 2, 100, 2 ** 31 - 1, 0]),
             "local_epochs": rng.choice([1, 1, 2, 2 ** 31 - 1, 0]),
             "participants": rng.sample(["device1", "device2", "device9", "edge1", "x" * 50],
-                                       rng.randint(0, 3))}
+                                       rng.randint(0, 3)),
+            "prox_mu": rng.choice([0.0, 0.0, 0.01, 1e300, -1.0, float("nan")]),
+            "cuts": rng.choice([{}, {}, {"device1": 3}, {"device1": 10 ** 6}, {"device9": -1}])}
     if rng.random() < 0.05:
         plan[rng.choice(list(plan))] = hostile_json(rng)
     if rng.random() < 0.03:
@@ -159,6 +161,8 @@ def _value(rng: random.Random, field: str, hint: object, cls: str = "") -> Any:
         return [_value(rng, field, args[0]) for _ in range(rng.choice([0, 1, 2, 3, 8]))]
     if origin is dict and args[1] is torch.Tensor:
         return hostile_tensors(rng, field)
+    if origin is dict:
+        return {_value(rng, field, args[0]): _value(rng, field, args[1]) for _ in range(rng.choice([0, 1, 2, 3]))}
     raise TypeError(f"no generator for {field}: {hint}")  # pragma: no cover - a new field type
 
 
@@ -190,7 +194,7 @@ def _plain(cls: type, rng: random.Random) -> m.Message:
             kwargs[name] = False
         elif name == "plan":
             kwargs[name] = {"round": 1, "lr": 0.01, "momentum": 0.0, "batch_size": 4, "local_epochs": 1,
-                            "participants": ["device1"]}
+                            "participants": ["device1"], "prox_mu": 0.0, "cuts": {}}
         elif name == "batch":
             kwargs[name] = {"x": torch.zeros(1, 2), "y": torch.zeros(1, dtype=torch.int64)}
         else:

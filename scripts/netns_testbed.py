@@ -19,9 +19,11 @@ along the path a lab would take. A device talks to its own edge inside the edge'
 edge to edge, edge to central, and a device to a foreign edge cross the uplinks. Nothing is
 added to the root namespace, so nothing inside can reach the machine's own networks.
 
-Shaping (``tc tbf`` on both directions of a link, rates from [links] and each device's
-``link_mbit``): a device's link at its rate, each uplink at ``edge_mbit``, the central's link
-at ``central_mbit``; 0 leaves a link unshaped. An edge's own link is its network: unshaped.
+Shaping (``tc tbf`` on both directions of a link, rates from [links], each edge's
+``link_mbit`` and each device's ``link_mbit``): a device's link at its own rate, else the
+rate of the edge it is attached to, else ``device_mbit``; each uplink at ``edge_mbit``, the
+central's link at ``central_mbit``; 0 leaves a link unshaped. An edge's own link is its
+network: unshaped.
 
 A move. The script plays every move (``--move`` and the config's [[mobility.moves]]; the
 roles themselves get none) from a driver process in the central's namespace: it waits
@@ -31,8 +33,11 @@ forwarding tables and sends one datagram from the device so they learn its new p
 only then sends the move command. The device finishes its current step with the source
 edge, now across the uplinks; at the step boundary it closes that connection and attaches
 to the destination edge, inside that edge's network. The device process runs on throughout;
-its address and link rate stay (its radio moved). Every re-wire, with the bridge the kernel
-reports before and after, is recorded in ``<run dir>/netns.json``.
+its address stays (its radio moved); its link rate becomes the destination edge's when
+that edge has a ``link_mbit`` and the device none of its own (the new cell's radio). Every
+re-wire, with the bridge the kernel reports before and after and the rates, is recorded in
+``<run dir>/netns.json``. Moves of a time-based mobility model (trace ``time_s`` rows,
+waypoint) are not played here: the driver plays round-based moves only.
 """
 
 from __future__ import annotations
@@ -123,7 +128,7 @@ def plan(cfg: Config, *, prefix: str, prefix_len: int = 24) -> Plan:
     roles = [("central", "central", "central.host", cfg.central.host, BACKBONE, links["central_mbit"])]
     roles += [(e, "edge", f"edges.{e}.host", cfg.edges[e].host, edge_bridges[e], 0.0) for e in sorted(cfg.edges)]
     roles += [(d, "device", f"devices.{d}.host", cfg.devices[d].host, edge_bridges[cfg.devices[d].edge],
-               cfg.devices[d].link_mbit or links["device_mbit"]) for d in cfg.device_names]
+               cfg.link_rate(d)) for d in cfg.device_names]
     _check_addresses([(key, addr) for _, _, key, addr, _, _ in roles], prefix_len)
     hosts = {name: Host(name=name, role=role, address=addr, ns=f"{prefix}-h-{name}", port=f"h{i}", bridge=bridge,
                         mbit=mbit)
@@ -227,13 +232,26 @@ def master_of(p: Plan, port: str) -> str:
     return json.loads(sh("ip", "-n", p.switch, "-j", "link", "show", port))[0].get("master", "")
 
 
-def rewire(p: Plan, device: str, edge: str) -> dict:
-    """Move ``device``'s link to ``edge``'s network. Returns the record of the change."""
+def reshape_commands(p: Plan, device: str, mbit: float) -> list[list[str]]:
+    """The commands that put ``device``'s link (both directions) at ``mbit`` (0: unshaped)."""
+    h = p.hosts[device]
+    ends = [("-n", p.switch, h.port), ("-n", h.ns, "eth0")]
+    if mbit:
+        return [["tc", n, ns, "qdisc", "replace", "dev", dev, *tbf(mbit)] for n, ns, dev in ends]
+    return [["tc", n, ns, "qdisc", "del", "dev", dev, "root"] for n, ns, dev in ends]
+
+
+def rewire(p: Plan, device: str, edge: str, *, mbit: float | None = None, mbit_before: float | None = None) -> dict:
+    """Move ``device``'s link to ``edge``'s network, at ``mbit`` if that differs from
+    ``mbit_before`` (the destination cell's rate). Returns the record of the change."""
     h, sw, target = p.hosts[device], p.switch, p.edge_bridges[edge]
     before = master_of(p, h.port)
     t0 = time.perf_counter()
     sh("ip", "-n", sw, "link", "set", h.port, "nomaster")
     sh("ip", "-n", sw, "link", "set", h.port, "master", target)
+    if mbit is not None and mbit != mbit_before:
+        for cmd in reshape_commands(p, device, mbit):
+            sh(*cmd, check=bool(mbit))  # deleting a qdisc that is not there is fine
     # The backbone still sends the device's frames towards the old network until it hears
     # from the device: forget it there, then let it speak once.
     mac = json.loads(sh("ip", "-n", h.ns, "-j", "link", "show", "eth0"))[0]["address"]
@@ -244,6 +262,7 @@ def rewire(p: Plan, device: str, edge: str) -> dict:
        "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto("
        "b'fedfly-netns: moved', (sys.argv[1], int(sys.argv[2])))", p.hosts["central"].address, str(DISCARD_PORT))
     return {"device": device, "to": edge, "bridge_before": before, "bridge_after": master_of(p, h.port),
+            "mbit_before": mbit_before, "mbit_after": mbit if mbit is not None else mbit_before,
             "rewire_ms": round((time.perf_counter() - t0) * 1000, 3), "ts": round(time.time(), 6)}
 
 
@@ -295,6 +314,7 @@ def drive(cfg: Config, p: Plan, record: Path) -> int:
     from common.errors import TransportError
     creds = cfg.credentials(CONTROLLER)
     deadline = time.monotonic() + cfg.run["startup_timeout"] + cfg.training["rounds"] * cfg.run["round_timeout"]
+    rate = {d: p.hosts[d].mbit for d in cfg.devices}
     for mv in cfg.moves:
         while True:  # the device may not be listening yet
             try:
@@ -305,7 +325,8 @@ def drive(cfg: Config, p: Plan, record: Path) -> int:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)
-        rec = rewire(p, mv.device, mv.to)
+        rec = rewire(p, mv.device, mv.to, mbit=cfg.link_rate(mv.device, mv.to), mbit_before=rate[mv.device])
+        rate[mv.device] = cfg.link_rate(mv.device, mv.to)
         reply = mobility.move(cfg, mv.device, mv.to, creds=creds)
         if not reply.accepted:
             print(f"netns: {mv.device} refused the move to {mv.to}: {reply.reason}", file=sys.stderr)
@@ -345,6 +366,8 @@ def run(args: argparse.Namespace) -> int:
     state_path, record = run_dir / "netns.json", run_dir / "logs" / "netns-moves.jsonl"
     state: dict = {"prefix": p.prefix, "plan": p.to_json(), "pids": {}, "rewires": []}
     role_overrides = overrides + [f'run.name="{run_name}"', "mobility.moves=[]"]
+    if cfg.mobility["model"] != "schedule":  # the driver plays the round-based moves; the roles none
+        role_overrides += ['mobility.model="schedule"', 'mobility.trace=""', "mobility.waypoint={}"]
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt

@@ -120,7 +120,7 @@ SET_ERRORS = [
     ("training.momentum", -0.1, "training.momentum"),
     ("run.mode", "fedfli", "run.mode"),                        # bad choices
     ("run.mode", "FEDFLY", "run.mode"),
-    ("data.dataset", "mnist", "data.dataset"),
+    ("data.dataset", "imagenet", "data.dataset"),
     ("data.distribution", "skewed", "data.distribution"),
     ("model.name", "resnet", "model.name"),
     ("model.split_layer", -1, "model.split_layer"),           # split out of range
@@ -164,6 +164,20 @@ def test_valid_split_layers_and_same_port_on_other_hosts():
     raw = _set(local_raw(), "edges.edge2.port", 47001)
     raw["edges"]["edge2"]["host"] = "127.0.0.2"  # the same port on another host is fine
     assert build_config(raw).edges["edge2"].port == 47001
+
+
+def test_a_wrong_cut_names_the_valid_ones_of_that_model():
+    exc = config_error(_set(_set(local_raw(), "model.name", "resnet18"), "model.split_layer", 9))
+    assert_names(exc, "model.split_layer")
+    assert "0 (stem)" in str(exc) and "8 (layer4.1)" in str(exc) and "9 (head)" not in str(exc)
+    cfg = build_config(_set(_set(local_raw(), "model.name", "mobilenetv2"), "model.split_layer", 18))
+    assert cfg.model_key == "mobilenetv2"
+
+
+def test_the_model_is_built_for_the_data_sets_input():
+    assert build_config(local_raw()).model_key == "vgg5"
+    cfg = build_config(_set(_set(local_raw(), "data.image_size", 8), "model.name", "resnet18"))
+    assert cfg.model_key == "resnet18/3x8x8/10"
 
 
 def test_names_must_be_plain_and_distinct():

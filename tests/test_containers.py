@@ -231,7 +231,7 @@ def test_compose_up_runs_the_testbed(image, run_config, loopback_sha):
         left = _podman("ps", "-aq", "--filter", f"label=io.podman.compose.project={project}", check=False).split()
         if left:
             _podman("rm", "-f", "-t", "0", *left, check=False)
-        _podman("volume", "rm", "-f", f"{project}_results", check=False)
+        _podman("volume", "rm", "-f", f"{project}_results", f"{project}_certs", check=False)
         _podman("network", "rm", "-f", f"{project}_testbed", check=False)
     _check(summary, run_config, loopback_sha)
 

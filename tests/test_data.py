@@ -156,7 +156,7 @@ def test_unknown_distribution_and_bad_alpha():
 
 def test_unknown_dataset_raises():
     with pytest.raises(DataError, match="data.dataset"):
-        train_labels(DataSpec("mnist"))
+        train_labels(DataSpec("imagenet"))
     with pytest.raises(DataError, match="data.distribution"):
         load_test_set(DataSpec("synthetic", distribution="weird"))
 

@@ -230,7 +230,8 @@ def test_compose_commands_run_an_experiment_on_loopback(compose, cfg, tmp_path):
     ports = dict(zip(sorted(ROLES), free_ports(len(ROLES))))
     # 4 rounds: the one-shot's round 3 must not be the last, or a move that arrives after
     # device3's last step would have no step left to land on
-    sets = [f'security.key_file="{key}"', f'run.out="{tmp_path / "runs"}"', 'run.name="compose"',
+    sets = [f'security.key_file="{key}"', f'security.certs="{tmp_path / "certs"}"', f'run.out="{tmp_path / "runs"}"',
+            'run.name="compose"',
             "training.rounds=4", "training.batch_size=50", "data.samples_per_device=200", "data.test_samples=500",
             f'central.host="{LOOPBACK}"', 'central.bind=""', f"central.port={ports['central']}"]
     for e in cfg.edges:
@@ -245,7 +246,12 @@ def test_compose_commands_run_an_experiment_on_loopback(compose, cfg, tmp_path):
 
     def start(name: str) -> subprocess.Popen:
         svc = compose["services"][name]
-        env = {**base_env, **{k: str(v) for k, v in svc.get("environment", {}).items()}}
+        env = {**base_env, **{k: _interpolate(str(v)) for k, v in svc.get("environment", {}).items()}}
+        if env.get("FEDFLY_CERTS_FOR") == CONFIG_IN_CONTAINER:
+            env["FEDFLY_CERTS_FOR"] = str(config)
+        # the service's own overrides (TLS), then the test's (the certificates here)
+        env["FEDFLY_SET"] = " ".join(filter(None, [_interpolate(str(svc.get("environment", {}).get("FEDFLY_SET", ""))),
+                                                   base_env["FEDFLY_SET"]]))
         if name != "central" and name != "mobility":
             env["FEDFLY_LINGER_S"] = "1"  # not 60: the test need not wait for compose to stop them
         with open(logs / f"{name}.log", "wb") as log:
@@ -274,6 +280,13 @@ def test_compose_commands_run_an_experiment_on_loopback(compose, cfg, tmp_path):
     moved = {(m["device"], m["to"]) for m in summary["migrations"]}
     assert moved == {("device1", "edge2"), ("device3", "edge1")}
     assert summary["device_settings"]["device4"]["slowdown"] == 3.0
+    # TLS by default: the central's entry point made every certificate before it listened
+    assert (tmp_path / "certs" / "ca.crt").exists() and (tmp_path / "certs" / "device-device4.key").exists()
+
+
+def _interpolate(text: str) -> str:
+    """``${VAR:-default}`` as compose reads it, from this environment."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda mo: os.environ.get(mo.group(1)) or mo.group(2), text)
 
 
 def _compose_cli() -> list[str] | None:

@@ -13,6 +13,7 @@ from common import messages as m
 from common.events import EventLog
 from common.models import build_model, part_keys
 from common.plan import RoundPlan
+from common.security import attach_proofs, edge_key
 from edge.core import EdgeCore, Models
 from edge.lifecycle import State
 from edge.ports import (CentralMessage, CentralUp, DeviceAttach, DeviceLost, DeviceMessage, Outbox, PeerLost,
@@ -62,7 +63,7 @@ class FakeFetcher:
     def pull_replica(self, **kw):
         self.replica_pulls.append(kw)
 
-    def replicate(self, device, round, step, meta, tensors):
+    def replicate(self, device, round, step, meta, tensors, *, edge_key=""):
         self.replicated.append((device, round, step, meta, tensors))
 
 
@@ -79,11 +80,23 @@ def start_round(core: EdgeCore, r: int = 1, participants=("device1", "device2"))
     core.handle(CentralMessage(m.RoundStart(plan=plan.to_wire(), weights=WEIGHTS)))
 
 
+SECRET = bytes(range(32))  # the devices' secret for their proofs of attachment
+EDGES = ["edge1", "edge2", "edge3"]
+
+
+def proofs(device: str, target: str) -> dict[str, str]:
+    """What the edge ``target`` forwards when ``device`` attached to it."""
+    return attach_proofs(SECRET, device=device, target=target, edges=EDGES)
+
+
 def attach(core: EdgeCore, device="device1", *, kind="join", round=0, step=0, source="edge1", last_round=0,
            why="start") -> Outbox:
     port = Outbox(f"device {device}")
     core.handle(DeviceAttach(port, m.AttachRequest(device=device, kind=kind, round=round, step=step, source=source,
-                                                   last_round=last_round, why=why)))
+                                                   last_round=last_round, why=why,
+                                                   edge_key=edge_key(SECRET, core.name),
+                                                   proofs=attach_proofs(SECRET, device=device, target=core.name,
+                                                                        edges=EDGES))))
     return port
 
 
@@ -236,11 +249,32 @@ def _detached_session(core: EdgeCore) -> Outbox:
     return p
 
 
+@pytest.mark.parametrize("given", ["none", "for another edge", "made with another secret", "for another device"])
+def test_a_pull_without_the_devices_proof_of_an_attach_is_refused_and_tells_nothing(given):
+    core = make_core()
+    _detached_session(core)
+    peer = Outbox("edge edge2")
+    bad = {"none": {},
+           "for another edge": proofs("device1", "edge3"),
+           "made with another secret": attach_proofs(bytes(32), device="device1", target="edge2", edges=EDGES),
+           "for another device": proofs("device2", "edge2")}[given]
+    for msg in (m.SessionPull(device="device1", round=1, step=2, target="edge2", proofs=bad),
+                m.SessionDrop(device="device1", round=1, target="edge2", proofs=bad)):
+        core.handle(PeerMessage(peer, msg))
+    assert peer.sent == [m.PullRefused(device="device1", reason="refused", moved_to="", delivered=False)] * 2
+    assert state(core) is S.DETACHED and core.entries["device1"].session.step == 2  # untouched
+    # the device's own proof opens it
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2",
+                                                proofs=proofs("device1", "edge2"))))
+    assert of(peer, m.SessionSnapshot)
+
+
 def test_the_source_hands_over_once_confirmed_and_then_points_to_the_target():
     core = make_core()
     _detached_session(core)
     peer = Outbox("edge edge2")
-    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2")))
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2",
+        proofs=proofs("device1", "edge2"))))
     (snap,) = of(peer, m.SessionSnapshot)
     assert snap.step == 2 and state(core) is S.HANDING_OVER
     core.handle(PeerMessage(peer, m.SessionInstalled(device="device1", round=1, step=2, checksum="bad")))
@@ -248,7 +282,8 @@ def test_the_source_hands_over_once_confirmed_and_then_points_to_the_target():
     core.handle(PeerMessage(peer, m.SessionInstalled(device="device1", round=1, step=2, checksum=snap.checksum)))
     assert of(peer, m.SessionReleased) and state(core) is S.GONE
     other = Outbox("edge edge3")
-    core.handle(PeerMessage(other, m.SessionPull(device="device1", round=1, step=2, target="edge3")))
+    core.handle(PeerMessage(other, m.SessionPull(device="device1", round=1, step=2, target="edge3",
+        proofs=proofs("device1", "edge3"))))
     (refusal,) = of(other, m.PullRefused)
     assert refusal.moved_to == "edge2" and refusal.reason == "refused"
 
@@ -257,10 +292,12 @@ def test_a_pull_at_the_wrong_position_is_refused_and_changes_nothing():
     core = make_core()
     _detached_session(core)
     peer = Outbox("edge edge2")
-    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=5, target="edge2")))
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=5, target="edge2",
+        proofs=proofs("device1", "edge2"))))
     assert of(peer, m.PullRefused) and state(core) is S.DETACHED
     # one step behind is fine when the reply to it is kept (its gradient was lost)
-    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=1, target="edge2")))
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=1, target="edge2",
+        proofs=proofs("device1", "edge2"))))
     assert of(peer, m.SessionSnapshot)
 
 
@@ -268,7 +305,8 @@ def test_a_handover_whose_target_vanishes_leaves_the_session_here():
     core = make_core()
     _detached_session(core)
     peer = Outbox("edge edge2")
-    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2")))
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2",
+        proofs=proofs("device1", "edge2"))))
     core.handle(PeerLost(peer))
     assert state(core) is S.DETACHED
     q = attach(core, kind="resume", round=1, step=2, source="edge1", why="reconnect")
@@ -279,7 +317,8 @@ def test_a_device_back_before_the_confirmation_keeps_its_session_here():
     core = make_core()
     _detached_session(core)
     peer = Outbox("edge edge2")
-    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2")))
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2",
+        proofs=proofs("device1", "edge2"))))
     snap = of(peer, m.SessionSnapshot)[0]
     q = attach(core, kind="resume", round=1, step=2, source="edge1", why="reconnect")
     assert of(q, m.AttachReply)[0].how == "here" and state(core) is S.ACTIVE
@@ -413,14 +452,17 @@ def test_a_drop_is_answered_in_every_state_and_only_removes_an_unlinked_session(
             if st == "detached":
                 core2.handle(DeviceLost(p, "device1", ConnectionError("left"), 0.0))
         out = Outbox("edge edge2")
-        core2.handle(PeerMessage(out, m.SessionDrop(device="device1", round=1, target="edge2")))
-        assert of(out, m.SessionReleased), st
+        core2.handle(PeerMessage(out, m.SessionDrop(device="device1", round=1, target="edge2",
+        proofs=proofs("device1", "edge2"))))
+        # answered in every state; a device that never attached here gave no key: refused
+        assert of(out, m.SessionReleased if st is not None else m.PullRefused), st
         assert state(core2) is {None: S.GONE, "idle": S.IDLE, "active": S.ACTIVE, "detached": S.GONE}[st]
     # a drop of an older round leaves a newer session alone
     p = attach(core)
     start_round(core, 2)
     core.handle(DeviceLost(p, "device1", ConnectionError("left"), 0.0))
-    core.handle(PeerMessage(peer, m.SessionDrop(device="device1", round=1, target="edge2")))
+    core.handle(PeerMessage(peer, m.SessionDrop(device="device1", round=1, target="edge2",
+        proofs=proofs("device1", "edge2"))))
     assert state(core) is S.DETACHED and of(peer, m.SessionReleased)
 
 
@@ -516,7 +558,8 @@ def test_a_fetch_that_never_ends_fails_at_its_deadline_and_a_handover_too():
         core.handle(DeviceMessage(p, "device1", batch(s)))
     core.handle(DeviceLost(p, "device1", ConnectionError("left"), 0.0))
     peer = Outbox("edge edge1")
-    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge1")))
+    core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge1",
+        proofs=proofs("device1", "edge1"))))
     assert state(core) is S.HANDING_OVER
     now[0] += 11
     core.handle(Tick())

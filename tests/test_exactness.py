@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from central.fedavg import fedavg
+from central.strategies import make_strategy
 from common.cli import data_spec
 from common.config import load_config
 from common.data import load_train_shard
@@ -14,22 +14,27 @@ from tests.testbed import run_launch, write_config
 
 
 def reference_sha(cfg_path, rounds: int) -> str:
-    """The same run as one device and one edge would do, in this process, whole model."""
+    """The same run as the devices and edges would do, in this process: each device's
+    whole model trained on its batches, the strategy's aggregation over the devices in name order."""
     cfg = load_config(str(cfg_path))
     old = torch.get_num_threads()
     set_threads(cfg.training["threads"])
     try:
-        (device,) = cfg.device_names
-        x, y = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=device)
+        shards = {d: load_train_shard(data_spec(cfg), devices=cfg.device_names, device=d) for d in cfg.device_names}
         t = cfg.training
-        weights = build_model("vgg5", seed=cfg.run["seed"]).state_dict()
+        weights = build_model(cfg.model_key, seed=cfg.run["seed"]).state_dict()
+        strategy, state = make_strategy(cfg.strategy), {}
         for r in range(1, rounds + 1):
-            model = build_model("vgg5", seed=0)
-            model.load_state_dict(weights)
-            batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
-                                    device=device, round=r)
-            train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"])
-            weights = fedavg([(model.state_dict(), len(x))])
+            prox_mu = strategy.configure(r).get("prox_mu", 0.0)
+            updates = []
+            for device, (x, y) in shards.items():
+                model = build_model(cfg.model_key, seed=0)
+                model.load_state_dict(weights)
+                batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
+                                        device=device, round=r)
+                train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"], prox_mu=prox_mu)
+                updates.append((model.state_dict(), len(x)))
+            weights, state = strategy.aggregate(updates, current=weights, state=state)
         return state_sha256(weights)
     finally:
         torch.set_num_threads(old)

@@ -8,7 +8,8 @@ import struct
 import pytest
 import torch
 
-from central.fedavg import FedAvg, fedavg
+from central.fedavg import fedavg
+from central.strategies import FedAvg
 
 
 def _bits32(x: float) -> bytes:
@@ -112,7 +113,8 @@ def test_summation_order_with_unequal_samples():
 
 def test_strategy_class_is_the_function():
     ups = [({"w": torch.tensor([1.0, 5.0])}, 2), ({"w": torch.tensor([3.0, 1.0])}, 6)]
-    a, b = FedAvg().aggregate(ups), fedavg(ups)
+    (a, state), b = FedAvg().aggregate(ups), fedavg(ups)
+    assert state == {}
     assert torch.equal(a["w"], b["w"]) and torch.equal(a["w"], torch.tensor([2.5, 2.0]))
 
 

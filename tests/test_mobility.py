@@ -181,7 +181,8 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
         assert codes == {n: 0 for n in codes}, {n: bed.log(n)[-2000:] for n, c in codes.items() if c}
     finally:
         bed.stop()
-    summary = read_summary("results: " + str(next((tmp_path / "live" / "runs").iterdir())))
+    summary = read_summary("results: " + str(next(p for p in (tmp_path / "live" / "runs").iterdir()
+                                                   if not p.name.startswith("."))))  # not .device-state
     assert summary["status"] == "finished"
     migs = summary["migrations"]
     first = [m for m in migs if m["device"] == "device1"]

@@ -22,7 +22,8 @@ import pytest
 
 from common.config import load_config
 from common.errors import ConfigError
-from scripts.netns_testbed import BACKBONE, build_commands, moves_override, namespaces_named, parse_move, plan, probe
+from scripts.netns_testbed import (BACKBONE, build_commands, moves_override, namespaces_named, parse_move, plan, probe,
+                                   reshape_commands)
 from tests.testbed import LOOPBACK, ROOT, _env, free_ports, kill_tree, run_dir_of, run_launch, write_config
 
 NETNS = ROOT / "configs" / "netns.toml"
@@ -58,6 +59,18 @@ def test_plan_follows_the_config():
             assert cmd[1] == "-n" and cmd[2] in p.namespaces, cmd
             if cmd[0] == "tc":
                 assert "tbf" in cmd
+
+
+def test_an_edges_link_rate_shapes_its_devices_and_follows_a_move():
+    cfg = load_config(str(NETNS), ["edges.edge2.link_mbit=5"])
+    p = plan(cfg, prefix="fftest")
+    # device4 (on edge2, no rate of its own) takes edge2's; device3's own 10 wins; edge1's follow device_mbit
+    assert {d: p.hosts[d].mbit for d in cfg.devices} == {"device1": 20, "device2": 20, "device3": 10, "device4": 5}
+    assert cfg.link_rate("device2", "edge2") == 5 and cfg.link_rate("device4", "edge1") == 20
+    assert cfg.link_rate("device3", "edge2") == 10
+    for cmd in reshape_commands(p, "device2", 5.0):
+        assert cmd[:3] == ["tc", "-n", cmd[2]] and cmd[2] in p.namespaces and "tbf" in cmd and "5mbit" in cmd
+    assert [c[4] for c in reshape_commands(p, "device2", 0.0)] == ["del", "del"]
 
 
 def test_plan_refuses_addresses_a_namespace_testbed_cannot_use():

@@ -72,13 +72,15 @@ def sshd(tmp_path_factory):
         kill_tree(proc)
 
 
-def _config(tmp: Path, sshd, **kw) -> Path:
+def _config(tmp: Path, sshd, *, tls: bool = False, **kw) -> Path:
     port, identity, options = sshd
     remote = {"user": getpass.getuser(), "workdir": str(tmp / "remote-home" / "fedfly"), "python": sys.executable,
               "ssh_port": port, "identity": str(identity), "ssh_options": options}
     # one device names its ssh target itself, with the user in it
-    return write_config(tmp, extra={"remote": remote, "devices.device2": {"ssh": f"{getpass.getuser()}@{LOOPBACK}"}},
-                        **kw)
+    extra = {"remote": remote, "devices.device2": {"ssh": f"{getpass.getuser()}@{LOOPBACK}"}}
+    if tls:
+        extra["security"] = {"mode": "tls", "certs": "certs"}
+    return write_config(tmp, extra=extra, **kw)
 
 
 def _remote(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -106,8 +108,28 @@ def _kill_left(state: State) -> None:
             os.kill(p.pid, 9)
 
 
+def test_bundle_gives_a_host_the_ca_and_only_its_own_keys_in_the_tls_mode(tmp_path):
+    import io
+    import tarfile
+
+    from common import pki
+    from common.config import load_config
+    from common.security import CENTRAL, Identity
+    from scripts.remote import bundle
+    cfg = load_config(str(write_config(tmp_path, edges=2, devices=2,
+                                       extra={"security": {"mode": "tls", "certs": "certs"}})))
+    pki.ensure(cfg)
+    data = bundle(cfg, ".fedfly/r", code=False, who=[Identity("edge", "edge1"), Identity("device", "device2")])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        files = {t.name: t.mode for t in tar.getmembers() if t.isfile()}
+    certs = {n.rsplit("/", 1)[1]: mode for n, mode in files.items() if "/certs/" in n}
+    assert set(certs) == {"ca.crt", "edge-edge1.crt", "edge-edge1.key", "device-device2.crt", "device-device2.key"}
+    assert certs["edge-edge1.key"] & 0o077 == 0 and ".fedfly/r/testbed.key" not in files
+    assert CENTRAL.stem + ".key" not in certs
+
+
 def test_run_over_ssh_syncs_code_collects_results_and_leaves_nothing(tmp_path, sshd):
-    cfg = _config(tmp_path, sshd, edges=2, devices=2, rounds=2)
+    cfg = _config(tmp_path, sshd, edges=2, devices=2, rounds=2, tls=True)
     t0 = time.monotonic()
     r = _remote("run", "--config", str(cfg), "--sync-code", "--set", 'run.name="over-ssh"')
     seconds = time.monotonic() - t0
@@ -117,8 +139,11 @@ def test_run_over_ssh_syncs_code_collects_results_and_leaves_nothing(tmp_path, s
         assert r.returncode == 0, r.stdout + r.stderr
         workdir = tmp_path / "remote-home" / "fedfly"
         assert (workdir / "edge" / "server.py").exists() and (workdir / "common" / "config.py").exists()
-        key = workdir / ".fedfly" / "over-ssh" / "testbed.key"
-        assert key.stat().st_mode & 0o077 == 0, "the key must not be readable by others on the host"
+        # TLS: the certificates were made here and each host got the CA's and its own
+        certs = workdir / ".fedfly" / "over-ssh" / "certs"
+        key = certs / "device-device1.key"
+        assert key.stat().st_mode & 0o077 == 0, "a key must not be readable by others on the host"
+        assert (certs / "ca.crt").exists() and not (certs / "ca.key").exists()
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "finished" and len(summary["rounds"]) == 2
         assert summary["rounds"][-1]["samples"] == 2 * 200
