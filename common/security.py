@@ -516,8 +516,8 @@ def _receive_tls_exact(stream: TLSStream, n: int, peer: str, deadline: float) ->
 #
 # A device holds a secret of its own (``device.state.attach_secret``) and gives each edge
 # it attaches to a key derived from it for that edge alone (``edge_key``). With every
-# attach it adds, for every other edge, a proof made with that edge's key that it attaches
-# to *this* edge (``attach_proofs``).
+# attach it adds, for every edge, a proof made with that edge's key that it attaches to
+# *this* edge (``attach_proofs``).
 # The edge it attaches to forwards them in its pull (or drop, or replica pull); the
 # holder checks the one made with the key it was given (``proof_holds``): so an edge takes
 # a session only for an attach the device really made to it, and no edge can make a
@@ -539,8 +539,10 @@ def _proof(key_hex: str, device: str, target: str) -> str:
 
 
 def attach_proofs(secret: bytes, *, device: str, target: str, edges) -> dict[str, str]:
-    """For each edge but ``target``: proof that ``device`` attached to ``target``."""
-    return {e: _proof(edge_key(secret, e), device, target) for e in edges if e != target}
+    """For each edge: proof that ``device`` attached to ``target``. The target's own is
+    for its buddy, which keeps replicas of the target's sessions checked with its key (a
+    device started again from its disk goes back to its edge, which takes the replica)."""
+    return {e: _proof(edge_key(secret, e), device, target) for e in edges}
 
 
 def proof_holds(key_hex: str | None, proofs: dict[str, str], *, holder: str, device: str, target: str) -> bool:

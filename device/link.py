@@ -152,7 +152,7 @@ class EdgeLink:
 
     def _signed(self, req: m.AttachRequest, edge: str) -> m.AttachRequest:
         """``req`` as sent to ``edge``: with that edge's key for the proofs of this device,
-        and the proofs, for every other edge, that this attach to ``edge`` is real (the
+        and the proofs, for every edge, that this attach to ``edge`` is real (the
         edge that holds the session hands it over only against one)."""
         return dataclasses.replace(req, edge_key=edge_key(self.secret, edge),
                                    proofs=attach_proofs(self.secret, device=self.name, target=edge,
