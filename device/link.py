@@ -164,23 +164,7 @@ class EdgeLink:
         dead = self.faults["dead_after_s"]
         conn = transport.connect(ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge), peer=f"edge {edge}",
                                  timeout=min(timeout, dead))
-        inbox = self._inbox
-        link = Link(conn, name=f"edge {edge}", heartbeat_s=self.faults["heartbeat_s"], dead_after_s=dead,
-                    on_message=lambda l, msg: inbox.put((l, msg)),
-                    on_lost=lambda l, exc: inbox.put((l, _LOST)))
-        link.start()
-        link.post(self._signed(req, edge))
-        try:
-            reply = self._await(lambda msg: isinstance(msg, m.AttachReply), link=link, limit=timeout,
-                                during_attach=True)
-        except BaseException:
-            link.close(drain=False)
-            raise
-        assert isinstance(reply, m.AttachReply)
-        if not reply.ok:
-            link.close(drain=False)
-            raise _Refused(f"{edge} refused {self.name}: {reply.reason}")
-        return link, reply
+        return self._attach_on(conn, edge, req, timeout=timeout)
 
     def _install(self, edge: str, link: Link, reply: m.AttachReply) -> None:
         old = self._link
@@ -546,7 +530,8 @@ class EdgeLink:
 
     def _attach_on(self, conn: transport.Connection, edge: str, req: m.AttachRequest, *,
                    timeout: float) -> tuple[Link, m.AttachReply]:
-        """``_open`` on a connection that is already secured."""
+        """Attach on ``conn``, a connection to ``edge`` already secured (by ``_open``, or
+        ahead of a move by ``preconnect``); wait for the answer. The link is not yet ours."""
         dead = self.faults["dead_after_s"]
         inbox = self._inbox
         link = Link(conn, name=f"edge {edge}", heartbeat_s=self.faults["heartbeat_s"], dead_after_s=dead,
