@@ -197,16 +197,29 @@ def _wait(container: str, names: list[str]) -> None:
     assert status == "0", f"{container} exited with {status}\n{_logs(names)}"
 
 
-def _check(summary: dict, cfg: RunConfig, expected_sha: str | None) -> None:
-    assert summary["status"] == "finished" and len(summary["rounds"]) == SMALL["training"]["rounds"]
-    assert {(m["device"], m["to"]) for m in summary["migrations"]} == cfg.moves, (summary["migrations"],
-                                                                                    summary["faults"])
+def _story(run_dir: Path | None) -> str:
+    """What a failed run's event logs say: every event that is not routine, by process."""
+    if run_dir is None:
+        return "(no results)"
+    routine = {"step", "batch", "forward", "backward", "heartbeat"}
+    out = []
+    for f in sorted(run_dir.glob("events-*.jsonl")):
+        lines = [ln for ln in f.read_text(errors="replace").splitlines()
+                 if json.loads(ln).get("event", json.loads(ln).get("kind")) not in routine] if f.stat().st_size else []
+        out.append(f"--- {f.name}:\n" + "\n".join(lines[-40:]))
+    return "\n".join(out)
+
+
+def _check(summary: dict, cfg: RunConfig, expected_sha: str | None, run_dir: Path | None = None) -> None:
+    assert summary["status"] == "finished" and len(summary["rounds"]) == SMALL["training"]["rounds"], _story(run_dir)
+    assert {(m["device"], m["to"]) for m in summary["migrations"]} == cfg.moves, (
+        f"migrations {summary['migrations']}\nfaults {summary['faults']}\n{_story(run_dir)}")
     if expected_sha is not None:
         assert summary["final_model_sha256"] == expected_sha, "the container run trained differently from loopback"
 
 
 @pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
-def test_compose_up_runs_the_testbed(image, run_config, loopback_sha):
+def test_compose_up_runs_the_testbed(image, run_config, loopback_sha, tmp_path):
     if shutil.which("podman-compose") is None:
         pytest.skip("podman-compose is not installed (apt-get install podman-compose)")
     compose = yaml.safe_load(COMPOSE.read_text())
@@ -224,7 +237,8 @@ def test_compose_up_runs_the_testbed(image, run_config, loopback_sha):
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         _wait(f"{project}_central_1", names)
         results = Path(_podman("volume", "inspect", f"{project}_results", "--format", "{{.Mountpoint}}"))
-        summary = json.loads((results / RUN_NAME / "summary.json").read_text())
+        shutil.copytree(results / RUN_NAME, tmp_path / RUN_NAME)  # the volume goes with `down`
+        summary = json.loads((tmp_path / RUN_NAME / "summary.json").read_text())
     finally:
         subprocess.run([*cmd, "down", "-v", "-t", "5"], env=env, capture_output=True, timeout=START_TIMEOUT_S)
         # whatever down left (podman-compose 1.0.3 leaves the network; an interrupted up, more)
@@ -233,7 +247,7 @@ def test_compose_up_runs_the_testbed(image, run_config, loopback_sha):
             _podman("rm", "-f", "-t", "0", *left, check=False)
         _podman("volume", "rm", "-f", f"{project}_results", f"{project}_certs", check=False)
         _podman("network", "rm", "-f", f"{project}_testbed", check=False)
-    _check(summary, run_config, loopback_sha)
+    _check(summary, run_config, loopback_sha, tmp_path / RUN_NAME)
 
 
 def _kube_play(run_config: RunConfig, tmp: Path, *, images: dict[str, str] | None = None) -> tuple[dict, dict]:
@@ -288,7 +302,7 @@ def _kube_play(run_config: RunConfig, tmp: Path, *, images: dict[str, str] | Non
 @pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
 def test_kube_play_runs_the_manifests(image, run_config, loopback_sha, tmp_path):
     summary, arch = _kube_play(run_config, tmp_path)
-    _check(summary, run_config, loopback_sha)
+    _check(summary, run_config, loopback_sha, tmp_path / "results" / RUN_NAME)
     assert set(arch.values()) == {containers.native_arch()}
 
 
