@@ -33,6 +33,9 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+
 from common import auth
 from common.errors import AuthenticationError, ConfigError, ConnectionClosed, PeerSilent, RemoteProtocolError
 from common.stream import ByteStream
@@ -83,11 +86,13 @@ class Credentials(Protocol):
 
 
 # ---------------------------------------------------------------------------------------
-# the shared-key mode: HMAC handshake, then a MAC on every record
+# the shared-key mode: HMAC handshake, then a Poly1305 MAC on every record
 # ---------------------------------------------------------------------------------------
 
-# A record: u32 length, that many bytes, a 16-byte tag over (sequence number, length, bytes).
+# A record: u32 length, that many bytes, a 16-byte Poly1305 tag over (length, bytes) under
+# a key for that record's sequence number.
 RECORD_HEAD = struct.Struct("!I")
+RECORD_SEQ = struct.Struct("!Q")
 TAG_BYTES = 16
 # Sends are cut into records of at most this many bytes, so that a receiver buffers and
 # verifies little before it hands bytes on (nothing is handed on before its tag checks),
@@ -100,8 +105,8 @@ def _record_key(key: bytes, label: bytes, client_nonce: bytes, server_nonce: byt
 
 
 class MacStream:
-    """A ``ByteStream`` whose every record carries an HMAC tag under a key per
-    direction, over the record's sequence number too: altered, dropped, reordered or
+    """A ``ByteStream`` whose every record carries a MAC under a key per direction and
+    per record (so, bound to the record's sequence number): altered, dropped, reordered or
     replayed bytes raise ``RemoteProtocolError`` before any of them is handed on."""
 
     def __init__(self, inner: ByteStream, *, send_key: bytes, receive_key: bytes) -> None:
@@ -119,10 +124,19 @@ class MacStream:
     def __getattr__(self, name: str):  # sock, fileno, shutdown, abort: the inner stream's
         return getattr(self.inner, name)
 
-    def _mac(self, key: bytes, seq: int, length: int):
-        # HMAC-SHA256 (truncated to 16 bytes): SHA-256 runs at over 1.5 GB/s where the CPU
-        # has SHA instructions, more than twice keyed BLAKE2b here.
-        return hmac.new(key, struct.pack("!QI", seq, length), hashlib.sha256)
+    @staticmethod
+    def _mac(key: bytes, seq: int, length: int) -> Poly1305:
+        """The record's authenticator, fed its length here and its bytes by the caller.
+
+        Poly1305, under a one-time key per record: HMAC-SHA256 of the direction's key and
+        the sequence number (a PRF of a number never used twice under that key, as
+        Poly1305 needs). Poly1305 runs at several GB/s with or without AES or SHA
+        instructions (a Raspberry Pi has neither), where HMAC-SHA256 over the bytes
+        themselves cost 2.6 ms per 4.5 MB snapshot at each end here (SHA-NI)."""
+        one_time = hmac.digest(key, RECORD_SEQ.pack(seq), "sha256")
+        h = Poly1305(one_time)
+        h.update(RECORD_HEAD.pack(length))
+        return h
 
     def send_all(self, buffers, stall_timeout: float | None = None) -> int:
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -144,7 +158,7 @@ class MacStream:
                 for v in take:
                     h.update(v)
                 self._send_seq += 1
-                self.inner.send_all([RECORD_HEAD.pack(size), *take, h.digest()[:TAG_BYTES]], stall_timeout)
+                self.inner.send_all([RECORD_HEAD.pack(size), *take, h.finalize()], stall_timeout)
         return total
 
     def receive_into(self, buf: memoryview, timeout: float | None = None) -> int:
@@ -185,8 +199,10 @@ class MacStream:
             length = self._want - RECORD_HEAD.size - TAG_BYTES
             h = self._mac(self._receive_key, self._receive_seq, length)
             h.update(view[RECORD_HEAD.size:RECORD_HEAD.size + length])
-            if not hmac.compare_digest(h.digest()[:TAG_BYTES], bytes(view[self._want - TAG_BYTES:self._want])):
-                raise RemoteProtocolError("a record failed its MAC: the bytes were altered on the way")
+            try:
+                h.verify(bytes(view[self._want - TAG_BYTES:self._want]))  # constant time
+            except InvalidSignature:
+                raise RemoteProtocolError("a record failed its MAC: the bytes were altered on the way") from None
             self._receive_seq += 1
             self._offset, self._end = RECORD_HEAD.size, RECORD_HEAD.size + length
             self._have, self._want = 0, RECORD_HEAD.size
