@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable
 
-from common import codec, limits
+from common import codec, limits, resolver
 from common import messages as m
 from common.errors import (ConnectionClosed, LocalProtocolError, PeerSilent, ProtocolError,
                            TransportError)
@@ -178,13 +178,14 @@ def connect(host: str, port: int, *, creds: Credentials, expect: Identity | None
     """Open a TCP connection to ``host:port`` and secure it (``creds``; the peer must
     prove it is ``expect``), within ``timeout`` for the connect and ``timeout`` for the
     handshake. Retries refused connections for up to ``retry_for`` seconds (peers start in
-    any order). Raises ``ConnectionClosed`` if nobody answers (``PeerSilent`` if a
+    any order). The name is looked up through ``resolver.RESOLVER`` (cached, so that no
+    lookup sits on a move's path). Raises ``ConnectionClosed`` if nobody answers (``PeerSilent`` if a
     listener never completes the handshake: a stopped host), ``AuthenticationError`` if
     the peer is not who we expect or refuses us."""
     deadline = time.monotonic() + retry_for
     while True:
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = resolver.RESOLVER.connect(host, port, timeout)
             break
         except OSError as exc:
             if time.monotonic() >= deadline:

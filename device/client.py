@@ -18,6 +18,7 @@ import time
 import torch
 
 from common import messages as m
+from common import resolver
 from common.config import Config
 from common.errors import ProtocolError, RemoteProtocolError, TestbedError, TransportError
 from common.events import EventLog
@@ -67,6 +68,8 @@ class DeviceClient:
     # -- life cycle ----------------------------------------------------------------------
 
     def run(self) -> int:
+        # every edge's name, looked up now: a move must not wait for a name server
+        resolver.warm((e.host, e.port) for e in self.cfg.edges.values())
         control = ControlServer(host=self.me.control.listen_host, port=self.me.control_port, creds=self.creds,
                                 device=self.name, edges=list(self.cfg.edges), pos=self.pos, events=self.events,
                                 cut=self.link.cut, handshake_timeout=self.cfg.faults["dead_after_s"],

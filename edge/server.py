@@ -18,7 +18,7 @@ import os
 import time
 
 from common import messages as m
-from common import transport
+from common import resolver, transport
 from common.config import Config
 from common.errors import PeerSilent, ProtocolError, RemoteProtocolError, TransportError
 from common.events import EventLog
@@ -87,6 +87,9 @@ class EdgeServer:
             self.events.emit("error", detail=str(exc))
             return 1
         self.events.emit("listening", host=me.listen_host, port=me.port)
+        # the names this edge dials (the central, its peers for pulls), looked up now
+        resolver.warm([(self.cfg.central.host, self.cfg.central.port),
+                       *((e.host, e.port) for n, e in self.cfg.edges.items() if n != self.name)])
         self.central.start()
         stop = self.core.run()
         listener.close()
