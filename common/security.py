@@ -170,10 +170,25 @@ class MacStream:
             self._next_record(timeout)
             if self._end == 0:
                 return 0
-        n = min(len(buf), self._end - self._offset)
-        buf[:n] = memoryview(self._buf)[self._offset:self._offset + n]
-        self._offset += n
-        return n
+        # Every whole record already read goes into ``buf`` in this one call, each verified
+        # first: a large frame then takes one call per read, not one per record.
+        n = 0
+        while True:
+            k = min(len(buf) - n, self._end - self._offset)
+            buf[n:n + k] = memoryview(self._buf)[self._offset:self._offset + k]
+            self._offset += k
+            n += k
+            if n == len(buf) or not self._record_buffered():
+                return n
+            self._next_record(0)
+
+    def _record_buffered(self) -> bool:
+        """A whole record (of a valid length) is read and waits to be verified."""
+        avail = self._stop - self._start
+        if avail < RECORD_HEAD.size:
+            return False
+        (length,) = RECORD_HEAD.unpack_from(self._buf, self._start)
+        return 0 < length <= MAX_RECORD and avail >= RECORD_HEAD.size + length + TAG_BYTES
 
     def _next_record(self, timeout: float | None) -> None:
         """Verify the next record (reading more as needed); what arrives of it is kept
@@ -404,12 +419,33 @@ class TLSStream:
                     self._flush(1.0)
                 finally:
                     self._send_lock.release()
-            if n >= 0:
-                return n
+            if n > 0:
+                return self._read_more(buf, n)
+            if n == 0:
+                return 0
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError(f"no data within {timeout} s")
             self._feed(left)
+
+    def _read_more(self, buf: memoryview, n: int) -> int:
+        """After ``n`` bytes were read into ``buf``: every further byte that TLS can hand
+        on without waiting (a 4.5 MB frame is 275 TLS records; one call per record would
+        cost a pass through the transport's loop each). The end of the stream stops here
+        (the next call sees it again); a record that fails raises at once."""
+        with self._lock:
+            while n < len(buf):
+                try:
+                    k = self._obj.read(len(buf) - n, buf[n:])
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    break
+                except ssl.SSLError as exc:
+                    raise RemoteProtocolError(f"TLS record rejected ({_reason(exc)}): the bytes were altered "
+                                              "on the way") from exc
+                if k <= 0:
+                    break
+                n += k
+        return n
 
     def _ended(self) -> int:
         # The TCP stream ended without TLS's close_notify: treated as an end of stream
