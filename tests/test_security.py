@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -273,23 +274,30 @@ def test_a_run_over_a_hostile_relay(tmp_path, reference, mode):
         e1 = c.edges["edge1"].port
         attach = m.AttachRequest(device="device1", kind="join", round=0, step=0, source="", why=m.ATTACH_WHY[0],
                                  checkpoints=[0], last_round=0)
-        refusals["device2 as device1"] = _attempt(cfg, Identity("device", "device2"), e1, Identity("edge", "edge1"),
-                                                  attach)
-        pull = m.SessionPull(device="device1", round=1, step=1, target="edge2")
-        refusals["device2 pulls"] = _attempt(cfg, Identity("device", "device2"), e1, Identity("edge", "edge1"), pull)
-        refusals["edge2 as edge1"] = _attempt(cfg, Identity("edge", "edge2"), e1, Identity("edge", "edge1"),
-                                              m.SessionPull(device="device1", round=1, step=1, target="edge1"))
-        refusals["edge2 joins as edge1"] = _attempt(cfg, Identity("edge", "edge2"), c.central.port, CENTRAL,
-                                                    m.EdgeHello(edge="edge1"))
-        refusals["device moves device"] = _attempt(cfg, Identity("device", "device2"),
-                                                   c.devices["device1"].control_port, Identity("device", "device1"),
-                                                   m.MoveCommand(device="device1", to="edge2"))
-        refusals["controller status"] = _attempt(cfg, CONTROLLER, c.devices["device1"].control_port,
-                                                 Identity("device", "device1"), m.StatusRequest())
+        tries = {
+            "device2 as device1": (Identity("device", "device2"), e1, Identity("edge", "edge1"), attach),
+            "device2 pulls": (Identity("device", "device2"), e1, Identity("edge", "edge1"),
+                              m.SessionPull(device="device1", round=1, step=1, target="edge2")),
+            "edge2 as edge1": (Identity("edge", "edge2"), e1, Identity("edge", "edge1"),
+                               m.SessionPull(device="device1", round=1, step=1, target="edge1")),
+            "edge2 joins as edge1": (Identity("edge", "edge2"), c.central.port, CENTRAL, m.EdgeHello(edge="edge1")),
+            "device moves device": (Identity("device", "device2"), c.devices["device1"].control_port,
+                                    Identity("device", "device1"), m.MoveCommand(device="device1", to="edge2")),
+            "controller status": (CONTROLLER, c.devices["device1"].control_port, Identity("device", "device1"),
+                                  m.StatusRequest()),
+        }
+        # all at once, while the roles are up (one after another, the last ones could
+        # come after the run had ended)
+        with ThreadPoolExecutor(len(tries)) as pool:
+            futures = {who: pool.submit(_attempt, cfg, *args) for who, args in tries.items()}
+        refusals.update({who: f.result() for who, f in futures.items()})
 
     summary, proxies, _ = _run(cfg, tmp_path, proxies={"device1": {"edge1": []}}, during=impostors,
                                proxy_args=["--capture", str(capture), "--flip", "up:3000"]
-                               + (["--opaque"] if mode == "tls" else []))
+                               + (["--opaque"] if mode == "tls" else []),
+                               # a slower device2 keeps the run up while the strangers try (it
+                               # sleeps between steps: the model does not change)
+                               device_args={"device2": ["devices.device2.slowdown=4"]} if mode == "tls" else None)
     assert summary["status"] == "finished"
     flips = [e for e in proxies["device1-edge1"].events() if e["event"] == "flip"]
     assert len(flips) == 1, proxies["device1-edge1"].events()
