@@ -32,7 +32,7 @@ import torch
 from common import messages as m
 from common import transport
 from common.config import Config
-from common.errors import AuthenticationError, ConnectionClosed, PeerSilent, ProtocolError, TestbedError, \
+from common.errors import AuthenticationError, PeerSilent, ProtocolError, TestbedError, \
     TransportError
 from common.link import Link
 from common.security import Credentials, Identity, attach_proofs, edge_key
