@@ -201,11 +201,17 @@ def _story(run_dir: Path | None) -> str:
     """What a failed run's event logs say: every event that is not routine, by process."""
     if run_dir is None:
         return "(no results)"
-    routine = {"step", "batch", "forward", "backward", "heartbeat"}
+    routine = {"session_state", "heartbeat"}
     out = []
     for f in sorted(run_dir.glob("events-*.jsonl")):
-        lines = [ln for ln in f.read_text(errors="replace").splitlines()
-                 if json.loads(ln).get("event", json.loads(ln).get("kind")) not in routine] if f.stat().st_size else []
+        lines = []
+        for ln in f.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(ln).get("event")
+            except ValueError:  # a line cut short by a killed process: shown as it is
+                event = None
+            if event not in routine:
+                lines.append(ln)
         out.append(f"--- {f.name}:\n" + "\n".join(lines[-40:]))
     return "\n".join(out)
 
