@@ -310,6 +310,7 @@ def test_a_run_over_a_hostile_relay(tmp_path, reference, mode):
     if mode == "tls":
         assert needle not in data
         assert b"Activations" not in data and b"AttachRequest" not in data
+        assert len(refusals) == 6, refusals  # every stranger tried
         for who, answer in refusals.items():
             if who == "controller status":
                 assert isinstance(answer, m.StatusReply), answer
