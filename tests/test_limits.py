@@ -28,35 +28,13 @@ from common import auth, events, limits, security, transport
 from common import messages as m
 from common.errors import ConnectionClosed
 from common.stream import SocketStream
+from tests.test_transport import is_closed_by_peer
 
 pytestmark = pytest.mark.timeout(120)
 
 KEY = bytes(range(32))
 WAIT = 10.0
 HANDSHAKE_S = 30.0  # long: a slow stranger holds its slot for the whole test
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed during the handshake")
-        data += chunk
-    return data
-
-
-def closed_by_peer(sock: socket.socket, within: float) -> bool:
-    """True if the peer closes ``sock`` within ``within`` seconds."""
-    sock.settimeout(within)
-    try:
-        while True:
-            if not sock.recv(4096):
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except socket.timeout:
-        return False
 
 
 def wait_for(cond, timeout: float = WAIT) -> bool:
@@ -127,7 +105,7 @@ def test_the_65th_handshaking_connection_is_refused_at_once(server):
     assert server.rejects.empty() and server.listener.refused == 0
     t0 = time.monotonic()
     over = server.open("127.0.0.10")
-    assert closed_by_peer(over, WAIT)
+    assert is_closed_by_peer(over, WAIT)
     assert time.monotonic() - t0 < 2.0  # at once, not at the 30 s handshake deadline
     peer, exc = server.rejects.get(timeout=WAIT)
     assert isinstance(exc, limits.OverLimit) and "too many unauthenticated" in str(exc), exc
@@ -147,7 +125,7 @@ def test_one_source_gets_8_slots_and_another_source_is_still_served(server):
         server.open("127.0.0.1")
     assert wait_for(lambda: server.listener.slots.held_by("127.0.0.1") == limits.MAX_HANDSHAKES_PER_SOURCE)
     ninth = server.open("127.0.0.1")
-    assert closed_by_peer(ninth, 2.0)
+    assert is_closed_by_peer(ninth, 2.0)
     _, exc = server.rejects.get(timeout=WAIT)
     assert "from 127.0.0.1" in str(exc)
     server.echo("127.0.0.2")  # another address: served, handshake and all
@@ -169,10 +147,10 @@ def test_a_flood_over_the_caps_costs_no_thread_per_connection(server):
 def test_caps_are_keyword_parameters(server):
     a = [server.open("127.0.0.1") for _ in range(2)]
     assert wait_for(lambda: server.listener.slots.held == 2)
-    assert closed_by_peer(server.open("127.0.0.1"), 2.0)   # 3rd from one address
+    assert is_closed_by_peer(server.open("127.0.0.1"), 2.0)   # 3rd from one address
     server.open("127.0.0.2")
     assert wait_for(lambda: server.listener.slots.held == 3)
-    assert closed_by_peer(server.open("127.0.0.3"), 2.0)   # 4th in all
+    assert is_closed_by_peer(server.open("127.0.0.3"), 2.0)   # 4th in all
     assert server.listener.refused == 2
     for s in a:
         s.close()
