@@ -272,6 +272,10 @@ class Config:
     # move's pause covers only the handover. Off by default: a radio cannot always reach
     # the next cell before it leaves this one.
     preconnect: bool = False
+    # mobility.offer: a device that leaves for a planned move says where it goes, and its
+    # edge sends the session there at once, while the device connects (mode fedfly);
+    # false: the destination pulls it after the device attached (the path a lost link takes)
+    offer: bool = True
     traced_moves: tuple[TimedMove, ...] = field(default_factory=tuple)  # a time-based trace's
     mobility: dict[str, Any] = field(default_factory=dict)   # the mobility model in force and its settings
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -505,11 +509,13 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
                                               sections["training"]["rounds"], sections["run"]["seed"])
     moves = tuple(sorted(moves + traced, key=lambda x: (x.round, x.at, x.device)))
     _check_timeline(moves, drops, devices)
-    preconnect = raw.get("mobility", {}).get("preconnect", False)
-    if type(preconnect) is not bool:
-        raise ConfigError("mobility.preconnect", f"{preconnect!r} is not true or false", "write true or false")
+    flags = {}
+    for key, default in (("preconnect", False), ("offer", True)):
+        flags[key] = raw.get("mobility", {}).get(key, default)
+        if type(flags[key]) is not bool:
+            raise ConfigError(f"mobility.{key}", f"{flags[key]!r} is not true or false", "write true or false")
     return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, drops=drops, raw=raw,
-                  preconnect=preconnect, traced_moves=timed, mobility=mobility,
+                  preconnect=flags["preconnect"], offer=flags["offer"], traced_moves=timed, mobility=mobility,
                   **sections)
 
 
@@ -534,10 +540,10 @@ def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dic
 def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move, ...]:
     if not isinstance(mobility, dict):
         raise ConfigError("mobility", "must be a table", "write moves as [[mobility.moves]] tables")
-    unknown = sorted(set(mobility) - {"moves", "drops", "waypoint", "preconnect"} - set(MOBILITY_KEYS))
+    unknown = sorted(set(mobility) - {"moves", "drops", "waypoint", "preconnect", "offer"} - set(MOBILITY_KEYS))
     if unknown:
         raise ConfigError(f"mobility.{unknown[0]}", "is not a known key",
-                          "use [[mobility.moves]], [[mobility.drops]], model, trace, preconnect or [mobility.waypoint]")
+                          "use [[mobility.moves]], [[mobility.drops]], model, trace, preconnect, offer or [mobility.waypoint]")
     return _mobility_list(mobility, "moves", Move, MOVE_KEYS, edges, devices, rounds)
 
 

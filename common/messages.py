@@ -415,6 +415,17 @@ class DeviceDone(Message):
 
 
 @message
+class Leaving(Message):
+    """device -> its edge, the last message on the link before a planned move (the link
+    closes after it): the device stops at ``round``/``step`` and goes to edge ``to``. In
+    mode fedfly the edge offers the session to ``to`` at once (``OfferNotice``), so that
+    its bytes travel while the device connects there."""
+    round: int
+    step: int
+    to: str
+
+
+@message
 class DoneAck(Message):
     """edge -> device: the central has the update of ``round``."""
     round: int
@@ -482,6 +493,41 @@ class ReplicaPull(Message):
     steps: list[int]
     target: str
     proofs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@message
+class OfferNotice(Message):
+    """source -> destination, one way: ``device`` left us at ``round``/``step`` naming you;
+    its session follows as ``SessionOffer`` on this link. A device that attaches to you
+    naming us at that position waits for it instead of pulling. ``target``: the sender."""
+    device: str
+    round: int
+    step: int
+    target: str
+
+
+@message
+class SessionOffer(Message):
+    """source -> destination: the session an ``OfferNotice`` announced (as a
+    ``SessionSnapshot``). Answered, on the same link, with ``SessionInstalled`` once the
+    device attached and the copy is verified, or with ``OfferDeclined``."""
+    device: str
+    round: int
+    step: int
+    target: str
+    meta: JSON
+    checksum: str
+    state: Tensors
+
+
+@message
+class OfferDeclined(Message):
+    """destination -> source: the offered session of ``device`` will not be used (the
+    device did not come, came at another position, or the copy failed its checks);
+    the source keeps it for a pull."""
+    device: str
+    round: int
+    step: int
 
 
 @message

@@ -468,7 +468,11 @@ class EdgeLink:
             return self._move_preconnected(pre, to, round, step, t0)
         old = self._link
         self._set_link_state("reconnecting")
-        if old is not None:
+        if old is not None and self.mode == "fedfly" and self.cfg.offer:
+            # the last message on it says where we go: the source sends the session there
+            # now, while we connect (it keeps the session until the destination confirms)
+            old.close(notice=m.Leaving(round=round, step=step, to=to))
+        elif old is not None:
             old.close(drain=False)  # leaving: the source keeps the session until it is pulled
         try:
             link, reply = self._open(to, self._request("move"), timeout=max(2 * self.faults["dead_after_s"], 10.0))
@@ -553,12 +557,14 @@ class EdgeLink:
 
     def _move_preconnected(self, pre: "_Preconnect", to: str, round: int, step: int, t0: float) -> m.AttachReply:
         """``move`` with the link to ``to`` opened ahead (make-before-break): the old link
-        is closed on another thread (its end tells the source the device left, which then
-        readies the snapshot) while the attach goes out on the new one."""
+        ends (with ``Leaving``, or closed on another thread: its end tells the source the
+        device left, which then readies the snapshot) while the attach goes out on the new one."""
         source = self.edge
         old = self._link
         self._set_link_state("reconnecting")
-        if old is not None:
+        if old is not None and self.mode == "fedfly" and self.cfg.offer:
+            old.close(notice=m.Leaving(round=round, step=step, to=to))  # as ``move``: the source offers it now
+        elif old is not None:
             threading.Thread(target=old.close, kwargs={"drain": False}, name="close-old-link", daemon=True).start()
         limit = max(2 * self.faults["dead_after_s"], 10.0)
         try:

@@ -41,6 +41,8 @@ E, S = Event, State
 # A handed-over session may have moved on again before a pull reached it; each hop names
 # the next edge. More hops than edges means a loop (a bug): give up and restart the round.
 MAX_FORWARD_HOPS = 8
+# A source's answer to a pull of a session it offered to the puller already (on the way)
+OFFERED = "offered"
 TICK_S = 0.5
 
 
@@ -71,12 +73,28 @@ class Entry:
     attach_at: float = 0.0
     handover: tuple[Port, str, str] | None = None  # HANDING_OVER: (peer port, checksum, target)
     last_round: int = 0                   # the device's word: last round whose update it knows taken
+    offer_token: int = 0                  # PULLING: the source said the session is offered to us (this pull's token)
+    offered: bool = False                 # HANDING_OVER: by an offer (when the device left), not a pull
 
 
 @dataclass
 class Forward:
     round: int
     target: str
+
+
+@dataclass
+class Offer:
+    """A session another edge offered us when its device left for here (``OfferNotice``,
+    then its ``SessionOffer``): used if the device attaches naming that edge at that
+    position, declined otherwise."""
+    port: Port
+    source: str
+    round: int
+    step: int
+    at: float
+    body: m.SessionOffer | None = None
+    token: int = 0   # the pull of the entry that waits for it (0: none waits yet)
 
 
 @dataclass
@@ -148,6 +166,7 @@ class EdgeCore:
         # device -> the key it gave us in its latest attach: a peer takes its session only
         # with a proof made with it (``common.security.proof_holds``)
         self.attach_keys: dict[str, str] = {}
+        self.offers: dict[str, Offer] = {}     # device -> the session its last edge offered us
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._token = 0
         self._last_status: list[str] | None = None
@@ -289,6 +308,12 @@ class EdgeCore:
         self.central.round_started(r)
         self.replicas = {d: kept for d, reps in self.replicas.items() if (kept := [x for x in reps if x.round >= r])}
         self.forward = {d: f for d, f in self.forward.items() if f.round >= r}
+        for d, o in list(self.offers.items()):
+            if o.round < r:
+                self._decline(d)
+        if self.mode == "fedfly":
+            for peer in sorted(self.peers):
+                self.fetcher.offer_link(peer)  # links to offer sessions on, opened now (in the background)
         self.events.emit("round_start", round=r, participants=list(plan.participants))
         for e in list(self.entries.values()):
             try:
@@ -496,8 +521,41 @@ class EdgeCore:
         e.pending = req
         e.hops = 0
         e.pull_at = self.clock()
+        o = self.offers.get(e.device)
+        if o is not None and (o.source, o.round, o.step) == (source, req.round, req.step):
+            # it left there for here: its session is on its way (or here) already
+            o.token = e.pull_token
+            self.events.emit("offer_awaited", device=e.device, source=source, round=o.round, step=o.step,
+                             arrived=o.body is not None)
+            if o.body is not None:
+                self._take_offer(e, o)
+            return
+        if o is not None:
+            self._decline(e.device)
         self.fetcher.pull(device=e.device, source=source, round=req.round, step=req.step, token=e.pull_token,
                           proofs=req.proofs)
+
+    def _take_offer(self, e: Entry, o: Offer) -> None:
+        assert o.body is not None
+        del self.offers[e.device]
+        self.fetcher.take_offer(device=e.device, source=o.source, token=e.pull_token, offer=o.body, port=o.port)
+
+    def _decline(self, device: str, *, why: str = "declined") -> None:
+        """Forget the offer for ``device`` and tell its source (which keeps the session for
+        a pull). An entry that waited for it pulls instead."""
+        o = self.offers.pop(device)
+        o.port.post(m.OfferDeclined(device=device, round=o.round, step=o.step))
+        self._offer_lost(device, o, why)
+
+    def _offer_lost(self, device: str, o: Offer, why: str) -> None:
+        self.events.emit("offer_dropped", device=device, source=o.source, round=o.round, step=o.step, why=why)
+        e = self.entries.get(device)
+        if o.token and e is not None and e.state is S.PULLING and e.pull_token == o.token and e.pending is not None:
+            req = e.pending
+            e.offer_token = 0
+            e.pull_at = self.clock()
+            self.fetcher.pull(device=device, source=o.source, round=req.round, step=req.step, token=e.pull_token,
+                              proofs=req.proofs)
 
     def _resolve_pending(self, e: Entry) -> None:
         """A PULLING entry that waited for the round's weights: decide again, now."""
@@ -536,6 +594,13 @@ class EdgeCore:
             return
         req = e.pending
         r, s = req.round, req.step
+        if ev.offered and ev.session is None:
+            # the offered copy failed its checks (the source was told): pull it instead
+            self.events.emit("offer_failed", device=e.device, source=ev.source, detail=ev.error[:200])
+            e.pull_at = self.clock()
+            self.fetcher.pull(device=e.device, source=ev.source, round=r, step=s, token=e.pull_token,
+                              proofs=req.proofs)
+            return
         if ev.replica:
             if ev.session is not None and ev.session.step in req.checkpoints and ev.session.step <= s:
                 self._install_replica(e, ev.session, source=ev.source, state_bytes=ev.state_bytes,
@@ -554,9 +619,21 @@ class EdgeCore:
             return
         if ev.session is not None:
             self._install_pulled(e, ev.session, source=ev.source, state_bytes=ev.state_bytes,
-                                 transfer_ms=ev.transfer_ms)
+                                 transfer_ms=ev.transfer_ms, offered=ev.offered)
             return
         refused = ev.refused
+        if refused is not None and refused.reason == OFFERED and not ev.replica:
+            # its source offered it to us when the device left: that copy is on its way
+            o = self.offers.get(e.device)
+            if o is not None and (o.source, o.round, o.step) == (ev.source, r, s):
+                o.token = e.pull_token
+                if o.body is not None:
+                    self._take_offer(e, o)
+            else:
+                e.offer_token = e.pull_token  # its notice is still on its way
+            self.events.emit("offer_awaited", device=e.device, source=ev.source, round=r, step=s,
+                             arrived=o is not None and o.body is not None, after_pull=True)
+            return
         linked = S.IDLE if e.port is not None else S.GONE
         if refused is not None and refused.delivered:
             e.pending = None
@@ -581,16 +658,18 @@ class EdgeCore:
         self._pull_failed(e, source=ev.source, detail=detail)
 
     def _install_pulled(self, e: Entry, session: EdgeSession, *, source: str, state_bytes: int,
-                        transfer_ms: float) -> None:
+                        transfer_ms: float, offered: bool = False) -> None:
         req = e.pending
         assert req is not None
         r, s = req.round, req.step
         e.pending = None
         e.session = session
+        if e.device in self.offers:
+            self._decline(e.device, why="pulled meanwhile")  # it came the other way first
         if self.spare is not None and source != self.name:
             self.spare.refill_soon()
         self.events.emit("migrated_in", device=e.device, source=source, round=r, step=s,
-                         state_bytes=state_bytes, transfer_ms=transfer_ms)
+                         state_bytes=state_bytes, transfer_ms=transfer_ms, offered=offered)
         if e.port is None:
             self._move(e, E.PULLED, S.DETACHED)
             session.prepare_snapshot()
@@ -678,6 +757,11 @@ class EdgeCore:
                 e.handover = None
                 self._move(e, E.HANDOVER_FAILED, S.DETACHED)
                 self.events.emit("handover_unconfirmed", device=e.device, detail="no confirmation in time")
+        for d, o in list(self.offers.items()):
+            e = self.entries.get(d)
+            waited_on = o.token and e is not None and e.state is S.PULLING and e.pull_token == o.token
+            if (o.token and not waited_on) or (not o.token and now - o.at > self.handover_deadline_s):
+                self._decline(d)  # its device went elsewhere, or never came
 
     # -- devices: steps, updates, loss ---------------------------------------------------------
 
@@ -692,6 +776,8 @@ class EdgeCore:
         try:
             if isinstance(msg, m.Activations):
                 self._on_step(e, msg)
+            elif isinstance(msg, m.Leaving):
+                self._on_leaving(e, msg)
             elif isinstance(msg, m.DeviceDone):
                 self._on_finish(e, msg)
             else:
@@ -809,6 +895,16 @@ class EdgeCore:
             self._on_replica(ev.port, msg)
         elif isinstance(msg, m.ReplicaPull):
             self._on_replica_pull(ev.port, msg)
+        elif isinstance(msg, m.OfferNotice):
+            self._on_offer_notice(ev.port, msg)
+        elif isinstance(msg, m.SessionOffer):
+            self._on_offer(ev.port, msg)
+        elif isinstance(msg, m.OfferDeclined):
+            self._on_offer_declined(ev.port, msg)
+        elif isinstance(msg, (m.SessionReleased, m.PullRefused)):
+            # the source's answer to an offered session we confirmed
+            self.events.emit("handover_confirmed" if isinstance(msg, m.SessionReleased) else "handover_unconfirmed",
+                             device=msg.device, source=ev.port.name, offered=True)
         else:
             raise RemoteProtocolError(f"{self.role} (peer link {ev.port.name}): {msg.TYPE} is not allowed")
 
@@ -843,6 +939,14 @@ class EdgeCore:
             self.events.emit("handover_refused", device=d, round=r, step=s, to=msg.target, state=state.value)
             return
         session = e.session
+        if state is S.HANDING_OVER and e.offered and e.handover is not None and e.handover[2] == msg.target \
+                and session.round == r and session.position_matches(s):
+            # offered to that edge when the device left, and on its way there already: the
+            # puller waits for that copy rather than have a second one sent
+            self._move(e, E.PULL, S.HANDING_OVER)
+            self._refuse(port, d, OFFERED)
+            self.events.emit("pull_answered_by_offer", device=d, round=r, step=s, to=msg.target)
+            return
         if state is S.REPLICA or session.round != r or not (session.position_matches(s) or
                                                               (state is S.DELIVERING and session.step == s)):
             self._move(e, E.PULL, state)
@@ -858,6 +962,7 @@ class EdgeCore:
         meta, tensors, checksum = session.snapshot(with_reply=session.step == s + 1)
         port.post(m.SessionSnapshot(device=d, round=r, step=session.step, meta=meta, checksum=checksum, state=tensors))
         e.handover = (port, checksum, msg.target)
+        e.offered = False
         e.handover_at = self.clock()
         if self.checkpoint_steps:
             # kept as a replica once handed over: if the edge it went to dies before its own
@@ -865,6 +970,80 @@ class EdgeCore:
             e.handed = Replica(self.name, r, session.step, meta, checksum, tensors, self.attach_keys.get(d, ""))
         self._move(e, E.PULL, S.HANDING_OVER)
         self.events.emit("handing_over", device=d, round=r, step=session.step, to=msg.target)
+
+    # -- offers: a device that leaves names where it goes --------------------------------------
+
+    def _on_leaving(self, e: Entry, msg: m.Leaving) -> None:
+        """The device stops here at ``msg.step`` for a planned move to ``msg.to``: in mode
+        fedfly its session goes to ``msg.to`` now, while the device connects there (the
+        destination waits for it instead of pulling). Not offered (no kept link to that edge
+        yet, another position, another mode): held as for a lost link, and pulled."""
+        if e.state is not S.ACTIVE:
+            return  # a late one (the link's end follows): nothing to offer
+        port, e.port = e.port, None
+        assert port is not None
+        port.close(drain=False)
+        session = e.session
+        link = None
+        if self.mode == "fedfly" and session is not None and msg.to in self.peers and session.round == msg.round \
+                and session.position_matches(msg.step):
+            link = self.fetcher.offer_link(msg.to)
+        self.events.emit("left", device=e.device, round=msg.round, step=msg.step, to=msg.to, offered=link is not None)
+        if link is None or session is None:
+            self._move(e, E.LEAVE, S.DETACHED)
+            if self.mode == "fedfly" and session is not None:
+                session.prepare_snapshot()
+            return
+        d, r = e.device, msg.round
+        link.post(m.OfferNotice(device=d, round=r, step=msg.step, target=self.name))
+        meta, tensors, checksum = session.snapshot(with_reply=session.step == msg.step + 1)
+        if not link.post(m.SessionOffer(device=d, round=r, step=msg.step, target=self.name, meta=meta,
+                                        checksum=checksum, state=tensors)):
+            self._move(e, E.LEAVE, S.DETACHED)
+            return
+        e.handover = (link, checksum, msg.to)
+        e.offered = True
+        e.handover_at = self.clock()
+        if self.checkpoint_steps:
+            e.handed = Replica(self.name, r, session.step, meta, checksum, tensors, self.attach_keys.get(d, ""))
+        self._move(e, E.LEAVE, S.HANDING_OVER)
+        self.events.emit("handing_over", device=d, round=r, step=session.step, to=msg.to, offered=True)
+
+    def _on_offer_notice(self, port: Port, msg: m.OfferNotice) -> None:
+        d = msg.device
+        if self.offers.get(d) is not None:
+            self._decline(d)  # a newer offer replaces it
+        if d not in self.known_devices or self.mode != "fedfly" or (
+                self.current is not None and msg.round < self.current.round):
+            port.post(m.OfferDeclined(device=d, round=msg.round, step=msg.step))
+            return
+        o = self.offers[d] = Offer(port, msg.target, msg.round, msg.step, at=self.clock())
+        e = self.entries.get(d)
+        if e is not None and e.state is S.PULLING and e.offer_token and e.offer_token == e.pull_token and \
+                e.pending is not None and (e.pending.source, e.pending.round, e.pending.step) == \
+                (o.source, o.round, o.step):
+            o.token = e.pull_token  # its pull was told to wait for this
+
+    def _on_offer(self, port: Port, msg: m.SessionOffer) -> None:
+        o = self.offers.get(msg.device)
+        if o is None or o.port is not port or (o.round, o.step) != (msg.round, msg.step) or o.body is not None:
+            port.post(m.OfferDeclined(device=msg.device, round=msg.round, step=msg.step))
+            return
+        o.body = msg
+        e = self.entries.get(msg.device)
+        if o.token and e is not None and e.state is S.PULLING and e.pull_token == o.token:
+            self._take_offer(e, o)
+
+    def _on_offer_declined(self, port: Port, msg: m.OfferDeclined) -> None:
+        e = self.entries.get(msg.device)
+        if e is None or e.state is not S.HANDING_OVER or e.handover is None or e.handover[0] is not port:
+            return  # an answer to an offer that no longer counts
+        e.handover = None
+        e.handed = None
+        self._move(e, E.HANDOVER_FAILED, S.DETACHED)
+        self.events.emit("offer_declined", device=msg.device, round=msg.round, step=msg.step, by=port.name)
+        if e.session is not None:
+            e.session.prepare_snapshot()
 
     def _on_installed(self, port: Port, msg: m.SessionInstalled) -> None:
         e = self.entries.get(msg.device)
@@ -945,6 +1124,18 @@ class EdgeCore:
         self.events.emit("replica_given", device=msg.device, round=rep.round, step=rep.step, to=msg.target)
 
     def _on_peer_lost(self, ev: PeerLost) -> None:
+        for d, o in list(self.offers.items()):
+            if o.port is ev.port:
+                del self.offers[d]
+                self._offer_lost(d, o, "link lost")
+        for e in list(self.entries.values()):
+            if e.state is S.PULLING and e.offer_token and e.offer_token == e.pull_token and e.pending is not None \
+                    and e.device not in self.offers and ev.port.name == f"edge {e.pending.source}":
+                # the offer it was told to wait for may have been on that link: ask again
+                e.offer_token = 0
+                e.pull_at = self.clock()
+                self.fetcher.pull(device=e.device, source=e.pending.source, round=e.pending.round,
+                                  step=e.pending.step, token=e.pull_token, proofs=e.pending.proofs)
         for e in list(self.entries.values()):
             if e.state is S.HANDING_OVER and e.handover is not None and e.handover[0] is ev.port:
                 e.handover = None

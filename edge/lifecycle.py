@@ -12,15 +12,16 @@ A device's entry on an edge is in exactly one state:
                   kept until the central confirms (the device may or may not be linked)
     PULLING       linked here, waiting while its session is fetched from another edge
                   (or rebuilt from the round's weights)
-    HANDING_OVER  its session's snapshot went to another edge; waiting for that edge to
-                  confirm it holds an identical copy
+    HANDING_OVER  its session's snapshot went to another edge (pulled, or offered when the
+                  device left); waiting for that edge to confirm it holds an identical copy
     REPLICA       a copy of another edge's session, kept for recovery (checkpoints)
     GONE          no entry (the start and the end: handed over, delivered, discarded)
 
 Events are what can happen to an entry: a device attaching (``JOIN``: it holds no round
 state; ``RESUME_HERE``: its session should be here; ``RESUME_FROM``: it names another
 edge), a ``STEP`` or ``FINISH`` from the device, its ``LINK_LOST``, a peer's ``PULL`` or
-``DROP``, the outcome of a handover (``PULLED``, ``INSTALLED``, ``HANDOVER_FAILED``), the
+``DROP``, its ``LEAVE`` for a planned move (the session is offered to the edge it names),
+the outcome of a handover (``PULLED``, ``INSTALLED``, ``HANDOVER_FAILED``), the
 central's ``ROUND_START`` and ``UPDATE_ACKED``, and checkpoint replication (``REPLICATE``).
 
 ``TRANSITIONS[state][event]`` is the set of states the event may lead to; the handler in
@@ -57,6 +58,7 @@ class Event(enum.Enum):
     STEP = "step"                    # device sends a step's activations
     FINISH = "finish"                # device sends its round's update
     LINK_LOST = "link_lost"          # the device's link closed, broke or went silent
+    LEAVE = "leave"                  # the device leaves for a planned move, naming the edge it goes to
     PULL = "pull"                    # another edge asks for the session
     DROP = "drop"                    # another edge took the device over without its state
     PULLED = "pulled"                # the session this edge was fetching is here (or rebuilt)
@@ -107,6 +109,7 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.STEP: {S.ACTIVE},          # trained, or answered again from the kept reply
         E.FINISH: {S.DELIVERING, S.ACTIVE},  # delivered / an update of an older round: ignored
         E.LINK_LOST: {S.DETACHED},
+        E.LEAVE: {S.HANDING_OVER, S.DETACHED},  # its session offered to where it goes / not offered
         E.PULL: {S.HANDING_OVER, S.ACTIVE},  # the device went elsewhere (our link is stale) / refused
         E.DROP: {S.ACTIVE},          # linked here: a late drop changes nothing
         E.ROUND_START: {S.ACTIVE, S.IDLE},   # its round was left behind: the new one (or none)

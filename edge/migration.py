@@ -68,15 +68,25 @@ class PeerExchange:
         return msg
 
 
+# Answers to the sessions this edge offered (``OfferNotice``): no exchange waits for them;
+# they go to the core, which handed the offer over on the kept link itself.
+_OFFER_ANSWERS = (m.SessionInstalled, m.OfferDeclined)
+
+
 class _Peer:
     """A kept link to one peer edge and who waits for answers on it (by device)."""
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, to_core: Callable[[Link, m.Message | None], None] | None = None) -> None:
         self.link = link
         self.waiters: dict[str, queue.SimpleQueue] = {}
         self.lock = threading.Lock()
+        self.to_core = to_core
 
     def route(self, msg: m.Message) -> None:
+        if isinstance(msg, _OFFER_ANSWERS):
+            if self.to_core is not None:
+                self.to_core(self.link, msg)
+            return
         with self.lock:
             q = self.waiters.get(getattr(msg, "device", ""))
         if q is not None:
@@ -87,6 +97,8 @@ class _Peer:
             waiting = list(self.waiters.values())
         for q in waiting:
             q.put(_LOST)
+        if self.to_core is not None:
+            self.to_core(self.link, None)
 
 
 class PeerLinks:
@@ -95,8 +107,13 @@ class PeerLinks:
     by device); two about the same device take turns."""
 
     def __init__(self, *, name: str, creds: Credentials, endpoints: dict[str, tuple[str, int]], heartbeat_s: float,
-                 dead_after_s: float, answer_limit_s: float) -> None:
+                 dead_after_s: float, answer_limit_s: float,
+                 to_core: Callable[[Link, m.Message | None], None] | None = None) -> None:
+        """``to_core(link, msg)``: answers to offers made on a kept link, and ``msg=None``
+        when a kept link is lost (the core holds offers by link)."""
         self._name = name
+        self._to_core = to_core
+        self._connecting: set[str] = set()
         self._creds = creds
         self._endpoints = endpoints
         self._hb, self._dead = heartbeat_s, dead_after_s
@@ -123,7 +140,7 @@ class PeerLinks:
             holder: list[_Peer] = []
             link = Link(conn, name=f"edge {peer}", on_message=lambda _l, msg: holder[0].route(msg),
                         on_lost=lambda _l, exc: holder[0].lost(), heartbeat_s=self._hb, dead_after_s=self._dead)
-            kept = _Peer(link)
+            kept = _Peer(link, self._to_core)
             holder.append(kept)
             link.start()
             self._peers[peer] = kept
@@ -134,6 +151,30 @@ class PeerLinks:
         if peer not in self._connect_locks:
             raise MigrationError(f"{peer!r} is not an edge of this testbed")
         return self._peer(peer).link
+
+    def kept(self, peer: str) -> Link | None:
+        """The kept link to ``peer`` if it is open now, without waiting; else None, and a
+        connect starts in the background so that a later call finds one."""
+        if peer not in self._connect_locks:
+            return None
+        kept = self._peers.get(peer)
+        if kept is not None and not kept.link.lost:
+            return kept.link
+        with self._lock:
+            if peer in self._connecting or self._closed:
+                return None
+            self._connecting.add(peer)
+
+        def connect() -> None:
+            try:
+                self._peer(peer)
+            except MigrationError as exc:
+                log.info("%s: no kept link to %s yet: %s", self._name, peer, exc)
+            finally:
+                with self._lock:
+                    self._connecting.discard(peer)
+        threading.Thread(target=connect, name=f"connect-{peer}", daemon=True).start()
+        return None
 
     @contextmanager
     def exchange(self, peer: str, device: str) -> Iterator[PeerExchange]:
@@ -202,6 +243,39 @@ class Fetcher:
             if outcome.session is None:
                 outcome.error = f"handover of {device} from {source} failed: {type(exc).__name__}: {exc}"
                 self.submit(outcome)
+
+    def offer_link(self, peer: str) -> Link | None:
+        """The kept link to ``peer`` to offer a session on, or None (none open yet: one is
+        opened in the background, and this handover is pulled as before)."""
+        return self.peers.kept(peer)
+
+    def take_offer(self, *, device: str, source: str, token: int, offer: m.SessionOffer, port) -> None:
+        """Verify and rebuild an offered session (on a worker thread, as a pull's), hand it
+        to the core as a ``PullOutcome`` and confirm it to the source on ``port``."""
+        threading.Thread(target=self._take_offer, args=(device, source, token, offer, port),
+                         name=f"offer-{device}", daemon=True).start()
+
+    def _take_offer(self, device: str, source: str, token: int, offer: m.SessionOffer, port) -> None:
+        outcome = PullOutcome(device=device, token=token, source=source, offered=True)
+        t0 = time.perf_counter()
+        try:
+            session = EdgeSession.from_snapshot(offer.meta, offer.state, offer.checksum, expect_model=self.model,
+                                               expect_split=self.cut_of(device), spare=self.spare,
+                                               crcs=_state_crcs(offer))
+            if (session.device, session.round) != (device, offer.round):
+                raise MigrationError(f"{source} offered {session.device} round {session.round} as {device} round "
+                                     f"{offer.round}")
+        except Exception as exc:  # noqa: BLE001 - a bad copy is declined; the core pulls instead
+            outcome.error = f"offer of {device} from {source}: {type(exc).__name__}: {exc}"
+            port.post(m.OfferDeclined(device=device, round=offer.round, step=offer.step))
+        else:
+            outcome.session = session
+            outcome.state_bytes = sum(t.numel() * t.element_size() for t in offer.state.values())
+        outcome.transfer_ms = (time.perf_counter() - t0) * 1000
+        self.submit(outcome)
+        if outcome.session is not None:
+            port.post(m.SessionInstalled(device=device, round=offer.round, step=outcome.session.step,
+                                         checksum=offer.checksum))
 
     def pull_replica(self, *, device: str, source: str, round: int, steps: list[int], token: int,
                      proofs: dict[str, str]) -> None:

@@ -52,6 +52,14 @@ class Fetcher(Protocol):
                   edge_key: str = "") -> None:
         """Send a copy of a session (already detached from the live one) to the buddy."""
 
+    def offer_link(self, peer: str) -> Port | None:
+        """The kept link to ``peer``, open now, to offer a session on; None if there is none
+        (one is opened for next time)."""
+
+    def take_offer(self, *, device: str, source: str, token: int, offer: m.SessionOffer, port: Port) -> None:
+        """Verify and rebuild an offered session off the core's thread; the outcome comes
+        back as a ``PullOutcome`` (``offered``), and ``port`` hears ``SessionInstalled``."""
+
 
 # -- events ---------------------------------------------------------------------------------
 
@@ -99,6 +107,7 @@ class PullOutcome:
     state_bytes: int = 0
     transfer_ms: float = 0.0
     replica: bool = False   # a copy from a dead edge's buddy (at a checkpoint step), not the session
+    offered: bool = False   # the session its source offered when the device left (not pulled)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
     listener  -> per connection: first message says who it is
                  AttachRequest   -> a device link (DeviceAttach, DeviceMessage, DeviceLost events)
-                 SessionPull/Drop -> a peer edge's link (PeerMessage, PeerLost events)
+                 SessionPull/Drop/Replica, ReplicaPull, OfferNotice
+                                 -> a peer edge's link (PeerMessage, PeerLost events)
     CentralLink  the central's link, rejoined after a loss (CentralUp/Down/Message events)
     Fetcher      handovers in, on worker threads (PullOutcome events)
     EdgeCore     the one thread that handles every event, owns the sessions and trains
@@ -40,6 +41,8 @@ SHUTDOWN_FLUSH_S = 2.0
 # a silent one is noticed sooner, by the link's own deadline. A device that gives up
 # waiting meanwhile and attaches again is answered by the same fetch.
 HANDOVER_LIMIT_S = 30.0
+# What a peer edge's connection may open with (each names the sender as ``target``).
+PEER_FIRST = (m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull, m.OfferNotice)
 
 
 class EdgeServer:
@@ -55,7 +58,7 @@ class EdgeServer:
         self.peers = PeerLinks(name=name, creds=creds,
                                endpoints={n: (e.host, e.port) for n, e in cfg.edges.items() if n != name},
                                heartbeat_s=self.faults["heartbeat_s"], dead_after_s=self.faults["dead_after_s"],
-                               answer_limit_s=HANDOVER_LIMIT_S)
+                               answer_limit_s=HANDOVER_LIMIT_S, to_core=self._from_kept_link)
         self.core = EdgeCore(name=name, mode=cfg.mode, models=Models(model, split, dev_keys, edge_keys, splits=cfg.splits),
                              seed=cfg.run["seed"], devices=set(cfg.devices), peers=set(cfg.edges) - {name},
                              central=None, fetcher=None, events=events, spare=self.spare,  # type: ignore[arg-type]
@@ -71,6 +74,11 @@ class EdgeServer:
         self._refusals = refusal_reporter(events=events, logger=log, who=name)
         self.core.fetcher = Fetcher(name=name, peers=self.peers, submit=self.core.submit, model=model,
                                     cut_of=self.core.models.cut, spare=self.spare, events=events, replicator=self.replicator)
+
+    def _from_kept_link(self, link: Link, msg: m.Message | None) -> None:
+        """An answer to an offer this edge made on a kept link to a peer, or (None) the
+        loss of that link: the core's, as any peer link's."""
+        self.core.submit(PeerLost(link) if msg is None else PeerMessage(link, msg))
 
     def _on_welcome(self, run_name: str) -> None:
         self.events.open(os.path.join(self.cfg.run["out"], run_name))
@@ -113,7 +121,7 @@ class EdgeServer:
         message not allowed first (refused below)."""
         if isinstance(first, m.AttachRequest):
             return "device", first.device
-        if isinstance(first, (m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull)):
+        if isinstance(first, PEER_FIRST):
             return "edge", first.target
         return None
 
@@ -151,7 +159,7 @@ class EdgeServer:
             link.start_writer()  # the core's answer (even a refusal and a close) goes out
             core.submit(DeviceAttach(link, first, at=time.monotonic()))
             link.serve()
-        elif isinstance(first, (m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull)):
+        elif isinstance(first, PEER_FIRST):
             peer = first.target
 
             def on_peer_message(link: Link, msg: m.Message) -> None:

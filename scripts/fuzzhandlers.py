@@ -84,8 +84,9 @@ class EdgeHarness:
     (it cannot: it logs them as ``core_error``), so the invariant is that no event ends in
     a ``core_error`` other than a protocol error, and every entry's state fits its data."""
 
-    DEVICE_TYPES = ["Activations", "DeviceDone", "MigrationReport", "FaultReport"]
-    PEER_TYPES = ["SessionPull", "SessionDrop", "SessionReplica", "ReplicaPull", "SessionInstalled"]
+    DEVICE_TYPES = ["Activations", "DeviceDone", "MigrationReport", "FaultReport", "Leaving"]
+    PEER_TYPES = ["SessionPull", "SessionDrop", "SessionReplica", "ReplicaPull", "SessionInstalled", "OfferNotice",
+                  "SessionOffer", "OfferDeclined", "SessionReleased", "PullRefused"]
     CENTRAL_TYPES = ["RoundStart", "UpdateAck"]
 
     def __init__(self, rng: random.Random, *, mode: str | None = None) -> None:
@@ -264,6 +265,13 @@ class _FakeFetcher:
         self.calls += 1
 
     def replicate(self, device, round, step, meta, tensors, *, edge_key="") -> None:
+        self.calls += 1
+
+    def offer_link(self, peer: str):
+        from edge.ports import Outbox
+        return Outbox(f"edge {peer}")
+
+    def take_offer(self, **kw) -> None:
         self.calls += 1
 
 

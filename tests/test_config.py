@@ -138,6 +138,8 @@ SET_ERRORS = [
     ("mobility.teleports", [], "mobility.teleports"),
     ("mobility.moves", {"device": "device1"}, "mobility.moves"),
     ("mobility", [], "mobility"),
+    ("mobility.offer", "yes", "mobility.offer"),
+    ("mobility.preconnect", 1, "mobility.preconnect"),
 ]
 
 

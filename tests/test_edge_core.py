@@ -66,6 +66,15 @@ class FakeFetcher:
     def replicate(self, device, round, step, meta, tensors, *, edge_key=""):
         self.replicated.append((device, round, step, meta, tensors))
 
+    offers: list = field(default_factory=list)
+    links: dict = field(default_factory=dict)   # peer -> the Outbox an offer goes through
+
+    def offer_link(self, peer):
+        return self.links.get(peer)
+
+    def take_offer(self, **kw):
+        self.offers.append(kw)
+
 
 def make_core(mode: str = "fedfly", name: str = "edge1") -> EdgeCore:
     core = EdgeCore(name=name, mode=mode, models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
@@ -564,3 +573,166 @@ def test_a_fetch_that_never_ends_fails_at_its_deadline_and_a_handover_too():
     now[0] += 11
     core.handle(Tick())
     assert state(core) is S.DETACHED
+
+
+# -- offers: a device that leaves for a planned move names where it goes --------------------
+
+def _leaving_session(core: EdgeCore, link: Outbox | None) -> Outbox:
+    """device1 trained steps 0 and 1 on ``core`` (edge1) and leaves for edge2 at step 2;
+    ``link`` is the kept link to edge2 (None: there is none yet)."""
+    if link is not None:
+        core.fetcher.links["edge2"] = link
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceMessage(p, "device1", batch(0)))
+    core.handle(DeviceMessage(p, "device1", batch(1)))
+    core.handle(DeviceMessage(p, "device1", m.Leaving(round=1, step=2, to="edge2")))
+    return p
+
+
+def test_a_leaving_device_has_its_session_offered_where_it_goes_and_released_on_confirmation():
+    core = make_core()
+    link = Outbox("edge edge2")
+    p = _leaving_session(core, link)
+    assert p.closed and core.entries["device1"].port is None
+    notice, offer = link.sent
+    assert notice == m.OfferNotice(device="device1", round=1, step=2, target="edge1")
+    assert isinstance(offer, m.SessionOffer) and (offer.device, offer.round, offer.step) == ("device1", 1, 2)
+    assert state(core) is S.HANDING_OVER
+    # the destination pulls meanwhile (its attach came before the notice): told to wait, not sent twice
+    puller = Outbox("edge edge2")
+    core.handle(PeerMessage(puller, m.SessionPull(device="device1", round=1, step=2, target="edge2",
+                                                  proofs=proofs("device1", "edge2"))))
+    assert puller.sent == [m.PullRefused(device="device1", reason="offered", moved_to="", delivered=False)]
+    core.handle(PeerMessage(link, m.SessionInstalled(device="device1", round=1, step=2, checksum="bad")))
+    assert state(core) is S.HANDING_OVER  # a wrong checksum releases nothing
+    core.handle(PeerMessage(link, m.SessionInstalled(device="device1", round=1, step=2, checksum=offer.checksum)))
+    assert link.sent[-1] == m.SessionReleased(device="device1") and state(core) is S.GONE
+    assert core.forward["device1"].target == "edge2"
+
+
+def test_an_offer_declined_or_lost_leaves_the_session_for_a_pull():
+    for end in ("declined", "link lost"):
+        core = make_core()
+        link = Outbox("edge edge2")
+        _leaving_session(core, link)
+        if end == "declined":
+            core.handle(PeerMessage(link, m.OfferDeclined(device="device1", round=1, step=2)))
+        else:
+            core.handle(PeerLost(link))
+        assert state(core) is S.DETACHED
+        peer = Outbox("edge edge3")
+        core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge3",
+                                                    proofs=proofs("device1", "edge3"))))
+        assert of(peer, m.SessionSnapshot) and state(core) is S.HANDING_OVER
+
+
+def test_no_offer_without_a_kept_link_or_at_another_position_and_a_pull_from_elsewhere_is_served():
+    core = make_core()
+    _leaving_session(core, None)  # no kept link to edge2 yet: held, as for a lost link
+    assert state(core) is S.DETACHED
+    core = make_core()
+    link = Outbox("edge edge2")
+    core.fetcher.links["edge2"] = link
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceMessage(p, "device1", batch(0)))
+    core.handle(DeviceMessage(p, "device1", m.Leaving(round=1, step=5, to="edge2")))  # not where it is
+    assert link.sent == [] and state(core) is S.DETACHED
+    # offered to edge2, but the device went to edge3: edge3's pull gets the session
+    core = make_core()
+    link = Outbox("edge edge2")
+    _leaving_session(core, link)
+    other = Outbox("edge edge3")
+    core.handle(PeerMessage(other, m.SessionPull(device="device1", round=1, step=2, target="edge3",
+                                                 proofs=proofs("device1", "edge3"))))
+    (snap,) = of(other, m.SessionSnapshot)
+    core.handle(PeerMessage(link, m.SessionInstalled(device="device1", round=1, step=2,
+                                                     checksum=link.sent[1].checksum)))
+    assert state(core) is S.HANDING_OVER  # edge2's late confirmation is not the handover that counts
+    core.handle(PeerMessage(other, m.SessionInstalled(device="device1", round=1, step=2, checksum=snap.checksum)))
+    assert state(core) is S.GONE
+
+
+def _offer_from(src: EdgeCore) -> tuple[m.OfferNotice, m.SessionOffer]:
+    link = Outbox("edge edge2")
+    _leaving_session(src, link)
+    return link.sent[0], link.sent[1]
+
+
+def test_the_destination_takes_an_offer_that_came_before_the_device_and_declines_a_stale_one():
+    notice, offer = _offer_from(make_core())
+    dst = make_core(name="edge2")
+    start_round(dst)
+    port = Outbox("edge edge1")
+    dst.handle(PeerMessage(port, notice))
+    dst.handle(PeerMessage(port, offer))
+    attach(dst, kind="resume", round=1, step=2, source="edge1", why="move")
+    assert dst.fetcher.pulls == [] and state(dst) is S.PULLING
+    (took,) = dst.fetcher.offers
+    assert took["offer"] is offer and took["port"] is port and took["source"] == "edge1"
+    assert "device1" not in dst.offers
+    # the same offer again, and a device that comes at another step: declined, pulled
+    dst2 = make_core(name="edge2")
+    start_round(dst2)
+    dst2.handle(PeerMessage(port, notice))
+    dst2.handle(PeerMessage(port, offer))
+    attach(dst2, kind="resume", round=1, step=1, source="edge1", why="move")
+    assert port.sent[-1] == m.OfferDeclined(device="device1", round=1, step=2)
+    assert dst2.fetcher.offers == [] and dst2.fetcher.pulls[0]["step"] == 1
+
+
+def test_the_destination_told_to_wait_takes_the_offer_when_it_comes_or_pulls_if_its_link_ends():
+    notice, offer = _offer_from(make_core())
+    for end in ("arrives", "link lost"):
+        dst = make_core(name="edge2")
+        start_round(dst)
+        attach(dst, kind="resume", round=1, step=2, source="edge1", why="move")
+        (pull,) = dst.fetcher.pulls
+        offered = m.PullRefused(device="device1", reason="offered", moved_to="", delivered=False)
+        dst.handle(PullOutcome(device="device1", token=pull["token"], source="edge1", refused=offered))
+        assert state(dst) is S.PULLING and dst.central.faults() == []
+        port = Outbox("edge edge1")
+        dst.handle(PeerMessage(port, notice))
+        if end == "arrives":
+            dst.handle(PeerMessage(port, offer))
+            (took,) = dst.fetcher.offers
+            assert took["token"] == pull["token"] and len(dst.fetcher.pulls) == 1
+        else:
+            dst.handle(PeerLost(port))
+            assert dst.fetcher.offers == [] and len(dst.fetcher.pulls) == 2 and state(dst) is S.PULLING
+
+
+def test_an_offered_copy_that_fails_its_checks_is_pulled_instead():
+    dst = make_core(name="edge2")
+    start_round(dst)
+    notice, offer = _offer_from(make_core())
+    port = Outbox("edge edge1")
+    dst.handle(PeerMessage(port, notice))
+    dst.handle(PeerMessage(port, offer))
+    attach(dst, kind="resume", round=1, step=2, source="edge1", why="move")
+    (took,) = dst.fetcher.offers
+    dst.handle(PullOutcome(device="device1", token=took["token"], source="edge1", offered=True,
+                           error="checksum mismatch"))
+    (pull,) = dst.fetcher.pulls
+    assert pull["source"] == "edge1" and pull["step"] == 2 and state(dst) is S.PULLING
+
+
+def test_an_offer_nobody_comes_for_is_declined_at_the_deadline():
+    now = [100.0]
+    dst = EdgeCore(name="edge2", mode="fedfly", models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
+                   devices={"device1", "device2"}, peers={"edge1"}, central=FakeCentral(), fetcher=FakeFetcher(),
+                   events=EventLog(process="edge2", role="edge"), clock=lambda: now[0], handover_deadline_s=10)
+    dst.handle(CentralUp(run_name="run", mode="fedfly"))
+    start_round(dst)
+    notice, offer = _offer_from(make_core())
+    port = Outbox("edge edge1")
+    dst.handle(PeerMessage(port, notice))
+    dst.handle(PeerMessage(port, offer))
+    from edge.ports import Tick
+    now[0] += 5
+    dst.handle(Tick())
+    assert "device1" in dst.offers and port.sent == []
+    now[0] += 6
+    dst.handle(Tick())
+    assert "device1" not in dst.offers and port.sent == [m.OfferDeclined(device="device1", round=1, step=2)]

@@ -396,18 +396,20 @@ def test_a_killed_edge_costs_only_the_steps_since_the_last_replica(tmp_path, bas
 
 
 def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_since_a_replica(tmp_path, baseline):
-    """A planned move edge1 -> edge2 whose snapshot is cut half-way (the source's end of
-    the pull resets, as when it dies mid-transfer), then edge1 is killed: edge2 (edge1's
-    buddy) goes on from its copy; the run finishes without edge1, exactly."""
+    """A planned move edge1 -> edge2 whose session is cut half-way both ways it can go
+    (the offer edge1 sends as the device leaves, then edge2's pull: each link resets, as
+    when the source dies mid-transfer), then edge1 is killed: edge2 (edge1's buddy) goes
+    on from its copy; the run finishes without edge1, exactly."""
     cfg = _config(tmp_path, "src-dies", faults={"checkpoint_steps": 2}, moves=MOVE)
     from common.config import load_config
     c = load_config(str(cfg))
     bed = Testbed(cfg, log_dir=tmp_path / "logs")
-    proxy = Proxy(tmp_path / "logs", "edge2-edge1", c.edges["edge1"].port, ["down:SessionSnapshot:1:50%:reset"])
+    pull = Proxy(tmp_path / "logs", "edge2-edge1", c.edges["edge1"].port, ["down:SessionSnapshot:1:50%:reset"])
+    offer = Proxy(tmp_path / "logs", "edge1-edge2", c.edges["edge2"].port, ["up:SessionOffer:1:50%:reset"])
     try:
         bed.start("central")
-        bed.start("edge", "edge1")
-        bed.start("edge", "edge2", f"edges.edge1.port={proxy.port}")  # edge2 reaches edge1 through the proxy
+        bed.start("edge", "edge1", f"edges.edge2.port={offer.port}")  # edge1 reaches edge2 through a proxy
+        bed.start("edge", "edge2", f"edges.edge1.port={pull.port}")  # and edge2 reaches edge1 through another
         for d in sorted(c.devices):
             bed.start("device", d, *(["devices.device1.slowdown=30"] if d == "device1" else []))
         _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.link == "attached", timeout=120)
@@ -416,8 +418,10 @@ def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_si
         assert code == 0, bed.log("central")[-3000:]
     finally:
         bed.stop()
-        proxy.stop()
-    assert any(e.get("event") == "cut" for e in proxy.events()), proxy.log.read_text()
+        pull.stop()
+        offer.stop()
+    for proxy in (offer, pull):
+        assert any(e.get("event") == "cut" for e in proxy.events()), proxy.log.read_text()
     summary = _summary(cfg)
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
     assert summary["final_model_sha256"] == baseline
