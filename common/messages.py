@@ -509,15 +509,26 @@ class OfferNotice(Message):
 @message
 class SessionOffer(Message):
     """source -> destination: the session an ``OfferNotice`` announced (as a
-    ``SessionSnapshot``). Answered, on the same link, with ``SessionInstalled`` once the
-    device attached and the copy is verified, or with ``OfferDeclined``."""
+    ``SessionSnapshot``, its checksum still being computed as it goes: ``OfferSealed``
+    follows). Answered, on the same link, with ``SessionInstalled`` once the device
+    attached and the copy is verified against that checksum, or with ``OfferDeclined``."""
     device: str
     round: int
     step: int
     target: str
     meta: JSON
-    checksum: str
     state: Tensors
+
+
+@message
+class OfferSealed(Message):
+    """source -> destination, right after ``SessionOffer``: its checksum (SHA-256 over meta
+    and tensors, as ``SessionSnapshot.checksum``), computed while the offer was sent."""
+    device: str
+    round: int
+    step: int
+    target: str
+    checksum: str
 
 
 @message

@@ -94,7 +94,12 @@ class Offer:
     step: int
     at: float
     body: m.SessionOffer | None = None
+    checksum: str = ""  # from its ``OfferSealed``
     token: int = 0   # the pull of the entry that waits for it (0: none waits yet)
+
+    @property
+    def ready(self) -> bool:
+        return self.body is not None and bool(self.checksum)
 
 
 @dataclass
@@ -526,8 +531,8 @@ class EdgeCore:
             # it left there for here: its session is on its way (or here) already
             o.token = e.pull_token
             self.events.emit("offer_awaited", device=e.device, source=source, round=o.round, step=o.step,
-                             arrived=o.body is not None)
-            if o.body is not None:
+                             arrived=o.ready)
+            if o.ready:
                 self._take_offer(e, o)
             return
         if o is not None:
@@ -538,7 +543,8 @@ class EdgeCore:
     def _take_offer(self, e: Entry, o: Offer) -> None:
         assert o.body is not None
         del self.offers[e.device]
-        self.fetcher.take_offer(device=e.device, source=o.source, token=e.pull_token, offer=o.body, port=o.port)
+        self.fetcher.take_offer(device=e.device, source=o.source, token=e.pull_token, offer=o.body,
+                                checksum=o.checksum, port=o.port, since=o.at)
 
     def _decline(self, device: str, *, why: str = "declined") -> None:
         """Forget the offer for ``device`` and tell its source (which keeps the session for
@@ -627,12 +633,12 @@ class EdgeCore:
             o = self.offers.get(e.device)
             if o is not None and (o.source, o.round, o.step) == (ev.source, r, s):
                 o.token = e.pull_token
-                if o.body is not None:
+                if o.ready:
                     self._take_offer(e, o)
             else:
                 e.offer_token = e.pull_token  # its notice is still on its way
             self.events.emit("offer_awaited", device=e.device, source=ev.source, round=r, step=s,
-                             arrived=o is not None and o.body is not None, after_pull=True)
+                             arrived=o is not None and o.ready, after_pull=True)
             return
         linked = S.IDLE if e.port is not None else S.GONE
         if refused is not None and refused.delivered:
@@ -899,6 +905,8 @@ class EdgeCore:
             self._on_offer_notice(ev.port, msg)
         elif isinstance(msg, m.SessionOffer):
             self._on_offer(ev.port, msg)
+        elif isinstance(msg, m.OfferSealed):
+            self._on_offer_sealed(ev.port, msg)
         elif isinstance(msg, m.OfferDeclined):
             self._on_offer_declined(ev.port, msg)
         elif isinstance(msg, (m.SessionReleased, m.PullRefused)):
@@ -982,7 +990,6 @@ class EdgeCore:
             return  # a late one (the link's end follows): nothing to offer
         port, e.port = e.port, None
         assert port is not None
-        port.close(drain=False)
         session = e.session
         link = None
         if self.mode == "fedfly" and session is not None and msg.to in self.peers and session.round == msg.round \
@@ -990,15 +997,20 @@ class EdgeCore:
             link = self.fetcher.offer_link(msg.to)
         self.events.emit("left", device=e.device, round=msg.round, step=msg.step, to=msg.to, offered=link is not None)
         if link is None or session is None:
+            port.close(drain=False)
             self._move(e, E.LEAVE, S.DETACHED)
             if self.mode == "fedfly" and session is not None:
                 session.prepare_snapshot()
             return
         d, r = e.device, msg.round
         link.post(m.OfferNotice(device=d, round=r, step=msg.step, target=self.name))
-        meta, tensors, checksum = session.snapshot(with_reply=session.step == msg.step + 1)
-        if not link.post(m.SessionOffer(device=d, round=r, step=msg.step, target=self.name, meta=meta,
-                                        checksum=checksum, state=tensors)):
+        meta, tensors, digest = session.start_snapshot(with_reply=session.step == msg.step + 1)
+        # the bytes go now; the checksum, computed meanwhile on the hashing threads, after them
+        sent = link.post(m.SessionOffer(device=d, round=r, step=msg.step, target=self.name, meta=meta, state=tensors))
+        checksum = digest()
+        port.close(drain=False)
+        if not (sent and link.post(m.OfferSealed(device=d, round=r, step=msg.step, target=self.name,
+                                                 checksum=checksum))):
             self._move(e, E.LEAVE, S.DETACHED)
             return
         e.handover = (link, checksum, msg.to)
@@ -1030,6 +1042,14 @@ class EdgeCore:
             port.post(m.OfferDeclined(device=msg.device, round=msg.round, step=msg.step))
             return
         o.body = msg
+
+    def _on_offer_sealed(self, port: Port, msg: m.OfferSealed) -> None:
+        o = self.offers.get(msg.device)
+        if o is None or o.port is not port or (o.round, o.step) != (msg.round, msg.step) or o.body is None \
+                or o.checksum:
+            port.post(m.OfferDeclined(device=msg.device, round=msg.round, step=msg.step))
+            return
+        o.checksum = msg.checksum
         e = self.entries.get(msg.device)
         if o.token and e is not None and e.state is S.PULLING and e.pull_token == o.token:
             self._take_offer(e, o)

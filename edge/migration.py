@@ -249,17 +249,20 @@ class Fetcher:
         opened in the background, and this handover is pulled as before)."""
         return self.peers.kept(peer)
 
-    def take_offer(self, *, device: str, source: str, token: int, offer: m.SessionOffer, port) -> None:
-        """Verify and rebuild an offered session (on a worker thread, as a pull's), hand it
-        to the core as a ``PullOutcome`` and confirm it to the source on ``port``."""
-        threading.Thread(target=self._take_offer, args=(device, source, token, offer, port),
+    def take_offer(self, *, device: str, source: str, token: int, offer: m.SessionOffer, checksum: str, port,
+                   since: float) -> None:
+        """Verify ``offer`` against ``checksum`` and rebuild it (on a worker thread, as a
+        pull's), hand it to the core as a ``PullOutcome`` and confirm it to the source on
+        ``port``. ``since``: when its notice came (``time.monotonic``), the start of its
+        ``transfer_ms``."""
+        threading.Thread(target=self._take_offer, args=(device, source, token, offer, checksum, port, since),
                          name=f"offer-{device}", daemon=True).start()
 
-    def _take_offer(self, device: str, source: str, token: int, offer: m.SessionOffer, port) -> None:
+    def _take_offer(self, device: str, source: str, token: int, offer: m.SessionOffer, checksum: str, port,
+                    since: float) -> None:
         outcome = PullOutcome(device=device, token=token, source=source, offered=True)
-        t0 = time.perf_counter()
         try:
-            session = EdgeSession.from_snapshot(offer.meta, offer.state, offer.checksum, expect_model=self.model,
+            session = EdgeSession.from_snapshot(offer.meta, offer.state, checksum, expect_model=self.model,
                                                expect_split=self.cut_of(device), spare=self.spare,
                                                crcs=_state_crcs(offer))
             if (session.device, session.round) != (device, offer.round):
@@ -271,11 +274,11 @@ class Fetcher:
         else:
             outcome.session = session
             outcome.state_bytes = sum(t.numel() * t.element_size() for t in offer.state.values())
-        outcome.transfer_ms = (time.perf_counter() - t0) * 1000
+        outcome.transfer_ms = (time.monotonic() - since) * 1000
         self.submit(outcome)
         if outcome.session is not None:
             port.post(m.SessionInstalled(device=device, round=offer.round, step=outcome.session.step,
-                                         checksum=offer.checksum))
+                                         checksum=checksum))
 
     def pull_replica(self, *, device: str, source: str, round: int, steps: list[int], token: int,
                      proofs: dict[str, str]) -> None:

@@ -56,7 +56,8 @@ class Fetcher(Protocol):
         """The kept link to ``peer``, open now, to offer a session on; None if there is none
         (one is opened for next time)."""
 
-    def take_offer(self, *, device: str, source: str, token: int, offer: m.SessionOffer, port: Port) -> None:
+    def take_offer(self, *, device: str, source: str, token: int, offer: m.SessionOffer, checksum: str, port: Port,
+                   since: float) -> None:
         """Verify and rebuild an offered session off the core's thread; the outcome comes
         back as a ``PullOutcome`` (``offered``), and ``port`` hears ``SessionInstalled``."""
 

@@ -145,7 +145,7 @@ class EdgeSession:
         self.samples = samples
         self.loss_sum = loss_sum
         self.last_reply: Reply | None = None
-        self._prepared: Callable[[], tuple[dict[str, Any], dict[str, torch.Tensor], str]] | None = None
+        self._prepared: tuple[dict[str, Any], dict[str, torch.Tensor], Callable[[], str]] | None = None
         # An RNG for the edge part's random layers (none in VGG-5; kept so that a model
         # with dropout would migrate exactly too). Seeded per (device, round).
         self.rng = torch.Generator().manual_seed(stable_seed("edge-rng", seed, device, round))
@@ -211,19 +211,25 @@ class EdgeSession:
         only has to send it. A step trained after this discards it."""
         if self._prepared is None:
             meta, tensors = self._parts(with_reply=False)
-            digest = start_checksum(meta, tensors)
-            self._prepared = lambda: (meta, tensors, digest())
+            self._prepared = (meta, tensors, start_checksum(meta, tensors))
+
+    def start_snapshot(self, *, with_reply: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                                                   Callable[[], str]]:
+        """(metadata, tensors, checksum()): the checksum is computed on the hashing threads
+        meanwhile (calling it waits for it), so the tensors can be sent at once."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and not with_reply:
+            return prepared
+        meta, tensors = self._parts(with_reply=with_reply)
+        return meta, tensors, start_checksum(meta, tensors)
 
     def snapshot(self, *, with_reply: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
         """(metadata, tensors, checksum). ``with_reply``: carry the kept reply too, for a
         device that lost the gradient of the last step (a move at a step boundary does
         not need it, and it is as large as a batch of activations). The tensors are the
         session's own (no copy): the session must not train while they are being sent."""
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None and not with_reply:
-            return prepared()
-        meta, tensors = self._parts(with_reply=with_reply)
-        return meta, tensors, snapshot_checksum(meta, tensors)
+        meta, tensors, digest = self.start_snapshot(with_reply=with_reply)
+        return meta, tensors, digest()
 
     def _parts(self, *, with_reply: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors: dict[str, torch.Tensor] = {}

@@ -595,9 +595,10 @@ def test_a_leaving_device_has_its_session_offered_where_it_goes_and_released_on_
     link = Outbox("edge edge2")
     p = _leaving_session(core, link)
     assert p.closed and core.entries["device1"].port is None
-    notice, offer = link.sent
+    notice, offer, seal = link.sent
     assert notice == m.OfferNotice(device="device1", round=1, step=2, target="edge1")
     assert isinstance(offer, m.SessionOffer) and (offer.device, offer.round, offer.step) == ("device1", 1, 2)
+    assert (seal.device, seal.step, len(seal.checksum)) == ("device1", 2, 64)
     assert state(core) is S.HANDING_OVER
     # the destination pulls meanwhile (its attach came before the notice): told to wait, not sent twice
     puller = Outbox("edge edge2")
@@ -606,7 +607,7 @@ def test_a_leaving_device_has_its_session_offered_where_it_goes_and_released_on_
     assert puller.sent == [m.PullRefused(device="device1", reason="offered", moved_to="", delivered=False)]
     core.handle(PeerMessage(link, m.SessionInstalled(device="device1", round=1, step=2, checksum="bad")))
     assert state(core) is S.HANDING_OVER  # a wrong checksum releases nothing
-    core.handle(PeerMessage(link, m.SessionInstalled(device="device1", round=1, step=2, checksum=offer.checksum)))
+    core.handle(PeerMessage(link, m.SessionInstalled(device="device1", round=1, step=2, checksum=seal.checksum)))
     assert link.sent[-1] == m.SessionReleased(device="device1") and state(core) is S.GONE
     assert core.forward["device1"].target == "edge2"
 
@@ -648,25 +649,27 @@ def test_no_offer_without_a_kept_link_or_at_another_position_and_a_pull_from_els
                                                  proofs=proofs("device1", "edge3"))))
     (snap,) = of(other, m.SessionSnapshot)
     core.handle(PeerMessage(link, m.SessionInstalled(device="device1", round=1, step=2,
-                                                     checksum=link.sent[1].checksum)))
+                                                     checksum=link.sent[2].checksum)))
     assert state(core) is S.HANDING_OVER  # edge2's late confirmation is not the handover that counts
     core.handle(PeerMessage(other, m.SessionInstalled(device="device1", round=1, step=2, checksum=snap.checksum)))
     assert state(core) is S.GONE
 
 
-def _offer_from(src: EdgeCore) -> tuple[m.OfferNotice, m.SessionOffer]:
+def _offer_from(src: EdgeCore) -> tuple[m.OfferNotice, m.SessionOffer, m.OfferSealed]:
     link = Outbox("edge edge2")
     _leaving_session(src, link)
-    return link.sent[0], link.sent[1]
+    notice, offer, seal = link.sent
+    return notice, offer, seal
 
 
 def test_the_destination_takes_an_offer_that_came_before_the_device_and_declines_a_stale_one():
-    notice, offer = _offer_from(make_core())
+    notice, offer, seal = _offer_from(make_core())
     dst = make_core(name="edge2")
     start_round(dst)
     port = Outbox("edge edge1")
     dst.handle(PeerMessage(port, notice))
     dst.handle(PeerMessage(port, offer))
+    dst.handle(PeerMessage(port, seal))
     attach(dst, kind="resume", round=1, step=2, source="edge1", why="move")
     assert dst.fetcher.pulls == [] and state(dst) is S.PULLING
     (took,) = dst.fetcher.offers
@@ -677,13 +680,14 @@ def test_the_destination_takes_an_offer_that_came_before_the_device_and_declines
     start_round(dst2)
     dst2.handle(PeerMessage(port, notice))
     dst2.handle(PeerMessage(port, offer))
+    dst2.handle(PeerMessage(port, seal))
     attach(dst2, kind="resume", round=1, step=1, source="edge1", why="move")
     assert port.sent[-1] == m.OfferDeclined(device="device1", round=1, step=2)
     assert dst2.fetcher.offers == [] and dst2.fetcher.pulls[0]["step"] == 1
 
 
 def test_the_destination_told_to_wait_takes_the_offer_when_it_comes_or_pulls_if_its_link_ends():
-    notice, offer = _offer_from(make_core())
+    notice, offer, seal = _offer_from(make_core())
     for end in ("arrives", "link lost"):
         dst = make_core(name="edge2")
         start_round(dst)
@@ -696,7 +700,10 @@ def test_the_destination_told_to_wait_takes_the_offer_when_it_comes_or_pulls_if_
         dst.handle(PeerMessage(port, notice))
         if end == "arrives":
             dst.handle(PeerMessage(port, offer))
+            assert dst.fetcher.offers == []  # not before its checksum
+            dst.handle(PeerMessage(port, seal))
             (took,) = dst.fetcher.offers
+            assert took["checksum"] == seal.checksum
             assert took["token"] == pull["token"] and len(dst.fetcher.pulls) == 1
         else:
             dst.handle(PeerLost(port))
@@ -706,10 +713,11 @@ def test_the_destination_told_to_wait_takes_the_offer_when_it_comes_or_pulls_if_
 def test_an_offered_copy_that_fails_its_checks_is_pulled_instead():
     dst = make_core(name="edge2")
     start_round(dst)
-    notice, offer = _offer_from(make_core())
+    notice, offer, seal = _offer_from(make_core())
     port = Outbox("edge edge1")
     dst.handle(PeerMessage(port, notice))
     dst.handle(PeerMessage(port, offer))
+    dst.handle(PeerMessage(port, seal))
     attach(dst, kind="resume", round=1, step=2, source="edge1", why="move")
     (took,) = dst.fetcher.offers
     dst.handle(PullOutcome(device="device1", token=took["token"], source="edge1", offered=True,
@@ -725,10 +733,11 @@ def test_an_offer_nobody_comes_for_is_declined_at_the_deadline():
                    events=EventLog(process="edge2", role="edge"), clock=lambda: now[0], handover_deadline_s=10)
     dst.handle(CentralUp(run_name="run", mode="fedfly"))
     start_round(dst)
-    notice, offer = _offer_from(make_core())
+    notice, offer, seal = _offer_from(make_core())
     port = Outbox("edge edge1")
     dst.handle(PeerMessage(port, notice))
     dst.handle(PeerMessage(port, offer))
+    dst.handle(PeerMessage(port, seal))
     from edge.ports import Tick
     now[0] += 5
     dst.handle(Tick())
