@@ -273,9 +273,11 @@ class Config:
     # the next cell before it leaves this one.
     preconnect: bool = False
     # mobility.offer: a device that leaves for a planned move says where it goes, and its
-    # edge sends the session there at once, while the device connects (mode fedfly);
-    # false: the destination pulls it after the device attached (the path a lost link takes)
-    offer: bool = True
+    # edge sends the session there at once, while the device connects (mode fedfly). Off
+    # by default: the destination pulls it once the device attached (the path a lost link
+    # takes), which was faster where every process shares two cores (BENCHMARKS 2c); an
+    # offer gains where the device's radio is slower to reconnect than the edges' backhaul.
+    offer: bool = False
     traced_moves: tuple[TimedMove, ...] = field(default_factory=tuple)  # a time-based trace's
     mobility: dict[str, Any] = field(default_factory=dict)   # the mobility model in force and its settings
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -510,7 +512,7 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
     moves = tuple(sorted(moves + traced, key=lambda x: (x.round, x.at, x.device)))
     _check_timeline(moves, drops, devices)
     flags = {}
-    for key, default in (("preconnect", False), ("offer", True)):
+    for key, default in (("preconnect", False), ("offer", False)):
         flags[key] = raw.get("mobility", {}).get(key, default)
         if type(flags[key]) is not bool:
             raise ConfigError(f"mobility.{key}", f"{flags[key]!r} is not true or false", "write true or false")

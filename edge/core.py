@@ -138,7 +138,7 @@ class EdgeCore:
     def __init__(self, *, name: str, mode: str, models: Models, seed: int, devices: set[str], peers: set[str],
                  central: CentralPort, fetcher: Fetcher, events: EventLog, spare: SparePart | None = None,
                  clock: Callable[[], float] = time.monotonic, handover_deadline_s: float = 30.0,
-                 checkpoint_steps: int = 0, edges: list[str] | None = None) -> None:
+                 checkpoint_steps: int = 0, edges: list[str] | None = None, offers: bool = False) -> None:
         self.name = name
         self.role = f"edge {name}"
         self.mode = mode
@@ -172,6 +172,7 @@ class EdgeCore:
         # with a proof made with it (``common.security.proof_holds``)
         self.attach_keys: dict[str, str] = {}
         self.offers: dict[str, Offer] = {}     # device -> the session its last edge offered us
+        self.make_offers = offers and mode == "fedfly"  # mobility.offer: keep links open to offer on
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._token = 0
         self._last_status: list[str] | None = None
@@ -316,7 +317,7 @@ class EdgeCore:
         for d, o in list(self.offers.items()):
             if o.round < r:
                 self._decline(d)
-        if self.mode == "fedfly":
+        if self.make_offers:
             for peer in sorted(self.peers):
                 self.fetcher.offer_link(peer)  # links to offer sessions on, opened now (in the background)
         self.events.emit("round_start", round=r, participants=list(plan.participants))

@@ -63,7 +63,8 @@ class EdgeServer:
                              seed=cfg.run["seed"], devices=set(cfg.devices), peers=set(cfg.edges) - {name},
                              central=None, fetcher=None, events=events, spare=self.spare,  # type: ignore[arg-type]
                              handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
-                             checkpoint_steps=self.faults["checkpoint_steps"], edges=sorted(cfg.edges))
+                             checkpoint_steps=self.faults["checkpoint_steps"], edges=sorted(cfg.edges),
+                             offers=cfg.offer)
         self.central = CentralLink(cfg=cfg, name=name, creds=creds, submit=self.core.submit, events=events,
                                    on_welcome=self._on_welcome)
         self.core.central = self.central

@@ -29,10 +29,11 @@ RUN_TIMEOUT = 180.0
 
 
 def _config(tmp: Path, name: str, *, mode: str = "fedfly", faults: dict | None = None, moves=None, rounds: int = 2,
-            samples: int = SAMPLES, batch: int = BATCH, devices: int = 2, drops=None):
+            samples: int = SAMPLES, batch: int = BATCH, devices: int = 2, drops=None, mobility: dict | None = None):
     return write_config(tmp / name, edges=2, devices=devices, rounds=rounds, samples_per_device=samples,
                         batch_size=batch, mode=mode, moves=moves, drops=drops,
-                        extra={"faults": {**FAULTS, **(faults or {})}, "run": {"name": name}})
+                        extra={"faults": {**FAULTS, **(faults or {})}, "run": {"name": name},
+                               **({"mobility": mobility} if mobility else {})})
 
 
 def _summary(cfg: Path) -> dict:
@@ -397,10 +398,10 @@ def test_a_killed_edge_costs_only_the_steps_since_the_last_replica(tmp_path, bas
 
 def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_since_a_replica(tmp_path, baseline):
     """A planned move edge1 -> edge2 whose session is cut half-way both ways it can go
-    (the offer edge1 sends as the device leaves, then edge2's pull: each link resets, as
+    (``mobility.offer``: the offer edge1 sends as the device leaves, then edge2's pull: each link resets, as
     when the source dies mid-transfer), then edge1 is killed: edge2 (edge1's buddy) goes
     on from its copy; the run finishes without edge1, exactly."""
-    cfg = _config(tmp_path, "src-dies", faults={"checkpoint_steps": 2}, moves=MOVE)
+    cfg = _config(tmp_path, "src-dies", faults={"checkpoint_steps": 2}, moves=MOVE, mobility={"offer": True})
     from common.config import load_config
     c = load_config(str(cfg))
     bed = Testbed(cfg, log_dir=tmp_path / "logs")

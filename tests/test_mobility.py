@@ -75,6 +75,18 @@ def test_preconnected_moves_leave_the_model_bit_identical(tmp_path, baseline):
     assert len(moved) == 3 and all('"preconnected": true' in line for line in moved)
 
 
+def test_offered_moves_leave_the_model_bit_identical(tmp_path, baseline):
+    # mobility.offer: the source sends the session as the device leaves, the destination
+    # takes that copy (or waits for it) instead of pulling
+    summary = _run(tmp_path, "offer", moves=MOVES, extra={"mobility": {"offer": True}})
+    _check_migrations(summary, "fedfly")
+    assert summary["final_model_sha256"] == baseline
+    events = [line for f in (tmp_path / "offer" / "runs").rglob("events-edge*.jsonl")
+              for line in f.read_text().splitlines()]
+    offered = [line for line in events if '"migrated_in"' in line and '"offered": true' in line]
+    assert len(offered) >= 2, "\n".join(line for line in events if "offer" in line)
+
+
 def test_restart_costs_the_lost_steps(tmp_path):
     """In mode restart the moving device redoes the steps before the move; in fedfly it
     does not (seen in the edges' event logs as the number of edge steps trained)."""
