@@ -18,6 +18,10 @@ prefix and msgpack header), so a rule can name a message:
               peer), for HOLD seconds (default: until the proxy ends), then reset
     Each rule fires once. Connections made after it pass untouched.
 
+``--delay-ms D`` holds every byte D ms in each direction before passing it on (a radio's
+latency: the round trip grows by 2 D; the order and the bytes are kept); ``--rate-mbit R``
+passes at most R Mbit/s each way (a link's bandwidth).
+
 A cut inside a record delivers none of that record (its tag never arrives). ``--flip
 DIR:BYTE`` alters one byte instead (an active attacker without the key), ``--capture``
 keeps what passed (a passive listener), ``--opaque`` forwards TLS without parsing.
@@ -30,12 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import socket
 import struct
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import msgpack
 
@@ -126,9 +132,48 @@ class Flip:
         return cls(parts[0], int(parts[1]))
 
 
+class Delayed:
+    """A socket's ``sendall`` that passes data on ``delay_s`` after it was handed over, in
+    order, from its own thread, at most ``rate`` bytes/s (0: no limit); ``end`` passes on
+    the end the same way."""
+
+    def __init__(self, sock: socket.socket, delay_s: float, on_end: Callable[[], None], rate: float = 0.0) -> None:
+        self.sock, self.delay_s, self.on_end, self.rate = sock, delay_s, on_end, rate
+        self.free_at = 0.0  # when the link has passed what it was given
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def sendall(self, data: bytes | bytearray) -> None:
+        self.q.put((time.monotonic() + self.delay_s, bytes(data)))
+
+    def end(self) -> None:
+        self.q.put((time.monotonic() + self.delay_s, None))
+
+    def _run(self) -> None:
+        while True:
+            due, data = self.q.get()
+            if self.rate > 0:
+                # the bytes leave the far end once the link has carried them
+                start = max(due - self.delay_s, self.free_at)
+                self.free_at = start + (len(data) if data else 0) / self.rate
+                due = self.free_at + self.delay_s
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            if data is None:
+                self.on_end()
+                return
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.on_end()
+                return
+
+
 class Proxy:
     def __init__(self, listen: int, target: tuple[str, int], rules: list[Rule], *, flips: list[Flip] = (),
-                 capture=None, opaque: bool = False) -> None:
+                 capture=None, opaque: bool = False, delay_s: float = 0.0, rate: float = 0.0) -> None:
+        self.delay_s, self.rate = delay_s, rate
         self.target = target
         self.rules = rules
         self.flips = list(flips)
@@ -184,6 +229,8 @@ class Proxy:
 
     def pump(self, pair: Pair, direction: str) -> None:
         src, dst = (pair.client, pair.server) if direction == "up" else (pair.server, pair.client)
+        if self.delay_s > 0 or self.rate > 0:
+            dst = Delayed(dst, self.delay_s, pair.close, self.rate)
         handshake = CLIENT_HANDSHAKE if direction == "up" else SERVER_HANDSHAKE
         frames = FrameTracker(self, direction)
         rec_head = bytearray()    # the record's length prefix being read
@@ -243,7 +290,9 @@ class Proxy:
         except OSError:
             pass
         finally:
-            if not pair.silent:
+            if isinstance(dst, Delayed):
+                dst.end()  # what is still held goes first
+            elif not pair.silent:
                 pair.close()
 
     def flip(self, pair: Pair, direction: str, data: bytearray, offset: int) -> None:
@@ -321,12 +370,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="flip the lowest bit of byte BYTE (from 0) of direction DIR, once")
     p.add_argument("--capture", metavar="FILE", help="write every byte that passes, both ways, to FILE")
     p.add_argument("--opaque", action="store_true", help="TLS: do not follow records or frames (rules never fire)")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="hold every byte this long, each way")
+    p.add_argument("--rate-mbit", type=float, default=0.0, help="pass at most this many Mbit/s each way")
     p.add_argument("--lifetime", type=float, default=600.0)
     args = p.parse_args(argv)
     host, port = args.to.rsplit(":", 1)
     capture = open(args.capture, "wb") if args.capture else None
     proxy = Proxy(args.listen, (host, int(port)), [Rule.parse(r) for r in args.rule],
-                  flips=[Flip.parse(f) for f in args.flip], capture=capture, opaque=args.opaque)
+                  flips=[Flip.parse(f) for f in args.flip], capture=capture, opaque=args.opaque,
+                  delay_s=args.delay_ms / 1000, rate=args.rate_mbit * 1e6 / 8)
     threading.Thread(target=proxy.serve, daemon=True).start()
     say(event="listening", port=args.listen)
     time.sleep(args.lifetime)
