@@ -351,6 +351,10 @@ class TLSStream:
                     done = True
                 except ssl.SSLWantReadError:
                     done = False
+                except ssl.SSLEOFError:
+                    # the peer closed before the handshake ended, with no alert (an edge that
+                    # is not up yet behind a relay, a dropped link): try again, as a reset
+                    raise ConnectionClosed(f"{peer} closed the connection during the TLS handshake") from None
                 except ssl.SSLError as exc:
                     failed = exc
                     done = None

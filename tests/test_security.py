@@ -180,6 +180,28 @@ def test_the_server_must_be_who_the_client_expects(certs):
                     expect=Identity("edge", "edge2"))
 
 
+@pytest.mark.parametrize("after", [0, 1])
+def test_a_peer_that_closes_during_the_tls_handshake_is_tried_again_not_refused(certs, after):
+    """A relay whose upstream is not up yet closes the connection, with nothing said or
+    after reading the hello: a connection to try again, not a refusal."""
+    from common.errors import ConnectionClosed
+    a, b = memory_stream_pair()
+
+    def hang_up():
+        if after:
+            b.receive_into(memoryview(bytearray(4096)), WAIT)
+        b.close()
+
+    t = threading.Thread(target=hang_up)
+    t.start()
+    try:
+        with pytest.raises(ConnectionClosed) as info:
+            creds(certs, Identity("device", "device1")).client(a, expect=None, peer="edge edge1", timeout=WAIT)
+        assert not isinstance(info.value, AuthenticationError)
+    finally:
+        t.join(WAIT)
+
+
 def test_a_certificate_of_another_ca_is_refused_both_ways(certs, tmp_path):
     other = write_config(tmp_path / "other", edges=1, devices=1, extra={"security": {"mode": "tls", "certs": "certs"}})
     pki.ensure(load_config(str(other)))
