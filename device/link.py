@@ -557,14 +557,13 @@ class EdgeLink:
 
     def _move_preconnected(self, pre: "_Preconnect", to: str, round: int, step: int, t0: float) -> m.AttachReply:
         """``move`` with the link to ``to`` opened ahead (make-before-break): the old link
-        ends (with ``Leaving``, or closed on another thread: its end tells the source the
-        device left, which then readies the snapshot) while the attach goes out on the new one."""
+        is closed on another thread (its end tells the source the device left, which then
+        readies the snapshot) while the attach goes out on the new one. No ``Leaving``:
+        the attach is there at once, and the destination's pull as quick as an offer."""
         source = self.edge
         old = self._link
         self._set_link_state("reconnecting")
-        if old is not None and self.mode == "fedfly" and self.cfg.offer:
-            old.close(notice=m.Leaving(round=round, step=step, to=to))  # as ``move``: the source offers it now
-        elif old is not None:
+        if old is not None:
             threading.Thread(target=old.close, kwargs={"drain": False}, name="close-old-link", daemon=True).start()
         limit = max(2 * self.faults["dead_after_s"], 10.0)
         try:

@@ -16,15 +16,15 @@ Last, the pull's critical path in one process, piece by piece (snapshot with che
 the source, framing, verify and rebuild at the destination), to say what bounds the pause.
 
     python -m scripts.bench_migration --matrix [--scenarios alone,pair,four]
-        [--security key,tls] [--moves break,offer,preconnect] [--rounds N] [--repeat N] [--out DIR]
+        [--security key,tls] [--moves break,pull,preconnect] [--rounds N] [--repeat N] [--out DIR]
 
 The matrix: the same ping-pong of device1 in every combination of the load on the
 machine (``alone``: 1 device; ``pair``: device2 trains on edge2 all along, five processes
 on two cores; ``four``: 4 devices on 2 edges), the security mode (``key``: a MAC on every
 record; ``tls``) and the move mode (``break``: break-before-make, the default, where the
-destination pulls the session once the device attached; ``offer``: the same with
-``mobility.offer``, the source sends it as the device leaves; ``preconnect``:
-``mobility.preconnect``), the runs interleaved (``--repeat`` passes over
+source offers the session to the destination as the device leaves, ``mobility.offer``;
+``pull``: the same with ``mobility.offer = false``, the destination pulls it once the
+device attached; ``preconnect``: ``mobility.preconnect``), the runs interleaved (``--repeat`` passes over
 the matrix), with the plain socket measured between them. Per combination: the pause,
 the pull, and the first step after each move against the median step of device1 (its
 ``round_done`` events' ``step_ms``). Every run records the share of the CPUs others
@@ -155,7 +155,7 @@ def _matrix_config(out: Path, scenario: str, security: str, move: str, rounds: i
     # mobility.preconnect and .offer only when not the default, so that the matrix also runs
     # on code without them
     extra: dict[str, dict[str, Any]] = {"mobility": {"preconnect": True}} if move == "preconnect" else \
-        {"mobility": {"offer": True}} if move == "offer" else {}
+        {"mobility": {"offer": False}} if move == "pull" else {}
     if security == "tls":
         extra["security"] = {"mode": "tls", "certs": str(out / "certs")}
     else:
@@ -256,7 +256,7 @@ def matrix_main(argv: list[str]) -> int:
     p.add_argument("--matrix", action="store_true")
     p.add_argument("--scenarios", default="alone,pair,four")
     p.add_argument("--security", default="key,tls")
-    p.add_argument("--moves", default="break,offer,preconnect")
+    p.add_argument("--moves", default="break,pull,preconnect")
     p.add_argument("--rounds", type=int, default=2, help="measured rounds per run (9 moves each)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--baseline", default=None, metavar="DIR",

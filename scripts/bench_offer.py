@@ -9,10 +9,10 @@ moves, then 9 moves per measured round). The device reaches each edge through a 
 our own that holds every byte RTT/2 each way (``tests.faultproxy --delay-ms``: a radio's
 round trip; ``netem`` is not available here), while the edges reach each other directly
 (a wired backhaul), or through a proxy that passes at most ``--backhaul-mbit`` (0: no
-limit; a 4.5 MB session takes 36 ms at 1000 Mbit/s). Each combination runs twice, one right after the other: with the
-default handover (the destination pulls the session once the device attached) and with
-``mobility.offer`` (the source sends it as the device leaves, while the device connects).
-Reported: the pause medians (the device's view) and offer / pull.
+limit; a 4.5 MB session takes 36 ms at 1000 Mbit/s). Each combination runs twice, one
+right after the other: with ``mobility.offer = false`` (the destination pulls the session
+once the device attached) and with ``mobility.offer`` (the default: the source sends it as
+the device leaves, while the device connects). Reported: the pause medians (the device's view) and offer / pull.
 
 The roles are started one by one (a central, two edges, the proxies, the device, which
 alone is told the proxies' ports), and stopped by their PIDs.
