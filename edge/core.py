@@ -75,6 +75,7 @@ class Entry:
     last_round: int = 0                   # the device's word: last round whose update it knows taken
     offer_token: int = 0                  # PULLING: the source said the session is offered to us (this pull's token)
     offered: bool = False                 # HANDING_OVER: by an offer (when the device left), not a pull
+    no_offer: int = 0                     # PULLING: this pull (its token) replaces an offer that failed
 
 
 @dataclass
@@ -560,6 +561,7 @@ class EdgeCore:
         if o.token and e is not None and e.state is S.PULLING and e.pull_token == o.token and e.pending is not None:
             req = e.pending
             e.offer_token = 0
+            e.no_offer = e.pull_token
             e.pull_at = self.clock()
             self.fetcher.pull(device=device, source=o.source, round=req.round, step=req.step, token=e.pull_token,
                               proofs=req.proofs)
@@ -604,6 +606,7 @@ class EdgeCore:
         if ev.offered and ev.session is None:
             # the offered copy failed its checks (the source was told): pull it instead
             self.events.emit("offer_failed", device=e.device, source=ev.source, detail=ev.error[:200])
+            e.no_offer = e.pull_token
             e.pull_at = self.clock()
             self.fetcher.pull(device=e.device, source=ev.source, round=r, step=s, token=e.pull_token,
                               proofs=req.proofs)
@@ -629,7 +632,16 @@ class EdgeCore:
                                  transfer_ms=ev.transfer_ms, offered=ev.offered)
             return
         refused = ev.refused
-        if refused is not None and refused.reason == OFFERED and not ev.replica:
+        if refused is not None and refused.reason == OFFERED and not ev.replica and e.no_offer == e.pull_token \
+                and e.hops < MAX_FORWARD_HOPS:
+            # the offer failed here, and the source has not heard it yet (the news is on the
+            # other link): ask again
+            e.hops += 1
+            e.pull_at = self.clock()
+            self.fetcher.pull(device=e.device, source=ev.source, round=r, step=s, token=e.pull_token,
+                              proofs=req.proofs)
+            return
+        if refused is not None and refused.reason == OFFERED and not ev.replica and e.no_offer != e.pull_token:
             # its source offered it to us when the device left: that copy is on its way
             o = self.offers.get(e.device)
             if o is not None and (o.source, o.round, o.step) == (ev.source, r, s):

@@ -724,6 +724,10 @@ def test_an_offered_copy_that_fails_its_checks_is_pulled_instead():
                            error="checksum mismatch"))
     (pull,) = dst.fetcher.pulls
     assert pull["source"] == "edge1" and pull["step"] == 2 and state(dst) is S.PULLING
+    # the source had not heard of the failure yet: "offered" again is asked again, not waited on
+    offered = m.PullRefused(device="device1", reason="offered", moved_to="", delivered=False)
+    dst.handle(PullOutcome(device="device1", token=pull["token"], source="edge1", refused=offered))
+    assert len(dst.fetcher.pulls) == 2 and state(dst) is S.PULLING
 
 
 def test_an_offer_nobody_comes_for_is_declined_at_the_deadline():
