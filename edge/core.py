@@ -102,6 +102,10 @@ class Offer:
     def ready(self) -> bool:
         return self.body is not None and bool(self.checksum)
 
+    def matches(self, source: str, round: int, step: int) -> bool:
+        """Is this the session a device that names ``source`` at ``round``/``step`` needs?"""
+        return (self.source, self.round, self.step) == (source, round, step)
+
 
 @dataclass
 class Replica:
@@ -174,6 +178,13 @@ class EdgeCore:
         self.attach_keys: dict[str, str] = {}
         self.offers: dict[str, Offer] = {}     # device -> the session its last edge offered us
         self.make_offers = offers and mode == "fedfly"  # mobility.offer: keep links open to offer on
+        # what another edge may send us, by message type
+        self._peer_handlers: dict[type, Callable[[Port, m.Message], None]] = {
+            m.SessionPull: self._on_pull, m.SessionInstalled: self._on_installed, m.SessionDrop: self._on_drop,
+            m.SessionReplica: self._on_replica, m.ReplicaPull: self._on_replica_pull,
+            m.OfferNotice: self._on_offer_notice, m.SessionOffer: self._on_offer, m.OfferSealed: self._on_offer_sealed,
+            m.OfferDeclined: self._on_offer_declined, m.SessionReleased: self._on_offer_answered,
+            m.PullRefused: self._on_offer_answered}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._token = 0
         self._last_status: list[str] | None = None
@@ -529,7 +540,7 @@ class EdgeCore:
         e.hops = 0
         e.pull_at = self.clock()
         o = self.offers.get(e.device)
-        if o is not None and (o.source, o.round, o.step) == (source, req.round, req.step):
+        if o is not None and o.matches(source, req.round, req.step):
             # it left there for here: its session is on its way (or here) already
             o.token = e.pull_token
             self.events.emit("offer_awaited", device=e.device, source=source, round=o.round, step=o.step,
@@ -539,6 +550,14 @@ class EdgeCore:
             return
         if o is not None:
             self._decline(e.device)
+        self._pull_again(e, source)
+
+    def _pull_again(self, e: Entry, source: str) -> None:
+        """Fetch the session the PULLING entry's attach names from ``source`` (its deadline
+        starts now; the fetch counts under the entry's current token)."""
+        req = e.pending
+        assert req is not None
+        e.pull_at = self.clock()
         self.fetcher.pull(device=e.device, source=source, round=req.round, step=req.step, token=e.pull_token,
                           proofs=req.proofs)
 
@@ -558,13 +577,15 @@ class EdgeCore:
     def _offer_lost(self, device: str, o: Offer, why: str) -> None:
         self.events.emit("offer_dropped", device=device, source=o.source, round=o.round, step=o.step, why=why)
         e = self.entries.get(device)
-        if o.token and e is not None and e.state is S.PULLING and e.pull_token == o.token and e.pending is not None:
-            req = e.pending
+        if e is not None and self._waits_on(e, o):
             e.offer_token = 0
             e.no_offer = e.pull_token
-            e.pull_at = self.clock()
-            self.fetcher.pull(device=device, source=o.source, round=req.round, step=req.step, token=e.pull_token,
-                              proofs=req.proofs)
+            self._pull_again(e, o.source)
+
+    @staticmethod
+    def _waits_on(e: Entry, o: Offer) -> bool:
+        """Is ``e``'s current fetch waiting for offer ``o``?"""
+        return bool(o.token) and e.state is S.PULLING and e.pull_token == o.token and e.pending is not None
 
     def _resolve_pending(self, e: Entry) -> None:
         """A PULLING entry that waited for the round's weights: decide again, now."""
@@ -607,9 +628,7 @@ class EdgeCore:
             # the offered copy failed its checks (the source was told): pull it instead
             self.events.emit("offer_failed", device=e.device, source=ev.source, detail=ev.error[:200])
             e.no_offer = e.pull_token
-            e.pull_at = self.clock()
-            self.fetcher.pull(device=e.device, source=ev.source, round=r, step=s, token=e.pull_token,
-                              proofs=req.proofs)
+            self._pull_again(e, ev.source)
             return
         if ev.replica:
             if ev.session is not None and ev.session.step in req.checkpoints and ev.session.step <= s:
@@ -637,14 +656,12 @@ class EdgeCore:
             # the offer failed here, and the source has not heard it yet (the news is on the
             # other link): ask again
             e.hops += 1
-            e.pull_at = self.clock()
-            self.fetcher.pull(device=e.device, source=ev.source, round=r, step=s, token=e.pull_token,
-                              proofs=req.proofs)
+            self._pull_again(e, ev.source)
             return
         if refused is not None and refused.reason == OFFERED and not ev.replica and e.no_offer != e.pull_token:
             # its source offered it to us when the device left: that copy is on its way
             o = self.offers.get(e.device)
-            if o is not None and (o.source, o.round, o.step) == (ev.source, r, s):
+            if o is not None and o.matches(ev.source, r, s):
                 o.token = e.pull_token
                 if o.ready:
                     self._take_offer(e, o)
@@ -667,9 +684,7 @@ class EdgeCore:
             return
         if refused is not None and refused.moved_to and refused.moved_to != self.name and e.hops < MAX_FORWARD_HOPS:
             e.hops += 1
-            e.pull_at = self.clock()
-            self.fetcher.pull(device=e.device, source=refused.moved_to, round=r, step=s, token=e.pull_token,
-                              proofs=e.pending.proofs if e.pending is not None else {})
+            self._pull_again(e, refused.moved_to)
             return
         # The session cannot be had (its edge is gone or refuses): the round again from its
         # weights here. Exact, at the cost of the steps done.
@@ -778,7 +793,7 @@ class EdgeCore:
                 self.events.emit("handover_unconfirmed", device=e.device, detail="no confirmation in time")
         for d, o in list(self.offers.items()):
             e = self.entries.get(d)
-            waited_on = o.token and e is not None and e.state is S.PULLING and e.pull_token == o.token
+            waited_on = e is not None and self._waits_on(e, o)
             if (o.token and not waited_on) or (not o.token and now - o.at > self.handover_deadline_s):
                 self._decline(d)  # its device went elsewhere, or never came
 
@@ -904,30 +919,15 @@ class EdgeCore:
 
     def _on_peer_message(self, ev: PeerMessage) -> None:
         msg = ev.msg
-        if isinstance(msg, m.SessionPull):
-            self._on_pull(ev.port, msg)
-        elif isinstance(msg, m.SessionInstalled):
-            self._on_installed(ev.port, msg)
-        elif isinstance(msg, m.SessionDrop):
-            self._on_drop(ev.port, msg)
-        elif isinstance(msg, m.SessionReplica):
-            self._on_replica(ev.port, msg)
-        elif isinstance(msg, m.ReplicaPull):
-            self._on_replica_pull(ev.port, msg)
-        elif isinstance(msg, m.OfferNotice):
-            self._on_offer_notice(ev.port, msg)
-        elif isinstance(msg, m.SessionOffer):
-            self._on_offer(ev.port, msg)
-        elif isinstance(msg, m.OfferSealed):
-            self._on_offer_sealed(ev.port, msg)
-        elif isinstance(msg, m.OfferDeclined):
-            self._on_offer_declined(ev.port, msg)
-        elif isinstance(msg, (m.SessionReleased, m.PullRefused)):
-            # the source's answer to an offered session we confirmed
-            self.events.emit("handover_confirmed" if isinstance(msg, m.SessionReleased) else "handover_unconfirmed",
-                             device=msg.device, source=ev.port.name, offered=True)
-        else:
+        handler = self._peer_handlers.get(type(msg))
+        if handler is None:
             raise RemoteProtocolError(f"{self.role} (peer link {ev.port.name}): {msg.TYPE} is not allowed")
+        handler(ev.port, msg)
+
+    def _on_offer_answered(self, port: Port, msg: m.SessionReleased | m.PullRefused) -> None:
+        """The source's answer to an offered session we confirmed: for the record."""
+        self.events.emit("handover_confirmed" if isinstance(msg, m.SessionReleased) else "handover_unconfirmed",
+                         device=msg.device, source=port.name, offered=True)
 
     def _refuse(self, port: Port, device: str, reason: str, *, moved_to: str = "", delivered: bool = False) -> None:
         port.post(m.PullRefused(device=device, reason=reason, moved_to=moved_to, delivered=delivered))
@@ -1045,8 +1045,7 @@ class EdgeCore:
         o = self.offers[d] = Offer(port, msg.target, msg.round, msg.step, at=self.clock())
         e = self.entries.get(d)
         if e is not None and e.state is S.PULLING and e.offer_token and e.offer_token == e.pull_token and \
-                e.pending is not None and (e.pending.source, e.pending.round, e.pending.step) == \
-                (o.source, o.round, o.step):
+                e.pending is not None and o.matches(e.pending.source, e.pending.round, e.pending.step):
             o.token = e.pull_token  # its pull was told to wait for this
 
     def _on_offer(self, port: Port, msg: m.SessionOffer) -> None:
@@ -1064,7 +1063,7 @@ class EdgeCore:
             return
         o.checksum = msg.checksum
         e = self.entries.get(msg.device)
-        if o.token and e is not None and e.state is S.PULLING and e.pull_token == o.token:
+        if e is not None and self._waits_on(e, o):
             self._take_offer(e, o)
 
     def _on_offer_declined(self, port: Port, msg: m.OfferDeclined) -> None:
@@ -1166,9 +1165,7 @@ class EdgeCore:
                     and e.device not in self.offers and ev.port.name == f"edge {e.pending.source}":
                 # the offer it was told to wait for may have been on that link: ask again
                 e.offer_token = 0
-                e.pull_at = self.clock()
-                self.fetcher.pull(device=e.device, source=e.pending.source, round=e.pending.round,
-                                  step=e.pending.step, token=e.pull_token, proofs=e.pending.proofs)
+                self._pull_again(e, e.pending.source)
         for e in list(self.entries.values()):
             if e.state is S.HANDING_OVER and e.handover is not None and e.handover[0] is ev.port:
                 e.handover = None

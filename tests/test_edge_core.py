@@ -76,10 +76,11 @@ class FakeFetcher:
         self.offers.append(kw)
 
 
-def make_core(mode: str = "fedfly", name: str = "edge1") -> EdgeCore:
+def make_core(mode: str = "fedfly", name: str = "edge1", **kw) -> EdgeCore:
+    """A welcomed core; ``kw``: more of ``EdgeCore``'s settings (a clock, deadlines)."""
     core = EdgeCore(name=name, mode=mode, models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
                     devices={"device1", "device2"}, peers={"edge1", "edge2"} - {name}, central=FakeCentral(),
-                    fetcher=FakeFetcher(), events=EventLog(process=name, role="edge"))
+                    fetcher=FakeFetcher(), events=EventLog(process=name, role="edge"), **kw)
     core.handle(CentralUp(run_name="run", mode=mode))
     return core
 
@@ -548,10 +549,7 @@ def test_a_parked_attach_whose_link_died_is_forgotten():
 
 def test_a_fetch_that_never_ends_fails_at_its_deadline_and_a_handover_too():
     now = [100.0]
-    core = EdgeCore(name="edge2", mode="fedfly", models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
-                    devices={"device1", "device2"}, peers={"edge1"}, central=FakeCentral(), fetcher=FakeFetcher(),
-                    events=EventLog(process="edge2", role="edge"), clock=lambda: now[0], handover_deadline_s=10)
-    core.handle(CentralUp(run_name="run", mode="fedfly"))
+    core = make_core(name="edge2", clock=lambda: now[0], handover_deadline_s=10)
     start_round(core)
     p = attach(core, kind="resume", round=1, step=3, source="edge1")
     from edge.ports import Tick
@@ -732,10 +730,7 @@ def test_an_offered_copy_that_fails_its_checks_is_pulled_instead():
 
 def test_an_offer_nobody_comes_for_is_declined_at_the_deadline():
     now = [100.0]
-    dst = EdgeCore(name="edge2", mode="fedfly", models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
-                   devices={"device1", "device2"}, peers={"edge1"}, central=FakeCentral(), fetcher=FakeFetcher(),
-                   events=EventLog(process="edge2", role="edge"), clock=lambda: now[0], handover_deadline_s=10)
-    dst.handle(CentralUp(run_name="run", mode="fedfly"))
+    dst = make_core(name="edge2", clock=lambda: now[0], handover_deadline_s=10)
     start_round(dst)
     notice, offer, seal = _offer_from(make_core())
     port = Outbox("edge edge1")
