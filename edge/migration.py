@@ -262,12 +262,7 @@ class Fetcher:
                     since: float) -> None:
         outcome = PullOutcome(device=device, token=token, source=source, offered=True)
         try:
-            session = EdgeSession.from_snapshot(offer.meta, offer.state, checksum, expect_model=self.model,
-                                               expect_split=self.cut_of(device), spare=self.spare,
-                                               crcs=_state_crcs(offer))
-            if (session.device, session.round) != (device, offer.round):
-                raise MigrationError(f"{source} offered {session.device} round {session.round} as {device} round "
-                                     f"{offer.round}")
+            session = self._rebuild(device, source, offer, checksum, offer.round)
         except Exception as exc:  # noqa: BLE001 - a bad copy is declined; the core pulls instead
             outcome.error = f"offer of {device} from {source}: {type(exc).__name__}: {exc}"
             port.post(m.OfferDeclined(device=device, round=offer.round, step=offer.step))
@@ -317,13 +312,18 @@ class Fetcher:
         if not (isinstance(reply, m.SessionSnapshot) and reply.device == device):
             raise MigrationError(f"{outcome.source} answered {request.TYPE} with {reply.TYPE}")
         outcome.state_bytes = ex.link.conn.bytes_received - before
-        session = EdgeSession.from_snapshot(reply.meta, reply.state, reply.checksum, expect_model=self.model,
-                                           expect_split=self.cut_of(device), spare=self.spare,
-                                           crcs=_state_crcs(reply))
+        return self._rebuild(device, outcome.source, reply, reply.checksum, round_, fits, expected), reply.checksum
+
+    def _rebuild(self, device: str, source: str, msg: m.SessionSnapshot | m.SessionOffer, checksum: str, round_: int,
+                 fits: Callable[[EdgeSession], bool] = lambda s: True, expected: str = "") -> EdgeSession:
+        """``msg``'s session from ``source``, verified against ``checksum`` and rebuilt; it
+        must be ``device``'s of ``round_`` and ``fits``. Raises ``MigrationError``."""
+        session = EdgeSession.from_snapshot(msg.meta, msg.state, checksum, expect_model=self.model,
+                                           expect_split=self.cut_of(device), spare=self.spare, crcs=_state_crcs(msg))
         if (session.device, session.round) != (device, round_) or not fits(session):
-            raise MigrationError(f"{outcome.source} sent {session.device} round {session.round} step "
-                                 f"{session.step}, expected {device} {expected}")
-        return session, reply.checksum
+            raise MigrationError(f"{source} sent {session.device} round {session.round} step "
+                                 f"{session.step}, expected {device} {expected or f'round {round_}'}")
+        return session
 
     def _drop_guarded(self, device: str, source: str, round: int, proofs: dict[str, str]) -> None:
         try:
