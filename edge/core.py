@@ -3,10 +3,14 @@
 Concurrency model. Link threads (devices, peer edges, the central) and handover workers
 only turn what happens into events on one queue (``submit``); ``run`` takes them one at
 a time and is the only code that reads or changes the session table, which therefore has
-no lock. It is also the edge's training thread: a step is trained here, between two
-events, so nothing can snapshot, move or drop a session while it trains, and a migrated
-session never lands on a cold thread. Nothing here blocks on the network: replies go out
-through ports, whose writer threads send them.
+no lock. Steps are trained beside it, on the edge's one training thread
+(``edge.trainer``): while a device's step trains there, the core holds every event that
+concerns that device, or no device in particular, and handles them in their order when
+the step is done (``_waits``), so nothing can snapshot, move or drop a session while it
+trains; events of other devices (an attach, an install, a pull) go on at once, so a
+handover never waits for another device's step. Without a trainer (the tests' seam) the
+core trains each step itself, between two events. Nothing here blocks on the network:
+replies go out through ports, whose writer threads send them.
 
 Every change of an entry's state goes through ``_move``, which checks it against the
 table in ``edge.lifecycle``; a message that the table does not allow costs that one
@@ -34,6 +38,7 @@ from edge.lifecycle import Event, State, TransitionError, allowed, check_transit
 from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
                         Fetcher, PeerLost, PeerMessage, Port, PullOutcome, Stop, Tick)
 from edge.session import EdgeSession, SparePart
+from edge.trainer import StepDone, StepJob, Trainer
 
 log = logging.getLogger("edge")
 
@@ -143,7 +148,8 @@ class EdgeCore:
     def __init__(self, *, name: str, mode: str, models: Models, seed: int, devices: set[str], peers: set[str],
                  central: CentralPort, fetcher: Fetcher, events: EventLog, spare: SparePart | None = None,
                  clock: Callable[[], float] = time.monotonic, handover_deadline_s: float = 30.0,
-                 checkpoint_steps: int = 0, edges: list[str] | None = None, offers: bool = False) -> None:
+                 checkpoint_steps: int = 0, edges: list[str] | None = None, offers: bool = False,
+                 trainer: Trainer | None = None) -> None:
         self.name = name
         self.role = f"edge {name}"
         self.mode = mode
@@ -186,6 +192,11 @@ class EdgeCore:
             m.OfferDeclined: self._on_offer_declined, m.SessionReleased: self._on_offer_answered,
             m.PullRefused: self._on_offer_answered}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # steps on the training thread (None: trained here, between two events)
+        self.trainer = trainer
+        self.training: dict[str, StepJob] = {}  # device -> its step on the trainer now
+        self._held: list[object] = []           # events that wait for a step (``_waits``), in order
+        self._held_all = False                  # one of them concerns no device: all after it wait too
         self._token = 0
         self._last_status: list[str] | None = None
         self.stopped: Stop | None = None
@@ -217,8 +228,13 @@ class EdgeCore:
             self.handle(ev)
 
     def handle(self, ev: object) -> None:
+        if self._waits(ev):
+            self._held.append(ev)
+            return
         try:
-            if isinstance(ev, DeviceMessage):
+            if isinstance(ev, StepDone):
+                self._on_step_done(ev)
+            elif isinstance(ev, DeviceMessage):
                 self._on_device_message(ev)
             elif isinstance(ev, DeviceAttach):
                 self._on_attach(ev)
@@ -246,6 +262,44 @@ class EdgeCore:
             log.exception("%s: handling %s failed", self.role, type(ev).__name__)
             self.events.emit("core_error", on=type(ev).__name__, error=type(exc).__name__, detail=str(exc)[:300])
         self._report_status()
+
+    @staticmethod
+    def _device_of(ev: object) -> str | None:
+        """The device an event concerns (None: none in particular, or several)."""
+        if isinstance(ev, (DeviceMessage, DeviceLost, PullOutcome)):
+            return ev.device
+        if isinstance(ev, DeviceAttach):
+            return ev.req.device
+        if isinstance(ev, PeerMessage):
+            device = getattr(ev.msg, "device", None)
+            return device if isinstance(device, str) else None
+        return None
+
+    def _waits(self, ev: object) -> bool:
+        """Must ``ev`` wait for a step on the trainer? Yes if it concerns that step's
+        device, or no device in particular (a tick, the central, a peer's link), or if
+        such an event already waits (the order of events is kept)."""
+        if not self.training or isinstance(ev, StepDone):
+            return False
+        if self._held_all:
+            return True
+        device = self._device_of(ev)
+        if device is None:
+            self._held_all = True
+            return True
+        return device in self.training
+
+    def _on_step_done(self, ev: StepDone) -> None:
+        self.training.pop(ev.device, None)
+        e = self.entries.get(ev.device)
+        if e is not None and e.session is ev.job.session:
+            try:
+                self._stepped(e, ev)
+            except (TransitionError, RemoteProtocolError) as exc:
+                self._drop_link(e, RemoteProtocolError(str(exc)))
+        held, self._held, self._held_all = self._held, [], False
+        for later in held:  # in order; what must still wait is held again
+            self.handle(later)
 
     # -- table -------------------------------------------------------------------------------
 
@@ -837,15 +891,21 @@ class EdgeCore:
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise RemoteProtocolError(f"{self.role}: step {msg.step} from {e.device}: labels outside "
                                       f"0..{self.num_classes - 1}")
-        try:
-            trained = session.train_step(msg.step, x, y, reply)
-        except MigrationError as exc:
-            raise RemoteProtocolError(str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - shapes or values that do not fit the edge part
-            raise RemoteProtocolError(f"edge part cannot take this batch: {type(exc).__name__}: {exc}") from None
+        job = StepJob(e.device, session, msg.round, msg.step, x, y, reply)
+        if self.trainer is None:
+            self._stepped(e, job.run())
+        else:
+            self.training[e.device] = job
+            self.trainer.submit(job)
+
+    def _stepped(self, e: Entry, done: StepDone) -> None:
+        """After a step, trained here or on the trainer."""
+        if done.error is not None:
+            raise done.error
         self._move(e, E.STEP, S.ACTIVE)
-        if not trained:
-            self.events.emit("step_replayed", device=e.device, round=msg.round, step=msg.step)
+        session, job = done.job.session, done.job
+        if not done.trained:
+            self.events.emit("step_replayed", device=e.device, round=job.round, step=job.step)
         elif self.checkpoint_steps and session.step % self.checkpoint_steps == 0:
             self._replicate(session)
 

@@ -6,7 +6,8 @@
                                  -> a peer edge's link (PeerMessage, PeerLost events)
     CentralLink  the central's link, rejoined after a loss (CentralUp/Down/Message events)
     Fetcher      handovers in, on worker threads (PullOutcome events)
-    EdgeCore     the one thread that handles every event, owns the sessions and trains
+    EdgeCore     the one thread that handles every event and owns the sessions
+    Trainer      the one thread that trains steps, handed over by the core (StepDone events)
 
 Every link has a heartbeat and a deadline (``[faults]``), so a silent peer is noticed
 within ``faults.dead_after_s`` and handled as an event like any other.
@@ -32,6 +33,7 @@ from edge.core import EdgeCore, Models
 from edge.migration import Fetcher, PeerLinks, Replicator, buddy_of
 from edge.ports import DeviceAttach, DeviceLost, DeviceMessage, PeerLost, PeerMessage
 from edge.session import SparePart
+from edge.trainer import Trainer
 
 log = logging.getLogger("edge")
 
@@ -65,6 +67,8 @@ class EdgeServer:
                              handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
                              checkpoint_steps=self.faults["checkpoint_steps"], edges=sorted(cfg.edges),
                              offers=cfg.offer)
+        # steps train on their own thread, so the core handles handovers while one trains
+        self.trainer = self.core.trainer = Trainer(self.core.submit, name=f"{name}-trainer")
         self.central = CentralLink(cfg=cfg, name=name, creds=creds, submit=self.core.submit, events=events,
                                    on_welcome=self._on_welcome)
         self.core.central = self.central
@@ -100,7 +104,9 @@ class EdgeServer:
         resolver.warm([(self.cfg.central.host, self.cfg.central.port),
                        *((e.host, e.port) for n, e in self.cfg.edges.items() if n != self.name)])
         self.central.start()
+        self.trainer.start()
         stop = self.core.run()
+        self.trainer.stop()
         listener.close()
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
         for port in self.core.closing:

@@ -744,3 +744,83 @@ def test_an_offer_nobody_comes_for_is_declined_at_the_deadline():
     now[0] += 6
     dst.handle(Tick())
     assert "device1" not in dst.offers and port.sent == [m.OfferDeclined(device="device1", round=1, step=2)]
+
+
+# -- steps on the training thread: what waits for a step, and what does not ------------------
+
+@dataclass
+class HeldTrainer:
+    """The trainer's seam: keeps the steps handed to it; the test trains them (``finish``)."""
+    jobs: list = field(default_factory=list)
+
+    def submit(self, job):
+        self.jobs.append(job)
+
+    def finish(self, core: EdgeCore) -> None:
+        core.handle(self.jobs.pop(0).run())
+
+
+def test_while_a_step_trains_another_device_is_served_and_the_training_ones_events_wait_in_order():
+    trainer = HeldTrainer()
+    core = make_core(trainer=trainer)
+    p1, p2 = attach(core, "device1"), attach(core, "device2")
+    start_round(core)
+    core.handle(DeviceMessage(p1, "device1", batch(0)))
+    assert len(trainer.jobs) == 1 and not of(p1, m.Gradients) and core.training.keys() == {"device1"}
+    # device2 (not training) steps at once: its job queues behind device1's
+    core.handle(DeviceMessage(p2, "device2", batch(0)))
+    assert len(trainer.jobs) == 2
+    # device1's next step and its leaving wait for its step, and so does whatever follows
+    # an event of no device in particular (here the loss of a peer's link), device2's too
+    core.handle(DeviceMessage(p1, "device1", batch(1)))
+    core.handle(DeviceMessage(p1, "device1", m.Leaving(round=1, step=2, to="edge2")))
+    core.handle(PeerLost(Outbox("edge edge3")))
+    p3 = Outbox("device device2 again")
+    core.handle(DeviceAttach(p3, m.AttachRequest(device="device2", kind="resume", round=1, step=1, source="edge1",
+                                                 last_round=0, why="reconnect", edge_key=edge_key(SECRET, "edge1"),
+                                                 proofs=proofs("device2", "edge1"))))
+    assert core.entries["device2"].port is p2 and len(trainer.jobs) == 2
+    trainer.finish(core)  # device1's step 0: its gradient went, its held events run in order
+    assert [g.step for g in of(p1, m.Gradients)] == [0]
+    assert core.entries["device1"].session.step == 1
+    # its step 1 is on the trainer again, so its Leaving waits once more, and all after it
+    assert len(trainer.jobs) == 2 and core.entries["device2"].port is p2
+    trainer.finish(core)  # device2's step 0
+    assert [g.step for g in of(p2, m.Gradients)] == [0] and core.entries["device2"].port is p2
+    trainer.finish(core)  # device1's step 1: then it leaves, and device2's new link is taken
+    assert [g.step for g in of(p1, m.Gradients)] == [0, 1] and p1.closed
+    assert state(core, "device1") is S.DETACHED and core.entries["device1"].session.step == 2
+    assert core.entries["device2"].port is p3 and not core.training and not core._held
+
+
+def test_a_pull_of_another_session_is_served_while_a_step_trains():
+    trainer = HeldTrainer()
+    core = make_core(trainer=trainer)
+    p1, p2 = attach(core, "device1"), attach(core, "device2")
+    start_round(core)
+    for step in (0, 1):
+        core.handle(DeviceMessage(p2, "device2", batch(step)))
+        trainer.finish(core)
+    core.handle(DeviceLost(p2, "device2", ConnectionError("left"), 0.0))
+    core.handle(DeviceMessage(p1, "device1", batch(0)))
+    peer = Outbox("edge edge2")
+    core.handle(PeerMessage(peer, m.SessionPull(device="device2", round=1, step=2, target="edge2",
+                                                proofs=proofs("device2", "edge2"))))
+    (snap,) = of(peer, m.SessionSnapshot)  # not held: device2 is not the one training
+    assert snap.device == "device2" and state(core, "device2") is S.HANDING_OVER
+    assert len(trainer.jobs) == 1 and not of(p1, m.Gradients)
+    trainer.finish(core)
+    assert of(p1, m.Gradients) and core.entries["device1"].session.step == 1
+
+
+def test_a_step_the_trainer_cannot_train_costs_that_link_as_it_would_inline():
+    trainer = HeldTrainer()
+    core = make_core(trainer=trainer)
+    p = attach(core)
+    start_round(core)
+    bad = m.Activations(round=1, step=0, batch={"x": torch.randn(4, 3, 2, 2), "y": torch.zeros(4, dtype=torch.long)})
+    core.handle(DeviceMessage(p, "device1", bad))
+    core.handle(DeviceMessage(p, "device1", batch(0)))  # held behind the bad one
+    trainer.finish(core)
+    assert p.closed and isinstance(p.notice, m.ErrorNotice) and "cannot take this batch" in p.notice.detail
+    assert core.entries["device1"].session.step == 0
