@@ -110,7 +110,9 @@ class Connection:
             if wait is not None and wait <= 0:
                 raise TimeoutError(f"no message from {self.peer} within {timeout} s")
             if self.idle_timeout is not None:
-                quiet_left = self.last_received + self.idle_timeout - now
+                # bytes of a record still arriving (a secured stream's) count as life too
+                heard = max(self.last_received, getattr(self.stream, "last_input", 0.0))
+                quiet_left = heard + self.idle_timeout - now
                 if quiet_left <= 0:
                     raise PeerSilent(f"{self.peer} sent nothing for {self.idle_timeout} s")
                 wait = quiet_left if wait is None else min(wait, quiet_left)

@@ -20,7 +20,7 @@ import torch
 from common import messages as m
 from common import pki, security, transport
 from common.config import load_config
-from common.errors import AuthenticationError, ConfigError, ConnectionClosed, RemoteProtocolError
+from common.errors import AuthenticationError, ConfigError, ConnectionClosed, PeerSilent, RemoteProtocolError
 from common.models import build_model
 from common.security import CENTRAL, CONTROLLER, Identity
 from common.stream import memory_stream_pair
@@ -154,7 +154,7 @@ def test_a_dropped_record_is_caught_in_the_key_mode():
 def test_a_receive_hands_on_only_records_that_verified(certs, mode):
     # many records already read in one receive: those before a damaged one come out whole,
     # the damaged one raises, and none of its bytes is handed on
-    at = 300_000  # in the third 64 KiB record of the key mode, the 18th TLS record
+    at = 300_000  # in the second 256 KiB record of the key mode, the 18th TLS record
     wrap = (lambda st: Tamper(st, flip_at=at))
     if mode == "tls":
         c, s = secure_pair(creds(certs, Identity("device", "device1")), creds(certs, Identity("edge", "edge1")),
@@ -170,6 +170,53 @@ def test_a_receive_hands_on_only_records_that_verified(certs, mode):
         while True:
             got += s.stream.receive_into(memoryview(buf)[got:], WAIT)
     assert 0 < got < at and buf[:got] == sent[:got]
+    c.abort()
+    s.abort()
+
+
+class Trickle:
+    """A slow radio: what is sent goes in pieces of ``piece`` bytes, ``every`` seconds apart
+    (once ``slow`` is set: the handshake goes at full speed)."""
+
+    def __init__(self, inner, *, piece: int = 16 << 10, every: float = 0.05) -> None:
+        self.inner, self.piece, self.every = inner, piece, every
+        self.slow = False
+
+    def send_all(self, buffers, stall_timeout=None):
+        data = b"".join(bytes(b) for b in buffers)
+        step = self.piece if self.slow else len(data) or 1
+        for i in range(0, len(data), step):
+            if self.slow:
+                time.sleep(self.every)
+            self.inner.send_all([data[i:i + step]], stall_timeout)
+        return len(data)
+
+    def receive_into(self, buf, timeout=None):
+        return self.inner.receive_into(buf, timeout)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_record_still_arriving_on_a_slow_link_is_life_not_silence():
+    # a 256 KiB record takes 0.8 s here, the receiver's idle limit is 0.3 s: the bytes of
+    # the record on their way keep the link alive, and the frame arrives whole
+    slow: list[Trickle] = []
+    c, s = secure_pair(security.SharedKey(KEY), security.SharedKey(KEY),
+                       client_wrap=lambda st: slow.append(Trickle(st)) or slow[0])
+    slow[0].slow = True
+    s.idle_timeout = 0.3
+    msg = big_message()
+    threading.Thread(target=lambda: _quiet(c.send, msg), daemon=True).start()
+    got = s.recv(timeout=WAIT)
+    assert torch.equal(got.state["w"], msg.state["w"])
+    # and a peer that stops halfway through a record is silent after the limit
+    slow[0].every = 5.0
+    threading.Thread(target=lambda: _quiet(c.send, msg), daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(PeerSilent):
+        s.recv(timeout=WAIT)
+    assert time.monotonic() - t0 < 2.0
     c.abort()
     s.abort()
 
