@@ -277,10 +277,10 @@ class EdgeCore:
 
     def _waits(self, ev: object) -> bool:
         """Must ``ev`` wait for a step on the trainer? Yes if it concerns that step's
-        device, or no device in particular (a tick, the central, a peer's link), or if
-        such an event already waits (the order of events is kept)."""
-        if not self.training or isinstance(ev, StepDone):
-            return False
+        device, or no device in particular (a tick, the central, a peer's link; a ``Stop``
+        excepted), or if such an event already waits (the order of events is kept)."""
+        if not self.training or isinstance(ev, (StepDone, Stop)):
+            return False  # a stop never waits: it only closes links, and a step may hang
         if self._held_all:
             return True
         device = self._device_of(ev)
@@ -291,15 +291,19 @@ class EdgeCore:
 
     def _on_step_done(self, ev: StepDone) -> None:
         self.training.pop(ev.device, None)
-        e = self.entries.get(ev.device)
-        if e is not None and e.session is ev.job.session:
-            try:
-                self._stepped(e, ev)
-            except (TransitionError, RemoteProtocolError) as exc:
-                self._drop_link(e, RemoteProtocolError(str(exc)))
         held, self._held, self._held_all = self._held, [], False
-        for later in held:  # in order; what must still wait is held again
-            self.handle(later)
+        try:
+            e = self.entries.get(ev.device)
+            if e is not None and e.session is ev.job.session:
+                try:
+                    self._stepped(e, ev)
+                except (TransitionError, RemoteProtocolError) as exc:
+                    self._drop_link(e, RemoteProtocolError(str(exc)))
+        finally:  # whatever the step's end raised, what waited for it is handled, in order
+            for later in held:
+                if self.stopped is not None:
+                    break  # as ``run`` would: nothing after a stop is handled
+                self.handle(later)  # what must still wait is held again
 
     # -- table -------------------------------------------------------------------------------
 

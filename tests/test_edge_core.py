@@ -17,7 +17,7 @@ from common.security import attach_proofs, edge_key
 from edge.core import EdgeCore, Models
 from edge.lifecycle import State
 from edge.ports import (CentralMessage, CentralUp, DeviceAttach, DeviceLost, DeviceMessage, Outbox, PeerLost,
-                        PeerMessage, PullOutcome)
+                        PeerMessage, PullOutcome, Stop)
 from edge.session import EdgeSession
 
 S = State
@@ -823,4 +823,62 @@ def test_a_step_the_trainer_cannot_train_costs_that_link_as_it_would_inline():
     core.handle(DeviceMessage(p, "device1", batch(0)))  # held behind the bad one
     trainer.finish(core)
     assert p.closed and isinstance(p.notice, m.ErrorNotice) and "cannot take this batch" in p.notice.detail
-    assert core.entries["device1"].session.step == 0
+    assert core.entries["device1"].session.step == 0 and len(trainer.jobs) == 1  # the held one goes on
+    trainer.finish(core)
+    inline = make_core()  # the same messages to a core that trains them itself
+    q = attach(inline)
+    start_round(inline)
+    inline.handle(DeviceMessage(q, "device1", bad))
+    inline.handle(DeviceMessage(q, "device1", batch(0)))
+    assert q.closed and q.notice == p.notice
+    assert core.entries["device1"].session.step == inline.entries["device1"].session.step == 1
+
+
+def test_a_stop_does_not_wait_for_a_step_and_nothing_held_is_handled_after_it():
+    trainer = HeldTrainer()
+    core = make_core(trainer=trainer)
+    p1 = attach(core)
+    start_round(core)
+    core.handle(DeviceMessage(p1, "device1", batch(0)))
+    again = Outbox("device device1 again")
+    core.handle(DeviceAttach(again, m.AttachRequest(device="device1", kind="resume", round=1, step=1, source="edge1",
+                                                    last_round=0, why="reconnect", edge_key=edge_key(SECRET, "edge1"),
+                                                    proofs=proofs("device1", "edge1"))))  # held: device1 trains
+    core.handle(Stop(reason="the central is gone"))
+    assert core.stopped is not None and p1.closed and isinstance(p1.notice, m.Shutdown)
+    # the step that was under way ends: what waited for it is not handled after the stop
+    trainer.finish(core)
+    assert not core._held and again.sent == [] and core.entries["device1"].port is p1
+
+
+def test_an_error_at_a_steps_end_still_hands_on_what_waited_for_it(monkeypatch):
+    trainer = HeldTrainer()
+    core = make_core(trainer=trainer)
+    p1, p2 = attach(core, "device1"), attach(core, "device2")
+    start_round(core)
+    core.handle(DeviceMessage(p1, "device1", batch(0)))
+    core.handle(PeerLost(Outbox("edge edge3")))                 # held, and all after it
+    core.handle(DeviceMessage(p2, "device2", batch(0)))
+    monkeypatch.setattr(core, "_stepped", lambda e, done: 1 / 0)  # a bug at the step's end
+    trainer.finish(core)
+    assert not core._held and not core._held_all and len(trainer.jobs) == 1  # device2's step went on
+
+
+def test_the_training_thread_trains_in_order_and_reports_each_step():
+    from common.models import split_model
+    from edge.trainer import StepJob, Trainer
+    done = []
+    trainer = Trainer(done.append).start()
+    state = split_model(build_model("vgg5", seed=1), 3)[1].state_dict()
+    session = EdgeSession(device="device1", round=1, mode="fedfly", model="vgg5", split_layer=3, lr=0.01,
+                          momentum=0.9, part_state=state)
+    grads = []
+    for step in range(3):
+        b = batch(step).batch
+        trainer.submit(StepJob("device1", session, 1, step, b["x"], b["y"], lambda g, loss: grads.append(g)))
+    bad = torch.randn(4, 3, 2, 2)
+    trainer.submit(StepJob("device1", session, 1, 3, bad, torch.zeros(4, dtype=torch.long), lambda g, loss: None))
+    trainer.stop()
+    assert [d.trained for d in done] == [True, True, True, False] and len(grads) == 3
+    assert done[-1].error is not None and "cannot take this batch" in str(done[-1].error)
+    assert session.step == 3
