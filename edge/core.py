@@ -323,6 +323,8 @@ class EdgeCore:
             self.events.emit("session_state", device=e.device, state=to.value, was=was.value, on=event.value)
             if was is S.HANDING_OVER:
                 e.handover = None       # a late confirmation is refused from now on
+                if to is not S.GONE and e.session is not None:
+                    e.session.unshare()  # what went may still be on its way: train on copies
             elif was is S.PULLING:
                 e.pull_token = 0        # a late outcome of the fetch is stale from now on
                 e.pending = None

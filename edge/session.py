@@ -205,6 +205,23 @@ class EdgeSession:
 
     # -- migration -----------------------------------------------------------------------
 
+    def unshare(self) -> None:
+        """Give the edge part and its optimizer storage of their own again (the same
+        values). A snapshot holds the session's tensors themselves, not copies, while a
+        link's writer thread sends it; when a handover is called off and the session
+        trains here again, its steps must not change the bytes still on their way (the
+        destination would get a torn copy, which its checksum refuses)."""
+        self._prepared = None
+        if self.part is None or self.optimizer is None:
+            return
+        with torch.no_grad():
+            for t in [*self.part.parameters(), *self.part.buffers()]:
+                t.data = t.data.clone()
+        for st in self.optimizer.state.values():
+            for name, v in list(st.items()):
+                if isinstance(v, torch.Tensor):
+                    st[name] = v.clone()
+
     def prepare_snapshot(self) -> None:
         """Start the snapshot's checksum now, on the hashing threads, ahead of a pull (the
         edge calls this when the device leaves at a step boundary), so that a handover

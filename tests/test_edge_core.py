@@ -18,7 +18,7 @@ from edge.core import EdgeCore, Models
 from edge.lifecycle import State
 from edge.ports import (CentralMessage, CentralUp, DeviceAttach, DeviceLost, DeviceMessage, Outbox, PeerLost,
                         PeerMessage, PullOutcome, Stop)
-from edge.session import EdgeSession
+from edge.session import EdgeSession, snapshot_checksum
 
 S = State
 WEIGHTS = dict(build_model("vgg5", seed=1).state_dict())
@@ -334,6 +334,31 @@ def test_a_device_back_before_the_confirmation_keeps_its_session_here():
     assert of(q, m.AttachReply)[0].how == "here" and state(core) is S.ACTIVE
     core.handle(PeerMessage(peer, m.SessionInstalled(device="device1", round=1, step=2, checksum=snap.checksum)))
     assert of(peer, m.PullRefused) and state(core) is S.ACTIVE  # too late: not released
+
+
+@pytest.mark.parametrize("how", ["pulled", "offered"])
+def test_a_session_trained_again_here_leaves_the_snapshot_on_its_way_intact(how):
+    # the snapshot's bytes may still be on the link's writer thread when the device comes
+    # back and trains: the session must not change them under the sender (a torn copy)
+    core = make_core()
+    peer = Outbox("edge edge2")
+    if how == "pulled":
+        _detached_session(core)
+        core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2",
+                                                    proofs=proofs("device1", "edge2"))))
+        snap = of(peer, m.SessionSnapshot)[0]
+        meta, state, checksum = snap.meta, snap.state, snap.checksum
+    else:
+        _leaving_session(core, peer)
+        offer, seal = of(peer, m.SessionOffer)[0], of(peer, m.OfferSealed)[0]
+        meta, state, checksum = offer.meta, offer.state, seal.checksum
+    before = {k: v.clone() for k, v in state.items()}
+    q = attach(core, kind="resume", round=1, step=2, source="edge1", why="reconnect")
+    assert of(q, m.AttachReply)[0].how == "here"
+    core.handle(DeviceMessage(q, "device1", batch(2)))
+    assert core.entries["device1"].session.step == 3
+    assert all(torch.equal(state[k], before[k]) for k in state)
+    assert snapshot_checksum(meta, state) == checksum
 
 
 def test_the_update_is_delivered_and_acknowledged_once_the_central_has_it():
