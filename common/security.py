@@ -100,8 +100,11 @@ TAG_BYTES = 16
 # both ends: 64 KiB records cost a 4.5 MB session 70 of them (about 3 ms of the two
 # processes' CPU here), 256 KiB records 18. A record takes 2 s to arrive at 1 Mbit/s; the
 # peer is not taken for silent meanwhile: bytes of a record still arriving count as life
-# (``last_input``).
+# (``last_input``), for at most RECORD_GRACE_S per record (a record that slow, 70 kbit/s,
+# is a link not worth keeping, or somebody on the path who trickles bytes that will
+# never verify, to keep a dead link looking alive).
 MAX_RECORD = 256 << 10
+RECORD_GRACE_S = 30.0
 # The receiver reads up to this many bytes at once and verifies the records in them one
 # by one: a 4.5 MB snapshot takes about ten reads, not two per record (a 4-byte header,
 # then the rest), and each read a wait on the socket.
@@ -128,7 +131,8 @@ class MacStream:
         self._buf = bytearray(RECEIVE_AHEAD + RECORD_HEAD.size + MAX_RECORD + TAG_BYTES)
         self._start = self._stop = 0
         self._offset = self._end = 0
-        self.last_input = time.monotonic()  # the last bytes read, whole records or not
+        self.last_input = time.monotonic()  # the last bytes read, whole records or not (bounded)
+        self._partial_since: float | None = None  # when the record not yet whole began to arrive
 
     def __getattr__(self, name: str):  # sock, fileno, shutdown, abort: the inner stream's
         return getattr(self.inner, name)
@@ -222,6 +226,7 @@ class MacStream:
                     self._receive_seq += 1
                     self._offset, self._end = body, body + length
                     self._start = start + need
+                    self._partial_since = None
                     return
             if avail == 0:
                 self._start = self._stop = 0
@@ -240,7 +245,10 @@ class MacStream:
                     return
                 raise RemoteProtocolError("the stream ended inside an authenticated record")
             self._stop += n
-            self.last_input = time.monotonic()
+            now = time.monotonic()
+            if self._partial_since is None:
+                self._partial_since = now
+            self.last_input = min(now, self._partial_since + RECORD_GRACE_S)
 
     def close(self) -> None:
         self.inner.close()

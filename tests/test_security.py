@@ -221,6 +221,24 @@ def test_a_record_still_arriving_on_a_slow_link_is_life_not_silence():
     s.abort()
 
 
+def test_bytes_trickled_into_a_record_keep_a_link_alive_only_for_a_while(monkeypatch):
+    # somebody on the path who sends a byte now and then of a record that will never
+    # verify must not keep a dead link looking alive: a record gets RECORD_GRACE_S
+    monkeypatch.setattr(security, "RECORD_GRACE_S", 0.3)
+    slow: list[Trickle] = []
+    c, s = secure_pair(security.SharedKey(KEY), security.SharedKey(KEY),
+                       client_wrap=lambda st: slow.append(Trickle(st)) or slow[0])
+    slow[0].slow, slow[0].piece = True, 4 << 10  # 3.2 s per 256 KiB record
+    s.idle_timeout = 0.3
+    threading.Thread(target=lambda: _quiet(c.send, big_message()), daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(PeerSilent):
+        s.recv(timeout=WAIT)
+    assert time.monotonic() - t0 < 2.5  # the grace and the idle limit, long before the record's end
+    c.abort()
+    s.abort()
+
+
 def test_the_server_must_be_who_the_client_expects(certs):
     with pytest.raises(AuthenticationError, match="edge edge1"):
         secure_pair(creds(certs, Identity("device", "device1")), creds(certs, Identity("edge", "edge1")),
