@@ -782,8 +782,9 @@ class EdgeCore:
             lost = source or req.source
             rep = self._replica_at(e.device, r, [c for c in req.checkpoints if c <= s])
             if rep is not None:
-                try:
-                    session = EdgeSession.from_snapshot(rep.meta, rep.tensors, rep.checksum,
+                try:  # from copies: the session adopts what it is built from, and the replica stays kept
+                    session = EdgeSession.from_snapshot(rep.meta, {k: v.clone() for k, v in rep.tensors.items()},
+                                                        rep.checksum,
                                                         expect_model=self.models.name, expect_split=self.models.cut(e.device),
                                                         spare=self.spare)
                 except MigrationError as exc:

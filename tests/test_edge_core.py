@@ -361,6 +361,37 @@ def test_a_session_trained_again_here_leaves_the_snapshot_on_its_way_intact(how)
     assert snapshot_checksum(meta, state) == checksum
 
 
+def test_a_replica_installed_here_is_trained_on_copies_and_stays_as_it_came():
+    # edge2 keeps edge1's copies of device1's session; edge1 dies; device1 comes with its
+    # checkpoints and goes on from the copy: training it must not change the copy kept
+    # (it may be asked for again, and its checksum must still hold)
+    src = make_core(name="edge1")
+    p = attach(src)
+    start_round(src)
+    for step in (0, 1):
+        src.handle(DeviceMessage(p, "device1", batch(step)))
+    meta, tensors = src.entries["device1"].session._parts(with_reply=False)
+    state = {k: v.clone() for k, v in tensors.items()}
+    checksum = snapshot_checksum(meta, state)
+    core = make_core(name="edge2", checkpoint_steps=1, edges=["edge1", "edge2"])
+    start_round(core)
+    core.handle(PeerMessage(Outbox("edge edge1"), m.SessionReplica(
+        device="device1", round=1, step=2, target="edge1", meta=meta, checksum=checksum, state=state,
+        edge_key=edge_key(SECRET, "edge1"))))
+    q = Outbox("device device1")
+    core.handle(DeviceAttach(q, m.AttachRequest(device="device1", kind="resume", round=1, step=2, source="edge1",
+                                                last_round=0, why="reconnect", edge_key=edge_key(SECRET, "edge2"),
+                                                proofs=proofs("device1", "edge2"), checkpoints=[0, 2])))
+    (pull,) = core.fetcher.pulls
+    core.handle(PullOutcome(device="device1", token=pull["token"], source="edge1", error="edge1 is gone"))
+    (reply,) = of(q, m.AttachReply)
+    assert (reply.action, reply.resume_step) == ("continue", 2)
+    core.handle(DeviceMessage(q, "device1", batch(2)))
+    assert core.entries["device1"].session.step == 3
+    (kept,) = core.replicas["device1"]
+    assert snapshot_checksum(kept.meta, kept.tensors) == checksum
+
+
 def test_the_update_is_delivered_and_acknowledged_once_the_central_has_it():
     core = make_core()
     p = attach(core)
