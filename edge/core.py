@@ -277,10 +277,12 @@ class EdgeCore:
 
     def _waits(self, ev: object) -> bool:
         """Must ``ev`` wait for a step on the trainer? Yes if it concerns that step's
-        device, or no device in particular (a tick, the central, a peer's link; a ``Stop``
-        excepted), or if such an event already waits (the order of events is kept)."""
-        if not self.training or isinstance(ev, (StepDone, Stop)):
-            return False  # a stop never waits: it only closes links, and a step may hang
+        device, or no device in particular (the central, a peer's link; not a stop or a
+        tick), or if such an event already waits (the order of events is kept)."""
+        if not self.training or isinstance(ev, (StepDone, Stop, Tick)):
+            # a stop only closes links, and a step may hang; a tick's deadlines are of
+            # handovers, never of a session that trains (a slow edge's step is over 0.5 s)
+            return False
         if self._held_all:
             return True
         device = self._device_of(ev)

@@ -17,7 +17,7 @@ from common.security import attach_proofs, edge_key
 from edge.core import EdgeCore, Models
 from edge.lifecycle import State
 from edge.ports import (CentralMessage, CentralUp, DeviceAttach, DeviceLost, DeviceMessage, Outbox, PeerLost,
-                        PeerMessage, PullOutcome, Stop)
+                        PeerMessage, PullOutcome, Stop, Tick)
 from edge.session import EdgeSession, snapshot_checksum
 
 S = State
@@ -905,6 +905,23 @@ def test_a_stop_does_not_wait_for_a_step_and_nothing_held_is_handled_after_it():
     # the step that was under way ends: what waited for it is not handled after the stop
     trainer.finish(core)
     assert not core._held and again.sent == [] and core.entries["device1"].port is p1
+
+
+def test_a_tick_during_a_step_fails_an_overdue_fetch_and_holds_nobody_up():
+    now = [100.0]
+    trainer = HeldTrainer()
+    core = make_core(name="edge2", clock=lambda: now[0], handover_deadline_s=10, trainer=trainer)
+    p1 = attach(core, "device1")
+    start_round(core)
+    p2 = attach(core, "device2", kind="resume", round=1, step=3, source="edge1")
+    assert state(core, "device2") is S.PULLING
+    core.handle(DeviceMessage(p1, "device1", batch(0)))  # a long step, on the trainer
+    now[0] += 11
+    core.handle(Tick())
+    (reply,) = of(p2, m.AttachReply)
+    assert (reply.action, reply.how) == ("continue", "restart") and not core._held_all
+    core.handle(DeviceMessage(p2, "device2", batch(0)))  # not held behind the tick
+    assert len(trainer.jobs) == 2
 
 
 def test_an_error_at_a_steps_end_still_hands_on_what_waited_for_it(monkeypatch):
