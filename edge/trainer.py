@@ -6,9 +6,9 @@
 
 While a device's step is on this thread the core holds every event that concerns that
 device (and every event that concerns no device in particular, a stop or a tick
-excepted, and whatever came after such an event), and handles them in their order once the step is done
-(``EdgeCore._waits``): nothing snapshots, moves or drops a session while it trains, as
-when the core trained steps itself. What the core no longer does is wait for a step: an
+excepted, and whatever came after such an event), and handles them in their order once
+the step is done (``EdgeCore._waits``): nothing snapshots, moves or drops a session
+while it trains, as when the core trained steps itself. What the core no longer does is wait for a step: an
 attach, an install or a pull of *another* device is handled while a step trains, so a
 device that moves to a busy edge is not kept waiting for someone else's step.
 
