@@ -194,7 +194,7 @@ class EdgeCore:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         # steps on the training thread (None: trained here, between two events)
         self.trainer = trainer
-        self.training: dict[str, StepJob] = {}  # device -> its step on the trainer now
+        self.training: set[str] = set()         # devices whose step is on the trainer now
         self._held: list[object] = []           # events that wait for a step (``_waits``), in order
         self._held_all = False                  # one of them concerns no device: all after it wait too
         self._token = 0
@@ -292,7 +292,7 @@ class EdgeCore:
         return device in self.training
 
     def _on_step_done(self, ev: StepDone) -> None:
-        self.training.pop(ev.device, None)
+        self.training.discard(ev.device)
         held, self._held, self._held_all = self._held, [], False
         try:
             e = self.entries.get(ev.device)
@@ -904,7 +904,7 @@ class EdgeCore:
         if self.trainer is None:
             self._stepped(e, job.run())
         else:
-            self.training[e.device] = job
+            self.training.add(e.device)
             self.trainer.submit(job)
 
     def _stepped(self, e: Entry, done: StepDone) -> None:

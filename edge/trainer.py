@@ -37,10 +37,13 @@ log = logging.getLogger("edge")
 class StepDone:
     """A step the trainer finished: ``trained`` as ``EdgeSession.train_step`` returned it,
     or ``error`` (then the session is unchanged, and the device broke the protocol)."""
-    device: str
     job: "StepJob"
     trained: bool = False
     error: RemoteProtocolError | None = None
+
+    @property
+    def device(self) -> str:
+        return self.job.device
 
 
 @dataclass
@@ -59,11 +62,11 @@ class StepJob:
         try:
             trained = self.session.train_step(self.step, self.x, self.y, self.reply)
         except MigrationError as exc:
-            return StepDone(self.device, self, error=RemoteProtocolError(str(exc)))
+            return StepDone(self, error=RemoteProtocolError(str(exc)))
         except Exception as exc:  # noqa: BLE001 - shapes or values that do not fit the edge part
-            return StepDone(self.device, self, error=RemoteProtocolError(
+            return StepDone(self, error=RemoteProtocolError(
                 f"edge part cannot take this batch: {type(exc).__name__}: {exc}"))
-        return StepDone(self.device, self, trained=trained)
+        return StepDone(self, trained=trained)
 
 
 class Trainer:
@@ -83,7 +86,7 @@ class Trainer:
         self._jobs.put(job)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Finish the step under way (if any) and end the thread."""
+        """Finish the steps handed over so far and end the thread."""
         self._jobs.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -94,5 +97,5 @@ class Trainer:
                 outcome = job.run()
             except BaseException as exc:  # pragma: no cover - run() catches what a batch can cause
                 log.exception("trainer: step %s of %s failed", job.step, job.device)
-                outcome = StepDone(job.device, job, error=RemoteProtocolError(f"edge step failed: {exc}"))
+                outcome = StepDone(job, error=RemoteProtocolError(f"edge step failed: {exc}"))
             self._done(outcome)

@@ -822,7 +822,7 @@ def test_while_a_step_trains_another_device_is_served_and_the_training_ones_even
     p1, p2 = attach(core, "device1"), attach(core, "device2")
     start_round(core)
     core.handle(DeviceMessage(p1, "device1", batch(0)))
-    assert len(trainer.jobs) == 1 and not of(p1, m.Gradients) and core.training.keys() == {"device1"}
+    assert len(trainer.jobs) == 1 and not of(p1, m.Gradients) and core.training == {"device1"}
     # device2 (not training) steps at once: its job queues behind device1's
     core.handle(DeviceMessage(p2, "device2", batch(0)))
     assert len(trainer.jobs) == 2
