@@ -762,17 +762,17 @@ class EdgeCore:
         e.session = session
         if e.device in self.offers:
             self._decline(e.device, why="pulled meanwhile")  # it came the other way first
-        if self.spare is not None and source != self.name:
-            self.spare.refill_soon()
         self.events.emit("migrated_in", device=e.device, source=source, round=r, step=s,
                          state_bytes=state_bytes, transfer_ms=transfer_ms, offered=offered)
         if e.port is None:
             self._move(e, E.PULLED, S.DETACHED)
             session.prepare_snapshot()
-            return
-        self._move(e, E.PULLED, S.ACTIVE)
-        self._reply(e, action="continue", round=r, resume_step=s, how="pulled" if source != self.name else "here",
-                    state_bytes=state_bytes, transfer_ms=transfer_ms)
+        else:
+            self._move(e, E.PULLED, S.ACTIVE)
+            self._reply(e, action="continue", round=r, resume_step=s, how="pulled" if source != self.name else "here",
+                        state_bytes=state_bytes, transfer_ms=transfer_ms)
+        if self.spare is not None and source != self.name:
+            self.spare.refill_soon()  # after the answer, and later still (``REFILL_DELAY_S``)
 
     def _pull_failed(self, e: Entry, *, source: str, detail: str, replica_tried: bool = False) -> None:
         req = e.pending

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,6 +83,14 @@ def snapshot_checksum(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
     return start_checksum(meta, tensors)()
 
 
+# How long after a take the next spare is built. A build is about 1.5 ms of Python
+# that holds the GIL; started at once, it held the edge's core and its writer threads
+# for up to the GIL's 5 ms switch interval just as the device's answer and the
+# handover's last messages were to go (the moves' event logs showed the answer 3 ms
+# late). The device's next step comes tens of milliseconds after its answer.
+REFILL_DELAY_S = 0.02
+
+
 class SparePart:
     """One empty edge part kept ready, built off the critical path: installing a migrated
     session takes it instead of constructing modules (milliseconds of Python) while the
@@ -91,12 +100,16 @@ class SparePart:
         self._model, self._first = model, first
         self._lock = threading.Lock()
         self._spare: Part | None = None
+        self._refilling = False
         self._refill()
 
-    def _refill(self) -> None:
+    def _refill(self, delay: float = 0.0) -> None:
+        if delay:
+            time.sleep(delay)
         part = empty_part(self._model, self._first)
         with self._lock:
             self._spare = part
+            self._refilling = False
 
     def take(self, first: int | None = None) -> Part:
         """The spare (or a new part, if it was already taken, or if the session starts at
@@ -107,13 +120,21 @@ class SparePart:
             part, self._spare = self._spare, None
         return part if part is not None else empty_part(self._model, self._first)
 
-    def refill_soon(self) -> None:
-        """Build the next spare in the background (call once the device is running again,
-        so the build does not compete with the handover)."""
+    def refill_soon(self, delay: float = REFILL_DELAY_S) -> None:
+        """Build the next spare in the background, ``delay`` seconds from now (call once
+        the device has been answered, so that the build does not compete with the
+        handover). One build at a time."""
         with self._lock:
-            if self._spare is not None:
+            if self._spare is not None or self._refilling:
                 return
-        threading.Thread(target=self._refill, name="spare-part", daemon=True).start()
+            self._refilling = True
+        threading.Thread(target=self._refill, args=(delay,), name="spare-part", daemon=True).start()
+
+    @property
+    def ready(self) -> bool:
+        """A spare is built and waiting."""
+        with self._lock:
+            return self._spare is not None
 
 
 @dataclass(frozen=True)

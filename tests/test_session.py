@@ -377,3 +377,27 @@ def test_crcs_summed_on_arrival_catch_a_damaged_snapshot(snap, flip):
     msg, crcs = _received(snap, 1 << 16, flip=flip)
     with pytest.raises(MigrationError, match="checksum"):
         EdgeSession.from_snapshot(msg.meta, msg.state, msg.checksum, expect_model="vgg5", expect_split=3, crcs=crcs)
+
+
+def test_the_spare_part_is_rebuilt_later_and_once():
+    """After a take, the next spare is built ``delay`` seconds later (off the handover's
+    path: the build holds the GIL), by one thread however often it is asked."""
+    import threading
+    import time
+
+    from edge.session import SparePart
+
+    spare = SparePart("vgg5", 4)
+    assert spare.ready
+    part = spare.take()
+    assert not spare.ready and list(part.state_dict())
+    before = {t.name for t in threading.enumerate()}
+    spare.refill_soon(delay=0.3)
+    spare.refill_soon(delay=0.3)
+    builders = [t for t in threading.enumerate() if t.name == "spare-part" and t.name not in before]
+    assert len(builders) == 1
+    time.sleep(0.1)
+    assert not spare.ready  # not yet: still waiting out its delay
+    builders[0].join(10)
+    assert spare.ready
+    assert spare.take() is not part
