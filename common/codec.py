@@ -16,13 +16,13 @@ buffer (no copy); encoding yields the tensors' own memory (no copy) for a gather
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import msgpack
 import torch
 
+from common import digest
 from common import messages as m
 from common.errors import LocalProtocolError, RemoteProtocolError
 
@@ -72,12 +72,13 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ITEM_SIZES = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
 
-# Frames of these message types have each tensor's CRC-32 computed as its bytes arrive
-# (``arrival_crcs``): the migration snapshots, which the destination verifies before it
-# installs them (``edge.session``). Summing each piece while it is still in the cache,
-# between two receives, takes the verification pass off the critical path after the last
-# byte. Other frames (activations, gradients: every step) pay nothing.
-CRC_ON_ARRIVAL = frozenset({"SessionSnapshot", "SessionReplica"})
+# Frames of these message types have each tensor's digest (``common.digest``) computed
+# as its bytes arrive (``arrival_digests``): the migration snapshots, pulled or offered,
+# which the destination verifies before it installs them (``edge.session``). Digesting
+# each piece while it is still in the cache, between two receives, takes the
+# verification pass off the critical path after the last byte. Other frames
+# (activations, gradients: every step) pay nothing.
+DIGEST_ON_ARRIVAL = frozenset({"SessionSnapshot", "SessionOffer", "SessionReplica"})
 
 
 class _NeedData:
@@ -206,12 +207,13 @@ class FrameDecoder:
         self._descr: list[_Descriptor] = []
         self._payload: bytearray | None = None
         self._filled = 0
-        self._ready: tuple[dict, bytearray, list[_Descriptor], list[int] | None] | None = None
-        # CRC-32 of each tensor as its bytes arrive (CRC_ON_ARRIVAL frames only): the
-        # payload is summed up to ``_crc_pos``, the tensor ``len(_crcs)`` is under way.
-        self._crcs: list[int] | None = None
-        self._crc_pos = 0
-        self._crc_cur = 0
+        self._ready: tuple[dict, bytearray, list[_Descriptor], list[bytes] | None] | None = None
+        # The digest of each tensor as its bytes arrive (DIGEST_ON_ARRIVAL frames only):
+        # the payload is digested up to ``_dig_pos``, the tensor ``len(_digests)`` is
+        # under way in ``_dig_cur``.
+        self._digests: list[bytes] | None = None
+        self._dig_pos = 0
+        self._dig_cur = None
         self._pending = bytearray()        # bytes after a whole frame nobody has taken yet
         self._eof = False
         self._error: RemoteProtocolError | None = None
@@ -252,8 +254,8 @@ class FrameDecoder:
                     return
                 self._header = _unpack_header(bytes(self._buf[PREFIX.size:end]))
                 self._descr = _parse_descriptors(self._header["x"], self._payload_len)
-                self._crcs = [] if self._header["t"] in CRC_ON_ARRIVAL else None
-                self._crc_pos = self._crc_cur = 0
+                self._digests = [] if self._header["t"] in DIGEST_ON_ARRIVAL else None
+                self._dig_pos, self._dig_cur = 0, None
                 self._buf = bytearray()
                 self._payload = bytearray(min(self._payload_len, self._eager_payload))
                 self._filled = 0
@@ -266,8 +268,8 @@ class FrameDecoder:
             room[:take] = mv[:take]
             del room                      # no view of the buffer outlives this step
             self._filled += take
-            if self._crcs is not None:
-                self._crc_upto(self._filled)
+            if self._digests is not None:
+                self._digest_upto(self._filled)
             mv = mv[take:]
             if self._filled == self._payload_len:
                 self._complete()
@@ -286,31 +288,33 @@ class FrameDecoder:
             self._payload = grown
         return memoryview(self._payload)[self._filled:]
 
-    def _crc_upto(self, end: int) -> None:
-        """Extend the tensors' CRC-32s over the payload's bytes up to ``end`` (padding
-        between tensors is skipped; a tensor with no bytes sums to 0)."""
-        assert self._payload is not None and self._crcs is not None
+    def _digest_upto(self, end: int) -> None:
+        """Extend the tensors' digests over the payload's bytes up to ``end`` (padding
+        between tensors is skipped; a tensor with no bytes has ``digest.EMPTY``)."""
+        assert self._payload is not None and self._digests is not None
         view = memoryview(self._payload)
-        descr, crcs = self._descr, self._crcs
-        while len(crcs) < len(descr):
-            d = descr[len(crcs)]
-            lo, hi = max(self._crc_pos, d.offset), min(end, d.offset + d.nbytes)
+        descr, digests = self._descr, self._digests
+        while len(digests) < len(descr):
+            d = descr[len(digests)]
+            lo, hi = max(self._dig_pos, d.offset), min(end, d.offset + d.nbytes)
             if lo < hi:
-                self._crc_cur = zlib.crc32(view[lo:hi], self._crc_cur)
-                self._crc_pos = hi
+                if self._dig_cur is None:
+                    self._dig_cur = digest.new()
+                self._dig_cur.update(view[lo:hi])
+                self._dig_pos = hi
             if hi < d.offset + d.nbytes:
                 break
-            crcs.append(self._crc_cur)
-            self._crc_cur = 0
+            digests.append(digest.EMPTY if self._dig_cur is None else self._dig_cur.finalize())
+            self._dig_cur = None
         del view
 
     def _complete(self) -> None:
         assert self._header is not None and self._payload is not None
-        if self._crcs is not None:
-            self._crc_upto(self._payload_len)  # tensors with no bytes at the end
-        self._ready = (self._header, self._payload, self._descr, self._crcs)
+        if self._digests is not None:
+            self._digest_upto(self._payload_len)  # tensors with no bytes at the end
+        self._ready = (self._header, self._payload, self._descr, self._digests)
         self._header, self._payload, self._descr, self._header_len = None, None, [], -1
-        self._crcs = None
+        self._digests = None
 
     def payload_buffer(self) -> memoryview | None:
         """Free room in the current frame's payload buffer, for a reader that receives
@@ -327,8 +331,8 @@ class FrameDecoder:
         if self._payload is None or not 0 < n <= len(self._payload) - self._filled:
             raise LocalProtocolError("payload_written without a matching payload_buffer")
         self._filled += n
-        if self._crcs is not None:
-            self._crc_upto(self._filled)
+        if self._digests is not None:
+            self._digest_upto(self._filled)
         if self._filled == self._payload_len:
             self._complete()
 
@@ -357,7 +361,7 @@ class FrameDecoder:
                 self._error = RemoteProtocolError("stream ended inside a frame")
                 raise self._error
             return NEED_DATA
-        header, payload, descr, crcs = self._ready
+        header, payload, descr, digests = self._ready
         self._ready = None
         if self._pending:
             pending, self._pending = self._pending, bytearray()
@@ -371,21 +375,21 @@ class FrameDecoder:
         except (LocalProtocolError, RemoteProtocolError) as exc:
             self._error = RemoteProtocolError(str(exc)[:MAX_ERROR_TEXT])
             raise self._error from None
-        if crcs is not None:
+        if digests is not None:
             # not a field: what this process computed over the bytes it received
-            object.__setattr__(msg, _CRCS_ATTR, {(d.field, d.key): c for d, c in zip(descr, crcs)})
+            object.__setattr__(msg, _DIGESTS_ATTR, {(d.field, d.key): c for d, c in zip(descr, digests)})
         return msg
 
 
-_CRCS_ATTR = "_arrival_crcs"
+_DIGESTS_ATTR = "_arrival_digests"
 
 
-def arrival_crcs(msg: m.Message) -> dict[tuple[str, str], int] | None:
-    """For a message decoded here whose type is in ``CRC_ON_ARRIVAL``: the CRC-32 of each
-    tensor's bytes as they arrived, by (field, key). None for any other message (built
-    in this process, or of another type). The tensors are views of the bytes summed: a
-    CRC stays true as long as nobody writes to its tensor."""
-    return getattr(msg, _CRCS_ATTR, None)
+def arrival_digests(msg: m.Message) -> dict[tuple[str, str], bytes] | None:
+    """For a message decoded here whose type is in ``DIGEST_ON_ARRIVAL``: the digest
+    (``common.digest``) of each tensor's bytes as they arrived, by (field, key). None for
+    any other message (built in this process, or of another type). The tensors are views
+    of the bytes digested: a digest stays true as long as nobody writes to its tensor."""
+    return getattr(msg, _DIGESTS_ATTR, None)
 
 
 def _unpack_header(raw: bytes) -> dict:

@@ -319,7 +319,8 @@ class Fetcher:
         """``msg``'s session from ``source``, verified against ``checksum`` and rebuilt; it
         must be ``device``'s of ``round_`` and ``fits``. Raises ``MigrationError``."""
         session = EdgeSession.from_snapshot(msg.meta, msg.state, checksum, expect_model=self.model,
-                                           expect_split=self.cut_of(device), spare=self.spare, crcs=_state_crcs(msg))
+                                           expect_split=self.cut_of(device), spare=self.spare,
+                                           digests=_state_digests(msg))
         if (session.device, session.round) != (device, round_) or not fits(session):
             raise MigrationError(f"{source} sent {session.device} round {session.round} step "
                                  f"{session.step}, expected {device} {expected or f'round {round_}'}")
@@ -371,11 +372,11 @@ class Fetcher:
         self.events.emit("drop_sent", device=device, source=source, round=round, confirmed=ok)
 
 
-def _state_crcs(msg: m.Message) -> dict[str, int] | None:
-    """The CRC-32s of ``msg.state``'s tensors as their bytes arrived, by name (None for a
+def _state_digests(msg: m.Message) -> dict[str, bytes] | None:
+    """The digests of ``msg.state``'s tensors as their bytes arrived, by name (None for a
     message that was not received over a connection)."""
-    crcs = codec.arrival_crcs(msg)
-    return None if crcs is None else {key: crc for (field, key), crc in crcs.items() if field == "state"}
+    digests = codec.arrival_digests(msg)
+    return None if digests is None else {key: d for (field, key), d in digests.items() if field == "state"}
 
 
 def buddy_of(edge: str, edges: list[str]) -> str | None:

@@ -1096,17 +1096,23 @@ def test_activations_accept_any_float_dtype_and_empty_batches():
     m.Activations(round=1, step=0, batch={"x": torch.zeros(0, 3), "y": torch.zeros(0, dtype=torch.int64)})
 
 
-def test_snapshot_tensors_crc32_as_they_arrive():
-    import zlib
+@pytest.mark.parametrize("kind", ["SessionSnapshot", "SessionOffer", "SessionReplica"])
+def test_snapshot_tensors_digested_as_they_arrive(kind):
+    from common import digest
     tensors = {"a": torch.arange(7, dtype=torch.float32), "e": torch.empty(0), "b": torch.arange(33, dtype=torch.int8),
                "c": torch.ones(3, 5, dtype=torch.float64)}
-    frame = codec.encode_bytes(m.SessionSnapshot(device="d", round=1, step=0, meta={}, checksum="", state=tensors))
-    want = {("state", k): zlib.crc32(t.numpy().tobytes()) for k, t in tensors.items()}
+    msg = {"SessionSnapshot": lambda: m.SessionSnapshot(device="d", round=1, step=0, meta={}, checksum="", state=tensors),
+           "SessionOffer": lambda: m.SessionOffer(device="d", round=1, step=0, target="e1", meta={}, state=tensors),
+           "SessionReplica": lambda: m.SessionReplica(device="d", round=1, step=0, target="e1", meta={}, checksum="",
+                                                      state=tensors, edge_key="")}[kind]()
+    frame = codec.encode_bytes(msg)
+    want = {("state", k): digest.of(t.numpy().tobytes()) for k, t in tensors.items()}
+    assert want[("state", "e")] == digest.EMPTY and len(set(want.values())) == 4
     for chunk in (1, 5, len(frame)):
         dec = codec.FrameDecoder()
         for i in range(0, len(frame), chunk):
             dec.receive_data(frame[i:i + chunk])
-        assert codec.arrival_crcs(dec.next_message()) == want
+        assert codec.arrival_digests(dec.next_message()) == want
     # into the decoder's own buffer (the transport's path), and only for snapshot types
     dec = codec.FrameDecoder()
     dec.receive_data(frame[:40])
@@ -1122,7 +1128,7 @@ def test_snapshot_tensors_crc32_as_they_arrive():
         del room
         dec.payload_written(n)
         rest = rest[n:]
-    assert codec.arrival_crcs(dec.next_message()) == want
+    assert codec.arrival_digests(dec.next_message()) == want
     act = codec.encode_bytes(m.Activations(round=1, step=0,
                                            batch={"x": tensors["c"].float(), "y": torch.zeros(3, dtype=torch.int64)}))
-    assert codec.arrival_crcs(next(codec.decode_all(act))) is None
+    assert codec.arrival_digests(next(codec.decode_all(act))) is None

@@ -359,24 +359,24 @@ def _received(snap, chunk: int, flip: int | None = None):
     for i in range(0, len(frame), chunk):
         dec.receive_data(bytes(frame[i:i + chunk]))
     msg = dec.next_message()
-    crcs = {k: c for (f, k), c in codec.arrival_crcs(msg).items() if f == "state"}
-    return msg, crcs
+    digests = {k: c for (f, k), c in codec.arrival_digests(msg).items() if f == "state"}
+    return msg, digests
 
 
 @pytest.mark.parametrize("chunk", [1000, 1 << 20])
-def test_crcs_summed_on_arrival_verify_and_rebuild(snap, chunk):
-    msg, crcs = _received(snap, chunk)
-    assert set(crcs) == set(msg.state)
+def test_digests_on_arrival_verify_and_rebuild(snap, chunk):
+    msg, digests = _received(snap, chunk)
+    assert set(digests) == set(msg.state)
     session = EdgeSession.from_snapshot(msg.meta, msg.state, msg.checksum, expect_model="vgg5", expect_split=3,
-                                        crcs=crcs)
+                                        digests=digests)
     assert session.step == 2
 
 
 @pytest.mark.parametrize("flip", [1, 300_000, 2_000_000])
-def test_crcs_summed_on_arrival_catch_a_damaged_snapshot(snap, flip):
-    msg, crcs = _received(snap, 1 << 16, flip=flip)
+def test_digests_on_arrival_catch_a_damaged_snapshot(snap, flip):
+    msg, digests = _received(snap, 1 << 16, flip=flip)
     with pytest.raises(MigrationError, match="checksum"):
-        EdgeSession.from_snapshot(msg.meta, msg.state, msg.checksum, expect_model="vgg5", expect_split=3, crcs=crcs)
+        EdgeSession.from_snapshot(msg.meta, msg.state, msg.checksum, expect_model="vgg5", expect_split=3, digests=digests)
 
 
 def test_the_spare_part_is_rebuilt_later_and_once():
