@@ -176,7 +176,7 @@ class DeviceClient:
                         opt.step()
                         compute = time.perf_counter() - t_step
                     else:
-                        compute = self._split_step(model, opt, r, step, self.x[idx], self.y[idx])
+                        compute = self._split_step(model, opt, r, step, self.x[idx], self.y[idx], steps)
                     step_ms[step] = round((time.perf_counter() - t_wall) * 1000, 2)
                     self._throttle(compute)
                     step += 1
@@ -241,7 +241,7 @@ class DeviceClient:
         model.train()
         return model, make_optimizer(model.parameters(), lr=plan.lr, momentum=plan.momentum, prox_mu=plan.prox_mu)
 
-    def _split_step(self, model, opt, r: int, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _split_step(self, model, opt, r: int, step: int, x: torch.Tensor, y: torch.Tensor, steps: int = 0) -> float:
         """One lockstep step with the edge; returns the device's own compute seconds (not
         the wait for the edge), which is what ``slowdown`` stretches."""
         t0 = time.perf_counter()
@@ -252,10 +252,24 @@ class DeviceClient:
         grad = reply.grad.get("g")
         if grad is None or grad.shape != out.shape or grad.dtype != out.dtype:
             raise RemoteProtocolError(f"device {self.name}: gradient does not match the activations")
+        self._announce(r, step, steps)
         t1 = time.perf_counter()
         out.backward(grad)
         opt.step()
         return compute + time.perf_counter() - t1
+
+    def _announce(self, r: int, step: int, steps: int) -> None:
+        """A scheduled move at the boundary after ``step``: tell the edge now (its gradient
+        for ``step`` is in, the device's backward pass is still to come), so that the
+        session travels while the device computes (``EdgeLink.announce``). Not when a
+        radio loss of the trace falls on that boundary too (the device would not leave
+        from here), nor after the round's last step (no move follows it)."""
+        if self.mode != "fedfly" or not self.cfg.offer or step + 1 >= steps or \
+                self.drops.ahead(r, step, steps) is not None:
+            return
+        to = self.moves.upcoming(r, step, steps)
+        if to is not None:
+            self.link.announce(to, r, step + 1)
 
     def _throttle(self, compute_s: float) -> None:
         """Emulate a slower device: stretch each step's compute by ``slowdown``."""

@@ -118,6 +118,8 @@ class EdgeLink:
         self.run_hint = ""                  # the run of a checkpoint read from disk (before any attach)
         self.run_name: str | None = None
         self._pre: _Preconnect | None = None  # mobility.preconnect: a link opened ahead of a move
+        # ``announce``: the link a Leaving went out on ahead of a move, and that move
+        self._announced: tuple[Link, str, int, int] | None = None
         self.secret = attach_secret(cfg.run["out"], name)  # for the proofs of its attaches
 
     # -- state for status and reports ----------------------------------------------------------
@@ -457,18 +459,36 @@ class EdgeLink:
             if msg.round_plan.round > self.last_round:
                 return msg
 
+    def announce(self, to: str, round: int, step: int) -> None:
+        """A move to ``to`` before ``step`` of ``round`` is planned: say so now, on the link
+        we are on (mode fedfly with offers; the training loop calls this once the edge's
+        gradient for the step before is in, before the device's own backward pass). The
+        edge sends the session to ``to`` at once, after the step it trains, so that it
+        travels while the device still computes, and not during the move's pause. The
+        move itself (``move``) then only leaves. Nothing else goes on this link: the edge
+        closes it."""
+        link = self._link
+        if link is None or self.mode != "fedfly" or not self.cfg.offer or to == self.edge:
+            return
+        if link.post(m.Leaving(round=round, step=step, to=to)):
+            self._announced = (link, to, round, step)
+            self.events.emit("move_announced", to=to, round=round, step=step)
+
     def move(self, to: str, round: int, step: int) -> m.AttachReply:
         """A planned move at a step boundary: leave the current edge, attach to ``to``
         naming it. If ``to`` cannot take the device, the link policy finds it a place
         (the edge it left first). Raises ``Rollback``/``RoundOver`` like ``step``."""
         source = self.edge
         t0 = time.perf_counter()
+        announced, self._announced = self._announced, None
         pre = self._take_preconnect(to)
         if pre is not None:
             return self._move_preconnected(pre, to, round, step, t0)
         old = self._link
         self._set_link_state("reconnecting")
-        if old is not None and self.mode == "fedfly" and self.cfg.offer:
+        if old is not None and announced == (old, to, round, step):
+            old.close(drain=False)  # its edge knows where we go: the session is on its way there
+        elif old is not None and self.mode == "fedfly" and self.cfg.offer:
             # the last message on it says where we go: the source sends the session there
             # now, while we connect (it keeps the session until the destination confirms)
             old.close(notice=m.Leaving(round=round, step=step, to=to))

@@ -40,6 +40,14 @@ class _Schedule:
                 return x
         return None
 
+    def ahead(self, round: int, step: int, steps: int):
+        """The item ``next_due`` will give at the next boundary (before step ``step + 1``),
+        without taking it."""
+        for x in self._items:
+            if x.round == round and x not in self._done and x.step(steps) <= step + 1:
+                return x
+        return None
+
 
 class ScheduledMoves(_Schedule):
     """``[[mobility.moves]]``: move before step floor(at x steps) of the round named."""
@@ -53,10 +61,8 @@ class ScheduledMoves(_Schedule):
 
     def upcoming(self, round: int, step: int, steps: int) -> str | None:
         """The edge a move due at the next boundary (before step ``step + 1``) goes to."""
-        for x in self._items:
-            if x.round == round and x not in self._done and x.step(steps) <= step + 1:
-                return x.to
-        return None
+        mv = self.ahead(round, step, steps)
+        return mv.to if mv is not None else None
 
 
 class ScheduledDrops(_Schedule):

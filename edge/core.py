@@ -102,6 +102,7 @@ class Offer:
     body: m.SessionOffer | None = None
     checksum: str = ""  # from its ``OfferSealed``
     token: int = 0   # the pull of the entry that waits for it (0: none waits yet)
+    built: object = None  # ``Fetcher.prepare_offer``'s handle: verified and rebuilt from the seal on
 
     @property
     def ready(self) -> bool:
@@ -624,10 +625,10 @@ class EdgeCore:
                           proofs=req.proofs)
 
     def _take_offer(self, e: Entry, o: Offer) -> None:
-        assert o.body is not None
+        assert o.body is not None and o.built is not None
         del self.offers[e.device]
         self.fetcher.take_offer(device=e.device, source=o.source, token=e.pull_token, offer=o.body,
-                                checksum=o.checksum, port=o.port, since=o.at)
+                                checksum=o.checksum, port=o.port, since=o.at, prepared=o.built)
 
     def _decline(self, device: str, *, why: str = "declined") -> None:
         """Forget the offer for ``device`` and tell its source (which keeps the session for
@@ -638,6 +639,8 @@ class EdgeCore:
 
     def _offer_lost(self, device: str, o: Offer, why: str) -> None:
         self.events.emit("offer_dropped", device=device, source=o.source, round=o.round, step=o.step, why=why)
+        if o.built is not None and self.spare is not None:
+            self.spare.refill_soon()  # its rebuild may have taken the spare part
         e = self.entries.get(device)
         if e is not None and self._waits_on(e, o):
             e.offer_token = 0
@@ -683,6 +686,7 @@ class EdgeCore:
         if e is None or e.state is not S.PULLING or e.pull_token != ev.token or e.pending is None:
             if ev.session is not None:
                 self.events.emit("pull_stale", device=ev.device, source=ev.source)
+                self._unconfirmed(ev)
             return
         req = e.pending
         r, s = req.round, req.step
@@ -706,11 +710,14 @@ class EdgeCore:
             # it is not the one that counts. Ask again where the device says it is.
             self.events.emit("pull_superseded", device=e.device, source=ev.source, round=r, step=s,
                              got_step=ev.session.step)
+            self._unconfirmed(ev)
             self._begin_resume(e, E.PULLED, req)
             return
         if ev.session is not None:
             self._install_pulled(e, ev.session, source=ev.source, state_bytes=ev.state_bytes,
                                  transfer_ms=ev.transfer_ms, offered=ev.offered)
+            if ev.confirm is not None:  # after the device's answer: the source's release is not on its path
+                ev.confirm[0].post(ev.confirm[1])
             return
         refused = ev.refused
         if refused is not None and refused.reason == OFFERED and not ev.replica and e.no_offer == e.pull_token \
@@ -752,6 +759,13 @@ class EdgeCore:
         # weights here. Exact, at the cost of the steps done.
         detail = ev.error or (refused.reason if refused is not None else "unknown")
         self._pull_failed(e, source=ev.source, detail=detail)
+
+    @staticmethod
+    def _unconfirmed(ev: PullOutcome) -> None:
+        """An offered session that was not installed: its source is told, and keeps it."""
+        if ev.confirm is not None:
+            port, done = ev.confirm
+            port.post(m.OfferDeclined(device=done.device, round=done.round, step=done.step))
 
     def _install_pulled(self, e: Entry, session: EdgeSession, *, source: str, state_bytes: int,
                         transfer_ms: float, offered: bool = False) -> None:
@@ -1131,6 +1145,8 @@ class EdgeCore:
             port.post(m.OfferDeclined(device=msg.device, round=msg.round, step=msg.step))
             return
         o.checksum = msg.checksum
+        # verified and rebuilt now, off this thread, whether or not its device is here yet
+        o.built = self.fetcher.prepare_offer(device=msg.device, source=o.source, offer=o.body, checksum=o.checksum)
         e = self.entries.get(msg.device)
         if e is not None and self._waits_on(e, o):
             self._take_offer(e, o)

@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -249,31 +250,44 @@ class Fetcher:
         opened in the background, and this handover is pulled as before)."""
         return self.peers.kept(peer)
 
-    def take_offer(self, *, device: str, source: str, token: int, offer: m.SessionOffer, checksum: str, port,
-                   since: float) -> None:
-        """Verify ``offer`` against ``checksum`` and rebuild it (on a worker thread, as a
-        pull's), hand it to the core as a ``PullOutcome`` and confirm it to the source on
-        ``port``. ``since``: when its notice came (``time.monotonic``), the start of its
-        ``transfer_ms``."""
-        threading.Thread(target=self._take_offer, args=(device, source, token, offer, checksum, port, since),
-                         name=f"offer-{device}", daemon=True).start()
+    def prepare_offer(self, *, device: str, source: str, offer: m.SessionOffer, checksum: str) -> Future:
+        """Verify ``offer`` against ``checksum`` and rebuild it now, on a worker thread, so
+        that the device that comes for it finds it ready (the session was sent while the
+        device still computed its last step). The result (or the error) is in the future."""
+        done: Future = Future()
 
-    def _take_offer(self, device: str, source: str, token: int, offer: m.SessionOffer, checksum: str, port,
-                    since: float) -> None:
+        def build() -> None:
+            try:
+                done.set_result(self._rebuild(device, source, offer, checksum, offer.round))
+            except BaseException as exc:  # noqa: BLE001 - every failure is the future's
+                done.set_exception(exc)
+        threading.Thread(target=build, name=f"offer-{device}", daemon=True).start()
+        return done
+
+    def take_offer(self, *, device: str, source: str, token: int, offer: m.SessionOffer, checksum: str, port,
+                   since: float, prepared: Future) -> None:
+        """Hand the core the session ``prepared`` from ``offer`` as a ``PullOutcome``, as soon
+        as it is built (at once, on this thread, if it is already). A copy that failed its
+        checks is declined on ``port``; one that passed carries the ``SessionInstalled`` the
+        core sends once it has installed it. ``since``: when the offer's notice came
+        (``time.monotonic``), the start of its ``transfer_ms``."""
+        prepared.add_done_callback(lambda f: self._offer_ready(device, source, token, offer, checksum, port, since, f))
+
+    def _offer_ready(self, device: str, source: str, token: int, offer: m.SessionOffer, checksum: str, port,
+                     since: float, built: Future) -> None:
         outcome = PullOutcome(device=device, token=token, source=source, offered=True)
-        try:
-            session = self._rebuild(device, source, offer, checksum, offer.round)
-        except Exception as exc:  # noqa: BLE001 - a bad copy is declined; the core pulls instead
+        exc = built.exception()
+        if exc is not None:  # a bad copy is declined; the core pulls instead
             outcome.error = f"offer of {device} from {source}: {type(exc).__name__}: {exc}"
             port.post(m.OfferDeclined(device=device, round=offer.round, step=offer.step))
         else:
+            session = built.result()
             outcome.session = session
             outcome.state_bytes = sum(t.numel() * t.element_size() for t in offer.state.values())
+            outcome.confirm = (port, m.SessionInstalled(device=device, round=offer.round, step=session.step,
+                                                        checksum=checksum))
         outcome.transfer_ms = (time.monotonic() - since) * 1000
         self.submit(outcome)
-        if outcome.session is not None:
-            port.post(m.SessionInstalled(device=device, round=offer.round, step=outcome.session.step,
-                                         checksum=checksum))
 
     def pull_replica(self, *, device: str, source: str, round: int, steps: list[int], token: int,
                      proofs: dict[str, str]) -> None:

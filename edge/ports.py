@@ -56,10 +56,18 @@ class Fetcher(Protocol):
         """The kept link to ``peer``, open now, to offer a session on; None if there is none
         (one is opened for next time)."""
 
+    def prepare_offer(self, *, device: str, source: str, offer: m.SessionOffer, checksum: str) -> object:
+        """Start verifying and rebuilding an offered session now, off the core's thread
+        (before its device attaches: the session came while the device still computed);
+        returns the handle ``take_offer`` takes."""
+
     def take_offer(self, *, device: str, source: str, token: int, offer: m.SessionOffer, checksum: str, port: Port,
-                   since: float) -> None:
-        """Verify and rebuild an offered session off the core's thread; the outcome comes
-        back as a ``PullOutcome`` (``offered``), and ``port`` hears ``SessionInstalled``."""
+                   since: float, prepared: object) -> None:
+        """The device came for the offer ``prepared``: its outcome comes back as a
+        ``PullOutcome`` (``offered``) once verified and rebuilt, at once if it is already.
+        A copy that fails its checks is declined on ``port``; one that passes carries the
+        ``SessionInstalled`` for ``port`` (``PullOutcome.confirm``), which the core sends
+        once it has installed it."""
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -109,6 +117,9 @@ class PullOutcome:
     transfer_ms: float = 0.0
     replica: bool = False   # a copy from a dead edge's buddy (at a checkpoint step), not the session
     offered: bool = False   # the session its source offered when the device left (not pulled)
+    # an offered session's confirmation: the core sends it on the port once it installed
+    # the session (and declines the offer instead if it does not)
+    confirm: "tuple[Port, m.Message] | None" = None
 
 
 @dataclass

@@ -75,6 +75,12 @@ class FakeFetcher:
     def take_offer(self, **kw):
         self.offers.append(kw)
 
+    prepared: list = field(default_factory=list)
+
+    def prepare_offer(self, **kw):
+        self.prepared.append(kw)
+        return kw  # the handle take_offer is given
+
 
 def make_core(mode: str = "fedfly", name: str = "edge1", **kw) -> EdgeCore:
     """A welcomed core; ``kw``: more of ``EdgeCore``'s settings (a clock, deadlines)."""
@@ -782,6 +788,82 @@ def test_an_offered_copy_that_fails_its_checks_is_pulled_instead():
     offered = m.PullRefused(device="device1", reason="offered", moved_to="", delivered=False)
     dst.handle(PullOutcome(device="device1", token=pull["token"], source="edge1", refused=offered))
     assert len(dst.fetcher.pulls) == 2 and state(dst) is S.PULLING
+
+
+def _logged(port: Outbox, name: str, log: list) -> Outbox:
+    """``port``, also noting in ``log`` what is posted on it, in order across ports."""
+    post = port.post
+    port.post = lambda msg: (log.append((name, type(msg).__name__)), post(msg))[1]
+    return port
+
+
+def test_an_offer_is_rebuilt_from_its_seal_on_and_its_source_hears_of_the_install_after_the_device():
+    notice, offer, seal = _offer_from(make_core())
+    dst = make_core(name="edge2")
+    start_round(dst)
+    log: list = []
+    port = _logged(Outbox("edge edge1"), "source", log)
+    for msg in (notice, offer, seal):
+        dst.handle(PeerMessage(port, msg))
+    (prep,) = dst.fetcher.prepared  # at its seal, before its device came
+    assert prep["offer"] is offer and prep["checksum"] == seal.checksum and dst.fetcher.offers == []
+    dev = _logged(attach(dst, kind="resume", round=1, step=2, source="edge1", why="move"), "device", log)
+    (took,) = dst.fetcher.offers
+    assert took["prepared"] is prep
+    session = EdgeSession.from_snapshot(offer.meta, offer.state, seal.checksum, expect_model="vgg5", expect_split=3)
+    done = m.SessionInstalled(device="device1", round=1, step=2, checksum=seal.checksum)
+    dst.handle(PullOutcome(device="device1", token=took["token"], source="edge1", offered=True, session=session,
+                           confirm=(port, done)))
+    assert state(dst) is S.ACTIVE and dst.entries["device1"].session is session
+    (reply,) = of(dev, m.AttachReply)
+    assert reply.action == "continue" and reply.resume_step == 2
+    assert port.sent[-1] == done and log == [("device", "AttachReply"), ("source", "SessionInstalled")]
+
+
+def test_an_offered_session_not_installed_is_declined_not_confirmed():
+    notice, offer, seal = _offer_from(make_core())
+    dst = make_core(name="edge2")
+    start_round(dst)
+    port = Outbox("edge edge1")
+    for msg in (notice, offer, seal):
+        dst.handle(PeerMessage(port, msg))
+    attach(dst, kind="resume", round=1, step=2, source="edge1", why="move")
+    (took,) = dst.fetcher.offers
+    session = EdgeSession.from_snapshot(offer.meta, offer.state, seal.checksum, expect_model="vgg5", expect_split=3)
+    done = m.SessionInstalled(device="device1", round=1, step=2, checksum=seal.checksum)
+    # the outcome of an older fetch (another token): stale, so the source keeps the session
+    dst.handle(PullOutcome(device="device1", token=took["token"] + 100, source="edge1", offered=True,
+                           session=session, confirm=(port, done)))
+    assert done not in port.sent and port.sent[-1] == m.OfferDeclined(device="device1", round=1, step=2)
+    assert state(dst) is S.PULLING
+
+
+def test_the_fetcher_builds_an_offer_ahead_and_hands_it_over_when_it_is_taken():
+    import time
+
+    from edge.migration import Fetcher
+    notice, offer, seal = _offer_from(make_core())
+    got: list = []
+    fetcher = Fetcher(name="edge2", peers=None, submit=got.append, model="vgg5", cut_of=lambda d: 3, spare=None,
+                      events=EventLog(process="edge2", role="edge"))
+    good = fetcher.prepare_offer(device="device1", source="edge1", offer=offer, checksum=seal.checksum)
+    good.result(timeout=60)  # verified and rebuilt before anybody takes it
+    assert got == []
+    port = Outbox("edge edge1")
+    fetcher.take_offer(device="device1", source="edge1", token=7, offer=offer, checksum=seal.checksum, port=port,
+                       since=time.monotonic(), prepared=good)
+    (out,) = got  # at once, on the caller's thread
+    assert out.token == 7 and out.offered and out.session is not None and out.session.step == 2
+    assert out.confirm == (port, m.SessionInstalled(device="device1", round=1, step=2, checksum=seal.checksum))
+    assert port.sent == []  # the core confirms, once it has installed it
+    bad = fetcher.prepare_offer(device="device1", source="edge1", offer=offer, checksum="0" * 64)
+    fetcher.take_offer(device="device1", source="edge1", token=8, offer=offer, checksum="0" * 64, port=port,
+                       since=time.monotonic(), prepared=bad)
+    deadline = time.monotonic() + 60
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got[1].token == 8 and got[1].session is None and "checksum" in got[1].error and got[1].confirm is None
+    assert port.sent == [m.OfferDeclined(device="device1", round=1, step=2)]
 
 
 def test_an_offer_nobody_comes_for_is_declined_at_the_deadline():
