@@ -258,9 +258,13 @@ class Fetcher:
 
         def build() -> None:
             try:
-                done.set_result(self._rebuild(device, source, offer, checksum, offer.round))
+                session = self._rebuild(device, source, offer, checksum, offer.round)
             except BaseException as exc:  # noqa: BLE001 - every failure is the future's
+                done.built_at = time.monotonic()  # type: ignore[attr-defined]
                 done.set_exception(exc)
+            else:
+                done.built_at = time.monotonic()  # type: ignore[attr-defined]
+                done.set_result(session)
         threading.Thread(target=build, name=f"offer-{device}", daemon=True).start()
         return done
 
@@ -270,7 +274,8 @@ class Fetcher:
         as it is built (at once, on this thread, if it is already). A copy that failed its
         checks is declined on ``port``; one that passed carries the ``SessionInstalled`` the
         core sends once it has installed it. ``since``: when the offer's notice came
-        (``time.monotonic``), the start of its ``transfer_ms``."""
+        (``time.monotonic``), the start of its ``transfer_ms``, which ends when it was
+        rebuilt."""
         prepared.add_done_callback(lambda f: self._offer_ready(device, source, token, offer, checksum, port, since, f))
 
     def _offer_ready(self, device: str, source: str, token: int, offer: m.SessionOffer, checksum: str, port,
@@ -286,7 +291,8 @@ class Fetcher:
             outcome.state_bytes = sum(t.numel() * t.element_size() for t in offer.state.values())
             outcome.confirm = (port, m.SessionInstalled(device=device, round=offer.round, step=session.step,
                                                         checksum=checksum))
-        outcome.transfer_ms = (time.monotonic() - since) * 1000
+        # from its notice to its rebuild, not to its device's attach (which may come later)
+        outcome.transfer_ms = (getattr(built, "built_at", time.monotonic()) - since) * 1000
         self.submit(outcome)
 
     def pull_replica(self, *, device: str, source: str, round: int, steps: list[int], token: int,

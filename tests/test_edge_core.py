@@ -846,13 +846,17 @@ def test_the_fetcher_builds_an_offer_ahead_and_hands_it_over_when_it_is_taken():
     got: list = []
     fetcher = Fetcher(name="edge2", peers=None, submit=got.append, model="vgg5", cut_of=lambda d: 3, spare=None,
                       events=EventLog(process="edge2", role="edge"))
+    since = time.monotonic()
     good = fetcher.prepare_offer(device="device1", source="edge1", offer=offer, checksum=seal.checksum)
     good.result(timeout=60)  # verified and rebuilt before anybody takes it
+    time.sleep(0.3)          # the device comes later
     assert got == []
     port = Outbox("edge edge1")
     fetcher.take_offer(device="device1", source="edge1", token=7, offer=offer, checksum=seal.checksum, port=port,
-                       since=time.monotonic(), prepared=good)
+                       since=since, prepared=good)
+    taken = time.monotonic()
     (out,) = got  # at once, on the caller's thread
+    assert 0 < out.transfer_ms < (taken - since) * 1000 - 250  # until it was rebuilt, not until it was taken
     assert out.token == 7 and out.offered and out.session is not None and out.session.step == 2
     assert out.confirm == (port, m.SessionInstalled(device="device1", round=1, step=2, checksum=seal.checksum))
     assert port.sent == []  # the core confirms, once it has installed it
