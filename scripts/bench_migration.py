@@ -22,11 +22,13 @@ The matrix: the same ping-pong of device1 in every combination of the load on th
 machine (``alone``: 1 device; ``pair``: device2 trains on edge2 all along, five processes
 on two cores; ``four``: 4 devices on 2 edges), the security mode (``key``: a MAC on every
 record; ``tls``) and the move mode (``break``: break-before-make, the default, where the
-source offers the session to the destination as the device leaves, ``mobility.offer``;
+source offers the session to the destination when the device announces the move, a step
+ahead, ``mobility.offer``;
 ``pull``: the same with ``mobility.offer = false``, the destination pulls it once the
 device attached; ``preconnect``: ``mobility.preconnect``), the runs interleaved (``--repeat`` passes over
 the matrix), with the plain socket measured between them. Per combination: the pause,
-the pull, and the first step after each move against the median step of device1 (its
+the pull (for an offered session: from its notice until it was verified and rebuilt,
+which with an announced move is before the device arrives), and the first step after each move against the median step of device1 (its
 ``round_done`` events' ``step_ms``). Every run records the share of the CPUs others
 took; nothing is re-run (the machine's load is reported, not waited out). ``--baseline
 DIR`` (another checkout, e.g. ``git worktree add DIR main``) runs every break-before-make
