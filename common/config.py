@@ -272,11 +272,14 @@ class Config:
     # move's pause covers only the handover. Off by default: a radio cannot always reach
     # the next cell before it leaves this one.
     preconnect: bool = False
-    # mobility.offer: a device that leaves for a planned move (break-before-make) says where
-    # it goes, and its edge sends the session there at once, while the device connects
-    # (mode fedfly); false: the destination pulls it once the device attached (the path a
-    # lost link takes). BENCHMARKS 2c: as fast on loopback, 12-30% shorter pauses with a
-    # radio's 10 ms round trip. A preconnected move always pulls (its attach is instant).
+    # mobility.offer: a device that leaves for a planned move says where it goes, and its
+    # edge sends the session there, which verifies and rebuilds it before the device comes
+    # (mode fedfly). A scheduled move is announced a step ahead, once the edge's gradient
+    # for the step before it is in, so the session travels during the device's backward
+    # pass; a move known only at the boundary is announced as the device leaves. With
+    # preconnect too, the move is announced the same way and its link is already open.
+    # false: the destination pulls it once the device attached (the path a lost link
+    # takes). BENCHMARKS 2c, 2e.
     offer: bool = True
     traced_moves: tuple[TimedMove, ...] = field(default_factory=tuple)  # a time-based trace's
     mobility: dict[str, Any] = field(default_factory=dict)   # the mobility model in force and its settings

@@ -241,7 +241,7 @@ class DeviceClient:
         model.train()
         return model, make_optimizer(model.parameters(), lr=plan.lr, momentum=plan.momentum, prox_mu=plan.prox_mu)
 
-    def _split_step(self, model, opt, r: int, step: int, x: torch.Tensor, y: torch.Tensor, steps: int = 0) -> float:
+    def _split_step(self, model, opt, r: int, step: int, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
         """One lockstep step with the edge; returns the device's own compute seconds (not
         the wait for the edge), which is what ``slowdown`` stretches."""
         t0 = time.perf_counter()

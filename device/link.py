@@ -468,8 +468,8 @@ class EdgeLink:
         move itself (``move``) then only leaves. Nothing else goes on this link: the edge
         closes it."""
         link = self._link
-        if link is None or self.mode != "fedfly" or not self.cfg.offer or to == self.edge:
-            return
+        if link is None or link.silent or self.mode != "fedfly" or not self.cfg.offer or to == self.edge:
+            return  # (a silent link: a radio loss under way, which would swallow it)
         if link.post(m.Leaving(round=round, step=step, to=to)):
             self._announced = (link, to, round, step)
             self.events.emit("move_announced", to=to, round=round, step=step)
@@ -483,11 +483,12 @@ class EdgeLink:
         announced, self._announced = self._announced, None
         pre = self._take_preconnect(to)
         if pre is not None:
-            return self._move_preconnected(pre, to, round, step, t0)
+            return self._move_preconnected(pre, to, round, step, t0,
+                                           announced=announced == (self._link, to, round, step))
         old = self._link
         self._set_link_state("reconnecting")
         if old is not None and announced == (old, to, round, step):
-            old.close(drain=False)  # its edge knows where we go: the session is on its way there
+            old.close()  # its edge knows where we go (what is still queued, the Leaving too, goes first)
         elif old is not None and self.mode == "fedfly" and self.cfg.offer:
             # the last message on it says where we go: the source sends the session there
             # now, while we connect (it keeps the session until the destination confirms)
@@ -575,16 +576,19 @@ class EdgeLink:
             raise _Refused(f"{edge} refused {self.name}: {reply.reason}")
         return link, reply
 
-    def _move_preconnected(self, pre: "_Preconnect", to: str, round: int, step: int, t0: float) -> m.AttachReply:
+    def _move_preconnected(self, pre: "_Preconnect", to: str, round: int, step: int, t0: float, *,
+                           announced: bool = False) -> m.AttachReply:
         """``move`` with the link to ``to`` opened ahead (make-before-break): the old link
-        is closed on another thread (its end tells the source the device left, which then
-        readies the snapshot) while the attach goes out on the new one. No ``Leaving``:
-        the attach is there at once, and the destination's pull as quick as an offer."""
+        is closed on another thread while the attach goes out on the new one. A move
+        ``announced`` a step ahead finds its session offered to ``to`` already; otherwise
+        no ``Leaving`` goes (the attach is there at once): the old link's end tells the
+        source the device left, which readies the snapshot for the destination's pull."""
         source = self.edge
         old = self._link
         self._set_link_state("reconnecting")
         if old is not None:
-            threading.Thread(target=old.close, kwargs={"drain": False}, name="close-old-link", daemon=True).start()
+            threading.Thread(target=old.close, kwargs={"drain": announced}, name="close-old-link",
+                             daemon=True).start()
         limit = max(2 * self.faults["dead_after_s"], 10.0)
         try:
             conn = pre.result(limit)

@@ -624,9 +624,15 @@ class EdgeCore:
         self.fetcher.pull(device=e.device, source=source, round=req.round, step=req.step, token=e.pull_token,
                           proofs=req.proofs)
 
+    def _prepare(self, device: str, o: Offer) -> object:
+        assert o.body is not None
+        return self.fetcher.prepare_offer(device=device, source=o.source, offer=o.body, checksum=o.checksum)
+
     def _take_offer(self, e: Entry, o: Offer) -> None:
-        assert o.body is not None and o.built is not None
+        assert o.body is not None
         del self.offers[e.device]
+        if o.built is None:
+            o.built = self._prepare(e.device, o)
         self.fetcher.take_offer(device=e.device, source=o.source, token=e.pull_token, offer=o.body,
                                 checksum=o.checksum, port=o.port, since=o.at, prepared=o.built)
 
@@ -639,8 +645,6 @@ class EdgeCore:
 
     def _offer_lost(self, device: str, o: Offer, why: str) -> None:
         self.events.emit("offer_dropped", device=device, source=o.source, round=o.round, step=o.step, why=why)
-        if o.built is not None and self.spare is not None:
-            self.spare.refill_soon()  # its rebuild may have taken the spare part
         e = self.entries.get(device)
         if e is not None and self._waits_on(e, o):
             e.offer_token = 0
@@ -717,7 +721,8 @@ class EdgeCore:
             self._install_pulled(e, ev.session, source=ev.source, state_bytes=ev.state_bytes,
                                  transfer_ms=ev.transfer_ms, offered=ev.offered)
             if ev.confirm is not None:  # after the device's answer: the source's release is not on its path
-                ev.confirm[0].post(ev.confirm[1])
+                port, installed, _ = ev.confirm
+                port.post(installed)
             return
         refused = ev.refused
         if refused is not None and refused.reason == OFFERED and not ev.replica and e.no_offer == e.pull_token \
@@ -764,8 +769,8 @@ class EdgeCore:
     def _unconfirmed(ev: PullOutcome) -> None:
         """An offered session that was not installed: its source is told, and keeps it."""
         if ev.confirm is not None:
-            port, done = ev.confirm
-            port.post(m.OfferDeclined(device=done.device, round=done.round, step=done.step))
+            port, _, declined = ev.confirm
+            port.post(declined)
 
     def _install_pulled(self, e: Entry, session: EdgeSession, *, source: str, state_bytes: int,
                         transfer_ms: float, offered: bool = False) -> None:
@@ -1145,8 +1150,10 @@ class EdgeCore:
             port.post(m.OfferDeclined(device=msg.device, round=msg.round, step=msg.step))
             return
         o.checksum = msg.checksum
-        # verified and rebuilt now, off this thread, whether or not its device is here yet
-        o.built = self.fetcher.prepare_offer(device=msg.device, source=o.source, offer=o.body, checksum=o.checksum)
+        if self.current is not None and self.current.round >= o.round:
+            # verified and rebuilt now, off this thread, whether or not its device is here
+            # yet (not before its round started here: the round's cuts are not known)
+            o.built = self._prepare(msg.device, o)
         e = self.entries.get(msg.device)
         if e is not None and self._waits_on(e, o):
             self._take_offer(e, o)

@@ -265,6 +265,8 @@ class Fetcher:
             else:
                 done.built_at = time.monotonic()  # type: ignore[attr-defined]
                 done.set_result(session)
+            if self.spare is not None:
+                self.spare.refill_soon()  # the rebuild took it (the device may be a while yet)
         threading.Thread(target=build, name=f"offer-{device}", daemon=True).start()
         return done
 
@@ -290,7 +292,8 @@ class Fetcher:
             outcome.session = session
             outcome.state_bytes = sum(t.numel() * t.element_size() for t in offer.state.values())
             outcome.confirm = (port, m.SessionInstalled(device=device, round=offer.round, step=session.step,
-                                                        checksum=checksum))
+                                                        checksum=checksum),
+                               m.OfferDeclined(device=device, round=offer.round, step=offer.step))
         # from its notice to its rebuild, not to its device's attach (which may come later)
         outcome.transfer_ms = (getattr(built, "built_at", time.monotonic()) - since) * 1000
         self.submit(outcome)

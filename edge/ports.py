@@ -117,9 +117,9 @@ class PullOutcome:
     transfer_ms: float = 0.0
     replica: bool = False   # a copy from a dead edge's buddy (at a checkpoint step), not the session
     offered: bool = False   # the session its source offered when the device left (not pulled)
-    # an offered session's confirmation: the core sends it on the port once it installed
-    # the session (and declines the offer instead if it does not)
-    confirm: "tuple[Port, m.Message] | None" = None
+    # an offered session's (port, confirmation, refusal): the core sends the confirmation
+    # on the port once it installed the session, the refusal if it does not install it
+    confirm: "tuple[Port, m.Message, m.Message] | None" = None
 
 
 @dataclass

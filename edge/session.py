@@ -29,7 +29,8 @@ from common.training import LOSS, make_optimizer, stable_seed
 # tensor's digest is Poly1305 under a fixed key (``common.digest``: 12 GB/s here, CRC-32
 # 4.3, SHA-256 1.8). Its job is to catch a damaged, torn or incomplete copy (and bugs);
 # forgery is the transport's to stop (every byte between edges carries a MAC or TLS).
-# The digests run on these threads, so that the source's bytes go out meanwhile.
+# The digests run on these threads, so that the caller goes on (the source posts the
+# bytes meanwhile); Poly1305 holds the GIL, so two threads do not digest in parallel.
 _HASH_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checksum")
 
 
@@ -104,12 +105,15 @@ class SparePart:
         self._refill()
 
     def _refill(self, delay: float = 0.0) -> None:
-        if delay:
-            time.sleep(delay)
-        part = empty_part(self._model, self._first)
-        with self._lock:
-            self._spare = part
-            self._refilling = False
+        part = None
+        try:
+            if delay:
+                time.sleep(delay)
+            part = empty_part(self._model, self._first)
+        finally:
+            with self._lock:
+                self._spare = part if part is not None else self._spare
+                self._refilling = False
 
     def take(self, first: int | None = None) -> Part:
         """The spare (or a new part, if it was already taken, or if the session starts at
@@ -129,12 +133,6 @@ class SparePart:
                 return
             self._refilling = True
         threading.Thread(target=self._refill, args=(delay,), name="spare-part", daemon=True).start()
-
-    @property
-    def ready(self) -> bool:
-        """A spare is built and waiting."""
-        with self._lock:
-            return self._spare is not None
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ import pytest
 
 from common import transport
 from common import security
-from common.config import Move, build_config
+from common.config import Drop, Move, build_config
 from common.events import EventLog
 from device.control import Position
 from device.link import EdgeLink
-from device.moves import CommandedMoves, MoveSources, ScheduledMoves
+from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves
 
 KEY = bytes(range(32))
 
@@ -94,3 +94,63 @@ def test_sources_are_asked_in_order_and_commands_are_taken_once():
     both = MoveSources(ScheduledMoves([Move("device1", "edge2", 1, 0.5)]), CommandedMoves(pos))
     pos.pending = "edge3"
     assert both.due(1, 2, 4) == "edge2" and both.due(1, 2, 4) == "edge3" and both.due(1, 2, 4) is None
+
+
+def test_what_is_seen_a_step_ahead_is_what_falls_due_at_the_next_boundary():
+    moves = ScheduledMoves([Move("device1", "edge2", 1, 0.5), Move("device1", "edge3", 1, 0.5)])
+    drops = ScheduledDrops([Drop("device1", 1, 0.75, 1.0)])
+    assert moves.upcoming(1, 0, 4) is None and drops.ahead(1, 1, 4) is None
+    assert moves.upcoming(1, 1, 4) == "edge2" and moves.upcoming(1, 1, 4) == "edge2"  # seen, not taken
+    assert moves.due(1, 2, 4) == "edge2" and moves.upcoming(1, 1, 4) == "edge3"
+    seen = drops.ahead(1, 2, 4)
+    assert seen is not None and drops.due(1, 3, 4) is seen and drops.ahead(1, 2, 4) is None
+
+
+class _Links:
+    """What ``DeviceClient._announce`` tells its link."""
+
+    def __init__(self):
+        self.said = []
+
+    def announce(self, to, round, step):
+        self.said.append((to, round, step))
+
+
+def _announcer(*, offer=True, mode="fedfly", drops=()):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(mode=mode, cfg=SimpleNamespace(offer=offer), link=_Links(), drops=ScheduledDrops(drops),
+                           moves=MoveSources(ScheduledMoves([Move("device1", "edge2", 1, 0.5)])))
+
+
+def test_a_scheduled_move_is_announced_a_step_ahead_unless_a_drop_falls_there_too():
+    from device.client import DeviceClient
+
+    dev = _announcer()
+    DeviceClient._announce(dev, 1, 0, 4)          # the move is before step 2: not yet
+    DeviceClient._announce(dev, 1, 1, 4)
+    assert dev.link.said == [("edge2", 1, 2)]
+    for quiet in (_announcer(offer=False), _announcer(mode="restart"),
+                  _announcer(drops=[Drop("device1", 1, 0.5, 2.0)])):
+        DeviceClient._announce(quiet, 1, 1, 4)
+        assert quiet.link.said == []
+    last = _announcer()
+    last.moves = MoveSources(ScheduledMoves([Move("device1", "edge2", 1, 1.0)]))
+    DeviceClient._announce(last, 1, 3, 4)         # after the round's last step no move follows
+    assert last.link.said == []
+
+
+def test_an_announce_goes_on_a_live_link_only_and_never_to_the_edge_it_is_on():
+    from types import SimpleNamespace
+
+    lk = link(config())
+    sent = []
+    lk._link = SimpleNamespace(silent=False, post=lambda msg: sent.append(msg) or True)
+    lk.announce("edge2", 1, 2)                    # it is on edge2 already
+    lk._link.silent = True                         # a radio loss under way would swallow it
+    lk.announce("edge3", 1, 2)
+    assert sent == [] and lk._announced is None
+    lk._link.silent = False
+    lk.announce("edge3", 1, 2)
+    assert [(x.to, x.round, x.step) for x in sent] == [("edge3", 1, 2)]
+    assert lk._announced == (lk._link, "edge3", 1, 2)

@@ -812,12 +812,29 @@ def test_an_offer_is_rebuilt_from_its_seal_on_and_its_source_hears_of_the_instal
     assert took["prepared"] is prep
     session = EdgeSession.from_snapshot(offer.meta, offer.state, seal.checksum, expect_model="vgg5", expect_split=3)
     done = m.SessionInstalled(device="device1", round=1, step=2, checksum=seal.checksum)
+    no = m.OfferDeclined(device="device1", round=1, step=2)
     dst.handle(PullOutcome(device="device1", token=took["token"], source="edge1", offered=True, session=session,
-                           confirm=(port, done)))
+                           confirm=(port, done, no)))
     assert state(dst) is S.ACTIVE and dst.entries["device1"].session is session
     (reply,) = of(dev, m.AttachReply)
     assert reply.action == "continue" and reply.resume_step == 2
     assert port.sent[-1] == done and log == [("device", "AttachReply"), ("source", "SessionInstalled")]
+
+
+def test_an_offer_sealed_before_the_round_started_here_is_built_when_its_device_comes():
+    """Before its round's start the destination does not know the round's cuts, which the
+    rebuild checks: the offer waits, and is built when its device comes."""
+    notice, offer, seal = _offer_from(make_core())
+    dst = make_core(name="edge2")
+    port = Outbox("edge edge1")
+    for msg in (notice, offer, seal):
+        dst.handle(PeerMessage(port, msg))
+    assert dst.fetcher.prepared == [] and "device1" in dst.offers
+    start_round(dst)
+    attach(dst, kind="resume", round=1, step=2, source="edge1", why="move")
+    (prep,) = dst.fetcher.prepared
+    (took,) = dst.fetcher.offers
+    assert took["prepared"] is prep and prep["offer"] is offer
 
 
 def test_an_offered_session_not_installed_is_declined_not_confirmed():
@@ -831,10 +848,11 @@ def test_an_offered_session_not_installed_is_declined_not_confirmed():
     (took,) = dst.fetcher.offers
     session = EdgeSession.from_snapshot(offer.meta, offer.state, seal.checksum, expect_model="vgg5", expect_split=3)
     done = m.SessionInstalled(device="device1", round=1, step=2, checksum=seal.checksum)
+    no = m.OfferDeclined(device="device1", round=1, step=2)
     # the outcome of an older fetch (another token): stale, so the source keeps the session
     dst.handle(PullOutcome(device="device1", token=took["token"] + 100, source="edge1", offered=True,
-                           session=session, confirm=(port, done)))
-    assert done not in port.sent and port.sent[-1] == m.OfferDeclined(device="device1", round=1, step=2)
+                           session=session, confirm=(port, done, no)))
+    assert done not in port.sent and port.sent[-1] == no
     assert state(dst) is S.PULLING
 
 
@@ -858,7 +876,8 @@ def test_the_fetcher_builds_an_offer_ahead_and_hands_it_over_when_it_is_taken():
     (out,) = got  # at once, on the caller's thread
     assert 0 < out.transfer_ms < (taken - since) * 1000 - 250  # until it was rebuilt, not until it was taken
     assert out.token == 7 and out.offered and out.session is not None and out.session.step == 2
-    assert out.confirm == (port, m.SessionInstalled(device="device1", round=1, step=2, checksum=seal.checksum))
+    assert out.confirm == (port, m.SessionInstalled(device="device1", round=1, step=2, checksum=seal.checksum),
+                           m.OfferDeclined(device="device1", round=1, step=2))
     assert port.sent == []  # the core confirms, once it has installed it
     bad = fetcher.prepare_offer(device="device1", source="edge1", offer=offer, checksum="0" * 64)
     fetcher.take_offer(device="device1", source="edge1", token=8, offer=offer, checksum="0" * 64, port=port,
@@ -868,6 +887,32 @@ def test_the_fetcher_builds_an_offer_ahead_and_hands_it_over_when_it_is_taken():
         time.sleep(0.01)
     assert got[1].token == 8 and got[1].session is None and "checksum" in got[1].error and got[1].confirm is None
     assert port.sent == [m.OfferDeclined(device="device1", round=1, step=2)]
+
+
+def test_a_move_announced_while_its_step_trains_is_offered_after_that_step():
+    """The device announces its move (Leaving for the next step) as soon as it has the
+    step's gradient, which the edge sends before its optimizer step ends: the Leaving waits
+    for that step, and the session offered is the one after it, without the kept reply."""
+    trainer = HeldTrainer()
+    core = make_core(trainer=trainer)
+    link = Outbox("edge edge2")
+    core.fetcher.links["edge2"] = link
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceMessage(p, "device1", batch(0)))
+    trainer.finish(core)
+    core.handle(DeviceMessage(p, "device1", batch(1)))
+    core.handle(DeviceMessage(p, "device1", m.Leaving(round=1, step=2, to="edge2")))
+    assert link.sent == [] and not p.closed and state(core) is S.ACTIVE  # held behind step 1
+    trainer.finish(core)
+    assert p.closed and state(core) is S.HANDING_OVER
+    assert [g.step for g in of(p, m.Gradients)] == [0, 1]
+    notice, offer, seal = link.sent
+    assert (notice.step, offer.step, offer.meta["step"]) == (2, 2, 2) and offer.meta["last_reply"] is None
+    assert "reply/grad" not in offer.state
+    reference = EdgeSession.from_snapshot(offer.meta, offer.state, seal.checksum, expect_model="vgg5",
+                                          expect_split=3)
+    assert reference.step == 2
 
 
 def test_an_offer_nobody_comes_for_is_declined_at_the_deadline():

@@ -68,10 +68,16 @@ def test_moves_leave_the_model_bit_identical(tmp_path, baseline, mode):
         offered = [line for line in events if '"migrated_in"' in line and '"offered": true' in line]
         assert len(offered) >= 2, "\n".join(line for line in events if "offer" in line)  # the first may find no kept link yet
         # every move was announced a step ahead, once the edge's gradient was in (its
-        # session went while the device computed), on the link to the edge it then left
-        announced = [line for f in (tmp_path / mode / "runs").rglob("events-device*.jsonl")
-                     for line in f.read_text().splitlines() if '"move_announced"' in line]
-        assert len(announced) == len(MOVES), announced
+        # session went while the device computed), and its edge heard it there
+        import json
+        announced = sorted((json.loads(line)["process"], e["round"], e["step"], e["to"])
+                           for f in (tmp_path / mode / "runs").rglob("events-device*.jsonl")
+                           for line in f.read_text().splitlines() if '"move_announced"' in line
+                           for e in [json.loads(line)])
+        assert announced == sorted((m["device"], m["round"], math.floor(m["at"] * STEPS), m["to"]) for m in MOVES)
+        left = sorted((e["device"], e["round"], e["step"], e["to"])
+                      for e in map(json.loads, events) if e["event"] == "left")
+        assert left == announced
 
 
 def test_preconnected_moves_leave_the_model_bit_identical(tmp_path, baseline):

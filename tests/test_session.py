@@ -388,16 +388,16 @@ def test_the_spare_part_is_rebuilt_later_and_once():
     from edge.session import SparePart
 
     spare = SparePart("vgg5", 4)
-    assert spare.ready
+    assert spare._spare is not None
     part = spare.take()
-    assert not spare.ready and list(part.state_dict())
-    before = {t.name for t in threading.enumerate()}
+    assert spare._spare is None and list(part.state_dict())
+    before = set(threading.enumerate())
     spare.refill_soon(delay=0.3)
     spare.refill_soon(delay=0.3)
-    builders = [t for t in threading.enumerate() if t.name == "spare-part" and t.name not in before]
+    builders = [t for t in threading.enumerate() if t.name == "spare-part" and t not in before]
     assert len(builders) == 1
     time.sleep(0.1)
-    assert not spare.ready  # not yet: still waiting out its delay
+    assert spare._spare is None  # not yet: still waiting out its delay
     builders[0].join(10)
-    assert spare.ready
+    assert spare._spare is not None
     assert spare.take() is not part
