@@ -245,6 +245,27 @@ def test_the_server_must_be_who_the_client_expects(certs):
                     expect=Identity("edge", "edge2"))
 
 
+def test_a_client_resumes_its_last_session_with_a_peer_and_both_still_know_who_the_other_is(certs):
+    dev = creds(certs, Identity("device", "device1"))
+    edge2 = creds(certs, Identity("edge", "edge2"))
+    for n in range(3):
+        c, s = secure_pair(dev, edge2, expect=Identity("edge", "edge2"))
+        assert c.stream._obj.session_reused == (n > 0) and s.stream._obj.session_reused == (n > 0)
+        assert c.identity == Identity("edge", "edge2") and s.identity == Identity("device", "device1")
+        c.send(m.OfferDeclined(device="device1", round=1, step=n))
+        assert s.recv(timeout=WAIT) == m.OfferDeclined(device="device1", round=1, step=n)
+        c.close()
+        s.close()
+    # offered to another edge (a stranger at that address), it is not taken: that edge's
+    # own certificate is checked, and refused
+    with pytest.raises(AuthenticationError, match="edge edge1"):
+        secure_pair(dev, creds(certs, Identity("edge", "edge1")), expect=Identity("edge", "edge2"))
+    # the same edge restarted (its ticket keys are new): a full handshake, as the first time
+    c, s = secure_pair(dev, creds(certs, Identity("edge", "edge2")), expect=Identity("edge", "edge2"))
+    assert not c.stream._obj.session_reused and c.identity == Identity("edge", "edge2")
+    assert s.identity == Identity("device", "device1")
+
+
 @pytest.mark.parametrize("after", [0, 1])
 def test_a_peer_that_closes_during_the_tls_handshake_is_tried_again_not_refused(certs, after):
     """A relay whose upstream is not up yet closes the connection, with nothing said or
