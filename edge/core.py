@@ -645,6 +645,11 @@ class EdgeCore:
 
     def _offer_lost(self, device: str, o: Offer, why: str) -> None:
         self.events.emit("offer_dropped", device=device, source=o.source, round=o.round, step=o.step, why=why)
+        if o.built is not None:
+            # its rebuild took the spare part; if it has not taken it yet, this refill does
+            # nothing and the next install builds its own part (rare; a refill started at the
+            # end of every rebuild would instead compete with the install that follows)
+            self._refill()
         e = self.entries.get(device)
         if e is not None and self._waits_on(e, o):
             e.offer_token = 0
@@ -765,12 +770,17 @@ class EdgeCore:
         detail = ev.error or (refused.reason if refused is not None else "unknown")
         self._pull_failed(e, source=ev.source, detail=detail)
 
-    @staticmethod
-    def _unconfirmed(ev: PullOutcome) -> None:
+    def _unconfirmed(self, ev: PullOutcome) -> None:
         """An offered session that was not installed: its source is told, and keeps it."""
         if ev.confirm is not None:
             port, _, declined = ev.confirm
             port.post(declined)
+            self._refill()
+
+    def _refill(self) -> None:
+        """The spare part was taken: another one, later (``SparePart.refill_soon``)."""
+        if self.spare is not None:
+            self.spare.refill_soon()
 
     def _install_pulled(self, e: Entry, session: EdgeSession, *, source: str, state_bytes: int,
                         transfer_ms: float, offered: bool = False) -> None:
@@ -790,8 +800,8 @@ class EdgeCore:
             self._move(e, E.PULLED, S.ACTIVE)
             self._reply(e, action="continue", round=r, resume_step=s, how="pulled" if source != self.name else "here",
                         state_bytes=state_bytes, transfer_ms=transfer_ms)
-        if self.spare is not None and source != self.name:
-            self.spare.refill_soon()  # after the answer, and later still (``REFILL_DELAY_S``)
+        if source != self.name:
+            self._refill()  # after the answer, and later still (``REFILL_DELAY_S``)
 
     def _pull_failed(self, e: Entry, *, source: str, detail: str, replica_tried: bool = False) -> None:
         req = e.pending

@@ -265,8 +265,6 @@ class Fetcher:
             else:
                 done.built_at = time.monotonic()  # type: ignore[attr-defined]
                 done.set_result(session)
-            if self.spare is not None:
-                self.spare.refill_soon()  # the rebuild took it (the device may be a while yet)
         threading.Thread(target=build, name=f"offer-{device}", daemon=True).start()
         return done
 
