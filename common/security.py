@@ -31,7 +31,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
@@ -75,10 +75,14 @@ class Credentials(Protocol):
     mode: str
 
     def client(self, stream: ByteStream, *, expect: Identity | None, peer: str,
-               timeout: float) -> tuple[ByteStream, Identity | None]:
+               timeout: float, first: list | None = None) -> tuple[ByteStream, Identity | None]:
         """Secure ``stream`` as the connecting side, all within ``timeout``; the server
         must prove it is ``expect``. Returns the secured stream and the server's identity.
-        Raises ``AuthenticationError`` (final), ``ConnectionClosed``/``PeerSilent`` (retry)."""
+        ``first``: the buffers of a first frame, sent secured with our last handshake
+        flight, once the server has proven who it is but before its verdict on us is in
+        (which would cost a round trip more on a move's path); a server that refuses us
+        reads none of it. Raises ``AuthenticationError`` (final),
+        ``ConnectionClosed``/``PeerSilent`` (retry)."""
 
     def server(self, stream: ByteStream, *, peer: str, timeout: float) -> tuple[ByteStream, Identity | None]:
         """Secure an accepted ``stream``, all within ``timeout``; returns it and the
@@ -264,16 +268,19 @@ class SharedKey:
             raise ValueError(f"a shared key needs at least {auth.MIN_KEY_BYTES} bytes")
         self.key = key
 
-    def client(self, stream, *, expect, peer, timeout):
+    def client(self, stream, *, expect, peer, timeout, first=None):
         deadline = time.monotonic() + timeout
         hello, client_nonce = auth.client_hello()
         stream.send_all([hello], timeout)
-        challenge = receive_exact(stream, auth.SERVER_CHALLENGE_BYTES, peer, deadline)
+        challenge = receive_exact(stream, auth.SERVER_CHALLENGE_BYTES, peer, deadline)  # proves the server
         server_nonce = challenge[:auth.NONCE_BYTES]
         stream.send_all([auth.client_response(self.key, client_nonce, challenge)], timeout)
+        secured = self._wrap(stream, client_nonce, server_nonce, client=True)
+        if first:
+            secured.send_all(first, timeout)
         if receive_exact(stream, 1, peer, deadline) != auth.ACCEPT:
             raise AuthenticationError(f"{peer} did not accept our key (a different key?)")
-        return self._wrap(stream, client_nonce, server_nonce, client=True), None
+        return secured, None
 
     def server(self, stream, *, peer, timeout):
         deadline = time.monotonic() + timeout
@@ -358,12 +365,17 @@ class TLSStream:
             else:
                 self._incoming.write(memoryview(self._chunk)[:n])
 
-    def handshake(self, deadline: float, peer: str) -> None:
+    def handshake(self, deadline: float, peer: str, *, then: Callable[[], None] | None = None) -> None:
+        """The whole handshake before ``deadline``. ``then`` is called once it is done,
+        before our last flight goes out (with the lock held, so what it writes goes out
+        in the same send); an error it raises ends the handshake there."""
         while True:
             with self._lock:
                 try:
                     self._obj.do_handshake()
                     done = True
+                    if then is not None:
+                        then()
                 except ssl.SSLWantReadError:
                     done = False
                 except ssl.SSLEOFError:
@@ -521,16 +533,25 @@ class TLS:
             ctx.num_tickets = 1  # one ticket per connection, for the client to resume with
         return ctx
 
-    def client(self, stream, *, expect, peer, timeout):
+    def client(self, stream, *, expect, peer, timeout, first=None):
         deadline = time.monotonic() + timeout
         known = str(expect) if expect is not None else ""
         with self._sessions_lock:
             session = self._sessions.get(known) if known else None
         tls = TLSStream(stream, self._client, server_side=False, session=session)
-        tls.handshake(deadline, peer)
-        identity = tls.peer_identity()
-        if expect is not None and identity != expect:
-            raise AuthenticationError(f"{peer} presented the certificate of {identity}, not of {expect}")
+        proven: list[Identity] = []
+
+        def then() -> None:  # the server is proven: check it is whom we expect, then speak
+            identity = tls.peer_identity()
+            if expect is not None and identity != expect:
+                raise AuthenticationError(f"{peer} presented the certificate of {identity}, not of {expect}")
+            proven.append(identity)
+            for b in first or ():
+                if len(b):
+                    tls._obj.write(memoryview(b).cast("B"))
+
+        tls.handshake(deadline, peer, then=then)
+        identity = proven[0]
         if _receive_tls_exact(tls, 1, peer, deadline) != _ACCEPTED:
             raise AuthenticationError(f"{peer} did not accept our certificate")
         if known:  # read after the server's ticket: resumable now

@@ -176,14 +176,16 @@ def _tune(sock: socket.socket) -> None:
 
 def connect(host: str, port: int, *, creds: Credentials, expect: Identity | None = None, peer: str, timeout: float = 10.0,
             retry_for: float = 0.0, idle_timeout: float | None = None,
-            send_timeout: float | None = None) -> Connection:
+            send_timeout: float | None = None, first: m.Message | None = None) -> Connection:
     """Open a TCP connection to ``host:port`` and secure it (``creds``; the peer must
     prove it is ``expect``), within ``timeout`` for the connect and ``timeout`` for the
     handshake. Retries refused connections for up to ``retry_for`` seconds (peers start in
     any order). The name is looked up through ``resolver.RESOLVER`` (cached, so that no
     lookup sits on a move's path). Raises ``ConnectionClosed`` if nobody answers (``PeerSilent`` if a
     listener never completes the handshake: a stopped host), ``AuthenticationError`` if
-    the peer is not who we expect or refuses us."""
+    the peer is not who we expect or refuses us. ``first``: a message sent with our last
+    handshake flight (``Credentials.client``), a round trip sooner than after the
+    connection is up (a device's attach, on a move's path)."""
     deadline = time.monotonic() + retry_for
     while True:
         try:
@@ -195,11 +197,15 @@ def connect(host: str, port: int, *, creds: Credentials, expect: Identity | None
             time.sleep(0.1)
     try:
         _tune(sock)
-        stream, identity = creds.client(SocketStream(sock), expect=expect, peer=peer, timeout=timeout)
+        buffers = codec.encode(first) if first is not None else None
+        stream, identity = creds.client(SocketStream(sock), expect=expect, peer=peer, timeout=timeout, first=buffers)
     except BaseException:
         sock.close()
         raise
-    return Connection(stream, peer=peer, identity=identity, idle_timeout=idle_timeout, send_timeout=send_timeout)
+    conn = Connection(stream, peer=peer, identity=identity, idle_timeout=idle_timeout, send_timeout=send_timeout)
+    if buffers is not None:
+        conn.bytes_sent += sum(memoryview(b).nbytes for b in buffers)
+    return conn
 
 
 def accept_handshake(sock: socket.socket, *, creds: Credentials, peer: str, timeout: float | None = None) -> Connection:

@@ -161,12 +161,15 @@ class EdgeLink:
                                                         edges=sorted(self.cfg.edges)))
 
     def _open(self, edge: str, req: m.AttachRequest, *, timeout: float) -> tuple[Link, m.AttachReply]:
-        """Connect to ``edge``, attach, wait for its answer; the link is not yet ours."""
+        """Connect to ``edge``, attach, wait for its answer; the link is not yet ours. The
+        attach goes out with the handshake's last flight (``transport.connect``'s
+        ``first``), not a round trip after it."""
         ep = self.cfg.edges[edge]
         dead = self.faults["dead_after_s"]
+        signed = self._signed(req, edge)
         conn = transport.connect(ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge), peer=f"edge {edge}",
-                                 timeout=min(timeout, dead))
-        return self._attach_on(conn, edge, req, timeout=timeout)
+                                 timeout=min(timeout, dead), first=signed)
+        return self._attach_on(conn, edge, signed, timeout=timeout, sent=True)
 
     def _install(self, edge: str, link: Link, reply: m.AttachReply) -> None:
         old = self._link
@@ -554,16 +557,18 @@ class EdgeLink:
         return pre
 
     def _attach_on(self, conn: transport.Connection, edge: str, req: m.AttachRequest, *,
-                   timeout: float) -> tuple[Link, m.AttachReply]:
+                   timeout: float, sent: bool = False) -> tuple[Link, m.AttachReply]:
         """Attach on ``conn``, a connection to ``edge`` already secured (by ``_open``, or
-        ahead of a move by ``preconnect``); wait for the answer. The link is not yet ours."""
+        ahead of a move by ``preconnect``); wait for the answer. The link is not yet ours.
+        ``sent``: ``req`` (signed) went out with the handshake already."""
         dead = self.faults["dead_after_s"]
         inbox = self._inbox
         link = Link(conn, name=f"edge {edge}", heartbeat_s=self.faults["heartbeat_s"], dead_after_s=dead,
                     on_message=lambda l, msg: inbox.put((l, msg)),
                     on_lost=lambda l, exc: inbox.put((l, _LOST)))
         link.start()
-        link.post(self._signed(req, edge))
+        if not sent:
+            link.post(self._signed(req, edge))
         try:
             reply = self._await(lambda msg: isinstance(msg, m.AttachReply), link=link, limit=timeout,
                                 during_attach=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from common import messages as m
-from common import pki, security, transport
+from common import codec, pki, security, transport
 from common.config import load_config
 from common.errors import AuthenticationError, ConfigError, ConnectionClosed, PeerSilent, RemoteProtocolError
 from common.models import build_model
@@ -72,8 +72,9 @@ class Tamper:
         self.inner.close()
 
 
-def secure_pair(client_creds, server_creds, *, expect=None, client_wrap=lambda s: s):
-    """Both ends of an in-memory connection after the handshake: (client conn, server conn)."""
+def secure_pair(client_creds, server_creds, *, expect=None, client_wrap=lambda s: s, first=None):
+    """Both ends of an in-memory connection after the handshake: (client conn, server conn).
+    ``first``: a message the client sends with its handshake (``Credentials.client``)."""
     a, b = memory_stream_pair()
     out: dict = {}
 
@@ -87,7 +88,11 @@ def secure_pair(client_creds, server_creds, *, expect=None, client_wrap=lambda s
     t = threading.Thread(target=serve)
     t.start()
     try:
-        stream, ident = client_creds.client(client_wrap(a), expect=expect, peer="server", timeout=WAIT)
+        stream, ident = client_creds.client(client_wrap(a), expect=expect, peer="server", timeout=WAIT,
+                                            first=None if first is None else codec.encode(first))
+    except BaseException:
+        a.close()  # as ``transport.connect`` does: the server hears of it at once
+        raise
     finally:
         t.join(WAIT)
     if "error" in out:
@@ -264,6 +269,97 @@ def test_a_client_resumes_its_last_session_with_a_peer_and_both_still_know_who_t
     c, s = secure_pair(dev, creds(certs, Identity("edge", "edge2")), expect=Identity("edge", "edge2"))
     assert not c.stream._obj.session_reused and c.identity == Identity("edge", "edge2")
     assert s.identity == Identity("device", "device1")
+
+
+class Counting:
+    """A ``ByteStream`` that counts the client's sends and bytes sent."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.sends, self.sent = inner, 0, 0
+
+    def send_all(self, buffers, stall_timeout=None):
+        self.sends += 1
+        self.sent += sum(memoryview(b).nbytes for b in buffers)
+        return self.inner.send_all(buffers, stall_timeout)
+
+    def receive_into(self, buf, timeout=None):
+        return self.inner.receive_into(buf, timeout)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.parametrize("mode", ["tls", "key"])
+def test_a_first_frame_goes_with_the_handshake_and_only_to_the_server_expected(certs, mode, tmp_path):
+    """A device's attach rides with its last handshake flight (a round trip sooner on a
+    move's path): the server reads it first, then the connection goes on as any other;
+    with TLS it is in the same send as the client's Finished. A server that does not prove
+    it is the one expected gets none of it."""
+    dev, edge1 = ((creds(certs, Identity("device", "device1")), creds(certs, Identity("edge", "edge1")))
+                  if mode == "tls" else (security.SharedKey(KEY), security.SharedKey(KEY)))
+    expect = Identity("edge", "edge1") if mode == "tls" else None
+    first = m.SessionReplica(device="device1", round=1, step=2, target="edge2", meta={}, checksum="x",
+                             state={"w": torch.arange(1000, dtype=torch.float32)})
+    sends = []
+    for with_first in (False, True):
+        counted: list[Counting] = []
+        c, s = secure_pair(dev, edge1, expect=expect, first=first if with_first else None,
+                           client_wrap=lambda a: counted.append(Counting(a)) or counted[-1])
+        sends.append(counted[0].sends)
+        if with_first:
+            got = s.recv(timeout=WAIT)
+            assert got.TYPE == first.TYPE and torch.equal(got.state["w"], first.state["w"])
+        s.send(m.StatusRequest())
+        assert isinstance(c.recv(timeout=WAIT), m.StatusRequest)
+        c.send(m.OfferDeclined(device="device1", round=1, step=2))
+        assert s.recv(timeout=WAIT) == m.OfferDeclined(device="device1", round=1, step=2)
+        c.close()
+        s.close()
+    if mode == "tls":
+        assert sends[1] == sends[0]  # the frame went in the Finished flight's send, not one of its own
+    # servers not proven to be the one expected: the frame (1.2 MB) never leaves
+    if mode == "tls":
+        other = write_config(tmp_path / "other", edges=1, devices=1,
+                             extra={"security": {"mode": "tls", "certs": "certs"}})
+        pki.ensure(load_config(str(other)))
+        wrong = [(creds(certs, Identity("edge", "edge2")), "edge edge2"),   # another edge of ours
+                 (creds(other, Identity("edge", "edge1")), None)]           # a stranger's CA
+    else:
+        wrong = [(security.SharedKey(bytes(32)), "key")]                  # another key
+    for server, says in wrong:
+        counted = []
+        with pytest.raises(AuthenticationError, match=says):
+            secure_pair(dev, server, expect=expect, first=big_message(),
+                        client_wrap=lambda a: counted.append(Counting(a)) or counted[-1])
+        assert counted[0].sent < 10_000
+
+
+def test_a_refused_client_learns_it_at_connect_though_its_first_frame_went_ahead(certs, tmp_path):
+    """Over real sockets: a TLS server that refuses the client's certificate closes a
+    connection that holds the client's unread first frame (a reset, not an orderly end).
+    The client still hears the refusal as one (``AuthenticationError``: final, not tried
+    again), and the server's handler never sees the connection. (In the key mode the
+    client checks the server's proof of the key before it sends anything: a wrong key is
+    found on the client's side, as before.)"""
+    handled = []
+    other = write_config(tmp_path / "other", edges=1, devices=1, extra={"security": {"mode": "tls", "certs": "certs"}})
+    pki.ensure(load_config(str(other)))
+    server, client = creds(certs, Identity("edge", "edge1")), creds(other, Identity("device", "device1"))
+    expect = None
+    rejected = []
+    lst = transport.Listener("127.0.0.1", 0, creds=server, handler=handled.append,
+                             on_reject=lambda peer, exc: rejected.append(exc), name="edge1").start()
+    try:
+        for _ in range(5):
+            with pytest.raises(AuthenticationError):
+                transport.connect("127.0.0.1", lst.port, creds=client, expect=expect, peer="edge edge1",
+                                  timeout=WAIT, first=big_message())
+        deadline = time.monotonic() + WAIT
+        while len(rejected) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(rejected) == 5 and not handled
+    finally:
+        lst.close()
 
 
 @pytest.mark.parametrize("after", [0, 1])
