@@ -9,7 +9,7 @@ from common.cli import base_parser, data_spec, run_main, exit_process
 from common.errors import ConfigError, TestbedError
 from common.events import EventLog
 from common.security import CENTRAL
-from common.training import set_threads
+from common.training import set_threads, tune_malloc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         from central.server import CentralServer
         from common.data import load_test_set, shard_sizes
         set_threads(cfg.training["threads"])
+        tune_malloc(cfg.training["malloc"])
         creds = cfg.credentials(CENTRAL)
         resume = None
         if args.resume:

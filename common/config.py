@@ -134,6 +134,8 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
         "local_epochs": (int, 1, _AT_LEAST_1),
         "threads": (int, 1, _AT_LEAST_1),
+        # "tuned": big blocks stay on the heap and freed memory is kept (common.training.tune_malloc)
+        "malloc": (str, "tuned", _choice(("tuned", "system"))),
     },
 }
 EDGE_KEYS: dict[str, tuple[type, Any, Any]] = {

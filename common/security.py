@@ -329,8 +329,12 @@ def receive_exact(stream: ByteStream, n: int, peer: str, deadline: float) -> byt
 # ---------------------------------------------------------------------------------------
 
 # Outgoing bytes are encrypted in pieces of this size, so a 5 MB snapshot is on the wire
-# while the rest is still being encrypted, and no 5 MB ciphertext copy is ever held.
-TLS_CHUNK = 256 << 10
+# while the rest is still being encrypted, and no 5 MB ciphertext copy is ever held. Each
+# piece costs a send and a pass through the loop below (the GIL taken again three times):
+# a step's 1.64 MB of activations took 0.60-0.72 ms in its sends with 256 KiB pieces,
+# 0.46-0.53 ms with 1 MiB pieces, in a training run's edge and device (the encryption
+# itself 0.6-0.9 ms either way; BENCHMARKS section 3).
+TLS_CHUNK = 1 << 20
 _ACCEPTED = b"\x01"
 
 

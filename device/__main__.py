@@ -5,7 +5,7 @@ from __future__ import annotations
 from common.cli import base_parser, data_spec, run_main, exit_process
 from common.events import EventLog
 from common.security import Identity
-from common.training import set_threads, warm_up
+from common.training import set_threads, tune_malloc, warm_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         from device.client import DeviceClient
         cfg.require("device", args.name)
         set_threads(cfg.device_threads(args.name))
+        tune_malloc(cfg.training["malloc"])
         warm_up()
         creds = cfg.credentials(Identity("device", args.name))
         data = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=args.name)

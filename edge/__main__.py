@@ -5,7 +5,7 @@ from __future__ import annotations
 from common.cli import base_parser, run_main, exit_process
 from common.events import EventLog
 from common.security import Identity
-from common.training import set_threads, warm_up
+from common.training import set_threads, tune_malloc, warm_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
         from edge.server import EdgeServer
         cfg.require("edge", args.name)
         set_threads(cfg.training["threads"])
+        tune_malloc(cfg.training["malloc"])
         warm_up()
         events = EventLog(process=args.name, role="edge")
         try:

@@ -1,7 +1,7 @@
 """Split-training overhead: samples per second of split training over TCP (one device, one
 edge) against training the same full model in one process on the same batches.
 
-    python -m scripts.bench_split [--quick | --full] [--out DIR]
+    python -m scripts.bench_split [--quick | --full] [--out DIR] [--malloc tuned|system]
 
 Over TCP: a testbed of 1 central, 1 edge, 1 device, mode fedfly, VGG-5 split 3, batch 100,
 run twice: in the shared-key mode (a MAC on every record) and with TLS 1.3 (``security.mode``);
@@ -16,6 +16,10 @@ the in-process runs right before and after its pass (their rounds pooled), so th
 change in the machine's speed between passes falls on both sides alike; the figure
 reported is the median of the passes' ratios (this VM's in-process step time drifted
 between 101 and 123 ms within minutes, more than the effect measured).
+
+``--malloc``: ``training.malloc`` for the testbed's processes and this one's in-process
+training alike (default ``tuned``, the testbed's default; ``system`` leaves glibc's malloc
+as it is).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from scripts import benchlib
 SCALES = {"tiny": (500, 2, 1), "quick": (2000, 5, 3), "full": (5000, 11, 3)}
 BATCH = 100
 SPLIT = 3
+MALLOC = "tuned"  # training.malloc, both sides (--malloc)
 
 
 def describe(scale: str) -> dict[str, Any]:
@@ -39,7 +44,7 @@ def describe(scale: str) -> dict[str, Any]:
     return {"over TCP": "1 central, 1 edge, 1 device on loopback; mode fedfly", "model": f"VGG-5 split {SPLIT}",
             "batch": BATCH, "samples": samples, "steps per round": -(-samples // BATCH),
             "rounds": f"{rounds} (round 1 is a warm-up)", "in one process": "train_reference_round, same batches",
-            "threads": 1, "dataset": "synthetic", "passes": passes}
+            "threads": 1, "dataset": "synthetic", "passes": passes, "malloc": MALLOC}
 
 
 def in_process(cfg_path: Path, rounds: int) -> list[float]:
@@ -48,10 +53,11 @@ def in_process(cfg_path: Path, rounds: int) -> list[float]:
     from common.config import load_config
     from common.data import load_train_shard
     from common.models import build_model
-    from common.training import round_batches, set_threads, train_reference_round
+    from common.training import round_batches, set_threads, train_reference_round, tune_malloc
 
     cfg = load_config(str(cfg_path))
     set_threads(cfg.training["threads"])
+    tune_malloc(cfg.training["malloc"])  # as the testbed's processes do
     device = cfg.device_names[0]
     x, y = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=device)
     model = build_model(cfg.model_key, seed=cfg.run["seed"])
@@ -69,7 +75,8 @@ def in_process(cfg_path: Path, rounds: int) -> list[float]:
 def run(out: Path, scale: str) -> dict[str, Any]:
     samples, rounds, passes = SCALES[scale]
     cfg = benchlib.write_config(out, "split", edges=1, devices=1, rounds=rounds, mode="fedfly",
-                                samples_per_device=samples, batch_size=BATCH, split_layer=SPLIT, test_samples=500)
+                                samples_per_device=samples, batch_size=BATCH, split_layer=SPLIT, test_samples=500,
+                                extra={"training": {"malloc": MALLOC}})
     local_runs, shares_local = [], []
     key_runs, tls_runs = [], []
     for k in range(passes + 1):
@@ -140,5 +147,18 @@ def _passes(ratios: list[float] | None) -> str:
     return "" if not ratios or len(ratios) < 2 else f"; median of passes {', '.join(f'{r:.3f}' for r in ratios)}"
 
 
+def _take_malloc(argv: list[str]) -> list[str]:
+    """``--malloc tuned|system`` out of ``argv`` (the rest is the standard benchmark's)."""
+    global MALLOC
+    rest = list(argv)
+    if "--malloc" in rest:
+        i = rest.index("--malloc")
+        if i + 1 >= len(rest) or rest[i + 1] not in ("tuned", "system"):
+            sys.exit("scripts.bench_split: --malloc takes tuned or system")
+        MALLOC = rest[i + 1]
+        del rest[i:i + 2]
+    return rest
+
+
 if __name__ == "__main__":
-    sys.exit(benchlib.standalone("split", describe, run, report))
+    sys.exit(benchlib.standalone("split", describe, run, report, _take_malloc(sys.argv[1:])))
