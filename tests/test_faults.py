@@ -405,8 +405,12 @@ def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_si
     """A planned move edge1 -> edge2 whose session is cut half-way both ways it can go
     (``mobility.offer``: the offer edge1 sends as the device leaves, then edge2's pull: each link resets, as
     when the source dies mid-transfer), then edge1 is killed: edge2 (edge1's buddy) goes
-    on from its copy; the run finishes without edge1, exactly."""
-    cfg = _config(tmp_path, "src-dies", faults={"checkpoint_steps": 2}, moves=MOVE, mobility={"offer": True})
+    on from its copy; the run finishes without edge1, exactly. (Links die of 3 s of silence
+    here, not 1: the offer goes on edge1's kept link to edge2, and under a loaded suite a
+    1 s silence once ended that link just before the move, so the session was pulled and
+    never offered. The cuts and the kill are resets, which no deadline waits for.)"""
+    cfg = _config(tmp_path, "src-dies", faults={"checkpoint_steps": 2, "dead_after_s": 3.0}, moves=MOVE,
+                  mobility={"offer": True})
     from common.config import load_config
     c = load_config(str(cfg))
     bed = Testbed(cfg, log_dir=tmp_path / "logs")
