@@ -9,8 +9,12 @@ long, is lost. ``on_lost(link, error)`` is called exactly once when the link end
 any reason, a ``close`` here included (``error`` is then ``LinkClosedHere``), so the
 owner learns of every end in one place; ``link.lost_reason`` says why.
 
-No caller ever blocks on the network through a link: ``post`` only queues. Callbacks run
-on the link's threads and must only hand work on (put it on a queue).
+No caller blocks on the network through a link unless it asks to: ``post`` only queues;
+``send`` sends on the calling thread, after whatever was posted before it, for a caller
+that waits for the answer anyway (a device's step: its activations go out without waking
+the writer thread, which on a loaded machine costs the receiver its head start).
+Callbacks run on the link's threads (``on_lost`` also on ``send``'s) and must only hand
+work on (put it on a queue).
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ class Link:
         self._heartbeat_s = heartbeat_s
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        # Messages posted and not yet through the writer (counted under ``_lock``), and
+        # the turn to send a message (the writer's, or ``send``'s): a ``send`` goes on
+        # the caller's thread only when nothing posted before it is still unsent.
+        self._unsent = 0
+        self._turn = threading.Lock()
         self._lost = False
         self.lost_reason: Exception | None = None
         self.silent = False          # a radio loss on purpose: nothing in, nothing out
@@ -93,8 +102,38 @@ class Link:
         """Queue ``msg`` for sending; False (and nothing sent) once the link is lost."""
         if self._lost:
             return False
-        self._q.put(msg)
+        self._queue(msg)
         return True
+
+    def send(self, msg: m.Message) -> bool:
+        """Send ``msg`` on the calling thread, after every message posted before it (if one
+        is still queued, ``msg`` is queued behind it instead); returns once it is sent,
+        blocking while the peer takes no bytes for at most the link's ``dead_after_s``.
+        False (nothing sent) once the link is lost, as ``post``; a send that fails ends the
+        link (``on_lost``, here on the calling thread) and returns True, as a message the
+        writer fails to send does."""
+        if self._lost:
+            return False
+        with self._turn:
+            with self._lock:
+                queued = self._unsent > 0
+                if queued:
+                    self._unsent += 1
+                    self._q.put(msg)
+            if queued or self._lost or self.silent:
+                return True
+            try:
+                self.conn.send(msg)
+                return True
+            except (TransportError, LocalProtocolError) as exc:
+                failed = exc
+        self._end(failed)
+        return True
+
+    def _queue(self, item: object) -> None:
+        with self._lock:
+            self._unsent += 1
+        self._q.put(item)
 
     def close(self, notice: m.Message | None = None, *, drain: bool = True) -> None:
         """End the link from this side. ``drain``: send what is queued (and ``notice``)
@@ -105,8 +144,8 @@ class Link:
             self._end(LinkClosedHere(f"{self.name}: closed here"))
             return
         if notice is not None:
-            self._q.put(notice)
-        self._q.put(_CLOSE)
+            self._queue(notice)
+        self._queue(_CLOSE)
         if not self._writer.is_alive():  # never started: nobody would drain
             self._end(LinkClosedHere(f"{self.name}: closed here"))
 
@@ -134,13 +173,18 @@ class Link:
             if item is _CLOSE:
                 self._finish_close()
                 return
-            if self.silent:
-                continue
             try:
                 if item is None:
-                    self.conn.send(m.Heartbeat(), block=False)  # a busy connection is not idle
+                    if not self.silent:
+                        self.conn.send(m.Heartbeat(), block=False)  # a busy connection is not idle
                 else:
-                    self.conn.send(item)
+                    try:
+                        with self._turn:
+                            if not self.silent:
+                                self.conn.send(item)
+                    finally:
+                        with self._lock:
+                            self._unsent -= 1
             except (TransportError, LocalProtocolError) as exc:
                 self._end(exc)
                 return

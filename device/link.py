@@ -419,11 +419,14 @@ class EdgeLink:
 
     # -- what the training loop calls ---------------------------------------------------------------
 
-    def _exchange(self, msg: m.Message, match: Callable[[m.Message], bool]) -> m.Message:
+    def _exchange(self, msg: m.Message, match: Callable[[m.Message], bool], *, now: bool = False) -> m.Message:
+        """Send ``msg`` and wait for the reply that ``match``es, again on the next link
+        after a loss. ``now``: sent on this thread (``Link.send``), not by the link's
+        writer; the device waits for the answer anyway."""
         failures = 0
         while True:
             link = self._link
-            if link is None or not link.post(msg):
+            if link is None or not (link.send(msg) if now else link.post(msg)):
                 reply = self._reattach(_Lost("not linked"))
                 self._outcome(reply)
                 continue
@@ -440,7 +443,8 @@ class EdgeLink:
     def step(self, round: int, step: int, x: torch.Tensor, y: torch.Tensor) -> m.Gradients:
         """One step with the edge: activations out, the gradient at the cut back."""
         msg = m.Activations(round=round, step=step, batch={"x": x, "y": y})
-        reply = self._exchange(msg, lambda r: isinstance(r, m.Gradients) and (r.round, r.step) == (round, step))
+        reply = self._exchange(msg, lambda r: isinstance(r, m.Gradients) and (r.round, r.step) == (round, step),
+                               now=True)
         assert isinstance(reply, m.Gradients)
         return reply
 

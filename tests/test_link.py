@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from common import messages as m
 from common import security
@@ -199,6 +200,52 @@ def test_close_delivers_what_was_queued_first(pair):
     assert isinstance(ends.lost["a"].get(timeout=WAIT), LinkClosedHere)
     assert isinstance(ends.lost["b"].get(timeout=WAIT), ConnectionClosed)
     assert not ends.links["a"].post(m.StatusRequest())  # nothing is sent on a lost link
+
+
+def _batch(step: int, kib: int = 256) -> m.Activations:
+    return m.Activations(round=1, step=step, batch={"x": torch.full((kib, 256), float(step)),
+                                                     "y": torch.zeros(kib, dtype=torch.int64)})
+
+
+def test_send_goes_out_on_the_calling_thread_behind_what_was_posted(pair):
+    """``send`` writes on the caller's thread when nothing posted is still unsent, and
+    queues behind it when something is: one thread's posts and sends arrive in the order
+    they were made, while the writer is still busy with earlier ones (small buffers, 256
+    KiB messages)."""
+    ends = Ends(pair, dead=5.0)
+    a = ends.links["a"]
+    senders: list[str] = []
+    real = a.conn.send
+
+    def spy(msg, **kw):
+        if not isinstance(msg, m.Heartbeat):
+            senders.append(threading.current_thread().name)
+        return real(msg, **kw)
+    a.conn.send = spy
+    assert a.send(m.StatusRequest())
+    assert ends.got["b"].get(timeout=WAIT) == m.StatusRequest()
+    assert senders == [threading.current_thread().name]
+    for i in range(30):
+        assert (a.send if i % 3 else a.post)(_batch(i))
+    got = [ends.got["b"].get(timeout=WAIT) for _ in range(30)]
+    assert [g.step for g in got] == list(range(30))
+    assert all(bool((g.batch["x"] == g.step).all()) for g in got)
+    assert "a-writer" in senders  # the posts, and the sends queued behind them
+    assert ends.lost["a"].empty() and ends.lost["b"].empty()
+    ends.links["a"].close(drain=False)
+    ends.links["b"].close(drain=False)
+
+
+def test_send_on_a_lost_link_sends_nothing_and_a_failed_send_ends_the_link_once(pair):
+    x, _y = pair
+    lost: queue.SimpleQueue = queue.SimpleQueue()
+    link = Link(Connection(x), name="a", heartbeat_s=0.05, dead_after_s=5.0, on_message=lambda l, msg: None,
+                on_lost=lambda l, exc: lost.put(exc))  # not started: no thread but the caller's
+    link.conn.close()
+    assert link.send(_batch(0)) is True  # taken, as post takes it; its failure ends the link
+    assert isinstance(lost.get(timeout=WAIT), LocalProtocolError) and link.lost
+    assert link.send(_batch(1)) is False and link.post(_batch(1)) is False
+    assert lost.empty()
 
 
 def test_pulls_of_two_devices_share_a_peer_link_and_their_answers_are_matched_by_device():
