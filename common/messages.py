@@ -496,6 +496,15 @@ class ReplicaPull(Message):
 
 
 @message
+class PeerHello(Message):
+    """edge -> edge, first on a link an edge opens to another ahead of need (at a round's
+    start, to offer sessions on later): who opens it. A link on which nothing came first
+    would be closed by the other edge after twice ``dead_after_s`` (heartbeats say nothing
+    of who is there). ``target``: the sender."""
+    target: str
+
+
+@message
 class OfferNotice(Message):
     """source -> destination, one way: ``device`` left us at ``round``/``step`` naming you;
     its session follows as ``SessionOffer`` on this link. A device that attaches to you

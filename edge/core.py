@@ -191,7 +191,7 @@ class EdgeCore:
             m.SessionReplica: self._on_replica, m.ReplicaPull: self._on_replica_pull,
             m.OfferNotice: self._on_offer_notice, m.SessionOffer: self._on_offer, m.OfferSealed: self._on_offer_sealed,
             m.OfferDeclined: self._on_offer_declined, m.SessionReleased: self._on_offer_answered,
-            m.PullRefused: self._on_offer_answered}
+            m.PullRefused: self._on_offer_answered, m.PeerHello: lambda port, msg: None}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         # steps on the training thread (None: trained here, between two events)
         self.trainer = trainer

@@ -135,7 +135,10 @@ class PeerLinks:
                 return kept
             host, port = self._endpoints[peer]
             try:
-                conn = transport.connect(host, port, creds=self._creds, expect=Identity("edge", peer), peer=f"edge {peer}", timeout=self._dead)
+                # said first (with the handshake's last flight): which edge this is, so
+                # that the peer keeps a link that carries nothing else for a while
+                conn = transport.connect(host, port, creds=self._creds, expect=Identity("edge", peer),
+                                         peer=f"edge {peer}", timeout=self._dead, first=m.PeerHello(target=self._name))
             except (TransportError, ProtocolError) as exc:
                 raise MigrationError(f"cannot reach edge {peer}: {exc}") from exc
             holder: list[_Peer] = []

@@ -86,7 +86,7 @@ class EdgeHarness:
 
     DEVICE_TYPES = ["Activations", "DeviceDone", "MigrationReport", "FaultReport", "Leaving"]
     PEER_TYPES = ["SessionPull", "SessionDrop", "SessionReplica", "ReplicaPull", "SessionInstalled", "OfferNotice",
-                  "SessionOffer", "OfferSealed", "OfferDeclined", "SessionReleased", "PullRefused"]
+                  "SessionOffer", "OfferSealed", "OfferDeclined", "SessionReleased", "PullRefused", "PeerHello"]
     CENTRAL_TYPES = ["RoundStart", "UpdateAck"]
 
     def __init__(self, rng: random.Random, *, mode: str | None = None) -> None:

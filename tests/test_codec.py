@@ -115,6 +115,7 @@ FACTORIES = {
     "SessionReleased": lambda: m.SessionReleased(device="device1"),
     "Leaving": lambda: m.Leaving(round=2, step=7, to="edge2"),
     "OfferNotice": lambda: m.OfferNotice(device="device1", round=2, step=7, target="edge1"),
+    "PeerHello": lambda: m.PeerHello(target="edge1"),
     "SessionOffer": lambda: m.SessionOffer(device="device1", round=2, step=7, target="edge1", meta={"step": 7},
                                            state={"w": torch.ones(3, 2)}),
     "OfferSealed": lambda: m.OfferSealed(device="device1", round=2, step=7, target="edge1", checksum="ab" * 32),

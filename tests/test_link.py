@@ -262,6 +262,7 @@ def test_pulls_of_two_devices_share_a_peer_link_and_their_answers_are_matched_by
 
     def peer(conn):
         connections.append(conn)
+        assert conn.recv(timeout=5) == m.PeerHello(target="edge1")  # who opened it, first
         first = conn.recv(timeout=5)
         second = conn.recv(timeout=5)
         for pull in (second, first):  # the other way round
@@ -294,3 +295,37 @@ def test_pulls_of_two_devices_share_a_peer_link_and_their_answers_are_matched_by
     finally:
         links.close()
         lst.close()
+
+
+def test_a_link_an_edge_opens_ahead_of_need_is_kept_by_the_other_edge_while_idle(tmp_path):
+    """An edge opens links to the others at a round's start, to offer sessions on later
+    (``PeerLinks.kept``). A real edge process keeps such a link while nothing but
+    heartbeats cross it, well past twice ``dead_after_s`` (its wait for a connection's
+    first message), and reports no protocol error for it."""
+    from common.config import load_config
+    from common.security import Identity
+    from edge.migration import PeerLinks
+    from tests.testbed import Testbed, write_config
+
+    dead = 0.5
+    cfg_path = write_config(tmp_path, edges=2, devices=1,
+                            extra={"faults": {"heartbeat_s": 0.1, "dead_after_s": dead}})
+    cfg = load_config(str(cfg_path))
+    bed = Testbed(cfg_path, log_dir=tmp_path / "logs")
+    links = PeerLinks(name="edge1", creds=cfg.credentials(Identity("edge", "edge1")),
+                      endpoints={"edge2": (cfg.edges["edge2"].host, cfg.edges["edge2"].port)},
+                      heartbeat_s=0.1, dead_after_s=dead, answer_limit_s=5.0)
+    try:
+        bed.start("central")
+        bed.start("edge", "edge2")
+        deadline = time.monotonic() + 60
+        while (link := links.kept("edge2")) is None:  # connects in the background, until edge2 listens
+            assert time.monotonic() < deadline, bed.log("edge2")[-2000:]
+            time.sleep(0.1)
+        time.sleep(6 * dead)
+        assert not link.lost, link.lost_reason
+        assert links.kept("edge2") is link
+        assert "protocol_error" not in bed.log("edge2") and "not allowed first" not in bed.log("edge2")
+    finally:
+        links.close()
+        bed.stop()
