@@ -25,6 +25,7 @@ from common.nets import NETS, ModelSpec, net
 MODES = ("fedfly", "restart", "classic")
 RECONNECT_POLICIES = ("same", "nearest", "controller")
 DEATH_POLICIES = ("stop", "restart")
+MALLOC_MODES = ("tuned", "system")  # training.malloc (common.training.tune_malloc)
 DISTRIBUTIONS = ("balanced", "imbalanced")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm")  # central/strategies.py (kept torch-free here)
 MOBILITY_MODELS = ("schedule", "trace", "waypoint")  # common/mobility_models.py
@@ -135,7 +136,7 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "local_epochs": (int, 1, _AT_LEAST_1),
         "threads": (int, 1, _AT_LEAST_1),
         # "tuned": big blocks stay on the heap and freed memory is kept (common.training.tune_malloc)
-        "malloc": (str, "tuned", _choice(("tuned", "system"))),
+        "malloc": (str, "tuned", _choice(MALLOC_MODES)),
     },
 }
 EDGE_KEYS: dict[str, tuple[type, Any, Any]] = {

@@ -24,12 +24,14 @@ as it is).
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from common.config import MALLOC_MODES
 from scripts import benchlib
 
 # scale -> (samples per device, rounds including the warm-up, passes)
@@ -147,18 +149,15 @@ def _passes(ratios: list[float] | None) -> str:
     return "" if not ratios or len(ratios) < 2 else f"; median of passes {', '.join(f'{r:.3f}' for r in ratios)}"
 
 
-def _take_malloc(argv: list[str]) -> list[str]:
-    """``--malloc tuned|system`` out of ``argv`` (the rest is the standard benchmark's)."""
-    global MALLOC
-    rest = list(argv)
-    if "--malloc" in rest:
-        i = rest.index("--malloc")
-        if i + 1 >= len(rest) or rest[i + 1] not in ("tuned", "system"):
-            sys.exit("scripts.bench_split: --malloc takes tuned or system")
-        MALLOC = rest[i + 1]
-        del rest[i:i + 2]
-    return rest
+def _malloc_option(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    parser.add_argument("--malloc", choices=MALLOC_MODES, default=MALLOC,
+                        help="training.malloc of the testbed's processes and of the in-process reference")
+
+    def use(args: argparse.Namespace) -> None:
+        global MALLOC
+        MALLOC = args.malloc
+    return use
 
 
 if __name__ == "__main__":
-    sys.exit(benchlib.standalone("split", describe, run, report, _take_malloc(sys.argv[1:])))
+    sys.exit(benchlib.standalone("split", describe, run, report, options=_malloc_option))

@@ -416,15 +416,21 @@ def print_config(title: str, config: dict[str, Any]) -> None:
 
 
 def standalone(name: str, describe: Callable[[str], dict], run: Callable[[Path, str], dict],
-               report: Callable[[dict], str], argv: list[str] | None = None) -> int:
-    """``python -m scripts.bench_<name> --quick|--full [--out DIR]``: one benchmark alone."""
+               report: Callable[[dict], str], argv: list[str] | None = None, *,
+               options: Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], None]] | None = None) -> int:
+    """``python -m scripts.bench_<name> --quick|--full [--out DIR]``: one benchmark alone.
+    ``options(parser)`` adds a benchmark's own options and returns what applies them
+    (called with the parsed arguments, before ``describe`` and ``run``)."""
     p = argparse.ArgumentParser(prog=f"scripts.bench_{name}", description=f"FedFly benchmark: {name}")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_const", const="quick", dest="scale", help="minutes (default)")
     g.add_argument("--full", action="store_const", const="full", dest="scale", help="the paper's scale")
     g.add_argument("--tiny", action="store_const", const="tiny", dest="scale", help="seconds; smoke tests only")
     p.add_argument("--out", default=None, help="results folder (default bench-results/<timestamp>)")
+    apply = options(p) if options is not None else None
     args = p.parse_args(argv)
+    if apply is not None:
+        apply(args)
     scale = args.scale or "quick"
     out = out_dir(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
