@@ -284,6 +284,8 @@ class EdgeCore:
             # a stop only closes links, and a step may hang; a tick's deadlines are of
             # handovers, never of a session that trains (a slow edge's step is over 0.5 s)
             return False
+        if isinstance(ev, PeerMessage) and isinstance(ev.msg, m.PeerHello):
+            return False  # changes nothing: the pull that may follow it must not wait behind it
         if self._held_all:
             return True
         device = self._device_of(ev)

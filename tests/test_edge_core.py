@@ -991,9 +991,11 @@ def test_a_pull_of_another_session_is_served_while_a_step_trains():
     core.handle(DeviceLost(p2, "device2", ConnectionError("left"), 0.0))
     core.handle(DeviceMessage(p1, "device1", batch(0)))
     peer = Outbox("edge edge2")
+    core.handle(PeerMessage(peer, m.PeerHello(target="edge2")))  # a new link's first message
     core.handle(PeerMessage(peer, m.SessionPull(device="device2", round=1, step=2, target="edge2",
                                                 proofs=proofs("device2", "edge2"))))
-    (snap,) = of(peer, m.SessionSnapshot)  # not held: device2 is not the one training
+    (snap,) = of(peer, m.SessionSnapshot)  # not held: device2 is not the one training, nor behind a hello
+    assert not core._held_all
     assert snap.device == "device2" and state(core, "device2") is S.HANDING_OVER
     assert len(trainer.jobs) == 1 and not of(p1, m.Gradients)
     trainer.finish(core)
