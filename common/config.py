@@ -137,6 +137,9 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "threads": (int, 1, _AT_LEAST_1),
         # "tuned": big blocks stay on the heap and freed memory is kept (common.training.tune_malloc)
         "malloc": (str, "tuned", _choice(MALLOC_MODES)),
+        # the edge sends the gradient at the cut before it computes its own weights'
+        # gradients (edge.session.EdgeSession.train_step); false: one backward pass
+        "cut_gradient_first": (bool, True, None),
     },
 }
 EDGE_KEYS: dict[str, tuple[type, Any, Any]] = {

@@ -150,7 +150,7 @@ class EdgeCore:
                  central: CentralPort, fetcher: Fetcher, events: EventLog, spare: SparePart | None = None,
                  clock: Callable[[], float] = time.monotonic, handover_deadline_s: float = 30.0,
                  checkpoint_steps: int = 0, edges: list[str] | None = None, offers: bool = False,
-                 trainer: Trainer | None = None) -> None:
+                 trainer: Trainer | None = None, cut_first: bool = True) -> None:
         self.name = name
         self.role = f"edge {name}"
         self.mode = mode
@@ -185,6 +185,7 @@ class EdgeCore:
         self.attach_keys: dict[str, str] = {}
         self.offers: dict[str, Offer] = {}     # device -> the session its last edge offered us
         self.make_offers = offers and mode == "fedfly"  # mobility.offer: keep links open to offer on
+        self.cut_first = cut_first  # training.cut_gradient_first: the cut's gradient before the weights'
         # what another edge may send us, by message type
         self._peer_handlers: dict[type, Callable[[Port, m.Message], None]] = {
             m.SessionPull: self._on_pull, m.SessionInstalled: self._on_installed, m.SessionDrop: self._on_drop,
@@ -931,7 +932,7 @@ class EdgeCore:
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise RemoteProtocolError(f"{self.role}: step {msg.step} from {e.device}: labels outside "
                                       f"0..{self.num_classes - 1}")
-        job = StepJob(e.device, session, msg.round, msg.step, x, y, reply)
+        job = StepJob(e.device, session, msg.round, msg.step, x, y, reply, cut_first=self.cut_first)
         if self.trainer is None:
             self._stepped(e, job.run())
         else:

@@ -66,7 +66,7 @@ class EdgeServer:
                              central=None, fetcher=None, events=events, spare=self.spare,  # type: ignore[arg-type]
                              handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
                              checkpoint_steps=self.faults["checkpoint_steps"], edges=sorted(cfg.edges),
-                             offers=cfg.offer)
+                             offers=cfg.offer, cut_first=cfg.training["cut_gradient_first"])
         # steps train on their own thread, so the core handles handovers while one trains
         self.trainer = self.core.trainer = Trainer(self.core.submit, name=f"{name}-trainer")
         self.central = CentralLink(cfg=cfg, name=name, creds=creds, submit=self.core.submit, events=events,

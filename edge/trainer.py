@@ -56,11 +56,12 @@ class StepJob:
     x: torch.Tensor
     y: torch.Tensor
     reply: Callable[[torch.Tensor, float], None]
+    cut_first: bool = True  # training.cut_gradient_first
 
     def run(self) -> StepDone:
         """Train it (on whatever thread calls this); never raises for a bad batch."""
         try:
-            trained = self.session.train_step(self.step, self.x, self.y, self.reply)
+            trained = self.session.train_step(self.step, self.x, self.y, self.reply, cut_first=self.cut_first)
         except MigrationError as exc:
             return StepDone(self, error=RemoteProtocolError(str(exc)))
         except Exception as exc:  # noqa: BLE001 - shapes or values that do not fit the edge part

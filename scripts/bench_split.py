@@ -1,7 +1,7 @@
 """Split-training overhead: samples per second of split training over TCP (one device, one
 edge) against training the same full model in one process on the same batches.
 
-    python -m scripts.bench_split [--quick | --full] [--out DIR] [--malloc tuned|system]
+    python -m scripts.bench_split [--quick | --full] [--out DIR] [--malloc tuned|system] [--one-pass]
 
 Over TCP: a testbed of 1 central, 1 edge, 1 device, mode fedfly, VGG-5 split 3, batch 100,
 run twice: in the shared-key mode (a MAC on every record) and with TLS 1.3 (``security.mode``);
@@ -19,7 +19,9 @@ between 101 and 123 ms within minutes, more than the effect measured).
 
 ``--malloc``: ``training.malloc`` for the testbed's processes and this one's in-process
 training alike (default ``tuned``, the testbed's default; ``system`` leaves glibc's malloc
-as it is).
+as it is). ``--one-pass``: the edge's backward in one pass (``training.cut_gradient_first =
+false``), not the gradient at the cut first (the default); the in-process training is the
+same either way.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ SCALES = {"tiny": (500, 2, 1), "quick": (2000, 5, 3), "full": (5000, 11, 3)}
 BATCH = 100
 SPLIT = 3
 MALLOC = "tuned"  # training.malloc, both sides (--malloc)
+CUT_FIRST = True  # training.cut_gradient_first, the edge's (--one-pass: False)
 
 
 def describe(scale: str) -> dict[str, Any]:
@@ -46,7 +49,8 @@ def describe(scale: str) -> dict[str, Any]:
     return {"over TCP": "1 central, 1 edge, 1 device on loopback; mode fedfly", "model": f"VGG-5 split {SPLIT}",
             "batch": BATCH, "samples": samples, "steps per round": -(-samples // BATCH),
             "rounds": f"{rounds} (round 1 is a warm-up)", "in one process": "train_reference_round, same batches",
-            "threads": 1, "dataset": "synthetic", "passes": passes, "malloc": MALLOC}
+            "threads": 1, "dataset": "synthetic", "passes": passes, "malloc": MALLOC,
+            "edge's backward": "the cut's gradient first" if CUT_FIRST else "one pass"}
 
 
 def in_process(cfg_path: Path, rounds: int) -> list[float]:
@@ -78,7 +82,7 @@ def run(out: Path, scale: str) -> dict[str, Any]:
     samples, rounds, passes = SCALES[scale]
     cfg = benchlib.write_config(out, "split", edges=1, devices=1, rounds=rounds, mode="fedfly",
                                 samples_per_device=samples, batch_size=BATCH, split_layer=SPLIT, test_samples=500,
-                                extra={"training": {"malloc": MALLOC}})
+                                extra={"training": {"malloc": MALLOC, "cut_gradient_first": CUT_FIRST}})
     local_runs, shares_local = [], []
     key_runs, tls_runs = [], []
     for k in range(passes + 1):
@@ -149,15 +153,17 @@ def _passes(ratios: list[float] | None) -> str:
     return "" if not ratios or len(ratios) < 2 else f"; median of passes {', '.join(f'{r:.3f}' for r in ratios)}"
 
 
-def _malloc_option(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+def _options(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
     parser.add_argument("--malloc", choices=MALLOC_MODES, default=MALLOC,
                         help="training.malloc of the testbed's processes and of the in-process reference")
+    parser.add_argument("--one-pass", action="store_true",
+                        help="training.cut_gradient_first = false: the edge's backward in one pass")
 
     def use(args: argparse.Namespace) -> None:
-        global MALLOC
-        MALLOC = args.malloc
+        global MALLOC, CUT_FIRST
+        MALLOC, CUT_FIRST = args.malloc, not args.one_pass
     return use
 
 
 if __name__ == "__main__":
-    sys.exit(benchlib.standalone("split", describe, run, report, options=_malloc_option))
+    sys.exit(benchlib.standalone("split", describe, run, report, options=_options))

@@ -323,6 +323,23 @@ def test_reply_gets_the_gradient_at_the_cut_before_the_step():
     assert torch.equal(xr.grad, seen["grad"])
 
 
+@pytest.mark.parametrize("split", [1, 3])
+def test_the_gradient_at_the_cut_first_is_one_pass_bit_for_bit_at_full_size(split):
+    """A step's batch of 100 at CIFAR-10's size (the kernels of a real run, not a tiny
+    one's): the two-pass backward (``cut_first``) against one pass, over three steps."""
+    data = batches(split, 3, n=100)
+    out = {}
+    for first in (True, False):
+        s = make_session(split)
+        replies = []
+        for i, (x, y) in enumerate(data):
+            s.train_step(i, x, y, lambda g, loss: replies.append((g.clone(), loss)), cut_first=first)
+        out[first] = (replies, s)
+    (two, s2), (one, s1) = out[True], out[False]
+    assert all(torch.equal(a, b) and la == lb for (a, la), (b, lb) in zip(two, one, strict=True))
+    assert_same_session(s2, s1)
+
+
 def test_part_state_is_used_and_required_in_split_modes():
     a = make_session(seed_state=9)
     b = make_session(seed_state=10)

@@ -59,6 +59,30 @@ def test_split_equals_whole(name, cut):
     assert state_sha256(whole.state_dict()) == state_sha256(twin.state_dict())  # BN statistics too
 
 
+@pytest.mark.parametrize("name,cut", CASES)
+def test_the_gradient_at_the_cut_first_changes_no_bit(name, cut):
+    """``training.cut_gradient_first``: the edge's backward in two passes (the gradient at
+    the cut alone, then the weights') gives the gradient, the loss and, three steps on,
+    the weights, batch-norm statistics and momenta of one pass, bit for bit."""
+    key = _key(name)
+    dev, edge = split_model(build_model(key, seed=3), cut)
+    state = edge.state_dict()
+    data = [(dev(x).detach(), y) for x, y in (_batch(200 + i) for i in range(3))]
+    runs = {}
+    for first in (True, False):
+        session = EdgeSession(device="d1", round=1, mode="fedfly", model=key, split_layer=cut, lr=0.05,
+                              momentum=0.9, part_state={k: v.clone() for k, v in state.items()}, seed=1)
+        replies: list = []
+        for step, (act, y) in enumerate(data):
+            session.train_step(step, act, y, lambda g, loss: replies.append((g.clone(), loss)), cut_first=first)
+        runs[first] = (replies, session)
+    (two, s2), (one, s1) = runs[True], runs[False]
+    for (g2, loss2), (g1, loss1) in zip(two, one, strict=True):
+        assert torch.equal(g2, g1) and loss2 == loss1
+    assert state_sha256(s2.weights()) == state_sha256(s1.weights())
+    assert all(torch.equal(a, b) for a, b in zip(_momenta(s2.optimizer), _momenta(s1.optimizer), strict=True))
+
+
 def _full_state(dev, session: EdgeSession) -> dict[str, torch.Tensor]:
     return {**dev.state_dict(), **session.weights()}
 
