@@ -323,14 +323,15 @@ def test_reply_gets_the_gradient_at_the_cut_before_the_step():
     assert torch.equal(xr.grad, seen["grad"])
 
 
-@pytest.mark.parametrize("split", [1, 3])
-def test_the_gradient_at_the_cut_first_is_one_pass_bit_for_bit_at_full_size(split):
+@pytest.mark.parametrize("split,prox", [(1, 0.0), (3, 0.0), (3, 0.1)])
+def test_the_gradient_at_the_cut_first_is_one_pass_bit_for_bit_at_full_size(split, prox):
     """A step's batch of 100 at CIFAR-10's size (the kernels of a real run, not a tiny
-    one's): the two-pass backward (``cut_first``) against one pass, over three steps."""
+    one's): the two-pass backward (``cut_first``) against one pass, over three steps,
+    with FedProx's proximal term too."""
     data = batches(split, 3, n=100)
     out = {}
     for first in (True, False):
-        s = make_session(split)
+        s = make_session(split, prox_mu=prox)
         replies = []
         for i, (x, y) in enumerate(data):
             s.train_step(i, x, y, lambda g, loss: replies.append((g.clone(), loss)), cut_first=first)
@@ -418,3 +419,23 @@ def test_the_spare_part_is_rebuilt_later_and_once():
     builders[0].join(10)
     assert spare._spare is not None
     assert spare.take() is not part
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_cut_gradient_first_goes_from_the_config_to_every_step(value):
+    """``training.cut_gradient_first`` as written reaches the edge's core, which hands it
+    to each step's job (so ``bench_split --one-pass`` measures what it says)."""
+    import os
+
+    from common.config import load_config
+    from common.events import EventLog
+    from common.security import Identity
+    from edge.server import EdgeServer
+
+    local = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "local.toml")
+    cfg = load_config(local, env={}, overrides=[f"training.cut_gradient_first={str(value).lower()}",
+                                                 'security.mode="key"'])  # its committed demo key: no certificates
+    assert cfg.training["cut_gradient_first"] is value
+    server = EdgeServer(cfg, "edge1", creds=cfg.credentials(Identity("edge", "edge1")),
+                        events=EventLog(process="edge1", role="edge"))
+    assert server.core.cut_first is value
