@@ -59,15 +59,14 @@ def test_split_equals_whole(name, cut):
     assert state_sha256(whole.state_dict()) == state_sha256(twin.state_dict())  # BN statistics too
 
 
-@pytest.mark.parametrize("name,cut", CASES)
-def test_the_gradient_at_the_cut_first_changes_no_bit(name, cut):
+def _assert_cut_first_changes_no_bit(key: str, cut: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """``training.cut_gradient_first``: the edge's backward in two passes (the gradient at
-    the cut alone, then the weights') gives the gradient, the loss and, three steps on,
-    the weights, batch-norm statistics and momenta of one pass, bit for bit."""
-    key = _key(name)
+    the cut alone, then the weights') gives, step after step on ``batches``, the gradient
+    and the loss, and in the end the weights, batch-norm statistics and momenta of one
+    pass, bit for bit."""
     dev, edge = split_model(build_model(key, seed=3), cut)
     state = edge.state_dict()
-    data = [(dev(x).detach(), y) for x, y in (_batch(200 + i) for i in range(3))]
+    data = [(dev(x).detach(), y) for x, y in batches]
     runs = {}
     for first in (True, False):
         session = EdgeSession(device="d1", round=1, mode="fedfly", model=key, split_layer=cut, lr=0.05,
@@ -83,27 +82,18 @@ def test_the_gradient_at_the_cut_first_changes_no_bit(name, cut):
     assert all(torch.equal(a, b) for a, b in zip(_momenta(s2.optimizer), _momenta(s1.optimizer), strict=True))
 
 
+@pytest.mark.parametrize("name,cut", CASES)
+def test_the_gradient_at_the_cut_first_changes_no_bit(name, cut):
+    _assert_cut_first_changes_no_bit(_key(name), cut, [_batch(200 + i) for i in range(3)])
+
+
 @pytest.mark.parametrize("name,cut", [("resnet18", 4), ("mobilenetv2", 9)])
 def test_the_gradient_at_the_cut_first_changes_no_bit_at_cifar_size(name, cut):
-    """As above at 32x32 and a batch of 32 (convolution kernels are chosen by size: a
-    1x1 convolution's changes above a batch of 16), two steps."""
-    key = ModelSpec(name, channels=3, height=32, width=32, classes=10).key
-    dev, edge = split_model(build_model(key, seed=3), cut)
+    """At 32x32 and a batch of 32: convolution kernels are chosen by size (a 1x1
+    convolution's changes above a batch of 16)."""
     g = torch.Generator().manual_seed(5)
-    data = [(dev(torch.randn(32, 3, 32, 32, generator=g)).detach(), torch.randint(0, 10, (32,), generator=g))
-            for _ in range(2)]
-    state = edge.state_dict()
-    runs = {}
-    for first in (True, False):
-        session = EdgeSession(device="d1", round=1, mode="fedfly", model=key, split_layer=cut, lr=0.05,
-                              momentum=0.9, part_state={k: v.clone() for k, v in state.items()}, seed=1)
-        replies: list = []
-        for step, (act, y) in enumerate(data):
-            session.train_step(step, act, y, lambda g, loss: replies.append((g.clone(), loss)), cut_first=first)
-        runs[first] = (replies, session)
-    (two, s2), (one, s1) = runs[True], runs[False]
-    assert all(torch.equal(a, b) and la == lb for (a, la), (b, lb) in zip(two, one, strict=True))
-    assert state_sha256(s2.weights()) == state_sha256(s1.weights())
+    batches = [(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(2)]
+    _assert_cut_first_changes_no_bit(ModelSpec(name, channels=3, height=32, width=32, classes=10).key, cut, batches)
 
 
 def _full_state(dev, session: EdgeSession) -> dict[str, torch.Tensor]:
