@@ -1,0 +1,341 @@
+"""A run folder as a reader sees it: the figure for a paper, and one HTML page.
+
+``write_report(run_dir, out)`` writes
+
+* ``run.png``: test accuracy per round, round time per round (each device's training
+  beside it, rounds with a move, drop, kill or recovery marked), and below them the
+  timeline of every process: which edge each device was on, when it trained, each move
+  (its pause), each drop (its time without a link) and recovery, each process that died;
+* ``timeline.png``: that timeline alone, larger;
+* ``report.html``: one self-contained page (the PNGs inside as ``data:`` URIs, no other
+  file or address) with the figure, the run's key numbers, and its rounds, migrations and
+  faults. Text from the run is escaped.
+
+The timeline needs the run's ``events-*.jsonl``; without them the page and ``run.png``
+have the per-round panels only. Called by ``python -m scripts.plot RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from scripts.timeline import MARK_KINDS, Timeline, read_timeline
+
+DPI = 90
+# How each kind of mark is drawn: (matplotlib marker, colour, what a round had, the
+# timeline's legend label).
+MARK_STYLE = {
+    "move": ("v", "tab:blue", "a move", "move (label: pause)"),
+    "drop": ("x", "red", "a link drop", "link dropped"),
+    "kill": ("X", "black", "a process lost", "process killed / lost"),
+    "restart": ("s", "tab:purple", "a restart", "process started again"),
+    "recovery": ("^", "tab:green", "a recovery", "recovered (label: time down)"),
+}
+EDGE_COLORS = ["tab:cyan", "tab:orange", "tab:olive", "tab:pink", "tab:brown", "tab:gray", "gold", "lightcoral"]
+ANNOTATE_AT_MOST = 40  # marks: beyond this many, labels would cover the bars
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def round_axis(ax, rounds: list[int]) -> None:
+    """Whole rounds only on the x axis: a tick per round when they fit, else integer ticks."""
+    from matplotlib.ticker import MaxNLocator
+    if rounds and len(rounds) <= 25:
+        ax.set_xticks(sorted(set(rounds)))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+
+
+def marks_per_round(timeline: Timeline | None, summary: dict[str, Any]) -> dict[int, Counter]:
+    """How many marks of each kind fell in each round (a mark before the first round counts
+    for it, one after the last for the last). Without a timeline: the migrations only."""
+    out: dict[int, Counter] = {}
+    if timeline is None or not timeline.rounds:
+        for mv in summary.get("migrations", []):
+            out.setdefault(mv["round"], Counter())["move"] += 1
+        return out
+    starts = [(r, a) for r, a, _ in timeline.rounds]
+    for row in timeline.rows:
+        for mk in row.marks:
+            rnd = starts[0][0]
+            for r, a in starts:
+                if mk.t >= a:
+                    rnd = r
+            out.setdefault(rnd, Counter())[mk.kind] += 1
+    return out
+
+
+def edge_colors(timeline: Timeline | None) -> dict[str, str]:
+    return {e: EDGE_COLORS[i % len(EDGE_COLORS)] for i, e in enumerate(timeline.edges if timeline else ())}
+
+
+# -- the panels ----------------------------------------------------------------------------
+
+def draw_accuracy(ax, summary: dict[str, Any]) -> None:
+    rounds = [r["round"] for r in summary["rounds"]]
+    acc = [r["test_accuracy"] for r in summary["rounds"]]
+    ax.plot(rounds, acc, marker="o", ms=4, color="tab:blue")
+    if acc:
+        ax.annotate(f"{acc[-1]:.3f}", (rounds[-1], acc[-1]), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Test accuracy per round", fontsize=10)
+    ax.grid(alpha=0.3)
+    round_axis(ax, rounds)
+
+
+def draw_round_times(ax, summary: dict[str, Any], per_round: dict[int, Counter]) -> None:
+    rounds = [r["round"] for r in summary["rounds"]]
+    secs = [r["seconds"] for r in summary["rounds"]]
+    ax.bar(rounds, secs, 0.6, color="lightsteelblue", label="round (central)")
+    devices = summary.get("devices", {})
+    if devices:
+        xs, ys = [], []
+        for d in devices.values():
+            for i, s in enumerate(d.get("round_seconds", [])):
+                if i < len(rounds):
+                    xs.append(rounds[i])
+                    ys.append(s)
+        ax.scatter(xs, ys, s=12, color="dimgray", zorder=3, label="a device's training")
+    top = max(secs, default=1.0)
+    shown: set[str] = set()
+    for rnd, counts in sorted(per_round.items()):
+        y = (secs[rounds.index(rnd)] if rnd in rounds else 0.0) + 0.06 * top
+        for kind in MARK_KINDS:
+            if counts.get(kind):
+                marker, color, noun, _ = MARK_STYLE[kind]
+                ax.scatter([rnd], [y], marker=marker, s=45, color=color, zorder=5,
+                           label=f"round with {noun}" if kind not in shown else None)
+                if counts[kind] > 1:
+                    ax.annotate(f"{counts[kind]}", (rnd, y), textcoords="offset points", xytext=(6, -3), fontsize=7)
+                shown.add(kind)
+                y += 0.08 * top
+    ax.set_ylabel("seconds")
+    ax.set_ylim(0, top * (1.15 + 0.08 * len(shown)))
+    ax.set_title("Time per round", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    round_axis(ax, rounds)
+
+
+def draw_timeline(ax, timeline: Timeline) -> None:
+    """One row per process, top to bottom; seconds on x, the central's rounds shaded and
+    numbered on a second axis above."""
+    from matplotlib.patches import Patch
+    colors = edge_colors(timeline)
+    rows = list(timeline.rows)
+    n = len(rows)
+    for i, (r, a, b) in enumerate(timeline.rounds):
+        if i % 2 == 0:
+            ax.axvspan(a, b, color="0.93", zorder=0)
+    annotate = sum(len(r.marks) for r in rows) <= ANNOTATE_AT_MOST
+    for i, row in enumerate(rows):
+        y = n - 1 - i
+        if row.role == "device":
+            ax.broken_barh([(s.start, s.end - s.start) for s in row.on], (y - 0.1, 0.2),
+                           facecolors=[colors.get(s.edge, "0.6") for s in row.on], alpha=0.45, zorder=1)
+            ax.broken_barh([(s.start, s.end - s.start) for s in row.training], (y - 0.32, 0.64),
+                           facecolors=[colors.get(s.edge, "0.6") for s in row.training], edgecolor="none", zorder=2)
+            ax.broken_barh([(s.start, s.end - s.start) for s in row.down], (y - 0.32, 0.64), facecolors="none",
+                           edgecolor="red", hatch="////", lw=0.8, zorder=3)
+        else:
+            ax.broken_barh([(s.start, s.end - s.start) for s in row.on], (y - 0.08, 0.16),
+                           facecolors=colors.get(row.name, "0.55"), zorder=1)
+        for mk in row.marks:
+            marker, color, _, _ = MARK_STYLE[mk.kind]
+            ax.scatter([mk.t], [y + 0.42], marker=marker, s=40, color=color, zorder=5, clip_on=False)
+            if annotate and mk.pause_s:
+                text = f"{mk.pause_s * 1000:.0f} ms" if mk.pause_s < 1 else f"{mk.pause_s:.2f} s"
+                ax.annotate(text, (mk.t, y + 0.42), textcoords="offset points", xytext=(5, 1), fontsize=7,
+                            color=color, zorder=6)
+    ax.set_yticks(range(n), [f"{r.name}" for r in reversed(rows)], fontsize=8)
+    ax.set_ylim(-0.6, n - 0.3)
+    starts = [s.start for r in rows if r.role == "device" for s in r.on]
+    ends = [s.end for r in rows for s in r.on] + [b for _, _, b in timeline.rounds]
+    span = (max(ends, default=1.0) - min(starts + [0.0]))
+    ax.set_xlim(min(starts + [0.0]) - 0.01 * span, max(ends, default=1.0) + 0.01 * span)
+    ax.set_xlabel("seconds from the start of round 1")
+    ax.grid(axis="x", alpha=0.3)
+    if timeline.rounds:
+        top = ax.twiny()
+        top.set_xlim(ax.get_xlim())
+        top.set_xticks([(a + b) / 2 for _, a, b in timeline.rounds], [str(r) for r, _, _ in timeline.rounds],
+                       fontsize=8)
+        top.tick_params(length=0)
+        top.set_xlabel("round (shaded: every other round)", fontsize=8)
+    handles = [Patch(color=colors[e], label=f"on {e} (thick: training)") for e in timeline.edges]
+    handles.append(Patch(facecolor="none", edgecolor="red", hatch="////", label="link down"))
+    present = {mk.kind for r in rows for mk in r.marks}
+    for kind in MARK_KINDS:
+        if kind in present:
+            marker, color, _, label = MARK_STYLE[kind]
+            handles.append(ax.scatter([], [], marker=marker, color=color, label=label))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
+
+
+# -- the figures and the page --------------------------------------------------------------
+
+def run_figure(summary: dict[str, Any], timeline: Timeline | None):
+    """The paper figure: accuracy and time per round, then the timeline (when there is one)."""
+    plt = _plt()
+    rows = len(timeline.rows) if timeline else 0
+    tl_h = 1.2 + 0.42 * rows if timeline else 0.0
+    fig = plt.figure(figsize=(12, 3.6 + tl_h))
+    grid = fig.add_gridspec(2 if timeline else 1, 2, height_ratios=[3.6, tl_h] if timeline else [1])
+    draw_accuracy(fig.add_subplot(grid[0, 0]), summary)
+    draw_round_times(fig.add_subplot(grid[0, 1]), summary, marks_per_round(timeline, summary))
+    if timeline:
+        draw_timeline(fig.add_subplot(grid[1, :]), timeline)
+    fig.suptitle(f"{summary.get('run_name', '?')}: {summary.get('mode', '?')}, {summary.get('model', '?')} on "
+                 f"{summary.get('dataset', '?')}, {len(summary.get('devices', {}))} devices", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def timeline_figure(timeline: Timeline):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(13, 1.6 + 0.5 * len(timeline.rows)))
+    draw_timeline(ax, timeline)
+    ax.set_title("Every process over time: where each device was, when it trained, what happened to it", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def key_numbers(summary: dict[str, Any], timeline: Timeline | None) -> list[tuple[str, str]]:
+    """(name, value) pairs: what a reader of the run wants first."""
+    rounds = summary.get("rounds", [])
+    migs = summary.get("migrations", [])
+    acc = [r["test_accuracy"] for r in rounds]
+    out = [("run", str(summary.get("run_name", "?"))), ("mode", str(summary.get("mode", "?"))),
+           ("status", str(summary.get("status", "?"))),
+           ("model / data", f"{summary.get('model', '?')} on {summary.get('dataset', '?')} "
+                            f"({summary.get('distribution', '?')})"),
+           ("strategy", str((summary.get("strategy") or {}).get("name", "?"))),
+           ("devices / edges", f"{len(summary.get('devices', {}))} / {len(summary.get('edges', []) or [])}"),
+           ("rounds", f"{len(rounds)} of {(summary.get('training') or {}).get('rounds', '?')}")]
+    if acc:
+        best = max(range(len(acc)), key=lambda i: acc[i])
+        out += [("final test accuracy", f"{acc[-1]:.4f}"),
+                ("best test accuracy", f"{acc[best]:.4f} (round {rounds[best]['round']})"),
+                ("final test loss", f"{rounds[-1]['test_loss']:.4f}"),
+                ("round time, median (min-max)", f"{statistics.median(r['seconds'] for r in rounds):.2f} s "
+                 f"({min(r['seconds'] for r in rounds):.2f}-{max(r['seconds'] for r in rounds):.2f})")]
+    if summary.get("total_seconds") is not None:
+        out.append(("whole run", f"{summary['total_seconds']:.1f} s"))
+    out.append(("migrations", str(len(migs))))
+    if migs:
+        out += [("migration pause, median", f"{statistics.median(mv['pause_ms'] for mv in migs):.1f} ms"),
+                ("edge-to-edge transfer, median", f"{statistics.median(mv['transfer_ms'] for mv in migs):.1f} ms"),
+                ("state moved, median", f"{statistics.median(mv['state_bytes'] for mv in migs) / 1e6:.2f} MB")]
+    if timeline is not None:
+        kinds = Counter(mk.kind for r in timeline.rows for mk in r.marks)
+        out += [("link drops", str(kinds["drop"])), ("processes killed / lost", str(kinds["kill"])),
+                ("recoveries", str(kinds["recovery"]))]
+    out += [("faults recorded", str(len(summary.get("faults", [])))),
+            ("samples lost", str(sum(r.get("samples_lost", 0) or 0 for r in rounds))),
+            ("final model sha256", str(summary.get("final_model_sha256")))]
+    return out
+
+
+def _table(head: list[str] | None, rows: list[list[Any]]) -> str:
+    e = html.escape
+    th = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" if head else ""
+    body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{th}{body}</table>"
+
+
+def _num(v: Any, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) else ("" if v is None else str(v))
+
+
+def html_page(summary: dict[str, Any], timeline: Timeline | None, figure_png: bytes) -> str:
+    """The page: the figure, key numbers, rounds, migrations, faults; no external asset."""
+    e = html.escape
+    img = base64.b64encode(figure_png).decode("ascii")
+    per_round = marks_per_round(timeline, summary)
+    rounds = [[r["round"], _num(r["seconds"], ".2f"), _num(r["test_accuracy"], ".4f"), _num(r["test_loss"], ".4f"),
+               r.get("samples", ""), ", ".join(r.get("missing", []) or []) or "-",
+               ", ".join(f"{n} {k}" for k, n in sorted(per_round.get(r["round"], Counter()).items())) or "-"]
+              for r in summary.get("rounds", [])]
+    migs = [[mv.get("round"), mv.get("step"), mv.get("device"), f"{mv.get('from')} -> {mv.get('to')}",
+             _num(mv.get("pause_ms"), ".1f"), _num(mv.get("transfer_ms"), ".1f"),
+             _num((mv.get("state_bytes") or 0) / 1e6, ".2f")] for mv in summary.get("migrations", [])]
+    faults = [[f.get("round", ""), f.get("kind"), f.get("process"), f.get("peer"), _num(f.get("down_s"), ".2f"),
+               f.get("replayed", ""), f.get("recovery", ""), f.get("detail", "")] for f in summary.get("faults", [])]
+    happened = [[f"{mk.t:.2f}", row.name, mk.kind, mk.text,
+                 (f"{mk.pause_s * 1000:.1f} ms" if mk.pause_s < 1 else f"{mk.pause_s:.2f} s") if mk.pause_s else ""]
+                for row in (timeline.rows if timeline else ()) for mk in row.marks]
+    happened.sort(key=lambda x: float(x[0]))
+    title = f"FedFly run {summary.get('run_name', '?')}"
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1200px;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px;"
+        "font-size:13px;text-align:left}th{background:#f0f0f0}img{max-width:100%}"
+        "figcaption{font-size:13px;color:#444}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        "<h2>Key numbers</h2>", _table(None, [list(kv) for kv in key_numbers(summary, timeline)]),
+        "<h2>Figure</h2>", f'<figure><img alt="accuracy, round time and timeline of the run" '
+                           f'src="data:image/png;base64,{img}">',
+        "<figcaption>Top: test accuracy and time per round (bars: the central's round; dots: each device's "
+        "training; symbols above a bar: the round had a move, drop, kill or recovery). Bottom: every process "
+        "over time; a device's thin bar is the edge it is attached to, the thick bar its training (colour: "
+        "the edge), hatched red: its link down; labels give a move's pause and a recovery's time down."
+        + ("" if timeline else " (No events files: no timeline.)") + "</figcaption></figure>",
+        "<h2>What happened, in order</h2>",
+        _table(["second", "process", "what", "detail", "pause / down"], happened) if happened else "<p>nothing</p>",
+        "<h2>Rounds</h2>", _table(["round", "seconds", "accuracy", "loss", "samples", "missing", "marks"], rounds),
+        "<h2>Migrations</h2>", _table(["round", "step", "device", "edges", "pause ms", "transfer ms", "MB"], migs)
+        if migs else "<p>none</p>",
+        "<h2>Faults</h2>", _table(["round", "kind", "process", "peer", "down s", "steps again", "recovery", "detail"],
+                                  faults) if faults else "<p>none</p>",
+        "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], Timeline | None]:
+    """The run's summary, and its timeline (None without events files). Raises
+    ``FileNotFoundError`` without ``summary.json``, ``ValueError`` if it is not JSON."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    try:
+        return summary, read_timeline(Path(run_dir), finished=summary.get("status") != "running")
+    except FileNotFoundError:
+        return summary, None
+
+
+def write_report(summary: dict[str, Any], timeline: Timeline | None, out: Path) -> list[Path]:
+    """``run.png``, ``timeline.png`` (when there is a timeline) and ``report.html`` into
+    ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    figure = _png(run_figure(summary, timeline))
+    (out / "run.png").write_bytes(figure)
+    written.append(out / "run.png")
+    if timeline is not None:
+        (out / "timeline.png").write_bytes(_png(timeline_figure(timeline)))
+        written.append(out / "timeline.png")
+    (out / "report.html").write_text(html_page(summary, timeline, figure), encoding="utf-8")
+    written.append(out / "report.html")
+    return written
