@@ -128,7 +128,8 @@ def draw_round_times(ax, summary: dict[str, Any], per_round: dict[int, Counter])
     ax.set_ylim(0, top * (1.15 + 0.08 * len(shown)))
     ax.set_title("Time per round", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    # beside the panel: above the bars it would hide the marks
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     round_axis(ax, rounds)
 
 
