@@ -102,6 +102,10 @@ def draw_round_times(ax, summary: dict[str, Any], per_round: dict[int, Counter])
     rounds = [r["round"] for r in summary["rounds"]]
     secs = [r["seconds"] for r in summary["rounds"]]
     ax.bar(rounds, secs, 0.6, color="lightsteelblue", label="round (central)")
+    evals = [r.get("eval_seconds") or 0.0 for r in summary["rounds"]]
+    if any(evals):
+        ax.bar(rounds, evals, 0.6, bottom=secs, color="0.85", label="then its evaluation")
+        secs = [a + b for a, b in zip(secs, evals)]
     devices = summary.get("devices", {})
     if devices:
         xs, ys = [], []
@@ -179,7 +183,8 @@ def draw_timeline(ax, timeline: Timeline) -> None:
         top.tick_params(length=0)
         top.set_xlabel("round (shaded: every other round)", fontsize=8)
     handles = [Patch(color=colors[e], label=f"on {e} (thick: training)") for e in timeline.edges]
-    handles.append(Patch(facecolor="none", edgecolor="red", hatch="////", label="link down"))
+    if any(r.down for r in rows):
+        handles.append(Patch(facecolor="none", edgecolor="red", hatch="////", label="link down"))
     present = {mk.kind for r in rows for mk in r.marks}
     for kind in MARK_KINDS:
         if kind in present:

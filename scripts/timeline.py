@@ -7,8 +7,8 @@ Times are seconds from the central's first round start, from each line's ``ts`` 
 wall clock of the process that wrote it: on several hosts, as good as their clocks agree).
 
 Each events file is one life of one process (``events-<name>.jsonl``, then
-``events-<name>.1.jsonl`` after a restart). A life that ends without its goodbye
-(``shutdown``, or the central's ``finished``/``aborted``) while the run went on died: it is
+``events-<name>.1.jsonl`` after a restart). A life without its goodbye
+(``shutdown``, or the central's ``finished``/``aborted``) in a run that went on died: it is
 a ``kill`` mark, placed where a peer first saw it go (its last line is often seconds
 before that), or at its last line when nobody said. A line that is not JSON (the torn last
 line of a killed process) is skipped.
@@ -237,7 +237,8 @@ def read_timeline(run_dir: Path, *, finished: bool = True) -> Timeline:
                     dev.feed(ev, ev["ts"] - t0)
             last = life[-1]
             end = last["ts"] - t0
-            if last["event"] not in GOODBYES and (finished or i < len(ls) - 1):
+            # (a goodbye need not be the last line: an edge says it lost the central after it)
+            if not any(ev["event"] in GOODBYES for ev in life) and (finished or i < len(ls) - 1):
                 nxt = ls[i + 1][0]["ts"] if i < len(ls) - 1 else float("inf")
                 seen = _lost_seen(name, last["ts"], nxt, everyone)
                 end = (seen if seen is not None else last["ts"]) - t0

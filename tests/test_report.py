@@ -57,7 +57,9 @@ def _run_folder(tmp: Path) -> Path:
     c.append(_line("central", "central", 30.0, "finished", status="finished"))
     files = {
         "central": c,
-        "edge1": [_line("edge1", "edge", -3.0, "listening"), _line("edge1", "edge", 30.1, "shutdown", reason="done")],
+        # as a real edge does, it says it lost the central after its goodbye: it did not die
+        "edge1": [_line("edge1", "edge", -3.0, "listening"), _line("edge1", "edge", 30.1, "shutdown", reason="done"),
+                  _line("edge1", "edge", 30.1, "central_link_lost", detail="central closed the connection")],
         # edge2 is killed at second 24: its last line is earlier, the central sees it go at 24
         "edge2": [_line("edge2", "edge", -3.0, "listening"), _line("edge2", "edge", 21.0, "round_start", round=3)],
         "device1": [_line("device1", "device", -1.0, "attached", edge="edge1", home="edge1", action="wait", how="join"),
