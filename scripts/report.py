@@ -33,7 +33,7 @@ DPI = 90
 # timeline's legend label).
 MARK_STYLE = {
     "move": ("v", "tab:blue", "a move", "move (label: pause)"),
-    "drop": ("x", "red", "a link drop", "link dropped"),
+    "drop": ("x", "red", "a link drop", "link dropped / left the round"),
     "kill": ("X", "black", "a process lost", "process killed / lost"),
     "restart": ("s", "tab:purple", "a restart", "process started again"),
     "recovery": ("^", "tab:green", "a recovery", "recovered (label: time down)"),
@@ -153,8 +153,13 @@ def draw_timeline(ax, timeline: Timeline) -> None:
         if row.role == "device":
             ax.broken_barh([(s.start, s.end - s.start) for s in row.on], (y - 0.1, 0.2),
                            facecolors=[colors.get(s.edge, "0.6") for s in row.on], alpha=0.45, zorder=1)
+            # white edges: where one round (or one edge's part of it) ends and the next begins
             ax.broken_barh([(s.start, s.end - s.start) for s in row.training], (y - 0.32, 0.64),
-                           facecolors=[colors.get(s.edge, "0.6") for s in row.training], edgecolor="none", zorder=2)
+                           facecolors=[colors.get(s.edge, "0.6") for s in row.training], edgecolor="white", lw=0.6,
+                           zorder=2)
+            ax.broken_barh([(s.start, s.end - s.start) for s in row.unused], (y - 0.32, 0.64),
+                           facecolors=[colors.get(s.edge, "0.6") for s in row.unused], edgecolor="0.3", hatch="..",
+                           alpha=0.35, lw=0.6, zorder=2)
             ax.broken_barh([(s.start, s.end - s.start) for s in row.down], (y - 0.32, 0.64), facecolors="none",
                            edgecolor="red", hatch="////", lw=0.8, zorder=3)
         else:
@@ -183,6 +188,8 @@ def draw_timeline(ax, timeline: Timeline) -> None:
         top.tick_params(length=0)
         top.set_xlabel("round (shaded: every other round)", fontsize=8)
     handles = [Patch(color=colors[e], label=f"on {e} (thick: training)") for e in timeline.edges]
+    if any(r.unused for r in rows):
+        handles.append(Patch(facecolor="0.85", edgecolor="0.3", hatch="..", label="training not used (round over)"))
     if any(r.down for r in rows):
         handles.append(Patch(facecolor="none", edgecolor="red", hatch="////", label="link down"))
     present = {mk.kind for r in rows for mk in r.marks}

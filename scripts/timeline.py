@@ -50,13 +50,15 @@ class Mark:
 @dataclass(frozen=True)
 class Row:
     """One process: ``on`` where it was attached (a device) or alive (an edge, the central);
-    ``training`` the parts of its rounds it trained, by edge; ``down`` its link down."""
+    ``training`` the parts of its rounds it trained, by edge; ``unused`` the parts of rounds
+    it gave up (over before its update was delivered); ``down`` its link down."""
     name: str
     role: str
     on: tuple[Span, ...]
     training: tuple[Span, ...]
     down: tuple[Span, ...]
     marks: tuple[Mark, ...]
+    unused: tuple[Span, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class _DeviceRow:
     def __init__(self, name: str) -> None:
         self.name = name
         self.on: list[Span] = []
-        self.windows: list[tuple[float, float]] = []
+        self.windows: list[tuple[float, float, bool]] = []  # (start, end, its update delivered)
         self.down: list[Span] = []
         self.marks: list[Mark] = []
         self.edge: str | None = None
@@ -144,9 +146,9 @@ class _DeviceRow:
         self.leave(t)
         self.edge, self.since = edge, t
 
-    def end_round(self, t: float) -> None:
+    def end_round(self, t: float, used: bool = True) -> None:
         if self.round_at is not None:
-            self.windows.append((self.round_at, t))
+            self.windows.append((self.round_at, t, used))
         self.round_at = None
 
     def feed(self, ev: dict[str, Any], t: float) -> None:
@@ -156,8 +158,10 @@ class _DeviceRow:
         elif e == "round_start":
             self.end_round(t)
             self.round_at = t
-        elif e in ("round_done", "round_over"):
+        elif e == "round_done":
             self.end_round(t)
+        elif e == "round_over":
+            self.end_round(t, used=bool(ev.get("delivered")))
         elif e == "moved":
             pause = float(ev.get("pause_ms") or 0.0) / 1000
             self.leave(t - pause)
@@ -183,7 +187,8 @@ class _DeviceRow:
         elif e == "rollback":
             n = int(ev.get("step") or 0) - int(ev.get("to") or 0)
             again = f"{n} step{'' if n == 1 else 's'} again"
-            if self.marks and self.marks[-1].kind == "recovery" and t - self.marks[-1].t < 1.0:
+            # what a move or a recovery just before cost (a restart-mode move: the whole round)
+            if self.marks and self.marks[-1].kind in ("move", "recovery") and t - self.marks[-1].t < 1.0:
                 last = self.marks.pop()
                 self.marks.append(Mark(last.t, last.kind, f"{last.text}, {again}", last.pause_s))
             else:
@@ -198,10 +203,11 @@ class _DeviceRow:
             self.lost_at = None
         self.leave(t)
 
-    def training(self) -> list[Span]:
-        """The round windows cut by where the device was: a window's part on each edge."""
+    def training(self, used: bool = True) -> list[Span]:
+        """The round windows (``used``: delivered, or not) cut by where the device was: a
+        window's part on each edge."""
         out = []
-        for a, b in self.windows:
+        for a, b, _ in (w for w in self.windows if w[2] == used):
             for s in self.on:
                 lo, hi = max(a, s.start), min(b, s.end)
                 if hi > lo:
@@ -219,6 +225,13 @@ def read_timeline(run_dir: Path, *, finished: bool = True) -> Timeline:
     everyone = sorted((ev for ls in procs.values() for life in ls for ev in life), key=lambda ev: ev["ts"])
     rounds = _rounds(procs.get("central", []))
     t0 = rounds[0][1] if rounds else everyone[0]["ts"]
+    # A device the central gave up on for a round: its own log may not say (a silent host)
+    left: dict[str, list[Mark]] = {}
+    for ev in (e for life in procs.get("central", []) for e in life):
+        if ev["event"] == "fault" and ev.get("kind") == "device_dropped":
+            left.setdefault(str(ev.get("peer")), []).append(Mark(
+                ev["ts"] - t0, "drop", f"left round {ev.get('round', '?')} ({ev.get('samples_lost', 0)} samples lost): "
+                f"{ev.get('detail', '')}"))
     rows = []
     for name in sorted(procs, key=lambda n: (n != "central", not n.startswith("edge"), n)):
         ls = [life for life in procs[name] if life]
@@ -248,7 +261,8 @@ def read_timeline(run_dir: Path, *, finished: bool = True) -> Timeline:
                 dev.finish(end)
         if dev is not None:
             rows.append(Row(name, role, tuple(dev.on), tuple(dev.training()), tuple(dev.down),
-                            tuple(sorted(dev.marks + marks, key=lambda mk: mk.t))))
+                            tuple(sorted(dev.marks + marks + left.get(name, []), key=lambda mk: mk.t)),
+                            tuple(dev.training(used=False))))
         else:
             rows.append(Row(name, role, tuple(alive), (), (), tuple(marks)))
     edges = sorted({s.edge for r in rows if r.role == "device" for s in r.on}

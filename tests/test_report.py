@@ -53,7 +53,9 @@ def _run_folder(tmp: Path) -> Path:
         c.append(_line("central", "central", 10.0 * r - 0.1, "round_done", round=r, seconds=9.9))
     # the central's fault lines carry the reporter's name in ``process``
     c.insert(4, _line("device2", "central", 13.6, "fault", kind="link_lost", peer="edge1", detail=HOSTILE))
-    c.insert(5, _line("central", "central", 24.0, "fault", kind="edge_lost", peer="edge2", detail="reset"))
+    c.insert(5, _line("central", "central", 22.5, "fault", kind="device_dropped", peer="device3", round=3,
+                      detail="attached to no edge for 0.5 s", samples_lost=200))
+    c.insert(6, _line("central", "central", 24.0, "fault", kind="edge_lost", peer="edge2", detail="reset"))
     c.append(_line("central", "central", 30.0, "finished", status="finished"))
     files = {
         "central": c,
@@ -66,7 +68,12 @@ def _run_folder(tmp: Path) -> Path:
                     _line("device1", "device", 0.1, "round_start", round=1, steps=8, edge="edge1", step=0),
                     _line("device1", "device", 5.025, "moved", source="edge1", to="edge2", round=1, step=4,
                           pause_ms=25.0, state_bytes=4_500_000, transfer_ms=30.0, resume_step=4, how="pulled"),
+                    # as in mode restart: the move costs the steps done so far
+                    _line("device1", "device", 5.03, "rollback", round=1, step=4, to=0, how="restart"),
                     _line("device1", "device", 8.0, "round_done", round=1, steps=8, train_seconds=7.9),
+                    # round 2 is over before its update is delivered: that training is not used
+                    _line("device1", "device", 10.2, "round_start", round=2, steps=8, edge="edge2", step=0),
+                    _line("device1", "device", 14.0, "round_over", round=2, step=3, delivered=False, reason="over"),
                     _line("device1", "device", 30.2, "shutdown", reason="run finished")],
         "device2": [_line("device2", "device", -1.0, "attached", edge="edge1", home="edge1", action="wait", how="join"),
                     _line("device2", "device", 10.1, "round_start", round=2, steps=8, edge="edge1", step=0),
@@ -108,6 +115,8 @@ def test_the_timeline_reads_where_each_device_was_and_what_happened(tmp_path):
                                                                                   (5.025, 8, "edge2")]
     (move,) = d1.marks
     assert move.kind == "move" and move.pause_s == pytest.approx(0.025) and move.t == pytest.approx(5.0)
+    assert move.text.endswith("4 steps again")
+    assert [(round(s.start, 3), round(s.end, 3), s.edge) for s in d1.unused] == [(10.2, 14, "edge2")]
     d2 = rows["device2"]
     assert [(round(s.start, 3), round(s.end, 3)) for s in d2.down] == [(12, 13.5)]  # from the cut, not its report
     assert [(mk.kind, round(mk.t, 3)) for mk in d2.marks] == [("drop", 12), ("recovery", 13.5)]
@@ -115,9 +124,11 @@ def test_the_timeline_reads_where_each_device_was_and_what_happened(tmp_path):
     # edge2 died where the central saw it go, not at its last line; edge1 said goodbye
     assert [(mk.kind, mk.t) for mk in rows["edge2"].marks] == [("kill", pytest.approx(24.0))]
     assert rows["edge1"].marks == () and rows["central"].marks == ()
-    # device3: killed (edge1 saw it go at 22), started again at 23, resumed from its disk
-    assert [(mk.kind, round(mk.t, 3)) for mk in rows["device3"].marks] == [("kill", 22), ("restart", 23),
-                                                                           ("recovery", 23.5)]
+    # device3: killed (edge1 saw it go at 22), out of its round (the central said), started
+    # again at 23, resumed from its disk
+    assert [(mk.kind, round(mk.t, 3)) for mk in rows["device3"].marks] == [("kill", 22), ("drop", 22.5),
+                                                                           ("restart", 23), ("recovery", 23.5)]
+    assert "left round 3 (200 samples lost)" in rows["device3"].marks[1].text
     # while a run is going, a life without a goodbye is not a death
     assert not any(mk.kind == "kill" for mk in read_timeline(tmp_path / "run", finished=False).rows[2].marks)
 
@@ -151,7 +162,7 @@ def test_plot_of_a_run_folder_writes_the_figures_and_a_self_contained_page(tmp_p
     for text in ("final test accuracy", "0.3000", "ab" * 32, "25.0 ms", "30.0 ms", "4.50 MB", "fedfly", "vgg5"):
         assert text in page, text
     numbers = dict(re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td></tr>", page))
-    assert numbers["migrations"] == "1" and numbers["link drops"] == "1" and numbers["processes killed / lost"] == "2"
+    assert numbers["migrations"] == "1" and numbers["link drops"] == "2" and numbers["processes killed / lost"] == "2"
     assert numbers["recoveries"] == "2"
 
 
@@ -174,8 +185,8 @@ def test_round_axes_have_whole_rounds_and_every_kind_of_mark_is_drawn(tmp_path, 
             "round with a recovery"} <= labels
     (tl,) = [ax for ax in fig.axes if ax.get_xlabel().startswith("seconds")]
     legend = {t.get_text() for t in tl.get_legend().get_texts()}
-    assert {"move (label: pause)", "link dropped", "process killed / lost", "process started again",
-            "recovered (label: time down)", "link down", "on edge1 (thick: training)",
+    assert {"move (label: pause)", "link dropped / left the round", "process killed / lost", "process started again",
+            "recovered (label: time down)", "link down", "training not used (round over)", "on edge1 (thick: training)",
             "on edge2 (thick: training)"} <= legend
     notes = {t.get_text() for t in tl.texts}
     assert {"25 ms", "1.50 s"} <= notes  # the move's pause, the drop's time down
