@@ -167,7 +167,8 @@ class _DeviceRow:
             self.leave(t - pause)
             self.join(str(ev.get("to", "?")), t)
             self.marks.append(Mark(t - pause, "move", f"{ev.get('source', '?')} -> {ev.get('to', '?')} "
-                                   f"(round {ev.get('round', '?')} step {ev.get('step', '?')}, {ev.get('how') or 'moved'})",
+                                   f"(round {ev.get('round', '?')} step {ev.get('step', '?')}, "
+                                   f"{ev.get('how') or 'moved'})",
                                    pause))
         elif e == "cut":
             self.cut_at = t
@@ -182,7 +183,8 @@ class _DeviceRow:
             self.down.append(Span(start, t, ""))
             self.lost_at = None
             self.join(str(ev.get("edge", "?")), t)
-            self.marks.append(Mark(t, "recovery", f"back on {ev.get('edge', '?')} ({ev.get('how') or ev.get('action')}) "
+            how = ev.get("how") or ev.get("action")
+            self.marks.append(Mark(t, "recovery", f"back on {ev.get('edge', '?')} ({how}) "
                                    f"at step {ev.get('resume_step', '?')}", t - start))
         elif e == "rollback":
             n = int(ev.get("step") or 0) - int(ev.get("to") or 0)
@@ -194,7 +196,8 @@ class _DeviceRow:
             else:
                 self.marks.append(Mark(t, "recovery", f"back to step {ev.get('to', '?')}: {again}"))
         elif e == "resumed_from_disk":
-            self.marks.append(Mark(t, "recovery", f"resumed from its disk checkpoint at step {ev.get('resume_step', '?')}"))
+            self.marks.append(Mark(t, "recovery",
+                                   f"resumed from its disk checkpoint at step {ev.get('resume_step', '?')}"))
 
     def finish(self, t: float) -> None:
         self.end_round(t)
@@ -255,7 +258,8 @@ def read_timeline(run_dir: Path, *, finished: bool = True) -> Timeline:
                 nxt = ls[i + 1][0]["ts"] if i < len(ls) - 1 else float("inf")
                 seen = _lost_seen(name, last["ts"], nxt, everyone)
                 end = (seen if seen is not None else last["ts"]) - t0
-                marks.append(Mark(end, "kill", f"{name} died" + (" (when a peer saw it go)" if seen else " (its last line)")))
+                marks.append(Mark(end, "kill", f"{name} died "
+                                  + ("(when a peer saw it go)" if seen else "(its last line)")))
             alive.append(Span(start, end, name))
             if dev is not None:
                 dev.finish(end)

@@ -208,4 +208,5 @@ def test_the_round_figures_of_plot_have_whole_rounds(tmp_path, matplotlib_availa
         (ax,) = _round_axes(fig)
         assert list(ax.get_xticks()) == [1, 2, 3]
     labels = set(figs[1].axes[0].get_legend_handles_labels()[1])
-    assert {"round with a move", "round with a link drop", "round with a process lost", "round with a recovery"} <= labels
+    assert {"round with a move", "round with a link drop", "round with a process lost",
+            "round with a recovery"} <= labels
