@@ -210,3 +210,24 @@ def test_the_round_figures_of_plot_have_whole_rounds(tmp_path, matplotlib_availa
     labels = set(figs[1].axes[0].get_legend_handles_labels()[1])
     assert {"round with a move", "round with a link drop", "round with a process lost",
             "round with a recovery"} <= labels
+
+
+def test_a_central_killed_and_resumed_is_one_row_with_its_death_and_its_restart(tmp_path):
+    """events-central.jsonl, then events-central.1.jsonl: the round it ran again counts from
+    its last start; the death is where an edge saw the central go."""
+    c0 = [_line("central", "central", -5.0, "listening"), _line("central", "central", 0.0, "round_start", round=1),
+          _line("central", "central", 9.9, "round_done", round=1),
+          _line("central", "central", 10.0, "round_start", round=2),
+          _line("central", "central", 12.0, "fault", kind="peer_silent", peer="device1")]
+    c1 = [_line("central", "central", 15.0, "listening"), _line("central", "central", 16.0, "round_start", round=2),
+          _line("central", "central", 25.0, "round_done", round=2), _line("central", "central", 25.1, "finished")]
+    edge = [_line("edge1", "edge", -3.0, "listening"), _line("edge1", "edge", 13.0, "central_link_lost", detail="x"),
+            _line("edge1", "edge", 25.2, "shutdown", reason="run finished")]
+    for name, lines in (("central", c0), ("central.1", c1), ("edge1", edge)):
+        (tmp_path / f"events-{name}.jsonl").write_text("".join(lines))
+    t = read_timeline(tmp_path)
+    assert [(r, round(a, 3), round(b, 3)) for r, a, b in t.rounds] == [(1, 0, 9.9), (2, 16, 25)]
+    central, edge1 = t.rows
+    assert [(mk.kind, round(mk.t, 3)) for mk in central.marks] == [("kill", 13), ("restart", 15)]
+    assert [(round(s.start, 3), round(s.end, 3)) for s in central.on] == [(-5, 13), (15, 25.1)]
+    assert edge1.marks == ()
