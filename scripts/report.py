@@ -213,8 +213,9 @@ def run_figure(summary: dict[str, Any], timeline: Timeline | None):
     draw_round_times(fig.add_subplot(grid[0, 1]), summary, marks_per_round(timeline, summary))
     if timeline:
         draw_timeline(fig.add_subplot(grid[1, :]), timeline)
-    fig.suptitle(f"{summary.get('run_name', '?')}: {summary.get('mode', '?')}, {summary.get('model', '?')} on "
-                 f"{summary.get('dataset', '?')}, {len(summary.get('devices', {}))} devices", fontsize=11)
+    what = " on ".join(str(summary[k]) for k in ("model", "dataset") if summary.get(k))
+    fig.suptitle(", ".join(x for x in (f"{summary.get('run_name', 'run')}: {summary.get('mode', '?')}", what,
+                                       f"{len(summary.get('devices', {}))} devices") if x), fontsize=11)
     fig.tight_layout()
     return fig
 

@@ -170,6 +170,8 @@ class _DeviceRow:
                                    f"(round {ev.get('round', '?')} step {ev.get('step', '?')}, "
                                    f"{ev.get('how') or 'moved'})",
                                    pause))
+        elif e == "move_failed":
+            self.marks.append(Mark(t, "move", f"move to {ev.get('to', '?')} failed: {ev.get('reason', '')}"))
         elif e == "cut":
             self.cut_at = t
         elif e == "link_lost":
@@ -220,7 +222,8 @@ class _DeviceRow:
 
 def read_timeline(run_dir: Path, *, finished: bool = True) -> Timeline:
     """The run's timeline from its events files. ``finished``: the run is over, so a life
-    with no goodbye died (while a run is going, the last lives are simply still going).
+    with no goodbye died (while a run is going, a last life with no goodbye died only if a
+    peer saw it go).
     Raises ``FileNotFoundError`` when there is no events file."""
     procs = lives(run_dir)
     if not procs:
@@ -254,12 +257,13 @@ def read_timeline(run_dir: Path, *, finished: bool = True) -> Timeline:
             last = life[-1]
             end = last["ts"] - t0
             # (a goodbye need not be the last line: an edge says it lost the central after it)
-            if not any(ev["event"] in GOODBYES for ev in life) and (finished or i < len(ls) - 1):
+            if not any(ev["event"] in GOODBYES for ev in life):
                 nxt = ls[i + 1][0]["ts"] if i < len(ls) - 1 else float("inf")
                 seen = _lost_seen(name, last["ts"], nxt, everyone)
-                end = (seen if seen is not None else last["ts"]) - t0
-                marks.append(Mark(end, "kill", f"{name} died "
-                                  + ("(when a peer saw it go)" if seen else "(its last line)")))
+                if seen is not None or finished or i < len(ls) - 1:
+                    end = (seen if seen is not None else last["ts"]) - t0
+                    marks.append(Mark(end, "kill", f"{name} died "
+                                      + ("(when a peer saw it go)" if seen else "(its last line)")))
             alive.append(Span(start, end, name))
             if dev is not None:
                 dev.finish(end)

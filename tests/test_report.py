@@ -74,6 +74,7 @@ def _run_folder(tmp: Path) -> Path:
                     # round 2 is over before its update is delivered: that training is not used
                     _line("device1", "device", 10.2, "round_start", round=2, steps=8, edge="edge2", step=0),
                     _line("device1", "device", 14.0, "round_over", round=2, step=3, delivered=False, reason="over"),
+                    _line("device1", "device", 20.5, "move_failed", to="edge1", round=3, step=0, reason="refused"),
                     _line("device1", "device", 30.2, "shutdown", reason="run finished")],
         "device2": [_line("device2", "device", -1.0, "attached", edge="edge1", home="edge1", action="wait", how="join"),
                     _line("device2", "device", 10.1, "round_start", round=2, steps=8, edge="edge1", step=0),
@@ -113,7 +114,8 @@ def test_the_timeline_reads_where_each_device_was_and_what_happened(tmp_path):
     assert [(round(s.start, 3), round(s.end, 3), s.edge) for s in d1.on] == [(-1, 5, "edge1"), (5.025, 30.2, "edge2")]
     assert [(round(s.start, 3), round(s.end, 3), s.edge) for s in d1.training] == [(0.1, 5, "edge1"),
                                                                                   (5.025, 8, "edge2")]
-    (move,) = d1.marks
+    move, failed = d1.marks
+    assert failed.kind == "move" and failed.t == pytest.approx(20.5) and failed.text == "move to edge1 failed: refused"
     assert move.kind == "move" and move.pause_s == pytest.approx(0.025) and move.t == pytest.approx(5.0)
     assert move.text.endswith("4 steps again")
     assert [(round(s.start, 3), round(s.end, 3), s.edge) for s in d1.unused] == [(10.2, 14, "edge2")]
@@ -129,8 +131,15 @@ def test_the_timeline_reads_where_each_device_was_and_what_happened(tmp_path):
     assert [(mk.kind, round(mk.t, 3)) for mk in rows["device3"].marks] == [("kill", 22), ("drop", 22.5),
                                                                            ("restart", 23), ("recovery", 23.5)]
     assert "left round 3 (200 samples lost)" in rows["device3"].marks[1].text
-    # while a run is going, a life without a goodbye is not a death
-    assert not any(mk.kind == "kill" for mk in read_timeline(tmp_path / "run", finished=False).rows[2].marks)
+    # while a run is going, a last life without a goodbye died only if a peer saw it go
+    going = {r.name: r for r in read_timeline(tmp_path / "run", finished=False).rows}
+    assert [mk.kind for mk in going["edge2"].marks] == ["kill"]
+    (tmp_path / "run" / "events-central.jsonl").write_text(
+        "".join(line for line in (tmp_path / "run" / "events-central.jsonl").read_text().splitlines(True)
+                if "edge_lost" not in line))
+    going = {r.name: r for r in read_timeline(tmp_path / "run", finished=False).rows}
+    assert going["edge2"].marks == ()
+    assert [mk.kind for mk in read_timeline(tmp_path / "run").rows[2].marks] == ["kill"]  # its last line
 
 
 @pytest.fixture
