@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from scripts.timeline import MARK_KINDS, Timeline, read_timeline
+from scripts.timeline import MARK_KINDS, Mark, Timeline, read_timeline
 
 DPI = 90
 # How each kind of mark is drawn: (matplotlib marker, colour, what a round had, the
@@ -40,6 +40,8 @@ MARK_STYLE = {
 }
 EDGE_COLORS = ["tab:cyan", "tab:orange", "tab:olive", "tab:pink", "tab:brown", "tab:gray", "gold", "lightcoral"]
 ANNOTATE_AT_MOST = 40  # marks: beyond this many, labels would cover the bars
+CLOSE = 0.012          # marks nearer than this share of the time axis would cover each other...
+MARK_GAP_PT = 8        # ...so they go side by side, this many points apart
 
 
 def _plt():
@@ -137,10 +139,22 @@ def draw_round_times(ax, summary: dict[str, Any], per_round: dict[int, Counter])
     round_axis(ax, rounds)
 
 
+def _clusters(marks: tuple[Mark, ...], close: float) -> list[list[Mark]]:
+    """``marks`` (in time order) in runs whose neighbours are less than ``close`` apart."""
+    out: list[list[Mark]] = []
+    for mk in marks:
+        if out and mk.t - out[-1][-1].t < close:
+            out[-1].append(mk)
+        else:
+            out.append([mk])
+    return out
+
+
 def draw_timeline(ax, timeline: Timeline) -> None:
     """One row per process, top to bottom; seconds on x, the central's rounds shaded and
     numbered on a second axis above."""
     from matplotlib.patches import Patch
+    from matplotlib.transforms import offset_copy
     colors = edge_colors(timeline)
     rows = list(timeline.rows)
     n = len(rows)
@@ -148,6 +162,10 @@ def draw_timeline(ax, timeline: Timeline) -> None:
         if i % 2 == 0:
             ax.axvspan(a, b, color="0.93", zorder=0)
     annotate = sum(len(r.marks) for r in rows) <= ANNOTATE_AT_MOST
+    starts = [s.start for r in rows if r.role == "device" for s in r.on]
+    ends = [s.end for r in rows for s in r.on] + [b for _, _, b in timeline.rounds]
+    span = (max(ends, default=1.0) - min(starts + [0.0])) or 1.0
+    ax.set_xlim(min(starts + [0.0]) - 0.01 * span, max(ends, default=1.0) + 0.01 * span)
     for i, row in enumerate(rows):
         y = n - 1 - i
         if row.role == "device":
@@ -165,19 +183,22 @@ def draw_timeline(ax, timeline: Timeline) -> None:
         else:
             ax.broken_barh([(s.start, s.end - s.start) for s in row.on], (y - 0.08, 0.16),
                            facecolors=colors.get(row.name, "0.55"), zorder=1)
-        for mk in row.marks:
-            marker, color, _, _ = MARK_STYLE[mk.kind]
-            ax.scatter([mk.t], [y + 0.42], marker=marker, s=40, color=color, zorder=5, clip_on=False)
-            if annotate and mk.pause_s:
-                text = f"{mk.pause_s * 1000:.0f} ms" if mk.pause_s < 1 else f"{mk.pause_s:.2f} s"
-                ax.annotate(text, (mk.t, y + 0.42), textcoords="offset points", xytext=(5, 1), fontsize=7,
-                            color=color, zorder=6)
+        for cluster in _clusters(row.marks, CLOSE * span):
+            # marks closer than a symbol's width: side by side, one label after them
+            labels = []
+            for k, mk in enumerate(cluster):
+                marker, color, _, _ = MARK_STYLE[mk.kind]
+                at = offset_copy(ax.transData, fig=ax.figure, x=MARK_GAP_PT * k, units="points")
+                ax.scatter([mk.t], [y + 0.42], marker=marker, s=40, color=color, zorder=5, clip_on=False, transform=at)
+                if mk.pause_s:
+                    labels.append((f"{mk.pause_s * 1000:.0f} ms" if mk.pause_s < 1 else f"{mk.pause_s:.2f} s", color))
+            if annotate and labels:
+                colors_used = {c for _, c in labels}
+                ax.annotate(" / ".join(t for t, _ in labels), (cluster[0].t, y + 0.42), textcoords="offset points",
+                            xytext=(5 + MARK_GAP_PT * (len(cluster) - 1), 1), fontsize=7, zorder=6,
+                            color=colors_used.pop() if len(colors_used) == 1 else "black")
     ax.set_yticks(range(n), [f"{r.name}" for r in reversed(rows)], fontsize=8)
     ax.set_ylim(-0.6, n - 0.3)
-    starts = [s.start for r in rows if r.role == "device" for s in r.on]
-    ends = [s.end for r in rows for s in r.on] + [b for _, _, b in timeline.rounds]
-    span = (max(ends, default=1.0) - min(starts + [0.0]))
-    ax.set_xlim(min(starts + [0.0]) - 0.01 * span, max(ends, default=1.0) + 0.01 * span)
     ax.set_xlabel("seconds from the start of round 1")
     ax.grid(axis="x", alpha=0.3)
     if timeline.rounds:
