@@ -62,7 +62,8 @@ def run_figures(summaries: list[dict[str, Any]], out: Path,
     """accuracy.png and round_times.png for one run or several runs side by side;
     ``marks``: per run, how many moves, drops, kills, recoveries each round had
     (``scripts.report.marks_per_round``; default: the summary's migrations)."""
-    from scripts.report import MARK_KINDS, MARK_STYLE, marks_per_round, round_axis
+    from scripts.report import MARK_KINDS, MARK_STYLE, round_axis
+    from scripts.timeline import marks_per_round
     plt = _plt()
     marks = marks or [marks_per_round(None, s) for s in summaries]
     all_rounds = sorted({r["round"] for s in summaries for r in s["rounds"]})
@@ -308,7 +309,8 @@ def bench_figures(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 def plot(path: Path, out: Path | None = None) -> list[Path]:
     """Write the figures for ``path`` (see the module docstring); returns the paths written.
     Raises ``FileNotFoundError`` when ``path`` holds nothing to plot."""
-    from scripts.report import load_run, marks_per_round, write_report
+    from scripts.report import load_run, write_report
+    from scripts.timeline import marks_per_round
     path = Path(path)
     if (path / "summary.json").exists():
         summary, timeline = load_run(path)

@@ -20,6 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections import Counter
 from typing import Any, Iterable
 
 GOODBYES = {"shutdown", "finished", "aborted"}
@@ -276,3 +277,22 @@ def read_timeline(run_dir: Path, *, finished: bool = True) -> Timeline:
     edges = sorted({s.edge for r in rows if r.role == "device" for s in r.on}
                    | {r.name for r in rows if r.role == "edge"})
     return Timeline(t0, tuple((r, a - t0, b - t0) for r, a, b in rounds), tuple(rows), tuple(edges))
+
+
+def marks_per_round(timeline: Timeline | None, summary: dict[str, Any]) -> dict[int, Counter]:
+    """How many marks of each kind fell in each round (a mark before the first round counts
+    for it, one after the last for the last). Without a timeline: the migrations only."""
+    out: dict[int, Counter] = {}
+    if timeline is None or not timeline.rounds:
+        for mv in summary.get("migrations", []):
+            out.setdefault(mv["round"], Counter())["move"] += 1
+        return out
+    starts = [(r, a) for r, a, _ in timeline.rounds]
+    for row in timeline.rows:
+        for mk in row.marks:
+            rnd = starts[0][0]
+            for r, a in starts:
+                if mk.t >= a:
+                    rnd = r
+            out.setdefault(rnd, Counter())[mk.kind] += 1
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.timeline import read_timeline
+from scripts.timeline import marks_per_round, read_timeline
 
 T0 = 1_800_000_000.0  # the wall clock of round 1's start
 HOSTILE = '<img src="http://example.invalid/x.png"> & <script>alert(1)</script>'
@@ -131,6 +131,10 @@ def test_the_timeline_reads_where_each_device_was_and_what_happened(tmp_path):
     assert [(mk.kind, round(mk.t, 3)) for mk in rows["device3"].marks] == [("kill", 22), ("drop", 22.5),
                                                                            ("restart", 23), ("recovery", 23.5)]
     assert "left round 3 (200 samples lost)" in rows["device3"].marks[1].text
+    # each mark counts for the round it fell in
+    assert marks_per_round(t, _summary()) == {1: {"move": 1}, 2: {"drop": 1, "recovery": 1},
+                                              3: {"move": 1, "kill": 2, "drop": 1, "restart": 1, "recovery": 1}}
+    assert marks_per_round(None, _summary()) == {1: {"move": 1}}  # no events: the summary's migrations
     # while a run is going, a last life without a goodbye died only if a peer saw it go
     going = {r.name: r for r in read_timeline(tmp_path / "run", finished=False).rows}
     assert [mk.kind for mk in going["edge2"].marks] == ["kill"]
