@@ -309,19 +309,21 @@ def bench_figures(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 def plot(path: Path, out: Path | None = None) -> list[Path]:
     """Write the figures for ``path`` (see the module docstring); returns the paths written.
     Raises ``FileNotFoundError`` when ``path`` holds nothing to plot."""
+    import matplotlib
     from scripts.report import load_run, write_report
     from scripts.timeline import marks_per_round
     path = Path(path)
-    if (path / "summary.json").exists():
-        summary, timeline = load_run(path)
-        written = run_figures([summary], out or path, [marks_per_round(timeline, summary)])
-        return written + write_report(summary, timeline, out or path)
-    results = load_bench(path)
+    results = {} if (path / "summary.json").exists() else load_bench(path)
     if results:
         return bench_figures(results, out or path / "figures")
-    runs = [load_run(p.parent) for p in sorted(path.glob("*/summary.json"))]
-    if runs:
-        return run_figures([s for s, _ in runs], out or path, [marks_per_round(t, s) for s, t in runs])
+    with matplotlib.rc_context({"text.parse_math": False}):  # run and device names are text, not TeX
+        if (path / "summary.json").exists():
+            summary, timeline = load_run(path)
+            written = run_figures([summary], out or path, [marks_per_round(timeline, summary)])
+            return written + write_report(summary, timeline, out or path)
+        runs = [load_run(p.parent) for p in sorted(path.glob("*/summary.json"))]
+        if runs:
+            return run_figures([s for s, _ in runs], out or path, [marks_per_round(t, s) for s, t in runs])
     raise FileNotFoundError(f"{path} holds no summary.json, results.json or */summary.json")
 
 

@@ -251,12 +251,15 @@ def write_report(summary: dict[str, Any], timeline: Timeline | None, out: Path) 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    figure = _png(run_figure(summary, timeline))
-    (out / "run.png").write_bytes(figure)
-    written.append(out / "run.png")
-    if timeline is not None:
-        (out / "timeline.png").write_bytes(_png(timeline_figure(timeline)))
-        written.append(out / "timeline.png")
+    import matplotlib
+    # names and titles come from the run: a '$' in one is text, not TeX
+    with matplotlib.rc_context({"text.parse_math": False}):
+        figure = _png(run_figure(summary, timeline))
+        (out / "run.png").write_bytes(figure)
+        written.append(out / "run.png")
+        if timeline is not None:
+            (out / "timeline.png").write_bytes(_png(timeline_figure(timeline)))
+            written.append(out / "timeline.png")
     (out / "report.html").write_text(html_page(summary, timeline, figure), encoding="utf-8")
     written.append(out / "report.html")
     return written

@@ -158,6 +158,9 @@ def _round_axes(fig) -> list:
 def test_plot_of_a_run_folder_writes_the_figures_and_a_self_contained_page(tmp_path, matplotlib_available, capsys):
     from scripts import plot
     run = _run_folder(tmp_path)
+    # a run's name is text in a figure (not TeX, which would fail on this one) and on the page
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "run_name": "r$^{$<b>"}))
     assert plot.main([str(run)]) == 0
     for name in ("accuracy.png", "round_times.png", "run.png", "timeline.png"):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (run / name).stat().st_size > 5000, name
@@ -171,6 +174,7 @@ def test_plot_of_a_run_folder_writes_the_figures_and_a_self_contained_page(tmp_p
     assert not re.search(r"<(script|link|iframe|object|embed|a)\b|href=|url\(|=\s*\"?https?:", page)
     # text from the run is escaped
     assert HOSTILE not in page and html_escaped(HOSTILE) in page
+    assert "r$^{$<b>" not in page and "r$^{$&lt;b&gt;" in page
     # the key numbers
     for text in ("final test accuracy", "0.3000", "ab" * 32, "25.0 ms", "30.0 ms", "4.50 MB", "fedfly", "vgg5"):
         assert text in page, text
