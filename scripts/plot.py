@@ -6,15 +6,19 @@ PATH may be:
 
 * a run folder (it holds ``summary.json``): ``accuracy.png`` (test accuracy per round) and
   ``round_times.png`` (the central's round seconds and each device's training seconds per
-  round, migrations marked), written into the run folder;
-* a folder of run folders (``runs/``): the same two figures with every run on them, one
-  line per run labelled with its name and mode;
+  round, rounds with a move, drop, kill or recovery marked), and from ``scripts.report``
+  ``run.png`` (the figure for a paper: both, and a timeline of every device: its edge,
+  its training, each move, drop and recovery with its pause), ``timeline.png`` and
+  ``report.html`` (one self-contained page with the figure and the run's key numbers),
+  written into the run folder;
+* a folder of run folders (``runs/``): ``accuracy.png`` and ``round_times.png`` with every
+  run on them, one line per run labelled with its name and mode;
 * a benchmark folder (it holds ``results.json`` from ``scripts.bench``, or
   ``<benchmark>/result.json`` files): ``sweep.png``, ``accuracy.png``, ``round_times.png``,
   ``migration.png``, ``split.png``, ``scale.png`` for the benchmarks that are there,
   written into ``PATH/figures``.
 
-``--out`` writes elsewhere. Prints the path of every PNG written. Needs matplotlib (the
+``--out`` writes elsewhere. Prints the path of every file written. Needs matplotlib (the
 ``plot`` extra: ``pip install -e '.[plot]'``).
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +57,16 @@ def _label(summary: dict[str, Any], many: bool) -> str:
     return f"{summary.get('run_name', '?')} ({summary.get('mode', '?')})" if many else summary.get("mode", "run")
 
 
-def run_figures(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
-    """accuracy.png and round_times.png for one run or several runs side by side."""
+def run_figures(summaries: list[dict[str, Any]], out: Path,
+                marks: list[dict[int, Counter]] | None = None) -> list[Path]:
+    """accuracy.png and round_times.png for one run or several runs side by side;
+    ``marks``: per run, how many moves, drops, kills, recoveries each round had
+    (``scripts.report.marks_per_round``; default: the summary's migrations)."""
+    from scripts.report import MARK_KINDS, MARK_STYLE, round_axis
+    from scripts.timeline import marks_per_round
     plt = _plt()
+    marks = marks or [marks_per_round(None, s) for s in summaries]
+    all_rounds = sorted({r["round"] for s in summaries for r in s["rounds"]})
     written: list[Path] = []
     many = len(summaries) > 1
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -62,7 +74,7 @@ def run_figures(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
         rounds = [r["round"] for r in s["rounds"]]
         ax.plot(rounds, [r["test_accuracy"] for r in s["rounds"]], marker="o", ms=3,
                 label=_label(s, many), color=None if many else COLORS.get(s.get("mode")))
-    ax.set_xlabel("round")
+    round_axis(ax, all_rounds)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -71,7 +83,9 @@ def run_figures(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
     _save(fig, out / "accuracy.png", written)
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    for s in summaries:
+    shown: set[str] = set()
+    top = max((r["seconds"] for s in summaries for r in s["rounds"]), default=1.0)
+    for s, per_round in zip(summaries, marks):
         rounds = [r["round"] for r in s["rounds"]]
         line, = ax.plot(rounds, [r["seconds"] for r in s["rounds"]], marker="o", ms=3, lw=2,
                         label=f"{_label(s, many)}: round")
@@ -82,12 +96,16 @@ def run_figures(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
                         label=f"{name}" if not many else None)
         for mv in s.get("migrations", []):
             ax.axvline(mv["round"], color=line.get_color(), alpha=0.15, lw=4)
-        moved = sorted({mv["round"] for mv in s.get("migrations", [])})
-        if moved:
-            ys = {r["round"]: r["seconds"] for r in s["rounds"]}
-            ax.scatter(moved, [ys.get(r, 0) for r in moved], marker="v", s=50, color="red", zorder=5,
-                       label="round with a migration" if s is summaries[0] else None)
-    ax.set_xlabel("round")
+        ys = {r["round"]: r["seconds"] for r in s["rounds"]}
+        for rnd, counts in sorted(per_round.items()):
+            # one symbol per kind, stacked above the round's point
+            kinds = [k for k in MARK_KINDS if counts.get(k)]
+            for i, kind in enumerate(kinds):
+                marker, color, noun, _ = MARK_STYLE[kind]
+                ax.scatter([rnd], [ys.get(rnd, 0) + 0.07 * top * i], marker=marker, s=50, color=color, zorder=5,
+                           label=f"round with {noun}" if kind not in shown else None)
+                shown.add(kind)
+    round_axis(ax, all_rounds)
     ax.set_ylabel("seconds")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -161,6 +179,8 @@ def sweep_round_times(result: dict[str, Any], path: Path, written: list[Path]) -
             if f is not None:
                 ax.annotate(f"{f:.0%}", (rnd, 0), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
         ax.scatter([], [], marker="v", color="red", label="migration")
+        from scripts.report import round_axis
+        round_axis(ax, rounds)
         ax.set_xlabel("round (label: where in the round the device moved)")
         ax.set_ylabel(f"{s['mover']} round time (s)")
         ax.set_ylim(bottom=0)
@@ -287,17 +307,23 @@ def bench_figures(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 
 
 def plot(path: Path, out: Path | None = None) -> list[Path]:
-    """Write the figures for ``path`` (see the module docstring); returns the PNG paths.
+    """Write the figures for ``path`` (see the module docstring); returns the paths written.
     Raises ``FileNotFoundError`` when ``path`` holds nothing to plot."""
+    import matplotlib
+    from scripts.report import load_run, write_report
+    from scripts.timeline import marks_per_round
     path = Path(path)
-    if (path / "summary.json").exists():
-        return run_figures([json.loads((path / "summary.json").read_text())], out or path)
-    results = load_bench(path)
+    results = {} if (path / "summary.json").exists() else load_bench(path)
     if results:
         return bench_figures(results, out or path / "figures")
-    runs = sorted(path.glob("*/summary.json"))
-    if runs:
-        return run_figures([json.loads(p.read_text()) for p in runs], out or path)
+    with matplotlib.rc_context({"text.parse_math": False}):  # run and device names are text, not TeX
+        if (path / "summary.json").exists():
+            summary, timeline = load_run(path)
+            written = run_figures([summary], out or path, [marks_per_round(timeline, summary)])
+            return written + write_report(summary, timeline, out or path)
+        runs = [load_run(p.parent) for p in sorted(path.glob("*/summary.json"))]
+        if runs:
+            return run_figures([s for s, _ in runs], out or path, [marks_per_round(t, s) for s, t in runs])
     raise FileNotFoundError(f"{path} holds no summary.json, results.json or */summary.json")
 
 
@@ -313,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         written = plot(Path(args.path), Path(args.out) if args.out else None)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: a summary.json that is not JSON
         print(f"scripts.plot: error: {exc}", file=sys.stderr)
         return 2
     for w in written:
