@@ -7,8 +7,10 @@ hmac, hashlib, msgpack and numpy only: none of ``device/``, ``common.transport``
 ``common.models`` compute the device's part of the model (model code, not protocol).
 
 The device attaches to edge1, trains some steps, says it is leaving, moves to edge2 at a
-step boundary, reports the move, finishes its steps there and sends its update; the
-central's summary must then hold the round with this device's samples and its move.
+step boundary, reports the move, trains on; its link to edge2 breaks with a step in
+flight and it resumes there, sending that step again; then it sends its update (which
+edge2 takes only if every step was trained exactly once). The central's summary must then
+hold the round with this device's samples and its move.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class KeyModeLink:
         self.send_key = hmac.digest(key, b"fedfly record c2s" + nonce_c + nonce_s, "sha256")
         self.recv_key = hmac.digest(key, b"fedfly record s2c" + nonce_c + nonce_s, "sha256")
         self.send_seq = self.recv_seq = 0
-        self.frames = bytearray()
+        self.raw = bytearray()     # bytes received, not yet verified records
+        self.frames = bytearray()  # verified bytes, not yet whole frames
         self.pending: list[tuple[str, dict, dict]] = []
         self.last_sent = time.monotonic()
         self.send(first)
@@ -144,25 +147,30 @@ class KeyModeLink:
         """The next message other than a Heartbeat; sends our heartbeats while it waits."""
         deadline = time.monotonic() + deadline_s
         while True:
-            for msg in decode_frames(self.frames):
-                if msg[0] != "Heartbeat":
-                    self.pending.append(msg)
+            while len(self.raw) >= 4:  # every whole record read so far, verified in order
+                (length,) = struct.unpack_from("!I", self.raw)
+                assert 0 < length <= 256 << 10, "record length"
+                if len(self.raw) < 4 + length + 16:
+                    break
+                body, tag = bytes(self.raw[4:4 + length]), bytes(self.raw[4 + length:20 + length])
+                del self.raw[:20 + length]
+                assert hmac.compare_digest(tag, record_tag(self.recv_key, self.recv_seq, body)), "record MAC"
+                self.recv_seq += 1
+                self.frames += body
+            self.pending += [msg for msg in decode_frames(self.frames) if msg[0] != "Heartbeat"]
             if self.pending:
                 return self.pending.pop(0)
-            if time.monotonic() - self.last_sent >= 1.0:
+            if time.monotonic() - self.last_sent >= 1.0:  # faults.heartbeat_s
                 self.send(encode_frame("Heartbeat", {}))
+            assert time.monotonic() < deadline, "no message from the edge in time"
             self.sock.settimeout(0.5)
             try:
-                (length,) = struct.unpack("!I", self._exact(4))
-                self.sock.settimeout(10)
-                body = self._exact(length)
-                tag = self._exact(16)
+                chunk = self.sock.recv(1 << 20)
             except socket.timeout:
-                assert time.monotonic() < deadline, "no message from the edge in time"
                 continue
-            assert hmac.compare_digest(tag, record_tag(self.recv_key, self.recv_seq, body)), "record MAC"
-            self.recv_seq += 1
-            self.frames += body
+            if not chunk:
+                raise ConnectionError("the edge closed the connection")
+            self.raw += chunk
 
     def close(self) -> None:
         self.sock.close()
@@ -246,12 +254,24 @@ def test_a_device_written_from_the_document_attaches_trains_moves_and_finishes(t
         steps = SAMPLES // BATCH
         t0 = time.monotonic()
 
-        def step(s: int) -> None:
+        def step(s: int, *, drop: bool = False) -> None:
+            nonlocal link
             x = images[s * BATCH:(s + 1) * BATCH]
             opt.zero_grad()
             out = model(x)
-            link.send(encode_frame("Activations", {"round": r, "step": s},
-                                   {"batch": {"x": out.detach().numpy(), "y": labels[s * BATCH:(s + 1) * BATCH].numpy()}}))
+            frame = encode_frame("Activations", {"round": r, "step": s},
+                                 {"batch": {"x": out.detach().numpy(), "y": labels[s * BATCH:(s + 1) * BATCH].numpy()}})
+            link.send(frame)
+            if drop:
+                # the link breaks before the gradient comes: attach again where we are, and
+                # send the step again (the edge answers it once, trained once)
+                link.close()
+                link = connect("edge2", attach_request(secret, edges, "edge2", kind="resume", round=r, step=s,
+                                                       source="edge2", why="reconnect", checkpoints=[0], run=run_name))
+                t, f, _ = link.recv()
+                assert t == "AttachReply" and f["ok"], (t, f)
+                assert (f["action"], f["round"], f["resume_step"], f["how"]) == ("continue", r, s, "here"), f
+                link.send(frame)
             t, f, g = link.recv()
             assert t == "Gradients" and (f["round"], f["step"]) == (r, s), (t, f)
             grad = g["grad"]["g"]
@@ -278,7 +298,7 @@ def test_a_device_written_from_the_document_attaches_trains_moves_and_finishes(t
             "pause_ms": pause_ms, "state_bytes": f["state_bytes"], "transfer_ms": f["transfer_ms"]}))
 
         for s in range(MOVE_AT, steps):
-            step(s)
+            step(s, drop=s == steps - 1)
 
         # the round's end
         weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
