@@ -224,6 +224,7 @@ def _check(summary: dict, cfg: RunConfig, expected_sha: str | None, run_dir: Pat
         assert summary["final_model_sha256"] == expected_sha, "the container run trained differently from loopback"
 
 
+@pytest.mark.process
 @pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
 def test_compose_up_runs_the_testbed(image, run_config, loopback_sha, tmp_path):
     if shutil.which("podman-compose") is None:
@@ -305,6 +306,7 @@ def _kube_play(run_config: RunConfig, tmp: Path, *, images: dict[str, str] | Non
         containers.podman("network", "rm", "-f", network, check=False)
 
 
+@pytest.mark.process
 @pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
 def test_kube_play_runs_the_manifests(image, run_config, loopback_sha, tmp_path):
     summary, arch = _kube_play(run_config, tmp_path)
@@ -312,6 +314,7 @@ def test_kube_play_runs_the_manifests(image, run_config, loopback_sha, tmp_path)
     assert set(arch.values()) == {containers.native_arch()}
 
 
+@pytest.mark.process
 @pytest.mark.timeout(7200)
 def test_arm64_device_among_x86_roles(image, run_config, tmp_path):
     """device1 from the arm64 image (under qemu), the others from this machine's: the run

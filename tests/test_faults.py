@@ -24,6 +24,8 @@ import pytest
 from common.security import CONTROLLER
 from tests.testbed import ROOT, Testbed, _env, free_ports, kill_tree, mobility, write_config
 
+pytestmark = pytest.mark.process  # whole-testbed runs: the slow tier (tests/conftest.py)
+
 SAMPLES, BATCH = 200, 25           # 8 steps a round: small, and every phase is reached
 FAULTS = {"heartbeat_s": 0.2, "dead_after_s": 1.0, "device_grace_s": 8.0, "central_grace_s": 30.0, "give_up_s": 60.0}
 RUN_TIMEOUT = 180.0

@@ -299,6 +299,7 @@ def test_pulls_of_two_devices_share_a_peer_link_and_their_answers_are_matched_by
         lst.close()
 
 
+@pytest.mark.process
 def test_a_link_an_edge_opens_ahead_of_need_is_kept_by_the_other_edge_while_idle(tmp_path):
     """An edge opens links to the others at a round's start, to offer sessions on later
     (``PeerLinks.kept``). A real edge process keeps such a link while nothing but

@@ -12,6 +12,8 @@ import pytest
 from common.security import CONTROLLER
 from tests.testbed import ROOT, Testbed, _env, mobility, read_summary, run_launch, write_config
 
+pytestmark = pytest.mark.process  # whole-testbed runs: the slow tier (tests/conftest.py)
+
 SAMPLES, BATCH = 200, 50          # 4 steps per round
 STEPS = SAMPLES // BATCH
 # One move, a move back, two moves of one device in one round, two devices at once.
