@@ -202,14 +202,21 @@ def test_ctrl_c_tears_everything_down(tmp_path, netns_ok):
 
 # -- device heterogeneity (no root needed) ------------------------------------------------
 
-@pytest.mark.process
-def test_slowdown_stretches_a_device_and_the_summary_records_it(tmp_path):
-    cfg = write_config(tmp_path, edges=1, devices=2, rounds=2, samples_per_device=200, batch_size=50,
-                       extra={"devices.device2": {"slowdown": 3.0, "threads": 1}})
+@pytest.fixture(scope="module")
+def heterogeneous(tmp_path_factory):
+    """One run for the two checks below: device2 slowed down 3x, with 2 threads of its own."""
+    cfg = write_config(tmp_path_factory.mktemp("hetero"), edges=1, devices=2, rounds=2, samples_per_device=200,
+                       batch_size=50, extra={"devices.device2": {"slowdown": 3.0, "threads": 2}})
     status, out, summary = run_launch(cfg)
     assert status == 0, out
+    return out, summary
+
+
+@pytest.mark.process
+def test_slowdown_stretches_a_device_and_the_summary_records_it(heterogeneous):
+    out, summary = heterogeneous
     assert summary["device_settings"] == {"device1": {"edge": "edge1", "slowdown": 1.0, "threads": 1},
-                                          "device2": {"edge": "edge1", "slowdown": 3.0, "threads": 1}}
+                                          "device2": {"edge": "edge1", "slowdown": 3.0, "threads": 2}}
     fast, slow = summary["devices"]["device1"]["round_seconds"], summary["devices"]["device2"]["round_seconds"]
     assert sum(slow) > sum(fast), (fast, slow)
     # the throttle is in force: device2 sleeps (slowdown - 1) x its own compute, device1 not at all
@@ -224,13 +231,10 @@ def test_slowdown_stretches_a_device_and_the_summary_records_it(tmp_path):
 
 
 @pytest.mark.process
-def test_per_device_threads_are_in_force_and_recorded(tmp_path):
-    cfg = write_config(tmp_path, edges=1, devices=2, rounds=1, samples_per_device=100, batch_size=50,
-                       extra={"devices.device2": {"threads": 2}, "run": {"name": "threads"}})
-    status, out, summary = run_launch(cfg)
-    assert status == 0, out
+def test_per_device_threads_are_in_force_and_recorded(heterogeneous):
+    out, summary = heterogeneous
     assert summary["device_settings"]["device2"]["threads"] == 2
     assert summary["device_settings"]["device1"]["threads"] == 1  # training.threads
-    events = (tmp_path / "runs" / "threads" / "events-device2.jsonl").read_text().splitlines()
+    events = (run_dir_of(out) / "events-device2.jsonl").read_text().splitlines()
     loaded = [json.loads(line) for line in events if '"data_loaded"' in line]
     assert loaded and loaded[0]["threads"] == 2
