@@ -6,8 +6,9 @@ runs every test; ``make check`` leaves these out (``-m "not process"``).
 
 A test that starts one of the project's processes without the marker fails, so the
 fast tier cannot grow a whole-testbed run unnoticed. What counts is seen, not guessed:
-an audit hook records every ``subprocess.Popen`` the suite's own process makes (the
-processes those start are theirs, not the test's).
+an audit hook records every ``subprocess.Popen`` the suite's own process makes while a
+test runs (the processes those start are theirs, not the test's; a module-scoped
+fixture's are made before any test's record starts, so mark the tests that use it).
 """
 
 from __future__ import annotations
