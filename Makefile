@@ -1,5 +1,7 @@
 # Two commands on a fresh machine: `make demo` (the whole testbed on localhost) and
 # `make test`. Each creates or refreshes the virtual environment in .venv by itself.
+# `make check`: the fast tier, every test that starts none of the testbed's processes
+# (the `process` marker, tests/conftest.py); `make test` runs every test.
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +15,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 endif
 STAMP := $(VENV)/.installed-$(ARCH)
 
-.PHONY: demo test bench bench-full venv clean
+.PHONY: demo test check bench bench-full venv clean
 
 venv: $(STAMP)
 
@@ -29,6 +31,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not process" tests
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[plot]'

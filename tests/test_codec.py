@@ -1071,8 +1071,11 @@ def test_int_to_float_and_tuple_to_list_normalisation():
 
 
 def test_zero_counters_are_fine():
-    m.SessionPull(device="", round=0, step=0, target="")
-    m.DeviceDone(round=0, samples=0, steps=0, train_seconds=0.0, weights={})
+    # accepted when built and again when decoded (the decoder validates on its side too)
+    for msg in (m.SessionPull(device="", round=0, step=0, target=""),
+                m.DeviceDone(round=0, samples=0, steps=0, train_seconds=0.0, weights={})):
+        assert msg.round == 0
+        assert_same_message(msg, next(codec.decode_all(codec.encode_bytes(msg))))
 
 
 @pytest.mark.parametrize("batch", [
@@ -1093,8 +1096,12 @@ def test_activations_shape_checks(batch):
 
 def test_activations_accept_any_float_dtype_and_empty_batches():
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        m.Activations(round=1, step=0, batch={"x": torch.zeros(2, 3, dtype=dtype), "y": torch.zeros(2, dtype=torch.int64)})
-    m.Activations(round=1, step=0, batch={"x": torch.zeros(0, 3), "y": torch.zeros(0, dtype=torch.int64)})
+        msg = m.Activations(round=1, step=0, batch={"x": torch.zeros(2, 3, dtype=dtype),
+                                                    "y": torch.zeros(2, dtype=torch.int64)})
+        assert msg.batch["x"].dtype == dtype  # kept, not cast to float32
+        assert_same_message(msg, next(codec.decode_all(codec.encode_bytes(msg))))
+    msg = m.Activations(round=1, step=0, batch={"x": torch.zeros(0, 3), "y": torch.zeros(0, dtype=torch.int64)})
+    assert_same_message(msg, next(codec.decode_all(codec.encode_bytes(msg))))
 
 
 @pytest.mark.parametrize("kind", ["SessionSnapshot", "SessionOffer", "SessionReplica"])

@@ -381,6 +381,7 @@ def _run_edge(tmp_path, config: str, name: str = "edge1") -> subprocess.Complete
                           stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.process
 def test_cli_with_a_bad_config_exits_2_and_names_the_key(tmp_path):
     text = open(LOCAL).read().replace("lr = 0.01", "lrr = 0.01")
     assert "lrr" in text
@@ -391,6 +392,7 @@ def test_cli_with_a_bad_config_exits_2_and_names_the_key(tmp_path):
     assert "training.lrr" in proc.stderr
 
 
+@pytest.mark.process
 def test_cli_with_a_wrong_name_exits_2_and_names_the_key(tmp_path):
     proc = _run_edge(tmp_path, LOCAL, name="edge9")
     assert proc.returncode == 2, proc.stderr

@@ -33,7 +33,8 @@ import yaml
 
 from scripts import containers
 from scripts.benchlib import render_toml
-from tests.testbed import LOOPBACK, ROOT, free_ports, run_launch
+from tests.test_exactness import reference_sha
+from tests.testbed import LOOPBACK, ROOT, free_ports
 
 COMPOSE = ROOT / "docker" / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
@@ -170,10 +171,9 @@ def run_config(tmp_path_factory) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def loopback_sha(run_config) -> str:
-    status, out, summary = run_launch(run_config.loopback_toml, timeout=RUN_TIMEOUT_S)
-    assert status == 0 and summary and summary["status"] == "finished", out[-3000:]
-    assert {(m["device"], m["to"]) for m in summary["migrations"]} == run_config.moves
-    return summary["final_model_sha256"]
+    """The final model of the same run here, trained in this process (the whole model,
+    FedAvg in name order): a loopback run ends with it, moves or not (tests/test_exactness.py)."""
+    return reference_sha(run_config.loopback_toml, rounds=SMALL["training"]["rounds"])
 
 
 def _podman(*args: str, timeout: float = 120, check: bool = True) -> str:
@@ -224,6 +224,7 @@ def _check(summary: dict, cfg: RunConfig, expected_sha: str | None, run_dir: Pat
         assert summary["final_model_sha256"] == expected_sha, "the container run trained differently from loopback"
 
 
+@pytest.mark.process
 @pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
 def test_compose_up_runs_the_testbed(image, run_config, loopback_sha, tmp_path):
     if shutil.which("podman-compose") is None:
@@ -305,6 +306,7 @@ def _kube_play(run_config: RunConfig, tmp: Path, *, images: dict[str, str] | Non
         containers.podman("network", "rm", "-f", network, check=False)
 
 
+@pytest.mark.process
 @pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
 def test_kube_play_runs_the_manifests(image, run_config, loopback_sha, tmp_path):
     summary, arch = _kube_play(run_config, tmp_path)
@@ -312,6 +314,7 @@ def test_kube_play_runs_the_manifests(image, run_config, loopback_sha, tmp_path)
     assert set(arch.values()) == {containers.native_arch()}
 
 
+@pytest.mark.process
 @pytest.mark.timeout(7200)
 def test_arm64_device_among_x86_roles(image, run_config, tmp_path):
     """device1 from the arm64 image (under qemu), the others from this machine's: the run

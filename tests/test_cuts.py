@@ -20,6 +20,7 @@ def test_a_device_cut_overrides_the_models_and_is_checked():
     assert err.value.key == "devices.device3.split_layer" and "5 (fc1)" in str(err.value)
 
 
+@pytest.mark.process
 def test_devices_of_different_cuts_with_fedprox_and_a_move_equal_whole_model_training(tmp_path):
     """Real processes: three cuts of VGG-5 on 8x8 images, FedProx, device1 (cut 1) moves
     to edge2, which serves device2 (cut "auto": chosen at start) and device3 (cut 5). The

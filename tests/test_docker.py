@@ -216,6 +216,7 @@ def _as_here(argv: list[str], config: Path) -> list[str]:
     return [str(config) if a == CONFIG_IN_CONTAINER else a for a in argv]
 
 
+@pytest.mark.process
 def test_compose_commands_run_an_experiment_on_loopback(compose, cfg, tmp_path):
     """Each service's command through the entry point, with the service's environment; the
     config is configs/docker.toml with addresses, ports, key and results moved here by
@@ -299,6 +300,7 @@ def _compose_cli() -> list[str] | None:
     return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
+@pytest.mark.process
 def test_a_compose_implementation_accepts_the_file():
     cli = _compose_cli()
     if cli is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from central.strategies import make_strategy
@@ -11,6 +12,8 @@ from common.data import load_train_shard
 from common.models import build_model, state_sha256
 from common.training import round_batches, set_threads, train_reference_round
 from tests.testbed import run_launch, write_config
+
+pytestmark = pytest.mark.process  # whole-testbed runs: the slow tier (tests/conftest.py)
 
 
 def reference_sha(cfg_path, rounds: int) -> str:

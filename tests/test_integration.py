@@ -10,9 +10,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from common import security
 from common.security import CONTROLLER
 from tests.testbed import ROOT, Testbed, _env, kill_tree, run_launch, run_dir_of, write_config
+
+pytestmark = pytest.mark.process  # whole-testbed runs: the slow tier (tests/conftest.py)
 
 ROUND_FIELDS = {"round", "seconds", "test_accuracy", "test_loss", "samples"}
 

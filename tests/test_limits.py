@@ -463,6 +463,7 @@ def _nofile_limit(pid: int) -> int:
     raise AssertionError("no open-file limit in /proc")
 
 
+@pytest.mark.process
 @pytest.mark.timeout(180)
 def test_1100_slow_strangers_do_not_stop_an_edge_limited_to_1024_files(tmp_path):
     import shutil

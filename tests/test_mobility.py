@@ -10,7 +10,10 @@ import time
 import pytest
 
 from common.security import CONTROLLER
+from tests.test_exactness import reference_sha
 from tests.testbed import ROOT, Testbed, _env, mobility, read_summary, run_launch, write_config
+
+pytestmark = pytest.mark.process  # whole-testbed runs: the slow tier (tests/conftest.py)
 
 SAMPLES, BATCH = 200, 50          # 4 steps per round
 STEPS = SAMPLES // BATCH
@@ -31,11 +34,34 @@ def _run(tmp_path, name, **kw):
     return summary
 
 
+def _reference(tmp_path, **kw) -> str:
+    """The final model of the same run without moves, trained in this process: each
+    device's whole model, FedAvg in name order (a testbed run without moves ends with it,
+    tests/test_exactness.py; every mode does with no move). No testbed run needed."""
+    cfg = write_config(tmp_path / "reference", edges=2, devices=4, rounds=2, samples_per_device=SAMPLES,
+                       batch_size=BATCH, **kw)
+    return reference_sha(cfg, rounds=2)
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     """Final weights of the run without moves (modes fedfly and restart share it: with no
     move they run the same code)."""
-    return _run(tmp_path_factory.mktemp("base"), "base")["final_model_sha256"]
+    return _reference(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def moved(tmp_path_factory):
+    """``moved(mode)``: (folder, summary) of the run with MOVES in that mode, made once
+    for the tests that check it."""
+    runs = {}
+
+    def get(mode):
+        if mode not in runs:
+            tmp = tmp_path_factory.mktemp(f"moved-{mode}")
+            runs[mode] = tmp / mode, _run(tmp, mode, mode=mode, moves=MOVES)
+        return runs[mode]
+    return get
 
 
 def _check_migrations(summary, mode):
@@ -59,19 +85,19 @@ def _check_migrations(summary, mode):
 
 
 @pytest.mark.parametrize("mode", ["fedfly", "restart"])
-def test_moves_leave_the_model_bit_identical(tmp_path, baseline, mode):
-    summary = _run(tmp_path, mode, mode=mode, moves=MOVES)
+def test_moves_leave_the_model_bit_identical(moved, baseline, mode):
+    folder, summary = moved(mode)
     _check_migrations(summary, mode)
     assert summary["final_model_sha256"] == baseline
     if mode == "fedfly":  # mobility.offer: the source sent the session as the device left
-        events = _edge_events(tmp_path / mode)
+        events = _edge_events(folder)
         offered = [line for line in events if '"migrated_in"' in line and '"offered": true' in line]
         assert len(offered) >= 2, "\n".join(line for line in events if "offer" in line)  # the first may find no kept link yet
         # every move was announced a step ahead, once the edge's gradient was in (its
         # session went while the device computed), and its edge heard it there
         import json
         announced = sorted((json.loads(line)["process"], e["round"], e["step"], e["to"])
-                           for f in (tmp_path / mode / "runs").rglob("events-device*.jsonl")
+                           for f in (folder / "runs").rglob("events-device*.jsonl")
                            for line in f.read_text().splitlines() if '"move_announced"' in line
                            for e in [json.loads(line)])
         assert announced == sorted((m["device"], m["round"], math.floor(m["at"] * STEPS), m["to"]) for m in MOVES)
@@ -104,24 +130,24 @@ def _edge_events(folder) -> list[str]:
     return [line for f in (folder / "runs").rglob("events-edge*.jsonl") for line in f.read_text().splitlines()]
 
 
-def test_restart_costs_the_lost_steps(tmp_path):
+def test_restart_costs_the_lost_steps(moved):
     """In mode restart the moving device redoes the steps before the move; in fedfly it
-    does not (seen in the edges' event logs as the number of edge steps trained)."""
-    summary = _run(tmp_path, "restart", mode="restart", moves=MOVES[:1],
-                   extra={"run": {"name": "r"}})
-    events = (tmp_path / "restart" / "runs" / "r" / "events-edge2.jsonl").read_text()
+    does not (seen in the edges' event logs as the number of edge steps trained).
+    device1's first move, round 1 at step 2 to edge2, of the restart run with MOVES."""
+    folder, summary = moved("restart")
+    (events,) = (folder / "runs").rglob("events-edge2.jsonl")
     import json
-    done = [json.loads(l) for l in events.splitlines() if '"device_done"' in l]
+    done = [json.loads(l) for l in events.read_text().splitlines() if '"device_done"' in l]
     d1 = [e for e in done if e["device"] == "device1" and e["round"] == 1]
     assert d1 and d1[0]["edge_steps"] == STEPS  # restarted at 0 on edge2, trained every step there
-    assert summary["migrations"][0]["step"] == 2
+    (first,) = [m for m in summary["migrations"] if m["device"] == "device1" and m["round"] == 1]
+    assert (first["step"], first["to"]) == (2, "edge2")
 
 
 def test_classic_moves_only_reconnect(tmp_path):
-    still = _run(tmp_path, "still", mode="classic")
     moved = _run(tmp_path, "moved", mode="classic", moves=MOVES)
     _check_migrations(moved, "classic")
-    assert moved["final_model_sha256"] == still["final_model_sha256"]
+    assert moved["final_model_sha256"] == _reference(tmp_path, mode="classic")
 
 
 @pytest.mark.parametrize("split,distribution,mode", [(1, "imbalanced", "fedfly"), (5, "imbalanced", "restart"),
@@ -131,10 +157,9 @@ def test_exact_for_other_splits_and_data(tmp_path, split, distribution, mode):
              {"device": "device4", "to": "edge1", "round": 2, "at": 0.3},
              {"device": "device2", "to": "edge1", "round": 2, "at": 0.3}]
     kw = dict(split_layer=split, distribution=distribution, mode=mode)
-    still = _run(tmp_path, "still", **kw)
     moved = _run(tmp_path, "moved", moves=moves, **kw)
     assert len(moved["migrations"]) == 3
-    assert moved["final_model_sha256"] == still["final_model_sha256"]
+    assert moved["final_model_sha256"] == _reference(tmp_path, **kw)
 
 
 def _wait_up(cfg, device: str) -> None:
@@ -165,9 +190,7 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
     cfg = write_config(tmp_path / "live", edges=2, devices=4, rounds=8, samples_per_device=500, batch_size=10,
                        extra=slow)
     c = load_config(str(cfg))
-    fast = [f"devices.device{i}.slowdown=1.0" for i in range(1, 5)]  # slowdown does not change results
-    status, out, still = run_launch(cfg, "run.out=" + str(tmp_path / "still"), *fast)
-    assert status == 0 and still["status"] == "finished", out
+    still = reference_sha(cfg, rounds=8)  # the run without moves (slowdown does not change results)
     bed = Testbed(cfg, log_dir=tmp_path / "logs")
     try:
         bed.start("central")
@@ -218,4 +241,4 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
     assert first and (first[0]["round"], first[0]["step"], first[0]["to"]) == (1, 0, "edge2")
     assert {m["device"] for m in migs} == {"device1", "device2", "device3", "device4"}
     assert len([m for m in migs if m["device"] == "device4"]) == 2
-    assert summary["final_model_sha256"] == still["final_model_sha256"]
+    assert summary["final_model_sha256"] == still

@@ -123,6 +123,7 @@ def _alive(pids: dict[str, int]) -> list[str]:
     return alive
 
 
+@pytest.mark.process
 def test_namespaces_with_shaped_links_and_a_rewired_move_give_the_loopback_model(tmp_path, netns_ok):
     prefix = "ff" + secrets.token_hex(3)
     t0 = time.monotonic()
@@ -173,6 +174,7 @@ def test_namespaces_with_shaped_links_and_a_rewired_move_give_the_loopback_model
           f"{mig['state_bytes'] / 1e6:.2f} MB; sha256 {lo['final_model_sha256'][:16]} on both")
 
 
+@pytest.mark.process
 def test_ctrl_c_tears_everything_down(tmp_path, netns_ok):
     prefix = "ff" + secrets.token_hex(3)
     proc = subprocess.Popen(_netns_cmd(tmp_path, prefix, "--set", "training.rounds=20"), cwd=ROOT, env=_env(),
@@ -200,13 +202,21 @@ def test_ctrl_c_tears_everything_down(tmp_path, netns_ok):
 
 # -- device heterogeneity (no root needed) ------------------------------------------------
 
-def test_slowdown_stretches_a_device_and_the_summary_records_it(tmp_path):
-    cfg = write_config(tmp_path, edges=1, devices=2, rounds=2, samples_per_device=200, batch_size=50,
-                       extra={"devices.device2": {"slowdown": 3.0, "threads": 1}})
+@pytest.fixture(scope="module")
+def heterogeneous(tmp_path_factory):
+    """One run for the two checks below: device2 slowed down 3x, with 2 threads of its own."""
+    cfg = write_config(tmp_path_factory.mktemp("hetero"), edges=1, devices=2, rounds=2, samples_per_device=200,
+                       batch_size=50, extra={"devices.device2": {"slowdown": 3.0, "threads": 2}})
     status, out, summary = run_launch(cfg)
     assert status == 0, out
+    return out, summary
+
+
+@pytest.mark.process
+def test_slowdown_stretches_a_device_and_the_summary_records_it(heterogeneous):
+    out, summary = heterogeneous
     assert summary["device_settings"] == {"device1": {"edge": "edge1", "slowdown": 1.0, "threads": 1},
-                                          "device2": {"edge": "edge1", "slowdown": 3.0, "threads": 1}}
+                                          "device2": {"edge": "edge1", "slowdown": 3.0, "threads": 2}}
     fast, slow = summary["devices"]["device1"]["round_seconds"], summary["devices"]["device2"]["round_seconds"]
     assert sum(slow) > sum(fast), (fast, slow)
     # the throttle is in force: device2 sleeps (slowdown - 1) x its own compute, device1 not at all
@@ -220,13 +230,11 @@ def test_slowdown_stretches_a_device_and_the_summary_records_it(tmp_path):
             assert ev["throttle_seconds"] == pytest.approx(factor * ev["compute_seconds"], rel=1e-6)
 
 
-def test_per_device_threads_are_in_force_and_recorded(tmp_path):
-    cfg = write_config(tmp_path, edges=1, devices=2, rounds=1, samples_per_device=100, batch_size=50,
-                       extra={"devices.device2": {"threads": 2}, "run": {"name": "threads"}})
-    status, out, summary = run_launch(cfg)
-    assert status == 0, out
+@pytest.mark.process
+def test_per_device_threads_are_in_force_and_recorded(heterogeneous):
+    out, summary = heterogeneous
     assert summary["device_settings"]["device2"]["threads"] == 2
     assert summary["device_settings"]["device1"]["threads"] == 1  # training.threads
-    events = (tmp_path / "runs" / "threads" / "events-device2.jsonl").read_text().splitlines()
+    events = (run_dir_of(out) / "events-device2.jsonl").read_text().splitlines()
     loaded = [json.loads(line) for line in events if '"data_loaded"' in line]
     assert loaded and loaded[0]["threads"] == 2

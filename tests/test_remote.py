@@ -128,6 +128,7 @@ def test_bundle_gives_a_host_the_ca_and_only_its_own_keys_in_the_tls_mode(tmp_pa
     assert CENTRAL.stem + ".key" not in certs
 
 
+@pytest.mark.process
 def test_run_over_ssh_syncs_code_collects_results_and_leaves_nothing(tmp_path, sshd):
     cfg = _config(tmp_path, sshd, edges=2, devices=2, rounds=2, tls=True)
     t0 = time.monotonic()
@@ -158,6 +159,7 @@ def test_run_over_ssh_syncs_code_collects_results_and_leaves_nothing(tmp_path, s
         _kill_left(state)
 
 
+@pytest.mark.process
 def test_up_status_down_stop_every_process_by_pid(tmp_path, sshd):
     # a long run, so that every role is still up when down comes
     cfg = _config(tmp_path, sshd, edges=2, devices=2, rounds=50, samples_per_device=400)
@@ -186,6 +188,7 @@ def test_up_status_down_stop_every_process_by_pid(tmp_path, sshd):
         _kill_left(state)
 
 
+@pytest.mark.process
 def test_bad_config_and_unreachable_host_fail_cleanly(tmp_path, sshd):
     cfg = _config(tmp_path, sshd, edges=1, devices=2)
     r = _remote("up", "--config", str(cfg), "--set", "remote.ssh_port=0", timeout=60)

@@ -455,6 +455,7 @@ def reference(tmp_path_factory) -> str:
     return summary["final_model_sha256"]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("mode", ["tls", "key"])
 def test_a_run_over_a_hostile_relay(tmp_path, reference, mode):
     """device1 talks to edge1 through a relay that records everything and flips one byte

@@ -171,6 +171,7 @@ def test_model_keys_round_trip_and_the_paper_input_is_the_bare_name():
         ModelSpec.parse("vgg5/3x32/10")
 
 
+@pytest.mark.process
 def test_resnet18_run_with_a_move_equals_training_the_whole_model_in_process(tmp_path):
     """Real processes: ResNet-18 on 8x8 synthetic images, cut at block 4, device1 moves
     half-way through round 1; the final model is the in-process whole-model run's."""

@@ -1,9 +1,27 @@
-# Shared by the scenario scripts: the controller, and reading a device's status.
+# Shared by the scenario scripts: the Python to run, the controller, and reading a
+# device's status.
 # Usage: source "$(dirname "$0")/common.sh"
 set -euo pipefail
-PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# The Python with the project's packages: $PYTHON if set, else the project's .venv (made by
+# `make venv`, `make demo` or `make test`), else python3 from PATH (an activated
+# environment). The system's python3 usually lacks torch: say what to do, rather than
+# fail later with ModuleNotFoundError.
+if [[ -n ${PYTHON:-} ]]; then
+  PY=$PYTHON
+elif [[ -x $ROOT/.venv/bin/python ]]; then
+  PY=$ROOT/.venv/bin/python
+else
+  PY=python3
+fi
+if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("torch", "msgpack", "cryptography")))' 2>/dev/null; then
+  echo "$(basename "$0"): $PY cannot import the project's packages (torch, msgpack, cryptography)." >&2
+  echo "  Run \`make venv\` in $ROOT (it makes .venv, which these scripts then use)," >&2
+  echo "  or set PYTHON to a Python that has them: PYTHON=/path/to/python $0 ..." >&2
+  exit 1
+fi
 
 ctl() { "$PY" -m central.mobility "$@"; }
 
