@@ -5,7 +5,16 @@ PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-ctl() { "$PY" -m central.mobility "$@"; }
+# The controller; when it fails (exit 4: the run ended first), the script stops with its
+# status and says so.
+ctl() {
+  local rc=0
+  "$PY" -m central.mobility "$@" || rc=$?
+  if ((rc != 0)); then
+    echo "$(basename "$0"): stopped: the controller exited with status $rc" >&2
+    exit "$rc"
+  fi
+}
 
 # status_field CONFIG DEVICE FIELD -> the value of FIELD (edge, round, step, steps, pending, link)
 status_field() {
