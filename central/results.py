@@ -84,8 +84,9 @@ class RunResults:
         """summary.json and rounds.csv, each whole (``common.atomic``). A file system short
         of descriptors is tried again for a while; a full disk is not waited for (it does
         not free itself) beyond ``WRITE_TRIES``. A round's write that still fails is
-        skipped (the previous summary.json stays whole; the next write holds everything),
-        only the final one raises the ``OSError``."""
+        skipped (the previous summary.json stays whole; the next write holds everything);
+        the final one, or one that found no space, raises the ``OSError``: a run whose
+        results cannot be kept is not run on for nothing."""
         path = os.path.join(self.run_dir, SUMMARY)
         csv_path = os.path.join(self.run_dir, ROUNDS_CSV)  # rounds.csv, the same way
         tries = WRITE_TRIES_FINAL if final else WRITE_TRIES
@@ -96,7 +97,7 @@ class RunResults:
                 return
             except OSError as exc:
                 if i == tries - 1 or (exc.errno in NO_SPACE and i >= WRITE_TRIES - 1):
-                    if final:
+                    if final or exc.errno in NO_SPACE:
                         raise
                     log.warning("summary.json not written this round: %s", exc)
                     return

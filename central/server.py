@@ -297,6 +297,8 @@ class CentralServer:
             self.results.add_failure({"reason": reason})
         except TransportError as exc:  # the listener could not start
             reason = str(exc)
+        except OSError as exc:  # summary.json cannot be written (a full disk): the run cannot be kept
+            reason = f"the results cannot be written in {self.results.run_dir}: {exc}"
         except Exception as exc:  # noqa: BLE001 - a bug must still leave a summary that says so
             log.exception("central: the run failed")
             reason = f"{type(exc).__name__}: {exc}"[:500]
