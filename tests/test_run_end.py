@@ -61,6 +61,22 @@ def _end(proc: subprocess.Popen, timeout: float = 120) -> str:
     return out
 
 
+def test_settle_says_how_a_run_ended_only_where_nobody_did(tmp_path):
+    d = tmp_path / "run"
+    assert runstatus.settle(str(d), "stopped", "SIGTERM to the launcher", {"run_name": "run"})
+    s = _summary(d)
+    assert (s["status"], s["reason"], s["run_name"], s["rounds"]) == ("stopped", "SIGTERM to the launcher", "run", [])
+    (d / "summary.json").write_text(json.dumps({"status": "running", "rounds": [{"round": 1}], "run_name": "run"}))
+    assert runstatus.settle(str(d), "failed", "central died")
+    assert _summary(d) == {"status": "failed", "reason": "central died", "rounds": [{"round": 1}], "run_name": "run"}
+    assert not runstatus.settle(str(d), "stopped", "later")  # it says how it ended already
+    assert _summary(d)["status"] == "failed" and not list(d.glob("*.tmp"))
+    with pytest.raises(ValueError):
+        runstatus.settle(str(d), "running", "")
+    assert runstatus.exit_code("finished") == 0 and runstatus.exit_code("failed") == 1
+    assert runstatus.exit_code("stopped", "SIGTERM") == 143 and runstatus.exit_code("stopped", "SIGINT") == 130
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_central_signalled_before_round_1_says_it_was_stopped(tmp_path, sig):
     """The central alone (no edge will come): summary.json exists from the start, and a
