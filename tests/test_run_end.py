@@ -171,7 +171,8 @@ def test_a_controller_waiting_on_a_run_that_ends_returns_and_says_so(tmp_path):
                "--to", "edge2", "--wait", "--when-round", "9", "--timeout", "600"]
         ctl = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         script = subprocess.Popen(["bash", "scripts/scenarios/move_half.sh", str(cfg), "device2", "edge1", "9"],
-                                  cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  cwd=ROOT, env={**_env(), "PYTHON": sys.executable}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
         out = _end(proc, timeout=300)
         assert proc.returncode == 0, out
         c_out, c_err = ctl.communicate(timeout=120)
