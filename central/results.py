@@ -66,13 +66,16 @@ class RunResults:
         model was built) and summary.json with ``status`` ("finished", "stopped",
         "failed") and ``reason``. Returns the weights' SHA-256. Raises ``OSError`` when
         summary.json cannot be written; the final weights failing to be written is
-        recorded in it (``final_model_error``) and the summary still written."""
+        recorded in it (``final_model_error``; a "finished" run is then "failed") and the
+        summary still written."""
         sha = state_sha256(weights) if weights is not None else None
         if weights is not None:
             try:
                 write_tensors(os.path.join(self.run_dir, FINAL_WEIGHTS), weights, {"sha256": sha})
             except OSError as exc:
                 self.summary["final_model_error"] = f"{FINAL_WEIGHTS} not written: {exc}"
+                if status == "finished":  # every round done, but its model is lost
+                    status, reason = "failed", self.summary["final_model_error"]
         self.summary["final_model_sha256"] = sha
         self.summary["status"] = status
         self.summary["reason"] = reason

@@ -23,7 +23,7 @@ import torch
 from central import autosplit, checkpoint, robust
 from central.edges import EdgeJoined, EdgeLost, EdgeMessage, EdgeRegistry
 from central.strategies import Failure, Strategy, make_strategy
-from central.results import SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
+from central.results import NO_SPACE, SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
 from central.rounds import RoundTracker
 from central.runstatus import RunStopped, exit_code
 from common import messages as m
@@ -129,11 +129,15 @@ class CentralServer:
             self.unsaid += 1
 
     def _checkpoint(self, save, *args) -> None:
-        """A checkpoint that cannot be written (no descriptor, no space) costs a resume
-        point, not the run: recorded, and the run goes on."""
+        """A checkpoint that cannot be written for a while (no descriptor) costs a resume
+        point, not the run: recorded, and the run goes on. No space on the disk raises
+        the ``OSError``: it does not free itself, and a run whose results cannot be kept
+        is not run on for nothing (the previous checkpoint stays whole)."""
         try:
             save(*args)
         except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise
             self.events.emit("checkpoint_failed", what=save.__name__, detail=str(exc)[:200])
             log.warning("checkpoint not written: %s", exc)
 
@@ -271,8 +275,6 @@ class CentralServer:
         c = self.cfg.central
         status, reason, signame, listener = "failed", "", "", None
         try:
-            # summary.json from the start: a run stopped before its first round has one too
-            self.results.write()
             listener = transport.Listener(c.listen_host, c.port, creds=self.creds, handler=self.registry.serve,
                                           name="central", handshake_timeout=self.faults["dead_after_s"],
                                           on_reject=refusal_reporter(events=self.events)).start()
@@ -285,6 +287,9 @@ class CentralServer:
                 self.weights, first = dict(build_model(self.cfg.model_key, seed=self.cfg.run["seed"]).state_dict()), 1
                 # round 0: a central that dies before its first round ends can be resumed too
                 self._checkpoint(checkpoint.save, self.results.run_dir, 0, dict(self.weights), self.results.summary)
+            # summary.json from the start (after the checkpoint: a central started again
+            # finds one to resume, not only a run name in use)
+            self.results.write()
             self._wait_for_testbed()
             self._rounds(dict(self.weights), first=first)
             status = "finished"
@@ -308,11 +313,12 @@ class CentralServer:
         if status != "finished":
             self.say(f"run {status}: {reason}")
             self.events.emit(status, reason=reason)
-        code = exit_code(status, signame)
         try:
             sha = self.results.finish(self.weights, status=status, reason=reason)
+            status, reason = self.results.summary["status"], self.results.summary["reason"]
+            code = exit_code(status, signame)
         except OSError as exc:
-            sha, code = None, code or 1
+            sha, code = None, exit_code(status, signame) or 1
             self.say(f"central: error: the results cannot be written in {self.results.run_dir}: {exc}; "
                      f"summary.json there is the last one written, whole")
         if self.results.summary.get("final_model_error"):

@@ -32,8 +32,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _config(tmp: Path, extra: dict | None = None) -> Path:
-    return write_config(tmp, edges=2, devices=6, rounds=2, mode="classic", samples_per_device=64, batch_size=32,
-                        extra={"data": {"test_samples": 200}, **(extra or {})})
+    return write_config(tmp, edges=2, devices=6, rounds=2, mode="classic", samples_per_device=40, batch_size=32,
+                        extra={"data": {"test_samples": 100}, **(extra or {})})
 
 
 def _distance(a: dict, b: dict) -> float:
@@ -51,8 +51,6 @@ def test_each_strategy_against_one_hostile_device_in_six(tmp_path):
         for attack in bench_robust.ATTACKS[1:]:
             got = bench_robust.play(cfg, strategy=section, refuse_factor=factor, attack=attack)
             row.append(got["final_accuracy"])
-            print(label, attack, "hostile ratios", [r["hostile_ratio"] for r in got["rounds"]],
-                  "distance", _distance(got["weights"], honest["weights"]), "moved", moved)
             if label == "fedavg, refusal off" and attack == "scale":
                 # the check can fail: without the refusal and a robust strategy, one device wrecks the round
                 assert not got["rounds"][-1]["finite"] or _distance(got["weights"], start) > 1e6 * moved
