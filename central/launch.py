@@ -4,8 +4,9 @@ Refuses to start when a port of the config is taken (naming the process that hol
 Starts the central, every edge and every device of the config as separate processes,
 waits for the run to end, and stops every process it started: when the run ends, on
 Ctrl-C or SIGTERM (summary.json then says "stopped"), or as soon as one of them dies
-(naming it and showing the end of its log) unless ``faults.on_death = "restart"`` (or ``--chaos``) starts it again. Prints where
-the results are. The supervision itself is ``common.supervisor``'s.
+(naming it and showing the end of its log) unless ``faults.on_death = "restart"`` (or
+``--chaos``) starts it again. Prints where the results are. The supervision itself is
+``common.supervisor``'s.
 """
 
 from __future__ import annotations
