@@ -28,7 +28,7 @@ from common.security import Identity
 from scripts import bench_robust
 from tests.testbed import Testbed, write_config
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(600)]
 
 
 def _config(tmp: Path, extra: dict | None = None) -> Path:

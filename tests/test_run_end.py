@@ -21,7 +21,7 @@ import pytest
 from central import checkpoint, runstatus
 from tests.testbed import ROOT, Testbed, _env, kill_tree, run_dir_of, write_config
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(600)]
 
 
 def _launch(cfg: Path, *overrides: str) -> subprocess.Popen:
