@@ -1,0 +1,79 @@
+"""What one step may carry, by the round: the bounds of a batch of activations (device ->
+edge) and of the gradient that answers it (edge -> device).
+
+A certificate proves who a device is, not that its batch is sane: 30,000 rows under the
+payload cap once took an edge from 1 to 2.5 GB and held up the other devices on it for
+half a minute, and NaN activations made a session NaN for the rest of its round. So a
+batch is refused, before it is held or trained, unless
+
+- its rows are 1..``batch_size`` (the round's; a shard's last batch may be smaller),
+- each row has the shape and dtype of the model's activations at the device's cut
+  (``cut_row``: the model's input run through the device part on the meta device),
+- its values are finite and its labels are classes of the model;
+
+and a gradient is refused by the device unless it has the shape and dtype of the
+activations it answers and finite values. The checks read the tensors and copy nothing:
+the finiteness check is one min/max reduction (NaN propagates through both, an infinity
+is one of them), about a tenth of the time of ``isfinite(x).all()``, which writes a mask
+as large as the batch first.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from common.models import Part, layer_builders, num_classes
+from common.nets import ModelSpec
+
+
+@functools.lru_cache(maxsize=64)
+def cut_row(model: str, cut: int) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape of one row, dtype) of ``model``'s activations after layer ``cut``, for the
+    input its key names. Computed once per (model, cut), with no weights and no data."""
+    spec = ModelSpec.parse(model)
+    with torch.device("meta"):
+        part = Part([make() for make in layer_builders(model)[:cut + 1]], 0).eval()
+        out = part(torch.empty(1, spec.channels, spec.height, spec.width))
+    return tuple(out.shape[1:]), out.dtype
+
+
+def finite(t: torch.Tensor) -> bool:
+    """Every value of the floating-point tensor ``t`` is finite (True when it is empty)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
+def batch_problem(x: torch.Tensor, y: torch.Tensor, *, model: str, cut: int, batch_size: int) -> str:
+    """Why a batch (``Activations``: ``x`` float [n, ...], ``y`` int64 [n], as the message
+    checked) may not be trained at ``model``'s cut ``cut`` in a round of ``batch_size``;
+    '' if it may."""
+    rows = x.shape[0]
+    if not 1 <= rows <= batch_size:
+        return f"{rows} rows, the round's batches have 1..{batch_size}"
+    row, dtype = cut_row(model, cut)
+    if tuple(x.shape[1:]) != row or x.dtype != dtype:
+        return f"activations are {x.dtype} {list(x.shape)[:8]}, the cut's are {dtype} [n, {', '.join(map(str, row))}]"
+    lo, hi = torch.aminmax(y)
+    classes = num_classes(model)
+    if lo.item() < 0 or hi.item() >= classes:
+        return f"labels outside 0..{classes - 1}"
+    if not finite(x):
+        return "activations hold values that are not finite"
+    return ""
+
+
+def gradient_problem(grad: torch.Tensor | None, out: torch.Tensor) -> str:
+    """Why ``grad`` (an edge's answer) may not be back-propagated through activations
+    ``out``; '' if it may."""
+    if grad is None:
+        return "no gradient"
+    if grad.shape != out.shape or grad.dtype != out.dtype:
+        return f"gradient is {grad.dtype} {list(grad.shape)[:8]}, the activations are {out.dtype} {list(out.shape)}"
+    if not finite(grad):
+        return "gradient holds values that are not finite"
+    return ""
