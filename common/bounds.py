@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from common.models import Part, layer_builders, num_classes
+from common.models import Part, layer_builders, num_classes, weights_problem
 from common.nets import ModelSpec
 
 
@@ -64,6 +64,18 @@ def batch_problem(x: torch.Tensor, y: torch.Tensor, *, model: str, cut: int, bat
         return f"labels outside 0..{classes - 1}"
     if not finite(x):
         return "activations hold values that are not finite"
+    return ""
+
+
+def weights_bound_problem(weights: dict[str, torch.Tensor], spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> str:
+    """Why a device's part after its round (``DeviceDone.weights``) may not go on to the
+    central: names, shapes and dtypes that are not ``spec``'s (its part of
+    ``common.models.state_spec``), or values that are not finite; '' if it may."""
+    if problem := weights_problem(weights, spec):
+        return problem
+    for k, t in weights.items():
+        if t.is_floating_point() and not finite(t):
+            return f"{k} holds values that are not finite"
     return ""
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from common import messages as m
-from common.bounds import batch_problem
+from common.bounds import batch_problem, weights_bound_problem
 from common.errors import LocalProtocolError, MigrationError, RemoteProtocolError
 from common.events import EventLog
 from common.plan import RoundPlan
@@ -1030,8 +1030,8 @@ class EdgeCore:
             return
         dev_keys, edge_keys = self.models.keys(e.device)
         keys = dev_keys + (edge_keys if self.mode == "classic" else [])
-        if set(msg.weights) != set(keys):
-            raise RemoteProtocolError(f"{self.role}: DeviceDone from {e.device} has the wrong weights")
+        if problem := weights_bound_problem(msg.weights, {k: self.spec[k] for k in keys}):
+            raise RemoteProtocolError(f"{self.role}: DeviceDone from {e.device} has the wrong weights: {problem}")
         if self.mode != "classic" and session.step != msg.steps:
             raise RemoteProtocolError(f"{self.role}: {e.device} finished after {msg.steps} steps, "
                                       f"its session here has {session.step}")

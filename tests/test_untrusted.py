@@ -317,3 +317,18 @@ def _record_events(monkeypatch):
         self.__dict__.setdefault("seen", []).append((event, fields))
         real(self, event, **fields)
     monkeypatch.setattr(EventLog, "emit", emit)
+
+
+@pytest.mark.parametrize("edit", ["nan", "shape", "dtype"])
+def test_a_devices_part_out_of_bounds_after_its_round_costs_its_link_not_the_central_a_check(edit):
+    from tests.test_edge_core import DEV_KEYS, WEIGHTS
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    weights = {k: WEIGHTS[k] for k in DEV_KEYS}
+    k = DEV_KEYS[0]
+    weights[k] = {"nan": _nan(weights[k]), "shape": weights[k][:1], "dtype": weights[k].double()}[edit]
+    core.handle(DeviceMessage(p, "device1", m.DeviceDone(round=1, samples=8, steps=0, train_seconds=0.1,
+                                                         weights=weights)))
+    assert p.closed and "DeviceDone from device1 has the wrong weights" in p.notice.detail
+    assert not core.central.delivered
