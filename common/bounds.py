@@ -14,8 +14,8 @@ batch is refused, before it is held or trained, unless
 and a gradient is refused by the device unless it has the shape and dtype of the
 activations it answers and finite values. The checks read the tensors and copy nothing:
 the finiteness check is one min/max reduction (NaN propagates through both, an infinity
-is one of them), about a tenth of the time of ``isfinite(x).all()``, which writes a mask
-as large as the batch first.
+is one of them), not ``isfinite(x).all()``, which writes a mask as large as the batch
+first (both timed in BENCHMARKS.md).
 """
 
 from __future__ import annotations
