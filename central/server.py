@@ -203,7 +203,8 @@ class CentralServer:
             self.tracker.presence(self.present, time.monotonic())
 
     def _fault(self, rec: dict[str, Any], *, say: bool = False) -> None:
-        rec = printable_fields({"at_s": self._now(), **rec})  # peers' words, as summary.json keeps them
+        # peers' words escaped before any line is made of them: a newline in one must not start a line
+        rec = printable_fields({"at_s": self._now(), **rec})
         self.results.add_fault(rec)
         self.events.emit("fault", **rec)
         if say:

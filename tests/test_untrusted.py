@@ -87,6 +87,7 @@ def test_the_central_prints_logs_and_records_what_peers_report_escaped(tmp_path)
                         out=out, registry=_NoEdges())
     for msg in _hostile_reports():
         srv._handle(EdgeMessage("edge1" + EVIL, msg))
+    srv.results.add_failure({"device": "device1" + EVIL, "reason": f"unknown device {EVIL}"})  # a refusal quoting a peer
     srv.results.write()
     events.close()
     printed = out.getvalue()
@@ -96,8 +97,8 @@ def test_the_central_prints_logs_and_records_what_peers_report_escaped(tmp_path)
     assert lines[1].startswith("  move: device1\\x1b[2J")
     summary_text = (tmp_path / "run" / "summary.json").read_text()
     summary = json.loads(summary_text)
-    (fault,), (move,) = summary["faults"], summary["migrations"]
-    for rec in (fault, move):
+    (fault,), (move,), (failure,) = summary["faults"], summary["migrations"], summary["failures"]
+    for rec in (fault, move, failure):
         for key, value in rec.items():
             assert not (isinstance(value, str) and CONTROL.search(value)), (key, value)
     assert fault["detail"] == printable(EVIL) and fault["via"] == printable("edge1" + EVIL)
