@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from common.models import Part, layer_builders, num_classes, weights_problem
+from common.models import Part, layer_builders, num_classes, state_spec, weights_problem
 from common.nets import ModelSpec
 
 
@@ -38,6 +38,21 @@ def cut_row(model: str, cut: int) -> tuple[tuple[int, ...], torch.dtype]:
         part = Part([make() for make in layer_builders(model)[:cut + 1]], 0).eval()
         out = part(torch.empty(1, spec.channels, spec.height, spec.width))
     return tuple(out.shape[1:]), out.dtype
+
+
+# Room for a frame's tensors beside the largest honest one (the labels, a rounding).
+PAYLOAD_SLACK = 64 << 10
+
+
+def device_payload_limit(model: str, cuts: list[int] | range, batch_size: int) -> int:
+    """The most tensor bytes an honest device sends in one frame, for its link's decoder
+    (``transport.Connection.limit_payload``): a batch of ``batch_size`` rows at the largest
+    of ``cuts``, or its part after a round (at most the whole model, in mode classic). A
+    frame over it is refused from its prefix, before a byte of it is held: a batch of
+    thousands of rows never reaches the memory of the edge."""
+    weights = sum(math.prod(shape) * dtype.itemsize for shape, dtype in state_spec(model).values())
+    rows = max(math.prod(row) * dtype.itemsize for row, dtype in (cut_row(model, c) for c in cuts))
+    return max(weights, batch_size * (rows + 8)) + PAYLOAD_SLACK
 
 
 def finite(t: torch.Tensor) -> bool:

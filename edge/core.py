@@ -29,7 +29,7 @@ import torch
 
 from common import messages as m
 from common.bounds import batch_problem, weights_bound_problem
-from common.errors import LocalProtocolError, MigrationError, RemoteProtocolError
+from common.errors import FrameTooLarge, LocalProtocolError, MigrationError, RemoteProtocolError
 from common.events import EventLog
 from common.plan import RoundPlan
 from common.security import proof_holds
@@ -966,7 +966,10 @@ class EdgeCore:
         detail = str(exc)[:300]
         self.events.emit("protocol_error", peer=f"device {ev.device}", detail=detail, error=type(exc).__name__)
         ev.port.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=detail), drain=True)
-        self.central.send(m.FaultReport(kind="protocol_error", process=self.name, peer=ev.device,
+        self._report_refusal(ev.device, detail, round=round, step=step)
+
+    def _report_refusal(self, device: str, detail: str, *, round: int, step: int) -> None:
+        self.central.send(m.FaultReport(kind="protocol_error", process=self.name, peer=device,
                                         round=min(max(round, 0), reports.MAX_ROUND), step=min(max(step, 0), reports.MAX_STEP),
                                         detail=detail[:200], detected_s=0.0, down_s=0.0, replayed=0,
                                         recovery="link closed", samples_lost=0))
@@ -1049,6 +1052,9 @@ class EdgeCore:
         if e is None or e.port is not ev.port:
             return
         e.port = None
+        if isinstance(ev.error, FrameTooLarge):  # its link's decoder refused it (``common.bounds``): the device's fault
+            self._report_refusal(e.device, str(ev.error)[:200], round=e.session.round if e.session else 0,
+                                 step=e.session.step if e.session else 0)
         silent = ev.silent_s > 0
         self.events.emit("detached", device=e.device, state=e.state.value, detail=str(ev.error)[:200],
                          silent_s=round(ev.silent_s, 3))

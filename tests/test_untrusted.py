@@ -333,3 +333,30 @@ def test_a_devices_part_out_of_bounds_after_its_round_costs_its_link_not_the_cen
                                                          weights=weights)))
     assert p.closed and "DeviceDone from device1 has the wrong weights" in p.notice.detail
     assert not core.central.delivered
+
+
+def test_a_device_link_refuses_a_frame_over_what_an_honest_device_sends_before_reading_it():
+    from common import codec
+    from common.bounds import device_payload_limit
+    from common.errors import FrameTooLarge
+    limit = device_payload_limit("vgg5", [3], 4)
+    honest = codec.encode_bytes(m.Activations(round=1, step=0, batch={"x": _x(), "y": _y()}))
+    huge = codec.encode_bytes(m.Activations(round=1, step=0, batch={"x": _x(400), "y": _y(400)}))
+    dec = codec.FrameDecoder()
+    dec.limit_payload(limit)
+    dec.receive_data(honest)
+    assert isinstance(dec.next_message(), m.Activations)
+    dec.receive_data(huge[:codec.PREFIX.size])  # the prefix alone says it
+    with pytest.raises(FrameTooLarge, match=f"exceeds {limit}"):
+        dec.next_message()
+
+
+def test_a_frame_too_large_on_a_device_link_is_recorded_as_that_devices_fault():
+    from common.errors import FrameTooLarge
+    from edge.ports import DeviceLost
+    core = make_core()
+    p = attach(core)
+    start_round(core)
+    core.handle(DeviceLost(p, "device1", FrameTooLarge("payload of 26214464 bytes exceeds 2396224")))
+    (fault,) = core.central.faults()
+    assert (fault.kind, fault.peer) == ("protocol_error", "device1") and "exceeds" in fault.detail
