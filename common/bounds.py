@@ -1,10 +1,11 @@
 """What one step may carry, by the round: the bounds of a batch of activations (device ->
 edge) and of the gradient that answers it (edge -> device).
 
-A certificate proves who a device is, not that its batch is sane: 30,000 rows under the
-payload cap once took an edge from 1 to 2.5 GB and held up the other devices on it for
-half a minute, and NaN activations made a session NaN for the rest of its round. So a
-batch is refused, before it is held or trained, unless
+A certificate proves who a device is, not that its batch is sane: a batch of thousands of
+rows under the payload cap once grew an edge by gigabytes and held up the other devices on
+it, and NaN activations made a session NaN for the rest of its round (issue 26). So a
+frame larger than an honest device sends is refused from its prefix
+(``device_payload_limit``), and a batch is refused, before it is held or trained, unless
 
 - its rows are 1..``batch_size`` (the round's; a shard's last batch may be smaller),
 - each row has the shape and dtype of the model's activations at the device's cut
