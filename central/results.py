@@ -18,6 +18,7 @@ import torch
 from common.atomic import write_text_atomic
 from common.models import state_sha256
 from common.tensorfile import write_tensors
+from common.text import printable_fields
 
 log = logging.getLogger("central")
 WRITE_TRIES = 5           # about 1.5 s
@@ -41,8 +42,11 @@ class RunResults:
                                         "final_model_sha256": None}
         self.started = time.monotonic()
 
+    # Records quote what peers sent (names, details, reasons): kept ``printable``, so that
+    # whoever prints summary.json later prints no peer's escape sequence.
+
     def add_migration(self, rec: dict[str, Any]) -> None:
-        self.summary["migrations"].append(rec)
+        self.summary["migrations"].append(printable_fields(rec))
 
     def add_round(self, rec: dict[str, Any], device_records: dict[str, dict[str, Any]]) -> None:
         self.summary["rounds"].append(rec)
@@ -56,10 +60,10 @@ class RunResults:
         self.write()
 
     def add_failure(self, rec: dict[str, Any]) -> None:
-        self.summary["failures"].append(rec)
+        self.summary["failures"].append(printable_fields(rec))
 
     def add_fault(self, rec: dict[str, Any]) -> None:
-        self.summary["faults"].append(rec)
+        self.summary["faults"].append(printable_fields(rec))
 
     def finish(self, weights: dict[str, torch.Tensor] | None, *, status: str, reason: str = "") -> str | None:
         """The run's end: the final weights (None: there are none, e.g. stopped before the

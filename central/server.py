@@ -35,6 +35,7 @@ from common.limits import refusal_reporter
 from common.models import build_model, state_spec
 from common.plan import RoundPlan
 from common.security import Credentials
+from common.text import printable_fields, printable_lines
 from common.training import evaluate
 
 log = logging.getLogger("central")
@@ -52,6 +53,12 @@ def _finite(x: float) -> float | None:
 
 class RunAborted(Exception):
     """The run cannot go on (start-up timed out, or no device is left anywhere)."""
+
+
+def _delivery(rep: m.FaultReport | m.MigrationReport, edge: str) -> dict[str, str]:
+    """Who a report came from, for the record: the identity its edge stamped on it (the
+    device's link it came on, or the edge itself) and the edge whose link delivered it."""
+    return {"delivered_by": rep.delivered_by or f"edge {edge}", "via": edge}
 
 
 class CentralServer:
@@ -123,8 +130,8 @@ class CentralServer:
                      "down_s": round(down, 3), "recovery": "checkpoint", "samples_lost": 0}, say=True)
 
     def say(self, text: str) -> None:
-        try:
-            print(text, file=self.out, flush=True)
+        try:  # lines quote what peers reported: no escape of theirs reaches the terminal
+            print(printable_lines(text), file=self.out, flush=True)
         except (OSError, ValueError):  # a closed or full stdout must not stop the run: the files say it all
             self.unsaid += 1
 
@@ -194,12 +201,12 @@ class CentralServer:
             elif isinstance(msg, m.DeviceUpdate):
                 self._on_update(ev.edge, msg)
             elif isinstance(msg, m.MigrationReport):
-                self._record_migration(msg)
+                self._record_migration(msg, via=ev.edge)
             elif isinstance(msg, m.FaultReport):
                 self._fault({"kind": msg.kind, "process": msg.process, "peer": msg.peer, "round": msg.round,
                              "step": msg.step, "detail": msg.detail, "detected_s": msg.detected_s,
                              "down_s": msg.down_s, "replayed": msg.replayed, "recovery": msg.recovery,
-                             "samples_lost": msg.samples_lost}, say=True)
+                             "samples_lost": msg.samples_lost, **_delivery(msg, ev.edge)}, say=True)
             elif isinstance(msg, m.ErrorNotice):
                 self.events.emit("edge_error", edge=ev.edge, kind=msg.kind, detail=msg.detail[:200])
             else:
@@ -208,16 +215,18 @@ class CentralServer:
             self.tracker.presence(self.present, time.monotonic())
 
     def _fault(self, rec: dict[str, Any], *, say: bool = False) -> None:
-        rec = {"at_s": self._now(), **rec}
+        # peers' words escaped before any line is made of them: a newline in one must not start a line
+        rec = printable_fields({"at_s": self._now(), **rec})
         self.results.add_fault(rec)
         self.events.emit("fault", **rec)
         if say:
             self.say(fault_line(rec))
 
-    def _record_migration(self, rep: m.MigrationReport) -> None:
-        rec = {"device": rep.device, "from": rep.source, "to": rep.target, "round": rep.round, "step": rep.step,
-               "mode": rep.mode, "pause_ms": round(rep.pause_ms, 3), "state_bytes": rep.state_bytes,
-               "transfer_ms": round(rep.transfer_ms, 3)}
+    def _record_migration(self, rep: m.MigrationReport, *, via: str) -> None:
+        rec = printable_fields({"device": rep.device, "from": rep.source, "to": rep.target, "round": rep.round,
+                                "step": rep.step, "mode": rep.mode, "pause_ms": round(rep.pause_ms, 3),
+                                "state_bytes": rep.state_bytes, "transfer_ms": round(rep.transfer_ms, 3),
+                                **_delivery(rep, via)})
         self.results.add_migration(rec)
         self.events.emit("migration", **rec)
         self.say(migration_line(rec))
