@@ -30,6 +30,7 @@ from common import transport
 from common.config import Config, load_config
 from common.errors import ConfigError, ProtocolError, TransportError
 from common.security import CONTROLLER, Credentials, Identity
+from common.text import printable
 
 REFUSED = 3
 RUN_ENDED = 4
@@ -194,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     st = status(cfg, d, creds=creds)
                 except (TransportError, ProtocolError, TimeoutError) as exc:
-                    print(f"{d} link=gone ({exc})")
+                    print(f"{d} link=gone ({printable(exc)})")
                     continue
-                print(f"{st.device} edge={st.edge} round={st.round} step={st.step} steps={st.steps} "
-                      f"pending={st.pending or '-'} link={st.link}")
+                print(f"{printable(st.device)} edge={printable(st.edge)} round={st.round} step={st.step} "
+                      f"steps={st.steps} pending={printable(st.pending or '-')} link={printable(st.link)}")
             return 0
         if args.when_round is not None:
             wait_until_at(cfg, args.device, args.when_round, args.when_fraction, creds=creds, timeout=args.timeout)
@@ -205,32 +206,32 @@ def main(argv: list[str] | None = None) -> int:
             reply = drop(cfg, args.device, args.seconds, args.to, creds=creds)
             _reached.add(args.device)
             if not reply.accepted:
-                print(f"fedfly-mobility: refused: {reply.reason}", file=sys.stderr)
+                print(f"fedfly-mobility: refused: {printable(reply.reason)}", file=sys.stderr)
                 return REFUSED
-            print(f"{args.device}: link to {reply.edge} cut for {args.seconds:g} s", flush=True)
+            print(f"{args.device}: link to {printable(reply.edge)} cut for {args.seconds:g} s", flush=True)
             if args.wait:
                 st = wait_until_attached(cfg, args.device, creds=creds, timeout=args.timeout, after=args.seconds)
-                print(f"{args.device}: attached again on {st.edge} (round {st.round}, step {st.step})")
+                print(f"{args.device}: attached again on {printable(st.edge)} (round {st.round}, step {st.step})")
             return 0
         reply = move(cfg, args.device, args.to, creds=creds)
         _reached.add(args.device)
         if not reply.accepted:
-            print(f"fedfly-mobility: refused: {reply.reason}", file=sys.stderr)
+            print(f"fedfly-mobility: refused: {printable(reply.reason)}", file=sys.stderr)
             return REFUSED
-        print(f"{args.device}: move {reply.edge} -> {args.to} accepted", flush=True)
+        print(f"{args.device}: move {printable(reply.edge)} -> {args.to} accepted", flush=True)
         if args.wait:
             st = wait_until_on(cfg, args.device, args.to, creds=creds, timeout=args.timeout)
-            print(f"{args.device}: now on {st.edge} (round {st.round}, step {st.step})")
+            print(f"{args.device}: now on {printable(st.edge)} (round {st.round}, step {st.step})")
         return 0
     except RunEnded as exc:
-        print(f"fedfly-mobility: {exc}; nothing more to wait for", file=sys.stderr)
+        print(f"fedfly-mobility: {printable(exc)}; nothing more to wait for", file=sys.stderr)
         return RUN_ENDED
     except (TransportError, ProtocolError, TimeoutError) as exc:
         if not central_listening(cfg):
             print(f"fedfly-mobility: the run has ended or not started (no central on {cfg.central.host}:"
-                  f"{cfg.central.port}): {exc}", file=sys.stderr)
+                  f"{cfg.central.port}): {printable(exc)}", file=sys.stderr)
             return RUN_ENDED
-        print(f"fedfly-mobility: error: {exc}", file=sys.stderr)
+        print(f"fedfly-mobility: error: {printable(exc)}", file=sys.stderr)
         return 1
 
 

@@ -28,7 +28,7 @@ from common.security import Identity
 from edge import reports
 from tests.testbed import Testbed, write_config
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(900)]
 WAIT = 60.0
 START_S = 300.0  # the roles start one by one, each loading torch: slow on a loaded machine
 EVIL = "\x1b[2J\x1b[H\rround 5/5  acc 1.000\x07\n"
