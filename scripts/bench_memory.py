@@ -30,7 +30,7 @@ import psutil
 
 from scripts import benchlib
 
-MALLOCS = ("system", "tuned")
+MALLOCS = ("system", "tuned", "lean")
 LIGHT = ("central.launch", "central.mobility", "scripts.certs", "scripts.netns_testbed")
 # model -> the split layer its device runs up to (VGG-5's is FedFly's)
 ZOO = {"vgg5": 3, "resnet18": 1, "mobilenetv2": 2}
