@@ -116,10 +116,13 @@ def light_role(module: str) -> dict[str, float]:
     return {"seconds": seconds, "max_rss_mb": usage.ru_maxrss / 1024, "status": proc.returncode}
 
 
-def roles(out: Path, malloc: str, samples: int) -> dict[str, Any]:
+def roles(out: Path, malloc: str, samples: int, *, edges: int = 2, devices: int = 2,
+          model: str = "vgg5") -> dict[str, Any]:
     """A real testbed run; for each process the sample with the largest USS while it ran."""
-    cfg = benchlib.write_config(out, f"roles-{malloc}", edges=2, devices=2, rounds=3, samples_per_device=samples,
-                                extra={"training": {"malloc": malloc}})
+    cfg = benchlib.write_config(out, f"roles-{model}-{malloc}-{edges}x{devices}", edges=edges, devices=devices,
+                                rounds=3, samples_per_device=samples, extra={
+                                    "training": {"malloc": malloc},
+                                    "model": {"name": model, "split_layer": ZOO[model]}})
     cmd = [sys.executable, "-m", "central.launch", "--config", str(cfg)]
     peak: dict[str, dict[str, float]] = {}
     with open(cfg.with_suffix(".out"), "w") as log:
