@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from central import runstatus
 from common.cli import base_parser, data_spec, run_main, exit_process
 from common.errors import ConfigError, TestbedError
 from common.events import EventLog
 from common.security import CENTRAL
+from central.rundir import new_run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,24 +65,6 @@ def serve(args, cfg, run_name: str, run_dir: str) -> int:
                              test_set=test_set, shard_samples=shards, resume=resume).run()
     finally:
         events.close()
-
-
-def new_run_dir(cfg) -> tuple[str, str]:
-    """The run's name and folder. A folder is never reused: a ``run.name`` whose folder
-    exists is refused (resume it, or name another run); a generated name gets a suffix."""
-    out = cfg.run["out"]
-    if cfg.run["name"]:
-        run_dir = os.path.join(out, cfg.run["name"])
-        if os.path.exists(os.path.join(run_dir, "summary.json")):
-            raise ConfigError("run.name", f"a run named {cfg.run['name']!r} exists already in {run_dir}",
-                              f"continue it with --resume {run_dir}, or choose another run.name")
-        return cfg.run["name"], run_dir
-    base = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}"
-    name, n = base, 1
-    while os.path.exists(os.path.join(out, name)):
-        n += 1
-        name = f"{base}-{n}"
-    return name, os.path.join(out, name)
 
 
 def check_resumable(cfg, summary: dict, run_dir: str) -> None:

@@ -27,13 +27,14 @@ from typing import Any
 import torch
 
 from common.atomic import write_json_atomic
+from central.rundir import CHECKPOINT_META, has_checkpoint
 from common.errors import ProtocolError, TestbedError
 from common.models import state_sha256
 from common.plan import RoundPlan
 from common.tensorfile import TensorFileError, read_tensors, write_tensors
 
 WEIGHTS = "checkpoint.safetensors"   # the weights' name before it carried the round (still read)
-META = "checkpoint.json"
+META = CHECKPOINT_META
 PLAN = "round_plan.json"
 RNG_KEY = "__rng__"
 STRATEGY_PREFIX = "__strategy__/"  # the aggregation strategy's state (central/strategies.py)
@@ -83,8 +84,7 @@ def save_plan(run_dir: str, plan: RoundPlan) -> None:
     _write_json(os.path.join(run_dir, PLAN), plan.to_wire())
 
 
-def exists(run_dir: str) -> bool:
-    return os.path.exists(os.path.join(run_dir, META))
+exists = has_checkpoint
 
 
 def load(run_dir: str) -> Checkpoint:

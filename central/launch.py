@@ -16,7 +16,8 @@ import os
 import signal
 import sys
 
-from central import checkpoint, runstatus
+from central import runstatus
+from central.rundir import has_checkpoint, new_run_dir
 from common import pki
 from common.config import Config, load_config
 from common.errors import ConfigError
@@ -76,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         print("fedfly-launch: stop that process, or give this testbed other ports", file=sys.stderr)
         return 1
     overrides = list(args.overrides)
-    from central.__main__ import new_run_dir
     if args.resume:
         run_dir = os.path.abspath(args.resume)
         if not os.path.isdir(run_dir):
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     children = children_of(cfg, args.config, overrides, log_dir, run_dir, bool(args.resume))
     policy = Policy(on_death="restart" if args.chaos else cfg.faults["on_death"],
                     max_restarts=cfg.faults["max_restarts"], chaos_s=args.chaos, chaos_max=args.chaos_max,
-                    chaos_seed=args.chaos_seed, can_resume=lambda: checkpoint.exists(run_dir))
+                    chaos_seed=args.chaos_seed, can_resume=lambda: has_checkpoint(run_dir))
     sup = Supervisor(children, LocalSpawner(), policy, say="launch")
     try:
         sup.start_all()

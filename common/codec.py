@@ -15,12 +15,15 @@ buffer (no copy); encoding yields the tensors' own memory (no copy) for a gather
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import msgpack
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from common import digest
 from common import messages as m
@@ -56,21 +59,31 @@ MAX_SHAPE_SPAN = 1 << 40
 # may hold up to a megabyte of header).
 MAX_ERROR_TEXT = 300
 
-# Only plain numeric dtypes cross the wire; anything else is refused when decoding.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-ITEM_SIZES = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+# Only plain numeric dtypes cross the wire; anything else is refused when decoding. Named
+# here by their wire names and sizes; the torch dtypes (``DTYPES``, ``DTYPE_NAMES``) are
+# looked up on first use, so a process that only sends control messages (the mobility
+# controller) never imports torch.
+ITEM_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8,
+              "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+
+
+@functools.cache
+def _torch_dtypes() -> tuple[dict[str, "torch.dtype"], dict["torch.dtype", str]]:
+    import torch
+
+    dtypes = {name: getattr(torch, name) for name in ITEM_SIZES}
+    assert all(dt.itemsize == ITEM_SIZES[n] for n, dt in dtypes.items())
+    return dtypes, {v: k for k, v in dtypes.items()}
+
+
+def __getattr__(name: str) -> object:
+    """``DTYPES`` (wire name -> torch dtype) and ``DTYPE_NAMES`` (its inverse), built
+    when first asked for."""
+    if name == "DTYPES":
+        return _torch_dtypes()[0]
+    if name == "DTYPE_NAMES":
+        return _torch_dtypes()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Frames of these message types have each tensor's digest (``common.digest``) computed
 # as its bytes arrive (``arrival_digests``): the migration snapshots, pulled or offered,
@@ -95,6 +108,8 @@ def _aligned(n: int) -> int:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's raw bytes, without a copy when it is already contiguous."""
+    import torch  # loaded already: t is a tensor
+
     flat = t.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
@@ -111,8 +126,9 @@ def encode(msg: m.Message) -> list[bytes | memoryview]:
     descr: list[list] = []
     chunks: list[bytes | memoryview] = []
     offset = 0
+    dtype_names = _torch_dtypes()[1] if tensors else {}
     for field, key, t in tensors:
-        name = DTYPE_NAMES.get(t.dtype)
+        name = dtype_names.get(t.dtype)
         if name is None:
             raise LocalProtocolError(f"{msg.TYPE}: tensor {field}/{key} has dtype {t.dtype}, not allowed on the wire")
         if t.dim() > MAX_DIMS:
@@ -162,7 +178,7 @@ def _parse_descriptors(raw: object, payload_len: int) -> list[_Descriptor]:
         field, key, dtype_name, shape = entry
         if not isinstance(field, str) or not isinstance(key, str):
             raise RemoteProtocolError("tensor field and key must be strings")
-        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        dtype = _torch_dtypes()[0].get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
             raise RemoteProtocolError(f"tensor dtype {_short(dtype_name)} is not allowed")
         if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
@@ -409,6 +425,8 @@ def _unpack_header(raw: bytes) -> dict:
 
 
 def _view(payload: bytearray, d: _Descriptor) -> torch.Tensor:
+    import torch  # loaded already: _parse_descriptors looked its dtype up
+
     try:
         if d.nbytes == 0:
             return torch.empty(d.shape, dtype=d.dtype)

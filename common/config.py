@@ -25,7 +25,7 @@ from common.nets import NETS, ModelSpec, net
 MODES = ("fedfly", "restart", "classic")
 RECONNECT_POLICIES = ("same", "nearest", "controller")
 DEATH_POLICIES = ("stop", "restart")
-MALLOC_MODES = ("tuned", "system")  # training.malloc (common.training.tune_malloc)
+from common.malloc import MODES as MALLOC_MODES  # training.malloc
 DISTRIBUTIONS = ("balanced", "imbalanced")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "median", "trimmed_mean", "krum", "clip")  # central/strategies.py (kept torch-free here)
 MOBILITY_MODELS = ("schedule", "trace", "waypoint")  # common/mobility_models.py
@@ -151,8 +151,8 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
         "local_epochs": (int, 1, _AT_LEAST_1),
         "threads": (int, 1, _AT_LEAST_1),
-        # "tuned": big blocks stay on the heap and freed memory is kept (common.training.tune_malloc)
-        "malloc": (str, "tuned", _choice(MALLOC_MODES)),
+        # auto: "lean" (big blocks given back) on a host under 2 GiB, "tuned" (kept) elsewhere (common.malloc)
+        "malloc": (str, "auto", _choice(MALLOC_MODES)),
         # the edge sends the gradient at the cut before it computes its own weights'
         # gradients (edge.session.EdgeSession.train_step); false: one backward pass
         "cut_gradient_first": (bool, True, None),

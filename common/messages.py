@@ -13,17 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from common.errors import LocalProtocolError
 from common.plan import RoundPlan
 
-Tensors = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+    Tensors = dict[str, torch.Tensor]
+else:
+    class _Tensor:
+        """Stands for ``torch.Tensor`` in the ``Tensors`` hint: this module does not import
+        torch, so that processes which only send control messages (the mobility
+        controller, the launcher) start without it."""
+
+    Tensors = dict[str, _Tensor]
 JSON = Any  # msgpack-able plain data: None, bool, int, float, str, list, dict[str, ...]
 
+_TENSOR = typing.get_args(Tensors)[1]
 _MAX_JSON_DEPTH = 16
 MESSAGE_TYPES: dict[str, type["Message"]] = {}
 
@@ -96,11 +106,13 @@ def _check(where: str, value: object, hint: object) -> object:
         if not isinstance(value, (list, tuple)):
             raise LocalProtocolError(f"{where}: expected a list, got {type(value).__name__}")
         return [_check(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if origin is dict and args[1] is torch.Tensor:
+    if origin is dict and args[1] is _TENSOR:
         if not isinstance(value, dict):
             raise LocalProtocolError(f"{where}: expected a map of tensors")
+        # no tensor can exist in a process that has not imported torch
+        tensor_type = getattr(sys.modules.get("torch"), "Tensor", None)
         for k, v in value.items():
-            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            if not isinstance(k, str) or tensor_type is None or not isinstance(v, tensor_type):
                 raise LocalProtocolError(f"{where}: entry {k!r} is not a named tensor")
         return value
     if origin is dict:
@@ -110,8 +122,9 @@ def _check(where: str, value: object, hint: object) -> object:
     raise LocalProtocolError(f"{where}: unsupported field type {hint}")  # pragma: no cover
 
 
-def _is_tensors(hint: object) -> bool:
-    return typing.get_origin(hint) is dict and typing.get_args(hint)[1] is torch.Tensor
+def is_tensors(hint: object) -> bool:
+    """True if a field of this hint (``Tensors``) travels as raw tensor bytes."""
+    return typing.get_origin(hint) is dict and typing.get_args(hint)[1] is _TENSOR
 
 
 def _validate(self: Message) -> None:
@@ -136,7 +149,7 @@ def to_wire(msg: Message) -> tuple[dict[str, object], list[tuple[str, str, torch
     tensors: list[tuple[str, str, torch.Tensor]] = []
     for name, hint in msg._hints.items():
         value = getattr(msg, name)
-        if _is_tensors(hint):
+        if is_tensors(hint):
             tensors.extend((name, k, t) for k, t in value.items())
         else:
             fields[name] = value
@@ -151,7 +164,7 @@ def from_wire(type_name: str, fields: dict, tensors: list[tuple[str, str, torch.
     if not all(type(k) is str for k in fields):
         raise LocalProtocolError(f"{type_name}: a field name is not a string")
     kwargs: dict[str, object] = dict(fields)
-    tensor_fields = {n for n, h in cls._hints.items() if _is_tensors(h)}
+    tensor_fields = {n for n, h in cls._hints.items() if is_tensors(h)}
     if set(kwargs) & tensor_fields or set(kwargs) | tensor_fields != set(cls._hints):
         raise LocalProtocolError(f"{type_name}: fields {sorted(fields)} do not match {sorted(cls._hints)}")
     for name in tensor_fields:
@@ -393,6 +406,8 @@ class Activations(Message):
     def check(self) -> None:
         if set(self.batch) != {"x", "y"}:
             raise LocalProtocolError("Activations.batch must hold exactly x and y")
+        import torch  # loaded already: the fields were checked to be tensors
+
         x, y = self.batch["x"], self.batch["y"]
         if y.dtype != torch.int64 or y.dim() != 1 or x.dim() < 2 or x.shape[0] != y.shape[0] or not x.is_floating_point():
             raise LocalProtocolError("Activations.batch: x must be float [n, ...] and y int64 [n]")

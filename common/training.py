@@ -8,11 +8,13 @@ same number of PyTorch intra-op threads.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 
 import torch
 from torch import nn
+
+from common.footprint import skip_dynamo
+from common.malloc import MALLOC_KEEP, tune_malloc  # noqa: F401 - part of this API
 
 LOSS = nn.CrossEntropyLoss()
 
@@ -25,36 +27,6 @@ def set_threads(n: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only settable before the first parallel op; harmless after
         pass
-
-
-# glibc's malloc (the C library of the testbed's Linux hosts and images) serves a block
-# over its threshold (128 KiB at first, then the largest block freed so far) with fresh
-# pages from mmap() and hands freed memory back to the system at once, or when more than
-# twice that threshold lies free at the heap's top. A training step's tensors and frames
-# (VGG-5: activations and gradients of 1.6 MB, convolution buffers of 6.5 MB, the TLS
-# pieces of 1 MiB) then fault their pages in again, step after step: about 1 us a page
-# here, and a step's time swings by 10 ms and more with where the blocks fell. Kept on the
-# heap they are reused. The cost: up to MALLOC_KEEP bytes freed and not given back.
-MALLOC_KEEP = 64 << 20
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-
-
-def tune_malloc(mode: str = "tuned") -> bool:
-    """``training.malloc``: "tuned" serves blocks of up to glibc's limit (32 MiB on 64-bit
-    hosts, 16 MiB on 32-bit) from the heap and keeps up to ``MALLOC_KEEP`` freed at its
-    top; "system" leaves malloc as it is. True if the tuning took; False for "system" or a
-    C library without glibc's ``mallopt`` (musl, macOS), which are left as they are.
-    Results do not depend on it (only where blocks lie), only the time."""
-    if mode != "tuned":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    largest = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)  # glibc's DEFAULT_MMAP_THRESHOLD_MAX
-    return mallopt(M_MMAP_THRESHOLD, largest) == 1 and mallopt(M_TRIM_THRESHOLD, MALLOC_KEEP) == 1
 
 
 def warm_up() -> None:
@@ -95,6 +67,7 @@ class ProxSGD(torch.optim.SGD):
     with a migrated session and with a device checkpoint. ``prox_mu = 0`` is plain SGD."""
 
     def __init__(self, params, *, lr: float, momentum: float, prox_mu: float = 0.0) -> None:
+        skip_dynamo()
         # foreach=False: the single-tensor path on every platform, so device, edge and the
         # reference take the same kernels.
         super().__init__(params, lr=lr, momentum=momentum, foreach=False)
@@ -112,7 +85,12 @@ class ProxSGD(torch.optim.SGD):
                 for p in group["params"]:
                     if p.grad is not None:
                         p.grad.add_(p - self.state[p]["prox_ref"], alpha=mu)
-        return super().step(closure)
+        # SGD.step's own wrapper only turns gradients off (done above) and marks graph
+        # breaks for torch.compile, importing torch._dynamo to do so (common.footprint)
+        return _SGD_STEP(self, closure)
+
+
+_SGD_STEP = getattr(torch.optim.SGD.step, "__wrapped__", torch.optim.SGD.step)
 
 
 def make_optimizer(params, *, lr: float, momentum: float, prox_mu: float = 0.0) -> torch.optim.SGD:

@@ -8,7 +8,7 @@ and ends with a table of the issue's goals.
 ``--quick`` (the default) takes minutes on a 2-core machine; ``--full`` runs the paper's
 scale (100 rounds of CIFAR-10 for the accuracy benchmark, thousands of samples per device
 elsewhere) and takes many hours (see BENCHMARKS.md). Benchmarks, in order: codec, split,
-migration, sweep, accuracy, scale, faults, replication (``--only``/``--skip`` take comma-separated
+migration, sweep, accuracy, scale, faults, replication, memory (``--only``/``--skip`` take comma-separated
 names).
 
 Writes into DIR (default ``bench-results/<timestamp>/``): ``<name>/result.json`` per
@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from scripts import benchlib
 
-NAMES = ("codec", "split", "migration", "sweep", "accuracy", "scale", "faults", "replication")
+NAMES = ("codec", "split", "migration", "sweep", "accuracy", "scale", "faults", "replication", "memory")
 
 
 def _module(name: str):
@@ -57,6 +57,16 @@ def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             f"({f['plain_transfer_ms']['median']:.2f} ms plain)", "<= 5x", f["pause_over_plain"] <= 5)
         add("migration pause / plain socket, same bytes, new connection", f"{f['pause_over_plain_connect']:.1f}x "
             f"({f['plain_connect_transfer_ms']['median']:.2f} ms plain)", "<= 5x", f["pause_over_plain_connect"] <= 5)
+    if "memory" in results:
+        r = results["memory"]
+        slowest = max(r["light"].values(), key=lambda v: v["seconds"])
+        biggest = max(v["max_rss_mb"] for v in r["light"].values())
+        add("roles that do not train: start, peak RSS", f"{slowest['seconds']:.2f} s, {biggest:.0f} MB",
+            "< 1 s, < 60 MB", slowest["seconds"] < 1 and biggest < 60)
+        for b in r["breakdown"]:
+            if b["model"] == "vgg5":
+                add(f"VGG-5 device above torch, private (malloc {b['malloc']})", f"{b['added_over_torch_uss']:.0f} MB",
+                    "<= 64 MB", b["added_over_torch_uss"] <= 64)
     if "sweep" in results:
         for name, s in results["sweep"]["figures"].items():
             add(f"sweep {name}: saving vs ideal f/(1+f), every point", f"largest gap {s['max_gap_pp']:.1f} pp",

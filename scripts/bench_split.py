@@ -1,7 +1,7 @@
 """Split-training overhead: samples per second of split training over TCP (one device, one
 edge) against training the same full model in one process on the same batches.
 
-    python -m scripts.bench_split [--quick | --full] [--out DIR] [--malloc tuned|system] [--one-pass]
+    python -m scripts.bench_split [--quick | --full] [--out DIR] [--malloc auto|tuned|lean|system] [--one-pass]
 
 Over TCP: a testbed of 1 central, 1 edge, 1 device, mode fedfly, VGG-5 split 3, batch 100,
 run twice: in the shared-key mode (a MAC on every record) and with TLS 1.3 (``security.mode``);
@@ -18,7 +18,8 @@ reported is the median of the passes' ratios (this VM's in-process step time dri
 between 101 and 123 ms within minutes, more than the effect measured).
 
 ``--malloc``: ``training.malloc`` for the testbed's processes and this one's in-process
-training alike (default ``tuned``, the testbed's default; ``system`` leaves glibc's malloc
+training alike (default ``tuned``, the default on hosts of 2 GiB and more; ``lean`` gives big
+blocks back, the default on smaller ones; ``system`` leaves glibc's malloc
 as it is). ``--one-pass``: the edge's backward in one pass (``training.cut_gradient_first =
 false``), not the gradient at the cut first (the default); the in-process training is the
 same either way.

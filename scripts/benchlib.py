@@ -343,7 +343,10 @@ def launch_timed(config: Path, *overrides: str, timeout: float, **kw: Any) -> Ru
     """``launch_ok`` for a run whose timings matter: re-run (``quietly``) while other
     processes disturbed it. The outcome's ``attempts`` lists each attempt's foreign share."""
     def attempt(n: int) -> RunOutcome:
-        again = [f'run.name="{config.stem}-again{n}"'] if n else []  # a fresh run folder
+        # a fresh run folder, named after the caller's run.name if it gave one (two runs of
+        # one config, e.g. bench_split's key and TLS runs, must not both re-run as one name)
+        named = [o.split("=", 1)[1].strip('"') for o in overrides if o.startswith("run.name=")]
+        again = [f'run.name="{(named[-1] if named else config.stem)}-again{n}"'] if n else []
         return launch_ok(config, *overrides, *again, timeout=timeout, **kw)
 
     res, shares = quietly(attempt, what=config.stem)

@@ -159,7 +159,7 @@ def _value(rng: random.Random, field: str, hint: object, cls: str = "") -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is list:
         return [_value(rng, field, args[0]) for _ in range(rng.choice([0, 1, 2, 3, 8]))]
-    if origin is dict and args[1] is torch.Tensor:
+    if m.is_tensors(hint):
         return hostile_tensors(rng, field)
     if origin is dict:
         return {_value(rng, field, args[0]): _value(rng, field, args[1]) for _ in range(rng.choice([0, 1, 2, 3]))}
@@ -350,14 +350,14 @@ def random_header_frame(rng: random.Random) -> bytes:
     fields: Any = {}
     if cls is not None:
         for f, hint in cls._hints.items():
-            if typing.get_origin(hint) is dict and typing.get_args(hint)[1] is torch.Tensor:
+            if m.is_tensors(hint):
                 continue
             fields[f] = _value(rng, f, hint, name) if rng.random() < 0.8 else _random_node(rng)
     if rng.random() < 0.1:
         fields = _random_node(rng)
     descr = [random_descriptor(rng) for _ in range(rng.randint(0, 3))]
     if cls is not None and rng.random() < 0.5:
-        tf = [f for f, h in cls._hints.items() if typing.get_origin(h) is dict and typing.get_args(h)[1] is torch.Tensor]
+        tf = [f for f, h in cls._hints.items() if m.is_tensors(h)]
         for d in descr:
             if tf:
                 d[0] = rng.choice(tf)

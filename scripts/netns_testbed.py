@@ -55,7 +55,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from central import checkpoint
+from central.rundir import has_checkpoint
 from common.config import Config, load_config
 from common.errors import ConfigError
 from common import pki
@@ -399,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
         ns_of = {h.name: h.ns for h in p.hosts.values()} | {"netns-driver": p.hosts["central"].ns}
         sup = Supervisor(children, NetnsSpawner(lambda c: ns_of[c.name], extra_path=str(ROOT)),
                          Policy(on_death=cfg.faults["on_death"], max_restarts=cfg.faults["max_restarts"],
-                                can_resume=lambda: checkpoint.exists(str(run_dir))), say="netns")
+                                can_resume=lambda: has_checkpoint(str(run_dir))), say="netns")
         sup.start_all()
         state["pids"] = {c.name: c.proc.pid for c in children}
         state_path.write_text(json.dumps(state, indent=2))

@@ -25,13 +25,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = r"""
 import json, resource, sys
 from common.training import tune_malloc
+def anon_kb():
+    return next(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("Anonymous:"))
 took = tune_malloc(sys.argv[1])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+anon_before = anon_kb()
 for step in range(20):
     blocks = [bytearray(6 << 20) for _ in range(3)]   # zero-filled: every page touched
     del blocks                                         # the step's end
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"took": took, "faults": faults}))
+print(json.dumps({"took": took, "faults": faults, "kept_kb": anon_kb() - anon_before}))
 """
 
 
@@ -60,5 +63,27 @@ def test_the_malloc_setting_is_checked():
     assert_names(info.value, "training.malloc")
     raw["training"]["malloc"] = "system"
     assert build_config(raw).training["malloc"] == "system"
+    raw["training"]["malloc"] = "lean"
+    assert build_config(raw).training["malloc"] == "lean"
     del raw["training"]["malloc"]
-    assert build_config(raw).training["malloc"] == "tuned"
+    assert build_config(raw).training["malloc"] == "auto"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux hosts")
+def test_lean_malloc_gives_a_steps_big_blocks_back_where_tuned_keeps_them():
+    tuned, lean = _probe("tuned"), _probe("lean")
+    if not lean["took"]:
+        pytest.skip("this C library has no glibc mallopt (left as it is, as the product does)")
+    step_kb = 3 * (6 << 20) // 1024
+    assert tuned["kept_kb"] > step_kb // 2, tuned
+    assert lean["kept_kb"] < step_kb // 8, lean
+
+
+def test_auto_is_lean_on_a_small_host_only(monkeypatch):
+    from common import malloc
+    assert malloc.resolve("system") == "system"
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (1 << 30) // 4096}   # a Raspberry Pi 3
+    monkeypatch.setattr(malloc.os, "sysconf", lambda name: pages[name])
+    assert malloc.resolve("auto") == "lean"
+    pages["SC_PHYS_PAGES"] = (24 << 30) // 4096
+    assert malloc.resolve("auto") == "tuned"
