@@ -223,8 +223,11 @@ def k8s_testbed(cfg: Config) -> str:
                                 "command": ["chown", f"{IMAGE_UID}:{IMAGE_UID}", out],
                                 "securityContext": {"runAsUser": 0},
                                 "volumeMounts": [{"name": "results", "mountPath": out}]}],
+            # No "ports": the Service reaches the port without it, and `podman kube play`
+            # (4.3) would publish every containerPort on the host, where another program
+            # may hold it.
             "containers": [{"name": role, "image": IMAGE, "imagePullPolicy": "IfNotPresent", "args": command,
-                            "env": env, "ports": [{"name": "fedfly", "containerPort": port}],
+                            "env": env,
                             "volumeMounts": [
                                 {"name": "config", "mountPath": os.path.dirname(CONFIG_IN_CONTAINER), "readOnly": True},
                                 {"name": "key", "mountPath": os.path.dirname(KEY_IN_CONTAINER), "readOnly": True},
