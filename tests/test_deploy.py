@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,20 @@ def test_command_writes_files_or_stdout(tmp_path, capsys, monkeypatch):
     assert (out / "k8s" / "config.yaml").read_text() == deploy.k8s_config(path.read_text())
     kinds = [d["kind"] for d in yaml.safe_load_all(run("k8s"))]
     assert kinds == ["ConfigMap"] + ["Service"] * 10 + ["Pod"] * 10
+
+
+@pytest.mark.process
+def test_a_compose_implementation_accepts_a_generated_file(tmp_path):
+    """docker compose (or Debian's docker-compose 1.29) checks a 3-edge, 6-device file made
+    from a localhost testbed file, its one-shot scenario included, without an engine."""
+    from tests.test_docker import _compose_cli
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor docker-compose is installed (apt-get install docker-compose)")
+    path = write_config(tmp_path, "topo", edges=3, devices=6)
+    out = tmp_path / "compose" / "docker-compose.yml"
+    assert deploy.main(["compose", "--config", str(path), "--out", str(out)]) == 0
+    for profile in ([], ["--profile", "scenario"]):
+        r = subprocess.run([*cli, "-f", str(out), *profile, "config", "--quiet"], capture_output=True, text=True,
+                           timeout=60, env={k: v for k, v in os.environ.items() if k != "FEDFLY_KEY_FILE"})
+        assert r.returncode == 0, r.stdout + r.stderr
