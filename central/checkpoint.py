@@ -2,16 +2,19 @@
 
 After every completed round the central writes, into the run folder,
 
-    checkpoint.safetensors   the global weights after that round (safetensors layout) and
-                             torch's RNG state (key ``__rng__``)
-    checkpoint.json          {"round", "weights_sha256", "summary"}: the round number, the
-                             weights' hash, and summary.json as it stood then
+    checkpoint.<R>.safetensors  the global weights after round R (safetensors layout) and
+                                torch's RNG state (key ``__rng__``)
+    checkpoint.json             {"round", "weights", "weights_sha256", "summary"}: the round
+                                number, the name of its weights file, the weights' hash, and
+                                summary.json as it stood then
 
 and before a round starts, ``round_plan.json``: that round's plan (its participants above
 all), so a round cut short by a crash is run again with the same plan. Each file is
-written to a temporary name and renamed, the weights before the JSON that names their
-hash, so a crash at any instant leaves the previous checkpoint or the new one, never a
-mix; ``load`` checks the hash before it hands anything back. Nothing here is pickled.
+written whole (``common.atomic``: aside, synced, renamed), the weights first under a name
+of their own, then the JSON that names them; the previous round's weights are removed
+only after that. A crash, a signal or a full disk at any instant leaves the previous
+checkpoint or the new one, never a mix; ``load`` checks the hash before it hands
+anything back. Nothing here is pickled.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from typing import Any
 
 import torch
 
+from common.atomic import write_json_atomic
 from common.errors import ProtocolError, TestbedError
 from common.models import state_sha256
 from common.plan import RoundPlan
 from common.tensorfile import TensorFileError, read_tensors, write_tensors
 
-WEIGHTS = "checkpoint.safetensors"
+WEIGHTS = "checkpoint.safetensors"   # the weights' name before it carried the round (still read)
 META = "checkpoint.json"
 PLAN = "round_plan.json"
 RNG_KEY = "__rng__"
@@ -50,21 +54,29 @@ class Checkpoint:
 
 
 def _write_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1)
+
+
+def weights_name(round: int) -> str:
+    return f"checkpoint.{round}.safetensors"
 
 
 def save(run_dir: str, round: int, weights: dict[str, torch.Tensor], summary: dict[str, Any],
          strategy_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Raises ``OSError`` (the previous checkpoint is then whole and still the one read)."""
     sha = state_sha256(weights)
     extra = {STRATEGY_PREFIX + k: v for k, v in (strategy_state or {}).items()}
-    write_tensors(os.path.join(run_dir, WEIGHTS), {**weights, **extra, RNG_KEY: torch.get_rng_state()},
+    name = weights_name(round)
+    write_tensors(os.path.join(run_dir, name), {**weights, **extra, RNG_KEY: torch.get_rng_state()},
                   {"round": str(round)})
-    _write_json(os.path.join(run_dir, META), {"round": round, "weights_sha256": sha, "summary": summary})
+    _write_json(os.path.join(run_dir, META), {"round": round, "weights": name, "weights_sha256": sha,
+                                              "summary": summary})
+    for f in os.listdir(run_dir):  # the weights no checkpoint.json names any more
+        if f != name and f.startswith("checkpoint.") and f.endswith(".safetensors"):
+            try:
+                os.unlink(os.path.join(run_dir, f))
+            except OSError:
+                pass
 
 
 def save_plan(run_dir: str, plan: RoundPlan) -> None:
@@ -82,19 +94,22 @@ def load(run_dir: str) -> Checkpoint:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         round_, sha, summary = int(meta["round"]), str(meta["weights_sha256"]), meta["summary"]
+        name = str(meta.get("weights", WEIGHTS))
+        if os.sep in name or name.startswith("."):
+            raise ValueError(f"weights file {name!r} is not a name in the run folder")
     except FileNotFoundError:
         raise CheckpointError(f"{run_dir} has no {META}: it is not the folder of a run that started "
                               "(start it again without --resume)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{meta_path} is damaged: {exc}") from None
     try:
-        tensors, _ = read_tensors(os.path.join(run_dir, WEIGHTS))
+        tensors, _ = read_tensors(os.path.join(run_dir, name))
     except (OSError, TensorFileError) as exc:
-        raise CheckpointError(f"{os.path.join(run_dir, WEIGHTS)} cannot be read: {exc}") from None
+        raise CheckpointError(f"{os.path.join(run_dir, name)} cannot be read: {exc}") from None
     rng = tensors.pop(RNG_KEY, None)
     strategy_state = {k[len(STRATEGY_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(STRATEGY_PREFIX)}
     if state_sha256(tensors) != sha:
-        raise CheckpointError(f"{os.path.join(run_dir, WEIGHTS)} does not match {META} (sha256 differs)")
+        raise CheckpointError(f"{os.path.join(run_dir, name)} does not match {META} (sha256 differs)")
     plan = None
     try:
         with open(os.path.join(run_dir, PLAN), encoding="utf-8") as f:

@@ -1,10 +1,12 @@
 """``python -m central.launch --config FILE``: the whole testbed on this machine.
 
+Refuses to start when a port of the config is taken (naming the process that holds it).
 Starts the central, every edge and every device of the config as separate processes,
 waits for the run to end, and stops every process it started: when the run ends, on
-Ctrl-C or SIGTERM, or as soon as one of them dies (naming it and showing the end of its
-log) unless ``faults.on_death = "restart"`` (or ``--chaos``) starts it again. Prints where
-the results are. The supervision itself is ``common.supervisor``'s.
+Ctrl-C or SIGTERM (summary.json then says "stopped"), or as soon as one of them dies
+(naming it and showing the end of its log) unless ``faults.on_death = "restart"`` (or
+``--chaos``) starts it again. Prints where the results are. The supervision itself is
+``common.supervisor``'s.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import os
 import signal
 import sys
 
-from central import checkpoint
+from central import checkpoint, runstatus
 from common import pki
 from common.config import Config, load_config
 from common.errors import ConfigError
+from common.portcheck import busy_ports
 from common.supervisor import Child, LocalSpawner, Policy, Supervisor, stop_all
 
 def command(role: str, cfg_path: str, name: str, overrides: list[str], resume: str | None = None) -> list[str]:
@@ -66,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedfly-launch: error: {exc}", file=sys.stderr)
         return 2
+    busy = busy_ports(cfg)
+    if busy:  # at once, before any role starts and waits for a central that is not ours
+        for b in busy:
+            print(f"fedfly-launch: error: {b}", file=sys.stderr)
+        print("fedfly-launch: stop that process, or give this testbed other ports", file=sys.stderr)
+        return 1
     overrides = list(args.overrides)
     from central.__main__ import new_run_dir
     if args.resume:
@@ -85,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f'run.name="{run_name}"')
     print(f"launch: {len(cfg.edges)} edges, {len(cfg.devices)} devices, mode {cfg.mode}, run {run_dir}", flush=True)
 
+    stopped_by: list[str] = []
+
     def on_signal(signum, frame):
-        raise KeyboardInterrupt
+        # once: a second Ctrl-C must not cut short the stopping of every process
+        if not stopped_by:
+            stopped_by.append(signal.Signals(signum).name)
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     log_dir = os.path.join(run_dir, "logs")
     children = children_of(cfg, args.config, overrides, log_dir, run_dir, bool(args.resume))
     policy = Policy(on_death="restart" if args.chaos else cfg.faults["on_death"],
@@ -103,8 +118,25 @@ def main(argv: list[str] | None = None) -> int:
         status = 130
     finally:
         stop_all(children)
+    ended(run_dir, status, stopped_by[0] if stopped_by else "", run_name, cfg)
     print(f"results: {run_dir}", flush=True)
     return status
+
+
+def ended(run_dir: str, status: int, signame: str, run_name: str, cfg: Config) -> None:
+    """A central that could not say how the run ended (killed after ``KILL_AFTER_S``, or
+    dead of a bug): summary.json says it for it, keeping what it recorded."""
+    if signame:
+        how, why = "stopped", f"{signame} to the launcher"
+    elif status == 0:
+        return
+    else:
+        how, why = "failed", f"the testbed stopped with status {status} (the launcher's output says which process)"
+    try:
+        if runstatus.settle(run_dir, how, why, {"run_name": run_name, "mode": cfg.mode, "config": cfg.path}):
+            print(f"launch: summary.json completed: {how} ({why})", file=sys.stderr)
+    except OSError as exc:
+        print(f"fedfly-launch: error: summary.json cannot be written in {run_dir}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

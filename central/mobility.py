@@ -13,12 +13,15 @@ silent), for S seconds, then reconnects to EDGE, or where ``faults.reconnect`` s
 ``--wait`` returns once it is attached again. ``status``: each device's edge, round,
 step and link (attached, reconnecting, cut), or "gone" when it cannot be reached.
 Exit status: 0 done, 3 the device refused (the reason is printed), 2 a bad argument or
-config, 1 the device could not be reached or did not move in time.
+config, 1 the device could not be reached or did not move in time, 4 the run ended first
+(the device, once reached, and the central are both gone: a run over does not keep a
+``--wait`` or ``--when-*`` waiting for its timeout).
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import time
 
@@ -27,8 +30,24 @@ from common import transport
 from common.config import Config, load_config
 from common.errors import ConfigError, ProtocolError, TransportError
 from common.security import CONTROLLER, Credentials, Identity
+from common.text import printable
 
 REFUSED = 3
+RUN_ENDED = 4
+
+
+class RunEnded(TransportError):
+    """The run is over: the device we talked to and the central are both gone."""
+
+
+def central_listening(cfg: Config) -> bool:
+    """Whether something accepts TCP connections on the central's port (a bare connect,
+    closed at once: the central's own log counts it as a refused handshake)."""
+    try:
+        socket.create_connection((cfg.central.host, cfg.central.port), timeout=2.0).close()
+        return True
+    except OSError:
+        return False
 
 
 def _connect(cfg: Config, device: str, creds: Credentials) -> transport.Connection:
@@ -88,15 +107,24 @@ def status(cfg: Config, device: str, *, creds: Credentials) -> m.StatusReply:
     return reply
 
 
+_reached: set[str] = set()  # devices this controller has had an answer from
+
+
 def _poll(cfg: Config, device: str, *, creds: Credentials, deadline: float) -> m.StatusReply | None:
     """One status poll; None while the device cannot be reached yet (not up, or between
-    two of its lives), until ``deadline``, then the error."""
+    two of its lives), until ``deadline``, then the error. Raises ``RunEnded`` when a
+    device that answered before is gone and so is the central (a device restarted by
+    the launcher comes back while the central stays up; at the run's end both leave)."""
     try:
-        return status(cfg, device, creds=creds)
-    except (TransportError, ProtocolError, TimeoutError):
+        st = status(cfg, device, creds=creds)
+    except (TransportError, ProtocolError, TimeoutError) as exc:
+        if device in _reached and not central_listening(cfg):
+            raise RunEnded(f"the run has ended: {device} and the central are gone") from exc
         if time.monotonic() >= deadline:
             raise
         return None
+    _reached.add(device)
+    return st
 
 
 def wait_until_at(cfg: Config, device: str, round: int, fraction: float, *, creds: Credentials,
@@ -167,34 +195,43 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     st = status(cfg, d, creds=creds)
                 except (TransportError, ProtocolError, TimeoutError) as exc:
-                    print(f"{d} link=gone ({exc})")
+                    print(f"{d} link=gone ({printable(exc)})")
                     continue
-                print(f"{st.device} edge={st.edge} round={st.round} step={st.step} steps={st.steps} "
-                      f"pending={st.pending or '-'} link={st.link}")
+                print(f"{printable(st.device)} edge={printable(st.edge)} round={st.round} step={st.step} "
+                      f"steps={st.steps} pending={printable(st.pending or '-')} link={printable(st.link)}")
             return 0
         if args.when_round is not None:
             wait_until_at(cfg, args.device, args.when_round, args.when_fraction, creds=creds, timeout=args.timeout)
         if args.cmd == "drop":
             reply = drop(cfg, args.device, args.seconds, args.to, creds=creds)
+            _reached.add(args.device)
             if not reply.accepted:
-                print(f"fedfly-mobility: refused: {reply.reason}", file=sys.stderr)
+                print(f"fedfly-mobility: refused: {printable(reply.reason)}", file=sys.stderr)
                 return REFUSED
-            print(f"{args.device}: link to {reply.edge} cut for {args.seconds:g} s", flush=True)
+            print(f"{args.device}: link to {printable(reply.edge)} cut for {args.seconds:g} s", flush=True)
             if args.wait:
                 st = wait_until_attached(cfg, args.device, creds=creds, timeout=args.timeout, after=args.seconds)
-                print(f"{args.device}: attached again on {st.edge} (round {st.round}, step {st.step})")
+                print(f"{args.device}: attached again on {printable(st.edge)} (round {st.round}, step {st.step})")
             return 0
         reply = move(cfg, args.device, args.to, creds=creds)
+        _reached.add(args.device)
         if not reply.accepted:
-            print(f"fedfly-mobility: refused: {reply.reason}", file=sys.stderr)
+            print(f"fedfly-mobility: refused: {printable(reply.reason)}", file=sys.stderr)
             return REFUSED
-        print(f"{args.device}: move {reply.edge} -> {args.to} accepted", flush=True)
+        print(f"{args.device}: move {printable(reply.edge)} -> {args.to} accepted", flush=True)
         if args.wait:
             st = wait_until_on(cfg, args.device, args.to, creds=creds, timeout=args.timeout)
-            print(f"{args.device}: now on {st.edge} (round {st.round}, step {st.step})")
+            print(f"{args.device}: now on {printable(st.edge)} (round {st.round}, step {st.step})")
         return 0
+    except RunEnded as exc:
+        print(f"fedfly-mobility: {printable(exc)}; nothing more to wait for", file=sys.stderr)
+        return RUN_ENDED
     except (TransportError, ProtocolError, TimeoutError) as exc:
-        print(f"fedfly-mobility: error: {exc}", file=sys.stderr)
+        if not central_listening(cfg):
+            print(f"fedfly-mobility: the run has ended or not started (no central on {cfg.central.host}:"
+                  f"{cfg.central.port}): {printable(exc)}", file=sys.stderr)
+            return RUN_ENDED
+        print(f"fedfly-mobility: error: {printable(exc)}", file=sys.stderr)
         return 1
 
 

@@ -5,6 +5,7 @@ the progress lines and table printed as the run goes."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -14,12 +15,15 @@ from typing import Any
 
 import torch
 
+from common.atomic import write_text_atomic
 from common.models import state_sha256
 from common.tensorfile import write_tensors
+from common.text import printable_fields
 
 log = logging.getLogger("central")
 WRITE_TRIES = 5           # about 1.5 s
-WRITE_TRIES_FINAL = 60    # about a minute
+WRITE_TRIES_FINAL = 60    # about a minute (out of descriptors: other threads may free some)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 SUMMARY = "summary.json"
 ROUNDS_CSV = "rounds.csv"
@@ -38,8 +42,11 @@ class RunResults:
                                         "final_model_sha256": None}
         self.started = time.monotonic()
 
+    # Records quote what peers sent (names, details, reasons): kept ``printable``, so that
+    # whoever prints summary.json later prints no peer's escape sequence.
+
     def add_migration(self, rec: dict[str, Any]) -> None:
-        self.summary["migrations"].append(rec)
+        self.summary["migrations"].append(printable_fields(rec))
 
     def add_round(self, rec: dict[str, Any], device_records: dict[str, dict[str, Any]]) -> None:
         self.summary["rounds"].append(rec)
@@ -53,39 +60,51 @@ class RunResults:
         self.write()
 
     def add_failure(self, rec: dict[str, Any]) -> None:
-        self.summary["failures"].append(rec)
+        self.summary["failures"].append(printable_fields(rec))
 
     def add_fault(self, rec: dict[str, Any]) -> None:
-        self.summary["faults"].append(rec)
+        self.summary["faults"].append(printable_fields(rec))
 
-    def finish(self, weights: dict[str, torch.Tensor], *, status: str) -> str:
-        sha = state_sha256(weights)
-        write_tensors(os.path.join(self.run_dir, FINAL_WEIGHTS), weights, {"sha256": sha})
+    def finish(self, weights: dict[str, torch.Tensor] | None, *, status: str, reason: str = "") -> str | None:
+        """The run's end: the final weights (None: there are none, e.g. stopped before the
+        model was built) and summary.json with ``status`` ("finished", "stopped",
+        "failed") and ``reason``. Returns the weights' SHA-256. Raises ``OSError`` when
+        summary.json cannot be written; the final weights failing to be written is
+        recorded in it (``final_model_error``; a "finished" run is then "failed") and the
+        summary still written."""
+        sha = state_sha256(weights) if weights is not None else None
+        if weights is not None:
+            try:
+                write_tensors(os.path.join(self.run_dir, FINAL_WEIGHTS), weights, {"sha256": sha})
+            except OSError as exc:
+                self.summary["final_model_error"] = f"{FINAL_WEIGHTS} not written: {exc}"
+                if status == "finished":  # every round done, but its model is lost
+                    status, reason = "failed", self.summary["final_model_error"]
         self.summary["final_model_sha256"] = sha
         self.summary["status"] = status
+        self.summary["reason"] = reason
         self.summary["total_seconds"] = round(time.monotonic() - self.started, 3)
         self.write(final=True)
         return sha
 
     def write(self, *, final: bool = False) -> None:
-        """summary.json, whole (written aside and renamed). A file system that fails (no
-        descriptor, no space) is tried again for a while; a round's write that still fails
-        is skipped (the next one holds everything), only the final one raises."""
+        """summary.json and rounds.csv, each whole (``common.atomic``). A file system short
+        of descriptors is tried again for a while; a full disk is not waited for (it does
+        not free itself) beyond ``WRITE_TRIES``. A round's write that still fails is
+        skipped (the previous summary.json stays whole; the next write holds everything);
+        the final one, or one that found no space, raises the ``OSError``: a run whose
+        results cannot be kept is not run on for nothing."""
         path = os.path.join(self.run_dir, SUMMARY)
         csv_path = os.path.join(self.run_dir, ROUNDS_CSV)  # rounds.csv, the same way
         tries = WRITE_TRIES_FINAL if final else WRITE_TRIES
         for i in range(tries):
             try:
-                with open(path + ".tmp", "w", encoding="utf-8") as f:
-                    json.dump(self.summary, f, indent=2)
-                os.replace(path + ".tmp", path)
-                with open(csv_path + ".tmp", "w", encoding="utf-8", newline="") as f:
-                    f.write(rounds_csv(self.summary))
-                os.replace(csv_path + ".tmp", csv_path)
+                write_text_atomic(path, json.dumps(self.summary, indent=2))
+                write_text_atomic(csv_path, rounds_csv(self.summary))
                 return
             except OSError as exc:
-                if i == tries - 1:
-                    if final:
+                if i == tries - 1 or (exc.errno in NO_SPACE and i >= WRITE_TRIES - 1):
+                    if final or exc.errno in NO_SPACE:
                         raise
                     log.warning("summary.json not written this round: %s", exc)
                     return

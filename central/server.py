@@ -11,6 +11,7 @@ a device gone past its grace period, an update refused, each is recorded in
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import sys
@@ -19,11 +20,12 @@ from typing import Any
 
 import torch
 
-from central import autosplit, checkpoint
+from central import autosplit, checkpoint, robust
 from central.edges import EdgeJoined, EdgeLost, EdgeMessage, EdgeRegistry
 from central.strategies import Failure, Strategy, make_strategy
-from central.results import SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
+from central.results import NO_SPACE, SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
 from central.rounds import RoundTracker
+from central.runstatus import RunStopped, exit_code
 from common import messages as m
 from common import transport
 from common.config import Config
@@ -33,6 +35,7 @@ from common.limits import refusal_reporter
 from common.models import build_model, state_spec
 from common.plan import RoundPlan
 from common.security import Credentials
+from common.text import printable_fields, printable_lines
 from common.training import evaluate
 
 log = logging.getLogger("central")
@@ -43,8 +46,19 @@ POLL_S = 0.5
 SHUTDOWN_FLUSH_S = 2.0
 
 
+def _finite(x: float) -> float | None:
+    """``x``, or None for an infinity (JSON has none)."""
+    return x if math.isfinite(x) else None
+
+
 class RunAborted(Exception):
     """The run cannot go on (start-up timed out, or no device is left anywhere)."""
+
+
+def _delivery(rep: m.FaultReport | m.MigrationReport, edge: str) -> dict[str, str]:
+    """Who a report came from, for the record: the identity its edge stamped on it (the
+    device's link it came on, or the edge itself) and the edge whose link delivered it."""
+    return {"delivered_by": rep.delivered_by or f"edge {edge}", "via": edge}
 
 
 class CentralServer:
@@ -75,6 +89,7 @@ class CentralServer:
         self.orphans: dict[str, float] = {}
         self.early: dict[tuple[str, int], tuple[str, m.DeviceUpdate]] = {}  # updates of a round not started yet
         self.done_round = resume.round if resume is not None else 0      # the last round summed
+        self.weights: dict[str, torch.Tensor] | None = None              # the global weights after it
         self.tracker: RoundTracker | None = None
         self.started = time.monotonic()
         self.spec = state_spec(cfg.model_key)
@@ -115,17 +130,21 @@ class CentralServer:
                      "down_s": round(down, 3), "recovery": "checkpoint", "samples_lost": 0}, say=True)
 
     def say(self, text: str) -> None:
-        try:
-            print(text, file=self.out, flush=True)
+        try:  # lines quote what peers reported: no escape of theirs reaches the terminal
+            print(printable_lines(text), file=self.out, flush=True)
         except (OSError, ValueError):  # a closed or full stdout must not stop the run: the files say it all
             self.unsaid += 1
 
     def _checkpoint(self, save, *args) -> None:
-        """A checkpoint that cannot be written (no descriptor, no space) costs a resume
-        point, not the run: recorded, and the run goes on."""
+        """A checkpoint that cannot be written for a while (no descriptor) costs a resume
+        point, not the run: recorded, and the run goes on. No space on the disk raises
+        the ``OSError``: it does not free itself, and a run whose results cannot be kept
+        is not run on for nothing (the previous checkpoint stays whole)."""
         try:
             save(*args)
         except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise
             self.events.emit("checkpoint_failed", what=save.__name__, detail=str(exc)[:200])
             log.warning("checkpoint not written: %s", exc)
 
@@ -182,12 +201,12 @@ class CentralServer:
             elif isinstance(msg, m.DeviceUpdate):
                 self._on_update(ev.edge, msg)
             elif isinstance(msg, m.MigrationReport):
-                self._record_migration(msg)
+                self._record_migration(msg, via=ev.edge)
             elif isinstance(msg, m.FaultReport):
                 self._fault({"kind": msg.kind, "process": msg.process, "peer": msg.peer, "round": msg.round,
                              "step": msg.step, "detail": msg.detail, "detected_s": msg.detected_s,
                              "down_s": msg.down_s, "replayed": msg.replayed, "recovery": msg.recovery,
-                             "samples_lost": msg.samples_lost}, say=True)
+                             "samples_lost": msg.samples_lost, **_delivery(msg, ev.edge)}, say=True)
             elif isinstance(msg, m.ErrorNotice):
                 self.events.emit("edge_error", edge=ev.edge, kind=msg.kind, detail=msg.detail[:200])
             else:
@@ -196,16 +215,18 @@ class CentralServer:
             self.tracker.presence(self.present, time.monotonic())
 
     def _fault(self, rec: dict[str, Any], *, say: bool = False) -> None:
-        rec = {"at_s": self._now(), **rec}
+        # peers' words escaped before any line is made of them: a newline in one must not start a line
+        rec = printable_fields({"at_s": self._now(), **rec})
         self.results.add_fault(rec)
         self.events.emit("fault", **rec)
         if say:
             self.say(fault_line(rec))
 
-    def _record_migration(self, rep: m.MigrationReport) -> None:
-        rec = {"device": rep.device, "from": rep.source, "to": rep.target, "round": rep.round, "step": rep.step,
-               "mode": rep.mode, "pause_ms": round(rep.pause_ms, 3), "state_bytes": rep.state_bytes,
-               "transfer_ms": round(rep.transfer_ms, 3)}
+    def _record_migration(self, rep: m.MigrationReport, *, via: str) -> None:
+        rec = printable_fields({"device": rep.device, "from": rep.source, "to": rep.target, "round": rep.round,
+                                "step": rep.step, "mode": rep.mode, "pause_ms": round(rep.pause_ms, 3),
+                                "state_bytes": rep.state_bytes, "transfer_ms": round(rep.transfer_ms, 3),
+                                **_delivery(rep, via)})
         self.results.add_migration(rec)
         self.events.emit("migration", **rec)
         self.say(migration_line(rec))
@@ -257,42 +278,70 @@ class CentralServer:
     # -- the run -------------------------------------------------------------------------
 
     def run(self) -> int:
+        """The run, start to end; the exit status (``central.runstatus.exit_code``). However
+        it ends (every round done, a signal, a failure), summary.json says how, with what
+        was completed until then, and the edges are told to shut down."""
         c = self.cfg.central
+        status, reason, signame, listener = "failed", "", "", None
         try:
             listener = transport.Listener(c.listen_host, c.port, creds=self.creds, handler=self.registry.serve,
                                           name="central", handshake_timeout=self.faults["dead_after_s"],
                                           on_reject=refusal_reporter(events=self.events)).start()
-        except TransportError as exc:
-            self.say(f"central: {exc}")
-            return 1
-        self.events.emit("listening", host=c.listen_host, port=c.port, run=self.run_name)
-        if self.resume is not None:
-            weights, first = self.resume.weights, self.resume.round + 1
-            if self.resume.rng is not None:
-                torch.set_rng_state(self.resume.rng)
-        else:
-            weights, first = build_model(self.cfg.model_key, seed=self.cfg.run["seed"]).state_dict(), 1
-            # round 0: a central that dies before its first round ends can be resumed too
-            self._checkpoint(checkpoint.save, self.results.run_dir, 0, dict(weights), self.results.summary)
-        status = "finished"
-        try:
+            self.events.emit("listening", host=c.listen_host, port=c.port, run=self.run_name)
+            if self.resume is not None:
+                self.weights, first = dict(self.resume.weights), self.resume.round + 1
+                if self.resume.rng is not None:
+                    torch.set_rng_state(self.resume.rng)
+            else:
+                self.weights, first = dict(build_model(self.cfg.model_key, seed=self.cfg.run["seed"]).state_dict()), 1
+                # round 0: a central that dies before its first round ends can be resumed too
+                self._checkpoint(checkpoint.save, self.results.run_dir, 0, dict(self.weights), self.results.summary)
+            # summary.json from the start (after the checkpoint: a central started again
+            # finds one to resume, not only a run name in use)
+            self.results.write()
             self._wait_for_testbed()
-            weights = self._rounds(dict(weights), first=first)
+            self._rounds(dict(self.weights), first=first)
+            status = "finished"
+        except RunStopped as exc:
+            status, signame = "stopped", exc.signame
+            done = self.results.summary["rounds"]
+            reason = f"{exc.signame} after round {done[-1]['round'] if done else 0} of {self.cfg.training['rounds']}"
         except RunAborted as exc:
-            status = "aborted"
-            self.say(f"run aborted: {exc}")
-            self.results.add_failure({"reason": str(exc)})
-            self.events.emit("aborted", reason=str(exc))
-        sha = self.results.finish(weights, status=status)
-        self.events.emit("finished", status=status, final_model_sha256=sha)
+            reason = str(exc)
+            self.results.add_failure({"reason": reason})
+        except TransportError as exc:  # the listener could not start
+            reason = str(exc)
+        except OSError as exc:  # summary.json cannot be written (a full disk): the run cannot be kept
+            reason = f"the results cannot be written in {self.results.run_dir}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a bug must still leave a summary that says so
+            log.exception("central: the run failed")
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+        return self._end(status, reason, signame, listener)
+
+    def _end(self, status: str, reason: str, signame: str, listener) -> int:
+        if status != "finished":
+            self.say(f"run {status}: {reason}")
+            self.events.emit(status, reason=reason)
+        try:
+            sha = self.results.finish(self.weights, status=status, reason=reason)
+            status, reason = self.results.summary["status"], self.results.summary["reason"]
+            code = exit_code(status, signame)
+        except OSError as exc:
+            sha, code = None, exit_code(status, signame) or 1
+            self.say(f"central: error: the results cannot be written in {self.results.run_dir}: {exc}; "
+                     f"summary.json there is the last one written, whole")
+        if self.results.summary.get("final_model_error"):
+            self.say(f"central: error: {self.results.summary['final_model_error']}")
+        self.events.emit("finished", status=status, reason=reason, final_model_sha256=sha)
         links = self.registry.close_all(notice=m.Shutdown(reason=f"run {status}"))
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
         for link in links:
             link.wait_closed(max(0.0, deadline - time.monotonic()))
-        listener.close()
+        if listener is not None:
+            listener.close()
         self.say(final_table(self.results.summary))
         self.say(f"central: results in {self.results.run_dir}")
-        return 0 if status == "finished" else 1
+        return code
 
     def _wait_for_testbed(self) -> None:
         deadline = time.monotonic() + self.cfg.run["startup_timeout"]
@@ -362,12 +411,14 @@ class CentralServer:
             self.done_round = r
             seconds = time.monotonic() - t0
             updates = {d: u for d, u in tracker.updates.items()}
+            ratio_max, refused = self._judge(r, weights, updates)
             order = sorted(updates)  # the fixed order of summation
             if updates:
                 failures = [Failure(x.device, x.reason, x.samples) for x in tracker.dropped.values()]
                 weights, self.strategy_state = self.strategy.aggregate(
                     [(updates[d].weights, updates[d].samples) for d in order], failures,
                     current=weights, state=self.strategy_state)
+                self.weights = weights
             model = build_model(self.cfg.model_key, seed=0)
             model.load_state_dict(weights)
             t_eval = time.monotonic()
@@ -376,10 +427,12 @@ class CentralServer:
                        for x in sorted(tracker.dropped.values(), key=lambda x: x.device)]
             dropped += [{"device": d, "reason": "attached to no edge when the round started",
                          "samples": self.shard_samples.get(d, 0)} for d in absent]
+            dropped += refused
             rec = {"round": r, "seconds": round(seconds, 4), "eval_seconds": round(time.monotonic() - t_eval, 4),
                    "test_accuracy": acc, "test_loss": loss, "samples": sum(u.samples for u in updates.values()),
                    "devices": order, "missing": sorted(set(self.cfg.devices) - set(updates)), "dropped": dropped,
-                   "samples_lost": sum(x["samples"] for x in dropped)}
+                   "samples_lost": sum(x["samples"] for x in dropped),
+                   "refused": [x["device"] for x in refused], "update_ratio_max": ratio_max}
             for d, rec_d in self.results.summary.get("auto_split", {}).items():  # measured beside predicted
                 if d in updates:
                     rec_d["measured_train_s"].append(round(updates[d].train_seconds, 4))
@@ -393,6 +446,34 @@ class CentralServer:
             self.say(progress_line(rec, rounds, elapsed / r * (rounds - r), moves))
         self.registry.greeting = None
         return weights
+
+    def _judge(self, r: int, current: dict[str, torch.Tensor],
+               updates: dict[str, m.DeviceUpdate]) -> tuple[float | None, list[dict[str, Any]]]:
+        """Refuse (remove from ``updates``) each update that moved the weights more than
+        ``strategy.refuse_factor`` times the median of the others' moves, recorded as a
+        failure, an event and a line. Returns (the round's largest ratio, rounded; None
+        with fewer than two updates, the dropped records of the refused). The others are
+        summed exactly as if the check did not exist."""
+        factor = self.cfg.strategy["refuse_factor"]
+        order = sorted(updates)
+        if len(order) < 2:
+            return None, []
+        dists = [robust.distance(updates[d].weights, current) for d in order]
+        ratios = robust.ratios(dists)
+        out = []
+        for d, dist, ratio, bad in zip(order, dists, ratios, robust.judge(dists, factor)):
+            if not bad:
+                continue
+            u = updates.pop(d)
+            reason = (f"its update moved the weights {ratio:.3g} times as far as the median of the others' "
+                      f"(strategy.refuse_factor = {factor:g})")
+            self.results.add_failure({"round": r, "device": d, "edge": u.edge, "reason": reason,
+                                      "distance": _finite(dist), "ratio": _finite(ratio)})
+            self.events.emit("update_refused", round=r, device=d, edge=u.edge, reason=reason,
+                             distance=_finite(dist), ratio=_finite(ratio))
+            self.say(f"  refused: {d}'s update of round {r}: {reason}")
+            out.append({"device": d, "reason": reason, "samples": u.samples})
+        return _finite(round(max(ratios), 4)), out
 
     def _collect(self, tracker: RoundTracker, deadline: float) -> None:
         tracker.presence(self.present, time.monotonic())

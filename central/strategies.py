@@ -11,9 +11,11 @@ A strategy does two things each round:
   weights and the next state. The central keeps the state and checkpoints it with the
   weights, so a resumed run goes on exactly.
 
-Configured by ``[strategy] name = "fedavg" | "fedprox" | "fedavgm"`` and its parameters
-(``mu``; ``server_lr``, ``server_momentum``). A new strategy is one class and one entry in
-``STRATEGIES``.
+Configured by ``[strategy] name = "fedavg" | "fedprox" | "fedavgm" | "median" |
+"trimmed_mean" | "krum" | "clip"`` and its parameters (``mu``; ``server_lr``,
+``server_momentum``; ``trim_fraction``; ``krum_byzantine``, ``krum_keep``; ``clip_norm``).
+The last four are robust to a hostile device (``central.robust``). A new strategy is one
+class and one entry in ``STRATEGIES``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from central import robust
 from central.fedavg import Weights, fedavg
 
 State = dict[str, torch.Tensor]
@@ -109,7 +112,62 @@ class FedAvgM(Strategy):
         return {"name": self.name, "server_lr": self.server_lr, "server_momentum": self.server_momentum}
 
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM}
+class Median(Strategy):
+    """Coordinate-wise median of the updates (``central.robust.coordinate_median``)."""
+    name = "median"
+
+    def aggregate(self, results, failures=(), *, current=None, state=None):
+        return robust.coordinate_median(results), {}
+
+
+@dataclass
+class TrimmedMean(Strategy):
+    """Coordinate-wise mean without the ``trim_fraction`` smallest and largest values."""
+    trim_fraction: float = 0.2
+    name: ClassVar[str] = "trimmed_mean"
+
+    def aggregate(self, results, failures=(), *, current=None, state=None):
+        return robust.trimmed_mean(results, self.trim_fraction), {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "trim_fraction": self.trim_fraction}
+
+
+@dataclass
+class MultiKrum(Strategy):
+    """FedAvg of the ``krum_keep`` updates (0: all but ``krum_byzantine``) closest to their
+    neighbours, assuming at most ``krum_byzantine`` hostile devices."""
+    byzantine: int = 1
+    keep: int = 0
+    name: ClassVar[str] = "krum"
+
+    def aggregate(self, results, failures=(), *, current=None, state=None):
+        weights, _ = robust.multi_krum(results, self.byzantine, self.keep)
+        return weights, {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "krum_byzantine": self.byzantine, "krum_keep": self.keep}
+
+
+@dataclass
+class NormClip(Strategy):
+    """FedAvg of the updates' moves, each clipped to ``clip_norm`` (0: the round's median)."""
+    clip_norm: float = 0.0
+    name: ClassVar[str] = "clip"
+
+    def aggregate(self, results, failures=(), *, current=None, state=None):
+        if current is None:
+            raise ValueError("clip needs the round's starting weights (current)")
+        weights, _ = robust.norm_clip(results, current, self.clip_norm)
+        return weights, {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "clip_norm": self.clip_norm}
+
+
+STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
+                                         "median": Median, "trimmed_mean": TrimmedMean, "krum": MultiKrum,
+                                         "clip": NormClip}
 
 
 def make_strategy(section: dict[str, Any]) -> Strategy:
@@ -119,4 +177,10 @@ def make_strategy(section: dict[str, Any]) -> Strategy:
         return FedProx(mu=section["mu"])
     if name == "fedavgm":
         return FedAvgM(server_lr=section["server_lr"], server_momentum=section["server_momentum"])
+    if name == "trimmed_mean":
+        return TrimmedMean(trim_fraction=section["trim_fraction"])
+    if name == "krum":
+        return MultiKrum(byzantine=section["krum_byzantine"], keep=section["krum_keep"])
+    if name == "clip":
+        return NormClip(clip_norm=section["clip_norm"])
     return STRATEGIES[name]()

@@ -9,6 +9,7 @@ from typing import Callable
 
 from common.config import Config, load_config
 from common.errors import ConfigError, TestbedError
+from common.text import printable, printable_lines
 
 
 def base_parser(prog: str, description: str, *, name_required: bool) -> argparse.ArgumentParser:
@@ -19,6 +20,18 @@ def base_parser(prog: str, description: str, *, name_required: bool) -> argparse
                    help="override a config value (repeatable); FEDFLY_SET in the environment is applied first")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines quote what peers sent (an error's detail, a name): each message is made
+    ``printable`` (one line, no escapes), and a traceback line by line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return printable_lines(super().formatException(ei))
 
 
 def data_spec(cfg: Config):
@@ -33,15 +46,18 @@ def run_main(argv: list[str] | None, parser: argparse.ArgumentParser, body: Call
     """Parse, load the config, run ``body``; a ``ConfigError`` or other deliberate error
     becomes one clear line on stderr and exit status 2 (config) or 1."""
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {parser.prog} %(levelname)s %(message)s")
+    fmt = f"%(asctime)s {parser.prog} %(levelname)s %(message)s"
+    logging.basicConfig(level=args.log_level, format=fmt)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(PrintableFormatter(fmt))
     try:
         cfg = load_config(args.config, args.overrides)
         return body(args, cfg)
     except ConfigError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    except TestbedError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+    except TestbedError as exc:  # may quote a peer
+        print(f"{parser.prog}: error: {printable(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

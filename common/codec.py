@@ -24,7 +24,7 @@ import torch
 
 from common import digest
 from common import messages as m
-from common.errors import LocalProtocolError, RemoteProtocolError
+from common.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
 MAGIC = b"FF"
 VERSION = 1
@@ -348,8 +348,13 @@ class FrameDecoder:
         if header_len > MAX_HEADER_BYTES:
             raise RemoteProtocolError(f"header of {header_len} bytes exceeds {MAX_HEADER_BYTES}")
         if payload_len > self._max_payload:
-            raise RemoteProtocolError(f"payload of {payload_len} bytes exceeds {self._max_payload}")
+            raise FrameTooLarge(f"payload of {payload_len} bytes exceeds {self._max_payload}")
         self._header_len, self._payload_len = header_len, payload_len
+
+    def limit_payload(self, max_payload: int) -> None:
+        """From the next frame on, refuse a payload over ``max_payload`` bytes (a link whose
+        peer's role bounds what it may send: ``common.bounds.device_payload_limit``)."""
+        self._max_payload = max_payload
 
     def next_message(self) -> m.Message | _NeedData:
         """The next whole message, or ``NEED_DATA``. Raises ``RemoteProtocolError`` on garbage

@@ -27,9 +27,13 @@ RECONNECT_POLICIES = ("same", "nearest", "controller")
 DEATH_POLICIES = ("stop", "restart")
 MALLOC_MODES = ("tuned", "system")  # training.malloc (common.training.tune_malloc)
 DISTRIBUTIONS = ("balanced", "imbalanced")
-STRATEGIES = ("fedavg", "fedprox", "fedavgm")  # central/strategies.py (kept torch-free here)
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "median", "trimmed_mean", "krum", "clip")  # central/strategies.py (kept torch-free here)
 MOBILITY_MODELS = ("schedule", "trace", "waypoint")  # common/mobility_models.py
 REQUIRED = object()
+# strategy.refuse_factor's default: far above the largest ratio an honest update reached in
+# the suite and the benchmarks (BENCHMARKS.md, "Hostile updates"), far below what a scaled,
+# sign-flipped or noise update reaches.
+REFUSE_FACTOR = 10.0
 ENV_OVERRIDES = "FEDFLY_SET"
 
 # section -> key -> (type, default, rule or None). A rule returns an error text or None.
@@ -37,6 +41,9 @@ _POSITIVE = (lambda v: None if v > 0 else "must be > 0")
 _AT_LEAST_1 = (lambda v: None if v >= 1 else "must be >= 1")
 _PORT = (lambda v: None if 1 <= v <= 65535 else "must be a TCP port, 1-65535")
 _NONNEG = (lambda v: None if v >= 0 else "must be >= 0")
+_REFUSE_RULE = (lambda v: None if v == 0 or v > 1 else
+                "must be 0 (no update refused) or > 1: an update is refused when it moved the weights more than "
+                "this many times the median of the others' moves, and at 1 or below honest ones would be")
 
 
 class Cut:
@@ -121,12 +128,21 @@ SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
         "samples_per_device": (int, 0, _NONNEG),
         "test_samples": (int, 0, _NONNEG),
     },
-    # Aggregation (central/strategies.py): mu for fedprox, server_lr and server_momentum for fedavgm.
+    # Aggregation (central/strategies.py): mu for fedprox, server_lr and server_momentum for
+    # fedavgm, trim_fraction for trimmed_mean, krum_byzantine and krum_keep (0: all but the
+    # byzantine) for krum, clip_norm (0: the round's median) for clip.
     "strategy": {
         "name": (str, "fedavg", _choice(STRATEGIES)),
         "mu": (float, 0.01, _NONNEG),
         "server_lr": (float, 1.0, _POSITIVE),
         "server_momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        "trim_fraction": (float, 0.2, lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)"),
+        "krum_byzantine": (int, 1, _NONNEG),
+        "krum_keep": (int, 0, _NONNEG),
+        "clip_norm": (float, 0.0, _NONNEG),
+        # Every strategy: an update that moved the weights more than this many times the
+        # median of the other updates' moves is refused (central/robust.py, judge). 0: off.
+        "refuse_factor": (float, REFUSE_FACTOR, _REFUSE_RULE),
     },
     "training": {
         "rounds": (int, 5, _AT_LEAST_1),

@@ -42,6 +42,11 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something malformed or not allowed now: we close that connection."""
 
 
+class FrameTooLarge(RemoteProtocolError):
+    """A frame's payload is over what its link takes (refused from its prefix, before any
+    of it is read or allocated)."""
+
+
 class AuthenticationError(RemoteProtocolError):
     """The peer could not prove that it holds the testbed's shared key."""
 

@@ -8,6 +8,10 @@ of a log line. A line that cannot be written is counted (``dropped``) and droppe
 that cannot be opened is tried again at later events while lines wait in memory (at most
 ``MAX_PENDING``, the rest counted and dropped). When writing works again, an
 ``events_dropped`` line says how many were lost.
+
+Every string an event holds is written ``printable`` (``common.text``): events quote what
+peers sent (names, details, errors), and a line read back with ``jq -r`` or ``grep`` must
+not carry a peer's escape sequences to the reader's terminal.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import time
 from typing import Any
 
 import psutil
+
+from common.text import printable_fields
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +111,7 @@ class EventLog:
             except (OSError, psutil.Error):
                 pass
         record = {"ts": round(time.time(), 6), "process": self.process, "role": self.role, "event": event,
-                  "cpu_percent": cpu, "rss_mb": rss, **fields}
+                  "cpu_percent": cpu, "rss_mb": rss, **printable_fields(fields)}
         return json.dumps(record, default=str) + "\n"
 
     def emit(self, event: str, **fields: Any) -> None:

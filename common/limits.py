@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable
 
 from common.errors import TransportError
+from common.text import printable
 
 # An edge's legitimate peers (its devices, the other edges, the central, the controller)
 # handshake at once only when a whole testbed (re)starts, a few dozen at most; 64 is well
@@ -53,22 +54,9 @@ class OverLimit(TransportError):
 
 def printable_prefix(data: Any, limit: int = ECHO_CHARS) -> str:
     """At most ``limit`` characters of ``data`` (bytes or text) with anything not
-    printable ASCII escaped (``\\x00``, ``\\n``, ``\\u2028``...), and ``...`` when cut."""
-    text = bytes(data).decode("latin-1") if isinstance(data, (bytes, bytearray, memoryview)) else str(data)
-    out: list[str] = []
-    used = 0
-    for ch in text:
-        if ch == "\\":
-            piece = "\\\\"
-        elif " " <= ch <= "~":
-            piece = ch
-        else:
-            piece = ch.encode("unicode_escape").decode("ascii")
-        if used + len(piece) > limit:
-            return "".join(out) + "..."
-        out.append(piece)
-        used += len(piece)
-    return "".join(out)
+    printable ASCII escaped (``\\x00``, ``\\n``, ``\\u2028``...), and ``...`` when cut
+    (``common.text.printable``, the one function that makes peer text printable)."""
+    return printable(data, limit)
 
 
 class HandshakeSlots:

@@ -260,15 +260,18 @@ class MigrationReport(Message):
     pause_ms: float
     state_bytes: int
     transfer_ms: float
+    # stamped by the edge that forwards it: who delivered it (``edge.reports``)
+    delivered_by: str = ""
 
 
 FAULT_KINDS = ("link_lost", "peer_silent", "edge_lost", "device_lost", "device_dropped", "central_lost",
-               "handover_failed", "restarted")
+               "handover_failed", "restarted", "protocol_error")
 
 
 @message
 class FaultReport(Message):
     """Any process -> (its edge ->) central: one fault and what it cost, for the results.
+    ``protocol_error``: an edge closed a device's link for what it sent (``peer``: the device).
     ``detected_s``: from the peer's last sign of life to the fault being noticed;
     ``down_s``: from the fault to the work going on again (the device's pause);
     ``replayed``: steps done again; ``recovery``: how it went on; ``samples_lost``: samples
@@ -284,6 +287,9 @@ class FaultReport(Message):
     replayed: int
     recovery: str
     samples_lost: int
+    # stamped by the edge that forwards it (``edge.reports``): the identity of the link it
+    # came on, whatever the sender wrote here; ``edge NAME`` for the edge's own reports
+    delivered_by: str = ""
 
     def check(self) -> None:
         if self.kind not in FAULT_KINDS:

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from common.text import printable_lines
+
 POLL_S = 0.2
 # After the central exits, the others get this long to follow its Shutdown.
 DRAIN_S = 30.0
@@ -200,7 +202,8 @@ class Supervisor:
                     self._say(f"{c.role} {c.name} (pid {c.proc.pid}) died with status {code}")
                     text = tail(c.log_path)
                     if text:
-                        print(f"--- last lines of {c.log_path} ---\n{text}", file=sys.stderr)
+                        # a role's own lines are escaped already; what Python printed raw on its way out may quote a peer
+                        print(f"--- last lines of {c.log_path} ---\n{printable_lines(text)}", file=sys.stderr)
                     if self._restart(c):
                         continue
                     self._say("stopping the testbed")

@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 
 import torch
+
+from common.atomic import write_atomic
 
 _CODES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -27,7 +28,8 @@ class TensorFileError(ValueError):
 
 
 def write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write atomically (temporary file, then rename)."""
+    """Write atomically (``common.atomic``: temporary file, fsync, rename, fsync of the
+    folder); raises ``OSError`` with the file at ``path`` as it was."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -40,13 +42,12 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[st
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    def fill(f) -> None:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for b in blobs:
             f.write(b)
-    os.replace(tmp, path)
+    write_atomic(path, fill)
 
 
 def read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -62,6 +62,11 @@ class Connection:
         self.last_received = time.monotonic()  # any byte, heartbeats included
         self.last_sent = self.last_received
 
+    def limit_payload(self, max_payload: int) -> None:
+        """Refuse, from the next frame on, a payload over ``max_payload`` bytes with
+        ``FrameTooLarge`` (``codec.FrameDecoder.limit_payload``)."""
+        self._decoder.limit_payload(max_payload)
+
     @property
     def sock(self) -> socket.socket:
         """The socket underneath (tests write raw bytes to it)."""

@@ -19,6 +19,7 @@ import torch
 
 from common import messages as m
 from common import resolver
+from common.bounds import gradient_problem
 from common.config import Config
 from common.errors import ProtocolError, RemoteProtocolError, TestbedError, TransportError
 from common.events import EventLog
@@ -250,8 +251,8 @@ class DeviceClient:
         compute = time.perf_counter() - t0
         reply = self.link.step(r, step, out.detach(), y)
         grad = reply.grad.get("g")
-        if grad is None or grad.shape != out.shape or grad.dtype != out.dtype:
-            raise RemoteProtocolError(f"device {self.name}: gradient does not match the activations")
+        if problem := gradient_problem(grad, out):  # the edge's answer, bounded as our batch is
+            raise RemoteProtocolError(f"device {self.name}: step {step}: {problem}")
         self._announce(r, step, steps)
         t1 = time.perf_counter()
         out.backward(grad)

@@ -28,11 +28,13 @@ from typing import Callable
 import torch
 
 from common import messages as m
-from common.errors import LocalProtocolError, MigrationError, RemoteProtocolError
+from common.bounds import batch_problem, weights_bound_problem
+from common.errors import FrameTooLarge, LocalProtocolError, MigrationError, RemoteProtocolError
 from common.events import EventLog
 from common.plan import RoundPlan
 from common.security import proof_holds
 from common.models import num_classes, part_keys, state_spec, weights_problem
+from edge import reports
 from edge.migration import buddy_of
 from edge.lifecycle import Event, State, TransitionError, allowed, check_transition
 from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
@@ -186,6 +188,9 @@ class EdgeCore:
         self.offers: dict[str, Offer] = {}     # device -> the session its last edge offered us
         self.make_offers = offers and mode == "fedfly"  # mobility.offer: keep links open to offer on
         self.cut_first = cut_first  # training.cut_gradient_first: the cut's gradient before the weights'
+        # what devices send, bounded (``common.bounds``, ``edge.reports``)
+        self.report_gate = reports.ReportGate()
+        self.refused: dict[str, Port] = {}  # device -> the link closed for what it sent (the rest of it is ignored)
         # what another edge may send us, by message type
         self._peer_handlers: dict[type, Callable[[Port, m.Message], None]] = {
             m.SessionPull: self._on_pull, m.SessionInstalled: self._on_installed, m.SessionDrop: self._on_drop,
@@ -230,6 +235,8 @@ class EdgeCore:
             self.handle(ev)
 
     def handle(self, ev: object) -> None:
+        if isinstance(ev, DeviceMessage) and self._refused_on_arrival(ev):
+            return
         if self._waits(ev):
             self._held.append(ev)
             return
@@ -898,7 +905,7 @@ class EdgeCore:
         e = self.entries.get(ev.device)
         msg = ev.msg
         if isinstance(msg, (m.MigrationReport, m.FaultReport)):
-            self.central.send(msg)
+            self._on_report(ev, e, msg)
             return
         if e is None or e.port is not ev.port:
             return  # from a link that was replaced: stale
@@ -915,6 +922,58 @@ class EdgeCore:
         except (TransitionError, RemoteProtocolError) as exc:
             self._drop_link(e, RemoteProtocolError(str(exc)))
 
+    def _refused_on_arrival(self, ev: DeviceMessage) -> bool:
+        """Checked as it arrives, before it is held for a step on the trainer: a batch out
+        of the round's bounds (``common.bounds``), or a second batch on a link whose first
+        still waits, costs the link (``_refuse_input``); nothing more from that link counts."""
+        if self.refused.get(ev.device) is ev.port:
+            return True
+        msg, e, info = ev.msg, self.entries.get(ev.device), self.current
+        if not isinstance(msg, m.Activations) or e is None or e.port is not ev.port or info is None \
+                or self.mode == "classic":
+            return False  # not a batch, or one the table refuses or ignores
+        problem = batch_problem(msg.batch["x"], msg.batch["y"], model=self.models.name,
+                                cut=self.models.cut(ev.device), batch_size=info.plan.batch_size)
+        if not problem and any(isinstance(h, DeviceMessage) and h.port is ev.port and isinstance(h.msg, m.Activations)
+                               for h in self._held):
+            problem = "a second batch before the answer to the first"
+        if problem:
+            self._refuse_input(ev, RemoteProtocolError(f"{self.role}: step {msg.step} of round {msg.round} from "
+                                                       f"{ev.device}: {problem}"), round=msg.round, step=msg.step)
+        return bool(problem)
+
+    def _on_report(self, ev: DeviceMessage, e: Entry | None, msg: m.FaultReport | m.MigrationReport) -> None:
+        """A device's report goes on to the central if it speaks only for its sender, stamped
+        with the identity that delivered it, within its link's budget (``edge.reports``)."""
+        if ev.device not in self.known_devices:
+            return
+        try:
+            msg = reports.screen(msg, device=ev.device, edges=set(self.edges),
+                                 by=reports.delivered_by(ev.port, ev.device))
+        except reports.ReportRefused as exc:
+            self._refuse_input(ev, exc, round=msg.round, step=msg.step)
+            return
+        if self.report_gate.admit(ev.device, ev.port, e.port if e is not None else None, self.clock()) is not None:
+            self.central.send(msg)
+        elif (dropped := self.report_gate.dropped(ev.device)) == 1 or dropped % 1000 == 0:
+            self.events.emit("reports_dropped", device=ev.device, dropped=dropped, burst=self.report_gate.burst,
+                             rate=self.report_gate.rate)
+
+    def _refuse_input(self, ev: DeviceMessage, exc: RemoteProtocolError, *, round: int, step: int) -> None:
+        """A device sent what it may not: its link is closed with a typed error (it may
+        attach again), and the central records it as that device's fault."""
+        self.refused[ev.device] = ev.port
+        detail = str(exc)[:300]
+        self.events.emit("protocol_error", peer=f"device {ev.device}", detail=detail, error=type(exc).__name__)
+        ev.port.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=detail), drain=True)
+        self._report_refusal(ev.device, detail, round=round, step=step)
+
+    def _report_refusal(self, device: str, detail: str, *, round: int, step: int) -> None:
+        self.central.send(m.FaultReport(kind="protocol_error", process=self.name, peer=device,
+                                        round=min(max(round, 0), reports.MAX_ROUND), step=min(max(step, 0), reports.MAX_STEP),
+                                        detail=detail[:200], detected_s=0.0, down_s=0.0, replayed=0,
+                                        recovery="link closed", samples_lost=0))
+
     def _on_step(self, e: Entry, msg: m.Activations) -> None:
         session = e.session
         if e.state is not S.ACTIVE or session is None or session.round != msg.round or self.mode == "classic":
@@ -928,10 +987,7 @@ class EdgeCore:
 
         def reply(grad: torch.Tensor, loss: float, _r: int = msg.round, _s: int = msg.step) -> None:
             port.post(m.Gradients(round=_r, step=_s, loss=loss, grad={"g": grad}))
-        x, y = msg.batch["x"], msg.batch["y"]
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise RemoteProtocolError(f"{self.role}: step {msg.step} from {e.device}: labels outside "
-                                      f"0..{self.num_classes - 1}")
+        x, y = msg.batch["x"], msg.batch["y"]  # in bounds (``_refused_on_arrival``)
         job = StepJob(e.device, session, msg.round, msg.step, x, y, reply, cut_first=self.cut_first)
         if self.trainer is None:
             self._stepped(e, job.run())
@@ -977,8 +1033,8 @@ class EdgeCore:
             return
         dev_keys, edge_keys = self.models.keys(e.device)
         keys = dev_keys + (edge_keys if self.mode == "classic" else [])
-        if set(msg.weights) != set(keys):
-            raise RemoteProtocolError(f"{self.role}: DeviceDone from {e.device} has the wrong weights")
+        if problem := weights_bound_problem(msg.weights, {k: self.spec[k] for k in keys}):
+            raise RemoteProtocolError(f"{self.role}: DeviceDone from {e.device} has the wrong weights: {problem}")
         if self.mode != "classic" and session.step != msg.steps:
             raise RemoteProtocolError(f"{self.role}: {e.device} finished after {msg.steps} steps, "
                                       f"its session here has {session.step}")
@@ -996,6 +1052,9 @@ class EdgeCore:
         if e is None or e.port is not ev.port:
             return
         e.port = None
+        if isinstance(ev.error, FrameTooLarge):  # its link's decoder refused it (``common.bounds``): the device's fault
+            self._report_refusal(e.device, str(ev.error)[:200], round=e.session.round if e.session else 0,
+                                 step=e.session.step if e.session else 0)
         silent = ev.silent_s > 0
         self.events.emit("detached", device=e.device, state=e.state.value, detail=str(ev.error)[:200],
                          silent_s=round(ev.silent_s, 3))

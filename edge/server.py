@@ -26,7 +26,9 @@ from common.errors import PeerSilent, ProtocolError, RemoteProtocolError, Transp
 from common.events import EventLog
 from common.limits import refusal_reporter
 from common.link import Link
+from common.bounds import device_payload_limit
 from common.models import part_keys
+from common.nets import net
 from common.security import Credentials, allowed
 from edge.central_link import CentralLink
 from edge.core import EdgeCore, Models
@@ -57,6 +59,10 @@ class EdgeServer:
         model, split = cfg.model_key, cfg.base_cut
         dev_keys, edge_keys = part_keys(model, split)
         self.spare = SparePart(model, split + 1) if cfg.mode == "fedfly" else None
+        # what a device's frame may hold at most (its cuts: every one when the central chooses them)
+        auto = any(cfg.split_of(d) == "auto" for d in cfg.devices)
+        cuts = net(cfg.model["name"]).cuts if auto else sorted({split, *cfg.splits.values()})
+        self.device_payload = device_payload_limit(model, cuts, cfg.training["batch_size"])
         self.peers = PeerLinks(name=name, creds=creds,
                                endpoints={n: (e.host, e.port) for n, e in cfg.edges.items() if n != name},
                                heartbeat_s=self.faults["heartbeat_s"], dead_after_s=self.faults["dead_after_s"],
@@ -156,6 +162,7 @@ class EdgeServer:
             return
         if isinstance(first, m.AttachRequest):
             device = first.device
+            conn.limit_payload(self.device_payload)
 
             def on_lost(link: Link, exc: Exception, _d: str = device) -> None:
                 silent = time.monotonic() - link.conn.last_received if isinstance(exc, PeerSilent) else 0.0

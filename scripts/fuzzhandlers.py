@@ -22,6 +22,11 @@ from scripts.fuzzlib import FuzzFailure, NAMES, hostile_message, hostile_tensor
 
 DEVICES = ("device1", "device2")
 EDGES = ("edge1", "edge2")
+# The edge's core is fuzzed with VGG-5 on 8x8 images: the same layers and cuts as the
+# paper's model, but sessions of about a hundredth of its weights, so that the many a
+# fuzz run builds (every round, every join) cost little and the budget goes to inputs.
+EDGE_MODEL = "vgg5/3x8x8/10"
+EDGE_CUT = 3
 
 
 class Events:
@@ -41,21 +46,21 @@ class Events:
 
 
 @functools.lru_cache(maxsize=None)
-def _model_weights() -> dict[str, torch.Tensor]:
+def _model_weights(model: str = "vgg5") -> dict[str, torch.Tensor]:
     from common.models import build_model
-    return dict(build_model("vgg5", seed=1).state_dict())
+    return dict(build_model(model, seed=1).state_dict())
 
 
 @functools.lru_cache(maxsize=None)
-def _spec() -> dict:
+def _spec(model: str = "vgg5") -> dict:
     from common.models import state_spec
-    return state_spec("vgg5")
+    return state_spec(model)
 
 
-def hostile_weights(rng: random.Random, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The model's weights (or ``keys`` of them) with a hostile edit now and then: a
+def hostile_weights(rng: random.Random, keys: list[str] | None = None, model: str = "vgg5") -> dict[str, torch.Tensor]:
+    """``model``'s weights (or ``keys`` of them) with a hostile edit now and then: a
     tensor of the wrong shape or dtype, NaN, a name missing or made up."""
-    full = _model_weights()
+    full = _model_weights(model)
     w = {k: full[k] for k in (keys or full)}
     r = rng.random()
     k = rng.choice(sorted(w))
@@ -96,11 +101,11 @@ class EdgeHarness:
         from edge.session import EdgeSession  # noqa: F401 - imported here: torch models are slow to load
 
         self.mode = mode or rng.choice(["fedfly", "fedfly", "restart", "classic"])
-        dev_keys, edge_keys = part_keys("vgg5", 3)
+        dev_keys, edge_keys = part_keys(EDGE_MODEL, EDGE_CUT)
         self.events = Events()
         self.central = _FakeCentral()
         self.fetcher = _FakeFetcher()
-        self.core = EdgeCore(name="edge1", mode=self.mode, models=Models("vgg5", 3, dev_keys, edge_keys), seed=1,
+        self.core = EdgeCore(name="edge1", mode=self.mode, models=Models(EDGE_MODEL, EDGE_CUT, dev_keys, edge_keys), seed=1,
                              devices=set(DEVICES), peers={"edge2", "edge3"}, central=self.central,
                              fetcher=self.fetcher, events=self.events, checkpoint_steps=rng.choice([0, 0, 2]),
                              edges=["edge1", "edge2", "edge3"], clock=lambda: self.now)
@@ -119,7 +124,7 @@ class EdgeHarness:
     def _round_start(self, r: int, weights: dict | None = None) -> m.RoundStart:
         plan = {"round": r, "lr": 0.01, "momentum": 0.9, "batch_size": 4, "local_epochs": 1,
                 "participants": list(DEVICES), "prox_mu": 0.0, "cuts": {}}
-        return m.RoundStart(plan=plan, weights=_model_weights() if weights is None else weights)
+        return m.RoundStart(plan=plan, weights=_model_weights(EDGE_MODEL) if weights is None else weights)
 
     def _attach(self, req: m.AttachRequest) -> None:
         from edge.ports import DeviceAttach
@@ -127,16 +132,31 @@ class EdgeHarness:
         self.ports[req.device] = port
         self.core.handle(DeviceAttach(port, req, at=self.now))
 
-    def _activations(self, rng: random.Random) -> m.Activations:
-        e = self.core.entries.get(rng.choice(DEVICES))
+    def _activations(self, rng: random.Random, device: str) -> tuple[m.Activations, bool]:
+        """A batch for ``device``'s step, in the round's bounds or (about half the time)
+        just out of them: a row too many, another shape or dtype, a NaN, a label; and
+        whether it is in bounds."""
+        from common.bounds import cut_row
+        e = self.core.entries.get(device)
         step = e.session.step if e is not None and e.session is not None else 0
-        n = rng.choice([1, 2])
-        y = torch.tensor([rng.choice([0, 3, 9, 9, 10, -1]) for _ in range(n)])
-        x = torch.randn(n, 64, 8, 8, generator=torch.Generator().manual_seed(rng.randrange(1000)))
-        if rng.random() < 0.2:
-            x[0, 0, 0, 0] = float("nan")
-        return m.Activations(round=self.round, step=max(0, step + rng.choice([0, 0, 0, -1, 1])),
-                             batch={"x": x, "y": y})
+        row, dtype = cut_row(EDGE_MODEL, EDGE_CUT)
+        n, labels, ok = rng.choice([1, 2, 4]), [0, 3, 9], True
+        r = rng.random()
+        if r < 0.1:
+            n, ok = rng.choice([0, 5, 64]), False
+        elif r < 0.2:
+            row, ok = tuple(d + rng.choice([-1, 1]) if i == len(row) - 1 else d for i, d in enumerate(row)), False
+        elif r < 0.3:
+            dtype, ok = rng.choice([torch.float64, torch.float16, torch.bfloat16]), False
+        elif r < 0.4:
+            labels, ok = [rng.choice([10, -1, 2 ** 40])], False
+        y = torch.tensor([rng.choice(labels) for _ in range(n)], dtype=torch.int64)
+        x = torch.randn(n, *row, generator=torch.Generator().manual_seed(rng.randrange(1000))).to(dtype)
+        if n and rng.random() < 0.12:
+            x.view(-1)[rng.randrange(x.numel())] = rng.choice([float("nan"), float("inf"), -float("inf")])
+            ok = False
+        msg = m.Activations(round=self.round, step=max(0, step + rng.choice([0, 0, 0, -1, 1])), batch={"x": x, "y": y})
+        return msg, ok
 
     def step(self, rng: random.Random) -> str:
         """One hostile event; returns its kind (for the record)."""
@@ -152,10 +172,14 @@ class EdgeHarness:
             what = f"device {type(msg).__name__}"
             core.handle(DeviceMessage(port or _outbox("none"), device, msg))
         elif r < 0.28:  # a step that trains costs milliseconds: fewer of these
-            msg = self._activations(rng)
             device = rng.choice(DEVICES)
-            what = "device Activations (plausible)"
+            msg, ok = self._activations(rng, device)
+            what = f"device Activations ({'in' if ok else 'out of'} bounds)"
+            e = core.entries.get(device)
+            session, at = (e.session, e.session.step) if e is not None and e.session is not None else (None, 0)
             core.handle(DeviceMessage(self.ports.get(device) or _outbox("none"), device, msg))
+            if not ok and session is not None and session.step != at:
+                raise FuzzFailure(f"edge core: {device}'s session trained a batch out of bounds ({what})")
         elif r < 0.48:
             req = hostile_message(rng, "AttachRequest")
             if rng.random() < 0.7:
@@ -173,7 +197,7 @@ class EdgeHarness:
             kind = rng.choice(self.CENTRAL_TYPES) if rng.random() < 0.95 else None
             if kind == "RoundStart" and rng.random() < 0.8:
                 nxt = self.round + rng.choice([0, 1, 1, 2, -1])
-                msg = self._round_start(max(1, nxt), hostile_weights(rng))
+                msg = self._round_start(max(1, nxt), hostile_weights(rng, model=EDGE_MODEL))
             else:
                 msg = hostile_message(rng, kind)
                 if isinstance(msg, m.Shutdown) and rng.random() < 0.9:

@@ -38,7 +38,7 @@ def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(tmp_path, damage):
     w = dict(build_model("vgg5", seed=3).state_dict())
     if damage != "no-meta":
         checkpoint.save(str(tmp_path), 2, w, {})
-    meta, weights = tmp_path / checkpoint.META, tmp_path / checkpoint.WEIGHTS
+    meta, weights = tmp_path / checkpoint.META, tmp_path / checkpoint.weights_name(2)
     if damage == "bad-json":
         meta.write_text("{not json")
     elif damage == "other-weights":
@@ -49,6 +49,32 @@ def test_a_damaged_checkpoint_is_refused_with_what_is_wrong(tmp_path, damage):
         weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.load(str(tmp_path))
+
+
+def test_a_checkpoint_cut_short_after_its_weights_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    """A full disk (or a signal) between the new weights and the JSON that names them: the
+    previous checkpoint is still the one read, whole; no temporary file is left."""
+    import errno
+    w1, w2 = dict(build_model("vgg5", seed=1).state_dict()), dict(build_model("vgg5", seed=2).state_dict())
+    checkpoint.save(str(tmp_path), 1, w1, {"rounds": [1]})
+    real = checkpoint.write_json_atomic
+
+    def full(path, data, **kw):
+        def fill(f):
+            f.write(b"{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        from common.atomic import write_atomic
+        write_atomic(path, fill)
+    monkeypatch.setattr(checkpoint, "write_json_atomic", full)
+    with pytest.raises(OSError):
+        checkpoint.save(str(tmp_path), 2, w2, {"rounds": [1, 2]})
+    monkeypatch.setattr(checkpoint, "write_json_atomic", real)
+    ck = checkpoint.load(str(tmp_path))
+    assert ck.round == 1 and state_sha256(ck.weights) == state_sha256(w1) and ck.summary == {"rounds": [1]}
+    assert not list(tmp_path.glob("*.tmp"))
+    checkpoint.save(str(tmp_path), 2, w2, {"rounds": [1, 2]})  # the next one that works replaces it
+    assert checkpoint.load(str(tmp_path)).round == 2
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [checkpoint.weights_name(2)]
 
 
 def test_a_device_checkpoint_round_trips_and_a_cleared_one_stays_gone(tmp_path):

@@ -1007,11 +1007,11 @@ def test_a_step_the_trainer_cannot_train_costs_that_link_as_it_would_inline():
     core = make_core(trainer=trainer)
     p = attach(core)
     start_round(core)
-    bad = m.Activations(round=1, step=0, batch={"x": torch.randn(4, 3, 2, 2), "y": torch.zeros(4, dtype=torch.long)})
+    bad = batch(3)  # in bounds (those are checked as it arrives), but not the step the session is at
     core.handle(DeviceMessage(p, "device1", bad))
     core.handle(DeviceMessage(p, "device1", batch(0)))  # held behind the bad one
     trainer.finish(core)
-    assert p.closed and isinstance(p.notice, m.ErrorNotice) and "cannot take this batch" in p.notice.detail
+    assert p.closed and isinstance(p.notice, m.ErrorNotice) and "step 3 arrived" in p.notice.detail
     assert core.entries["device1"].session.step == 0 and len(trainer.jobs) == 1  # the held one goes on
     trainer.finish(core)
     inline = make_core()  # the same messages to a core that trains them itself

@@ -270,7 +270,7 @@ def test_reporter_never_raises_and_flushes_at_close():
 
 def test_printable_prefix_escapes_and_cuts():
     assert limits.printable_prefix(b"GET / HTTP/1.1\r\n") == "GET / HTTP/1.1\\r\\n"
-    assert limits.printable_prefix("a\x00\u2028\x1b[31m\\") == "a\\x00\\u2028\\x1b[31m\\\\"
+    assert limits.printable_prefix("a\x00\u2028\x1b[31m\\") == "a\\x00\\u2028\\x1b[31m\\"
     long = limits.printable_prefix(bytes(range(256)) * 10)
     assert len(long) <= limits.ECHO_CHARS + 3 and long.endswith("...")
     assert all(" " <= c <= "~" for c in long)

@@ -114,10 +114,35 @@ def test_fedprox_split_equals_whole_and_survives_a_move():
 
 
 @pytest.mark.parametrize("key,value", [("strategy.name", "fedsgd"), ("strategy.mu", -1.0),
-                                       ("strategy.server_momentum", 1.0), ("strategy.server_lr", 0.0)])
+                                       ("strategy.server_momentum", 1.0), ("strategy.server_lr", 0.0),
+                                       ("strategy.trim_fraction", 0.5), ("strategy.krum_byzantine", -1),
+                                       ("strategy.krum_keep", -2), ("strategy.clip_norm", -0.1),
+                                       ("strategy.refuse_factor", 1.0), ("strategy.refuse_factor", -3.0),
+                                       ("strategy.refuse_factor", float("nan"))])
 def test_bad_strategy_settings_name_the_key(key, value):
     from common.errors import ConfigError
     from tests.test_config import _set, local_raw
     with pytest.raises(ConfigError) as err:
         config_mod.build_config(_set(local_raw(), key, value))
     assert err.value.key == key
+
+
+def test_refuse_factor_error_says_what_it_means():
+    from common.errors import ConfigError
+    from tests.test_config import _set, local_raw
+    with pytest.raises(ConfigError, match="median of the others"):
+        config_mod.build_config(_set(local_raw(), "strategy.refuse_factor", 0.5))
+    cfg = config_mod.build_config(_set(local_raw(), "strategy.refuse_factor", 0))
+    assert cfg.strategy["refuse_factor"] == 0.0
+    assert config_mod.build_config(local_raw()).strategy["refuse_factor"] == config_mod.REFUSE_FACTOR
+
+
+@pytest.mark.parametrize("section,want", [
+    ({"name": "median"}, {"name": "median"}),
+    ({"name": "trimmed_mean", "trim_fraction": 0.3}, {"name": "trimmed_mean", "trim_fraction": 0.3}),
+    ({"name": "krum", "krum_byzantine": 2, "krum_keep": 3}, {"name": "krum", "krum_byzantine": 2, "krum_keep": 3}),
+    ({"name": "clip", "clip_norm": 1.5}, {"name": "clip", "clip_norm": 1.5})])
+def test_robust_strategies_are_made_from_their_section(section, want):
+    base = {"mu": 0.01, "server_lr": 1.0, "server_momentum": 0.9, "trim_fraction": 0.2, "krum_byzantine": 1,
+            "krum_keep": 0, "clip_norm": 0.0, "refuse_factor": 10.0}
+    assert make_strategy({**base, **section}).describe() == want

@@ -23,7 +23,16 @@ if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is N
   exit 1
 fi
 
-ctl() { "$PY" -m central.mobility "$@"; }
+# The controller; when it fails (exit 4: the run ended first), the script stops with its
+# status and says so.
+ctl() {
+  local rc=0
+  "$PY" -m central.mobility "$@" || rc=$?
+  if ((rc != 0)); then
+    echo "$(basename "$0"): stopped: the controller exited with status $rc" >&2
+    exit "$rc"
+  fi
+}
 
 # status_field CONFIG DEVICE FIELD -> the value of FIELD (edge, round, step, steps, pending, link)
 status_field() {
