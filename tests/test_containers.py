@@ -1,12 +1,13 @@
 """The image, the compose file and the Kubernetes manifests, run for real with podman.
 
 The image is built here (scripts/containers.py: a debootstrap base, this host's wheels, the
-Dockerfile; all cached, so only the first run of a machine pays for it). Then the compose
-file (podman-compose) and the manifests (`podman kube play`) each run configs/docker.toml,
-made small (2 rounds of 4 steps per device, its scheduled move kept), over podman's bridge
-network: roles reach each other by the service and pod names that the testbed file gives
-as hosts. Each run must finish with the move recorded and the same `final_model_sha256` as
-the same training on loopback.
+Dockerfile; all cached, so only the first run of a machine pays for it). Then a compose
+file (podman-compose) and manifests (`podman kube play`) each run two testbeds, over
+podman's bridge network, roles reaching each other by their names: the committed demo
+files with configs/docker.toml made small (2 rounds of 4 steps per device, its scheduled
+move kept), and files that scripts/deploy.py makes from a localhost testbed file of 3
+edges and 6 devices (2 rounds of 4 steps, one move). Each run must finish with the move
+recorded and the same `final_model_sha256` as the same training on loopback.
 
 Without podman (not root, not installed: `.ci/run` installs it) these tests are skipped
 with the reason; the checks of the manifests themselves need no engine. Everything a test
@@ -19,6 +20,7 @@ FEDFLY_TEST_ARM64=1: under emulation its build alone takes many minutes.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import secrets
@@ -31,8 +33,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts import containers
-from scripts.benchlib import render_toml
+from common.config import load_config
+from scripts import containers, deploy
+from scripts.benchlib import render_toml, write_config
 from tests.test_exactness import reference_sha
 from tests.testbed import LOOPBACK, ROOT, free_ports
 
@@ -106,7 +109,7 @@ def test_one_pod_per_role_placed_by_role_with_services_for_the_names():
         spec = pods[name]["spec"]
         (ctr,) = spec["containers"]
         assert ctr["args"] == argv == compose["services"][name]["command"]
-        assert ctr["image"] == compose["x-role"]["image"] and ctr["imagePullPolicy"] == "IfNotPresent"
+        assert ctr["image"] == compose["services"][name]["image"] and ctr["imagePullPolicy"] == "IfNotPresent"
         assert spec["restartPolicy"] == "Never"
         assert spec["nodeSelector"]["fedfly.io/role"] == role
         if role == "device":
@@ -126,27 +129,32 @@ def test_one_pod_per_role_placed_by_role_with_services_for_the_names():
 # -- the image and the runs -----------------------------------------------------------------
 
 @dataclass
-class RunConfig:
-    container_toml: Path     # hosts are the service/pod names; key and results where the containers have them
+class Deployment:
+    """One testbed, ready for podman: its compose file and the environment that file wants,
+    its Kubernetes documents (the ConfigMap holding the run's testbed file, the Secret its
+    key), and the testbed file whose training on loopback the runs must match."""
+    compose: Path
+    compose_env: dict[str, str]
+    k8s_docs: list[dict]
     key: Path
-    loopback_toml: Path      # the same run on loopback ports here
+    loopback_toml: Path
     moves: set[tuple[str, str]]
 
 
-@pytest.fixture(scope="module")
-def image() -> str:
-    reason = containers.probe()
-    if reason:
-        pytest.skip(reason)
-    try:
-        return containers.build_image(log=lambda m: None)
-    except containers.ContainerError as exc:
-        pytest.fail(str(exc))
+def _container_docs(config_text: str, key: Path, docs: list[dict]) -> list[dict]:
+    """``docs`` with the ConfigMap holding ``config_text`` and the Secret the key ``key``."""
+    for d in docs:
+        if d["kind"] == "ConfigMap":
+            d["data"]["testbed.toml"] = config_text
+    docs = [d for d in docs if d["kind"] != "Secret"]
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fedfly-key"}, "type": "Opaque",
+              "data": {"fedfly_key": base64.b64encode(key.read_bytes()).decode()}}
+    return [secret, *docs]  # the Secret first: podman makes it before the pods that mount it
 
 
-@pytest.fixture(scope="module")
-def run_config(tmp_path_factory) -> RunConfig:
-    tmp = tmp_path_factory.mktemp("containers")
+def _demo(tmp: Path) -> Deployment:
+    """The committed files (docker/docker-compose.yml, deploy/k8s/) running configs/docker.toml
+    made small (2 rounds of 4 steps on each of its 4 devices, its scheduled move kept)."""
     key = tmp / "test.key"
     key.write_text(secrets.token_hex(32))
     key.chmod(0o600)
@@ -166,14 +174,57 @@ def run_config(tmp_path_factory) -> RunConfig:
     sections["run"]["out"] = str(tmp / "runs")
     loopback = tmp / "loopback.toml"
     loopback.write_text(render_toml(sections, moves))
-    return RunConfig(container, key, loopback, {(m["device"], m["to"]) for m in moves})
+    return Deployment(COMPOSE, {"FEDFLY_CONFIG": str(container), "FEDFLY_KEY_FILE": str(key)},
+                      _container_docs(container.read_text(), key, _manifests()), key, loopback,
+                      {(m["device"], m["to"]) for m in moves})
+
+
+def _generated(tmp: Path) -> Deployment:
+    """A topology that is not the demo's, 3 edges and 6 devices, as a localhost testbed file
+    (loopback addresses, its key and results here); the compose file and the manifests are
+    made from that very file by scripts/deploy.py, and the same file trained on loopback
+    gives the final model they must end with."""
+    moves = [{"device": "device1", "to": "edge3", "round": 2, "at": 0.5}]
+    path = write_config(tmp, RUN_NAME, edges=3, devices=6, rounds=SMALL["training"]["rounds"],
+                        batch_size=SMALL["training"]["batch_size"],
+                        samples_per_device=SMALL["data"]["samples_per_device"],
+                        test_samples=SMALL["data"]["test_samples"], moves=moves)
+    key = tmp / "bench.key"   # write_config's
+    os.chown(key, IMAGE_UID, IMAGE_UID)
+    cfg = load_config(str(path), env={})
+    compose = tmp / "compose" / "docker-compose.yml"
+    compose.parent.mkdir()
+    compose.write_text(deploy.compose(cfg, config_ref=str(path), root_ref=str(ROOT)))
+    docs = [d for text in (deploy.k8s_config(path.read_text()), deploy.k8s_testbed(cfg))
+            for d in yaml.safe_load_all(text)]
+    return Deployment(compose, {"FEDFLY_KEY_FILE": str(key)}, _container_docs(path.read_text(), key, docs), key,
+                      path, {(m["device"], m["to"]) for m in moves})
+
+
+DEPLOYMENTS = {"demo": _demo, "3 edges, 6 devices": _generated}
 
 
 @pytest.fixture(scope="module")
-def loopback_sha(run_config) -> str:
+def image() -> str:
+    reason = containers.probe()
+    if reason:
+        pytest.skip(reason)
+    try:
+        return containers.build_image(log=lambda m: None)
+    except containers.ContainerError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="module", params=list(DEPLOYMENTS))
+def deployment(request, tmp_path_factory) -> Deployment:
+    return DEPLOYMENTS[request.param](tmp_path_factory.mktemp("containers"))
+
+
+@pytest.fixture(scope="module")
+def loopback_sha(deployment) -> str:
     """The final model of the same run here, trained in this process (the whole model,
     FedAvg in name order): a loopback run ends with it, moves or not (tests/test_exactness.py)."""
-    return reference_sha(run_config.loopback_toml, rounds=SMALL["training"]["rounds"])
+    return reference_sha(deployment.loopback_toml, rounds=SMALL["training"]["rounds"])
 
 
 def _podman(*args: str, timeout: float = 120, check: bool = True) -> str:
@@ -216,7 +267,7 @@ def _story(run_dir: Path | None) -> str:
     return "\n".join(out)
 
 
-def _check(summary: dict, cfg: RunConfig, expected_sha: str | None, run_dir: Path | None = None) -> None:
+def _check(summary: dict, cfg: Deployment, expected_sha: str | None, run_dir: Path | None = None) -> None:
     assert summary["status"] == "finished" and len(summary["rounds"]) == SMALL["training"]["rounds"], _story(run_dir)
     assert {(m["device"], m["to"]) for m in summary["migrations"]} == cfg.moves, (
         f"migrations {summary['migrations']}\nfaults {summary['faults']}\n{_story(run_dir)}")
@@ -226,16 +277,15 @@ def _check(summary: dict, cfg: RunConfig, expected_sha: str | None, run_dir: Pat
 
 @pytest.mark.process
 @pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
-def test_compose_up_runs_the_testbed(image, run_config, loopback_sha, tmp_path):
+def test_compose_up_runs_the_testbed(image, deployment, loopback_sha, tmp_path):
     if shutil.which("podman-compose") is None:
         pytest.skip("podman-compose is not installed (apt-get install podman-compose)")
-    compose = yaml.safe_load(COMPOSE.read_text())
+    compose = yaml.safe_load(deployment.compose.read_text())
     # podman-compose 1.0.3 (Debian 12) knows no profiles: name the services of `up`
     services = [s for s, svc in compose["services"].items() if not svc.get("profiles")]
     project = f"fftest{secrets.token_hex(3)}"
-    cmd = ["podman-compose", "-p", project, "-f", str(COMPOSE)]
-    env = containers.podman_env({**os.environ, "FEDFLY_CONFIG": str(run_config.container_toml),
-                                 "FEDFLY_KEY_FILE": str(run_config.key)})
+    cmd = ["podman-compose", "-p", project, "-f", str(deployment.compose)]
+    env = containers.podman_env({**os.environ, **deployment.compose_env})
     names = [f"{project}_{s}_1" for s in services]
     summary = None
     try:
@@ -254,30 +304,23 @@ def test_compose_up_runs_the_testbed(image, run_config, loopback_sha, tmp_path):
             _podman("rm", "-f", "-t", "0", *left, check=False)
         _podman("volume", "rm", "-f", f"{project}_results", f"{project}_certs", check=False)
         _podman("network", "rm", "-f", f"{project}_testbed", check=False)
-    _check(summary, run_config, loopback_sha, tmp_path / RUN_NAME)
+    _check(summary, deployment, loopback_sha, tmp_path / RUN_NAME)
 
 
-def _kube_play(run_config: RunConfig, tmp: Path, *, images: dict[str, str] | None = None) -> tuple[dict, dict]:
-    """Run deploy/k8s/ with `podman kube play`: the ConfigMap holds the run's testbed file,
-    the Secret its key, each node's results folder is ``tmp/results``, and ``images`` gives
-    some pods another image. Everything is removed afterwards. Returns summary.json and the
-    architecture each pod's container ran."""
-    docs = _manifests()
+def _kube_play(deployment: Deployment, tmp: Path, *, images: dict[str, str] | None = None) -> tuple[dict, dict]:
+    """Run the deployment's manifests with `podman kube play`: each node's results folder is
+    ``tmp/results``, and ``images`` gives some pods another image. Everything is removed
+    afterwards. Returns summary.json and the architecture each pod's container ran."""
+    docs = copy.deepcopy(deployment.k8s_docs)
     results = tmp / "results"
     results.mkdir()
     for d in docs:
-        if d["kind"] == "ConfigMap":
-            d["data"]["testbed.toml"] = run_config.container_toml.read_text()
-        elif d["kind"] == "Secret":
-            d["data"]["fedfly_key"] = base64.b64encode(run_config.key.read_bytes()).decode()
-        elif d["kind"] == "Pod":
+        if d["kind"] == "Pod":
             for v in d["spec"]["volumes"]:
                 if "hostPath" in v:
                     v["hostPath"]["path"] = str(results)
             for c in d["spec"]["containers"] + d["spec"].get("initContainers", []):
                 c["image"] = (images or {}).get(d["metadata"]["name"], c["image"])
-    # the Secret first: podman makes it before the pods that mount it
-    docs.sort(key=lambda d: d["kind"] != "Secret")
     play = tmp / "play.yaml"
     play.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     pods = list(_of_kind(docs, "Pod"))
@@ -308,15 +351,15 @@ def _kube_play(run_config: RunConfig, tmp: Path, *, images: dict[str, str] | Non
 
 @pytest.mark.process
 @pytest.mark.timeout(BUILD_AND_RUN_TIMEOUT_S)
-def test_kube_play_runs_the_manifests(image, run_config, loopback_sha, tmp_path):
-    summary, arch = _kube_play(run_config, tmp_path)
-    _check(summary, run_config, loopback_sha, tmp_path / "results" / RUN_NAME)
+def test_kube_play_runs_the_manifests(image, deployment, loopback_sha, tmp_path):
+    summary, arch = _kube_play(deployment, tmp_path)
+    _check(summary, deployment, loopback_sha, tmp_path / "results" / RUN_NAME)
     assert set(arch.values()) == {containers.native_arch()}
 
 
 @pytest.mark.process
 @pytest.mark.timeout(7200)
-def test_arm64_device_among_x86_roles(image, run_config, tmp_path):
+def test_arm64_device_among_x86_roles(image, tmp_path):
     """device1 from the arm64 image (under qemu), the others from this machine's: the run
     finishes with the move; its weights differ from x86's (another torch build on device1)."""
     if os.environ.get("FEDFLY_TEST_ARM64") != "1":
@@ -326,7 +369,8 @@ def test_arm64_device_among_x86_roles(image, run_config, tmp_path):
         pytest.skip(reason)
     arm = containers.build_image("arm64", log=lambda m: None)
     assert _podman("image", "inspect", arm, "--format", "{{.Architecture}}") == "arm64"
-    summary, arch = _kube_play(run_config, tmp_path, images={"device1": arm})
-    _check(summary, run_config, None)
+    demo = _demo(tmp_path / "demo")
+    summary, arch = _kube_play(demo, tmp_path, images={"device1": arm})
+    _check(summary, demo, None)
     assert arch.pop("device1") == "arm64" and set(arch.values()) == {containers.native_arch()}
     assert summary["devices"]["device1"]["steps"] == summary["devices"]["device2"]["steps"]
