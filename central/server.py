@@ -465,7 +465,7 @@ class CentralServer:
             u = updates.pop(d)
             reason = (f"its update moved the weights {ratio:.3g} times as far as the median of the others' "
                       f"(strategy.refuse_factor = {factor:g})")
-            self.results.add_failure({"round": r, "device": d, "edge": u.edge, "reason": reason,
+            self.results.add_failure({"round": r, "device": d, "edge": u.edge, "reason": reason, "samples": u.samples,
                                       "distance": _finite(dist), "ratio": _finite(ratio)})
             self.events.emit("update_refused", round=r, device=d, edge=u.edge, reason=reason,
                              distance=_finite(dist), ratio=_finite(ratio))

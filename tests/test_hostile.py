@@ -171,6 +171,7 @@ def test_a_hostile_device_with_a_real_certificate_is_refused_and_the_run_is_the_
     assert s["status"] == "finished"
     refused = [f for f in s["failures"] if f.get("device") == "device6"]
     assert [f["round"] for f in refused] == [1, 2] and all(f["ratio"] > 1e20 for f in refused), refused
+    assert all(f["samples"] == hostile.samples for f in refused), refused
     assert all(r["refused"] == ["device6"] and "device6" in r["missing"] for r in s["rounds"])
     assert all(math.isfinite(r["test_loss"]) for r in s["rounds"])
     events = [json.loads(x) for x in (run_dir / "events-central.jsonl").read_text().splitlines()]
