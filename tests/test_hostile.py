@@ -219,6 +219,7 @@ def test_a_malformed_update_drops_its_device_at_once_and_the_round_ends_with_the
     assert not [f for f in s["faults"] if f.get("kind") == "device_dropped"], s["faults"]
     events = [json.loads(x) for x in (run_dir / "events-central.jsonl").read_text().splitlines()]
     assert [e["round"] for e in events if e["event"] == "update_refused"] == [1, 2]
+    print(f"\nround seconds {[r['seconds'] for r in s['rounds']]} (run.round_timeout {timeout:g} s)")
     assert "refused: device3's update of round 1: l0.conv.bias" in bed.log("central")
     # exactly the honest two summed: the rounds played in process with device3 refused
     played = bench_robust.play(cfg, strategy={"name": "fedavg"}, refuse_factor=None, attack="scale")
