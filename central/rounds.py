@@ -8,7 +8,10 @@ A device whose edge lost its link to the central is ``held``: the central cannot
 but it may well be training (only the edge's uplink broke), so its grace does not run out
 while it is held; its absence still counts from when it was last seen. Each device's
 update is taken once: a copy sent again after a lost link is a duplicate,
-acknowledged and ignored (the same device computes the same weights, bit for bit).
+acknowledged and ignored (the same device computes the same weights, bit for bit). A
+device whose update is refused (malformed: the central cannot sum it) is dropped at once:
+the update was acknowledged, so nothing else will come from it this round, and waiting
+for it would cost the others the whole round timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class Dropped:
     reason: str
     samples: int
     absent_s: float
+    refused: bool = False  # dropped because its update was refused, not because it was absent
 
 
 @dataclass
@@ -54,7 +58,8 @@ class RoundTracker:
 
     def offer(self, device: str, round: int) -> str:
         """Whether an update of ``device`` for ``round`` is taken: "take", or why not
-        ("duplicate", "late", "stale", "not a participant")."""
+        ("duplicate", "late", "refused" (a copy of one refused before), "stale", "not a
+        participant")."""
         if round != self.round:
             return "stale" if round < self.round else "from the future"
         if device not in self.participants:
@@ -62,7 +67,7 @@ class RoundTracker:
         if device in self.updates:
             return "duplicate"
         if device in self.dropped:
-            return "late"
+            return "refused" if self.dropped[device].refused else "late"
         return "take"
 
     def take(self, device: str, update: object) -> None:
@@ -89,6 +94,16 @@ class RoundTracker:
             return None
         since = self.absent_since.get(device, now)
         rec = Dropped(device, reason, self.shard_samples.get(device, 0), now - since)
+        self.dropped[device] = rec
+        return rec
+
+    def refuse(self, device: str, reason: str, now: float) -> Dropped | None:
+        """Drop one participant whose update was refused, now, with the samples it cost;
+        None if it was not waited for (its update was in, or it was dropped already)."""
+        if device not in self.waiting_for:
+            return None
+        rec = Dropped(device, reason, self.shard_samples.get(device, 0), now - self.absent_since.get(device, now),
+                      refused=True)
         self.dropped[device] = rec
         return rec
 

@@ -242,8 +242,13 @@ class CentralServer:
         elif verdict == "take":
             problem = self._check_update(msg)
             if problem:
-                self.results.add_failure({"round": msg.round, "device": msg.device, "edge": edge, "reason": problem})
-                self.events.emit("update_refused", device=msg.device, edge=edge, reason=problem)
+                # dropped at once: its update was acknowledged, nothing else comes from it this round
+                x = tracker.refuse(msg.device, f"update refused: {problem}",  # type: ignore[union-attr]
+                                   time.monotonic())
+                self.results.add_failure({"round": msg.round, "device": msg.device, "edge": edge, "reason": problem,
+                                          "samples": x.samples if x else 0})
+                self.events.emit("update_refused", round=msg.round, device=msg.device, edge=edge, reason=problem)
+                self.say(f"  refused: {msg.device}'s update of round {msg.round}: {problem}")
             else:
                 tracker.take(msg.device, msg)  # type: ignore[union-attr]
         elif verdict == "late":
@@ -432,7 +437,9 @@ class CentralServer:
                    "test_accuracy": acc, "test_loss": loss, "samples": sum(u.samples for u in updates.values()),
                    "devices": order, "missing": sorted(set(self.cfg.devices) - set(updates)), "dropped": dropped,
                    "samples_lost": sum(x["samples"] for x in dropped),
-                   "refused": [x["device"] for x in refused], "update_ratio_max": ratio_max}
+                   "refused": sorted([x.device for x in tracker.dropped.values() if x.refused]
+                                     + [x["device"] for x in refused]),
+                   "update_ratio_max": ratio_max}
             for d, rec_d in self.results.summary.get("auto_split", {}).items():  # measured beside predicted
                 if d in updates:
                     rec_d["measured_train_s"].append(round(updates[d].train_seconds, 4))
@@ -467,7 +474,7 @@ class CentralServer:
             u = updates.pop(d)
             reason = (f"its update moved the weights {ratio:.3g} times as far as the median of the others' "
                       f"(strategy.refuse_factor = {factor:g})")
-            self.results.add_failure({"round": r, "device": d, "edge": u.edge, "reason": reason,
+            self.results.add_failure({"round": r, "device": d, "edge": u.edge, "reason": reason, "samples": u.samples,
                                       "distance": _finite(dist), "ratio": _finite(ratio)})
             self.events.emit("update_refused", round=r, device=d, edge=u.edge, reason=reason,
                              distance=_finite(dist), ratio=_finite(ratio))

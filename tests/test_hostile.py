@@ -31,8 +31,8 @@ from tests.testbed import Testbed, write_config
 pytestmark = [pytest.mark.process, pytest.mark.timeout(600)]
 
 
-def _config(tmp: Path, extra: dict | None = None) -> Path:
-    return write_config(tmp, edges=2, devices=6, rounds=2, mode="classic", samples_per_device=40, batch_size=32,
+def _config(tmp: Path, extra: dict | None = None, devices: int = 6) -> Path:
+    return write_config(tmp, edges=2, devices=devices, rounds=2, mode="classic", samples_per_device=40, batch_size=32,
                         extra={"data": {"test_samples": 100}, **(extra or {})})
 
 
@@ -70,13 +70,25 @@ def test_each_strategy_against_one_hostile_device_in_six(tmp_path):
     assert all(not r["refused"] for r in honest["rounds"])  # no honest update is refused
 
 
+def _scaled(weights: dict) -> dict:
+    """The round's weights times 1e30: finite, the right names, shapes and dtypes."""
+    return {k: (v * 1e30 if v.is_floating_point() else v) for k, v in weights.items()}
+
+
+def _wrong_shape(weights: dict) -> dict:
+    """One weight of the wrong shape (the right names): the central cannot sum it."""
+    return {**weights, "l0.conv.bias": torch.zeros(1)}
+
+
 class HostileDevice:
     """device6 with its own certificate: attaches to its edge, and answers every round
-    with the round's weights times 1e30, the shard's sample count and the right steps."""
+    with ``spoil`` of the round's weights (by default times 1e30), the shard's sample
+    count and the right steps."""
 
-    def __init__(self, cfg_path: Path, name: str = "device6") -> None:
+    def __init__(self, cfg_path: Path, name: str = "device6", spoil=_scaled) -> None:
         self.cfg = load_config(str(cfg_path))
         self.name = name
+        self.spoil = spoil
         self.rounds: list[int] = []
         self.error: BaseException | None = None
         self._lock = threading.Lock()
@@ -120,7 +132,7 @@ class HostileDevice:
                 msg = conn.recv(timeout=120)
                 if isinstance(msg, m.DeviceRound):
                     r = int(msg.plan["round"])
-                    bad = {k: (v * 1e30 if v.is_floating_point() else v) for k, v in msg.weights.items()}
+                    bad = self.spoil(msg.weights)
                     self._send(conn, m.DeviceDone(round=r, samples=self.samples, steps=steps, train_seconds=0.1,
                                                   weights=bad))
                     self.rounds.append(r)
@@ -159,6 +171,7 @@ def test_a_hostile_device_with_a_real_certificate_is_refused_and_the_run_is_the_
     assert s["status"] == "finished"
     refused = [f for f in s["failures"] if f.get("device") == "device6"]
     assert [f["round"] for f in refused] == [1, 2] and all(f["ratio"] > 1e20 for f in refused), refused
+    assert all(f["samples"] == hostile.samples for f in refused), refused
     assert all(r["refused"] == ["device6"] and "device6" in r["missing"] for r in s["rounds"])
     assert all(math.isfinite(r["test_loss"]) for r in s["rounds"])
     events = [json.loads(x) for x in (run_dir / "events-central.jsonl").read_text().splitlines()]
@@ -166,5 +179,50 @@ def test_a_hostile_device_with_a_real_certificate_is_refused_and_the_run_is_the_
     assert "refused: device6's update of round 1" in bed.log("central")
     # exactly the rounds played in process with the same refusal (the honest five summed)
     played = bench_robust.play(cfg, strategy={"name": "fedavg"}, refuse_factor=None, attack="scale")
+    from common.models import state_sha256
+    assert s["final_model_sha256"] == state_sha256(played["weights"])
+
+
+def test_a_malformed_update_drops_its_device_at_once_and_the_round_ends_with_the_others(tmp_path):
+    """Issue 26, "nothing hangs": an update the central refuses as malformed (a weight of
+    the wrong shape) drops its device from the round at once, so the round ends with the
+    others' updates summed, not after run.round_timeout."""
+    timeout = 120.0
+    cfg = _config(tmp_path, devices=3, extra={"security": {"mode": "tls", "certs": "certs"},
+                                              "run": {"startup_timeout": 300.0, "round_timeout": timeout}})
+    from scripts import certs as certs_cmd
+    assert certs_cmd.main(["--config", str(cfg)]) == 0
+    bed = Testbed(cfg, log_dir=tmp_path / "logs")
+    hostile = HostileDevice(cfg, name="device3", spoil=_wrong_shape)
+    try:
+        bed.start_all(["edge1", "edge2"], ["device1", "device2"])
+        hostile.thread.start()
+        assert bed.wait("central", 500) == 0, (hostile.error, bed.log("central"))
+    finally:
+        hostile.stop()
+        bed.stop()
+    assert hostile.error is None, hostile.error
+    assert hostile.rounds == [1, 2]
+    run_dir = next(p for p in (tmp_path / "runs").glob("*") if (p / "summary.json").exists())
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "finished"
+    for r in s["rounds"]:
+        assert r["devices"] == ["device1", "device2"] and r["refused"] == ["device3"], r
+        (d,) = r["dropped"]
+        assert d["device"] == "device3" and d["samples"] == hostile.samples == r["samples_lost"], r
+        assert d["reason"].startswith("update refused: l0.conv.bias is torch.float32 [1]"), d
+        # it did not wait for the timeout (a functional check, not a speed goal)
+        assert r["seconds"] < timeout / 4, r
+    # recorded once each round, with the samples it cost; no timeout or grace drop beside it
+    assert [(f["round"], f["device"], f["samples"]) for f in s["failures"]] == \
+        [(1, "device3", hostile.samples), (2, "device3", hostile.samples)], s["failures"]
+    assert not [f for f in s["faults"] if f.get("kind") == "device_dropped"], s["faults"]
+    events = [json.loads(x) for x in (run_dir / "events-central.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in events if e["event"] == "update_refused"] == [1, 2]
+    print(f"\nround seconds {[r['seconds'] for r in s['rounds']]} (run.round_timeout {timeout:g} s)")
+    assert "refused: device3's update of round 1: l0.conv.bias" in bed.log("central")
+    # exactly the honest two summed: the rounds played in process with device3 refused
+    played = bench_robust.play(cfg, strategy={"name": "fedavg"}, refuse_factor=None, attack="scale")
+    assert all(r["refused"] == ["device3"] for r in played["rounds"]), played["rounds"]
     from common.models import state_sha256
     assert s["final_model_sha256"] == state_sha256(played["weights"])

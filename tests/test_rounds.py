@@ -58,6 +58,21 @@ def test_updates_are_taken_once_and_late_or_foreign_ones_are_named():
     assert t.offer("d2", 2) == "late"
 
 
+def test_a_refused_update_drops_its_device_at_once_and_a_copy_of_it_is_not_late():
+    t = tracker()
+    t.presence({"d1", "d2", "d3"}, 0.0)
+    t.take("d1", object())
+    x = t.refuse("d2", "update refused: bad shape", 1.0)
+    assert x is not None and x.refused and x.samples == 20 and x.absent_s == 0.0 and x.reason.endswith("bad shape")
+    assert t.waiting_for == ["d3"] and t.next_deadline() is None  # nobody absent: nothing to wait out
+    assert t.offer("d2", 2) == "refused"           # its copy, sent again after a lost link: not "late"
+    assert t.refuse("d1", "x", 1.0) is None and t.refuse("d2", "x", 1.0) is None  # taken, or already out
+    assert t.dropped["d2"] is x
+    t.take("d3", object())
+    assert t.complete and not t.drop("d3", "x", 2.0)
+    assert not t.expire(100.0)
+
+
 # -- the round loop against fake edges ------------------------------------------------------------
 
 def config(devices=("device1", "device2"), rounds=2, grace=1.0):
@@ -73,11 +88,12 @@ class FakeEdges:
     """Stands in for ``EdgeRegistry``: one edge that answers every RoundStart with an
     update per device it serves, except the ones told to vanish."""
 
-    def __init__(self, devices, vanish=()):
+    def __init__(self, devices, vanish=(), spoil=()):
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.live = {"edge1"}
         self.devices = list(devices)
         self.vanish = set(vanish)
+        self.spoil = set(spoil)  # these send a weight of the wrong shape
         self.greeting = None
         self.sent: list = []
         self.queue.put(EdgeJoined("edge1", False))
@@ -90,8 +106,9 @@ class FakeEdges:
             here = [d for d in self.devices if d not in self.vanish]
             self.queue.put(EdgeMessage("edge1", m.EdgeStatus(edge="edge1", attached=here)))
             for d in here:
+                weights = {**msg.weights, "l0.conv.bias": torch.zeros(3)} if d in self.spoil else msg.weights
                 upd = m.DeviceUpdate(round=r, device=d, edge="edge1", samples=10, steps=1, train_seconds=0.0,
-                                     weights=msg.weights)
+                                     weights=weights)
                 self.queue.put(EdgeMessage("edge1", upd))
                 self.queue.put(EdgeMessage("edge1", upd))  # sent again after a lost link: taken once
 
@@ -169,6 +186,29 @@ def test_devices_of_an_edge_whose_uplink_broke_are_held_for_the_central_grace():
     srv._handle(EdgeJoined("edge1", True))
     srv._handle(EdgeMessage("edge1", m.EdgeStatus(edge="edge1", attached=["device1"])))
     assert srv.held(now) == {"device2"} and "device1" not in srv.orphans  # seen again: no longer held
+
+
+def test_a_device_whose_update_is_refused_is_dropped_and_the_round_ends_with_the_others():
+    """The round does not wait for the refused device until run.round_timeout: it is
+    dropped at once, recorded once as a failure with the samples it cost, and named in the
+    round's dropped and refused lists; its copy sent again is acknowledged and ignored."""
+    cfg = config()
+    edges = FakeEdges(cfg.device_names, spoil={"device2"})
+    srv = server(cfg, edges)
+    srv._wait_for_testbed()
+    w0 = dict(build_model("vgg5", seed=0).state_dict())
+    out = srv._rounds(w0)
+    assert state_sha256(out) == state_sha256(w0)  # device1's update alone, summed
+    s = srv.results.summary
+    for r in s["rounds"]:
+        assert r["devices"] == ["device1"] and r["missing"] == ["device2"] and r["refused"] == ["device2"]
+        (d,) = r["dropped"]
+        assert d["device"] == "device2" and d["samples"] == 10 and r["samples_lost"] == 10
+        assert d["reason"].startswith("update refused: l0.conv.bias is torch.float32 [3]"), d
+    assert [(f["round"], f["device"], f["samples"]) for f in s["failures"]] == [(1, "device2", 10), (2, "device2", 10)]
+    assert s["faults"] == []  # no timeout, no grace ran out: the refusal is its only record
+    assert len([msg for e, msg in edges.sent if isinstance(msg, m.UpdateAck)]) == 8
+    assert "refused: device2's update of round 1" in srv.out.getvalue()
 
 
 @pytest.mark.parametrize("spoil, why", [
