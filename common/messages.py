@@ -12,6 +12,7 @@ that came from a peer.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import typing
 from typing import Any, ClassVar
@@ -28,10 +29,21 @@ _MAX_JSON_DEPTH = 16
 MESSAGE_TYPES: dict[str, type["Message"]] = {}
 
 
+class Scope(enum.Enum):
+    """What a message belongs to, for the edge's rule "a device's events wait while its
+    step trains" (``edge.core``): every message type declares one (``SCOPE``)."""
+    SESSION = "session"  # one device's session: the device its ``device`` field names, or
+    #                      (a message without one, on a device's own link) that link's device
+    EDGE = "edge"        # the whole edge: it waits for any step in training, and all after it
+    FREE = "free"        # orders with no step (changes no session): handled at once
+
+
 class Message:
-    """Base of all messages. ``TYPE`` is the name on the wire."""
+    """Base of all messages. ``TYPE`` is the name on the wire; ``SCOPE`` what it belongs
+    to (declared by every message type; None: undeclared)."""
 
     TYPE: ClassVar[str] = ""
+    SCOPE: ClassVar[Scope | None] = None
 
 
 def message(cls: type) -> type:
@@ -170,6 +182,7 @@ def from_wire(type_name: str, fields: dict, tensors: list[tuple[str, str, torch.
 @message
 class ErrorNotice(Message):
     """Sent, best effort, just before closing a connection because of ``kind``."""
+    SCOPE = Scope.FREE
     kind: str
     detail: str
 
@@ -177,11 +190,13 @@ class ErrorNotice(Message):
 @message
 class Heartbeat(Message):
     """Any peer, on an otherwise idle link: "still here". Consumed by the transport."""
+    SCOPE = Scope.FREE
 
 
 @message
 class Shutdown(Message):
     """central -> edge -> device: the run is over (or aborted), exit cleanly."""
+    SCOPE = Scope.EDGE
     reason: str
 
 
@@ -192,12 +207,14 @@ class Shutdown(Message):
 @message
 class EdgeHello(Message):
     """edge -> central: first message; names the edge (again, after a lost link)."""
+    SCOPE = Scope.EDGE
     edge: str
 
 
 @message
 class Welcome(Message):
     """central -> edge, edge -> device: the run's name (for the run folder) and mode."""
+    SCOPE = Scope.EDGE
     run_name: str
     mode: str
 
@@ -205,6 +222,7 @@ class Welcome(Message):
 @message
 class EdgeStatus(Message):
     """edge -> central: which devices are attached to it now."""
+    SCOPE = Scope.EDGE
     edge: str
     attached: list[str]
 
@@ -217,6 +235,7 @@ def _check_plan(where: str, plan: object) -> None:
 class RoundStart(Message):
     """central -> edge: round ``plan['round']`` begins from these global weights (the
     full model). Sent again to an edge that rejoins during the round."""
+    SCOPE = Scope.EDGE
     plan: JSON
     weights: Tensors
 
@@ -232,6 +251,7 @@ class RoundStart(Message):
 class DeviceUpdate(Message):
     """edge -> central: one device's full weights at the end of a round. Resent after a
     lost link until ``UpdateAck``; the central takes each (device, round) once."""
+    SCOPE = Scope.SESSION
     round: int
     device: str
     edge: str
@@ -244,6 +264,7 @@ class DeviceUpdate(Message):
 @message
 class UpdateAck(Message):
     """central -> edge: the update of ``device`` for ``round`` is safe (or not needed)."""
+    SCOPE = Scope.SESSION
     round: int
     device: str
 
@@ -251,6 +272,7 @@ class UpdateAck(Message):
 @message
 class MigrationReport(Message):
     """device -> its new edge -> central: one finished move, for the results."""
+    SCOPE = Scope.SESSION
     device: str
     source: str
     target: str
@@ -273,6 +295,7 @@ class FaultReport(Message):
     ``down_s``: from the fault to the work going on again (the device's pause);
     ``replayed``: steps done again; ``recovery``: how it went on; ``samples_lost``: samples
     of training that did not reach the round."""
+    SCOPE = Scope.SESSION
     kind: str
     process: str
     peer: str
@@ -309,6 +332,7 @@ class AttachRequest(Message):
     ``why`` is for the record: a planned move or a reconnect after a lost link.
     ``checkpoints``: the steps of ``round`` the device can roll back to (0 always; more
     with ``faults.checkpoint_steps``), for an edge that recovers its session from a replica."""
+    SCOPE = Scope.SESSION
     device: str
     kind: str
     round: int
@@ -337,6 +361,7 @@ class AttachReply(Message):
     back; 0: the round again from its weights); ``wait`` for a round (none for this
     device now); ``done`` (its update of ``round`` was taken). ``how`` says where the
     session came from, with the bytes and milliseconds a move took."""
+    SCOPE = Scope.SESSION
     ok: bool
     reason: str
     run_name: str
@@ -357,6 +382,7 @@ class AttachReply(Message):
 class DeviceRound(Message):
     """edge -> device: train round ``plan['round']`` from these weights (device part, or
     the whole model in mode classic)."""
+    SCOPE = Scope.SESSION
     plan: JSON
     weights: Tensors
 
@@ -372,6 +398,7 @@ class DeviceRound(Message):
 class StandBy(Message):
     """edge -> device: round ``round`` is over for you (the central moved on without
     your update); wait for a round."""
+    SCOPE = Scope.SESSION
     round: int
     reason: str
 
@@ -380,6 +407,7 @@ class StandBy(Message):
 class Activations(Message):
     """device -> edge: step ``step``'s smashed data ``x`` and labels ``y``. A step sent
     again (after a lost link) is answered again, never trained twice."""
+    SCOPE = Scope.SESSION
     round: int
     step: int
     batch: Tensors
@@ -395,6 +423,7 @@ class Activations(Message):
 @message
 class Gradients(Message):
     """edge -> device: the gradient at the cut for step ``step``, and the batch loss."""
+    SCOPE = Scope.SESSION
     round: int
     step: int
     loss: float
@@ -407,6 +436,7 @@ class Gradients(Message):
 class DeviceDone(Message):
     """device -> edge: the device's part of its model after the round. Sent again after
     a lost link until ``DoneAck``."""
+    SCOPE = Scope.SESSION
     round: int
     samples: int
     steps: int
@@ -420,6 +450,7 @@ class Leaving(Message):
     closes after it): the device stops at ``round``/``step`` and goes to edge ``to``. In
     mode fedfly the edge offers the session to ``to`` at once (``OfferNotice``), so that
     its bytes travel while the device connects there."""
+    SCOPE = Scope.SESSION
     round: int
     step: int
     to: str
@@ -428,6 +459,7 @@ class Leaving(Message):
 @message
 class DoneAck(Message):
     """edge -> device: the central has the update of ``round``."""
+    SCOPE = Scope.SESSION
     round: int
 
 
@@ -440,6 +472,7 @@ class SessionPull(Message):
     """destination -> source: hand over ``device``'s session, which must be at
     ``round``/``step`` (or one step further, with the reply to ``step`` kept).
     ``proofs``: the device's, that it attached to ``target`` in ``round``."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -451,6 +484,7 @@ class SessionPull(Message):
 class SessionDrop(Message):
     """destination -> source (modes restart and classic): forget ``device``'s session of
     ``round``. ``proofs``: as ``SessionPull``'s."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     target: str
@@ -460,6 +494,7 @@ class SessionDrop(Message):
 @message
 class SessionSnapshot(Message):
     """source -> destination: the whole session; ``checksum`` is SHA-256 over meta and tensors."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -473,6 +508,7 @@ class SessionReplica(Message):
     """edge -> its buddy edge, one way: a copy of ``device``'s session at ``step``, kept
     for the day the edge dies (``faults.checkpoint_steps``). ``target``: the sender;
     ``edge_key``: its key for the device's proofs (a replica pull must prove an attach)."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -488,6 +524,7 @@ class ReplicaPull(Message):
     """an edge that took over a device of a dead edge -> that edge's buddy: its replica
     of ``device``'s session in ``round``, at one of ``steps`` (where the device can roll
     back to). Answered with ``SessionSnapshot`` (a copy: the buddy keeps it) or ``PullRefused``."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     steps: list[int]
@@ -501,6 +538,7 @@ class PeerHello(Message):
     start, to offer sessions on later): who opens it. A link on which nothing came first
     would be closed by the other edge after twice ``dead_after_s`` (heartbeats say nothing
     of who is there). ``target``: the sender."""
+    SCOPE = Scope.FREE
     target: str
 
 
@@ -509,6 +547,7 @@ class OfferNotice(Message):
     """source -> destination, one way: ``device`` left us at ``round``/``step`` naming you;
     its session follows as ``SessionOffer`` on this link. A device that attaches to you
     naming us at that position waits for it instead of pulling. ``target``: the sender."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -521,6 +560,7 @@ class SessionOffer(Message):
     ``SessionSnapshot``, its checksum still being computed as it goes: ``OfferSealed``
     follows). Answered, on the same link, with ``SessionInstalled`` once the device
     attached and the copy is verified against that checksum, or with ``OfferDeclined``."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -533,6 +573,7 @@ class SessionOffer(Message):
 class OfferSealed(Message):
     """source -> destination, right after ``SessionOffer``: its checksum (SHA-256 over meta
     and tensors, as ``SessionSnapshot.checksum``), computed while the offer was sent."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -545,6 +586,7 @@ class OfferDeclined(Message):
     """destination -> source: the offered session of ``device`` will not be used (the
     device did not come, came at another position, or the copy failed its checks);
     the source keeps it for a pull."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -553,6 +595,7 @@ class OfferDeclined(Message):
 @message
 class SessionInstalled(Message):
     """destination -> source: installed, with the checksum it verified. The source drops it."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -562,17 +605,22 @@ class SessionInstalled(Message):
 @message
 class SessionReleased(Message):
     """source -> destination: the session is gone from the source; the destination owns it."""
+    SCOPE = Scope.SESSION
     device: str
 
 
 @message
 class PullRefused(Message):
-    """source -> destination: no session to hand over. ``moved_to``: it went on to that
-    edge (ask there); ``delivered``: its update of ``round`` was taken already."""
+    """source -> destination: no session to hand over. ``reason`` is free text for the
+    record, never read by the protocol. ``moved_to``: it went on to that edge (ask there);
+    ``delivered``: its update of ``round`` was taken already; ``offered``: it is on its way
+    to the asker already, offered when the device left (wait for that copy)."""
+    SCOPE = Scope.SESSION
     device: str
     reason: str
     moved_to: str
     delivered: bool
+    offered: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -582,6 +630,7 @@ class PullRefused(Message):
 @message
 class MoveCommand(Message):
     """controller -> device: move to edge ``to`` at the next step boundary."""
+    SCOPE = Scope.FREE
     device: str
     to: str
 
@@ -591,6 +640,7 @@ class DropCommand(Message):
     """controller -> device: lose the link to your edge now, at whatever byte (a radio
     loss: the device goes silent), for ``seconds``; then reconnect to ``to`` ('' = as
     ``faults.reconnect`` says)."""
+    SCOPE = Scope.FREE
     device: str
     seconds: float
     to: str
@@ -603,6 +653,7 @@ class DropCommand(Message):
 @message
 class MoveReply(Message):
     """device -> controller: accepted, or refused with the reason; ``edge`` is where it is."""
+    SCOPE = Scope.FREE
     accepted: bool
     reason: str
     edge: str
@@ -611,6 +662,7 @@ class MoveReply(Message):
 @message
 class StatusRequest(Message):
     """controller -> device: where are you?"""
+    SCOPE = Scope.FREE
 
 
 LINK_STATES = ("attached", "reconnecting", "cut", "idle")
@@ -621,6 +673,7 @@ class StatusReply(Message):
     """device -> controller: current edge, round, step (of ``steps`` in the round; equal
     once the round's work is done), a pending move target or '', and the state of its
     link to the edge."""
+    SCOPE = Scope.FREE
     device: str
     edge: str
     round: int

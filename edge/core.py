@@ -46,8 +46,6 @@ E, S = Event, State
 # A handed-over session may have moved on again before a pull reached it; each hop names
 # the next edge. More hops than edges means a loop (a bug): give up and restart the round.
 MAX_FORWARD_HOPS = 8
-# A source's answer to a pull of a session it offered to the puller already (on the way)
-OFFERED = "offered"
 TICK_S = 0.5
 
 
@@ -150,7 +148,11 @@ class EdgeCore:
                  central: CentralPort, fetcher: Fetcher, events: EventLog, spare: SparePart | None = None,
                  clock: Callable[[], float] = time.monotonic, handover_deadline_s: float = 30.0,
                  checkpoint_steps: int = 0, edges: list[str] | None = None, offers: bool = False,
-                 trainer: Trainer | None = None, cut_first: bool = True) -> None:
+                 trainer: Trainer | None = None, cut_first: bool = True,
+                 inbox: queue.SimpleQueue | None = None) -> None:
+        """``inbox``: the queue of events the core handles (``submit``), shared with the
+        parts built before it that report to it (the central's link, the fetcher, the
+        trainer); a new one if None."""
         self.name = name
         self.role = f"edge {name}"
         self.mode = mode
@@ -193,7 +195,7 @@ class EdgeCore:
             m.OfferNotice: self._on_offer_notice, m.SessionOffer: self._on_offer, m.OfferSealed: self._on_offer_sealed,
             m.OfferDeclined: self._on_offer_declined, m.SessionReleased: self._on_offer_answered,
             m.PullRefused: self._on_offer_answered, m.PeerHello: lambda port, msg: None}
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue = inbox if inbox is not None else queue.SimpleQueue()
         # steps on the training thread (None: trained here, between two events)
         self.trainer = trainer
         self.training: set[str] = set()         # devices whose step is on the trainer now
@@ -266,31 +268,38 @@ class EdgeCore:
         self._report_status()
 
     @staticmethod
-    def _device_of(ev: object) -> str | None:
-        """The device an event concerns (None: none in particular, or several)."""
+    def _scope(ev: object) -> tuple[m.Scope, str | None]:
+        """What an event belongs to, as its message declares (``Message.SCOPE``), and for
+        a session the device. A type with no declaration counts as the whole edge's."""
         if isinstance(ev, (DeviceMessage, DeviceLost, PullOutcome)):
-            return ev.device
+            msg = getattr(ev, "msg", None)
+            scope = msg.SCOPE if msg is not None else m.Scope.SESSION
+            return (scope or m.Scope.EDGE), ev.device
         if isinstance(ev, DeviceAttach):
-            return ev.req.device
-        if isinstance(ev, PeerMessage):
-            device = getattr(ev.msg, "device", None)
-            return device if isinstance(device, str) else None
-        return None
+            return m.Scope.SESSION, ev.req.device
+        if isinstance(ev, (PeerMessage, CentralMessage)):
+            scope = type(ev.msg).SCOPE or m.Scope.EDGE
+            device = getattr(ev.msg, "device", None) if scope is m.Scope.SESSION else None
+            if scope is m.Scope.SESSION and not isinstance(device, str):
+                return m.Scope.EDGE, None  # a session's message that names none: all wait
+            return scope, device
+        return m.Scope.EDGE, None  # the central's link coming and going
 
     def _waits(self, ev: object) -> bool:
-        """Must ``ev`` wait for a step on the trainer? Yes if it concerns that step's
-        device, or no device in particular (the central, a peer's link; not a stop or a
-        tick), or if such an event already waits (the order of events is kept)."""
+        """Must ``ev`` wait for a step on the trainer? Yes if it belongs to that step's
+        device's session or to the whole edge (the central, a round's start; not a stop or
+        a tick), or if such an event already waits (the order of events is kept). What
+        belongs to nothing that orders with a step (``Scope.FREE``) never waits."""
         if not self.training or isinstance(ev, (StepDone, Stop, Tick)):
             # a stop only closes links, and a step may hang; a tick's deadlines are of
             # handovers, never of a session that trains (a slow edge's step is over 0.5 s)
             return False
-        if isinstance(ev, PeerMessage) and isinstance(ev.msg, m.PeerHello):
-            return False  # changes nothing: the pull that may follow it must not wait behind it
+        scope, device = self._scope(ev)
+        if scope is m.Scope.FREE:
+            return False  # changes nothing: what may follow it must not wait behind it
         if self._held_all:
             return True
-        device = self._device_of(ev)
-        if device is None:
+        if scope is m.Scope.EDGE:
             self._held_all = True
             return True
         return device in self.training
@@ -408,7 +417,7 @@ class EdgeCore:
                                  detail=str(exc)[:300])
 
     def _entry_round_start(self, e: Entry, r: int) -> None:
-        if e.state is S.REPLICA or (e.session is not None and e.session.round >= r):
+        if e.session is not None and e.session.round >= r:
             return
         if e.state is S.PULLING and e.pending is not None and e.pending.round >= r:
             self._resolve_pending(e)  # it was waiting for this very round
@@ -733,14 +742,14 @@ class EdgeCore:
                 port.post(installed)
             return
         refused = ev.refused
-        if refused is not None and refused.reason == OFFERED and not ev.replica and e.no_offer == e.pull_token \
+        if refused is not None and refused.offered and not ev.replica and e.no_offer == e.pull_token \
                 and e.hops < MAX_FORWARD_HOPS:
             # the offer failed here, and the source has not heard it yet (the news is on the
             # other link): ask again
             e.hops += 1
             self._pull_again(e, ev.source)
             return
-        if refused is not None and refused.reason == OFFERED and not ev.replica and e.no_offer != e.pull_token:
+        if refused is not None and refused.offered and not ev.replica and e.no_offer != e.pull_token:
             # its source offered it to us when the device left: that copy is on its way
             o = self.offers.get(e.device)
             if o is not None and o.matches(ev.source, r, s):
@@ -1030,8 +1039,9 @@ class EdgeCore:
         self.events.emit("handover_confirmed" if isinstance(msg, m.SessionReleased) else "handover_unconfirmed",
                          device=msg.device, source=port.name, offered=True)
 
-    def _refuse(self, port: Port, device: str, reason: str, *, moved_to: str = "", delivered: bool = False) -> None:
-        port.post(m.PullRefused(device=device, reason=reason, moved_to=moved_to, delivered=delivered))
+    def _refuse(self, port: Port, device: str, reason: str, *, moved_to: str = "", delivered: bool = False,
+                offered: bool = False) -> None:
+        port.post(m.PullRefused(device=device, reason=reason, moved_to=moved_to, delivered=delivered, offered=offered))
 
     def _proven(self, msg: m.SessionPull | m.SessionDrop | m.ReplicaPull, key: str | None, holder: str) -> bool:
         """Did the device really attach to the edge asking for its session? (Refused
@@ -1066,11 +1076,10 @@ class EdgeCore:
             # offered to that edge when the device left, and on its way there already: the
             # puller waits for that copy rather than have a second one sent
             self._move(e, E.PULL, S.HANDING_OVER)
-            self._refuse(port, d, OFFERED)
+            self._refuse(port, d, "refused", offered=True)
             self.events.emit("pull_answered_by_offer", device=d, round=r, step=s, to=msg.target)
             return
-        if state is S.REPLICA or session.round != r or not (session.position_matches(s) or
-                                                              (state is S.DELIVERING and session.step == s)):
+        if session.round != r or not (session.position_matches(s) or (state is S.DELIVERING and session.step == s)):
             self._move(e, E.PULL, state)
             self._refuse(port, d, "refused")
             self.events.emit("handover_refused", device=d, round=r, step=s, to=msg.target, state=state.value,
@@ -1215,7 +1224,7 @@ class EdgeCore:
             e = self.entries.get(msg.device)
             if e is None or (e.session is not None and e.session.round > msg.round):
                 pass  # nothing here, or a drop from an older round: nothing to do
-            elif e.port is None and e.state in (S.DETACHED, S.HANDING_OVER, S.REPLICA, S.DELIVERING, S.IDLE):
+            elif e.port is None and e.state in (S.DETACHED, S.HANDING_OVER, S.DELIVERING, S.IDLE):
                 self._move(e, E.DROP, S.GONE)
                 self.entries.pop(msg.device, None)
             elif e.state in allowed(e.state, E.DROP):
