@@ -1,6 +1,8 @@
-"""Moving a device's session between edges: the destination's side of the exchange.
+"""Moving a device's session between edges: the destination's fetches on worker threads
+(the protocols themselves, both sides, are in ``edge.handover``: ``pull``, ``offer``,
+``replica``, ``restart``).
 
-Destination B (``Fetcher``, a worker thread)       Source A (``EdgeCore._on_pull``, its core)
+Destination B (``Fetcher``, a worker thread)       Source A (``edge.handover.pull``, its core)
     SessionPull(device, round, step) ------------>  position checked, snapshot taken
                                <------------------  SessionSnapshot(meta, tensors, checksum)
     verify checksum, rebuild; the core installs

@@ -83,7 +83,7 @@ class EdgeServer:
         self.core = EdgeCore(name=name, mode=cfg.mode, models=models, seed=cfg.run["seed"], devices=set(cfg.devices),
                              peers=set(cfg.edges) - {name}, central=self.central, fetcher=fetcher, events=events,
                              spare=self.spare, handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
-                             checkpoint_steps=checkpoint_steps, edges=sorted(cfg.edges), offers=cfg.offer,
+                             checkpoint_steps=checkpoint_steps, edges=sorted(cfg.edges), handover=cfg.handover,
                              cut_first=cfg.training["cut_gradient_first"], trainer=self.trainer, inbox=inbox)
 
     def _on_welcome(self, run_name: str) -> None:

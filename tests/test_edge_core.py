@@ -464,7 +464,7 @@ def test_everything_is_checked_against_the_table(monkeypatch):
     e = core.entries["device1"]
     from edge.lifecycle import Event, TransitionError
     with pytest.raises(TransitionError, match="edge edge1.*FINISH.*ACTIVE"):
-        core._move(e, Event.FINISH, S.IDLE)
+        core.move(e, Event.FINISH, S.IDLE)
     del p
 
 
@@ -734,7 +734,7 @@ def test_the_destination_takes_an_offer_that_came_before_the_device_and_declines
     assert dst.fetcher.pulls == [] and state(dst) is S.PULLING
     (took,) = dst.fetcher.offers
     assert took["offer"] is offer and took["port"] is port and took["source"] == "edge1"
-    assert "device1" not in dst.offers
+    assert "device1" not in dst.handover.offers
     # the same offer again, and a device that comes at another step: declined, pulled
     dst2 = make_core(name="edge2")
     start_round(dst2)
@@ -829,7 +829,7 @@ def test_an_offer_sealed_before_the_round_started_here_is_built_when_its_device_
     port = Outbox("edge edge1")
     for msg in (notice, offer, seal):
         dst.handle(PeerMessage(port, msg))
-    assert dst.fetcher.prepared == [] and "device1" in dst.offers
+    assert dst.fetcher.prepared == [] and "device1" in dst.handover.offers
     start_round(dst)
     attach(dst, kind="resume", round=1, step=2, source="edge1", why="move")
     (prep,) = dst.fetcher.prepared
@@ -927,10 +927,10 @@ def test_an_offer_nobody_comes_for_is_declined_at_the_deadline():
     from edge.ports import Tick
     now[0] += 5
     dst.handle(Tick())
-    assert "device1" in dst.offers and port.sent == []
+    assert "device1" in dst.handover.offers and port.sent == []
     now[0] += 6
     dst.handle(Tick())
-    assert "device1" not in dst.offers and port.sent == [m.OfferDeclined(device="device1", round=1, step=2)]
+    assert "device1" not in dst.handover.offers and port.sent == [m.OfferDeclined(device="device1", round=1, step=2)]
 
 
 # -- steps on the training thread: what waits for a step, and what does not ------------------
@@ -1119,3 +1119,4 @@ def test_what_a_message_declares_decides_whether_it_waits_for_a_step():
     assert core._held_all and len(core._held) == 2 and len(trainer.jobs) == 1
     trainer.finish(core)
     assert not core._held and core.current.round == 2
+
