@@ -538,7 +538,7 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
                   **sections)
 
 
-HANDOVERS = ("offer", "pull")
+HANDOVERS = ("offer", "pull", "relay")
 
 
 def _handover(mobility: dict, offer: bool) -> str:

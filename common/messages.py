@@ -624,6 +624,80 @@ class PullRefused(Message):
 
 
 # --------------------------------------------------------------------------------------
+# edge <-> edge (relay: the session stays where it is; ``edge.handover.relay``)
+# --------------------------------------------------------------------------------------
+
+@message
+class RelayOpen(Message):
+    """the edge a device attached to -> the edge that holds its session: serve ``device``'s
+    session at ``round``/``step`` through me (its steps and its round's end come relayed on
+    this link). ``proofs``: as ``SessionPull``'s. Answered with ``RelayAnswer``."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+    step: int
+    target: str
+    proofs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@message
+class RelayAnswer(Message):
+    """holder -> relaying edge: ``opened``: the session is served through you from
+    ``step`` on. Not opened: as ``PullRefused`` (``moved_to``: it went on to that edge;
+    ``delivered``: its update of ``round`` was taken already)."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+    step: int
+    opened: bool
+    moved_to: str
+    delivered: bool
+
+
+@message
+class RelayStep(Message):
+    """relaying edge -> holder: the device's ``Activations``, as they came."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+    step: int
+    batch: Tensors
+
+
+@message
+class RelayGradients(Message):
+    """holder -> relaying edge: the ``Gradients`` for the device."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+    step: int
+    loss: float
+    grad: Tensors
+
+    _nonfinite = frozenset({"loss"})
+
+
+@message
+class RelayDone(Message):
+    """relaying edge -> holder: the device's ``DeviceDone``, as it came."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+    samples: int
+    steps: int
+    train_seconds: float
+    weights: Tensors
+
+
+@message
+class RelayDoneAck(Message):
+    """holder -> relaying edge: the device's ``DoneAck``; the relay of ``round`` ends."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+
+
+# --------------------------------------------------------------------------------------
 # mobility controller <-> device
 # --------------------------------------------------------------------------------------
 

@@ -71,9 +71,10 @@ class PeerExchange:
         return msg
 
 
-# Answers to the sessions this edge offered (``OfferNotice``): no exchange waits for them;
-# they go to the core, which handed the offer over on the kept link itself.
-_OFFER_ANSWERS = (m.SessionInstalled, m.OfferDeclined)
+# Answers to the sessions this edge offered (``OfferNotice``) and to the relays it opened
+# (``RelayOpen``): no exchange waits for them; they go to the core, which sent the offer
+# or the relay's messages on the kept link itself.
+_OFFER_ANSWERS = (m.SessionInstalled, m.OfferDeclined, m.RelayAnswer, m.RelayGradients, m.RelayDoneAck)
 
 
 class _Peer:

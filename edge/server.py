@@ -45,7 +45,7 @@ SHUTDOWN_FLUSH_S = 2.0
 # waiting meanwhile and attaches again is answered by the same fetch.
 HANDOVER_LIMIT_S = 30.0
 # What a peer edge's connection may open with (each names the sender as ``target``).
-PEER_FIRST = (m.PeerHello, m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull, m.OfferNotice)
+PEER_FIRST = (m.PeerHello, m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull, m.OfferNotice, m.RelayOpen)
 
 
 class EdgeServer:

@@ -1120,3 +1120,102 @@ def test_what_a_message_declares_decides_whether_it_waits_for_a_step():
     trainer.finish(core)
     assert not core._held and core.current.round == 2
 
+
+# -- relay: the session stays where the round began; the new edge forwards ------------------
+
+def _relay_pair():
+    """edge1 holds device1's session after steps 0 and 1; the device left it and attached
+    to edge2 (policy relay) naming edge1 at step 2. Returns (holder, relaying edge, the
+    device's port on edge2, edge2's kept link to edge1, edge1's end of it)."""
+    holder = make_core(handover="relay")
+    p = attach(holder)
+    start_round(holder)
+    for s in range(2):
+        holder.handle(DeviceMessage(p, "device1", batch(s)))
+    holder.handle(DeviceLost(p, "device1", ConnectionError("moving"), 0.0))
+    relay = make_core(name="edge2", handover="relay")
+    start_round(relay)
+    b_link, a_end = Outbox("edge edge1"), Outbox("edge edge2")
+    relay.fetcher.links["edge1"] = b_link
+    dev = attach(relay, kind="resume", round=1, step=2, source="edge1", why="move")
+    return holder, relay, dev, b_link, a_end
+
+
+def _carry(src: Outbox, dst: EdgeCore, port: Outbox) -> None:
+    """What ``src`` holds goes to ``dst`` as messages on its link ``port``."""
+    sent, src.sent = list(src.sent), []
+    for msg in sent:
+        dst.handle(PeerMessage(port, msg))
+
+
+def test_relay_forwards_steps_to_the_session_and_ends_bit_identical_to_no_move():
+    holder, relay, dev, b_link, a_end = _relay_pair()
+    (opening,) = b_link.sent
+    assert isinstance(opening, m.RelayOpen) and (opening.round, opening.step) == (1, 2)
+    assert relay.fetcher.pulls == [] and state(relay) is S.PULLING and of(dev, m.AttachReply) == []
+    _carry(b_link, holder, a_end)
+    assert state(holder) is S.ACTIVE  # served through edge2's link now
+    _carry(a_end, relay, b_link)
+    (reply,) = of(dev, m.AttachReply)
+    assert (reply.action, reply.resume_step, reply.how) == ("continue", 2, "relayed") and state(relay) is S.IDLE
+    for s in (2, 3):
+        relay.handle(DeviceMessage(dev, "device1", batch(s)))
+        _carry(b_link, holder, a_end)
+        _carry(a_end, relay, b_link)
+    done = m.DeviceDone(round=1, samples=16, steps=4, train_seconds=0.1, weights={k: WEIGHTS[k] for k in DEV_KEYS})
+    relay.handle(DeviceMessage(dev, "device1", done))
+    _carry(b_link, holder, a_end)
+    (update,) = holder.central.delivered
+    holder.handle(CentralMessage(m.UpdateAck(round=1, device="device1")))
+    _carry(a_end, relay, b_link)
+    assert of(dev, m.DoneAck) == [m.DoneAck(round=1)] and not relay.handover.relays
+    # the same four steps on one edge, no move
+    still = make_core()
+    q = attach(still)
+    start_round(still)
+    for s in range(4):
+        still.handle(DeviceMessage(q, "device1", batch(s)))
+    still.handle(DeviceMessage(q, "device1", done))
+    (alone,) = still.central.delivered
+    assert [g.step for g in of(dev, m.Gradients)] == [2, 3]
+    for got, want in zip(of(dev, m.Gradients), of(q, m.Gradients)[2:]):
+        assert torch.equal(got.grad["g"], want.grad["g"]) and got.loss == want.loss
+    assert all(torch.equal(update.weights[k], alone.weights[k]) for k in alone.weights)
+    holder.drain()  # the relay's end, as a lost device link: the entry goes
+    assert state(holder) is S.GONE
+
+
+def test_a_refused_relay_falls_back_to_a_pull_and_a_pull_of_a_relayed_session_is_sent_to_its_holder():
+    holder, relay, dev, b_link, a_end = _relay_pair()
+    refusing = make_core(handover="relay")  # an edge without the session
+    start_round(refusing)
+    _carry(b_link, refusing, a_end)
+    _carry(a_end, relay, b_link)
+    (pull,) = relay.fetcher.pulls
+    assert pull["source"] == "edge1" and state(relay) is S.PULLING and of(dev, m.AttachReply) == []
+    # a relay that opened: a pull of that session from the relaying edge names the holder
+    holder, relay, dev, b_link, a_end = _relay_pair()
+    _carry(b_link, holder, a_end)
+    _carry(a_end, relay, b_link)
+    relay.handle(DeviceLost(dev, "device1", ConnectionError("moving on"), 0.0))
+    peer = Outbox("edge edge3")
+    relay.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge3",
+                                                 proofs=proofs("device1", "edge3"))))
+    (refused,) = peer.sent
+    assert refused.moved_to == "edge1"
+
+
+def test_no_kept_link_to_the_holder_pulls_and_a_lost_relay_link_ends_the_devices_link():
+    relay = make_core(name="edge2", handover="relay")
+    start_round(relay)
+    dev = attach(relay, kind="resume", round=1, step=2, source="edge1", why="move")
+    (pull,) = relay.fetcher.pulls  # no link kept to edge1 now: pulled, as policy pull would
+    assert pull["source"] == "edge1"
+    holder, relay, dev, b_link, a_end = _relay_pair()
+    _carry(b_link, holder, a_end)
+    _carry(a_end, relay, b_link)
+    relay.handle(PeerLost(b_link))  # the holder is gone mid-relay
+    assert dev.closed and not relay.handover.relays
+    holder.handle(PeerLost(a_end))  # and the holder, for its part, holds the session again
+    holder.drain()
+    assert state(holder) is S.DETACHED

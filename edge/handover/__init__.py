@@ -8,6 +8,7 @@ from __future__ import annotations
 from edge.handover.base import Handover
 from edge.handover.offer import OfferPolicy
 from edge.handover.pull import Pull
+from edge.handover.relay import Relay
 from edge.handover.replica import Recovery, Replica
 from edge.handover.restart import Restart
 
@@ -15,6 +16,7 @@ POLICIES: dict[str, type[Handover]] = {
     "restart": Restart,
     "pull": Pull,
     "offer": OfferPolicy,
+    "relay": Relay,
 }
 
 __all__ = ["POLICIES", "Handover", "Recovery", "Replica"]
