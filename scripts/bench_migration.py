@@ -231,7 +231,7 @@ def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves:
                     print(f"   {scenario:5} {security:3} {move:15} pause median {row['pause_ms']['median']:6.2f} ms "
                           f"(p95 {row['pause_ms']['p95']:6.2f}), first step {_med(row['first_step_ms'])} vs "
                           f"{_med(row['other_step_ms'])} ms; others took {fl.share:.0%}", flush=True)
-                    if scenario == "alone" and code is None:
+                    if scenario == "alone" and code is None and row["state_bytes"]:  # relay, restart: none moved
                         with benchlib.ForeignLoad() as fl:
                             plain = bench_plainsock.measure(row["state_bytes"], 50)
                         plains.append({"after": f"{scenario}-{security}-{move}-r{rep}", **plain,
