@@ -42,7 +42,7 @@ from common.security import proof_holds
 from common.models import num_classes, part_keys, state_spec, weights_problem
 from edge.handover import POLICIES, Handover, Recovery, Replica
 from edge.migration import buddy_of
-from edge.lifecycle import Event, State, TransitionError, allowed, check_transition
+from edge.lifecycle import Event, State, TransitionError, check_transition
 from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
                         Fetcher, PeerLost, PeerMessage, Port, PullOutcome, Stop, Tick)
 from edge.session import EdgeSession, SparePart
