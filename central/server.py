@@ -93,9 +93,12 @@ class CentralServer:
         self.tracker: RoundTracker | None = None
         self.started = time.monotonic()
         self.spec = state_spec(cfg.model_key)
+        self.handover = cfg.handover if cfg.mode == "fedfly" else cfg.mode
         t = cfg.training
         self.results = RunResults(run_dir=run_dir, header={
             "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run["seed"],
+            # how a moving device's session follows it (``edge.handover``)
+            "handover": self.handover,
             "model": cfg.model["name"], "model_key": cfg.model_key, "split_layer": cfg.model["split_layer"],
             "dataset": cfg.data["dataset"],
             "strategy": self.strategy.describe(),
@@ -224,7 +227,7 @@ class CentralServer:
 
     def _record_migration(self, rep: m.MigrationReport, *, via: str) -> None:
         rec = printable_fields({"device": rep.device, "from": rep.source, "to": rep.target, "round": rep.round,
-                                "step": rep.step, "mode": rep.mode, "pause_ms": round(rep.pause_ms, 3),
+                                "step": rep.step, "mode": rep.mode, "handover": self.handover, "pause_ms": round(rep.pause_ms, 3),
                                 "state_bytes": rep.state_bytes, "transfer_ms": round(rep.transfer_ms, 3),
                                 **_delivery(rep, via)})
         self.results.add_migration(rec)

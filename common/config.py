@@ -294,15 +294,17 @@ class Config:
     # move's pause covers only the handover. Off by default: a radio cannot always reach
     # the next cell before it leaves this one.
     preconnect: bool = False
-    # mobility.offer: a device that leaves for a planned move says where it goes, and its
-    # edge sends the session there, which verifies and rebuilds it before the device comes
-    # (mode fedfly). A scheduled move is announced a step ahead, once the edge's gradient
-    # for the step before it is in, so the session travels during the device's backward
-    # pass; a move known only at the boundary is announced as the device leaves. With
-    # preconnect too, the move is announced the same way and its link is already open.
-    # false: the destination pulls it once the device attached (the path a lost link
-    # takes). BENCHMARKS 2c, 2e.
-    offer: bool = True
+    # mobility.handover (mode fedfly): how a session follows a moving device
+    # (``edge.handover``). "offer": a device that leaves for a planned move says where it
+    # goes, and its edge sends the session there, which verifies and rebuilds it before the
+    # device comes. A scheduled move is announced a step ahead, once the edge's gradient for
+    # the step before it is in, so the session travels during the device's backward pass; a
+    # move known only at the boundary is announced as the device leaves. With preconnect
+    # too, the move is announced the same way and its link is already open. "pull": the
+    # destination pulls it once the device attached (the path a lost link takes).
+    # BENCHMARKS 2c, 2e. ``mobility.offer = true | false`` is the old spelling of "offer" /
+    # "pull".
+    handover: str = "offer"
     traced_moves: tuple[TimedMove, ...] = field(default_factory=tuple)  # a time-based trace's
     mobility: dict[str, Any] = field(default_factory=dict)   # the mobility model in force and its settings
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -310,6 +312,11 @@ class Config:
     @property
     def mode(self) -> str:
         return self.run["mode"]
+
+    @property
+    def offer(self) -> bool:
+        """Does a device that leaves announce where it goes (its edge offers the session)?"""
+        return self.handover == "offer"
 
     @property
     def model_key(self) -> str:
@@ -541,9 +548,27 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
         flags[key] = raw.get("mobility", {}).get(key, default)
         if type(flags[key]) is not bool:
             raise ConfigError(f"mobility.{key}", f"{flags[key]!r} is not true or false", "write true or false")
+    handover = _handover(raw.get("mobility", {}), flags["offer"])
     return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, drops=drops, raw=raw,
-                  preconnect=flags["preconnect"], offer=flags["offer"], traced_moves=timed, mobility=mobility,
+                  preconnect=flags["preconnect"], handover=handover, traced_moves=timed, mobility=mobility,
                   **sections)
+
+
+HANDOVERS = ("offer", "pull", "relay")
+
+
+def _handover(mobility: dict, offer: bool) -> str:
+    """``mobility.handover``, or its old spelling ``mobility.offer`` (true: "offer", false: "pull")."""
+    if "handover" not in mobility:
+        return "offer" if offer else "pull"
+    value = mobility["handover"]
+    if value not in HANDOVERS:
+        raise ConfigError("mobility.handover", f"{value!r} is not a handover policy",
+                          f"write one of {', '.join(repr(h) for h in HANDOVERS)}")
+    if "offer" in mobility and (value == "offer") != mobility["offer"]:
+        raise ConfigError("mobility.offer", f"{mobility['offer']!r} contradicts mobility.handover = {value!r}",
+                          "remove mobility.offer (the old spelling of handover = \"offer\" / \"pull\")")
+    return value
 
 
 def _check_cut(key: str, split: int | str, model: str) -> None:
@@ -567,10 +592,12 @@ def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dic
 def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move, ...]:
     if not isinstance(mobility, dict):
         raise ConfigError("mobility", "must be a table", "write moves as [[mobility.moves]] tables")
-    unknown = sorted(set(mobility) - {"moves", "drops", "waypoint", "preconnect", "offer"} - set(MOBILITY_KEYS))
+    unknown = sorted(set(mobility) - {"moves", "drops", "waypoint", "preconnect", "offer", "handover"}
+                     - set(MOBILITY_KEYS))
     if unknown:
         raise ConfigError(f"mobility.{unknown[0]}", "is not a known key",
-                          "use [[mobility.moves]], [[mobility.drops]], model, trace, preconnect, offer or [mobility.waypoint]")
+                          "use [[mobility.moves]], [[mobility.drops]], model, trace, preconnect, handover or "
+                          "[mobility.waypoint]")
     return _mobility_list(mobility, "moves", Move, MOVE_KEYS, edges, devices, rounds)
 
 

@@ -12,6 +12,7 @@ that came from a peer.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import sys
 import typing
@@ -38,10 +39,21 @@ _MAX_JSON_DEPTH = 16
 MESSAGE_TYPES: dict[str, type["Message"]] = {}
 
 
+class Scope(enum.Enum):
+    """What a message belongs to, for the edge's rule "a device's events wait while its
+    step trains" (``edge.core``): every message type declares one (``SCOPE``)."""
+    SESSION = "session"  # one device's session: the device its ``device`` field names, or
+    #                      (a message without one, on a device's own link) that link's device
+    EDGE = "edge"        # the whole edge: it waits for any step in training, and all after it
+    FREE = "free"        # orders with no step (changes no session): handled at once
+
+
 class Message:
-    """Base of all messages. ``TYPE`` is the name on the wire."""
+    """Base of all messages. ``TYPE`` is the name on the wire; ``SCOPE`` what it belongs
+    to (declared by every message type; None: undeclared)."""
 
     TYPE: ClassVar[str] = ""
+    SCOPE: ClassVar[Scope | None] = None
 
 
 def message(cls: type) -> type:
@@ -183,6 +195,7 @@ def from_wire(type_name: str, fields: dict, tensors: list[tuple[str, str, torch.
 @message
 class ErrorNotice(Message):
     """Sent, best effort, just before closing a connection because of ``kind``."""
+    SCOPE = Scope.FREE
     kind: str
     detail: str
 
@@ -190,11 +203,13 @@ class ErrorNotice(Message):
 @message
 class Heartbeat(Message):
     """Any peer, on an otherwise idle link: "still here". Consumed by the transport."""
+    SCOPE = Scope.FREE
 
 
 @message
 class Shutdown(Message):
     """central -> edge -> device: the run is over (or aborted), exit cleanly."""
+    SCOPE = Scope.EDGE
     reason: str
 
 
@@ -205,12 +220,14 @@ class Shutdown(Message):
 @message
 class EdgeHello(Message):
     """edge -> central: first message; names the edge (again, after a lost link)."""
+    SCOPE = Scope.EDGE
     edge: str
 
 
 @message
 class Welcome(Message):
     """central -> edge, edge -> device: the run's name (for the run folder) and mode."""
+    SCOPE = Scope.EDGE
     run_name: str
     mode: str
 
@@ -218,6 +235,7 @@ class Welcome(Message):
 @message
 class EdgeStatus(Message):
     """edge -> central: which devices are attached to it now."""
+    SCOPE = Scope.EDGE
     edge: str
     attached: list[str]
 
@@ -230,6 +248,7 @@ def _check_plan(where: str, plan: object) -> None:
 class RoundStart(Message):
     """central -> edge: round ``plan['round']`` begins from these global weights (the
     full model). Sent again to an edge that rejoins during the round."""
+    SCOPE = Scope.EDGE
     plan: JSON
     weights: Tensors
 
@@ -245,6 +264,7 @@ class RoundStart(Message):
 class DeviceUpdate(Message):
     """edge -> central: one device's full weights at the end of a round. Resent after a
     lost link until ``UpdateAck``; the central takes each (device, round) once."""
+    SCOPE = Scope.SESSION
     round: int
     device: str
     edge: str
@@ -257,6 +277,7 @@ class DeviceUpdate(Message):
 @message
 class UpdateAck(Message):
     """central -> edge: the update of ``device`` for ``round`` is safe (or not needed)."""
+    SCOPE = Scope.SESSION
     round: int
     device: str
 
@@ -264,6 +285,7 @@ class UpdateAck(Message):
 @message
 class MigrationReport(Message):
     """device -> its new edge -> central: one finished move, for the results."""
+    SCOPE = Scope.SESSION
     device: str
     source: str
     target: str
@@ -289,6 +311,7 @@ class FaultReport(Message):
     ``down_s``: from the fault to the work going on again (the device's pause);
     ``replayed``: steps done again; ``recovery``: how it went on; ``samples_lost``: samples
     of training that did not reach the round."""
+    SCOPE = Scope.SESSION
     kind: str
     process: str
     peer: str
@@ -328,6 +351,7 @@ class AttachRequest(Message):
     ``why`` is for the record: a planned move or a reconnect after a lost link.
     ``checkpoints``: the steps of ``round`` the device can roll back to (0 always; more
     with ``faults.checkpoint_steps``), for an edge that recovers its session from a replica."""
+    SCOPE = Scope.SESSION
     device: str
     kind: str
     round: int
@@ -356,6 +380,7 @@ class AttachReply(Message):
     back; 0: the round again from its weights); ``wait`` for a round (none for this
     device now); ``done`` (its update of ``round`` was taken). ``how`` says where the
     session came from, with the bytes and milliseconds a move took."""
+    SCOPE = Scope.SESSION
     ok: bool
     reason: str
     run_name: str
@@ -376,6 +401,7 @@ class AttachReply(Message):
 class DeviceRound(Message):
     """edge -> device: train round ``plan['round']`` from these weights (device part, or
     the whole model in mode classic)."""
+    SCOPE = Scope.SESSION
     plan: JSON
     weights: Tensors
 
@@ -391,6 +417,7 @@ class DeviceRound(Message):
 class StandBy(Message):
     """edge -> device: round ``round`` is over for you (the central moved on without
     your update); wait for a round."""
+    SCOPE = Scope.SESSION
     round: int
     reason: str
 
@@ -399,6 +426,7 @@ class StandBy(Message):
 class Activations(Message):
     """device -> edge: step ``step``'s smashed data ``x`` and labels ``y``. A step sent
     again (after a lost link) is answered again, never trained twice."""
+    SCOPE = Scope.SESSION
     round: int
     step: int
     batch: Tensors
@@ -416,6 +444,7 @@ class Activations(Message):
 @message
 class Gradients(Message):
     """edge -> device: the gradient at the cut for step ``step``, and the batch loss."""
+    SCOPE = Scope.SESSION
     round: int
     step: int
     loss: float
@@ -428,6 +457,7 @@ class Gradients(Message):
 class DeviceDone(Message):
     """device -> edge: the device's part of its model after the round. Sent again after
     a lost link until ``DoneAck``."""
+    SCOPE = Scope.SESSION
     round: int
     samples: int
     steps: int
@@ -441,6 +471,7 @@ class Leaving(Message):
     closes after it): the device stops at ``round``/``step`` and goes to edge ``to``. In
     mode fedfly the edge offers the session to ``to`` at once (``OfferNotice``), so that
     its bytes travel while the device connects there."""
+    SCOPE = Scope.SESSION
     round: int
     step: int
     to: str
@@ -449,6 +480,7 @@ class Leaving(Message):
 @message
 class DoneAck(Message):
     """edge -> device: the central has the update of ``round``."""
+    SCOPE = Scope.SESSION
     round: int
 
 
@@ -461,6 +493,7 @@ class SessionPull(Message):
     """destination -> source: hand over ``device``'s session, which must be at
     ``round``/``step`` (or one step further, with the reply to ``step`` kept).
     ``proofs``: the device's, that it attached to ``target`` in ``round``."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -472,6 +505,7 @@ class SessionPull(Message):
 class SessionDrop(Message):
     """destination -> source (modes restart and classic): forget ``device``'s session of
     ``round``. ``proofs``: as ``SessionPull``'s."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     target: str
@@ -481,6 +515,7 @@ class SessionDrop(Message):
 @message
 class SessionSnapshot(Message):
     """source -> destination: the whole session; ``checksum`` is SHA-256 over meta and tensors."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -494,6 +529,7 @@ class SessionReplica(Message):
     """edge -> its buddy edge, one way: a copy of ``device``'s session at ``step``, kept
     for the day the edge dies (``faults.checkpoint_steps``). ``target``: the sender;
     ``edge_key``: its key for the device's proofs (a replica pull must prove an attach)."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -509,6 +545,7 @@ class ReplicaPull(Message):
     """an edge that took over a device of a dead edge -> that edge's buddy: its replica
     of ``device``'s session in ``round``, at one of ``steps`` (where the device can roll
     back to). Answered with ``SessionSnapshot`` (a copy: the buddy keeps it) or ``PullRefused``."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     steps: list[int]
@@ -522,6 +559,7 @@ class PeerHello(Message):
     start, to offer sessions on later): who opens it. A link on which nothing came first
     would be closed by the other edge after twice ``dead_after_s`` (heartbeats say nothing
     of who is there). ``target``: the sender."""
+    SCOPE = Scope.FREE
     target: str
 
 
@@ -530,6 +568,7 @@ class OfferNotice(Message):
     """source -> destination, one way: ``device`` left us at ``round``/``step`` naming you;
     its session follows as ``SessionOffer`` on this link. A device that attaches to you
     naming us at that position waits for it instead of pulling. ``target``: the sender."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -542,6 +581,7 @@ class SessionOffer(Message):
     ``SessionSnapshot``, its checksum still being computed as it goes: ``OfferSealed``
     follows). Answered, on the same link, with ``SessionInstalled`` once the device
     attached and the copy is verified against that checksum, or with ``OfferDeclined``."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -554,6 +594,7 @@ class SessionOffer(Message):
 class OfferSealed(Message):
     """source -> destination, right after ``SessionOffer``: its checksum (SHA-256 over meta
     and tensors, as ``SessionSnapshot.checksum``), computed while the offer was sent."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -566,6 +607,7 @@ class OfferDeclined(Message):
     """destination -> source: the offered session of ``device`` will not be used (the
     device did not come, came at another position, or the copy failed its checks);
     the source keeps it for a pull."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -574,6 +616,7 @@ class OfferDeclined(Message):
 @message
 class SessionInstalled(Message):
     """destination -> source: installed, with the checksum it verified. The source drops it."""
+    SCOPE = Scope.SESSION
     device: str
     round: int
     step: int
@@ -583,17 +626,96 @@ class SessionInstalled(Message):
 @message
 class SessionReleased(Message):
     """source -> destination: the session is gone from the source; the destination owns it."""
+    SCOPE = Scope.SESSION
     device: str
 
 
 @message
 class PullRefused(Message):
-    """source -> destination: no session to hand over. ``moved_to``: it went on to that
-    edge (ask there); ``delivered``: its update of ``round`` was taken already."""
+    """source -> destination: no session to hand over. ``reason`` is free text for the
+    record, never read by the protocol. ``moved_to``: it went on to that edge (ask there);
+    ``delivered``: its update of ``round`` was taken already; ``offered``: it is on its way
+    to the asker already, offered when the device left (wait for that copy)."""
+    SCOPE = Scope.SESSION
     device: str
     reason: str
     moved_to: str
     delivered: bool
+    offered: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# edge <-> edge (relay: the session stays where it is; ``edge.handover.relay``)
+# --------------------------------------------------------------------------------------
+
+@message
+class RelayOpen(Message):
+    """the edge a device attached to -> the edge that holds its session: serve ``device``'s
+    session at ``round``/``step`` through me (its steps and its round's end come relayed on
+    this link). ``proofs``: as ``SessionPull``'s. Answered with ``RelayAnswer``."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+    step: int
+    target: str
+    proofs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@message
+class RelayAnswer(Message):
+    """holder -> relaying edge: ``opened``: the session is served through you from
+    ``step`` on. Not opened: as ``PullRefused`` (``moved_to``: it went on to that edge;
+    ``delivered``: its update of ``round`` was taken already)."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+    step: int
+    opened: bool
+    moved_to: str
+    delivered: bool
+
+
+@message
+class RelayStep(Message):
+    """relaying edge -> holder: the device's ``Activations``, as they came."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+    step: int
+    batch: Tensors
+
+
+@message
+class RelayGradients(Message):
+    """holder -> relaying edge: the ``Gradients`` for the device."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+    step: int
+    loss: float
+    grad: Tensors
+
+    _nonfinite = frozenset({"loss"})
+
+
+@message
+class RelayDone(Message):
+    """relaying edge -> holder: the device's ``DeviceDone``, as it came."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
+    samples: int
+    steps: int
+    train_seconds: float
+    weights: Tensors
+
+
+@message
+class RelayDoneAck(Message):
+    """holder -> relaying edge: the device's ``DoneAck``; the relay of ``round`` ends."""
+    SCOPE = Scope.SESSION
+    device: str
+    round: int
 
 
 # --------------------------------------------------------------------------------------
@@ -603,6 +725,7 @@ class PullRefused(Message):
 @message
 class MoveCommand(Message):
     """controller -> device: move to edge ``to`` at the next step boundary."""
+    SCOPE = Scope.FREE
     device: str
     to: str
 
@@ -612,6 +735,7 @@ class DropCommand(Message):
     """controller -> device: lose the link to your edge now, at whatever byte (a radio
     loss: the device goes silent), for ``seconds``; then reconnect to ``to`` ('' = as
     ``faults.reconnect`` says)."""
+    SCOPE = Scope.FREE
     device: str
     seconds: float
     to: str
@@ -624,6 +748,7 @@ class DropCommand(Message):
 @message
 class MoveReply(Message):
     """device -> controller: accepted, or refused with the reason; ``edge`` is where it is."""
+    SCOPE = Scope.FREE
     accepted: bool
     reason: str
     edge: str
@@ -632,6 +757,7 @@ class MoveReply(Message):
 @message
 class StatusRequest(Message):
     """controller -> device: where are you?"""
+    SCOPE = Scope.FREE
 
 
 LINK_STATES = ("attached", "reconnecting", "cut", "idle")
@@ -642,6 +768,7 @@ class StatusReply(Message):
     """device -> controller: current edge, round, step (of ``steps`` in the round; equal
     once the round's work is done), a pending move target or '', and the state of its
     link to the edge."""
+    SCOPE = Scope.FREE
     device: str
     edge: str
     round: int

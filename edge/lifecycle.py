@@ -14,7 +14,6 @@ A device's entry on an edge is in exactly one state:
                   (or rebuilt from the round's weights)
     HANDING_OVER  its session's snapshot went to another edge (pulled, or offered when the
                   device left); waiting for that edge to confirm it holds an identical copy
-    REPLICA       a copy of another edge's session, kept for recovery (checkpoints)
     GONE          no entry (the start and the end: handed over, delivered, discarded)
 
 Events are what can happen to an entry: a device attaching (``JOIN``: it holds no round
@@ -22,7 +21,8 @@ state; ``RESUME_HERE``: its session should be here; ``RESUME_FROM``: it names an
 edge), a ``STEP`` or ``FINISH`` from the device, its ``LINK_LOST``, a peer's ``PULL`` or
 ``DROP``, its ``LEAVE`` for a planned move (the session is offered to the edge it names),
 the outcome of a handover (``PULLED``, ``INSTALLED``, ``HANDOVER_FAILED``), the
-central's ``ROUND_START`` and ``UPDATE_ACKED``, and checkpoint replication (``REPLICATE``).
+central's ``ROUND_START`` and ``UPDATE_ACKED``. (Copies of other edges' sessions, kept
+for recovery, are not entries: ``EdgeCore.replicas``.)
 
 ``TRANSITIONS[state][event]`` is the set of states the event may lead to; the handler in
 ``edge.core`` picks one from the event's data (a JOIN during a round the device takes part
@@ -45,7 +45,6 @@ class State(enum.Enum):
     DELIVERING = "delivering"
     PULLING = "pulling"
     HANDING_OVER = "handing_over"
-    REPLICA = "replica"
 
     def __repr__(self) -> str:
         return self.name
@@ -66,7 +65,6 @@ class Event(enum.Enum):
     HANDOVER_FAILED = "handover_failed"  # ...or its link broke before it confirmed
     ROUND_START = "round_start"      # the central starts a newer round
     UPDATE_ACKED = "update_acked"    # the central has the device's update
-    REPLICATE = "replicate"          # a buddy edge sends a checkpoint of its session
 
     def __repr__(self) -> str:
         return self.name
@@ -87,7 +85,6 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.DROP: {S.GONE},
         E.ROUND_START: {S.GONE},
         E.UPDATE_ACKED: {S.GONE},    # an ack for an update we resent: nothing to do
-        E.REPLICATE: {S.REPLICA},
     },
     S.IDLE: {
         E.JOIN: {S.IDLE, S.ACTIVE},  # a new link of the same device replaces the old one
@@ -100,7 +97,6 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.DROP: {S.IDLE, S.GONE},    # linked here: a late drop changes nothing / no link: gone
         E.ROUND_START: {S.IDLE, S.ACTIVE, S.GONE},  # ... / no link: gone
         E.UPDATE_ACKED: {S.IDLE},
-        E.REPLICATE: {S.IDLE},       # stale: this device is served here now
     },
     S.ACTIVE: {
         E.JOIN: {S.ACTIVE, S.IDLE},  # a restarted device: the round again (or not its round)
@@ -114,7 +110,6 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.DROP: {S.ACTIVE},          # linked here: a late drop changes nothing
         E.ROUND_START: {S.ACTIVE, S.IDLE},   # its round was left behind: the new one (or none)
         E.UPDATE_ACKED: {S.ACTIVE},
-        E.REPLICATE: {S.ACTIVE},     # stale checkpoint: the live session is here
     },
     S.DETACHED: {
         E.JOIN: {S.ACTIVE, S.IDLE},  # the device restarted: its round again from the weights
@@ -124,7 +119,6 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.DROP: {S.GONE},
         E.ROUND_START: {S.GONE},
         E.UPDATE_ACKED: {S.DETACHED},
-        E.REPLICATE: {S.DETACHED},
     },
     S.DELIVERING: {
         E.JOIN: {S.DELIVERING},      # acknowledged once the central confirms
@@ -137,7 +131,6 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.DROP: {S.GONE, S.DELIVERING},
         E.ROUND_START: {S.IDLE, S.ACTIVE, S.GONE},
         E.UPDATE_ACKED: {S.IDLE, S.GONE},
-        E.REPLICATE: {S.DELIVERING},
     },
     S.PULLING: {
         E.JOIN: {S.IDLE, S.ACTIVE},  # the device gave up its state: start afresh
@@ -151,7 +144,6 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.PULLED: {S.ACTIVE, S.DETACHED, S.IDLE, S.GONE, S.PULLING},
         E.ROUND_START: {S.IDLE, S.ACTIVE, S.GONE, S.PULLING},
         E.UPDATE_ACKED: {S.PULLING},
-        E.REPLICATE: {S.PULLING},
     },
     S.HANDING_OVER: {
         E.JOIN: {S.ACTIVE, S.IDLE},  # the device restarted and came back here
@@ -163,17 +155,6 @@ TRANSITIONS: dict[State, dict[Event, frozenset[State]]] = {k: {e: frozenset(v) f
         E.DROP: {S.GONE},
         E.ROUND_START: {S.GONE},
         E.UPDATE_ACKED: {S.HANDING_OVER},
-        E.REPLICATE: {S.HANDING_OVER},
-    },
-    S.REPLICA: {
-        E.JOIN: {S.IDLE, S.ACTIVE},
-        E.RESUME_HERE: _ATTACH,
-        E.RESUME_FROM: _ATTACH,
-        E.PULL: {S.REPLICA},         # a replica is handed out as a copy, never moved
-        E.DROP: {S.GONE},
-        E.ROUND_START: {S.GONE},
-        E.UPDATE_ACKED: {S.REPLICA},
-        E.REPLICATE: {S.REPLICA},
     },
 }.items()}
 

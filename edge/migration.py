@@ -1,6 +1,8 @@
-"""Moving a device's session between edges: the destination's side of the exchange.
+"""Moving a device's session between edges: the destination's fetches on worker threads
+(the protocols themselves, both sides, are in ``edge.handover``: ``pull``, ``offer``,
+``replica``, ``restart``).
 
-Destination B (``Fetcher``, a worker thread)       Source A (``EdgeCore._on_pull``, its core)
+Destination B (``Fetcher``, a worker thread)       Source A (``edge.handover.pull``, its core)
     SessionPull(device, round, step) ------------>  position checked, snapshot taken
                                <------------------  SessionSnapshot(meta, tensors, checksum)
     verify checksum, rebuild; the core installs
@@ -69,9 +71,10 @@ class PeerExchange:
         return msg
 
 
-# Answers to the sessions this edge offered (``OfferNotice``): no exchange waits for them;
-# they go to the core, which handed the offer over on the kept link itself.
-_OFFER_ANSWERS = (m.SessionInstalled, m.OfferDeclined)
+# Answers to the sessions this edge offered (``OfferNotice``) and to the relays it opened
+# (``RelayOpen``): no exchange waits for them; they go to the core, which sent the offer
+# or the relay's messages on the kept link itself.
+_OFFER_ANSWERS = (m.SessionInstalled, m.OfferDeclined, m.RelayAnswer, m.RelayGradients, m.RelayDoneAck)
 
 
 class _Peer:

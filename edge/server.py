@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import time
 
 from common import messages as m
@@ -46,7 +47,7 @@ SHUTDOWN_FLUSH_S = 2.0
 # waiting meanwhile and attaches again is answered by the same fetch.
 HANDOVER_LIMIT_S = 30.0
 # What a peer edge's connection may open with (each names the sender as ``target``).
-PEER_FIRST = (m.PeerHello, m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull, m.OfferNotice)
+PEER_FIRST = (m.PeerHello, m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull, m.OfferNotice, m.RelayOpen)
 
 
 class EdgeServer:
@@ -58,6 +59,11 @@ class EdgeServer:
         self.faults = cfg.faults
         model, split = cfg.model_key, cfg.base_cut
         dev_keys, edge_keys = part_keys(model, split)
+        models = Models(model, split, dev_keys, edge_keys, splits=cfg.splits)
+        # every part is built first, around the core's inbox: what they report is an event
+        # on it, handled by the core once it runs
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        submit = inbox.put
         self.spare = SparePart(model, split + 1) if cfg.mode == "fedfly" else None
         # what a device's frame may hold at most (its cuts: every one when the central chooses them)
         auto = any(cfg.split_of(d) == "auto" for d in cfg.devices)
@@ -66,30 +72,25 @@ class EdgeServer:
         self.peers = PeerLinks(name=name, creds=creds,
                                endpoints={n: (e.host, e.port) for n, e in cfg.edges.items() if n != name},
                                heartbeat_s=self.faults["heartbeat_s"], dead_after_s=self.faults["dead_after_s"],
-                               answer_limit_s=HANDOVER_LIMIT_S, to_core=self._from_kept_link)
-        self.core = EdgeCore(name=name, mode=cfg.mode, models=Models(model, split, dev_keys, edge_keys, splits=cfg.splits),
-                             seed=cfg.run["seed"], devices=set(cfg.devices), peers=set(cfg.edges) - {name},
-                             central=None, fetcher=None, events=events, spare=self.spare,  # type: ignore[arg-type]
-                             handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
-                             checkpoint_steps=self.faults["checkpoint_steps"], edges=sorted(cfg.edges),
-                             offers=cfg.offer, cut_first=cfg.training["cut_gradient_first"])
+                               answer_limit_s=HANDOVER_LIMIT_S,
+                               to_core=lambda link, msg: submit(PeerLost(link) if msg is None else PeerMessage(link, msg)))
         # steps train on their own thread, so the core handles handovers while one trains
-        self.trainer = self.core.trainer = Trainer(self.core.submit, name=f"{name}-trainer")
-        self.central = CentralLink(cfg=cfg, name=name, creds=creds, submit=self.core.submit, events=events,
+        self.trainer = Trainer(submit, name=f"{name}-trainer")
+        self.central = CentralLink(cfg=cfg, name=name, creds=creds, submit=submit, events=events,
                                    on_welcome=self._on_welcome)
-        self.core.central = self.central
         buddy = buddy_of(name, sorted(cfg.edges))
+        checkpoint_steps = self.faults["checkpoint_steps"] if cfg.mode == "fedfly" and buddy else 0
         self.replicator = Replicator(name=name, buddy=buddy, peers=self.peers, events=events) \
-            if self.core.checkpoint_steps and buddy else None
+            if checkpoint_steps and buddy else None
+        fetcher = Fetcher(name=name, peers=self.peers, submit=submit, model=model, cut_of=models.cut, spare=self.spare,
+                          events=events, replicator=self.replicator)
         # refusals of the listener, rate-limited: a flood of strangers writes a few lines and a count
         self._refusals = refusal_reporter(events=events, logger=log, who=name)
-        self.core.fetcher = Fetcher(name=name, peers=self.peers, submit=self.core.submit, model=model,
-                                    cut_of=self.core.models.cut, spare=self.spare, events=events, replicator=self.replicator)
-
-    def _from_kept_link(self, link: Link, msg: m.Message | None) -> None:
-        """An answer to an offer this edge made on a kept link to a peer, or (None) the
-        loss of that link: the core's, as any peer link's."""
-        self.core.submit(PeerLost(link) if msg is None else PeerMessage(link, msg))
+        self.core = EdgeCore(name=name, mode=cfg.mode, models=models, seed=cfg.run["seed"], devices=set(cfg.devices),
+                             peers=set(cfg.edges) - {name}, central=self.central, fetcher=fetcher, events=events,
+                             spare=self.spare, handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
+                             checkpoint_steps=checkpoint_steps, edges=sorted(cfg.edges), handover=cfg.handover,
+                             cut_first=cfg.training["cut_gradient_first"], trainer=self.trainer, inbox=inbox)
 
     def _on_welcome(self, run_name: str) -> None:
         self.events.open(os.path.join(self.cfg.run["out"], run_name))

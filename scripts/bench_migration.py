@@ -16,7 +16,8 @@ Last, the pull's critical path in one process, piece by piece (snapshot with che
 the source, framing, verify and rebuild at the destination), to say what bounds the pause.
 
     python -m scripts.bench_migration --matrix [--scenarios alone,pair,four]
-        [--security key,tls] [--moves break,pull,preconnect] [--rounds N] [--repeat N] [--out DIR]
+        [--security key,tls] [--moves break,pull,preconnect,relay,restart] [--rounds N] [--repeat N]
+        [--out DIR]
 
 The matrix: the same ping-pong of device1 in every combination of the load on the
 machine (``alone``: 1 device; ``pair``: device2 trains on edge2 all along, five processes
@@ -25,11 +26,15 @@ record; ``tls``) and the move mode (``break``: break-before-make, the default, w
 source offers the session to the destination when the device announces the move, a step
 ahead, ``mobility.offer``;
 ``pull``: the same with ``mobility.offer = false``, the destination pulls it once the
-device attached; ``preconnect``: ``mobility.preconnect``), the runs interleaved (``--repeat`` passes over
+device attached; ``preconnect``: ``mobility.preconnect``; ``relay``: ``mobility.handover =
+"relay"``, nothing moves, the new edge forwards every later step to the session's edge;
+``restart``: ``run.mode = "restart"``, the round again from its weights on the new edge),
+the runs interleaved (``--repeat`` passes over
 the matrix), with the plain socket measured between them. Per combination: the pause,
 the pull (for an offered session: from its notice until it was verified and rebuilt,
-which with an announced move is before the device arrives), and the first step after each move against the median step of device1 (its
-``round_done`` events' ``step_ms``). Every run records the share of the CPUs others
+which with an announced move is before the device arrives), the first step after each move against the median step of device1 (its
+``round_done`` events' ``step_ms``), and the median step from a round's first move to its
+end against the median step before it (a relay's cost per step after the move). Every run records the share of the CPUs others
 took; nothing is re-run (the machine's load is reported, not waited out). ``--baseline
 DIR`` (another checkout, e.g. ``git worktree add DIR main``) runs every break-before-make
 combination from that code too, right after the same one from this code.
@@ -158,13 +163,15 @@ def _matrix_config(out: Path, scenario: str, security: str, move: str, rounds: i
     # mobility.preconnect and .offer only when not the default, so that the matrix also runs
     # on code without them
     extra: dict[str, dict[str, Any]] = {"mobility": {"preconnect": True}} if move == "preconnect" else \
-        {"mobility": {"offer": False}} if move == "pull" else {}
+        {"mobility": {"offer": False}} if move == "pull" else \
+        {"mobility": {"handover": "relay"}} if move == "relay" else {}
     if security == "tls":
         extra["security"] = {"mode": "tls", "certs": str(out / "certs")}
     else:
         extra["security"] = {"mode": "key"}
     return benchlib.write_config(out, f"{scenario}-{security}-{move}-{tag}", edges=2, devices=devices,
-                                 rounds=1 + rounds, mode="fedfly", moves=plan(rounds), samples_per_device=2000,
+                                 rounds=1 + rounds, mode="restart" if move == "restart" else "fedfly",
+                                 moves=plan(rounds), samples_per_device=2000,
                                  batch_size=BATCH, split_layer=SPLIT, test_samples=200,
                                  device_edges={d: placement[d] for d in benchlib.device_names(devices)}, extra=extra)
 
@@ -181,8 +188,16 @@ def _step_figures(run_dir: Path, moves: list[dict]) -> dict[str, Any]:
     after = {(mv["round"], mv["step"]) for mv in moves}
     first = [steps[r][s] for r, s in sorted(after) if r in steps and s < len(steps[r]) and steps[r][s] is not None]
     other = [ms for r, row in steps.items() for s, ms in enumerate(row) if ms is not None and (r, s) not in after]
+    # a round's steps before its first move, and from it on (not the first after each move)
+    moved_at = {r: min(s for rr, s in after if rr == r) for r, _ in after}
+    before = [ms for r, row in steps.items() for s, ms in enumerate(row)
+              if ms is not None and s < moved_at.get(r, len(row))]
+    since = [ms for r, row in steps.items() for s, ms in enumerate(row)
+             if ms is not None and s >= moved_at.get(r, len(row)) and (r, s) not in after]
     return {"first_step_ms": benchlib.summarize(first) if first else None,
-            "other_step_ms": benchlib.summarize(other) if other else None}
+            "other_step_ms": benchlib.summarize(other) if other else None,
+            "before_move_step_ms": benchlib.summarize(before) if before else None,
+            "after_move_step_ms": benchlib.summarize(since) if since else None}
 
 
 def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves: list[str], rounds: int,
@@ -216,7 +231,7 @@ def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves:
                     print(f"   {scenario:5} {security:3} {move:15} pause median {row['pause_ms']['median']:6.2f} ms "
                           f"(p95 {row['pause_ms']['p95']:6.2f}), first step {_med(row['first_step_ms'])} vs "
                           f"{_med(row['other_step_ms'])} ms; others took {fl.share:.0%}", flush=True)
-                    if scenario == "alone" and code is None:
+                    if scenario == "alone" and code is None and row["state_bytes"]:  # relay, restart: none moved
                         with benchlib.ForeignLoad() as fl:
                             plain = bench_plainsock.measure(row["state_bytes"], 50)
                         plains.append({"after": f"{scenario}-{security}-{move}-r{rep}", **plain,
@@ -241,13 +256,17 @@ def report_matrix(result: dict[str, Any]) -> str:
         pull = statistics.median(r["transfer_ms"]["median"] for r in rs)
         first = [r["first_step_ms"]["median"] for r in rs if r["first_step_ms"]]
         other = [r["other_step_ms"]["median"] for r in rs if r["other_step_ms"]]
+        before = [r["before_move_step_ms"]["median"] for r in rs if r.get("before_move_step_ms")]
+        since = [r["after_move_step_ms"]["median"] for r in rs if r.get("after_move_step_ms")]
         rows.append([scenario, security, move, sum(r["moves"] for r in rs), pause, p95, pull,
                      pause / plain if scenario == "alone" else float("nan"),
                      statistics.median(first) if first else float("nan"),
                      statistics.median(other) if other else float("nan"),
+                     statistics.median(before) if before else float("nan"),
+                     statistics.median(since) if since else float("nan"),
                      "/".join(f"{r['foreign_cpu_share']:.0%}" for r in rs)])
     head = ["scenario", "security", "move", "n", "pause med", "pause p95", "pull med", "x plain", "1st step",
-            "med step", "others' CPU"]
+            "med step", "step before", "step after", "others' CPU"]
     return "\n".join([benchlib.table(head, rows, floatfmt=".2f"),
                       f"plain socket, open connection, same bytes: median {plain:.3f} ms "
                       f"({len(result['plain'])} measurements of 50)"])
@@ -259,7 +278,7 @@ def matrix_main(argv: list[str]) -> int:
     p.add_argument("--matrix", action="store_true")
     p.add_argument("--scenarios", default="alone,pair,four")
     p.add_argument("--security", default="key,tls")
-    p.add_argument("--moves", default="break,pull,preconnect")
+    p.add_argument("--moves", default="break,pull,preconnect,relay,restart")
     p.add_argument("--rounds", type=int, default=2, help="measured rounds per run (9 moves each)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--baseline", default=None, metavar="DIR",

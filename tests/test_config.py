@@ -139,6 +139,8 @@ SET_ERRORS = [
     ("mobility.moves", {"device": "device1"}, "mobility.moves"),
     ("mobility", [], "mobility"),
     ("mobility.offer", "yes", "mobility.offer"),
+    ("mobility.handover", "teleport", "mobility.handover"),
+    ("mobility.handover", True, "mobility.handover"),
     ("mobility.preconnect", 1, "mobility.preconnect"),
 ]
 
@@ -146,6 +148,19 @@ SET_ERRORS = [
 @pytest.mark.parametrize("path,value,key", SET_ERRORS, ids=[f"{p}={v!r}" for p, v, _ in SET_ERRORS])
 def test_bad_value_names_the_key(path, value, key):
     assert_names(config_error(_set(local_raw(), path, value)), key)
+
+
+def test_handover_and_its_old_spelling():
+    assert build_config(local_raw()).handover == "offer"  # the default: today's behaviour
+    for raw_mobility, want in (({"offer": False}, "pull"), ({"offer": True}, "offer"), ({"handover": "pull"}, "pull"),
+                               ({"handover": "offer", "offer": True}, "offer")):
+        raw = local_raw()
+        raw.setdefault("mobility", {}).update(raw_mobility)
+        cfg = build_config(raw)
+        assert cfg.handover == want and cfg.offer == (want == "offer")
+    raw = local_raw()
+    raw.setdefault("mobility", {}).update(handover="pull", offer=True)
+    assert_names(config_error(raw), "mobility.offer")  # the two spellings disagree
 
 
 @pytest.mark.parametrize("path", ["edges.edge1.port", "edges.edge2.host", "central.host", "central.port",

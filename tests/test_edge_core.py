@@ -464,7 +464,7 @@ def test_everything_is_checked_against_the_table(monkeypatch):
     e = core.entries["device1"]
     from edge.lifecycle import Event, TransitionError
     with pytest.raises(TransitionError, match="edge edge1.*FINISH.*ACTIVE"):
-        core._move(e, Event.FINISH, S.IDLE)
+        core.move(e, Event.FINISH, S.IDLE)
     del p
 
 
@@ -664,7 +664,7 @@ def test_a_leaving_device_has_its_session_offered_where_it_goes_and_released_on_
     puller = Outbox("edge edge2")
     core.handle(PeerMessage(puller, m.SessionPull(device="device1", round=1, step=2, target="edge2",
                                                   proofs=proofs("device1", "edge2"))))
-    assert puller.sent == [m.PullRefused(device="device1", reason="offered", moved_to="", delivered=False)]
+    assert puller.sent == [m.PullRefused(device="device1", reason="refused", moved_to="", delivered=False, offered=True)]
     core.handle(PeerMessage(link, m.SessionInstalled(device="device1", round=1, step=2, checksum="bad")))
     assert state(core) is S.HANDING_OVER  # a wrong checksum releases nothing
     core.handle(PeerMessage(link, m.SessionInstalled(device="device1", round=1, step=2, checksum=seal.checksum)))
@@ -734,7 +734,7 @@ def test_the_destination_takes_an_offer_that_came_before_the_device_and_declines
     assert dst.fetcher.pulls == [] and state(dst) is S.PULLING
     (took,) = dst.fetcher.offers
     assert took["offer"] is offer and took["port"] is port and took["source"] == "edge1"
-    assert "device1" not in dst.offers
+    assert "device1" not in dst.handover.offers
     # the same offer again, and a device that comes at another step: declined, pulled
     dst2 = make_core(name="edge2")
     start_round(dst2)
@@ -753,7 +753,7 @@ def test_the_destination_told_to_wait_takes_the_offer_when_it_comes_or_pulls_if_
         start_round(dst)
         attach(dst, kind="resume", round=1, step=2, source="edge1", why="move")
         (pull,) = dst.fetcher.pulls
-        offered = m.PullRefused(device="device1", reason="offered", moved_to="", delivered=False)
+        offered = m.PullRefused(device="device1", reason="refused", moved_to="", delivered=False, offered=True)
         dst.handle(PullOutcome(device="device1", token=pull["token"], source="edge1", refused=offered))
         assert state(dst) is S.PULLING and dst.central.faults() == []
         port = Outbox("edge edge1")
@@ -785,7 +785,7 @@ def test_an_offered_copy_that_fails_its_checks_is_pulled_instead():
     (pull,) = dst.fetcher.pulls
     assert pull["source"] == "edge1" and pull["step"] == 2 and state(dst) is S.PULLING
     # the source had not heard of the failure yet: "offered" again is asked again, not waited on
-    offered = m.PullRefused(device="device1", reason="offered", moved_to="", delivered=False)
+    offered = m.PullRefused(device="device1", reason="refused", moved_to="", delivered=False, offered=True)
     dst.handle(PullOutcome(device="device1", token=pull["token"], source="edge1", refused=offered))
     assert len(dst.fetcher.pulls) == 2 and state(dst) is S.PULLING
 
@@ -829,7 +829,7 @@ def test_an_offer_sealed_before_the_round_started_here_is_built_when_its_device_
     port = Outbox("edge edge1")
     for msg in (notice, offer, seal):
         dst.handle(PeerMessage(port, msg))
-    assert dst.fetcher.prepared == [] and "device1" in dst.offers
+    assert dst.fetcher.prepared == [] and "device1" in dst.handover.offers
     start_round(dst)
     attach(dst, kind="resume", round=1, step=2, source="edge1", why="move")
     (prep,) = dst.fetcher.prepared
@@ -927,10 +927,10 @@ def test_an_offer_nobody_comes_for_is_declined_at_the_deadline():
     from edge.ports import Tick
     now[0] += 5
     dst.handle(Tick())
-    assert "device1" in dst.offers and port.sent == []
+    assert "device1" in dst.handover.offers and port.sent == []
     now[0] += 6
     dst.handle(Tick())
-    assert "device1" not in dst.offers and port.sent == [m.OfferDeclined(device="device1", round=1, step=2)]
+    assert "device1" not in dst.handover.offers and port.sent == [m.OfferDeclined(device="device1", round=1, step=2)]
 
 
 # -- steps on the training thread: what waits for a step, and what does not ------------------
@@ -1088,3 +1088,134 @@ def test_the_training_thread_trains_in_order_and_reports_each_step():
     assert [d.trained for d in done] == [True, True, True, False] and len(grads) == 3
     assert done[-1].error is not None and "cannot take this batch" in str(done[-1].error)
     assert session.step == 3
+
+
+def test_every_message_type_declares_what_it_belongs_to():
+    """The hold-while-a-step-trains rule reads ``SCOPE``: a type without one (a new
+    message someone forgot to declare) fails here, not as a stall in a run."""
+    undeclared = sorted(t for t, cls in m.MESSAGE_TYPES.items() if not isinstance(cls.SCOPE, m.Scope))
+    assert undeclared == []
+    # a session's message from a peer or the central names its device (a device's own
+    # link names it for the messages that come on it)
+    core = make_core()
+    for cls in [*core._peer_handlers, m.RoundStart, m.UpdateAck, m.Shutdown]:
+        if cls.SCOPE is m.Scope.SESSION:
+            assert "device" in cls._hints, cls.TYPE
+
+
+def test_what_a_message_declares_decides_whether_it_waits_for_a_step():
+    trainer = HeldTrainer()
+    core = make_core(trainer=trainer)
+    p1, p2 = attach(core, "device1"), attach(core, "device2")
+    start_round(core)
+    core.handle(DeviceMessage(p1, "device1", batch(0)))
+    # the central's ack of another device's update belongs to that device: not held
+    core.handle(CentralMessage(m.UpdateAck(round=1, device="device2")))
+    assert core.central.acks == [("device2", 1)] and not core._held
+    # a round's start belongs to the whole edge: held, and all after it (device2's step too)
+    plan = RoundPlan(round=2, lr=0.01, momentum=0.9, batch_size=4, local_epochs=1, participants=("device1",))
+    core.handle(CentralMessage(m.RoundStart(plan=plan.to_wire(), weights=WEIGHTS)))
+    core.handle(DeviceMessage(p2, "device2", batch(0)))
+    assert core._held_all and len(core._held) == 2 and len(trainer.jobs) == 1
+    trainer.finish(core)
+    assert not core._held and core.current.round == 2
+
+
+# -- relay: the session stays where the round began; the new edge forwards ------------------
+
+def _relay_pair():
+    """edge1 holds device1's session after steps 0 and 1; the device left it and attached
+    to edge2 (policy relay) naming edge1 at step 2. Returns (holder, relaying edge, the
+    device's port on edge2, edge2's kept link to edge1, edge1's end of it)."""
+    holder = make_core(handover="relay")
+    p = attach(holder)
+    start_round(holder)
+    for s in range(2):
+        holder.handle(DeviceMessage(p, "device1", batch(s)))
+    holder.handle(DeviceLost(p, "device1", ConnectionError("moving"), 0.0))
+    relay = make_core(name="edge2", handover="relay")
+    start_round(relay)
+    b_link, a_end = Outbox("edge edge1"), Outbox("edge edge2")
+    relay.fetcher.links["edge1"] = b_link
+    dev = attach(relay, kind="resume", round=1, step=2, source="edge1", why="move")
+    return holder, relay, dev, b_link, a_end
+
+
+def _carry(src: Outbox, dst: EdgeCore, port: Outbox) -> None:
+    """What ``src`` holds goes to ``dst`` as messages on its link ``port``."""
+    sent, src.sent = list(src.sent), []
+    for msg in sent:
+        dst.handle(PeerMessage(port, msg))
+
+
+def test_relay_forwards_steps_to_the_session_and_ends_bit_identical_to_no_move():
+    holder, relay, dev, b_link, a_end = _relay_pair()
+    (opening,) = b_link.sent
+    assert isinstance(opening, m.RelayOpen) and (opening.round, opening.step) == (1, 2)
+    assert relay.fetcher.pulls == [] and state(relay) is S.PULLING and of(dev, m.AttachReply) == []
+    _carry(b_link, holder, a_end)
+    assert state(holder) is S.ACTIVE  # served through edge2's link now
+    _carry(a_end, relay, b_link)
+    (reply,) = of(dev, m.AttachReply)
+    assert (reply.action, reply.resume_step, reply.how) == ("continue", 2, "relayed") and state(relay) is S.IDLE
+    for s in (2, 3):
+        relay.handle(DeviceMessage(dev, "device1", batch(s)))
+        _carry(b_link, holder, a_end)
+        _carry(a_end, relay, b_link)
+    done = m.DeviceDone(round=1, samples=16, steps=4, train_seconds=0.1, weights={k: WEIGHTS[k] for k in DEV_KEYS})
+    relay.handle(DeviceMessage(dev, "device1", done))
+    _carry(b_link, holder, a_end)
+    (update,) = holder.central.delivered
+    holder.handle(CentralMessage(m.UpdateAck(round=1, device="device1")))
+    _carry(a_end, relay, b_link)
+    assert of(dev, m.DoneAck) == [m.DoneAck(round=1)] and not relay.handover.relays
+    # the same four steps on one edge, no move
+    still = make_core()
+    q = attach(still)
+    start_round(still)
+    for s in range(4):
+        still.handle(DeviceMessage(q, "device1", batch(s)))
+    still.handle(DeviceMessage(q, "device1", done))
+    (alone,) = still.central.delivered
+    assert [g.step for g in of(dev, m.Gradients)] == [2, 3]
+    for got, want in zip(of(dev, m.Gradients), of(q, m.Gradients)[2:]):
+        assert torch.equal(got.grad["g"], want.grad["g"]) and got.loss == want.loss
+    assert all(torch.equal(update.weights[k], alone.weights[k]) for k in alone.weights)
+    holder.drain()  # the relay's end, as a lost device link: the entry goes
+    assert state(holder) is S.GONE
+
+
+def test_a_refused_relay_falls_back_to_a_pull_and_a_pull_of_a_relayed_session_is_sent_to_its_holder():
+    holder, relay, dev, b_link, a_end = _relay_pair()
+    refusing = make_core(handover="relay")  # an edge without the session
+    start_round(refusing)
+    _carry(b_link, refusing, a_end)
+    _carry(a_end, relay, b_link)
+    (pull,) = relay.fetcher.pulls
+    assert pull["source"] == "edge1" and state(relay) is S.PULLING and of(dev, m.AttachReply) == []
+    # a relay that opened: a pull of that session from the relaying edge names the holder
+    holder, relay, dev, b_link, a_end = _relay_pair()
+    _carry(b_link, holder, a_end)
+    _carry(a_end, relay, b_link)
+    relay.handle(DeviceLost(dev, "device1", ConnectionError("moving on"), 0.0))
+    peer = Outbox("edge edge3")
+    relay.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge3",
+                                                 proofs=proofs("device1", "edge3"))))
+    (refused,) = peer.sent
+    assert refused.moved_to == "edge1"
+
+
+def test_no_kept_link_to_the_holder_pulls_and_a_lost_relay_link_ends_the_devices_link():
+    relay = make_core(name="edge2", handover="relay")
+    start_round(relay)
+    dev = attach(relay, kind="resume", round=1, step=2, source="edge1", why="move")
+    (pull,) = relay.fetcher.pulls  # no link kept to edge1 now: pulled, as policy pull would
+    assert pull["source"] == "edge1"
+    holder, relay, dev, b_link, a_end = _relay_pair()
+    _carry(b_link, holder, a_end)
+    _carry(a_end, relay, b_link)
+    relay.handle(PeerLost(b_link))  # the holder is gone mid-relay
+    assert dev.closed and not relay.handover.relays
+    holder.handle(PeerLost(a_end))  # and the holder, for its part, holds the session again
+    holder.drain()
+    assert state(holder) is S.DETACHED

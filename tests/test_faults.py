@@ -512,3 +512,25 @@ def test_chaos_soak_ends_bit_identical(tmp_path, baseline):
     assert kills, err
     summary = _summary(cfg)
     assert summary["status"] == "finished" and summary["final_model_sha256"] == baseline, (kills, summary["faults"])
+
+
+def test_a_relay_whose_holder_dies_falls_back_and_loses_nothing(tmp_path, baseline):
+    """``mobility.handover = "relay"``: device1 moves to edge2 early in round 1; its session
+    stays on edge1 and edge2 relays its steps there. edge1 is killed mid-relay: edge2 loses
+    the relay's link and the device's link with it; the device attaches again, edge2 falls
+    back to a pull, which finds no holder, and the round starts again on edge2 from its
+    weights (no replicas in this run): exact, at the cost of the steps done."""
+    cfg = _config(tmp_path, "relay-kill", moves=[{"device": "device1", "to": "edge2", "round": 1, "at": 0.25}],
+                  mobility={"handover": "relay"})
+
+    def during(bed):
+        _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.round == 1 and 3 <= st.step < st.steps - 1,
+                     timeout=240.0)
+        os.kill(bed.procs["edge1"].pid, signal.SIGKILL)
+
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    assert summary["status"] == "finished"
+    assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
+    assert summary["final_model_sha256"] == baseline
+    failed = [f for f in summary["faults"] if f["kind"] == "handover_failed" and f["process"] == "edge2"]
+    assert failed and failed[0]["recovery"] == "restart" and failed[0]["peer"] == "edge1", summary["faults"]

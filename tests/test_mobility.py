@@ -126,6 +126,22 @@ def test_pulled_moves_leave_the_model_bit_identical(tmp_path, baseline):
     assert not any('"offered": true' in line or '"event": "left"' in line for line in events)
 
 
+def test_relayed_moves_leave_the_model_bit_identical(tmp_path, baseline):
+    # mobility.handover = "relay": the session stays on the edge where the round began,
+    # and the edge the device moved to forwards its steps there; nothing is copied
+    summary = _run(tmp_path, "relay", moves=MOVES, extra={"mobility": {"handover": "relay"}})
+    assert summary["final_model_sha256"] == baseline
+    migs = summary["migrations"]
+    got = sorted((m["device"], m["round"], m["to"], m["step"]) for m in migs)
+    assert got == sorted((m["device"], m["round"], m["to"], math.floor(m["at"] * STEPS)) for m in MOVES)
+    assert all(m["state_bytes"] == 0 and m["pause_ms"] > 0 for m in migs)
+    for r in summary["rounds"]:
+        assert r["samples"] == 4 * SAMPLES and r["missing"] == []
+    events = _edge_events(tmp_path / "relay")
+    assert any('"event": "relaying"' in line for line in events)
+    assert not any('"event": "migrated_in"' in line for line in events)
+
+
 def _edge_events(folder) -> list[str]:
     return [line for f in (folder / "runs").rglob("events-edge*.jsonl") for line in f.read_text().splitlines()]
 
