@@ -67,31 +67,36 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "mode": (str, "fedfly", _choice(MODES), "fedfly: a moving device's session follows it; restart: the baseline, "
                  "the round starts again on the new edge; classic: each device trains the whole model alone"),
         "seed": (int, 0, None, "seeds the weights, shards and batches: the same seed, the same final model"),
-        "out": (str, "runs", None, "the results root (relative to the working directory); each run gets a folder in it"),
-        "name": (str, "", None, "the run's folder under out (\"\": the time and mode); a name whose run exists is refused"),
-        "round_timeout": (float, 1800.0, _POSITIVE, "a device with no update this long after its round began is dropped "
-                          "from the round"),
-        "startup_timeout": (float, 300.0, _POSITIVE, "how long the processes wait for each other at start; a device "
-                            "tries other edges after half of it"),
+        "out": (str, "runs", None, "the results root (relative to the working directory); each run gets a folder "
+                "in it"),
+        "name": (str, "", None, "the run's folder under out (\"\": the time and mode); a name whose run exists is "
+                 "refused"),
+        "round_timeout": (float, 1800.0, _POSITIVE, "a device with no update this long after its round began is "
+                          "dropped from the round; generous, so a slow device's round is not cut"),
+        "startup_timeout": (float, 300.0, _POSITIVE, "how long the processes wait for each other at start (room for "
+                            "a slow host to load torch and its data); a device tries other edges after half of it"),
     },
     # Unplanned mobility and silent peers (see README, "Faults").
     "faults": {
-        "heartbeat_s": (float, 1.0, _POSITIVE, "an idle link sends a heartbeat this often"),
+        "heartbeat_s": (float, 1.0, _POSITIVE, "an idle link sends a heartbeat this often: a few bytes a "
+                        "second, so a silent peer is noticed within dead_after_s"),
         "dead_after_s": (float, 5.0, _POSITIVE, "a peer silent this long is gone; at least twice heartbeat_s, so one "
-                         "late heartbeat is not a death"),
+                         "late heartbeat (a busy host) is not a death"),
         "device_grace_s": (float, 10.0, _NONNEG, "a device gone this long leaves the round; keep it at least twice "
                            "dead_after_s (one to notice a silent edge, one to attach elsewhere)"),
         "reconnect": (str, "same", _choice(RECONNECT_POLICIES), "where a device whose link dropped reconnects: the "
                       "edge it lost, the first to answer, or where the controller says"),
         "central_grace_s": (float, 60.0, _POSITIVE, "edges wait this long for a lost central, serving their devices "
-                            "meanwhile"),
-        "give_up_s": (float, 300.0, _POSITIVE, "a device with no edge this long exits with status 1"),
+                            "meanwhile: room for a restarted central to resume"),
+        "give_up_s": (float, 300.0, _POSITIVE, "a device with no edge this long exits with status 1 (longer than any "
+                      "grace above: every edge had its chance)"),
         "checkpoint_steps": (int, 0, _NONNEG, "every this many steps (mode fedfly) an edge copies each session to its "
                              "buddy edge and the device keeps its own state: a dead edge costs the steps since "
-                             "(0: the round again)"),
+                             "(0, off: each copy costs memory and backhaul; a dead edge costs the round)"),
         "on_death": (str, "stop", _choice(DEATH_POLICIES), "what the launcher does when a process it started dies: "
                      "stop the testbed (naming it), or start it again (the central with --resume)"),
-        "max_restarts": (int, 3, _NONNEG, "with on_death = \"restart\": at most this many restarts of each process"),
+        "max_restarts": (int, 3, _NONNEG, "with on_death = \"restart\": at most this many restarts of each process, "
+                         "so one that dies at start does not loop for ever"),
     },
     "security": {
         "mode": (str, "", _choice(("", "tls", "key")), "tls: TLS 1.3, mutual, one certificate per process from the "
@@ -110,8 +115,10 @@ SECTIONS: dict[str, dict[str, Key]] = {
     },
     # Link shaping for the network-namespace testbed (scripts/netns_testbed.py); 0 = unshaped.
     "links": {
-        "device_mbit": (float, 0.0, _NONNEG, "the rate of every device's link to its edge, Mbit/s (unless its edge or itself sets one)"),
-        "edge_mbit": (float, 0.0, _NONNEG, "the rate of every edge network's uplink (to the other edges and the central), Mbit/s"),
+        "device_mbit": (float, 0.0, _NONNEG, "the rate of every device's link to its edge, Mbit/s (unless its edge "
+                        "or itself sets one)"),
+        "edge_mbit": (float, 0.0, _NONNEG, "the rate of every edge network's uplink (to the other edges and the "
+                      "central), Mbit/s"),
         "central_mbit": (float, 0.0, _NONNEG, "the rate of the central's link, Mbit/s"),
     },
     # Launching on real hosts over ssh (scripts/remote.py).
@@ -167,7 +174,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "lr": (float, 0.01, _POSITIVE, "the local SGD learning rate"),
         "momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "the local SGD momentum"),
         "local_epochs": (int, 1, _AT_LEAST_1, "passes over its shard each device makes per round"),
-        "threads": (int, 1, _AT_LEAST_1, "torch threads of every process (a device's own devices.NAME.threads wins)"),
+        "threads": (int, 1, _AT_LEAST_1, "torch threads of every process (a device's own devices.NAME.threads "
+                   "wins); one count everywhere: kernels split work by it, so another count changes the last bits"),
         "malloc": (str, "auto", _choice(MALLOC_MODES), "tuned: big blocks kept on the heap between steps (faster); "
                    "lean: given back (smaller); auto: lean on a host under 2 GiB, tuned elsewhere (common.malloc); "
                    "results are the same"),
@@ -191,7 +199,8 @@ DEVICE_KEYS: dict[str, Key] = {
     "bind": (str, "", None, "where the device listens when that is not host"),
     "slowdown": (float, 1.0, lambda v: None if v >= 1 else "must be >= 1 (1 = full speed)",
                  "the device computes this many times slower than its host (emulates weaker hardware)"),
-    "threads": (int, 0, _NONNEG, "the device's torch threads (0: training.threads)"),
+    "threads": (int, 0, _NONNEG, "the device's torch threads (0: training.threads; another count "
+                 "changes the last bits of its results)"),
     "link_mbit": (float, 0.0, _NONNEG, "the rate of this device's link, Mbit/s (netns testbed and the auto cut; "
                   "0: its edge's link_mbit, else links.device_mbit)"),
     "split_layer": (Cut, None, None, "this device's cut, or \"auto\" (unset: model.split_layer)"),
@@ -265,7 +274,8 @@ READ_BY: dict[str, str] = {
     "devices.ssh": "launcher (remote)",
     "mobility": "central, device", "mobility.preconnect": "device", "mobility.handover": "central, edge, device",
     "mobility.offer": "central, edge, device",
-    "mobility.waypoint": "central, device", "mobility.moves": "central, device, launcher (netns)", "mobility.drops": "central, device",
+    "mobility.waypoint": "central, device", "mobility.moves": "central, device, launcher (netns)",
+    "mobility.drops": "central, device",
 }
 # Every table of the file, in the reference's order: (its heading, its keys, its name in READ_BY).
 TABLES: tuple[tuple[str, dict[str, Key], str], ...] = (
