@@ -165,8 +165,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "clip_norm": (float, 0.0, _NONNEG, "clip: the bound on each update's move (0: the round's median)"),
         # REFUSE_FACTOR says why the default.
         "refuse_factor": (float, REFUSE_FACTOR, _REFUSE_RULE, "every strategy: an update that moved the weights more "
-                          "than this many times the median of the others' moves is refused (0: off); 10 is far "
-                          "above honest updates, far below scaled or sign-flipped ones"),
+                          "than this many times the median of the others' moves is refused (central/robust.py; 0: off); "
+                          "10 is far above honest updates, far below scaled or sign-flipped ones"),
     },
     "training": {
         "rounds": (int, 5, _AT_LEAST_1, "how many rounds the run has"),
