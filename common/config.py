@@ -54,158 +54,242 @@ AUTO = "auto"
 
 
 def _choice(options: tuple[str, ...]):
-    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+    rule = lambda v: None if v in options else f"must be one of {', '.join(options)}"
+    rule.options = options   # for the reference (python -m scripts.configref)
+    return rule
 
 
-SECTIONS: dict[str, dict[str, tuple[type, Any, Any]]] = {
+# A key: (type, default, rule or None, what it does). The last is the key's line in
+# docs/CONFIGURATION.md (python -m scripts.configref; tests/test_configref.py keeps them equal).
+Key = tuple[type, Any, Any, str]
+SECTIONS: dict[str, dict[str, Key]] = {
     "run": {
-        "mode": (str, "fedfly", _choice(MODES)),
-        "seed": (int, 0, None),
-        "out": (str, "runs", None),
-        "name": (str, "", None),
-        "round_timeout": (float, 1800.0, _POSITIVE),
-        "startup_timeout": (float, 300.0, _POSITIVE),
+        "mode": (str, "fedfly", _choice(MODES), "fedfly: a moving device's session follows it; restart: the baseline, "
+                 "the round starts again on the new edge; classic: each device trains the whole model alone"),
+        "seed": (int, 0, None, "seeds the weights, shards and batches: the same seed, the same final model"),
+        "out": (str, "runs", None, "the results root (relative to the working directory); each run gets a folder "
+                "in it"),
+        "name": (str, "", None, "the run's folder under out (\"\": the time and mode); a name whose run exists is "
+                 "refused"),
+        "round_timeout": (float, 1800.0, _POSITIVE, "a device with no update this long after its round began is "
+                          "dropped from the round; generous, so a slow device's round is not cut"),
+        "startup_timeout": (float, 300.0, _POSITIVE, "how long the processes wait for each other at start (room for "
+                            "a slow host to load torch and its data); a device tries other edges after half of it"),
     },
     # Unplanned mobility and silent peers (see README, "Faults").
     "faults": {
-        "heartbeat_s": (float, 1.0, _POSITIVE),      # an idle link sends a heartbeat this often
-        "dead_after_s": (float, 5.0, _POSITIVE),     # a peer silent this long is gone
-        "device_grace_s": (float, 10.0, _NONNEG),    # a device gone this long leaves the round
-        "reconnect": (str, "same", _choice(RECONNECT_POLICIES)),
-        "central_grace_s": (float, 60.0, _POSITIVE),  # edges wait this long for a lost central
-        "give_up_s": (float, 300.0, _POSITIVE),      # a device with no edge this long exits
-        # every this many steps (mode fedfly) an edge copies each session to its buddy edge and
-        # the device keeps its own state: a dead edge costs the steps since (0: the round again)
-        "checkpoint_steps": (int, 0, _NONNEG),
-        # what the launcher does when a process it started dies: stop the testbed (naming
-        # it), or start it again (the central with --resume) at most max_restarts times each
-        "on_death": (str, "stop", _choice(DEATH_POLICIES)),
-        "max_restarts": (int, 3, _NONNEG),
+        "heartbeat_s": (float, 1.0, _POSITIVE, "an idle link sends a heartbeat this often: a few bytes a "
+                        "second, so a silent peer is noticed within dead_after_s"),
+        "dead_after_s": (float, 5.0, _POSITIVE, "a peer silent this long is gone; at least twice heartbeat_s, so one "
+                         "late heartbeat (a busy host) is not a death"),
+        "device_grace_s": (float, 10.0, _NONNEG, "a device gone this long leaves the round; keep it at least twice "
+                           "dead_after_s (one to notice a silent edge, one to attach elsewhere)"),
+        "reconnect": (str, "same", _choice(RECONNECT_POLICIES), "where a device whose link dropped reconnects: the "
+                      "edge it lost, the first to answer, or where the controller says"),
+        "central_grace_s": (float, 60.0, _POSITIVE, "edges wait this long for a lost central, serving their devices "
+                            "meanwhile: room for a restarted central to resume"),
+        "give_up_s": (float, 300.0, _POSITIVE, "a device with no edge this long exits with status 1 (longer than any "
+                      "grace above: every edge had its chance)"),
+        "checkpoint_steps": (int, 0, _NONNEG, "every this many steps (mode fedfly) an edge copies each session to its "
+                             "buddy edge and the device keeps its own state: a dead edge costs the steps since "
+                             "(0, off: each copy costs memory and backhaul; a dead edge costs the round)"),
+        "on_death": (str, "stop", _choice(DEATH_POLICIES), "what the launcher does when a process it started dies: "
+                     "stop the testbed (naming it), or start it again (the central with --resume)"),
+        "max_restarts": (int, 3, _NONNEG, "with on_death = \"restart\": at most this many restarts of each process, "
+                         "so one that dies at start does not loop for ever"),
     },
     "security": {
-        # tls: TLS 1.3, mutual, one certificate per process from the testbed's CA (in
-        # `certs`); key: the shared key, a MAC on every record, nothing encrypted.
-        # Unset: tls when `certs` is set, else key.
-        "mode": (str, "", _choice(("", "tls", "key"))),
-        "certs": (str, "", None),
-        "key_file": (str, "", None),
-        "key_env": (str, "", None),
+        "mode": (str, "", _choice(("", "tls", "key")), "tls: TLS 1.3, mutual, one certificate per process from the "
+                 "testbed's CA; key: a shared key, a MAC on every record, nothing encrypted; \"\": tls when certs is "
+                 "set, else key"),
+        "certs": (str, "", None, "the folder of the CA and each process's certificate and key (relative to the config "
+                  "file; python -m scripts.certs makes them)"),
+        "key_file": (str, "", None, "mode key: the file holding the shared key (relative to the config file)"),
+        "key_env": (str, "", None, "mode key: the environment variable holding the shared key, instead of key_file"),
     },
     "central": {
-        "host": (str, REQUIRED, None),
-        "port": (int, REQUIRED, _PORT),
-        "bind": (str, "", None),
-        "ssh": (str, "", None),
+        "host": (str, REQUIRED, None, "the address the others reach the central at"),
+        "port": (int, REQUIRED, _PORT, "the central's port"),
+        "bind": (str, "", None, "where the central listens when that is not host (e.g. 0.0.0.0 in a container)"),
+        "ssh": (str, "", None, "ssh target when it differs from host (scripts/remote.py)"),
     },
     # Link shaping for the network-namespace testbed (scripts/netns_testbed.py); 0 = unshaped.
     "links": {
-        "device_mbit": (float, 0.0, _NONNEG),
-        "edge_mbit": (float, 0.0, _NONNEG),
-        "central_mbit": (float, 0.0, _NONNEG),
+        "device_mbit": (float, 0.0, _NONNEG, "the rate of every device's link to its edge, Mbit/s (unless its edge "
+                        "or itself sets one)"),
+        "edge_mbit": (float, 0.0, _NONNEG, "the rate of every edge network's uplink (to the other edges and the "
+                      "central), Mbit/s"),
+        "central_mbit": (float, 0.0, _NONNEG, "the rate of the central's link, Mbit/s"),
     },
     # Launching on real hosts over ssh (scripts/remote.py).
     "remote": {
-        "user": (str, "", None),
-        "workdir": (str, "fedfly", None),
-        "python": (str, "python3", None),
-        "ssh_port": (int, 22, _PORT),
-        "identity": (str, "", None),
-        "ssh_options": (str, "", None),
+        "user": (str, "", None, "the ssh user on every host (\"\": ssh's default)"),
+        "workdir": (str, "fedfly", None, "the folder holding the code on every host (relative to the remote home, "
+                    "or absolute)"),
+        "python": (str, "python3", None, "the interpreter on every host (relative to workdir, or absolute)"),
+        "ssh_port": (int, 22, _PORT, "the hosts' ssh port"),
+        "identity": (str, "", None, "the ssh private key (relative to the config file; \"\": ssh's default)"),
+        "ssh_options": (str, "", None, "options added to every ssh call, before the launcher's own"),
     },
     "model": {
-        "name": (str, "vgg5", _choice(tuple(NETS))),
-        "split_layer": (Cut, 3, None),
+        "name": (str, "vgg5", _choice(tuple(NETS)), "the model (common/nets/); built for the data set's input"),
+        "split_layer": (Cut, 3, None, "the cut: the device runs layers 0..split_layer, the edge the rest; \"auto\": "
+                        "chosen per device at start from a measured cost model. 3: FedFly's cut of VGG-5"),
     },
     "data": {
-        "dataset": (str, "synthetic", _choice(tuple(DATASETS))),
-        "root": (str, "data", None),
-        "download": (bool, False, None),
-        # 0: the data set's own size; else images are resized to image_size x image_size
-        # (and the model built for it): small inputs for tests and quick sweeps
-        "image_size": (int, 0, _NONNEG),
-        "distribution": (str, "balanced", _choice(DISTRIBUTIONS)),
-        "alpha": (float, 0.5, _POSITIVE),
-        "samples_per_device": (int, 0, _NONNEG),
-        "test_samples": (int, 0, _NONNEG),
+        "dataset": (str, "synthetic", _choice(tuple(DATASETS)), "the data set (common/datasets/); synthetic needs no "
+                    "download and no files"),
+        "root": (str, "data", None, "where the data set's files are (relative to the working directory)"),
+        "download": (bool, False, None, "fetch a torchvision data set into root when it is not there"),
+        "image_size": (int, 0, _NONNEG, "0: the data set's own size; else images are resized to image_size x "
+                       "image_size (and the model built for it): small inputs for tests and quick sweeps"),
+        "distribution": (str, "balanced", _choice(DISTRIBUTIONS), "balanced: equal IID shards; imbalanced: labels "
+                         "skewed per class by a Dirichlet(alpha) draw"),
+        "alpha": (float, 0.5, _POSITIVE, "imbalanced: the Dirichlet concentration; smaller is more skewed"),
+        "samples_per_device": (int, 0, _NONNEG, "0: the whole training set split over the devices; else "
+                               "devices x this many samples"),
+        "test_samples": (int, 0, _NONNEG, "0: the whole test set; else the first N of a seeded permutation"),
     },
-    # Aggregation (central/strategies.py): mu for fedprox, server_lr and server_momentum for
-    # fedavgm, trim_fraction for trimmed_mean, krum_byzantine and krum_keep (0: all but the
-    # byzantine) for krum, clip_norm (0: the round's median) for clip.
+    # Aggregation (central/strategies.py).
     "strategy": {
-        "name": (str, "fedavg", _choice(STRATEGIES)),
-        "mu": (float, 0.01, _NONNEG),
-        "server_lr": (float, 1.0, _POSITIVE),
-        "server_momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
-        "trim_fraction": (float, 0.2, lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)"),
-        "krum_byzantine": (int, 1, _NONNEG),
-        "krum_keep": (int, 0, _NONNEG),
-        "clip_norm": (float, 0.0, _NONNEG),
-        # Every strategy: an update that moved the weights more than this many times the
-        # median of the other updates' moves is refused (central/robust.py, judge). 0: off.
-        "refuse_factor": (float, REFUSE_FACTOR, _REFUSE_RULE),
+        "name": (str, "fedavg", _choice(STRATEGIES), "how the central combines the round's updates"),
+        "mu": (float, 0.01, _NONNEG, "fedprox: the proximal term's weight, pulling each local step towards the "
+               "round's weights"),
+        "server_lr": (float, 1.0, _POSITIVE, "fedavgm: the server's step size (1.0 with no momentum is FedAvg)"),
+        "server_momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+                            "fedavgm: the server's momentum"),
+        "trim_fraction": (float, 0.2, lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)",
+                          "trimmed_mean: the fraction of smallest and of largest values left out of each coordinate"),
+        "krum_byzantine": (int, 1, _NONNEG, "krum: how many hostile devices to tolerate"),
+        "krum_keep": (int, 0, _NONNEG, "krum: how many updates to average (0: all but the byzantine)"),
+        "clip_norm": (float, 0.0, _NONNEG, "clip: the bound on each update's move (0: the round's median)"),
+        # REFUSE_FACTOR says why the default.
+        "refuse_factor": (float, REFUSE_FACTOR, _REFUSE_RULE, "every strategy: an update that moved the weights more "
+                          "than this many times the median of the others' moves is refused (central/robust.py; 0: off); "
+                          "10 is far above honest updates, far below scaled or sign-flipped ones"),
     },
     "training": {
-        "rounds": (int, 5, _AT_LEAST_1),
-        "batch_size": (int, 100, _AT_LEAST_1),
-        "lr": (float, 0.01, _POSITIVE),
-        "momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
-        "local_epochs": (int, 1, _AT_LEAST_1),
-        "threads": (int, 1, _AT_LEAST_1),
-        # auto: "lean" (big blocks given back) on a host under 2 GiB, "tuned" (kept) elsewhere (common.malloc)
-        "malloc": (str, "auto", _choice(MALLOC_MODES)),
-        # the edge sends the gradient at the cut before it computes its own weights'
-        # gradients (edge.session.EdgeSession.train_step); false: one backward pass
-        "cut_gradient_first": (bool, True, None),
+        "rounds": (int, 5, _AT_LEAST_1, "how many rounds the run has"),
+        "batch_size": (int, 100, _AT_LEAST_1, "samples per step"),
+        "lr": (float, 0.01, _POSITIVE, "the local SGD learning rate"),
+        "momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "the local SGD momentum"),
+        "local_epochs": (int, 1, _AT_LEAST_1, "passes over its shard each device makes per round"),
+        "threads": (int, 1, _AT_LEAST_1, "torch threads of every process (a device's own devices.NAME.threads "
+                   "wins); one count everywhere: kernels split work by it, so another count changes the last bits"),
+        "malloc": (str, "auto", _choice(MALLOC_MODES), "tuned: big blocks kept on the heap between steps (faster); "
+                   "lean: given back (smaller); auto: lean on a host under 2 GiB, tuned elsewhere (common.malloc); "
+                   "results are the same"),
+        "cut_gradient_first": (bool, True, None, "the edge sends the gradient at the cut before it computes its own "
+                               "weights' gradients, so the device's backward pass starts sooner; false: one backward "
+                               "pass. The same bits either way"),
     },
 }
-EDGE_KEYS: dict[str, tuple[type, Any, Any]] = {
-    "host": (str, REQUIRED, None),
-    "port": (int, REQUIRED, _PORT),
-    "bind": (str, "", None),
-    "ssh": (str, "", None),   # ssh target when it differs from host (scripts/remote.py)
-    # the rate of every device attached here (netns testbed; 0: links.device_mbit); a device's
-    # own devices.NAME.link_mbit wins
-    "link_mbit": (float, 0.0, _NONNEG),
+EDGE_KEYS: dict[str, Key] = {
+    "host": (str, REQUIRED, None, "the address devices and the other edges reach this edge at"),
+    "port": (int, REQUIRED, _PORT, "the edge's port"),
+    "bind": (str, "", None, "where the edge listens when that is not host (e.g. 0.0.0.0 in a container)"),
+    "ssh": (str, "", None, "ssh target when it differs from host (scripts/remote.py)"),
+    "link_mbit": (float, 0.0, _NONNEG, "the rate of every device attached here, Mbit/s (netns testbed and the "
+                  "auto cut; 0: links.device_mbit); a device's own link_mbit wins"),
 }
-DEVICE_KEYS: dict[str, tuple[type, Any, Any]] = {
-    "edge": (str, REQUIRED, None),
-    "host": (str, REQUIRED, None),
-    "control_port": (int, REQUIRED, _PORT),
-    "bind": (str, "", None),
-    "slowdown": (float, 1.0, lambda v: None if v >= 1 else "must be >= 1 (1 = full speed)"),
-    "threads": (int, 0, _NONNEG),
-    "link_mbit": (float, 0.0, _NONNEG),  # 0: links.device_mbit
-    "split_layer": (Cut, None, None),    # this device's cut, or "auto" (default: model.split_layer)
-    "ssh": (str, "", None),
+DEVICE_KEYS: dict[str, Key] = {
+    "edge": (str, REQUIRED, None, "the edge the device attaches to first"),
+    "host": (str, REQUIRED, None, "the address the controller reaches this device at"),
+    "control_port": (int, REQUIRED, _PORT, "the port of the device's control listener (the controller's moves)"),
+    "bind": (str, "", None, "where the device listens when that is not host"),
+    "slowdown": (float, 1.0, lambda v: None if v >= 1 else "must be >= 1 (1 = full speed)",
+                 "the device computes this many times slower than its host (emulates weaker hardware)"),
+    "threads": (int, 0, _NONNEG, "the device's torch threads (0: training.threads; another count "
+                 "changes the last bits of its results)"),
+    "link_mbit": (float, 0.0, _NONNEG, "the rate of this device's link, Mbit/s (netns testbed and the auto cut; "
+                  "0: its edge's link_mbit, else links.device_mbit)"),
+    "split_layer": (Cut, None, None, "this device's cut, or \"auto\" (unset: model.split_layer)"),
+    "ssh": (str, "", None, "ssh target when it differs from host (scripts/remote.py)"),
 }
-MOVE_KEYS: dict[str, tuple[type, Any, Any]] = {
-    "device": (str, REQUIRED, None),
-    "to": (str, REQUIRED, None),
-    "round": (int, REQUIRED, _AT_LEAST_1),
-    "at": (float, REQUIRED, lambda v: None if 0 < v < 1 else "must be a fraction of the round, 0 < at < 1"),
+MOVE_KEYS: dict[str, Key] = {
+    "device": (str, REQUIRED, None, "the device that moves"),
+    "to": (str, REQUIRED, None, "the edge it moves to"),
+    "round": (int, REQUIRED, _AT_LEAST_1, "the round it moves in"),
+    "at": (float, REQUIRED, lambda v: None if 0 < v < 1 else "must be a fraction of the round, 0 < at < 1",
+           "when, as a fraction of the round: just before step floor(at x steps)"),
 }
 # [mobility]: which model moves the devices ([[mobility.moves]] and [[mobility.drops]] apply
 # under every model).
-MOBILITY_KEYS: dict[str, tuple[type, Any, Any]] = {
-    "model": (str, "schedule", _choice(MOBILITY_MODELS)),
-    "trace": (str, "", None),   # CSV (relative to the config file): time_s,device,edge or round,at,device,edge
+MOBILITY_KEYS: dict[str, Key] = {
+    "model": (str, "schedule", _choice(MOBILITY_MODELS), "what moves the devices: [[mobility.moves]], a trace file, "
+              "or random waypoint over a grid of edge cells"),
+    "trace": (str, "", None, "model trace: a CSV (relative to the config file) of time_s,device,edge or "
+              "round,at,device,edge rows"),
+}
+HANDOVERS = ("offer", "pull", "relay")
+# The [mobility] flags build_config reads itself (its own checks and messages); their
+# defaults are these.
+MOBILITY_FLAG_KEYS: dict[str, Key] = {
+    "preconnect": (bool, False, None, "make-before-break: a device opens its link to the next edge one step before a "
+                   "scheduled move; off by default, as a radio cannot always reach the next cell early"),
+    "handover": (str, "offer", _choice(HANDOVERS), "mode fedfly: how a session follows a moving device: the old edge "
+                 "sends it ahead (offer), the new one fetches it on attach (pull), or it stays and steps are "
+                 "forwarded to it (relay)"),
+    "offer": (bool, True, None, "the old spelling of handover: true is \"offer\", false \"pull\""),
 }
 # [mobility.waypoint]: random waypoint over a grid of edge cells (common/mobility_models.py)
-WAYPOINT_KEYS: dict[str, tuple[type, Any, Any]] = {
-    "cell_m": (float, 100.0, _POSITIVE),     # side of an edge's square cell
-    "speed_mps": (float, 1.5, _POSITIVE),    # walking speed
-    "pause_s": (float, 0.0, _NONNEG),        # pause at each waypoint
-    "columns": (int, 0, _NONNEG),            # cells per row (0: ceil(sqrt(edges)))
-    "seed": (int, -1, None),                 # -1: run.seed
-    "horizon_s": (float, 3600.0, _POSITIVE),  # how far ahead the walk is drawn
+WAYPOINT_KEYS: dict[str, Key] = {
+    "cell_m": (float, 100.0, _POSITIVE, "side of an edge's square cell, metres"),
+    "speed_mps": (float, 1.5, _POSITIVE, "walking speed, metres per second"),
+    "pause_s": (float, 0.0, _NONNEG, "pause at each waypoint"),
+    "columns": (int, 0, _NONNEG, "cells per row (0: ceil(sqrt(edges)))"),
+    "seed": (int, -1, None, "the walks' seed (-1: run.seed)"),
+    "horizon_s": (float, 3600.0, _POSITIVE, "how far ahead the walk is drawn"),
 }
-DROP_KEYS: dict[str, tuple[type, Any, Any]] = {
-    "device": (str, REQUIRED, None),
-    "round": (int, REQUIRED, _AT_LEAST_1),
-    "at": (float, REQUIRED, lambda v: None if 0 <= v < 1 else "must be a fraction of the round, 0 <= at < 1"),
-    "seconds": (float, 0.0, _NONNEG),  # how long the radio is out
-    "to": (str, "", None),             # where it comes back ("": as faults.reconnect says)
+DROP_KEYS: dict[str, Key] = {
+    "device": (str, REQUIRED, None, "the device whose radio goes out"),
+    "round": (int, REQUIRED, _AT_LEAST_1, "the round it happens in"),
+    "at": (float, REQUIRED, lambda v: None if 0 <= v < 1 else "must be a fraction of the round, 0 <= at < 1",
+           "when, as a fraction of the round (a step boundary, as a move's)"),
+    "seconds": (float, 0.0, _NONNEG, "how long the radio is out"),
+    "to": (str, "", None, "where it comes back (\"\": as faults.reconnect says)"),
 }
+# Which processes read each key: "section" for all its keys, "section.key" where one
+# differs (the launchers: central.launch, scripts.remote, scripts.netns_testbed).
+READ_BY: dict[str, str] = {
+    "run": "central, edge, device", "run.out": "central, edge, device, launcher", "run.name": "central, launcher",
+    "run.round_timeout": "central, device",
+    "faults": "central, edge, device", "faults.device_grace_s": "central, device", "faults.reconnect": "device",
+    "faults.central_grace_s": "central, edge", "faults.give_up_s": "device", "faults.checkpoint_steps": "edge, device",
+    "faults.on_death": "launcher", "faults.max_restarts": "launcher",
+    "security": "central, edge, device, controller, launcher",
+    "central": "central, edge, controller, launcher", "central.bind": "central", "central.ssh": "launcher (remote)",
+    "links": "launcher (netns)",
+    "remote": "launcher (remote)",
+    "model": "central, edge, device", "model.split_layer": "central, edge, device",
+    "data": "central, device",
+    "strategy": "central",
+    "training": "central", "training.rounds": "central, launcher", "training.threads": "central, edge, device",
+    "training.malloc": "central, edge, device", "training.cut_gradient_first": "edge",
+    "edges": "central, edge, device, controller, launcher", "edges.bind": "edge", "edges.ssh": "launcher (remote)",
+    "edges.link_mbit": "central, launcher (netns)",
+    "devices": "device", "devices.edge": "central, device, launcher", "devices.host": "device, controller, launcher",
+    "devices.control_port": "device, controller, launcher", "devices.slowdown": "central, device",
+    "devices.link_mbit": "central, launcher (netns)", "devices.split_layer": "central, edge, device",
+    "devices.ssh": "launcher (remote)",
+    "mobility": "central, device", "mobility.preconnect": "device", "mobility.handover": "central, edge, device",
+    "mobility.offer": "central, edge, device",
+    "mobility.waypoint": "central, device", "mobility.moves": "central, device, launcher (netns)",
+    "mobility.drops": "central, device",
+}
+# Every table of the file, in the reference's order: (its heading, its keys, its name in READ_BY).
+TABLES: tuple[tuple[str, dict[str, Key], str], ...] = (
+    *((f"[{name}]", keys, name) for name, keys in SECTIONS.items()),
+    ("[edges.NAME]", EDGE_KEYS, "edges"), ("[devices.NAME]", DEVICE_KEYS, "devices"),
+    ("[mobility]", {**MOBILITY_KEYS, **MOBILITY_FLAG_KEYS}, "mobility"),
+    ("[mobility.waypoint]", WAYPOINT_KEYS, "mobility.waypoint"),
+    ("[[mobility.moves]]", MOVE_KEYS, "mobility.moves"), ("[[mobility.drops]]", DROP_KEYS, "mobility.drops"),
+)
+
+
+def read_by(table: str, key: str) -> str:
+    """Which processes read ``key`` of ``table`` (a ``TABLES`` name), per ``READ_BY``."""
+    return READ_BY.get(f"{table}.{key}") or READ_BY[table]
 
 
 @dataclass(frozen=True)
@@ -457,7 +541,7 @@ def _typed(key: str, value: Any, typ: type) -> Any:
     return value
 
 
-def _table(where: str, given: Any, schema: dict[str, tuple[type, Any, Any]]) -> dict[str, Any]:
+def _table(where: str, given: Any, schema: dict[str, Key]) -> dict[str, Any]:
     if not isinstance(given, dict):
         raise ConfigError(where, "must be a table", f"write it as [{where}]")
     unknown = sorted(set(given) - set(schema))
@@ -465,7 +549,7 @@ def _table(where: str, given: Any, schema: dict[str, tuple[type, Any, Any]]) -> 
         raise ConfigError(f"{where}.{unknown[0]}", "is not a known key",
                           f"remove it or use one of: {', '.join(sorted(schema))}")
     out: dict[str, Any] = {}
-    for key, (typ, default, rule) in schema.items():
+    for key, (typ, default, rule, _what) in schema.items():
         name = f"{where}.{key}"
         if key not in given:
             if default is REQUIRED:
@@ -544,8 +628,8 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
     moves = tuple(sorted(moves + traced, key=lambda x: (x.round, x.at, x.device)))
     _check_timeline(moves, drops, devices)
     flags = {}
-    for key, default in (("preconnect", False), ("offer", True)):
-        flags[key] = raw.get("mobility", {}).get(key, default)
+    for key in ("preconnect", "offer"):
+        flags[key] = raw.get("mobility", {}).get(key, MOBILITY_FLAG_KEYS[key][1])
         if type(flags[key]) is not bool:
             raise ConfigError(f"mobility.{key}", f"{flags[key]!r} is not true or false", "write true or false")
     handover = _handover(raw.get("mobility", {}), flags["offer"])
@@ -553,8 +637,6 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
                   preconnect=flags["preconnect"], handover=handover, traced_moves=timed, mobility=mobility,
                   **sections)
 
-
-HANDOVERS = ("offer", "pull", "relay")
 
 
 def _handover(mobility: dict, offer: bool) -> str:
