@@ -21,9 +21,10 @@ Relaying edge B (its core)                          Holder A (its core)
 
 Exact: the one session trains every step, in order, as if the device had not moved.
 When the holder is gone or refuses: a refusal that names where the session went is
-followed; any other refusal, a lost link or no answer in time falls back to a pull
-(``edge.handover.pull``), which recovers from a replica if there is one and otherwise
-starts the round again here from its weights (exact, at the cost of the steps done).
+followed; any other refusal or a lost link falls back to a pull (``edge.handover.pull``),
+which recovers from a replica if there is one and otherwise starts the round again here
+from its weights (exact, at the cost of the steps done). No answer in time (the pull's
+deadline, ``Pull.tick``) goes straight to the replica or the round again.
 A relay link lost after it opened closes the device's link here; the device attaches
 again and the same steps follow (a new relay, or the pull when the holder is gone).
 """
