@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ARCH := $(shell uname -m)
-# CPU builds of torch per architecture (see README, "Versions"). On x86_64 the package
+# CPU builds of torch per architecture (see docs/DEVELOPING.md, "Install"). On x86_64 the package
 # index's torch wheel brings CUDA libraries (about 4 GB nothing here uses); the CPU-only
 # build comes from PyTorch's own index, used when it answers within a few seconds.
 ifeq ($(ARCH),aarch64)

@@ -76,7 +76,7 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "startup_timeout": (float, 300.0, _POSITIVE, "how long the processes wait for each other at start (room for "
                             "a slow host to load torch and its data); a device tries other edges after half of it"),
     },
-    # Unplanned mobility and silent peers (see README, "Faults").
+    # Unplanned mobility and silent peers (see docs/FAULTS.md).
     "faults": {
         "heartbeat_s": (float, 1.0, _POSITIVE, "an idle link sends a heartbeat this often: a few bytes a "
                         "second, so a silent peer is noticed within dead_after_s"),
