@@ -38,6 +38,8 @@ from common.errors import AuthenticationError, PeerSilent, ProtocolError, Transp
 from common.link import Link
 from common.security import Credentials, Identity, attach_proofs, edge_key
 from device.control import Position
+from device.preconnect import Preconnect
+from device import reconnect
 from device.outcomes import Delivered, NoEdge, Outcome, RoundOver, RunOver, TrainFrom, read_attach
 from device.state import attach_secret
 
@@ -145,7 +147,7 @@ class EdgeLink:
                                                         edges=sorted(self.cfg.edges)))
 
     def _attach(self, edge: str, why: str, *, timeout: float,
-                ahead: "_Preconnect | None" = None) -> tuple[Link, m.AttachReply] | _Lost | RunOver:
+                ahead: Preconnect | None = None) -> tuple[Link, m.AttachReply] | _Lost | RunOver:
         """Connect to ``edge``, attach, wait for its answer. The attach goes out with the
         handshake's last flight (``transport.connect``'s ``first``), not a round trip after
         it; on a connection opened ``ahead`` of a move (``preconnect``), once that one is
@@ -303,63 +305,13 @@ class EdgeLink:
             self._inbox.put((link, _CUT))
 
     def _candidates(self, lost_at: float, silent: bool, failed: dict[str, float]) -> list[str]:
-        """Edges to try, in order, per ``faults.reconnect`` (and the controller's word); an
-        edge that failed us within ``faults.dead_after_s`` goes last."""
-        edges = sorted(self.cfg.edges)
-        i = edges.index(self.edge)
-        others = edges[i + 1:] + edges[:i]
-        now = time.monotonic()
-        dead = self.faults["dead_after_s"]
-        told = self._cut_to or self.pos.peek_pending() or ""
-        if told:
-            order = [told] + [e for e in [self.edge] + others if e != told]
-        else:
-            policy = self.faults["reconnect"]
-            if policy == "controller":
-                # wait for the controller to say where, but not so long that the central
-                # gives up on us: then as "same"
-                if now - lost_at < self.faults["device_grace_s"] / 2:
-                    return []
-                policy = "same"
-            if policy == "nearest":
-                order = self._nearest(edges)
-            elif silent:
-                # the edge said nothing for dead_after_s: most likely it is gone (or we
-                # moved out of its reach); any other edge first, it last
-                order = others + [self.edge]
-            elif now - lost_at < dead:
-                order = [self.edge]  # a dropped connection: the same edge, while it may come back
-            else:
-                order = [self.edge] + others
-        recent = {e for e, t in failed.items() if now - t < dead}
-        return [e for e in order if e not in recent] + [e for e in order if e in recent]
-
-    def _nearest(self, edges: list[str]) -> list[str]:
-        """Every edge, the first to complete a handshake first (the nearest in the network)."""
-        results: "queue.SimpleQueue[tuple[str, float]]" = queue.SimpleQueue()
-        dead = self.faults["dead_after_s"]
-
-        def probe(edge: str) -> None:
-            ep = self.cfg.edges[edge]
-            t0 = time.monotonic()
-            try:
-                conn = transport.connect(ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge),
-                                         peer=f"edge {edge}", timeout=dead)
-                conn.close()
-                results.put((edge, time.monotonic() - t0))
-            except Exception:  # noqa: BLE001 - any failure: not reachable now
-                results.put((edge, float("inf")))
-        for e in edges:
-            threading.Thread(target=probe, args=(e,), daemon=True).start()
-        got: dict[str, float] = {}
-        deadline = time.monotonic() + dead + 1.0
-        while len(got) < len(edges):
-            try:
-                edge, took = results.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            got[edge] = took
-        return [e for e, t in sorted(got.items(), key=lambda x: (x[1], x[0])) if t != float("inf")]
+        """Edges to try, in order (``reconnect.candidates``), from where the link is now."""
+        return reconnect.candidates(
+            edges=sorted(self.cfg.edges), on=self.edge, told=self._cut_to or self.pos.peek_pending() or "",
+            policy=self.faults["reconnect"], lost_at=lost_at, now=time.monotonic(), silent=silent, failed=failed,
+            dead_s=self.faults["dead_after_s"], grace_s=self.faults["device_grace_s"],
+            nearest=lambda edges: reconnect.nearest(self.cfg.edges, edges, creds=self.creds,
+                                                    timeout=self.faults["dead_after_s"]))
 
     def _reattach(self, lost: _Lost) -> Outcome:
         """Back on an edge after ``lost``; returns what its answer means for the training
@@ -580,7 +532,7 @@ class EdgeLink:
             if edge == self.edge or (kept is not None and kept.edge == edge and not kept.stale()):
                 return
             ep = self.cfg.edges[edge]
-            pre = self._pre = _Preconnect(edge, lambda: transport.connect(
+            pre = self._pre = Preconnect(edge, lambda: transport.connect(
                 ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge), peer=f"edge {edge}",
                 timeout=self.faults["dead_after_s"]), max_age_s=self.faults["dead_after_s"])
         if kept is not None:
@@ -588,7 +540,7 @@ class EdgeLink:
         self.events.emit("preconnect", to=edge, round=self.where.round, step=self.where.step)
         pre.start()
 
-    def _take_preconnect(self, edge: str) -> "_Preconnect | None":
+    def _take_preconnect(self, edge: str) -> Preconnect | None:
         """The connection opened ahead for a move to ``edge``, if there is one (any other
         is discarded)."""
         with self._lock:
@@ -605,65 +557,3 @@ def _is_attach_reply(msg: m.Message) -> bool:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
-
-
-class _Preconnect:
-    """A connection being opened (and secured) on its own thread, ahead of a move."""
-
-    def __init__(self, edge: str, connect: Callable[[], transport.Connection], *, max_age_s: float) -> None:
-        self.edge = edge
-        self._connect = connect
-        self._max_age_s = max_age_s
-        self._started = time.monotonic()
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._conn: transport.Connection | None = None
-        self._error: Exception | None = None
-        self._discarded = False
-        self.connect_ms = 0.0
-        self.taken_at = 0.0  # (perf_counter) when ``result`` handed the connection over
-
-    def start(self) -> None:
-        threading.Thread(target=self._run, name=f"preconnect-{self.edge}", daemon=True).start()
-
-    def _run(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            conn = self._connect()
-        except Exception as exc:  # noqa: BLE001 - the move finds out, and reconnects as usual
-            conn, error = None, exc
-        else:
-            error = None
-        self.connect_ms = _ms(time.perf_counter() - t0)
-        with self._lock:
-            self._conn, self._error = conn, error
-            discarded = self._discarded
-        self._done.set()
-        if discarded and conn is not None:
-            conn.close()
-
-    def stale(self) -> bool:
-        return time.monotonic() - self._started > self._max_age_s
-
-    def result(self, timeout: float) -> transport.Connection:
-        """The secured connection, waiting for it if need be. Raises what connecting raised
-        (``TransportError``, ``ProtocolError``) or ``TimeoutError``."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"connecting to edge {self.edge} took over {timeout} s")
-        with self._lock:
-            conn, error, self._conn = self._conn, self._error, None  # the caller owns it now
-        if error is not None:
-            raise error
-        if conn is None:
-            raise TimeoutError(f"the connection to edge {self.edge} was discarded")
-        self.taken_at = time.perf_counter()
-        return conn
-
-    def discard(self) -> None:
-        """Not used after all: closed (now, or when its connect ends)."""
-        with self._lock:
-            self._discarded = True
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-

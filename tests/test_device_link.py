@@ -13,6 +13,7 @@ from common import transport
 from common import security
 from common.config import Drop, Move, build_config
 from common.events import EventLog
+from device import reconnect
 from device.control import Position
 from device.link import EdgeLink
 from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves
@@ -72,9 +73,8 @@ def test_nearest_is_the_first_edge_to_complete_a_handshake_and_skips_a_silent_on
         from tests.testbed import free_ports
         nobody = free_ports(1)[0]  # refused at once
         cfg = config("nearest", ports=(silent.getsockname()[1], good.port, nobody), dead=0.5)
-        lk = link(cfg)
         t0 = time.monotonic()
-        order = lk._nearest(sorted(cfg.edges))
+        order = reconnect.nearest(cfg.edges, sorted(cfg.edges), creds=security.SharedKey(KEY), timeout=0.5)
         assert order == ["edge2"] and time.monotonic() - t0 < 10
     finally:
         good.close()
