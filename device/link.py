@@ -37,10 +37,10 @@ from common.config import Config
 from common.errors import AuthenticationError, PeerSilent, ProtocolError, TransportError
 from common.link import Link
 from common.security import Credentials, Identity, attach_proofs, edge_key
-from device.control import Position
-from device.preconnect import Preconnect
 from device import reconnect
+from device.control import Position
 from device.outcomes import Delivered, NoEdge, Outcome, RoundOver, RunOver, TrainFrom, read_attach
+from device.preconnect import Preconnect
 from device.state import attach_secret
 
 log = logging.getLogger("device")
