@@ -1,12 +1,12 @@
 """The device: its data shard, its part of the model, and the training loop.
 
-Per round: the round's work comes from the edge (``EdgeLink.wait_round``); then, for each
-step, "maybe move; step": a move source may send the device to another edge at this
-boundary, then the batch's activations go out and the gradient at the cut comes back
-(mode classic trains the whole model locally). Everything about links, drops and
-reattaching is ``device.link.EdgeLink``'s; what reaches this loop is where to go on from
-(``Rollback``) or that the round is over for this device (``RoundOver``).
-"""
+Per round: the round's work comes from the edge (``EdgeLink.wait_round``); then "maybe
+move; step" at every boundary (a move source may send the device to another edge there;
+then the batch's activations go out and the gradient at the cut comes back, or mode
+classic trains the whole model locally), and "maybe finish" after the last step (the
+update, until the central has it). Everything about links, drops and reattaching is
+``device.link.EdgeLink``'s; what reaches this loop is a value (``device.outcomes``): go
+on, go back to a step it kept (``Rollback``), or the round or the run is over."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,11 +29,38 @@ from common.plan import RoundPlan
 from common.security import Credentials
 from common.training import LOSS, make_optimizer, round_batches
 from device.control import ControlServer, Position
-from device.link import EdgeLink, EdgeUnreachable, Rollback, RoundOver, RunOver
 from device import state as disk
+from device.link import EdgeLink
 from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves, TimedMoves
+from device.outcomes import Delivered, Ends, NoEdge, Outcome, Rollback, RoundOver, RunOver, TrainFrom
 
 log = logging.getLogger("device")
+
+
+@dataclass(slots=True)
+class _Round:
+    """One round under way: its model and optimizer, the step the loop is at, and the
+    steps it can go back to (``ckpts``: step -> model and optimizer state; 0: the round's
+    start, which ``start`` is)."""
+    plan: RoundPlan
+    start: dict[str, torch.Tensor]
+    batches: list
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    step_ms: list[float | None]  # wall time of each step, the wait for the edge included
+    ckpts: dict[int, tuple[dict, dict]] = field(default_factory=dict)
+    step: int = 0
+    restarts: int = 0
+    t0: float = 0.0
+    train_seconds: float = 0.0
+
+    @property
+    def round(self) -> int:
+        return self.plan.round
+
+    @property
+    def steps(self) -> int:
+        return len(self.batches)
 
 
 class DeviceClient:
@@ -55,7 +83,6 @@ class DeviceClient:
         self.checkpoint_steps = cfg.faults["checkpoint_steps"] if self.mode == "fedfly" else 0
         self.state_dir = disk.folder(cfg.run["out"], name)
         self.writer = disk.Writer(self.state_dir) if self.checkpoint_steps else None
-        self._round_ctx: tuple[RoundPlan, dict[str, torch.Tensor]] | None = None
         self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
         self.throttle_s = 0.0
         self._set_cut(cfg.base_cut if cfg.split_of(name) == "auto" else cfg.split_of(name))
@@ -83,47 +110,17 @@ class DeviceClient:
                 self.link.at(saved.round, saved.step, saved.steps)
                 self.link.checkpoints = sorted({0, saved.step})
             reply = self.link.join()
-            resume = None
-            if saved is not None:
-                if reply.run_name == saved.run and reply.action == "continue" and reply.round == saved.round \
-                        and reply.resume_step in (0, saved.step):
-                    resume = (saved, reply.resume_step)
-                    self.events.emit("resumed_from_disk", round=saved.round, step=saved.step,
-                                     resume_step=reply.resume_step, how=reply.how)
-                    try:
-                        age = time.time() - os.path.getmtime(os.path.join(self.state_dir, disk.META))
-                    except OSError:
-                        age = 0.0
-                    self.link.report(m.FaultReport(
-                        kind="restarted", process=self.name, peer=self.link.edge, round=saved.round,
-                        step=reply.resume_step, detail=f"process started again; checkpoint of step {saved.step} "
-                        f"(written {age:.1f} s before), the edge went on from step {reply.resume_step} ({reply.how})",
-                        detected_s=0.0, down_s=round(age, 3), replayed=0,
-                        recovery="disk checkpoint" if reply.resume_step else "restart", samples_lost=0))
-                else:
-                    if reply.action == "done" and reply.run_name == saved.run:
-                        self.link.last_round = max(self.link.last_round, saved.round)
-                    self.events.emit("checkpoint_unused", round=saved.round, step=saved.step, action=reply.action,
-                                     how=reply.how, run=saved.run)
+            end = self._rounds(self._from_disk(saved, reply) if saved is not None else None) \
+                if isinstance(reply, m.AttachReply) else reply
+            if isinstance(end, RunOver):
+                self.events.emit("shutdown", reason=end.reason)
+                if self.writer is not None:
                     self.writer.clear()
-            work: m.DeviceRound | None = None
-            while True:
-                if resume is not None:
-                    saved, at = resume
-                    resume = None
-                    work = self._train_round(m.DeviceRound(plan=saved.plan.to_wire(), weights=saved.start),
-                                             resume=(saved, at))
-                    continue
-                if work is None:
-                    self.link.at(self.link.last_round, 0, 0, in_round=False)
-                    work = self.link.wait_round()
-                work = self._train_round(work)
-        except RunOver as exc:
-            self.events.emit("shutdown", reason=str(exc))
-            if self.writer is not None:
-                self.writer.clear()
-            return 0
-        except (EdgeUnreachable, TransportError, ProtocolError) as exc:
+                return 0
+            log.error("%s: %s", self.name, end.detail)
+            self.events.emit("error", detail=end.detail[:300], error="NoEdge")
+            return 1
+        except (TransportError, ProtocolError) as exc:
             log.error("%s: %s", self.name, exc)
             self.events.emit("error", detail=str(exc)[:300], error=type(exc).__name__)
             return 1
@@ -131,106 +128,174 @@ class DeviceClient:
             control.close()
             self.link.close()
 
+    def _from_disk(self, saved: disk.Saved, reply: m.AttachReply) -> tuple[disk.Saved, int] | None:
+        """Where the round saved on disk goes on from (the checkpoint and the step the
+        edge named), if the edge's answer agrees that it does; else the checkpoint is
+        cleared."""
+        if reply.run_name == saved.run and reply.action == "continue" and reply.round == saved.round \
+                and reply.resume_step in (0, saved.step):
+            self.events.emit("resumed_from_disk", round=saved.round, step=saved.step,
+                             resume_step=reply.resume_step, how=reply.how)
+            try:
+                age = time.time() - os.path.getmtime(os.path.join(self.state_dir, disk.META))
+            except OSError:
+                age = 0.0
+            self.link.report(m.FaultReport(
+                kind="restarted", process=self.name, peer=self.link.edge, round=saved.round,
+                step=reply.resume_step, detail=f"process started again; checkpoint of step {saved.step} "
+                f"(written {age:.1f} s before), the edge went on from step {reply.resume_step} ({reply.how})",
+                detected_s=0.0, down_s=round(age, 3), replayed=0,
+                recovery="disk checkpoint" if reply.resume_step else "restart", samples_lost=0))
+            return saved, reply.resume_step
+        if reply.action == "done" and reply.run_name == saved.run:
+            self.link.last_round = max(self.link.last_round, saved.round)
+        self.events.emit("checkpoint_unused", round=saved.round, step=saved.step, action=reply.action,
+                         how=reply.how, run=saved.run)
+        assert self.writer is not None  # (a checkpoint is read only with checkpoints on)
+        self.writer.clear()
+        return None
+
+    def _rounds(self, resume: tuple[disk.Saved, int] | None) -> RunOver | NoEdge:
+        """Round after round (the first one ``resume``d from disk, if given) until the run
+        ends."""
+        ended: Outcome | None = None
+        if resume is not None:
+            saved = resume[0]
+            ended = self._train_round(m.DeviceRound(plan=saved.plan.to_wire(), weights=saved.start), resume=resume)
+        while not isinstance(ended, Ends):
+            work = ended.next if isinstance(ended, RoundOver) else None  # the next round's, come early
+            if work is None:
+                self.link.at(self.link.last_round, 0, 0, in_round=False)
+                work = self.link.wait_round()
+                if isinstance(work, Ends):
+                    return work
+            ended = self._train_round(work)
+        return ended
+
     # -- a round -------------------------------------------------------------------------
 
-    def _train_round(self, msg: m.DeviceRound, resume: tuple[disk.Saved, int] | None = None) -> m.DeviceRound | None:
-        """Train one round to its end (its update taken); returns the next round's work if
-        it arrived early (the central went on without this device)."""
-        plan = msg.round_plan
+    def _train_round(self, work: m.DeviceRound, resume: tuple[disk.Saved, int] | None = None) -> Outcome:
+        """Train one round to its end: maybe move; step; maybe finish. Returns how it
+        ended: ``Delivered``, ``RoundOver`` (the central went on without this device;
+        ``next``: the next round's work, if it came), ``RunOver`` or ``NoEdge``."""
+        rnd = self._start_round(work, resume)
+        while True:
+            if rnd.step < rnd.steps:
+                outcome = self._maybe_move(rnd) or self._step(rnd)
+            else:
+                outcome = self._finish(rnd)
+            if isinstance(outcome, Rollback):
+                self._roll_back(rnd, outcome)
+            elif outcome is not None:
+                return self._ended(rnd, outcome)
+
+    def _start_round(self, work: m.DeviceRound, resume: tuple[disk.Saved, int] | None) -> _Round:
+        """The round's model, batches and checkpoints, at step 0 or the step ``resume``d."""
+        plan = work.round_plan
         r = plan.round
         if self.name in plan.cuts and plan.cuts[self.name] != self.split:
             self._set_cut(plan.cuts[self.name])
-        start_weights = {k: v.clone() for k, v in msg.weights.items()}
+        start_weights = {k: v.clone() for k, v in work.weights.items()}
         spec = state_spec(self.cfg.model_key)
         if weights_problem(start_weights, {k: spec[k] for k in self.keys}):  # load_state_dict would raise RuntimeError
             raise RemoteProtocolError(f"device {self.name}: round {r} weights do not fit the model")
         batches = round_batches(len(self.x), plan.batch_size, local_epochs=plan.local_epochs,
                                 seed=self.cfg.run["seed"], device=self.name, round=r)
-        steps = len(batches)
         model, opt = self._fresh(start_weights, plan)
-        ckpts: dict[int, tuple[dict, dict]] = {}
-        self._ckpts = ckpts
-        self._round_ctx = (plan, start_weights)
-        self._keep(ckpts, 0, model, opt)
-        step, restarts = 0, 0
+        rnd = _Round(plan=plan, start=start_weights, batches=batches, model=model, opt=opt,
+                     step_ms=[None] * len(batches))
+        self._keep(rnd, 0)
         if resume is not None and resume[1]:
-            saved, step = resume
+            saved, rnd.step = resume
             model.load_state_dict(saved.model)
             opt.load_state_dict(copy.deepcopy(saved.optimizer))
-            ckpts[step] = ({k: v.clone() for k, v in saved.model.items()}, copy.deepcopy(saved.optimizer))
-            self.link.checkpoints = sorted(ckpts)
-        self.link.at(r, step, steps)
-        self.events.emit("round_start", round=r, steps=steps, edge=self.link.edge, step=step)
-        t0 = time.perf_counter()
+            rnd.ckpts[rnd.step] = ({k: v.clone() for k, v in saved.model.items()}, copy.deepcopy(saved.optimizer))
+            self.link.checkpoints = sorted(rnd.ckpts)
+        self.link.at(r, rnd.step, rnd.steps)
+        self.events.emit("round_start", round=r, steps=rnd.steps, edge=self.link.edge, step=rnd.step)
+        rnd.t0 = time.perf_counter()
         self.compute_s = self.throttle_s = 0.0
-        step_ms: list[float | None] = [None] * steps  # wall time of each step, the wait for the edge included
-        while True:
-            try:
-                while step < steps:
-                    self._moves_due(r, step, steps, model, opt)
-                    idx = batches[step]
-                    t_wall = time.perf_counter()
-                    if self.mode == "classic":
-                        t_step = time.perf_counter()
-                        opt.zero_grad(set_to_none=True)
-                        LOSS(model(self.x[idx]), self.y[idx]).backward()
-                        opt.step()
-                        compute = time.perf_counter() - t_step
-                    else:
-                        compute = self._split_step(model, opt, r, step, self.x[idx], self.y[idx], steps)
-                    step_ms[step] = round((time.perf_counter() - t_wall) * 1000, 2)
-                    self._throttle(compute)
-                    step += 1
-                    if self.checkpoint_steps and step % self.checkpoint_steps == 0:
-                        self._keep(ckpts, step, model, opt)
-                    self.link.at(r, step, steps)
-                train_seconds = time.perf_counter() - t0
-                self.link.finish(m.DeviceDone(round=r, samples=len(self.x), steps=steps, train_seconds=train_seconds,
-                                              weights=dict(model.state_dict())))
-                if self.writer is not None:
-                    self.writer.clear()  # the round's update is taken: nothing to go back to
-                self.events.emit("round_done", round=r, steps=steps, train_seconds=train_seconds, restarts=restarts,
-                                 edge=self.link.edge, compute_seconds=self.compute_s,
-                                 throttle_seconds=self.throttle_s, step_ms=step_ms)
-                return None
-            except Rollback as rb:
-                # Back to a step the device kept (0: the round's start; others with
-                # faults.checkpoint_steps): the steps since are trained again with the same
-                # batches and seeds, so the result is the same.
-                if rb.step not in ckpts:
-                    raise RemoteProtocolError(f"{self.name}: asked to go on from step {rb.step}, which it cannot "
-                                              f"(it kept steps {sorted(ckpts)})")
-                self.events.emit("rollback", round=r, step=step, to=rb.step, how=rb.how)
-                model, opt = self._fresh(start_weights, plan)
-                if rb.step:
-                    state, opt_state = ckpts[rb.step]
-                    model.load_state_dict(state)
-                    opt.load_state_dict(copy.deepcopy(opt_state))
-                for later in [c for c in ckpts if c > rb.step]:
-                    del ckpts[later]
-                self.link.checkpoints = sorted(ckpts)
-                step, restarts = rb.step, restarts + 1
-                self.link.at(r, step, steps)
-            except RoundOver as ro:
-                self.events.emit("round_over", round=r, step=step, delivered=ro.delivered, reason=str(ro))
-                return ro.next
+        return rnd
+
+    def _step(self, rnd: _Round) -> Outcome | None:
+        """Step ``rnd.step``: locally (mode classic) or with the edge. None: done, on to the
+        next step; else what stopped it."""
+        step = rnd.step
+        idx = rnd.batches[step]
+        t_wall = time.perf_counter()
+        if self.mode == "classic":
+            t_step = time.perf_counter()
+            rnd.opt.zero_grad(set_to_none=True)
+            LOSS(rnd.model(self.x[idx]), self.y[idx]).backward()
+            rnd.opt.step()
+            compute: float | Outcome = time.perf_counter() - t_step
+        else:
+            compute = self._split_step(rnd, self.x[idx], self.y[idx])
+            if not isinstance(compute, float):
+                return compute
+        rnd.step_ms[step] = round((time.perf_counter() - t_wall) * 1000, 2)
+        self._throttle(compute)
+        rnd.step = step = step + 1
+        if self.checkpoint_steps and step % self.checkpoint_steps == 0:
+            self._keep(rnd, step)
+        self.link.at(rnd.round, step, rnd.steps)
+        return None
+
+    def _finish(self, rnd: _Round) -> Outcome:
+        """The round's update, until the central has it (``Delivered``)."""
+        rnd.train_seconds = time.perf_counter() - rnd.t0
+        return self.link.finish(m.DeviceDone(round=rnd.round, samples=len(self.x), steps=rnd.steps,
+                                             train_seconds=rnd.train_seconds, weights=dict(rnd.model.state_dict())))
+
+    def _roll_back(self, rnd: _Round, rb: Rollback) -> None:
+        """Back to a step the device kept (0: the round's start; others with
+        faults.checkpoint_steps): the steps since are trained again with the same batches
+        and seeds, so the result is the same."""
+        if rb.step not in rnd.ckpts:
+            raise RemoteProtocolError(f"{self.name}: asked to go on from step {rb.step}, which it cannot "
+                                      f"(it kept steps {sorted(rnd.ckpts)})")
+        self.events.emit("rollback", round=rnd.round, step=rnd.step, to=rb.step, how=rb.how)
+        rnd.model, rnd.opt = self._fresh(rnd.start, rnd.plan)
+        if rb.step:
+            state, opt_state = rnd.ckpts[rb.step]
+            rnd.model.load_state_dict(state)
+            rnd.opt.load_state_dict(copy.deepcopy(opt_state))
+        for later in [c for c in rnd.ckpts if c > rb.step]:
+            del rnd.ckpts[later]
+        self.link.checkpoints = sorted(rnd.ckpts)
+        rnd.step, rnd.restarts = rb.step, rnd.restarts + 1
+        self.link.at(rnd.round, rnd.step, rnd.steps)
+
+    def _ended(self, rnd: _Round, outcome: Outcome) -> Outcome:
+        """The round's end, on the record."""
+        if isinstance(outcome, Delivered):
+            if self.writer is not None:
+                self.writer.clear()  # the round's update is taken: nothing to go back to
+            self.events.emit("round_done", round=rnd.round, steps=rnd.steps, train_seconds=rnd.train_seconds,
+                             restarts=rnd.restarts, edge=self.link.edge, compute_seconds=self.compute_s,
+                             throttle_seconds=self.throttle_s, step_ms=rnd.step_ms)
+        elif isinstance(outcome, RoundOver):
+            self.events.emit("round_over", round=rnd.round, step=rnd.step, delivered=outcome.delivered,
+                             reason=str(outcome))
+        return outcome
 
     # how many checkpoints besides the round's start a device keeps: the buddy's copy lags
     # the live session by at most the time a copy takes to send
     KEEP = 3
 
-    def _keep(self, ckpts: dict[int, tuple[dict, dict]], step: int, model, opt) -> None:
+    def _keep(self, rnd: _Round, step: int) -> None:
+        """Keep step ``step`` of the round as a point to come back to (0: the round's start,
+        which its weights are), on disk too with a writer."""
+        ckpts = rnd.ckpts
         if step:
-            ckpts[step] = ({k: v.detach().clone() for k, v in model.state_dict().items()},
-                           copy.deepcopy(opt.state_dict()))
+            ckpts[step] = ({k: v.detach().clone() for k, v in rnd.model.state_dict().items()},
+                           copy.deepcopy(rnd.opt.state_dict()))
             for old in sorted(c for c in ckpts if c)[:-self.KEEP]:
                 del ckpts[old]
-            if self.writer is not None and self._round_ctx is not None and self.link.run_name:
-                plan, start = self._round_ctx
-                w = self.link.where
-                self.writer.submit(run=self.link.run_name, round=plan.round, step=step, steps=w.steps,
-                                   edge=self.link.edge, last_round=self.link.last_round, plan=plan, start=start,
-                                   model=ckpts[step][0], optimizer=ckpts[step][1])
+            if self.writer is not None and self.link.run_name:
+                self.writer.submit(run=self.link.run_name, round=rnd.round, step=step, steps=rnd.steps,
+                                   edge=self.link.edge, last_round=self.link.last_round, plan=rnd.plan,
+                                   start=rnd.start, model=ckpts[step][0], optimizer=ckpts[step][1])
         else:
             ckpts[0] = ({}, {})
         self.link.checkpoints = sorted(ckpts)
@@ -242,18 +307,23 @@ class DeviceClient:
         model.train()
         return model, make_optimizer(model.parameters(), lr=plan.lr, momentum=plan.momentum, prox_mu=plan.prox_mu)
 
-    def _split_step(self, model, opt, r: int, step: int, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    def _split_step(self, rnd: _Round, x: torch.Tensor, y: torch.Tensor) -> float | Outcome:
         """One lockstep step with the edge; returns the device's own compute seconds (not
-        the wait for the edge), which is what ``slowdown`` stretches."""
+        the wait for the edge), which is what ``slowdown`` stretches, or the outcome that
+        stopped the step (``EdgeLink.step``)."""
+        model, opt = rnd.model, rnd.opt
+        r, step = rnd.round, rnd.step
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = model(x)
         compute = time.perf_counter() - t0
         reply = self.link.step(r, step, out.detach(), y)
+        if not isinstance(reply, m.Gradients):
+            return reply
         grad = reply.grad.get("g")
         if problem := gradient_problem(grad, out):  # the edge's answer, bounded as our batch is
             raise RemoteProtocolError(f"device {self.name}: step {step}: {problem}")
-        self._announce(r, step, steps)
+        self._announce(r, step, rnd.steps)
         t1 = time.perf_counter()
         out.backward(grad)
         opt.step()
@@ -282,11 +352,12 @@ class DeviceClient:
 
     # -- moves ---------------------------------------------------------------------------
 
-    def _moves_due(self, r: int, step: int, steps: int, model=None, opt=None) -> None:
-        """Every move due at this boundary, one after another. A move that cannot go on
-        from here raises ``Rollback``/``RoundOver`` (from ``EdgeLink.move``). A radio loss
-        from the trace (``[[mobility.drops]]``) cuts the link here; the next step finds it
-        cut and reconnects as any lost link does."""
+    def _maybe_move(self, rnd: _Round) -> Outcome | None:
+        """Every move due at this boundary, one after another. None: train on here; else
+        what a move gave instead (``EdgeLink.move``). A radio loss from the trace
+        (``[[mobility.drops]]``) cuts the link here; the next step finds it cut and
+        reconnects as any lost link does."""
+        r, step, steps = rnd.round, rnd.step, rnd.steps
         drop = self.drops.due(r, step, steps)
         if drop is not None:
             self.link.cut(drop.seconds, drop.to, why="trace")
@@ -297,14 +368,17 @@ class DeviceClient:
             if to == self.link.edge:
                 self.events.emit("move_skipped", to=to, round=r, step=step, reason="already there")
                 continue
-            if self.checkpoint_steps and model is not None and step not in self._ckpts:
+            if self.checkpoint_steps and step not in rnd.ckpts:
                 # the source keeps a copy of what it hands over: a point to come back to
-                self._keep(self._ckpts, step, model, opt)
-            self.link.move(to, r, step)
+                self._keep(rnd, step)
+            outcome = self.link.move(to, r, step)
+            if not isinstance(outcome, TrainFrom):
+                return outcome
         if self.cfg.preconnect:
             ahead = self.moves.upcoming(r, step, steps)
             if ahead is not None and ahead != self.link.edge:
                 self.link.preconnect(ahead)
+        return None
 
 
 __all__ = ["DeviceClient", "TestbedError"]

@@ -2,15 +2,17 @@
 
 The training loop sees four calls: ``wait_round`` (idle until the next round's work),
 ``step`` (one step's activations out, its gradient back), ``finish`` (the round's update,
-until the central has it) and ``move`` (a planned move, break-before-make). Whatever
-happens to the link underneath (a reset at any byte, an edge that goes silent, a radio
-cut by the controller), these calls carry on: the link reconnects with bounded backoff,
-to the edge the policy (``faults.reconnect``) names, attaches naming the exact round and
-step the device is at, and resends what was in flight. The edge answers a step it
+until the central has it) and ``move`` (a planned move, on a link opened ahead or not).
+Whatever happens to the link underneath (a reset at any byte, an edge that goes silent,
+a radio cut by the controller), these calls carry on: the link reconnects with bounded
+backoff, to the edge the policy (``faults.reconnect``) names, attaches naming the exact
+round and step the device is at, and resends what was in flight. The edge answers a step it
 already trained from its kept reply and trains a step it never saw, so **every step is
-applied exactly once on both sides**. When the edge cannot go on from where the device
-is (its session was lost with its edge), the call raises ``Rollback`` and the loop goes on
-from the step named (0: the round again from its weights: exact, only slower).
+applied exactly once on both sides**. What reaches the loop is a value
+(``device.outcomes``): go on from here; go back to a step the device kept, when the edge
+cannot go on from where the device is (its session was lost with its edge; 0: the round
+again from its weights: exact, only slower); the round or the run is over; or no edge
+takes the device. Exceptions are left for real errors.
 
 Every attach names the edge of the device's last successful attach as the session's
 source: that one copy counts, wherever the device turns up next.
@@ -32,12 +34,14 @@ import torch
 from common import messages as m
 from common import transport
 from common.config import Config
-from common.errors import AuthenticationError, PeerSilent, ProtocolError, TestbedError, \
-    TransportError
+from common.errors import AuthenticationError, PeerSilent, ProtocolError, TransportError
 from common.link import Link
 from common.security import Credentials, Identity, attach_proofs, edge_key
-from device.state import attach_secret
+from device import reconnect
 from device.control import Position
+from device.outcomes import Delivered, NoEdge, Outcome, RoundOver, RunOver, TrainFrom, read_attach
+from device.preconnect import Preconnect
+from device.state import attach_secret
 
 log = logging.getLogger("device")
 
@@ -50,37 +54,19 @@ BACKOFF_MAX_S = 1.0
 MAX_FAILURES_AT_ONE_PLACE = 20
 
 
-class Rollback(Exception):
-    """The round goes on from ``step`` (0: from the round's weights), not from where the
-    device was."""
-
-    def __init__(self, round: int, step: int, how: str) -> None:
-        super().__init__(f"round {round} goes on from step {step} ({how})")
-        self.round, self.step, self.how = round, step, how
+class AttachRefused(ProtocolError):
+    """The edge answered the attach with a refusal."""
 
 
-class RoundOver(Exception):
-    """The device's current round ended without it (``delivered``: its update was taken
-    after all). ``next`` is the next round's work when it came with the news."""
-
-    def __init__(self, round: int, *, delivered: bool = False, next: m.DeviceRound | None = None,
-                 reason: str = "") -> None:
-        super().__init__(f"round {round} is over for this device{': ' + reason if reason else ''}")
-        self.round, self.delivered, self.next = round, delivered, next
-
-
-class RunOver(Exception):
-    """The edge relayed the central's Shutdown."""
-
-
-class EdgeUnreachable(TestbedError):
-    """No edge would take the device for ``faults.give_up_s``."""
-
-
-class _Lost(Exception):
-    def __init__(self, detail: str, *, silent_s: float = 0.0, cut: bool = False) -> None:
-        super().__init__(detail)
-        self.detail, self.silent_s, self.cut = detail, silent_s, cut
+@dataclass(frozen=True)
+class _Lost:
+    """A link that ended, or a try at one that failed: why (``error``: what connecting or
+    attaching raised, a refusal too), how long the edge had been silent, whether a cut
+    did it."""
+    detail: str
+    silent_s: float = 0.0
+    cut: bool = False
+    error: Exception | None = None
 
 
 @dataclass
@@ -160,16 +146,46 @@ class EdgeLink:
                                    proofs=attach_proofs(self.secret, device=self.name, target=edge,
                                                         edges=sorted(self.cfg.edges)))
 
-    def _open(self, edge: str, req: m.AttachRequest, *, timeout: float) -> tuple[Link, m.AttachReply]:
-        """Connect to ``edge``, attach, wait for its answer; the link is not yet ours. The
-        attach goes out with the handshake's last flight (``transport.connect``'s
-        ``first``), not a round trip after it."""
-        ep = self.cfg.edges[edge]
+    def _attach(self, edge: str, why: str, *, timeout: float,
+                ahead: Preconnect | None = None) -> tuple[Link, m.AttachReply] | _Lost | RunOver:
+        """Connect to ``edge``, attach, wait for its answer. The attach goes out with the
+        handshake's last flight (``transport.connect``'s ``first``), not a round trip after
+        it; on a connection opened ``ahead`` of a move (``preconnect``), once that one is
+        secured. Returns the link (not yet ours) with the edge's acceptance; ``_Lost`` for
+        a try that failed (``error``: what connecting raised, or ``AttachRefused``); or
+        ``RunOver``."""
         dead = self.faults["dead_after_s"]
-        signed = self._signed(req, edge)
-        conn = transport.connect(ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge), peer=f"edge {edge}",
-                                 timeout=min(timeout, dead), first=signed)
-        return self._attach_on(conn, edge, signed, timeout=timeout, sent=True)
+        try:
+            if ahead is None:
+                req = self._signed(self._request(why), edge)
+                ep = self.cfg.edges[edge]
+                conn = transport.connect(ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge),
+                                         peer=f"edge {edge}", timeout=min(timeout, dead), first=req)
+            else:
+                conn = ahead.result(timeout)
+                req = self._signed(self._request(why), edge)
+        except (TransportError, ProtocolError, TimeoutError) as exc:
+            return _Lost(str(exc), error=exc)
+        inbox = self._inbox
+        link = Link(conn, name=f"edge {edge}", heartbeat_s=self.faults["heartbeat_s"], dead_after_s=dead,
+                    on_message=lambda l, msg: inbox.put((l, msg)),
+                    on_lost=lambda l, exc: inbox.put((l, _LOST)))
+        link.start()
+        if ahead is not None:
+            link.post(req)
+        try:
+            got = self._await(_is_attach_reply, link=link, limit=timeout, during_attach=True)
+        except BaseException:
+            link.close(drain=False)
+            raise
+        if not isinstance(got, m.AttachReply):
+            link.close(drain=False)
+            return got  # type: ignore[return-value]  # (while attaching: _Lost or RunOver only)
+        if not got.ok:
+            link.close(drain=False)
+            refused = AttachRefused(f"{edge} refused {self.name}: {got.reason}")
+            return _Lost(str(refused), error=refused)
+        return link, got
 
     def _install(self, edge: str, link: Link, reply: m.AttachReply) -> None:
         old = self._link
@@ -190,12 +206,15 @@ class EdgeLink:
             link.go_silent()
             self._inbox.put((link, _CUT))
 
-    def join(self) -> m.AttachReply:
+    def join(self) -> m.AttachReply | RunOver | NoEdge:
         """The first attach, to the config's edge, retried while it is not up yet. A device
         started again while that edge is down (killed, or out of reach) does not wait for
         it for ever: after half of ``run.startup_timeout`` it tries the other edges too. (Not
         sooner: at the testbed's start an edge may take that long to come up on a loaded
-        host, and a device must not start somewhere its config does not say.)"""
+        host, and a device must not start somewhere its config does not say.) Returns the
+        edge's acceptance, or ``NoEdge`` after ``run.startup_timeout``. Raises
+        ``AttachRefused`` or ``AuthenticationError``: a refusal or a wrong key never heals
+        by trying again."""
         t0 = time.monotonic()
         deadline = t0 + self.cfg.run["startup_timeout"]
         home = self.edge
@@ -205,53 +224,55 @@ class EdgeLink:
         backoff = BACKOFF_FIRST_S
         while True:
             tried = [home] + (others if time.monotonic() - t0 >= self.cfg.run["startup_timeout"] / 2 else [])
-            last: Exception | None = None
+            last: str | None = None
             for edge in tried:
-                try:
-                    link, reply = self._open(edge, self._request("start"), timeout=self.cfg.run["startup_timeout"])
-                except (_Refused, AuthenticationError):
-                    raise  # a refusal or a wrong key never heals by trying again
-                except (TransportError, ProtocolError, TimeoutError, _Lost) as exc:
-                    last = exc
+                got = self._attach(edge, "start", timeout=self.cfg.run["startup_timeout"])
+                if isinstance(got, _Lost):
+                    if isinstance(got.error, (AttachRefused, AuthenticationError)):
+                        raise got.error
+                    last = got.detail
                     continue
+                if isinstance(got, RunOver):
+                    return got
+                link, reply = got
                 self._install(edge, link, reply)
                 self.events.emit("attached", edge=edge, home=home, action=reply.action, how=reply.how)
                 return reply
             if time.monotonic() >= deadline:
-                raise EdgeUnreachable(f"cannot attach to {' or '.join(tried)}: {last}") from None
+                return NoEdge(f"cannot attach to {' or '.join(tried)}: {last}")
             time.sleep(backoff)
             backoff = min(BACKOFF_MAX_S, backoff * 2)
 
     # -- receiving -------------------------------------------------------------------------------
 
     def _await(self, match: Callable[[m.Message], bool], *, link: Link | None = None, limit: float | None = None,
-               during_attach: bool = False) -> m.Message:
-        """The next message from ``link`` (default: ours) that ``match``es. Raises ``_Lost``
+               during_attach: bool = False) -> m.Message | _Lost | RunOver | RoundOver:
+        """The next message from ``link`` (default: ours) that ``match``es; or ``_Lost``
         when that link ends, ``RunOver`` on a Shutdown, ``RoundOver`` when the device's
         round ends without it (not while attaching)."""
         link = link or self._link
         if link is None:
-            raise _Lost("no link")
+            return _Lost("no link")
         limit = self.cfg.run["round_timeout"] if limit is None else limit
         deadline = time.monotonic() + limit
         while True:
             try:
                 src, msg = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise _Lost(f"no answer from {link.name} within {limit:.0f} s") from None
+                return _Lost(f"no answer from {link.name} within {limit:.0f} s")
             if src is not link:
                 continue  # from a link we left
             if msg is _LOST:
                 reason = link.lost_reason
                 silent = time.monotonic() - link.conn.last_received if isinstance(reason, PeerSilent) else 0.0
-                raise _Lost(f"{link.name}: {reason}", silent_s=silent)
+                return _Lost(f"{link.name}: {reason}", silent_s=silent)
             if msg is _CUT:
-                raise _Lost(f"{link.name}: cut by the {self._cut_why}", cut=True)
+                return _Lost(f"{link.name}: cut by the {self._cut_why}", cut=True)
             if isinstance(msg, m.Shutdown):
-                raise RunOver(msg.reason)
+                return RunOver(msg.reason)
             if isinstance(msg, m.ErrorNotice):
                 link.close(drain=False)
-                raise _Lost(f"{link.name} reported {msg.kind}: {msg.detail}")
+                return _Lost(f"{link.name} reported {msg.kind}: {msg.detail}")
             if isinstance(msg, m.DoneAck):
                 self.last_round = max(self.last_round, msg.round)
             if match(msg):
@@ -259,10 +280,10 @@ class EdgeLink:
             if during_attach:
                 continue
             if isinstance(msg, m.StandBy) and self.where.in_round and msg.round == self.where.round:
-                raise RoundOver(msg.round, reason=msg.reason)
+                return RoundOver(msg.round, reason=msg.reason)
             if isinstance(msg, m.DeviceRound) and self.where.in_round and \
                     msg.round_plan.round > self.where.round:
-                raise RoundOver(self.where.round, next=msg, reason="a newer round started")
+                return RoundOver(self.where.round, next=msg, reason="a newer round started")
 
     # -- losing the link and coming back ----------------------------------------------------------
 
@@ -284,66 +305,18 @@ class EdgeLink:
             self._inbox.put((link, _CUT))
 
     def _candidates(self, lost_at: float, silent: bool, failed: dict[str, float]) -> list[str]:
-        """Edges to try, in order, per ``faults.reconnect`` (and the controller's word); an
-        edge that failed us within ``faults.dead_after_s`` goes last."""
-        edges = sorted(self.cfg.edges)
-        i = edges.index(self.edge)
-        others = edges[i + 1:] + edges[:i]
-        now = time.monotonic()
-        dead = self.faults["dead_after_s"]
-        told = self._cut_to or self.pos.peek_pending() or ""
-        if told:
-            order = [told] + [e for e in [self.edge] + others if e != told]
-        else:
-            policy = self.faults["reconnect"]
-            if policy == "controller":
-                # wait for the controller to say where, but not so long that the central
-                # gives up on us: then as "same"
-                if now - lost_at < self.faults["device_grace_s"] / 2:
-                    return []
-                policy = "same"
-            if policy == "nearest":
-                order = self._nearest(edges)
-            elif silent:
-                # the edge said nothing for dead_after_s: most likely it is gone (or we
-                # moved out of its reach); any other edge first, it last
-                order = others + [self.edge]
-            elif now - lost_at < dead:
-                order = [self.edge]  # a dropped connection: the same edge, while it may come back
-            else:
-                order = [self.edge] + others
-        recent = {e for e, t in failed.items() if now - t < dead}
-        return [e for e in order if e not in recent] + [e for e in order if e in recent]
+        """Edges to try, in order (``reconnect.candidates``), from where the link is now."""
+        return reconnect.candidates(
+            edges=sorted(self.cfg.edges), on=self.edge, told=self._cut_to or self.pos.peek_pending() or "",
+            policy=self.faults["reconnect"], lost_at=lost_at, now=time.monotonic(), silent=silent, failed=failed,
+            dead_s=self.faults["dead_after_s"], grace_s=self.faults["device_grace_s"],
+            nearest=lambda edges: reconnect.nearest(self.cfg.edges, edges, creds=self.creds,
+                                                    timeout=self.faults["dead_after_s"]))
 
-    def _nearest(self, edges: list[str]) -> list[str]:
-        """Every edge, the first to complete a handshake first (the nearest in the network)."""
-        results: "queue.SimpleQueue[tuple[str, float]]" = queue.SimpleQueue()
-        dead = self.faults["dead_after_s"]
-
-        def probe(edge: str) -> None:
-            ep = self.cfg.edges[edge]
-            t0 = time.monotonic()
-            try:
-                conn = transport.connect(ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge),
-                                         peer=f"edge {edge}", timeout=dead)
-                conn.close()
-                results.put((edge, time.monotonic() - t0))
-            except Exception:  # noqa: BLE001 - any failure: not reachable now
-                results.put((edge, float("inf")))
-        for e in edges:
-            threading.Thread(target=probe, args=(e,), daemon=True).start()
-        got: dict[str, float] = {}
-        deadline = time.monotonic() + dead + 1.0
-        while len(got) < len(edges):
-            try:
-                edge, took = results.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            got[edge] = took
-        return [e for e, t in sorted(got.items(), key=lambda x: (x[1], x[0])) if t != float("inf")]
-
-    def _reattach(self, lost: _Lost) -> m.AttachReply:
-        """Back on an edge after ``lost``; returns its answer. Raises ``EdgeUnreachable``."""
+    def _reattach(self, lost: _Lost) -> Outcome:
+        """Back on an edge after ``lost``; returns what its answer means for the training
+        loop (``TrainFrom``: go on, sending again what was in flight), or ``NoEdge`` after
+        ``faults.give_up_s``."""
         t_lost = time.monotonic()
         # when the link really went: the cut itself, or the edge's last sign of life
         last_heard = self._cut_at if lost.cut else t_lost - lost.silent_s
@@ -366,13 +339,14 @@ class EdgeLink:
             with self._lock:
                 gen = self._cut_gen
             for edge in self._candidates(t_lost, lost.silent_s > 0, failed):
-                try:
-                    link, reply = self._open(edge, self._request("reconnect"), timeout=max(
-                        2 * self.faults["dead_after_s"], 10.0))
-                except (TransportError, ProtocolError, TimeoutError, _Lost, _Refused) as exc:
-                    self.events.emit("reconnect_failed", edge=edge, detail=str(exc)[:200])
+                got = self._attach(edge, "reconnect", timeout=max(2 * self.faults["dead_after_s"], 10.0))
+                if isinstance(got, _Lost):
+                    self.events.emit("reconnect_failed", edge=edge, detail=got.detail[:200])
                     failed[edge] = time.monotonic()
                     continue
+                if isinstance(got, RunOver):
+                    return got
+                link, reply = got
                 source = self.edge
                 self._install(edge, link, reply)
                 with self._lock:
@@ -392,79 +366,76 @@ class EdgeLink:
                     detected_s=round(lost.silent_s, 3), down_s=round(back - last_heard, 3),
                     replayed=max(0, replayed), recovery=reply.how or reply.action,
                     samples_lost=0))
-                return reply
+                return self._read(reply)
             if time.monotonic() - t_lost > self.faults["give_up_s"]:
-                raise EdgeUnreachable(f"no edge took {self.name} for {self.faults['give_up_s']:.0f} s")
+                return NoEdge(f"no edge took {self.name} for {self.faults['give_up_s']:.0f} s")
             time.sleep(backoff)
             backoff = min(BACKOFF_MAX_S, backoff * 2)
 
-    def _outcome(self, reply: m.AttachReply) -> None:
-        """Go on from where the device is, or raise what the training loop must do."""
+    def _read(self, reply: m.AttachReply) -> Outcome:
+        """An edge's acceptance as what the training loop does next (``read_attach``)."""
         w = self.where
-        if reply.action == "done":
-            if w.in_round:
-                self.last_round = max(self.last_round, w.round)
-                raise RoundOver(w.round, delivered=True, reason="its update was taken")
-            return
-        if reply.action == "wait":
-            if w.in_round:
-                raise RoundOver(w.round, reason=reply.how or "no work here now")
-            return
-        if not w.in_round:
-            return
-        if reply.round != w.round:
-            raise RoundOver(w.round, reason=f"the edge is in round {reply.round}")
-        if reply.resume_step != w.step:
-            raise Rollback(w.round, reply.resume_step, reply.how)
+        outcome = read_attach(reply, round=w.round, step=w.step, in_round=w.in_round)
+        if isinstance(outcome, RoundOver) and outcome.delivered:
+            self.last_round = max(self.last_round, w.round)
+        return outcome
 
     # -- what the training loop calls ---------------------------------------------------------------
 
-    def _exchange(self, msg: m.Message, match: Callable[[m.Message], bool], *, now: bool = False) -> m.Message:
-        """Send ``msg`` and wait for the reply that ``match``es, again on the next link
-        after a loss. ``now``: sent on this thread (``Link.send``), not by the link's
-        writer; the device waits for the answer anyway."""
+    def _exchange(self, msg: m.Message, match: Callable[[m.Message], bool], *,
+                  now: bool = False) -> m.Message | Outcome:
+        """Send ``msg`` and return the reply that ``match``es, sending it again on the next
+        link after a loss; or the outcome that stopped it (never ``TrainFrom``: that one
+        means "send it again"). ``now``: sent on this thread (``Link.send``), not by the
+        link's writer; the device waits for the answer anyway."""
         failures = 0
         while True:
             link = self._link
             if link is None or not (link.send(msg) if now else link.post(msg)):
-                reply = self._reattach(_Lost("not linked"))
-                self._outcome(reply)
-                continue
-            try:
-                return self._await(match)
-            except _Lost as lost:
+                lost = _Lost("not linked")
+            else:
+                got = self._await(match)
+                if type(got) is not _Lost:
+                    return got  # the reply, or the end of the round or run
                 failures += 1
                 if failures > MAX_FAILURES_AT_ONE_PLACE:
-                    raise EdgeUnreachable(f"{self.name}: {failures} tries at round {self.where.round} step "
-                                          f"{self.where.step} failed; last: {lost.detail}") from None
-                reply = self._reattach(lost)
-                self._outcome(reply)  # continue here: send it again
+                    return NoEdge(f"{self.name}: {failures} tries at round {self.where.round} step "
+                                  f"{self.where.step} failed; last: {got.detail}")
+                lost = got
+            outcome = self._reattach(lost)
+            if type(outcome) is not TrainFrom:
+                return outcome
 
-    def step(self, round: int, step: int, x: torch.Tensor, y: torch.Tensor) -> m.Gradients:
-        """One step with the edge: activations out, the gradient at the cut back."""
+    def step(self, round: int, step: int, x: torch.Tensor, y: torch.Tensor) -> m.Gradients | Outcome:
+        """One step with the edge: activations out, the gradient at the cut back; or the
+        outcome that stopped it (``Rollback``, ``RoundOver``, ``RunOver``, ``NoEdge``)."""
         msg = m.Activations(round=round, step=step, batch={"x": x, "y": y})
-        reply = self._exchange(msg, lambda r: isinstance(r, m.Gradients) and (r.round, r.step) == (round, step),
-                               now=True)
-        assert isinstance(reply, m.Gradients)
-        return reply
+        return self._exchange(msg, lambda r: isinstance(r, m.Gradients) and (r.round, r.step) == (round, step),
+                              now=True)
 
-    def finish(self, done: m.DeviceDone) -> None:
-        """The round's update, until the central has it."""
+    def finish(self, done: m.DeviceDone) -> Outcome:
+        """The round's update, until the central has it: ``Delivered``, or the outcome that
+        stopped it (as ``step``)."""
         r = done.round
-        self._exchange(done, lambda msg: isinstance(msg, m.DoneAck) and msg.round == r)
-        self.last_round = max(self.last_round, r)
+        got = self._exchange(done, lambda msg: isinstance(msg, m.DoneAck) and msg.round == r)
+        if isinstance(got, m.DoneAck):
+            self.last_round = max(self.last_round, r)
+            return Delivered(r)
+        return got  # type: ignore[return-value]  # (an outcome: only a DoneAck matches)
 
-    def wait_round(self) -> m.DeviceRound:
+    def wait_round(self) -> m.DeviceRound | RunOver | NoEdge:
         """Idle until the next round's work (reconnecting as needed)."""
         while True:
-            try:
-                msg = self._await(lambda msg: isinstance(msg, m.DeviceRound), limit=1e9)
-            except _Lost as lost:
-                self._outcome(self._reattach(lost))
+            got = self._await(lambda msg: isinstance(msg, m.DeviceRound), limit=1e9)
+            if isinstance(got, _Lost):
+                outcome = self._reattach(got)
+                if type(outcome) is not TrainFrom:  # idle, only the run's end
+                    return outcome  # type: ignore[return-value]
                 continue
-            assert isinstance(msg, m.DeviceRound)
-            if msg.round_plan.round > self.last_round:
-                return msg
+            if not isinstance(got, m.DeviceRound):
+                return got  # type: ignore[return-value]  # (idle: RunOver only)
+            if got.round_plan.round > self.last_round:
+                return got
 
     def announce(self, to: str, round: int, step: int) -> None:
         """A move to ``to`` before ``step`` of ``round`` is planned: say so now, on the link
@@ -481,45 +452,64 @@ class EdgeLink:
             self._announced = (link, to, round, step)
             self.events.emit("move_announced", to=to, round=round, step=step)
 
-    def move(self, to: str, round: int, step: int) -> m.AttachReply:
+    def move(self, to: str, round: int, step: int) -> Outcome:
         """A planned move at a step boundary: leave the current edge, attach to ``to``
-        naming it. If ``to`` cannot take the device, the link policy finds it a place
-        (the edge it left first). Raises ``Rollback``/``RoundOver`` like ``step``."""
+        naming it, on the connection opened ahead for it (``preconnect``) if there is one.
+        If ``to`` cannot take the device, the link policy finds it a place (the edge it
+        left first). Returns what the training loop does next (``TrainFrom``: go on here),
+        as ``step`` does."""
         source = self.edge
         t0 = time.perf_counter()
         announced, self._announced = self._announced, None
-        pre = self._take_preconnect(to)
-        if pre is not None:
-            return self._move_preconnected(pre, to, round, step, t0,
-                                           announced=announced == (self._link, to, round, step))
+        ahead = self._take_preconnect(to)
         old = self._link
         self._set_link_state("reconnecting")
-        if old is not None and announced == (old, to, round, step):
-            old.close()  # its edge knows where we go (what is still queued, the Leaving too, goes first)
-        elif old is not None and self.mode == "fedfly" and self.cfg.offer:
-            # the last message on it says where we go: the source sends the session there
-            # now, while we connect (it keeps the session until the destination confirms)
-            old.close(notice=m.Leaving(round=round, step=step, to=to))
-        elif old is not None:
-            old.close(drain=False)  # leaving: the source keeps the session until it is pulled
-        try:
-            link, reply = self._open(to, self._request("move"), timeout=max(2 * self.faults["dead_after_s"], 10.0))
-        except (TransportError, ProtocolError, TimeoutError, _Lost, _Refused) as exc:
-            self.events.emit("move_failed", to=to, round=round, step=step, reason=str(exc)[:200])
-            log.warning("%s: move to %s failed (%s)", self.name, to, exc)
-            reply = self._reattach(_Lost(f"move to {to} failed: {exc}"))
-            self._outcome(reply)
-            return reply
+        self._leave(old, to, round, step, announced=old is not None and announced == (old, to, round, step),
+                    ahead=ahead is not None)
+        got = self._attach(to, "move", timeout=max(2 * self.faults["dead_after_s"], 10.0), ahead=ahead)
+        marks: dict = {"preconnected": True} if ahead is not None else {}
+        if isinstance(got, _Lost):
+            if ahead is not None:
+                ahead.discard()
+            self.events.emit("move_failed", to=to, round=round, step=step, reason=got.detail[:200], **marks)
+            log.warning("%s: move to %s failed (%s)", self.name, to, got.detail)
+            return self._reattach(_Lost(f"move to {to} failed: {got.detail}"))
+        if isinstance(got, RunOver):
+            return got
+        link, reply = got
         self._install(to, link, reply)
         pause_ms = (time.perf_counter() - t0) * 1000
         self.report(m.MigrationReport(device=self.name, source=source, target=to, round=round, step=step,
                                       mode=self.mode, pause_ms=pause_ms, state_bytes=reply.state_bytes,
                                       transfer_ms=reply.transfer_ms))
+        if ahead is not None:
+            marks.update(connect_wait_ms=_ms(ahead.taken_at - t0), connect_ms=ahead.connect_ms)
         self.events.emit("moved", source=source, to=to, round=round, step=step, pause_ms=pause_ms,
                          state_bytes=reply.state_bytes, transfer_ms=reply.transfer_ms,
-                         resume_step=reply.resume_step, how=reply.how)
-        self._outcome(reply)
-        return reply
+                         resume_step=reply.resume_step, how=reply.how, **marks)
+        return self._read(reply)
+
+    def _leave(self, old: Link | None, to: str, round: int, step: int, *, announced: bool, ahead: bool) -> None:
+        """Close the link a move leaves. A move ``announced`` a step ahead finds its session
+        offered to ``to`` already: what is still queued, the Leaving too, goes first.
+        Otherwise, with offers, the last message on it says where the device goes: the
+        source sends the session there now, while the device connects (it keeps it until
+        the destination confirms); without, the source keeps it until it is pulled. On a
+        connection opened ``ahead`` (make-before-break) no ``Leaving`` goes (the attach is
+        there at once: the old link's end tells the source the device left, which readies
+        the snapshot for the destination's pull), and the old link is closed on another
+        thread while the attach goes out on the new one."""
+        if old is None:
+            return
+        if ahead:
+            threading.Thread(target=old.close, kwargs={"drain": announced}, name="close-old-link",
+                             daemon=True).start()
+        elif announced:
+            old.close()
+        elif self.mode == "fedfly" and self.cfg.offer:
+            old.close(notice=m.Leaving(round=round, step=step, to=to))
+        else:
+            old.close(drain=False)
 
     def close(self) -> None:
         link = self._link
@@ -542,7 +532,7 @@ class EdgeLink:
             if edge == self.edge or (kept is not None and kept.edge == edge and not kept.stale()):
                 return
             ep = self.cfg.edges[edge]
-            pre = self._pre = _Preconnect(edge, lambda: transport.connect(
+            pre = self._pre = Preconnect(edge, lambda: transport.connect(
                 ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge), peer=f"edge {edge}",
                 timeout=self.faults["dead_after_s"]), max_age_s=self.faults["dead_after_s"])
         if kept is not None:
@@ -550,7 +540,7 @@ class EdgeLink:
         self.events.emit("preconnect", to=edge, round=self.where.round, step=self.where.step)
         pre.start()
 
-    def _take_preconnect(self, edge: str) -> "_Preconnect | None":
+    def _take_preconnect(self, edge: str) -> Preconnect | None:
         """The connection opened ahead for a move to ``edge``, if there is one (any other
         is discarded)."""
         with self._lock:
@@ -560,131 +550,10 @@ class EdgeLink:
             return None
         return pre
 
-    def _attach_on(self, conn: transport.Connection, edge: str, req: m.AttachRequest, *,
-                   timeout: float, sent: bool = False) -> tuple[Link, m.AttachReply]:
-        """Attach on ``conn``, a connection to ``edge`` already secured (by ``_open``, or
-        ahead of a move by ``preconnect``); wait for the answer. The link is not yet ours.
-        ``sent``: ``req`` (signed) went out with the handshake already."""
-        dead = self.faults["dead_after_s"]
-        inbox = self._inbox
-        link = Link(conn, name=f"edge {edge}", heartbeat_s=self.faults["heartbeat_s"], dead_after_s=dead,
-                    on_message=lambda l, msg: inbox.put((l, msg)),
-                    on_lost=lambda l, exc: inbox.put((l, _LOST)))
-        link.start()
-        if not sent:
-            link.post(self._signed(req, edge))
-        try:
-            reply = self._await(lambda msg: isinstance(msg, m.AttachReply), link=link, limit=timeout,
-                                during_attach=True)
-        except BaseException:
-            link.close(drain=False)
-            raise
-        assert isinstance(reply, m.AttachReply)
-        if not reply.ok:
-            link.close(drain=False)
-            raise _Refused(f"{edge} refused {self.name}: {reply.reason}")
-        return link, reply
 
-    def _move_preconnected(self, pre: "_Preconnect", to: str, round: int, step: int, t0: float, *,
-                           announced: bool = False) -> m.AttachReply:
-        """``move`` with the link to ``to`` opened ahead (make-before-break): the old link
-        is closed on another thread while the attach goes out on the new one. A move
-        ``announced`` a step ahead finds its session offered to ``to`` already; otherwise
-        no ``Leaving`` goes (the attach is there at once): the old link's end tells the
-        source the device left, which readies the snapshot for the destination's pull."""
-        source = self.edge
-        old = self._link
-        self._set_link_state("reconnecting")
-        if old is not None:
-            threading.Thread(target=old.close, kwargs={"drain": announced}, name="close-old-link",
-                             daemon=True).start()
-        limit = max(2 * self.faults["dead_after_s"], 10.0)
-        try:
-            conn = pre.result(limit)
-            t_ready = time.perf_counter()
-            link, reply = self._attach_on(conn, to, self._request("move"), timeout=limit)
-        except (TransportError, ProtocolError, TimeoutError, _Lost, _Refused) as exc:
-            pre.discard()
-            self.events.emit("move_failed", to=to, round=round, step=step, reason=str(exc)[:200], preconnected=True)
-            log.warning("%s: move to %s failed (%s)", self.name, to, exc)
-            reply = self._reattach(_Lost(f"move to {to} failed: {exc}"))
-            self._outcome(reply)
-            return reply
-        self._install(to, link, reply)
-        pause_ms = (time.perf_counter() - t0) * 1000
-        self.report(m.MigrationReport(device=self.name, source=source, target=to, round=round, step=step,
-                                      mode=self.mode, pause_ms=pause_ms, state_bytes=reply.state_bytes,
-                                      transfer_ms=reply.transfer_ms))
-        self.events.emit("moved", source=source, to=to, round=round, step=step, pause_ms=pause_ms,
-                         state_bytes=reply.state_bytes, transfer_ms=reply.transfer_ms,
-                         resume_step=reply.resume_step, how=reply.how, preconnected=True,
-                         connect_wait_ms=_ms(t_ready - t0), connect_ms=pre.connect_ms)
-        self._outcome(reply)
-        return reply
+def _is_attach_reply(msg: m.Message) -> bool:
+    return isinstance(msg, m.AttachReply)
 
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
-
-
-class _Preconnect:
-    """A connection being opened (and secured) on its own thread, ahead of a move."""
-
-    def __init__(self, edge: str, connect: Callable[[], transport.Connection], *, max_age_s: float) -> None:
-        self.edge = edge
-        self._connect = connect
-        self._max_age_s = max_age_s
-        self._started = time.monotonic()
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._conn: transport.Connection | None = None
-        self._error: Exception | None = None
-        self._discarded = False
-        self.connect_ms = 0.0
-
-    def start(self) -> None:
-        threading.Thread(target=self._run, name=f"preconnect-{self.edge}", daemon=True).start()
-
-    def _run(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            conn = self._connect()
-        except Exception as exc:  # noqa: BLE001 - the move finds out, and reconnects as usual
-            conn, error = None, exc
-        else:
-            error = None
-        self.connect_ms = _ms(time.perf_counter() - t0)
-        with self._lock:
-            self._conn, self._error = conn, error
-            discarded = self._discarded
-        self._done.set()
-        if discarded and conn is not None:
-            conn.close()
-
-    def stale(self) -> bool:
-        return time.monotonic() - self._started > self._max_age_s
-
-    def result(self, timeout: float) -> transport.Connection:
-        """The secured connection, waiting for it if need be. Raises what connecting raised
-        (``TransportError``, ``ProtocolError``) or ``TimeoutError``."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"connecting to edge {self.edge} took over {timeout} s")
-        with self._lock:
-            conn, error, self._conn = self._conn, self._error, None  # the caller owns it now
-        if error is not None:
-            raise error
-        if conn is None:
-            raise TimeoutError(f"the connection to edge {self.edge} was discarded")
-        return conn
-
-    def discard(self) -> None:
-        """Not used after all: closed (now, or when its connect ends)."""
-        with self._lock:
-            self._discarded = True
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-
-class _Refused(ProtocolError):
-    """The edge answered the attach with a refusal."""

@@ -393,22 +393,17 @@ class _FakeRegistry:
 class DeviceHarness:
     """The device's checks of what its peers send: the control port's ``check_move`` and
     ``check_drop`` (a controller's commands), its link's reading of an ``AttachReply``
-    (``EdgeLink._outcome``) and of a round's work (``check_round_weights``). Invariant: a
-    reason string or a typed outcome (``RoundOver``, ``Rollback``), nothing else; an
+    (``device.outcomes.read_attach``) and of a round's work (``check_round_weights``).
+    Invariant: a reason string or a typed outcome (``device.outcomes``), nothing else; an
     accepted command names this device and an edge of the testbed."""
 
     def __init__(self, rng: random.Random) -> None:
         from common.models import part_keys
-        from device.link import EdgeLink, _Where
-        self.link = EdgeLink.__new__(EdgeLink)  # only _outcome is driven: it reads where and last_round
-        self.link.last_round = 0
-        self._where = _Where
         self.keys = part_keys("vgg5", 3)[0]
         self.spec = {k: _spec()[k] for k in self.keys}
 
     def step(self, rng: random.Random) -> str:
         from device.control import Position, check_drop, check_move
-        from device.link import Rollback, RoundOver
         edges = list(EDGES)
         r = rng.random()
         if r < 0.3:
@@ -430,15 +425,15 @@ class DeviceHarness:
                 raise FuzzFailure(f"check_drop took {cmd.seconds} s")
             return "DropCommand"
         if r < 0.8:
+            from device import outcomes
             reply = hostile_message(rng, "AttachReply")
-            self.link.where = self._where(rng.choice([0, 1, 2, 2 ** 63 - 1]), rng.choice([0, 1, 5]),
-                                          rng.choice([0, 10]), rng.random() < 0.7)
             try:
-                self.link._outcome(reply)
-            except (RoundOver, Rollback):
-                pass
+                got = outcomes.read_attach(reply, round=rng.choice([0, 1, 2, 2 ** 63 - 1]), step=rng.choice([0, 1, 5]),
+                                           in_round=rng.random() < 0.7)
             except Exception as exc:  # noqa: BLE001 - the invariant
                 raise FuzzFailure(f"device link: AttachReply raised {type(exc).__name__}: {exc}") from exc
+            if not isinstance(got, (outcomes.TrainFrom, outcomes.Rollback, outcomes.RoundOver)):
+                raise FuzzFailure(f"device link: AttachReply read as {got!r}")
             return "AttachReply"
         from common.models import weights_problem
         weights = hostile_weights(rng, self.keys)

@@ -13,6 +13,7 @@ from common import transport
 from common import security
 from common.config import Drop, Move, build_config
 from common.events import EventLog
+from device import reconnect
 from device.control import Position
 from device.link import EdgeLink
 from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves
@@ -65,6 +66,17 @@ def test_a_drop_naming_an_edge_overrides_the_policy():
     assert lk._candidates(time.monotonic(), False, {})[0] == "edge1"
 
 
+def test_the_order_is_a_function_of_where_and_when_the_link_was_lost_alone():
+    at = dict(edges=["edge1", "edge2", "edge3"], on="edge2", told="", policy="same", lost_at=0.0, silent=False,
+              failed={}, dead_s=1.0, grace_s=5.0, nearest=lambda edges: ["edge3", "edge1"])
+    assert reconnect.candidates(now=0.5, **at) == ["edge2"]
+    assert reconnect.candidates(now=1.5, **at) == ["edge2", "edge3", "edge1"]
+    assert reconnect.candidates(now=0.5, **{**at, "policy": "nearest"}) == ["edge3", "edge1"]
+    assert reconnect.candidates(now=0.5, **{**at, "told": "edge1"}) == ["edge1", "edge2", "edge3"]
+    assert reconnect.candidates(now=2.0, **{**at, "policy": "controller"}) == []          # within grace / 2
+    assert reconnect.candidates(now=3.0, **{**at, "policy": "controller"})[0] == "edge2"  # then as "same"
+
+
 def test_nearest_is_the_first_edge_to_complete_a_handshake_and_skips_a_silent_one():
     good = transport.Listener("127.0.0.1", 0, creds=security.SharedKey(KEY), handler=lambda conn: None, name="good").start()
     silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does) but never answers
@@ -72,9 +84,8 @@ def test_nearest_is_the_first_edge_to_complete_a_handshake_and_skips_a_silent_on
         from tests.testbed import free_ports
         nobody = free_ports(1)[0]  # refused at once
         cfg = config("nearest", ports=(silent.getsockname()[1], good.port, nobody), dead=0.5)
-        lk = link(cfg)
         t0 = time.monotonic()
-        order = lk._nearest(sorted(cfg.edges))
+        order = reconnect.nearest(cfg.edges, sorted(cfg.edges), creds=security.SharedKey(KEY), timeout=0.5)
         assert order == ["edge2"] and time.monotonic() - t0 < 10
     finally:
         good.close()
