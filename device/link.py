@@ -103,7 +103,7 @@ class EdgeLink:
         self.checkpoints: list[int] = []    # steps of the current round the device can go back to
         self.run_hint = ""                  # the run of a checkpoint read from disk (before any attach)
         self.run_name: str | None = None
-        self._pre: _Preconnect | None = None  # mobility.preconnect: a link opened ahead of a move
+        self._pre: Preconnect | None = None  # mobility.preconnect: a link opened ahead of a move
         # ``announce``: the link a Leaving went out on ahead of a move, and that move
         self._announced: tuple[Link, str, int, int] | None = None
         self.secret = attach_secret(cfg.run["out"], name)  # for the proofs of its attaches
