@@ -205,7 +205,9 @@ def test_a_link_holds_one_batch_waiting_behind_the_one_that_trains_not_two():
 
 
 def test_a_device_refuses_a_gradient_out_of_bounds(tmp_path):
-    from device.client import DeviceClient
+    from types import SimpleNamespace
+
+    from device.client import DeviceClient, _Round
 
     class Link:
         def step(self, r, step, x, y):
@@ -217,7 +219,8 @@ def test_a_device_refuses_a_gradient_out_of_bounds(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RemoteProtocolError, match="not finite"):
-        client._split_step(model, opt, 1, 0, torch.zeros(2, 3, 32, 32), _y(2), 10)
+        rnd = _Round(plan=SimpleNamespace(round=1), start={}, batches=[None] * 10, model=model, opt=opt, step_ms=[])
+        client._split_step(rnd, torch.zeros(2, 3, 32, 32), _y(2))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing applied
 
 
