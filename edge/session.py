@@ -27,8 +27,9 @@ from common.training import LOSS, make_optimizer, stable_seed
 # The snapshot checksum sits on the migration's critical path (the target verifies before
 # it installs, with the device waiting), so its per-byte cost is what matters: each
 # tensor's digest is Poly1305 under a fixed key (``common.digest``: faster than CRC-32 or
-# SHA-256, BENCHMARKS.md, section 2e). Its job is to catch a damaged, torn or incomplete copy (and bugs);
-# forgery is the transport's to stop (every byte between edges carries a MAC or TLS).
+# SHA-256, BENCHMARKS.md, section 2e). Its job is to catch a damaged, torn or incomplete
+# copy (and bugs); forgery is the transport's to stop (every byte between edges carries a
+# MAC or TLS).
 # The digests run on these threads, so that the caller goes on (the source posts the
 # bytes meanwhile); Poly1305 holds the GIL, so two threads do not digest in parallel.
 _HASH_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checksum")
@@ -201,8 +202,8 @@ class EdgeSession:
         gradient at the cut alone first (the engine skips every weight's gradient), then
         the weights' (the layers' input gradients again, but the first layer's). The
         device gets its gradient after about half the backward pass, not all of it, for
-        a little more compute (BENCHMARKS.md, section 3), done while the device computes. The same kernels
-        on the same values: the same bits as one pass."""
+        a little more compute (BENCHMARKS.md, section 3), done while the device computes.
+        The same kernels on the same values: the same bits as one pass."""
         if self.last_reply is not None and step == self.last_reply.step and step == self.step - 1:
             reply(self.last_reply.grad, self.last_reply.loss)
             return False
