@@ -5,9 +5,9 @@ metadata and one line per tensor that names the tensor's digest. The digest's jo
 catch a damaged, torn or incomplete copy (and bugs), not a forger: every byte between
 two edges is already authenticated by the transport (a MAC under the session's key, or
 TLS). So what matters is speed, as the digest sits on the migration's critical path at
-both ends: Poly1305 (``cryptography``, OpenSSL's code) runs at about 12 GB/s here
-against zlib's CRC-32 at 4.3 GB/s (0.36 ms against 1.04 for a 4.5 MB session), and it
-uses no instruction a Raspberry Pi lacks.
+both ends: Poly1305 (``cryptography``, OpenSSL's code) runs several times faster than
+zlib's CRC-32 (BENCHMARKS.md, section 2e), and it uses no instruction a Raspberry Pi
+lacks.
 
 Under a fixed, public key Poly1305 is a polynomial evaluated at one point modulo
 2^130 - 5: a given change to a message goes unnoticed for at most one in about 2^106 / L

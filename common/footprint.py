@@ -2,7 +2,7 @@
 
 ``skip_dynamo``: torch's optimizer methods are wrapped so that ``torch.compile`` leaves
 them alone; the wrapper imports ``torch._dynamo`` on its first call to say so, and with it
-``torch._inductor`` and sympy: about 900 modules, paid by every process that makes an
+``torch._inductor`` and sympy: hundreds of modules, paid by every process that makes an
 optimizer although nothing here compiles. Telling each wrapper up front that its function
 is its own "disabled" form skips that import; the same Python function runs, so the
 results are the same bits. (``common.training.ProxSGD.step`` skips the other such

@@ -1,9 +1,9 @@
 """Limits a stranger cannot exhaust: handshake slots, accept back-off, quiet refusals.
 
 A listener used to give every accepted connection a thread and a descriptor until the
-peer finished (or timed out of) the handshake, and to write a log line per refusal: about
-1,100 slow strangers took an edge past the usual 1,024 open-file limit, and 500 idle ones
-wrote 300 KB of "refused" lines in 30 s. The pieces here bound that, with no sockets in
+peer finished (or timed out of) the handshake, and to write a log line per refusal: enough
+slow strangers took an edge past its open-file limit, and idle ones filled its log with
+"refused" lines (BENCHMARKS.md, section 9). The pieces here bound that, with no sockets in
 them (``common.transport.Listener`` applies them):
 
 - ``HandshakeSlots``: how many unauthenticated connections may be handshaking at once, in

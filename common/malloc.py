@@ -5,8 +5,9 @@ over its threshold (128 KiB at first, then the largest block freed so far, up to
 with fresh pages from mmap() and hands freed memory back to the system at once, or when
 more than twice that threshold lies free at the heap's top. A training step's tensors and
 frames (VGG-5: activations and gradients of 1.6 MB, convolution buffers of 6.5 MB, the TLS
-pieces of 1 MiB) then either fault their pages in again step after step (about 1 us a
-page; a step's time swings by 10 ms and more with where the blocks fell), or, once the threshold has risen, land on the heap, where the blocks that live
+pieces of 1 MiB) then either fault their pages in again step after step (a step's time
+then swings with where the blocks fell: BENCHMARKS.md, section 3), or, once the threshold
+has risen, land on the heap, where the blocks that live
 longer between them keep the freed ones from going back: memory the process keeps but
 does not use (BENCHMARKS.md, "Memory": most of what a VGG-5 device adds above torch).
 

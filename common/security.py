@@ -101,8 +101,8 @@ TAG_BYTES = 16
 # Sends are cut into records of at most this many bytes, so that a receiver buffers and
 # verifies little before it hands bytes on (nothing is handed on before its tag checks).
 # Each record costs a tag, a one-time key and a pass through the loops below in Python at
-# both ends: 64 KiB records cost a 4.5 MB session 70 of them (about 3 ms of the two
-# processes' CPU here), 256 KiB records 18. A record takes 2 s to arrive at 1 Mbit/s; the
+# both ends: 64 KiB records cost a 4.5 MB session 70 of them, 256 KiB records 18 (what
+# that saves: BENCHMARKS.md, section 2d). A record takes 2 s to arrive at 1 Mbit/s; the
 # peer is not taken for silent meanwhile: bytes of a record still arriving count as life
 # (``last_input``), for at most RECORD_GRACE_S per record (a record that slow, 70 kbit/s,
 # is a link not worth keeping, or somebody on the path who trickles bytes that will
@@ -149,7 +149,8 @@ class MacStream:
         the sequence number (a PRF of a number never used twice under that key, as
         Poly1305 needs). Poly1305 runs at several GB/s with or without AES or SHA
         instructions (a Raspberry Pi has neither), where HMAC-SHA256 over the bytes
-        themselves cost 2.6 ms per 4.5 MB snapshot at each end here (SHA-NI)."""
+        themselves cost several times more at each end, even with SHA instructions
+        (BENCHMARKS.md, section 4)."""
         one_time = hmac.digest(key, RECORD_SEQ.pack(seq), "sha256")
         h = Poly1305(one_time)
         h.update(RECORD_HEAD.pack(length))
@@ -331,9 +332,9 @@ def receive_exact(stream: ByteStream, n: int, peer: str, deadline: float) -> byt
 # Outgoing bytes are encrypted in pieces of this size, so a 5 MB snapshot is on the wire
 # while the rest is still being encrypted, and no 5 MB ciphertext copy is ever held. Each
 # piece costs a send and a pass through the loop below (the GIL taken again three times):
-# a step's 1.64 MB of activations took 0.60-0.72 ms in its sends with 256 KiB pieces,
-# 0.46-0.53 ms with 1 MiB pieces, in a training run's edge and device (the encryption
-# itself 0.6-0.9 ms either way; BENCHMARKS section 3).
+# a step's activations went out faster in 1 MiB pieces than in 256 KiB ones, in a training
+# run's edge and device, the encryption itself costing the same either way (BENCHMARKS.md,
+# section 3).
 TLS_CHUNK = 1 << 20
 _ACCEPTED = b"\x01"
 
@@ -520,7 +521,8 @@ class TLS:
         self._client = self._context(ssl.PROTOCOL_TLS_CLIENT)
         # The last session with each peer (by the identity we expect of it), to resume:
         # a device that comes back to an edge it knows skips the certificates' checks and
-        # signatures (0.9 of 2.6 ms of the handshake here, on a move's path). The key
+        # signatures (a good share of the handshake, on a move's path: BENCHMARKS.md,
+        # section 2e). The key
         # exchange is done anew (forward secrecy); the peer's identity is the one its
         # certificate proved in the full handshake, which the session keeps.
         self._sessions: dict[str, ssl.SSLSession] = {}

@@ -31,7 +31,8 @@ def set_threads(n: int) -> None:
 
 def warm_up() -> None:
     """Pay torch's one-time costs now, at start-up: the first optimizer step imports and
-    sets up machinery (about 2 s here) that would otherwise land in the first round, or in
+    sets up machinery (it imports ``torch._dynamo``: BENCHMARKS.md, "What bounds each
+    figure") that would otherwise land in the first round, or in
     the pause of the first migration to an edge that had not trained yet."""
     p = torch.nn.Parameter(torch.zeros(2))
     opt = make_optimizer([p], lr=0.1, momentum=0.9)

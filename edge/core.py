@@ -267,7 +267,7 @@ class EdgeCore:
         belongs to nothing that orders with a step (``Scope.FREE``) never waits."""
         if not self.training or isinstance(ev, (StepDone, Stop, Tick)):
             # a stop only closes links, and a step may hang; a tick's deadlines are of
-            # handovers, never of a session that trains (a slow edge's step is over 0.5 s)
+            # handovers, never of a session that trains (a slow edge's step may outlast a tick)
             return False
         scope, device = self._scope(ev)
         if scope is m.Scope.FREE:

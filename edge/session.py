@@ -26,17 +26,18 @@ from common.training import LOSS, make_optimizer, stable_seed
 
 # The snapshot checksum sits on the migration's critical path (the target verifies before
 # it installs, with the device waiting), so its per-byte cost is what matters: each
-# tensor's digest is Poly1305 under a fixed key (``common.digest``: 12 GB/s here, CRC-32
-# 4.3, SHA-256 1.8). Its job is to catch a damaged, torn or incomplete copy (and bugs);
-# forgery is the transport's to stop (every byte between edges carries a MAC or TLS).
+# tensor's digest is Poly1305 under a fixed key (``common.digest``: faster than CRC-32 or
+# SHA-256, BENCHMARKS.md, section 2e). Its job is to catch a damaged, torn or incomplete
+# copy (and bugs); forgery is the transport's to stop (every byte between edges carries a
+# MAC or TLS).
 # The digests run on these threads, so that the caller goes on (the source posts the
 # bytes meanwhile); Poly1305 holds the GIL, so two threads do not digest in parallel.
 _HASH_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="checksum")
 
 
 # Tensors under this many bytes are digested together in one task: handing the pool a
-# task costs about 50 us, more than digesting 18 of VGG-5's 20 tensors (biases,
-# batch-norm vectors, the RNG state) takes.
+# task costs more than digesting 18 of VGG-5's 20 tensors (biases, batch-norm vectors,
+# the RNG state) takes (BENCHMARKS.md, section 2e).
 SMALL_TENSOR_BYTES = 256 << 10
 
 
@@ -84,11 +85,11 @@ def snapshot_checksum(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
     return start_checksum(meta, tensors)()
 
 
-# How long after a take the next spare is built. A build is about 1.5 ms of Python
-# that holds the GIL; started at once, it held the edge's core and its writer threads
-# for up to the GIL's 5 ms switch interval just as the device's answer and the
-# handover's last messages were to go (the moves' event logs showed the answer 3 ms
-# late). The device's next step comes tens of milliseconds after its answer.
+# How long after a take the next spare is built. A build is Python that holds the GIL;
+# started at once, it held the edge's core and its writer threads for up to the GIL's
+# switch interval just as the device's answer and the handover's last messages were to
+# go (the moves' event logs showed the answer late: BENCHMARKS.md, section 2e). The
+# device's next step comes well after its answer.
 REFILL_DELAY_S = 0.02
 
 
@@ -201,8 +202,8 @@ class EdgeSession:
         gradient at the cut alone first (the engine skips every weight's gradient), then
         the weights' (the layers' input gradients again, but the first layer's). The
         device gets its gradient after about half the backward pass, not all of it, for
-        about a fifth more compute here, done while the device computes. The same kernels
-        on the same values: the same bits as one pass."""
+        a little more compute (BENCHMARKS.md, section 3), done while the device computes.
+        The same kernels on the same values: the same bits as one pass."""
         if self.last_reply is not None and step == self.last_reply.step and step == self.step - 1:
             reply(self.last_reply.grad, self.last_reply.loss)
             return False

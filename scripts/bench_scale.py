@@ -32,7 +32,8 @@ EDGES = 4
 SCALES = {"tiny": (8, 2, 100, 50), "quick": (32, 3, 100, 50), "full": (32, 10, 500, 50)}
 SPLIT = 3
 # Unique memory of one role process (PyTorch's own libraries, a small model, a shard);
-# measured here at about 300-450 MB. Used only to decide whether the testbed fits.
+# a bound above what BENCHMARKS.md, section 6 measured. Used only to decide whether the
+# testbed fits.
 EST_PROCESS_MB = 450
 MEMORY_MARGIN_MB = 2048
 

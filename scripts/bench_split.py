@@ -14,8 +14,8 @@ Passes (1 for ``--tiny``, 3 otherwise), one after the other: in one process, the
 mode, TLS, ..., and in one process again at the end. Each testbed run is compared with
 the in-process runs right before and after its pass (their rounds pooled), so that a
 change in the machine's speed between passes falls on both sides alike; the figure
-reported is the median of the passes' ratios (this VM's in-process step time drifted
-between 101 and 123 ms within minutes, more than the effect measured).
+reported is the median of the passes' ratios (an in-process step time can drift within
+minutes by more than the effect measured: BENCHMARKS.md, section 3).
 
 ``--malloc``: ``training.malloc`` for the testbed's processes and this one's in-process
 training alike (default ``tuned``, the default on hosts of 2 GiB and more; ``lean`` gives big

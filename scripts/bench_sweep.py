@@ -26,7 +26,7 @@ Dirichlet shards (alpha 0.5), the largest of them moving, all sharing the machin
 Other models (``MODEL_RUNS``): the same sweep, one device alone, for ResNet-18 and
 MobileNetV2 at two cuts each, on fewer points (``MODEL_POINTS``), smaller images and
 batches (``MODEL_IMAGE``, ``MODEL_BATCH``: ResNet-18 on 32x32 batches of 100 takes seconds a
-step on this machine): does FedFly's saving hold for a deeper model, and how many bytes
+step on a CPU): does FedFly's saving hold for a deeper model, and how many bytes
 does a migration move at each cut?
 """
 

@@ -53,9 +53,9 @@ MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}   # Docker's name -> uname -m
 
 # Limits on the external commands, so that nothing here can hang a caller (the tests).
 INFO_TIMEOUT_S = 60
-DEBOOTSTRAP_TIMEOUT_S = 3600        # ~40 s natively here; a foreign arch's second stage runs under qemu
+DEBOOTSTRAP_TIMEOUT_S = 3600        # far above a native run; a foreign arch's second stage runs under qemu
 PIP_TIMEOUT_S = 1800
-BUILD_TIMEOUT_S = 7200              # ~2 min natively (unpacking torch); much longer under qemu
+BUILD_TIMEOUT_S = 7200              # far above a native build (unpacking torch); much longer under qemu
 
 
 class ContainerError(RuntimeError):

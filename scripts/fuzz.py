@@ -22,7 +22,8 @@ import time
 from scripts import fuzzhandlers, fuzzlib
 
 TARGETS = ["decoder", "edge", "central", "device"]
-# Share of inputs per target when all run: the decoder is 100x cheaper than a handler.
+# Share of inputs per target when all run: the decoder is far cheaper than a handler
+# (BENCHMARKS.md, section 10).
 WEIGHTS = {"decoder": 0.85, "device": 0.08, "edge": 0.04, "central": 0.03}
 # A handler's state is rebuilt this often, so the early paths (start-up, first attach) get inputs too.
 RESET_EVERY = 200
