@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("launch: interrupted; stopping every process", file=sys.stderr)
         status = 130
+    except OSError as exc:  # a process that cannot be started (or forked: the host is gone)
+        print(f"fedfly-launch: error: {exc}; stopping every process", file=sys.stderr)
+        status = 1
     finally:
         stop_all(children)
         if hosted:
