@@ -223,6 +223,7 @@ def run_fleet_one(out: Path, devices: int, hosts: tuple[str, ...]) -> dict[str, 
             "memory": s.get("bench_memory"), "load_before": load_before,
             "load_after": [round(x, 2) for x in benchlib.os.getloadavg()],
             "moves": moves_recorded(res.run_dir, s) if res.run_dir else None,
+            "final_model_sha256": s.get("final_model_sha256"),
             "run_dir": str(res.run_dir) if res.run_dir else None, "output": str(res.output_path)}
 
 
@@ -232,8 +233,11 @@ def run_fleet(out: Path, scale: str) -> dict[str, Any]:
 
 
 def report_fleet(result: dict[str, Any]) -> str:
-    rows = []
+    """A row per run; "same model": its final model is the first run's of its size (the
+    hosts change how processes start, never what they train)."""
+    rows, first = [], {}
     for r in result["figures"]["runs"]:
+        first.setdefault(r["devices"], r["final_model_sha256"])
         mem, mv = r["memory"] or {}, r["moves"] or {}
         roles = mem.get("pss_by_role_mb", {})
         rows.append([r["devices"], r["edges"], _how(tuple(r["forked"])), r["status"],
@@ -242,9 +246,10 @@ def report_fleet(result: dict[str, Any]) -> str:
                      (mem.get("machine_used_mb", 0) - mem.get("machine_used_before_mb", 0)) / 1024,
                      r["round_median_s"] or float("nan"), r["wall_seconds"],
                      f"{mv.get('moved', 0)}/{mv.get('migrations', 0)}/{mv.get('move_failed', 0)}",
+                     "yes" if r["final_model_sha256"] and r["final_model_sha256"] == first[r["devices"]] else "NO",
                      "/".join(str(x) for x in r["load_before"])])
     return benchlib.table(["devices", "edges", "processes", "status", "PSS GB", "device PSS MB", "USS GB",
-                           "machine +GB", "round s", "wall s", "moved/recorded/failed", "load before"],
+                           "machine +GB", "round s", "wall s", "moved/recorded/failed", "same model", "load before"],
                           rows, floatfmt=".2f")
 
 
