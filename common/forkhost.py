@@ -6,7 +6,7 @@ modules once, then forks each device the launcher asks for. Every forked child i
 device: its own PID, session, sockets, certificate, log file; it runs the same
 ``main(argv)`` as ``python -m device``, with the same arguments. What the children share
 is what the host had before the fork (torch's pages, the imported modules), copy-on-write;
-that is what lets 128 devices fit on one machine (BENCHMARKS.md, "Scale").
+that is what lets 128 devices fit on one machine (BENCHMARKS.md, "A fleet on one machine").
 
 Forking is safe only while the host has one thread: a thread pool started before the
 fork would be missing in the child, its locks held for ever. So the host never trains
