@@ -27,8 +27,8 @@ from central.rundir import has_checkpoint, new_run_dir
 from common import pki
 from common.config import Config, load_config
 from common.errors import ConfigError
-from common.portcheck import busy_ports
 from common.forkhost import HostSpawner
+from common.portcheck import busy_ports
 from common.supervisor import Child, LocalSpawner, Policy, Supervisor, stop_all
 
 def command(role: str, cfg_path: str, name: str, overrides: list[str], resume: str | None = None) -> list[str]:

@@ -1,6 +1,6 @@
 """``central.launch --device-host``: every device forked from one host process that imported
 torch once (common/forkhost.py) is still a device of its own, trains the same bits, and
-its death is seen and reported as a started device's."""
+its death is seen and reported as a started device's (and it is forked again)."""
 
 from __future__ import annotations
 
@@ -40,41 +40,34 @@ def _hosted(cfg, until) -> tuple[subprocess.Popen, psutil.Process | None, dict[i
     return launcher, host, forked
 
 
-def test_forked_devices_are_processes_of_their_own_and_train_the_same_bits(tmp_path):
-    """One round, a device moving between the edges: each device is a child of the host
-    with its own PID, name and control port, and the final model is the in-process
-    reference's, which is the same run's without the host (tests/test_exactness.py)."""
+def test_forked_devices_are_processes_of_their_own_train_the_same_bits_and_their_death_is_seen(tmp_path):
+    """One round, a device moving between the edges, faults.on_death = "restart": each
+    device is a child of the host with its own PID, name and control port; device2,
+    killed before the first round, is reported dead (PID and status) and forked again;
+    the final model is the in-process reference's, which is the same run's without the
+    host (tests/test_exactness.py)."""
     from tests.test_exactness import reference_sha
     cfg_path = write_config(tmp_path, edges=2, devices=4, rounds=1, samples_per_device=16, batch_size=4,
                             moves=[{"device": "device1", "to": "edge2", "round": 1, "at": 0.5}],
-                            extra={"data": {"image_size": 8, "test_samples": 50}})
+                            extra={"data": {"image_size": 8, "test_samples": 50},
+                                   "faults": {"on_death": "restart"}})
     cfg = load_config(str(cfg_path))
     launcher, host, forked = _hosted(cfg_path, lambda f: len(f) == 4)
     try:
+        victim = next(pid for pid, (name, _) in forked.items() if name == "device2")
+        os.kill(victim, signal.SIGKILL)
         out, _ = launcher.communicate(timeout=120)
     finally:
         kill_tree(launcher)
     assert launcher.returncode == 0, out
+    assert f"device device2 (pid {victim}) died with status -9" in out
+    assert "started device device2 again" in out
     assert host is not None and host.pid not in forked
     assert len(set(forked)) == 4
     assert sorted(forked.values()) == sorted((d, {cfg.devices[d].control_port}) for d in cfg.device_names)
     summary = read_summary(out)
     assert [(mv["device"], mv["to"]) for mv in summary["migrations"]] == [("device1", "edge2")]
     assert summary["final_model_sha256"] == reference_sha(cfg_path, rounds=1)
-
-
-def test_a_forked_device_that_dies_is_reported_and_stops_the_testbed(tmp_path):
-    cfg_path = write_config(tmp_path, edges=1, devices=2, rounds=1, samples_per_device=16, batch_size=4,
-                            extra={"data": {"image_size": 8, "test_samples": 50}})
-    launcher, host, forked = _hosted(cfg_path, lambda f: len(f) == 2)
-    try:
-        victim = next(pid for pid, (name, _) in forked.items() if name == "device2")
-        os.kill(victim, signal.SIGKILL)
-        out, _ = launcher.communicate(timeout=60)
-    finally:
-        kill_tree(launcher)
-    assert f"device device2 (pid {victim}) died with status -9" in out
-    assert launcher.returncode == 1
-    # the host stopped the other device and itself went, with the launcher
+    # the host and every device it forked are gone with the launcher
     assert not psutil.pid_exists(host.pid)
     assert all(not psutil.pid_exists(pid) for pid in forked)
