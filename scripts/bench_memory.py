@@ -183,6 +183,12 @@ def probe_account(p: dict[str, Any]) -> dict[str, float]:
     return acc
 
 
+def probe_accounts(result: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """(malloc, ``probe_account``) of every device probe of ``result`` that ran to its end."""
+    return [(p["malloc"], probe_account(p)) for p in result.get("probe", [])
+            if p["status"] == 0 and "after malloc_trim(0)" in p["stages"]]
+
+
 def light_role(module: str) -> dict[str, float]:
     """Wall time and peak RSS of ``python -m module --help``."""
     t0 = time.monotonic()
@@ -269,7 +275,7 @@ def report(result: dict[str, Any]) -> str:
                      st["steady steps"]["rss"]])
     lines.append(benchlib.table(["model", "malloc", "torch", "modules+warm-up", "data", "model+opt",
                                  "steps+kept", "kept by malloc", "added", "peak added", "RSS"], rows, floatfmt=".0f"))
-    probes = [(p["malloc"], probe_account(p)) for p in result.get("probe", []) if p["status"] == 0]
+    probes = probe_accounts(result)
     if probes:
         lines.append("== memory: a real VGG-5 device (TLS, 1 edge), private MB above an interpreter that imported "
                      f"torch ({result['probe'][0]['torch']['uss']:.0f} MB), batch 100")

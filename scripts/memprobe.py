@@ -196,8 +196,6 @@ def install() -> None:
         read = rollup()
         probe.data["steps"].append({"uss": read["uss"], "anon": read["anon"], "round": rnd.round,
                                     "step": rnd.step})
-        if "first step" not in probe.data["stages"]:
-            probe.mark("first step", detail=True)
         _peak_reset()
         result = split_step(self, rnd, x, y)
         probe.data["step_peak_rss"].append(_peak_rss() - read["rss"])
