@@ -176,7 +176,7 @@ def probe_account(p: dict[str, Any]) -> dict[str, float]:
     for kind, mb in st["last round delivered"]["mappings"].items():
         acc[f"mapping: {kind}"] = mb - p["torch"]["mappings"].get(kind, 0.0)
     last = [s["uss"] for s in p["steps"] if s["round"] == p["steps"][-1]["round"]]
-    acc["step: activations held, last round (max)"] = max(p["forward_live"][-len(last):]) - min(last)
+    acc["step: USS rise while its activations are held, last round (max)"] = max(p["forward_live"][-len(last):]) - min(last)
     acc["step: peak RSS above its start (max)"] = max(p["step_peak_rss"])
     # a step's peak RSS over its start (new pages are private), on top of where it started
     acc["peak"] = max(s["uss"] + rise for s, rise in zip(p["steps"], p["step_peak_rss"])) - base
