@@ -24,6 +24,7 @@ from common.bounds import gradient_problem
 from common.config import Config
 from common.errors import ProtocolError, RemoteProtocolError, TestbedError, TransportError
 from common.events import EventLog
+from common.footprint import backward
 from common.models import build_model, part_keys, split_model, state_spec, weights_problem
 from common.plan import RoundPlan
 from common.security import Credentials
@@ -325,7 +326,7 @@ class DeviceClient:
             raise RemoteProtocolError(f"device {self.name}: step {step}: {problem}")
         self._announce(r, step, rnd.steps)
         t1 = time.perf_counter()
-        out.backward(grad)
+        backward(out, grad)  # out.backward(grad) without importing sympy (common.footprint)
         opt.step()
         return compute + time.perf_counter() - t1
 
