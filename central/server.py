@@ -42,7 +42,8 @@ log = logging.getLogger("central")
 
 # The round loop wakes at least this often to check grace periods and deadlines.
 POLL_S = 0.5
-# After the Shutdown, how long the edges' links get to deliver it.
+# After the Shutdown, how long the edges' links get to deliver it (one small message; the
+# run is over, so a lost link only delays the exit).
 SHUTDOWN_FLUSH_S = 2.0
 
 

@@ -40,7 +40,8 @@ from edge.trainer import Trainer
 
 log = logging.getLogger("edge")
 
-# After a Shutdown, how long the device links get to deliver it before the process exits.
+# After a Shutdown, how long the device links get to deliver it before the process exits
+# (one small message; the run is over, so a lost link only delays the exit).
 SHUTDOWN_FLUSH_S = 2.0
 # What a peer edge's connection may open with (each names the sender as ``target``).
 PEER_FIRST = (m.PeerHello, m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull, m.OfferNotice, m.RelayOpen)
