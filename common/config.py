@@ -2,9 +2,11 @@
 
 ``load_config(path, overrides)`` parses, applies overrides (``section.key=value``, from
 the ``FEDFLY_SET`` environment variable first, then the command line), checks every key
-and value, and returns a frozen ``Config``. Any mistake raises ``ConfigError`` naming the
-key and the fix. Relative ``security.key_file`` and ``security.certs`` paths are relative to the config file;
-``run.out`` and ``data.root`` to the working directory.
+and value, and returns a frozen ``Config``, each section a frozen dataclass made from its
+schema (``cfg.faults.dead_after_s``; ``common.sections``). Any mistake raises
+``ConfigError`` naming the key and the fix. Relative ``security.key_file`` and
+``security.certs`` paths are relative to the config file; ``run.out`` and ``data.root`` to
+the working directory.
 """
 
 from __future__ import annotations
