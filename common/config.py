@@ -582,11 +582,16 @@ def _typed(key: str, value: Any, typ: type, rule: Any = None) -> Any:
     if typ is float and type(value) is int:
         return float(value)
     if type(value) is not typ:
-        options = getattr(rule, "options", None)
         example = {str: '"text"', int: "3", float: "0.5", bool: "true"}[typ]
-        fix = "write one of " + ", ".join(f'"{o}"' for o in options) if options else f"write it like {example}"
-        raise ConfigError(key, f"is {type(value).__name__} {value!r}, must be {typ.__name__}", fix)
+        raise ConfigError(key, f"is {type(value).__name__} {value!r}, must be {typ.__name__}",
+                          _choices(rule) or f"write it like {example}")
     return value
+
+
+def _choices(rule: Any) -> str:
+    """The fix for a key of a few choices (``_choice``): name them."""
+    options = getattr(rule, "options", None)
+    return "write one of " + ", ".join(f'"{o}"' for o in options) if options else ""
 
 
 def _table(where: str, given: Any, schema: dict[str, Key]) -> dict[str, Any]:
@@ -607,9 +612,7 @@ def _table(where: str, given: Any, schema: dict[str, Key]) -> dict[str, Any]:
         value = _typed(name, given[key], typ, rule)
         problem = rule(value) if rule else None
         if problem:
-            options = getattr(rule, "options", None)
-            raise ConfigError(name, f"{value!r} {problem}",
-                              "write one of " + ", ".join(f'"{o}"' for o in options) if options else "")
+            raise ConfigError(name, f"{value!r} {problem}", _choices(rule))
         out[key] = value
     return out
 
