@@ -727,8 +727,8 @@ def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move
     return _mobility_list(mobility, "moves", Move, MOVE_KEYS, edges, devices, rounds)
 
 
-def _mobility_model(mobility: dict, path: str, edges: dict, devices: dict, rounds: int, seed: int
-                    ) -> tuple[MobilitySection, MobilityWaypointSection | None, tuple[Move, ...], tuple[TimedMove, ...]]:
+def _mobility_model(mobility: dict, path: str, edges: dict, devices: dict, rounds: int, seed: int) -> tuple[
+        MobilitySection, MobilityWaypointSection | None, tuple[Move, ...], tuple[TimedMove, ...]]:
     """The ``[mobility]`` settings, its ``[mobility.waypoint]`` (when that is the model), the
     round-based moves of a trace, and the time-based moves of a trace."""
     given = {k: v for k, v in mobility.items() if k not in MOBILITY_TABLES}

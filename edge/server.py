@@ -89,7 +89,8 @@ class EdgeServer:
         self.core = EdgeCore(name=name, mode=cfg.mode, models=models, seed=cfg.run.seed, devices=set(cfg.devices),
                              peers=set(cfg.edges) - {name}, central=self.central, fetcher=fetcher, events=events,
                              spare=self.spare, handover_deadline_s=limit + 2 * self.faults.dead_after_s,
-                             checkpoint_steps=checkpoint_steps, replicas_kept=self.faults.replicas_kept, edges=sorted(cfg.edges), handover=cfg.mobility.handover,
+                             checkpoint_steps=checkpoint_steps, replicas_kept=self.faults.replicas_kept,
+                             edges=sorted(cfg.edges), handover=cfg.mobility.handover,
                              cut_first=cfg.training.cut_gradient_first, trainer=self.trainer, inbox=inbox)
 
     def _on_welcome(self, run_name: str) -> None:

@@ -131,7 +131,8 @@ def _announcer(*, offer=True, mode="fedfly", drops=()):
     from types import SimpleNamespace
 
     return SimpleNamespace(mode=mode, cfg=SimpleNamespace(mobility=SimpleNamespace(offer=offer)), link=_Links(),
-                           drops=ScheduledDrops(drops), moves=MoveSources(ScheduledMoves([Move("device1", "edge2", 1, 0.5)])))
+                           drops=ScheduledDrops(drops),
+                           moves=MoveSources(ScheduledMoves([Move("device1", "edge2", 1, 0.5)])))
 
 
 def test_a_scheduled_move_is_announced_a_step_ahead_unless_a_drop_falls_there_too():
