@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"fedfly-launch: error: {exc}", file=sys.stderr)
             return 2
-        if not cfg.run["name"]:
+        if not cfg.run.name:
             overrides.append(f'run.name="{run_name}"')
     print(f"launch: {len(cfg.edges)} edges, {len(cfg.devices)} devices, mode {cfg.mode}, run {run_dir}", flush=True)
 
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     log_dir = os.path.join(run_dir, "logs")
     children = children_of(cfg, args.config, overrides, log_dir, run_dir, bool(args.resume))
-    policy = Policy(on_death="restart" if args.chaos else cfg.faults["on_death"],
-                    max_restarts=cfg.faults["max_restarts"], chaos_s=args.chaos, chaos_max=args.chaos_max,
+    policy = Policy(on_death="restart" if args.chaos else cfg.faults.on_death,
+                    max_restarts=cfg.faults.max_restarts, chaos_s=args.chaos, chaos_max=args.chaos_max,
                     chaos_seed=args.chaos_seed, can_resume=lambda: has_checkpoint(run_dir))
     hosted = [role for role, on in (("device", args.device_host), ("edge", args.edge_host)) if on]
     spawner = HostSpawner(hosted) if hosted else LocalSpawner()
