@@ -33,6 +33,7 @@ from common.nets import net
 from common.security import Credentials, allowed
 from edge.central_link import CentralLink
 from edge.core import EdgeCore, Models
+from edge.handover import PEER_FIRST
 from edge.migration import Fetcher, PeerLinks, Replicator, buddy_of
 from edge.ports import DeviceAttach, DeviceLost, DeviceMessage, PeerLost, PeerMessage
 from edge.session import SparePart
@@ -46,8 +47,6 @@ SHUTDOWN_FLUSH_S = 2.0
 # a silent one is noticed sooner, by the link's own deadline. A device that gives up
 # waiting meanwhile and attaches again is answered by the same fetch.
 HANDOVER_LIMIT_S = 30.0
-# What a peer edge's connection may open with (each names the sender as ``target``).
-PEER_FIRST = (m.PeerHello, m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull, m.OfferNotice, m.RelayOpen)
 
 
 class EdgeServer:
