@@ -1,5 +1,6 @@
 """The edge session's lifecycle table against the real core: every unit scenario of
-``tests/test_edge_core.py`` is driven again with the table's look-ups recorded, and what
+``tests/test_edge_core.py`` (and of ``tests/test_lifecycle_cells.py``, for the cells those
+do not reach) is driven again with the table's look-ups recorded, and what
 the core did must be what the table says: each (state, event) names one next state,
 every move the core makes is a cell of the table, and every cell is one the core uses."""
 
@@ -11,7 +12,7 @@ import pytest
 
 import edge.core
 from edge.lifecycle import STATE_DATA, TRANSITIONS, Event, State, TransitionError, next_state
-from tests import test_edge_core
+from tests import test_edge_core, test_lifecycle_cells
 
 S, E = State, Event
 
@@ -30,9 +31,11 @@ def made() -> dict[tuple[State, Event], int]:
 
     edge.core.next_state = recording
     try:
-        for name, fn in vars(test_edge_core).items():
-            if name.startswith("test_") and callable(fn) and not inspect.signature(fn).parameters:
-                fn()
+        for module in (test_edge_core, test_lifecycle_cells):
+            for name, fn in vars(module).items():
+                if name.startswith("test_") and callable(fn) and not inspect.signature(fn).parameters \
+                        and fn.__module__ == module.__name__:
+                    fn()
     finally:
         edge.core.next_state = real
     return seen

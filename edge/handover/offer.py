@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Callable
 
 from common import messages as m
 from edge.handover.pull import MAX_FORWARD_HOPS, Pull
-from edge.lifecycle import Event, State
+from edge.lifecycle import Event
 from edge.ports import Port, PullOutcome
 
 if TYPE_CHECKING:
     from edge.core import Entry
 
-S, E = State, Event
+E = Event
 
 
 @dataclass

@@ -28,14 +28,14 @@ import torch
 from common import messages as m
 from common.errors import MigrationError
 from edge.handover.base import Handover
-from edge.lifecycle import Event, State
+from edge.lifecycle import Event
 from edge.ports import Port, PullOutcome
 from edge.session import EdgeSession
 
 if TYPE_CHECKING:
     from edge.core import Entry
 
-S, E = State, Event
+E = Event
 
 
 @dataclass
