@@ -19,8 +19,9 @@ points (the device leaves, attaches naming another edge, a peer's message, an ou
 deadline), and asks of the core only its session store (``move``, ``reply``, ``fresh``,
 ``entries`` ...).
 
-Every change of an entry's state goes through ``move``, which checks it against the
-table in ``edge.lifecycle``; a message that the table does not allow costs that one
+Every change of an entry's state goes through ``move``: the handler names what happened
+(the event), the table in ``edge.lifecycle`` names the one next state, and the state's
+own data comes and goes with it; a message that the table does not allow costs that one
 link (a typed error, the link closed), never the edge.
 """
 
