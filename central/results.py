@@ -142,7 +142,7 @@ def progress_line(rec: dict[str, Any], total_rounds: int, eta_s: float, moves: i
 def migration_line(rec: dict[str, Any]) -> str:
     return (f"  move: {rec['device']} {rec['from']} -> {rec['to']}  round {rec['round']} step {rec['step']}  "
             f"pause {rec['pause_ms']:.1f} ms  {rec['state_bytes'] / 1e6:.2f} MB  transfer {rec['transfer_ms']:.1f} ms"
-            f"  [{rec['mode']}]")
+            f"  [{rec['mode']}{', ' + rec['how'] if rec.get('how') else ''}]")
 
 
 def fault_line(rec: dict[str, Any]) -> str:

@@ -229,7 +229,8 @@ class CentralServer:
 
     def _record_migration(self, rep: m.MigrationReport, *, via: str) -> None:
         rec = printable_fields({"device": rep.device, "from": rep.source, "to": rep.target, "round": rep.round,
-                                "step": rep.step, "mode": rep.mode, "handover": self.handover, "pause_ms": round(rep.pause_ms, 3),
+                                "step": rep.step, "mode": rep.mode, "handover": self.handover, "how": rep.how,
+                                "pause_ms": round(rep.pause_ms, 3),
                                 "state_bytes": rep.state_bytes, "transfer_ms": round(rep.transfer_ms, 3),
                                 **_delivery(rep, via)})
         self.results.add_migration(rec)

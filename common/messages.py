@@ -295,6 +295,7 @@ class MigrationReport(Message):
     pause_ms: float
     state_bytes: int
     transfer_ms: float
+    how: str = ""  # the ``AttachReply.how`` that ended the move: what served it ("pulled", "relayed", ...)
     # stamped by the edge that forwards it: who delivered it (``edge.reports``)
     delivered_by: str = ""
 

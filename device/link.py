@@ -483,7 +483,7 @@ class EdgeLink:
         pause_ms = (time.perf_counter() - t0) * 1000
         self.report(m.MigrationReport(device=self.name, source=source, target=to, round=round, step=step,
                                       mode=self.mode, pause_ms=pause_ms, state_bytes=reply.state_bytes,
-                                      transfer_ms=reply.transfer_ms))
+                                      transfer_ms=reply.transfer_ms, how=reply.how))
         if ahead is not None:
             marks.update(connect_wait_ms=_ms(ahead.taken_at - t0), connect_ms=ahead.connect_ms)
         self.events.emit("moved", source=source, to=to, round=round, step=step, pause_ms=pause_ms,

@@ -19,8 +19,9 @@ points (the device leaves, attaches naming another edge, a peer's message, an ou
 deadline), and asks of the core only its session store (``move``, ``reply``, ``fresh``,
 ``entries`` ...).
 
-Every change of an entry's state goes through ``move``, which checks it against the
-table in ``edge.lifecycle``; a message that the table does not allow costs that one
+Every change of an entry's state goes through ``move``: the handler names what happened
+(the event), the table in ``edge.lifecycle`` names the one next state, and the state's
+own data comes and goes with it; a message that the table does not allow costs that one
 link (a typed error, the link closed), never the edge.
 """
 
@@ -45,7 +46,8 @@ from common.models import num_classes, part_keys, state_spec, weights_problem
 from edge import reports
 from edge.handover import POLICIES, Handover, Recovery, Replica
 from edge.migration import buddy_of
-from edge.lifecycle import Event, State, TransitionError, check_transition
+from edge.lifecycle import (LINKED, STATE_DATA, Delivering, Event, HandingOver, Pulling, State, TransitionError,
+                            next_state)
 from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
                         Fetcher, PeerLost, PeerMessage, Port, PullOutcome, Stop, Tick)
 from edge.session import EdgeSession, SparePart
@@ -71,24 +73,26 @@ class RoundInfo:
 
 @dataclass
 class Entry:
-    """One device on this edge: its state in the lifecycle, its session, its link."""
+    """One device on this edge: its state in the lifecycle and that state's own data
+    (``edge.lifecycle.STATE_DATA``), its session, its link."""
     device: str
     state: State = State.GONE
+    data: Delivering | Pulling | HandingOver | None = None  # the state's own (set and dropped by ``move``)
     session: EdgeSession | None = None
     port: Port | None = None              # the device's current link, if linked
-    update: m.DeviceUpdate | None = None  # DELIVERING: what went to the central
-    pending: m.AttachRequest | None = None  # PULLING: the attach to answer
-    pull_token: int = 0                   # PULLING: which fetch counts (older outcomes are stale)
-    pull_at: float = 0.0                  # PULLING: when the fetch started (its deadline)
-    handover_at: float = 0.0              # HANDING_OVER: when the snapshot went
-    handed: Replica | None = None         # HANDING_OVER: what went (kept as a replica once confirmed)
-    hops: int = 0
-    attach_at: float = 0.0
-    handover: tuple[Port, str, str] | None = None  # HANDING_OVER: (peer port, checksum, target)
     last_round: int = 0                   # the device's word: last round whose update it knows taken
-    offer_token: int = 0                  # PULLING: the source said the session is offered to us (this pull's token)
-    offered: bool = False                 # HANDING_OVER: by an offer (when the device left), not a pull
-    no_offer: int = 0                     # PULLING: this pull (its token) replaces an offer that failed
+
+    @property
+    def pulling(self) -> Pulling | None:
+        return self.data if isinstance(self.data, Pulling) else None
+
+    @property
+    def handing(self) -> HandingOver | None:
+        return self.data if isinstance(self.data, HandingOver) else None
+
+    @property
+    def delivering(self) -> Delivering | None:
+        return self.data if isinstance(self.data, Delivering) else None
 
 
 @dataclass
@@ -309,49 +313,47 @@ class EdgeCore:
             self.entries[device] = e
         return e
 
-    def move(self, e: Entry, event: Event, to: State) -> None:
-        """The one place an entry changes state: checked against the table; what belongs
-        to the state left behind is cleared here."""
-        check_transition(self.role, e.device, e.state, event, to)
+    def move(self, e: Entry, event: Event, data: Delivering | Pulling | HandingOver | None = None) -> State:
+        """The one place an entry changes state: to the one the table names for ``event``.
+        ``data``: the new state's own (``STATE_DATA``); what belonged to the state left
+        goes with it. Staying in a state keeps its data unless new data is given."""
         was = e.state
-        if to != was:
+        to = next_state(self.role, e.device, was, event)
+        if to is not was:
             self.events.emit("session_state", device=e.device, state=to.value, was=was.value, on=event.value)
-            if was is S.HANDING_OVER:
-                e.handover = None       # a late confirmation is refused from now on
-                if to is not S.GONE and e.session is not None:
-                    e.session.unshare()  # what went may still be on its way: train on copies
-            elif was is S.PULLING:
-                e.pull_token = 0        # a late outcome of the fetch is stale from now on
-                e.pending = None
-            elif was is S.DELIVERING:
-                e.update = None         # the update is the central link's to deliver now
+            if was is S.HANDING_OVER and to is not S.GONE and e.session is not None:
+                e.session.unshare()  # what went may still be on its way: train on copies
+        if to is not was or data is not None:
+            e.data = data
+        kind = STATE_DATA.get(to)
+        if not (isinstance(e.data, kind) if kind is not None else e.data is None):  # pragma: no cover - a wiring bug
+            raise LocalProtocolError(f"{self.role}: {to.name} for {e.device} with {type(e.data).__name__}")
         e.state = to
         if to in (S.GONE, S.IDLE):
             e.session = None
+        if to in LINKED and e.port is None:
+            return self.move(e, E.LINK_LOST)  # state-triggered: linked states need a link
         if to is S.GONE and e.port is None:
             self.entries.pop(e.device, None)
+        return to
 
     def detach(self, e: Entry) -> None:
         """The ACTIVE entry's device left (its link closes): its session is held here."""
         if e.port is not None:
             e.port.close(drain=False)
             e.port = None
-        self.move(e, E.LEAVE, S.DETACHED)
+        self.move(e, E.LEAVE)
 
     def handing_over(self, e: Entry, event: Event, port: Port, checksum: str, target: str, meta: dict,
                      tensors: dict[str, torch.Tensor], *, offered: bool) -> None:
         """``e``'s snapshot (``checksum``) went to ``target`` on ``port``: HANDING_OVER until
         that edge confirms it holds an identical copy."""
-        e.handover = (port, checksum, target)
-        e.offered = offered
-        e.handover_at = self.clock()
         assert e.session is not None
-        if self.checkpoint_steps:
-            # kept as a replica once handed over: if the edge it went to dies before its own
-            # first copy reaches its buddy, the device can come back here and go on from it
-            e.handed = Replica(self.name, e.session.round, e.session.step, meta, checksum, tensors,
-                               self.attach_keys.get(e.device, ""))
-        self.move(e, event, S.HANDING_OVER)
+        # kept as a replica once handed over (with replication on): if the edge it went to dies
+        # before its own first copy reaches its buddy, the device can come back here and go on from it
+        kept = Replica(self.name, e.session.round, e.session.step, meta, checksum, tensors,
+                       self.attach_keys.get(e.device, "")) if self.checkpoint_steps else None
+        self.move(e, event, HandingOver(port, checksum, target, self.clock(), offered, kept))
         self.events.emit("handing_over", device=e.device, round=e.session.round, step=e.session.step, to=target,
                          **({"offered": True} if offered else {}))
 
@@ -430,24 +432,22 @@ class EdgeCore:
     def _entry_round_start(self, e: Entry, r: int) -> None:
         if e.session is not None and e.session.round >= r:
             return
-        if e.state is S.PULLING and e.pending is not None and e.pending.round >= r:
+        pulling = e.pulling
+        if pulling is not None and pulling.request.round >= r:
             self._resolve_pending(e)  # it was waiting for this very round
             return
-        old_round = e.session.round if e.session is not None else (e.pending.round if e.pending else 0)
+        old_round = e.session.round if e.session is not None else (pulling.request.round if pulling else 0)
         if e.port is None:
-            self.move(e, E.ROUND_START, S.GONE)
+            self.move(e, E.ROUND_START)
             return
-        answered = e.state is S.PULLING
-        if answered:
+        if pulling is not None:
             # The device waits for an answer to its attach: its round is over.
             self.reply(e, action="wait", round=old_round, how="round over")
-        e.pending = None
         if self.takes_part(e.device, r):
-            self._start_session(e, E.ROUND_START)
+            self._start_session(e)
         else:
-            self.move(e, E.ROUND_START, S.IDLE)
-            e.session = None
-            if old_round and not answered:
+            self.move(e, E.ROUND_START)
+            if old_round and pulling is None:
                 e.port.post(m.StandBy(round=old_round, reason=f"round {old_round} is over; "
                                       f"{e.device} is not in round {r}"))
 
@@ -460,15 +460,12 @@ class EdgeCore:
         self.central.acked(msg.device, msg.round)
         self.delivered[msg.device] = max(self.delivered.get(msg.device, 0), msg.round)
         e = self.entries.get(msg.device)
-        if e is None or e.state is not S.DELIVERING or e.update is None or e.update.round != msg.round:
+        delivering = e.delivering if e is not None else None
+        if e is None or delivering is None or delivering.update.round != msg.round:
             return
-        e.update = None
         if e.port is not None:
             e.port.post(m.DoneAck(round=msg.round))
-            self.move(e, E.UPDATE_ACKED, S.IDLE)
-            e.session = None
-        else:
-            self.move(e, E.UPDATE_ACKED, S.GONE)
+        self.move(e, E.UPDATE_ACKED)  # IDLE (GONE if not linked)
 
     # -- devices: attach ---------------------------------------------------------------------
 
@@ -494,7 +491,6 @@ class EdgeCore:
         if e.port is not None and e.port is not ev.port:
             e.port.close(notice=m.Shutdown(reason="replaced by a newer connection of the same device"), drain=False)
         e.port = ev.port
-        e.attach_at = ev.at or self.clock()
         e.last_round = max(e.last_round, req.last_round)
         if req.edge_key:
             self.attach_keys[req.device] = req.edge_key
@@ -513,7 +509,7 @@ class EdgeCore:
         """The device holds no round state: the current round from its start if it takes
         part (a restarted device does the whole round again, exactly), else wait."""
         if e.state is S.DELIVERING:
-            self.move(e, E.JOIN, S.DELIVERING)
+            self.move(e, E.ATTACH)
             self.reply(e, action="wait", how="delivering")
             return
         info = self.current
@@ -527,21 +523,16 @@ class EdgeCore:
                                                 "a checkpoint: its round again from the round's weights",
                                                 detected_s=0.0, down_s=0.0, replayed=old.step, recovery="restart",
                                                 samples_lost=0))
-            if e.state is S.PULLING:
-                e.pull_token = 0  # the fetch no longer counts
-            e.pending = None
-            self._start_session(e, E.JOIN)
+            self._start_session(e)  # a fetch under way no longer counts
         else:
-            self.move(e, E.JOIN, S.IDLE)
-            e.session = None
+            self.move(e, E.NO_SESSION)
 
     def _attach_resume(self, e: Entry, req: m.AttachRequest) -> None:
-        event = E.RESUME_HERE if req.source == self.name else E.RESUME_FROM
         r, s = req.round, req.step
-        if e.state is S.DELIVERING:
-            self.move(e, event, S.DELIVERING)
-            upd = e.update
-            if upd is not None and (upd.round, upd.steps) == (r, s):
+        delivering, pulling = e.delivering, e.pulling
+        if delivering is not None:
+            self.move(e, E.ATTACH)
+            if (delivering.update.round, delivering.update.steps) == (r, s):
                 # It lost our DoneAck: it sends its update again and gets the ack once the
                 # central confirms.
                 self.reply(e, action="continue", round=r, resume_step=s, how="delivering")
@@ -550,51 +541,50 @@ class EdgeCore:
                 # that round is not what counts.
                 self.reply(e, action="wait", round=r, how="delivering")
             return
-        if e.state is S.PULLING:
-            self.move(e, event, S.PULLING)  # the fetch goes on; its outcome answers this link
-            e.pending = req
+        if pulling is not None:
+            self.move(e, E.ATTACH)  # the fetch goes on; its outcome answers this link
+            pulling.request = req
             return
         ours = e.session
         if ours is not None and ours.round == r and ours.position_matches(s) and (
-                event is E.RESUME_HERE or e.state is S.HANDING_OVER):
+                req.source == self.name or e.state is S.HANDING_OVER):
             # Its session is here: a link that came back (or a device that returned before
             # our handover finished; the late confirmation will be refused).
             if e.state is S.HANDING_OVER:
                 self.events.emit("handover_cancelled", device=e.device, round=r, step=s)
-                e.handover = None
-            self.move(e, event, S.ACTIVE)
+            self.move(e, E.RESUME)
             self.reply(e, action="continue", round=r, resume_step=s, how="here")
             return
-        self.begin_resume(e, event, req)
+        self.begin_resume(e, req, attached=True)
 
-    def begin_resume(self, e: Entry, event: Event, req: m.AttachRequest) -> None:
+    def begin_resume(self, e: Entry, req: m.AttachRequest, *, attached: bool = False) -> None:
         """The session is not here (or not where the device is): fetch it, rebuild it from
-        the round's weights, or tell the device its round is over."""
+        the round's weights, or tell the device its round is over. ``attached``: decided as
+        the device attaches (else again, after a fetch's outcome)."""
         r, s = req.round, req.step
         info = self.current
         fwd = self.forward.get(e.device)
         if self.delivered.get(e.device, 0) >= r:
-            self.move(e, event, S.IDLE)
-            e.session = None
-            self.reply(e, action="done", round=r, how="delivered")
+            self.move(e, E.NO_SESSION)
+            if e.port is not None:
+                self.reply(e, action="done", round=r, how="delivered")
             return
         if info is None or info.round < r:
             # We have not been told of round r yet (our link to the central lags): wait for it.
-            self.move(e, event, S.PULLING)
-            e.pending = req
-            e.pull_token = 0
+            self.move(e, E.FETCH, Pulling(req))
             self.events.emit("awaiting_round", device=e.device, round=r)
             return
         if info.round > r or not self.takes_part(e.device, r):
-            self.move(e, event, S.IDLE)
-            self.reply(e, action="wait", round=r, how="round over")
-            if self.takes_part(e.device, info.round):
-                self._start_session(e, E.ROUND_START)
+            self.move(e, E.NO_SESSION)
+            if e.port is not None:
+                self.reply(e, action="wait", round=r, how="round over")
+            if e.port is not None and self.takes_part(e.device, info.round):
+                self._start_session(e)
             return
         source = req.source
-        if event is E.RESUME_HERE and fwd is not None and fwd.round == r:
+        if attached and source == self.name and fwd is not None and fwd.round == r:
             source = fwd.target  # we handed it on; the device missed the other edge's reply
-        if source != self.name and self.handover.attached_elsewhere(e, event, req, source):
+        if source != self.name and self.handover.attached_elsewhere(e, req, source):
             return  # the policy answers the device
         # Modes restart and classic keep no state to fetch (restart: the round from its
         # weights; classic: the device trains alone); fedfly at step 0: the round's weights
@@ -602,25 +592,28 @@ class EdgeCore:
         resume = 0 if self.mode == "restart" else s
         how = "fresh"
         if source == self.name and self.mode == "fedfly" and s > 0:
-            if self.handover.session_lost_here(e, event, req):
+            if self.handover.session_lost_here(e, req):
                 return
             resume, how = 0, "restart"  # the device says its session is here, and it is not
-        self.fresh(e, event, info, resume)
-        self.reply(e, action="continue", round=r, resume_step=resume, how=how)
+        self.fresh(e, info, resume)
+        if e.port is not None:
+            self.reply(e, action="continue", round=r, resume_step=resume, how=how)
 
     def _resolve_pending(self, e: Entry) -> None:
         """A PULLING entry that waited for the round's weights: decide again, now."""
-        req = e.pending
-        assert req is not None
+        pulling = e.pulling
+        assert pulling is not None
         if e.port is None:
-            self.move(e, E.ROUND_START, S.GONE)
+            self.move(e, E.ROUND_START)
             return
-        self.begin_resume(e, E.PULLED, req)
+        self.begin_resume(e, pulling.request)
 
-    def fresh(self, e: Entry, event: Event, info: RoundInfo, step: int) -> None:
+    def fresh(self, e: Entry, info: RoundInfo, step: int) -> None:
+        """``e``'s session of the round from its weights, at ``step``: ACTIVE (DETACHED if
+        the device is not linked)."""
         e.session = self._new_session(e.device, info)
         e.session.step = step
-        self.move(e, event, S.ACTIVE if e.port is not None else S.DETACHED)
+        self.move(e, E.FRESH)
 
     def _new_session(self, device: str, info: RoundInfo) -> EdgeSession:
         edge_state = None if self.mode == "classic" else {k: info.weights[k] for k in self.models.keys(device)[1]}
@@ -628,11 +621,11 @@ class EdgeCore:
                            split_layer=self.models.cut(device), lr=info.plan.lr, momentum=info.plan.momentum,
                            part_state=edge_state, seed=self.seed, prox_mu=info.plan.prox_mu)
 
-    def _start_session(self, e: Entry, event: Event) -> None:
+    def _start_session(self, e: Entry) -> None:
         """A fresh session of the current round, and the round's work sent to the device."""
         info = self.current
         assert info is not None and e.port is not None
-        self.fresh(e, event, info, 0)
+        self.fresh(e, info, 0)
         dev_keys, edge_keys = self.models.keys(e.device)
         keys = dev_keys + (edge_keys if self.mode == "classic" else [])
         e.port.post(m.DeviceRound(plan=info.plan.to_wire(), weights={k: info.weights[k] for k in keys}))
@@ -725,7 +718,7 @@ class EdgeCore:
         if e.state is not S.ACTIVE or session is None or session.round != msg.round or self.mode == "classic":
             if e.state is S.ACTIVE and session is not None and session.round == msg.round:
                 raise RemoteProtocolError(f"{self.role}: Activations from {e.device} in mode classic")
-            self.move(e, E.STEP, e.state)  # a stale step: the table says whether it may be ignored
+            self.move(e, E.STEP)  # a stale step: the table says whether it may be ignored
             self.events.emit("stale_step", device=e.device, round=msg.round, step=msg.step, state=e.state.value)
             return
         port = e.port
@@ -745,7 +738,7 @@ class EdgeCore:
         """After a step, trained here or on the trainer."""
         if done.error is not None:
             raise done.error
-        self.move(e, E.STEP, S.ACTIVE)
+        self.move(e, E.STEP)
         session, job = done.job.session, done.job
         if not done.trained:
             self.events.emit("step_replayed", device=e.device, round=job.round, step=job.step)
@@ -760,13 +753,13 @@ class EdgeCore:
 
     def _on_finish(self, e: Entry, msg: m.DeviceDone) -> None:
         if e.state is S.DELIVERING or (e.state is S.IDLE and self.delivered.get(e.device, 0) >= msg.round):
-            self.move(e, E.FINISH, e.state)
+            self.move(e, E.FINISH)
             if e.state is S.IDLE:
                 e.port.post(m.DoneAck(round=msg.round))  # type: ignore[union-attr]
             return
         session = e.session
         if e.state is not S.ACTIVE or session is None or session.round != msg.round:
-            self.move(e, E.FINISH, e.state)
+            self.move(e, E.FINISH_STALE)
             self.events.emit("stale_update", device=e.device, round=msg.round, state=e.state.value)
             return
         dev_keys, edge_keys = self.models.keys(e.device)
@@ -777,10 +770,10 @@ class EdgeCore:
             raise RemoteProtocolError(f"{self.role}: {e.device} finished after {msg.steps} steps, "
                                       f"its session here has {session.step}")
         weights = {**msg.weights, **session.weights()}
-        e.update = m.DeviceUpdate(round=msg.round, device=e.device, edge=self.name, samples=msg.samples,
-                                  steps=msg.steps, train_seconds=msg.train_seconds, weights=weights)
-        self.move(e, E.FINISH, S.DELIVERING)
-        self.central.deliver(e.update)
+        update = m.DeviceUpdate(round=msg.round, device=e.device, edge=self.name, samples=msg.samples,
+                                steps=msg.steps, train_seconds=msg.train_seconds, weights=weights)
+        self.move(e, E.FINISH, Delivering(update))
+        self.central.deliver(update)
         self.events.emit("device_done", device=e.device, round=msg.round, samples=msg.samples, steps=msg.steps,
                          train_seconds=msg.train_seconds, edge_steps=session.step)
 
@@ -802,13 +795,11 @@ class EdgeCore:
             self.central.send(m.FaultReport(kind="peer_silent", process=self.name, peer=e.device, round=rnd, step=step,
                                             detail=str(ev.error)[:200], detected_s=round(ev.silent_s, 3), down_s=0.0,
                                             replayed=0, recovery="session held", samples_lost=0))
-        if e.state is S.ACTIVE:
-            self.move(e, E.LINK_LOST, S.DETACHED)
+        was = e.state
+        if was in (S.ACTIVE, S.IDLE, S.DELIVERING, S.PULLING):
+            self.move(e, E.LINK_LOST)
+        if was is S.ACTIVE:
             self.handover.link_lost(e)
-        elif e.state is S.IDLE:
-            self.move(e, E.LINK_LOST, S.GONE)
-        elif e.state in (S.DELIVERING, S.PULLING):
-            self.move(e, E.LINK_LOST, e.state)
 
     # -- peer edges --------------------------------------------------------------------------
 

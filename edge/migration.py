@@ -39,6 +39,7 @@ from common import messages as m
 from common.errors import ConnectionClosed, MigrationError, ProtocolError, TransportError
 from common.link import Link
 from common.security import Credentials, Identity
+from edge.handover import UNASKED
 from edge.ports import PullOutcome
 from edge.session import EdgeSession, SparePart, snapshot_checksum
 
@@ -71,10 +72,6 @@ class PeerExchange:
         return msg
 
 
-# Answers to the sessions this edge offered (``OfferNotice``) and to the relays it opened
-# (``RelayOpen``): no exchange waits for them; they go to the core, which sent the offer
-# or the relay's messages on the kept link itself.
-_OFFER_ANSWERS = (m.SessionInstalled, m.OfferDeclined, m.RelayAnswer, m.RelayGradients, m.RelayDoneAck)
 
 
 class _Peer:
@@ -87,7 +84,9 @@ class _Peer:
         self.to_core = to_core
 
     def route(self, msg: m.Message) -> None:
-        if isinstance(msg, _OFFER_ANSWERS):
+        if isinstance(msg, UNASKED):
+            # what a policy's peer sends unasked (the answer to an offer, a relay's): no
+            # exchange waits for it; the core sent the request on the kept link itself
             if self.to_core is not None:
                 self.to_core(self.link, msg)
             return

@@ -91,6 +91,7 @@ def screen(msg: m.FaultReport | m.MigrationReport, *, device: str, edges: frozen
         _count(where, "round", msg.round, MAX_ROUND)
         _count(where, "step", msg.step, MAX_STEP)
         _count(where, "state_bytes", msg.state_bytes, MAX_STATE_BYTES)
+        _text(where, "how", msg.how)
         _seconds(where, "pause_ms", msg.pause_ms / 1000)
         _seconds(where, "transfer_ms", msg.transfer_ms / 1000)
     else:  # pragma: no cover - the core passes reports only

@@ -33,6 +33,7 @@ from common.nets import net
 from common.security import Credentials, allowed
 from edge.central_link import CentralLink
 from edge.core import EdgeCore, Models
+from edge.handover import PEER_FIRST
 from edge.migration import Fetcher, PeerLinks, Replicator, buddy_of
 from edge.ports import DeviceAttach, DeviceLost, DeviceMessage, PeerLost, PeerMessage
 from edge.session import SparePart
@@ -43,8 +44,6 @@ log = logging.getLogger("edge")
 # After a Shutdown, how long the device links get to deliver it before the process exits
 # (one small message; the run is over, so a lost link only delays the exit).
 SHUTDOWN_FLUSH_S = 2.0
-# What a peer edge's connection may open with (each names the sender as ``target``).
-PEER_FIRST = (m.PeerHello, m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull, m.OfferNotice, m.RelayOpen)
 
 
 class EdgeServer:

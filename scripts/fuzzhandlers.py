@@ -209,7 +209,7 @@ class EdgeHarness:
         elif r < 0.86:
             device = rng.choice(DEVICES)
             e = core.entries.get(device)
-            token = e.pull_token if e is not None and rng.random() < 0.8 else rng.randint(0, 5)
+            token = (e.pulling.token if e.pulling else 0) if e is not None and rng.random() < 0.8 else rng.randint(0, 5)
             refused = hostile_message(rng, "PullRefused") if rng.random() < 0.8 else None
             what = "PullOutcome"
             core.handle(PullOutcome(device=device, token=token, source=rng.choice(["edge2", "edge3", "edge9", ""]),

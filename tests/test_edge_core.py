@@ -463,8 +463,8 @@ def test_everything_is_checked_against_the_table(monkeypatch):
     start_round(core)
     e = core.entries["device1"]
     from edge.lifecycle import Event, TransitionError
-    with pytest.raises(TransitionError, match="edge edge1.*FINISH.*ACTIVE"):
-        core.move(e, Event.FINISH, S.IDLE)
+    with pytest.raises(TransitionError, match="edge edge1.*INSTALLED.*ACTIVE"):
+        core.move(e, Event.INSTALLED)
     del p
 
 

@@ -135,6 +135,10 @@ def test_relayed_moves_leave_the_model_bit_identical(tmp_path, baseline):
     got = sorted((m["device"], m["round"], m["to"], m["step"]) for m in migs)
     assert got == sorted((m["device"], m["round"], m["to"], math.floor(m["at"] * STEPS)) for m in MOVES)
     assert all(m["state_bytes"] == 0 and m["pause_ms"] > 0 for m in migs)
+    # each move's record says what served it: relayed to the round's edge, or, back there, its own session
+    assert {(m["device"], m["round"], m["to"]): m["how"] for m in migs} == {
+        ("device1", 1, "edge2"): "relayed", ("device1", 2, "edge1"): "relayed", ("device1", 2, "edge2"): "here",
+        ("device3", 2, "edge1"): "relayed"}
     for r in summary["rounds"]:
         assert r["samples"] == 4 * SAMPLES and r["missing"] == []
     events = _edge_events(tmp_path / "relay")

@@ -10,11 +10,15 @@ thread (so a policy never locks), and never in the middle of a step:
 
     leaving(e, msg)                  the device leaves, naming the edge it goes to (source)
     link_lost(e)                     the device's link broke while its session trained here
-    attached_elsewhere(e, ev, req, source)
+    attached_elsewhere(e, req, source)
                                      the device attached naming another edge (destination);
                                      False: nothing moves, the core starts the round afresh
     peer_handlers()                  the peer messages it takes, by type (either side)
-    session_lost_here(e, ev, req)    the device names this edge, whose session is gone
+    OPENS, UNASKED                   the peer messages that may open a link another edge
+                                     makes to us, and the answers that come unasked on a
+                                     link we made (``edge.handover.PEER_FIRST``, ``UNASKED``:
+                                     the server and the kept links read them there)
+    session_lost_here(e, req)        the device names this edge, whose session is gone
     device_message(ev)               a device's message, before the core's own handling
     outcome(ev)                      a worker's ``PullOutcome`` arrives (destination)
     tick(now)                        deadlines pass
@@ -39,7 +43,6 @@ from edge.ports import DeviceMessage, Port, PullOutcome
 
 if TYPE_CHECKING:
     from edge.core import EdgeCore, Entry
-    from edge.lifecycle import Event
 
 
 class Handover:
@@ -47,6 +50,11 @@ class Handover:
     a device that leaves is held as for a lost link, and nothing is fetched."""
 
     name: ClassVar[str] = ""
+    # What may be the first message on a link another edge opens to us (each names its
+    # sender as ``target``), and what its peer sends back unasked on a kept link we opened
+    # (to the core, not to a fetch that waits): each policy adds its own.
+    OPENS: ClassVar[tuple[type[m.Message], ...]] = ()
+    UNASKED: ClassVar[tuple[type[m.Message], ...]] = ()
 
     def __init__(self, core: "EdgeCore") -> None:
         self.core = core
@@ -64,13 +72,13 @@ class Handover:
 
     # -- destination side --------------------------------------------------------------------
 
-    def attached_elsewhere(self, e: "Entry", event: "Event", req: m.AttachRequest, source: str) -> bool:
+    def attached_elsewhere(self, e: "Entry", req: m.AttachRequest, source: str) -> bool:
         """The device attached here naming ``source``'s session, in the current round
         (``req.round``) which it takes part in. True: the policy answers the device (now or
         later); False: no state moves, and the core starts the device's round here."""
         return False
 
-    def session_lost_here(self, e: "Entry", event: "Event", req: m.AttachRequest) -> bool:
+    def session_lost_here(self, e: "Entry", req: m.AttachRequest) -> bool:
         """The device says its session is here at a step past 0, and it is not. True: the
         policy recovers it (answers later); False: the core starts the round again."""
         return False

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Callable
 
 from common import messages as m
 from edge.handover.pull import MAX_FORWARD_HOPS, Pull
-from edge.lifecycle import Event, State
+from edge.lifecycle import Event
 from edge.ports import Port, PullOutcome
 
 if TYPE_CHECKING:
     from edge.core import Entry
 
-S, E = State, Event
+E = Event
 
 
 @dataclass
@@ -65,6 +65,8 @@ class Offer:
 
 class OfferPolicy(Pull):
     name = "offer"
+    OPENS = (*Pull.OPENS, m.OfferNotice)
+    UNASKED = (*Pull.UNASKED, m.SessionInstalled, m.OfferDeclined)  # answers to our offers
 
     def __init__(self, core) -> None:
         super().__init__(core)
@@ -98,17 +100,17 @@ class OfferPolicy(Pull):
         port.close(drain=False)
         if not (sent and link.post(m.OfferSealed(device=d, round=r, step=msg.step, target=core.name,
                                                  checksum=checksum))):
-            core.move(e, E.LEAVE, S.DETACHED)
+            core.move(e, E.LEAVE)
             return
-        core.handing_over(e, E.LEAVE, link, checksum, msg.to, meta, tensors, offered=True)
+        core.handing_over(e, E.LEAVE_OFFERED, link, checksum, msg.to, meta, tensors, offered=True)
 
     def on_its_way(self, e: "Entry", port: Port, msg: m.SessionPull) -> bool:
-        session = e.session
-        if e.state is S.HANDING_OVER and e.offered and e.handover is not None and e.handover[2] == msg.target \
+        session, h = e.session, e.handing
+        if h is not None and h.offered and h.target == msg.target \
                 and session is not None and session.round == msg.round and session.position_matches(msg.step):
             # offered to that edge when the device left, and on its way there already: the
             # puller waits for that copy rather than have a second one sent
-            self.core.move(e, E.PULL, S.HANDING_OVER)
+            self.core.move(e, E.PULL_REFUSED)
             self.core.refuse(port, msg.device, "refused", offered=True)
             self.core.events.emit("pull_answered_by_offer", device=msg.device, round=msg.round, step=msg.step,
                                   to=msg.target)
@@ -122,11 +124,9 @@ class OfferPolicy(Pull):
 
     def on_declined(self, port: Port, msg: m.OfferDeclined) -> None:
         e = self.core.entries.get(msg.device)
-        if e is None or e.state is not S.HANDING_OVER or e.handover is None or e.handover[0] is not port:
+        if e is None or e.handing is None or e.handing.port is not port:
             return  # an answer to an offer that no longer counts
-        e.handover = None
-        e.handed = None
-        self.core.move(e, E.HANDOVER_FAILED, S.DETACHED)
+        self.core.move(e, E.HANDOVER_FAILED)
         self.core.events.emit("offer_declined", device=msg.device, round=msg.round, step=msg.step, by=port.name)
         if e.session is not None:
             e.session.prepare_snapshot()
@@ -149,9 +149,10 @@ class OfferPolicy(Pull):
             return
         o = self.offers[d] = Offer(port, msg.target, msg.round, msg.step, at=core.clock())
         e = core.entries.get(d)
-        if e is not None and e.state is S.PULLING and e.offer_token and e.offer_token == e.pull_token and \
-                e.pending is not None and o.matches(e.pending.source, e.pending.round, e.pending.step):
-            o.token = e.pull_token  # its pull was told to wait for this
+        p = e.pulling if e is not None else None
+        if p is not None and p.offer_token and p.offer_token == p.token and \
+                o.matches(p.request.source, p.request.round, p.request.step):
+            o.token = p.token  # its pull was told to wait for this
 
     def on_offer(self, port: Port, msg: m.SessionOffer) -> None:
         o = self.offers.get(msg.device)
@@ -179,7 +180,8 @@ class OfferPolicy(Pull):
         o = self.offers.get(e.device)
         if o is not None and o.matches(source, req.round, req.step):
             # it left there for here: its session is on its way (or here) already
-            o.token = e.pull_token
+            assert e.pulling is not None
+            o.token = e.pulling.token
             self.core.events.emit("offer_awaited", device=e.device, source=source, round=o.round, step=o.step,
                                   arrived=o.ready)
             if o.ready:
@@ -191,23 +193,22 @@ class OfferPolicy(Pull):
 
     def outcome(self, ev: PullOutcome) -> None:
         e = self.core.entries.get(ev.device)
-        current = e is not None and e.state is S.PULLING and e.pull_token == ev.token and e.pending is not None
-        if not current:
+        p = e.pulling if e is not None else None
+        if e is None or p is None or p.token != ev.token:
             super().outcome(ev)
             return
-        assert e is not None and e.pending is not None
-        r, s = e.pending.round, e.pending.step
+        r, s = p.request.round, p.request.step
         refused = ev.refused
         if ev.offered and ev.session is None:
             # the offered copy failed its checks (the source was told): pull it instead
             self.core.events.emit("offer_failed", device=e.device, source=ev.source, detail=ev.error[:200])
-            e.no_offer = e.pull_token
+            p.no_offer = p.token
             self.pull_again(e, ev.source)
-        elif refused is not None and refused.offered and not ev.replica and e.no_offer == e.pull_token:
-            if e.hops < MAX_FORWARD_HOPS:
+        elif refused is not None and refused.offered and not ev.replica and p.no_offer == p.token:
+            if p.hops < MAX_FORWARD_HOPS:
                 # the offer failed here, and the source has not heard it yet (the news is
                 # on the other link): ask again
-                e.hops += 1
+                p.hops += 1
                 self.pull_again(e, ev.source)
             else:
                 self.failed(e, source=ev.source, detail=ev.error or refused.reason)
@@ -215,11 +216,11 @@ class OfferPolicy(Pull):
             # its source offered it to us when the device left: that copy is on its way
             o = self.offers.get(e.device)
             if o is not None and o.matches(ev.source, r, s):
-                o.token = e.pull_token
+                o.token = p.token
                 if o.ready:
                     self.take(e, o)
             else:
-                e.offer_token = e.pull_token  # its notice is still on its way
+                p.offer_token = p.token  # its notice is still on its way
             self.core.events.emit("offer_awaited", device=e.device, source=ev.source, round=r, step=s,
                                   arrived=o is not None and o.ready, after_pull=True)
         else:
@@ -235,10 +236,11 @@ class OfferPolicy(Pull):
 
     def take(self, e: "Entry", o: Offer) -> None:
         assert o.body is not None
+        assert e.pulling is not None
         del self.offers[e.device]
         if o.built is None:
             o.built = self.prepare(e.device, o)
-        self.core.fetcher.take_offer(device=e.device, source=o.source, token=e.pull_token, offer=o.body,
+        self.core.fetcher.take_offer(device=e.device, source=o.source, token=e.pulling.token, offer=o.body,
                                      checksum=o.checksum, port=o.port, since=o.at, prepared=o.built)
 
     def decline(self, device: str, *, why: str = "declined") -> None:
@@ -257,14 +259,15 @@ class OfferPolicy(Pull):
             self.core.refill()
         e = self.core.entries.get(device)
         if e is not None and self.waits_on(e, o):
-            e.offer_token = 0
-            e.no_offer = e.pull_token
+            assert e.pulling is not None
+            e.pulling.offer_token = 0
+            e.pulling.no_offer = e.pulling.token
             self.pull_again(e, o.source)
 
     @staticmethod
     def waits_on(e: "Entry", o: Offer) -> bool:
         """Is ``e``'s current fetch waiting for offer ``o``?"""
-        return bool(o.token) and e.state is S.PULLING and e.pull_token == o.token and e.pending is not None
+        return bool(o.token) and e.pulling is not None and e.pulling.token == o.token
 
     # -- both --------------------------------------------------------------------------------
 
@@ -290,9 +293,10 @@ class OfferPolicy(Pull):
                 del self.offers[d]
                 self.lost(d, o, "link lost")
         for e in list(self.core.entries.values()):
-            if e.state is S.PULLING and e.offer_token and e.offer_token == e.pull_token and e.pending is not None \
-                    and e.device not in self.offers and port.name == f"edge {e.pending.source}":
+            p = e.pulling
+            if p is not None and p.offer_token and p.offer_token == p.token \
+                    and e.device not in self.offers and port.name == f"edge {p.request.source}":
                 # the offer it was told to wait for may have been on that link: ask again
-                e.offer_token = 0
-                self.pull_again(e, e.pending.source)
+                p.offer_token = 0
+                self.pull_again(e, p.request.source)
         super().peer_lost(port)

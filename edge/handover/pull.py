@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable
 
 from common import messages as m
 from edge.handover.restart import Restart
-from edge.lifecycle import Event, State, check_transition
+from edge.lifecycle import Event, Pulling, State
 from edge.ports import Port, PullOutcome
 from edge.session import EdgeSession
 
@@ -45,6 +45,7 @@ MAX_FORWARD_HOPS = 8
 
 class Pull(Restart):
     name = "pull"
+    OPENS = (*Restart.OPENS, m.SessionPull)
 
     # -- source side -------------------------------------------------------------------------
 
@@ -78,14 +79,14 @@ class Pull(Restart):
             else:
                 core.refuse(port, d, "refused")
             if e is not None:
-                check_transition(core.role, d, state, E.PULL, state)
+                core.move(e, E.PULL_REFUSED)
             core.events.emit("handover_refused", device=d, round=r, step=s, to=msg.target, state=state.value)
             return
         session = e.session
         if self.on_its_way(e, port, msg):
             return
         if session.round != r or not (session.position_matches(s) or (state is S.DELIVERING and session.step == s)):
-            core.move(e, E.PULL, state)
+            core.move(e, E.PULL_REFUSED)
             core.refuse(port, d, "refused")
             core.events.emit("handover_refused", device=d, round=r, step=s, to=msg.target, state=state.value,
                              have_round=session.round, have_step=session.step)
@@ -106,42 +107,33 @@ class Pull(Restart):
     def on_installed(self, port: Port, msg: m.SessionInstalled) -> None:
         core = self.core
         e = core.entries.get(msg.device)
-        if e is None or e.state is not S.HANDING_OVER or e.handover is None or e.handover[0] is not port \
-                or e.handover[1] != msg.checksum:
+        h = e.handing if e is not None else None
+        if e is None or h is None or h.port is not port or h.checksum != msg.checksum:
             port.post(m.PullRefused(device=msg.device, reason="not released", moved_to="", delivered=False))
-            if e is not None and e.state is S.HANDING_OVER:
-                core.move(e, E.INSTALLED, S.HANDING_OVER)
+            if h is not None:
+                core.move(e, E.INSTALLED_STALE)
             return
-        target = e.handover[2]
+        target = h.target
         round_ = e.session.round if e.session is not None else msg.round
-        if e.update is not None:
-            e.update = None  # the update goes on from the target (the central takes it once)
-        e.handover = None
-        if e.handed is not None:
-            core.recovery.keep(msg.device, e.handed)
-            e.handed = None
+        if h.kept is not None:
+            core.recovery.keep(msg.device, h.kept)
         core.point(msg.device, round_, target)
-        core.move(e, E.INSTALLED, S.GONE)
+        core.move(e, E.INSTALLED)
         port.post(m.SessionReleased(device=msg.device))
         core.events.emit("handed_over", device=msg.device, round=msg.round, step=msg.step, to=target)
 
     def handover_lost(self, e: "Entry", detail: str = "") -> None:
         """The edge we handed ``e``'s session to never confirmed: ours stays (DETACHED)."""
-        e.handover = None
-        self.core.move(e, E.HANDOVER_FAILED, S.DETACHED)
+        self.core.move(e, E.HANDOVER_FAILED)
         self.core.events.emit("handover_unconfirmed", device=e.device, **({"detail": detail} if detail else {}))
 
     # -- destination side --------------------------------------------------------------------
 
-    def attached_elsewhere(self, e: "Entry", event: Event, req: m.AttachRequest, source: str) -> bool:
+    def attached_elsewhere(self, e: "Entry", req: m.AttachRequest, source: str) -> bool:
         if req.step == 0:
-            return super().attached_elsewhere(e, event, req, source)  # the round's weights are the session
+            return super().attached_elsewhere(e, req, source)  # the round's weights are the session
         core = self.core
-        core.move(e, event, S.PULLING)
-        e.pull_token = core.new_token()
-        e.pending = req
-        e.hops = 0
-        e.pull_at = core.clock()
+        core.move(e, E.FETCH, Pulling(req, token=core.new_token(), since=core.clock()))
         if not self.awaits_offer(e, req, source):
             self.pull_again(e, source)
         return True
@@ -153,32 +145,33 @@ class Pull(Restart):
     def pull_again(self, e: "Entry", source: str) -> None:
         """Fetch the session the PULLING entry's attach names from ``source`` (its deadline
         starts now; the fetch counts under the entry's current token)."""
-        req = e.pending
-        assert req is not None
-        e.pull_at = self.core.clock()
-        self.core.fetcher.pull(device=e.device, source=source, round=req.round, step=req.step, token=e.pull_token,
+        p = e.pulling
+        assert p is not None
+        req = p.request
+        p.since = self.core.clock()
+        self.core.fetcher.pull(device=e.device, source=source, round=req.round, step=req.step, token=p.token,
                                proofs=req.proofs)
 
-    def session_lost_here(self, e: "Entry", event: Event, req: m.AttachRequest) -> bool:
+    def session_lost_here(self, e: "Entry", req: m.AttachRequest) -> bool:
         """The device says its session is here at a step past 0, and it is not (a device
         process restarted from its disk checkpoint, or our session is gone): the buddy's
         copy at a step the device holds, if replicas are kept (True); else False."""
         if not (self.core.checkpoint_steps and req.checkpoints):
             return False
-        self.core.move(e, event, S.PULLING)
-        e.pending, e.hops = req, 0
+        self.core.move(e, E.FETCH, Pulling(req))
         self.failed(e, source=self.core.name, detail=f"no session of {e.device} at step {req.step} here")
         return True
 
     def outcome(self, ev: PullOutcome) -> None:
         core = self.core
         e = core.entries.get(ev.device)
-        if e is None or e.state is not S.PULLING or e.pull_token != ev.token or e.pending is None:
+        p = e.pulling if e is not None else None
+        if e is None or p is None or p.token != ev.token:
             if ev.session is not None:
                 core.events.emit("pull_stale", device=ev.device, source=ev.source)
                 self.unconfirmed(ev)
             return
-        req = e.pending
+        req = p.request
         r, s = req.round, req.step
         if ev.replica:
             core.recovery.answered(e, ev)
@@ -189,7 +182,7 @@ class Pull(Restart):
             core.events.emit("pull_superseded", device=e.device, source=ev.source, round=r, step=s,
                              got_step=ev.session.step)
             self.unconfirmed(ev)
-            core.begin_resume(e, E.PULLED, req)
+            core.begin_resume(e, req)
             return
         if ev.session is not None:
             self.install(e, ev.session, source=ev.source, state_bytes=ev.state_bytes, transfer_ms=ev.transfer_ms,
@@ -199,10 +192,8 @@ class Pull(Restart):
                 port.post(installed)
             return
         refused = ev.refused
-        linked = S.IDLE if e.port is not None else S.GONE
         if refused is not None and refused.delivered:
-            e.pending = None
-            core.move(e, E.PULLED, linked)
+            core.move(e, E.NO_SESSION)  # IDLE (GONE if the device is not linked)
             if e.port is not None:
                 core.reply(e, action="done", round=r, how="delivered")
             return
@@ -211,8 +202,8 @@ class Pull(Restart):
             # It moved here earlier and we still hold it: the pointer led back to us.
             self.install(e, e.session, source=core.name, state_bytes=0, transfer_ms=0.0)
             return
-        if refused is not None and refused.moved_to and refused.moved_to != core.name and e.hops < MAX_FORWARD_HOPS:
-            e.hops += 1
+        if refused is not None and refused.moved_to and refused.moved_to != core.name and p.hops < MAX_FORWARD_HOPS:
+            p.hops += 1
             self.pull_again(e, refused.moved_to)
             return
         # The session cannot be had (its edge is gone or refuses): the round again from its
@@ -230,19 +221,17 @@ class Pull(Restart):
     def install(self, e: "Entry", session: EdgeSession, *, source: str, state_bytes: int, transfer_ms: float,
                 offered: bool = False) -> None:
         core = self.core
-        req = e.pending
-        assert req is not None
-        r, s = req.round, req.step
-        e.pending = None
+        p = e.pulling
+        assert p is not None
+        r, s = p.request.round, p.request.step
         e.session = session
         self.installed(e)
         core.events.emit("migrated_in", device=e.device, source=source, round=r, step=s,
                          state_bytes=state_bytes, transfer_ms=transfer_ms, offered=offered)
+        core.move(e, E.PULLED)  # ACTIVE (DETACHED if the device is not linked)
         if e.port is None:
-            core.move(e, E.PULLED, S.DETACHED)
             session.prepare_snapshot()
         else:
-            core.move(e, E.PULLED, S.ACTIVE)
             core.reply(e, action="continue", round=r, resume_step=s, how="pulled" if source != core.name else "here",
                        state_bytes=state_bytes, transfer_ms=transfer_ms)
         if source != core.name:
@@ -255,8 +244,9 @@ class Pull(Restart):
         """The session the PULLING entry waits for cannot be had: from a replica if one
         can be had, else the round again from its weights (or over, if it ended)."""
         core = self.core
-        req = e.pending
-        assert req is not None
+        p = e.pulling
+        assert p is not None
+        req = p.request
         r, s = req.round, req.step
         if not replica_tried and core.recovery.recover(e, source=source, detail=detail):
             return
@@ -264,14 +254,13 @@ class Pull(Restart):
         core.central.send(m.FaultReport(kind="handover_failed", process=core.name, peer=source, round=r, step=s,
                                         detail=detail[:200], detected_s=0.0, down_s=0.0, replayed=s,
                                         recovery="restart", samples_lost=0))
-        e.pending = None
         info = core.current
         if info is None or info.round != r or not core.takes_part(e.device, r):
-            core.move(e, E.PULLED, S.IDLE if e.port is not None else S.GONE)
+            core.move(e, E.NO_SESSION)  # IDLE (GONE if the device is not linked)
             if e.port is not None:
                 core.reply(e, action="wait", round=r, how="round over")
             return
-        core.fresh(e, E.PULLED, info, 0)
+        core.fresh(e, info, 0)
         if e.port is not None:
             core.reply(e, action="continue", round=r, resume_step=0, how="restart")
 
@@ -283,14 +272,15 @@ class Pull(Restart):
         core = self.core
         limit = core.handover_deadline_s
         for e in list(core.entries.values()):
-            if e.state is S.PULLING and e.pull_token and now - e.pull_at > limit:
-                core.events.emit("pull_deadline", device=e.device, waited_s=round(now - e.pull_at, 3))
-                e.pull_token = 0  # a late outcome is stale
-                self.failed(e, source=e.pending.source if e.pending else "", detail=f"no outcome within {limit:g} s")
-            elif e.state is S.HANDING_OVER and now - e.handover_at > limit:
+            p, h = e.pulling, e.handing
+            if p is not None and p.token and now - p.since > limit:
+                core.events.emit("pull_deadline", device=e.device, waited_s=round(now - p.since, 3))
+                p.token = 0  # a late outcome is stale
+                self.failed(e, source=p.request.source, detail=f"no outcome within {limit:g} s")
+            elif h is not None and now - h.since > limit:
                 self.handover_lost(e, "no confirmation in time")
 
     def peer_lost(self, port: Port) -> None:
         for e in list(self.core.entries.values()):
-            if e.state is S.HANDING_OVER and e.handover is not None and e.handover[0] is port:
+            if e.handing is not None and e.handing.port is port:
                 self.handover_lost(e)

@@ -87,6 +87,8 @@ class Relayed:
 
 class Relay(Pull):
     name = "relay"
+    OPENS = (*Pull.OPENS, m.RelayOpen)
+    UNASKED = (*Pull.UNASKED, m.RelayAnswer, m.RelayGradients, m.RelayDoneAck)  # the holder's side of a relay
 
     def __init__(self, core) -> None:
         super().__init__(core)
@@ -134,7 +136,7 @@ class Relay(Pull):
             e.port.close(drain=False)  # the device's old link here (or an older relay) is stale
         e.port = RelayPort(port, d, r, lost=self._relay_port_lost)
         self.serving[d] = msg.target
-        core.move(e, E.RESUME_HERE, S.DELIVERING if e.state is S.DELIVERING else S.ACTIVE)
+        core.move(e, E.ATTACH if e.state is S.DELIVERING else E.RESUME)
         port.post(m.RelayAnswer(device=d, round=r, step=s, opened=True, moved_to="", delivered=False))
         core.events.emit("relay_serving", device=d, round=r, step=s, via=msg.target)
 
@@ -163,7 +165,7 @@ class Relay(Pull):
 
     # -- the relaying side -------------------------------------------------------------------
 
-    def attached_elsewhere(self, e: "Entry", event: Event, req: m.AttachRequest, source: str) -> bool:
+    def attached_elsewhere(self, e: "Entry", req: m.AttachRequest, source: str) -> bool:
         """A device that comes back to the holder naming the edge that relayed for it finds
         its session here; any other goes PULLING as for a pull (its token and deadline),
         and its fetch is a relay (``pull_again``)."""
@@ -172,25 +174,26 @@ class Relay(Pull):
         if self.serving.get(e.device) == source and session is not None and session.round == req.round \
                 and session.position_matches(req.step) and e.state in (S.ACTIVE, S.DETACHED):
             del self.serving[e.device]
-            core.move(e, event, S.ACTIVE)
+            core.move(e, E.RESUME)
             core.reply(e, action="continue", round=req.round, resume_step=req.step, how="here")
             return True
-        return super().attached_elsewhere(e, event, req, source)
+        return super().attached_elsewhere(e, req, source)
 
     def pull_again(self, e: "Entry", source: str) -> None:
         """Ask ``source`` to serve the session through us; a pull where we cannot (no link
         kept to it now, or this fetch fell back to a pull already)."""
         core = self.core
-        req = e.pending
-        assert req is not None
+        p = e.pulling
+        assert p is not None
+        req = p.request
         link = core.fetcher.offer_link(source)
-        if link is None or self.pull_only.get(e.device) == e.pull_token:
+        if link is None or self.pull_only.get(e.device) == p.token:
             self.relays.pop(e.device, None)
             core.events.emit("relay_fallback", device=e.device, source=source, round=req.round, step=req.step,
                              to="pull", why="no link kept" if link is None else "relay failed")
             super().pull_again(e, source)
             return
-        e.pull_at = core.clock()
+        p.since = core.clock()
         self.relays[e.device] = Relayed(link, source, req.round)
         link.post(m.RelayOpen(device=e.device, round=req.round, step=req.step, target=core.name, proofs=req.proofs))
 
@@ -198,34 +201,32 @@ class Relay(Pull):
         core = self.core
         e = core.entries.get(msg.device)
         relay = self.relays.get(msg.device)
-        if e is None or relay is None or relay.link is not port or relay.open or e.state is not S.PULLING \
-                or e.pending is None:
+        p = e.pulling if e is not None else None
+        if e is None or p is None or relay is None or relay.link is not port or relay.open:
             return  # an answer that no longer counts (the holder's relay port ends with its link)
-        req = e.pending
+        req = p.request
         if (req.round, req.step) != (msg.round, msg.step):
             # the device attached again, at another step, while this was on its way: ask
             # again where the device says it is (an opened relay ends with its link's use)
             del self.relays[msg.device]
-            core.begin_resume(e, E.PULLED, req)
+            core.begin_resume(e, req)
             return
         if not msg.opened:
             del self.relays[msg.device]
             if msg.delivered:
-                e.pending = None
-                core.move(e, E.PULLED, S.IDLE if e.port is not None else S.GONE)
+                core.move(e, E.NO_SESSION)  # IDLE (GONE if the device is not linked)
                 if e.port is not None:
                     core.reply(e, action="done", round=req.round, how="delivered")
-            elif msg.moved_to and msg.moved_to != core.name and e.hops < MAX_FORWARD_HOPS:
-                e.hops += 1
+            elif msg.moved_to and msg.moved_to != core.name and p.hops < MAX_FORWARD_HOPS:
+                p.hops += 1
                 self.pull_again(e, msg.moved_to)
             else:
-                self.pull_only[e.device] = e.pull_token  # this fetch pulls from now on
+                self.pull_only[e.device] = p.token  # this fetch pulls from now on
                 self.pull_again(e, relay.holder)
             return
         relay.open = True
-        e.pending = None
         core.point(e.device, req.round, relay.holder)  # a pull of it here is sent on to the holder
-        core.move(e, E.PULLED, S.IDLE if e.port is not None else S.GONE)
+        core.move(e, E.NO_SESSION)  # no session here: IDLE (GONE if the device is not linked)
         core.events.emit("relaying", device=e.device, round=req.round, step=req.step, holder=relay.holder)
         if e.port is None:
             del self.relays[e.device]
@@ -278,7 +279,7 @@ class Relay(Pull):
         for e in core.entries.values():
             if isinstance(e.port, RelayPort) and e.port.round < r:
                 e.port.closed = True  # the relay ends with its round (its link goes on)
-                e.port = None
+                e.port = None  # (the core's round start then lets the entry go: it is not linked)
         for peer in sorted(core.peers):
             core.fetcher.offer_link(peer)  # links to relay on, opened now (in the background)
 
@@ -294,8 +295,8 @@ class Relay(Pull):
             e = core.entries.get(d)
             if e is None:
                 continue
-            if e.state is S.PULLING and e.pending is not None:
-                self.pull_only[d] = e.pull_token
+            if e.pulling is not None:
+                self.pull_only[d] = e.pulling.token
                 self.pull_again(e, relay.holder)  # no answer will come: pull it
             elif e.port is not None:
                 # the holder is gone mid-relay: the device attaches again, and finds its

@@ -28,14 +28,14 @@ import torch
 from common import messages as m
 from common.errors import MigrationError
 from edge.handover.base import Handover
-from edge.lifecycle import Event, State
+from edge.lifecycle import Event
 from edge.ports import Port, PullOutcome
 from edge.session import EdgeSession
 
 if TYPE_CHECKING:
     from edge.core import Entry
 
-S, E = State, Event
+E = Event
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Replica:
 
 class Recovery(Handover):
     name = "replica"
+    OPENS = (m.SessionReplica, m.ReplicaPull)
 
     # -- the source's side: copies out, to the buddy -----------------------------------------
 
@@ -113,8 +114,9 @@ class Recovery(Handover):
         step the device holds is installed now, or one is asked of the dead edge's buddy
         (True; the outcome comes later). False: no copy can be had."""
         core = self.core
-        req = e.pending
-        assert req is not None
+        p = e.pulling
+        assert p is not None
+        req = p.request
         r, s = req.round, req.step
         info = core.current
         if not (core.checkpoint_steps and req.checkpoints and info is not None and info.round == r):
@@ -136,17 +138,16 @@ class Recovery(Handover):
         keeper = core.buddy_of(lost)
         if keeper is not None and keeper != core.name and keeper in core.peers:
             core.events.emit("pull_failed", device=e.device, source=source, round=r, step=s, detail=detail)
-            e.pull_token = core.new_token()
-            e.pull_at = core.clock()
+            p.token, p.since = core.new_token(), core.clock()
             core.fetcher.pull_replica(device=e.device, source=keeper, round=r, steps=list(req.checkpoints),
-                                      token=e.pull_token, proofs=req.proofs)
+                                      token=p.token, proofs=req.proofs)
             return True
         return False
 
     def answered(self, e: "Entry", ev: PullOutcome) -> None:
         """The buddy's answer to the PULLING entry ``e``'s ``ReplicaPull``."""
-        req = e.pending
-        assert req is not None
+        assert e.pulling is not None
+        req = e.pulling.request
         if ev.session is not None and ev.session.step in req.checkpoints and ev.session.step <= req.step:
             self.install(e, ev.session, source=ev.source, state_bytes=ev.state_bytes, transfer_ms=ev.transfer_ms)
         else:
@@ -158,19 +159,17 @@ class Recovery(Handover):
         """The device and the session go back to the replica's step; the steps since are
         trained again (same batches, same seeds: the same result)."""
         core = self.core
-        req = e.pending
-        assert req is not None
+        assert e.pulling is not None
+        req = e.pulling.request
         r, s, c = req.round, req.step, session.step
         core.central.send(m.FaultReport(kind="handover_failed", process=core.name, peer=req.source, round=r, step=s,
                                         detail=f"session of {e.device} lost with {req.source}; replica of step {c} "
                                                f"from {source}", detected_s=0.0, down_s=0.0, replayed=s - c,
                                         recovery="replica", samples_lost=0))
         core.events.emit("replica_installed", device=e.device, source=source, round=r, step=c, device_step=s)
-        e.pending = None
         e.session = session
+        core.move(e, E.PULLED)  # ACTIVE (DETACHED if the device is not linked)
         if e.port is None:
-            core.move(e, E.PULLED, S.DETACHED)
             return
-        core.move(e, E.PULLED, S.ACTIVE)
         core.reply(e, action="continue", round=r, resume_step=c, how="replica", state_bytes=state_bytes,
                    transfer_ms=transfer_ms)

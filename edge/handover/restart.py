@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 from common import messages as m
 from edge.handover.base import Handover
-from edge.lifecycle import Event, State, allowed
+from edge.lifecycle import Event, State
 from edge.ports import Port
 
 if TYPE_CHECKING:
@@ -31,10 +31,11 @@ S, E = State, Event
 
 class Restart(Handover):
     name = "restart"
+    OPENS = (m.PeerHello, m.SessionDrop)
 
     # -- destination side --------------------------------------------------------------------
 
-    def attached_elsewhere(self, e: "Entry", event: Event, req: m.AttachRequest, source: str) -> bool:
+    def attached_elsewhere(self, e: "Entry", req: m.AttachRequest, source: str) -> bool:
         core = self.core
         if source in core.peers:
             core.fetcher.drop(device=e.device, source=source, round=req.round, proofs=req.proofs)
@@ -58,11 +59,11 @@ class Restart(Handover):
             e = core.entries.get(msg.device)
             if e is None or (e.session is not None and e.session.round > msg.round):
                 pass  # nothing here, or a drop from an older round: nothing to do
-            elif e.port is None and e.state in (S.DETACHED, S.HANDING_OVER, S.DELIVERING, S.IDLE):
-                core.move(e, E.DROP, S.GONE)
+            elif e.port is None and e.state in (S.DETACHED, S.HANDING_OVER, S.DELIVERING):
+                core.move(e, E.DROP)
                 core.entries.pop(msg.device, None)
-            elif e.state in allowed(e.state, E.DROP):
-                core.move(e, E.DROP, e.state)
+            elif e.port is not None:
+                core.move(e, E.DROP_LINKED)
             core.point(msg.device, msg.round, msg.target, newer_only=True)
             core.events.emit("session_dropped", device=msg.device, round=msg.round, to=msg.target)
         finally:
