@@ -17,7 +17,7 @@ the source, framing, verify and rebuild at the destination), to say what bounds 
 
     python -m scripts.bench_migration --matrix [--scenarios alone,pair,four]
         [--security key,tls] [--moves break,pull,preconnect,relay,restart] [--rounds N] [--repeat N]
-        [--out DIR]
+        [--network loopback,netns] [--backhaul-mbit M[,M...]] [--out DIR]
 
 The matrix: the same ping-pong of device1 in every combination of the load on the
 machine (``alone``: 1 device; ``pair``: device2 trains on edge2 all along, five processes
@@ -38,17 +38,25 @@ end against the median step before it (a relay's cost per step after the move). 
 took; nothing is re-run (the machine's load is reported, not waited out). ``--baseline
 DIR`` (another checkout, e.g. ``git worktree add DIR main``) runs every break-before-make
 combination from that code too, right after the same one from this code.
+
+``--network``: ``loopback`` (the default), ``netns`` (every combination again inside the
+netns testbed, ``scripts.netns_bench``: each host in its own network namespace, the
+edges' uplinks shaped with ``tc tbf`` at each ``--backhaul-mbit`` rate, the devices' and
+the central's links unshaped; needs root), or both, a combination's networks one after
+the other. Behind a shaped backhaul a pull pays the session's bytes at the backhaul's
+rate during the pause, and a relay pays a step's activations and gradient twice per step.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from scripts import bench_plainsock, benchlib
+from scripts import bench_plainsock, benchlib, netns_bench
 
 # scale -> (samples per device, measured rounds); 9 moves per measured round.
 SCALES = {"tiny": (1000, 1), "quick": (2000, 4), "full": (5000, 12)}
@@ -200,8 +208,24 @@ def _step_figures(run_dir: Path, moves: list[dict]) -> dict[str, Any]:
             "after_move_step_ms": benchlib.summarize(since) if since else None}
 
 
+def _networks(names: list[str], backhaul_mbit: list[float]) -> list[tuple[str, float]]:
+    """(label, backhaul Mbit/s; 0 for loopback) for each network asked for."""
+    unknown = set(names) - {"loopback", "netns"}
+    if unknown:
+        raise SystemExit(f"bench_migration: --network {','.join(sorted(unknown))}: use loopback and/or netns")
+    return [(n, 0.0) for n in names if n == "loopback"] + \
+           [(f"netns {m:g} Mbit", m) for n in names if n == "netns" for m in backhaul_mbit]
+
+
+def _launch(cfg: Path, mbit: float, timeout: float, code: Path | None) -> benchlib.RunOutcome:
+    if mbit:
+        return netns_bench.launch(cfg, mbit, timeout=timeout)
+    return benchlib.launch_ok(cfg, timeout=timeout, code=code)
+
+
 def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves: list[str], rounds: int,
-               repeat: int, baseline: Path | None = None) -> dict[str, Any]:
+               repeat: int, baseline: Path | None = None,
+               networks: list[tuple[str, float]] = (("loopback", 0.0),)) -> dict[str, Any]:
     from common import pki
     from common.config import load_config
 
@@ -210,28 +234,31 @@ def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves:
     for rep in range(repeat):
         for scenario in scenarios:
             for security in securities:
-                for move, code in [(mv, c) for mv in moves for c in ([None] if baseline is None or mv != "break"
-                                                                      else [None, baseline])]:
-                    tag = f"r{rep}" + ("-baseline" if code is not None else "")
+                for move, code, (network, mbit) in [
+                        (mv, c, nw) for mv in moves for nw in networks
+                        for c in ([None] if baseline is None or mv != "break" or nw[1] else [None, baseline])]:
+                    tag = f"r{rep}" + ("-baseline" if code is not None else "") + (f"-netns{mbit:g}" if mbit else "")
                     cfg = _matrix_config(out, scenario, security, move, rounds, tag)
                     if security == "tls":
                         pki.ensure(load_config(str(cfg)))
-                    load0 = benchlib.machine()["loadavg"][0]
+                    load0 = os.getloadavg()[0]
                     with benchlib.ForeignLoad() as fl:
-                        res = benchlib.launch_ok(cfg, timeout=300 + 120 * rounds * SCENARIOS[scenario], code=code)
+                        res = _launch(cfg, mbit, 300 + 120 * rounds * SCENARIOS[scenario], code)
                     migs = [mv for mv in res.summary["migrations"] if mv["round"] > 1]
                     move = move if code is None else "break, baseline"
-                    row = {"scenario": scenario, "security": security, "move": move, "repeat": rep,
+                    row = {"network": network, "scenario": scenario, "security": security, "move": move, "repeat": rep,
                            "moves": len(migs), "pause_ms": benchlib.summarize([mv["pause_ms"] for mv in migs]),
                            "transfer_ms": benchlib.summarize([mv["transfer_ms"] for mv in migs]),
                            "state_bytes": int(statistics.median(mv["state_bytes"] for mv in migs)),
                            **_step_figures(res.run_dir, migs), "foreign_cpu_share": round(fl.share, 3),
                            "loadavg_before": load0, "run_dir": str(res.run_dir)}
                     results.append(row)
-                    print(f"   {scenario:5} {security:3} {move:15} pause median {row['pause_ms']['median']:6.2f} ms "
+                    print(f"   {network:16} {scenario:5} {security:3} {move:15} pause median {row['pause_ms']['median']:6.2f} ms "
                           f"(p95 {row['pause_ms']['p95']:6.2f}), first step {_med(row['first_step_ms'])} vs "
-                          f"{_med(row['other_step_ms'])} ms; others took {fl.share:.0%}", flush=True)
-                    if scenario == "alone" and code is None and row["state_bytes"]:  # relay, restart: none moved
+                          f"{_med(row['other_step_ms'])} ms, steps before/after a round's first move "
+                          f"{_med(row['before_move_step_ms'])}/{_med(row['after_move_step_ms'])} ms; "
+                          f"others took {fl.share:.0%}, load {load0:.1f}", flush=True)
+                    if scenario == "alone" and code is None and row["state_bytes"] and not mbit:  # relay, restart: none moved
                         with benchlib.ForeignLoad() as fl:
                             plain = bench_plainsock.measure(row["state_bytes"], 50)
                         plains.append({"after": f"{scenario}-{security}-{move}-r{rep}", **plain,
@@ -248,9 +275,9 @@ def report_matrix(result: dict[str, Any]) -> str:
     plain = statistics.median(p["transfer"]["median"] for p in result["plain"]) if result["plain"] else float("nan")
     groups: dict[tuple, list[dict]] = {}
     for row in result["runs"]:
-        groups.setdefault((row["scenario"], row["security"], row["move"]), []).append(row)
+        groups.setdefault((row.get("network", "loopback"), row["scenario"], row["security"], row["move"]), []).append(row)
     rows = []
-    for (scenario, security, move), rs in groups.items():
+    for (network, scenario, security, move), rs in groups.items():
         pause = statistics.median(r["pause_ms"]["median"] for r in rs)
         p95 = statistics.median(r["pause_ms"]["p95"] for r in rs)
         pull = statistics.median(r["transfer_ms"]["median"] for r in rs)
@@ -258,15 +285,16 @@ def report_matrix(result: dict[str, Any]) -> str:
         other = [r["other_step_ms"]["median"] for r in rs if r["other_step_ms"]]
         before = [r["before_move_step_ms"]["median"] for r in rs if r.get("before_move_step_ms")]
         since = [r["after_move_step_ms"]["median"] for r in rs if r.get("after_move_step_ms")]
-        rows.append([scenario, security, move, sum(r["moves"] for r in rs), pause, p95, pull,
-                     pause / plain if scenario == "alone" else float("nan"),
+        rows.append([network, scenario, security, move, sum(r["moves"] for r in rs), pause, p95, pull,
+                     pause / plain if scenario == "alone" and network == "loopback" else float("nan"),
                      statistics.median(first) if first else float("nan"),
                      statistics.median(other) if other else float("nan"),
                      statistics.median(before) if before else float("nan"),
                      statistics.median(since) if since else float("nan"),
-                     "/".join(f"{r['foreign_cpu_share']:.0%}" for r in rs)])
-    head = ["scenario", "security", "move", "n", "pause med", "pause p95", "pull med", "x plain", "1st step",
-            "med step", "step before", "step after", "others' CPU"]
+                     "/".join(f"{r['foreign_cpu_share']:.0%}" for r in rs),
+                     "/".join(f"{r['loadavg_before']:.1f}" for r in rs)])
+    head = ["network", "scenario", "security", "move", "n", "pause med", "pause p95", "pull med", "x plain", "1st step",
+            "med step", "step before", "step after", "others' CPU", "load"]
     return "\n".join([benchlib.table(head, rows, floatfmt=".2f"),
                       f"plain socket, open connection, same bytes: median {plain:.3f} ms "
                       f"({len(result['plain'])} measurements of 50)"])
@@ -283,13 +311,16 @@ def matrix_main(argv: list[str]) -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--baseline", default=None, metavar="DIR",
                    help="another checkout of the project: each break-before-make run again from its code, beside")
+    p.add_argument("--network", default="loopback", help="loopback and/or netns (root: the netns testbed)")
+    p.add_argument("--backhaul-mbit", default="100", help="netns: the edges' uplink rates to try, Mbit/s")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    networks = _networks(args.network.split(","), [float(m) for m in args.backhaul_mbit.split(",")])
     out = benchlib.out_dir(args.out) / "migration-matrix"
     out.mkdir(parents=True, exist_ok=True)
     result = run_matrix(out, scenarios=args.scenarios.split(","), securities=args.security.split(","),
                         moves=args.moves.split(","), rounds=args.rounds, repeat=args.repeat,
-                        baseline=Path(args.baseline) if args.baseline else None)
+                        baseline=Path(args.baseline) if args.baseline else None, networks=networks)
     benchlib.write_json(out / "result.json", result)
     print(report_matrix(result), flush=True)
     return 0
