@@ -2,6 +2,7 @@
 checkout, the runs interleaved so that the machine's load falls on both sides alike.
 
     python -m scripts.bench_ab [--before REV] [--repeat N] [--only pause,split,replication] [--out DIR]
+    python -m scripts.bench_ab --report-only --out DIR     # the comparison of what DIR/ab/runs.json holds
 
 "before" is checked out into a temporary git worktree (``git worktree add --detach``),
 removed at the end; "after" is this checkout. Every testbed runs from its side's code
@@ -24,7 +25,9 @@ seam of issue 23 began. Measured, each once per side per pass, the sides alterna
 Printed per figure: each side's runs, their median, the noise (the spread, max - min, of
 one side's repeated runs), and after / before of the medians; with the load average
 before every run and the share of the CPUs other processes took during it. Nothing is
-re-run for load (the point of interleaving is that load hits both sides alike).
+re-run for load (the point of interleaving is that load hits both sides alike); a run
+that fails is reported and left out. ``runs.json`` holds every run as it ends, so an
+interrupted comparison can still be reported (``--report-only``).
 """
 
 from __future__ import annotations
@@ -116,8 +119,12 @@ def run(out: Path, before: Path, repeat: int, benches: list[str], k: int) -> dic
         for bench in benches:
             for side in order:
                 load = os.getloadavg()
-                with benchlib.ForeignLoad() as fl:
-                    figures = measure[bench](out / bench, sides[side], f"{side}-{rep}")
+                try:
+                    with benchlib.ForeignLoad() as fl:
+                        figures = measure[bench](out / bench, sides[side], f"{side}-{rep}")
+                except (benchlib.RunFailed, subprocess.SubprocessError) as exc:
+                    print(f"   {bench:11} {side:6} pass {rep}: FAILED, left out: {str(exc).splitlines()[0]}", flush=True)
+                    continue
                 row = {"bench": bench, "side": side, "repeat": rep, "figures": figures,
                        "loadavg_before": [round(x, 2) for x in load], "foreign_cpu_share": round(fl.share, 3)}
                 runs.append(row)
@@ -127,6 +134,13 @@ def run(out: Path, before: Path, repeat: int, benches: list[str], k: int) -> dic
     return {"benchmark": "ab", "runs": runs, "machine": benchlib.machine()}
 
 
+def finish(out: Path, result: dict[str, Any], before: str) -> None:
+    rows = compare(result)
+    result.update(before=before, comparison=rows)
+    benchlib.write_json(out / "result.json", result)
+    print(report(result, rows), flush=True)
+
+
 def compare(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Per figure: each side's values, median and spread, and after / before."""
     names = list(dict.fromkeys(n for r in result["runs"] for n in r["figures"]))
@@ -134,6 +148,8 @@ def compare(result: dict[str, Any]) -> list[dict[str, Any]]:
     for name in names:
         vals = {s: [r["figures"][name] for r in result["runs"] if r["side"] == s and name in r["figures"]]
                 for s in ("before", "after")}
+        if not vals["before"] or not vals["after"]:
+            continue
         med = {s: statistics.median(v) for s, v in vals.items()}
         rows.append({"figure": name, **{f"{s}_runs": v for s, v in vals.items()},
                      **{f"{s}_median": m for s, m in med.items()},
@@ -164,12 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(BENCHES), help=f"a subset of {', '.join(BENCHES)}")
     p.add_argument("--k", type=int, default=1, help="replication: faults.checkpoint_steps against 0")
     p.add_argument("--out", default=None)
+    p.add_argument("--report-only", action="store_true", help="run nothing: compare what --out DIR/ab/runs.json holds")
     args = p.parse_args(argv)
     benches = [b for b in args.only.split(",") if b]
     if set(benches) - set(BENCHES):
         p.error(f"--only: choose from {', '.join(BENCHES)}")
     out = benchlib.out_dir(args.out) / "ab"
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        runs = json.loads((out / "runs.json").read_text())
+        finish(out, {"benchmark": "ab", "runs": runs, "machine": benchlib.machine()}, args.before)
+        return 0
     benchlib.print_config("before/after", {"before": args.before, "after": f"this checkout ({benchlib.ROOT})",
                                            "passes": args.repeat, "figures": benches, "K": args.k,
                                            "loadavg": [round(x, 2) for x in os.getloadavg()]})
@@ -178,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(out, before, args.repeat, benches, args.k)
     finally:
         remove_worktree(before)
-    rows = compare(result)
-    result.update(before=args.before, comparison=rows)
-    benchlib.write_json(out / "result.json", result)
-    print(report(result, rows), flush=True)
+    finish(out, result, args.before)
     return 0
 
 

@@ -231,6 +231,7 @@ def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves:
 
     results: list[dict[str, Any]] = []
     plains: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     for rep in range(repeat):
         for scenario in scenarios:
             for security in securities:
@@ -242,8 +243,14 @@ def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves:
                     if security == "tls":
                         pki.ensure(load_config(str(cfg)))
                     load0 = os.getloadavg()[0]
-                    with benchlib.ForeignLoad() as fl:
-                        res = _launch(cfg, mbit, 300 + 120 * rounds * SCENARIOS[scenario], code)
+                    try:
+                        with benchlib.ForeignLoad() as fl:
+                            res = _launch(cfg, mbit, 300 + 120 * rounds * SCENARIOS[scenario], code)
+                    except benchlib.RunFailed as exc:  # reported, and the matrix goes on
+                        failed.append({"run": cfg.stem, "network": network, "error": str(exc).splitlines()[0]})
+                        print(f"   {network:16} {scenario:5} {security:3} {move:15} FAILED: {failed[-1]['error']}",
+                              flush=True)
+                        continue
                     migs = [mv for mv in res.summary["migrations"] if mv["round"] > 1]
                     move = move if code is None else "break, baseline"
                     row = {"network": network, "scenario": scenario, "security": security, "move": move, "repeat": rep,
@@ -263,7 +270,9 @@ def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves:
                             plain = bench_plainsock.measure(row["state_bytes"], 50)
                         plains.append({"after": f"{scenario}-{security}-{move}-r{rep}", **plain,
                                        "foreign_cpu_share": round(fl.share, 3)})
-    return {"benchmark": "migration-matrix", "runs": results, "plain": plains, "machine": benchlib.machine()}
+                    benchlib.write_json(out / "runs-so-far.json", {"runs": results, "plain": plains, "failed": failed})
+    return {"benchmark": "migration-matrix", "runs": results, "plain": plains, "failed": failed,
+            "machine": benchlib.machine()}
 
 
 def _med(s: dict | None) -> str:
@@ -296,6 +305,7 @@ def report_matrix(result: dict[str, Any]) -> str:
     head = ["network", "scenario", "security", "move", "n", "pause med", "pause p95", "pull med", "x plain", "1st step",
             "med step", "step before", "step after", "others' CPU", "load"]
     return "\n".join([benchlib.table(head, rows, floatfmt=".2f"),
+                      *[f"FAILED (not in the table): {f['run']}: {f['error']}" for f in result.get("failed", [])],
                       f"plain socket, open connection, same bytes: median {plain:.3f} ms "
                       f"({len(result['plain'])} measurements of 50)"])
 
