@@ -34,7 +34,9 @@ the matrix), with the plain socket measured between them. Per combination: the p
 the pull (for an offered session: from its notice until it was verified and rebuilt,
 which with an announced move is before the device arrives), the first step after each move against the median step of device1 (its
 ``round_done`` events' ``step_ms``), and the median step from a round's first move to its
-end against the median step before it (a relay's cost per step after the move). Every run records the share of the CPUs others
+end against the median step before it, and the median step on the edge the round began on
+(``home``: a relayed session's edge) against the one on the other edge (``away``), neither
+the first after a move: a relay's cost per step is away - home. Every run records the share of the CPUs others
 took; nothing is re-run (the machine's load is reported, not waited out). ``--baseline
 DIR`` (another checkout, e.g. ``git worktree add DIR main``) runs every break-before-make
 combination from that code too, right after the same one from this code.
@@ -202,7 +204,19 @@ def _step_figures(run_dir: Path, moves: list[dict]) -> dict[str, Any]:
               if ms is not None and s < moved_at.get(r, len(row))]
     since = [ms for r, row in steps.items() for s, ms in enumerate(row)
              if ms is not None and s >= moved_at.get(r, len(row)) and (r, s) not in after]
+    # steps on the edge a round began on (a relayed session's edge) and on the other one,
+    # neither the first after a move: a relay's cost per step is away - home
+    home, away = [], []
+    for r, row in steps.items():
+        here = sorted((mv["step"], mv) for mv in moves if mv["round"] == r)
+        for s, ms in enumerate(row):
+            if ms is None or (r, s) in after or not here:
+                continue
+            edge = next((mv["to"] for st, mv in reversed(here) if st <= s), here[0][1]["from"])
+            (home if edge == here[0][1]["from"] else away).append(ms)
     return {"first_step_ms": benchlib.summarize(first) if first else None,
+            "home_step_ms": benchlib.summarize(home) if home else None,
+            "away_step_ms": benchlib.summarize(away) if away else None,
             "other_step_ms": benchlib.summarize(other) if other else None,
             "before_move_step_ms": benchlib.summarize(before) if before else None,
             "after_move_step_ms": benchlib.summarize(since) if since else None}
@@ -294,16 +308,20 @@ def report_matrix(result: dict[str, Any]) -> str:
         other = [r["other_step_ms"]["median"] for r in rs if r["other_step_ms"]]
         before = [r["before_move_step_ms"]["median"] for r in rs if r.get("before_move_step_ms")]
         since = [r["after_move_step_ms"]["median"] for r in rs if r.get("after_move_step_ms")]
+        home = [r["home_step_ms"]["median"] for r in rs if r.get("home_step_ms")]
+        away = [r["away_step_ms"]["median"] for r in rs if r.get("away_step_ms")]
         rows.append([network, scenario, security, move, sum(r["moves"] for r in rs), pause, p95, pull,
                      pause / plain if scenario == "alone" and network == "loopback" else float("nan"),
                      statistics.median(first) if first else float("nan"),
                      statistics.median(other) if other else float("nan"),
                      statistics.median(before) if before else float("nan"),
                      statistics.median(since) if since else float("nan"),
+                     statistics.median(home) if home else float("nan"),
+                     statistics.median(away) if away else float("nan"),
                      "/".join(f"{r['foreign_cpu_share']:.0%}" for r in rs),
                      "/".join(f"{r['loadavg_before']:.1f}" for r in rs)])
     head = ["network", "scenario", "security", "move", "n", "pause med", "pause p95", "pull med", "x plain", "1st step",
-            "med step", "step before", "step after", "others' CPU", "load"]
+            "med step", "step before", "step after", "step home", "step away", "others' CPU", "load"]
     return "\n".join([benchlib.table(head, rows, floatfmt=".2f"),
                       *[f"FAILED (not in the table): {f['run']}: {f['error']}" for f in result.get("failed", [])],
                       f"plain socket, open connection, same bytes: median {plain:.3f} ms "
