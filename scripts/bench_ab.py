@@ -23,7 +23,8 @@ seam of issue 23 began. Measured, each once per side per pass, the sides alterna
   the training time with K over without, minus 1.
 
 Printed per figure: each side's runs, their median, the noise (the spread, max - min, of
-one side's repeated runs), and after / before of the medians; with the load average
+one side's repeated runs), after / before of the medians, and the median over passes of
+after - before within a pass (back to back, so the load of the moment falls on both); with the load average
 before every run and the share of the CPUs other processes took during it. Nothing is
 re-run for load (the point of interleaving is that load hits both sides alike); a run
 that fails is reported and left out. ``runs.json`` holds every run as it ends, so an
@@ -151,7 +152,11 @@ def compare(result: dict[str, Any]) -> list[dict[str, Any]]:
         if not vals["before"] or not vals["after"]:
             continue
         med = {s: statistics.median(v) for s, v in vals.items()}
+        by_pass = {(r["repeat"], r["side"]): r["figures"][name] for r in result["runs"] if name in r["figures"]}
+        diffs = [by_pass[(p, "after")] - by_pass[(p, "before")] for p, side in by_pass
+                 if side == "after" and (p, "before") in by_pass]
         rows.append({"figure": name, **{f"{s}_runs": v for s, v in vals.items()},
+                     "paired_diffs": diffs, "paired_diff_median": statistics.median(diffs) if diffs else float("nan"),
                      **{f"{s}_median": m for s, m in med.items()},
                      **{f"{s}_spread": max(v) - min(v) for s, v in vals.items()},
                      "after_over_before": med["after"] / med["before"] if med["before"] else float("nan")})
@@ -161,16 +166,17 @@ def compare(result: dict[str, Any]) -> list[dict[str, Any]]:
 def report(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     table = [[r["figure"], " ".join(f"{v:.2f}" for v in r["before_runs"]), r["before_median"], r["before_spread"],
               " ".join(f"{v:.2f}" for v in r["after_runs"]), r["after_median"], r["after_spread"],
-              r["after_over_before"]] for r in rows]
+              r["after_over_before"], r["paired_diff_median"]] for r in rows]
     loads = [r["loadavg_before"][0] for r in result["runs"]]
     shares = [r["foreign_cpu_share"] for r in result["runs"]]
     return "\n".join([
         benchlib.table(["figure", "before runs", "before med", "spread", "after runs", "after med", "spread",
-                        "after/before"], table, floatfmt=".3f"),
+                        "after/before", "paired a-b"], table, floatfmt=".3f"),
         f"load average (1 min) before the runs: {min(loads):.1f}..{max(loads):.1f}, median "
         f"{statistics.median(loads):.1f}, on {os.cpu_count()} CPUs; others took {min(shares):.0%}..{max(shares):.0%} "
         f"of the CPUs during them",
-        "spread: max - min of one side's repeated runs (the run-to-run noise)"])
+        "spread: max - min of one side's repeated runs (the run-to-run noise); after/before: of the medians; "
+        "paired a-b: the median over passes of after - before within one pass (the two ran back to back)"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,12 +40,13 @@ def test_networks_and_the_matrix_report_name_the_network():
 
 
 def test_before_after_compares_medians_and_spreads():
-    runs = [{"side": side, "figures": {"pause (ms)": v}} for side, v in
-            [("before", 10.0), ("after", 9.0), ("after", 11.0), ("before", 14.0), ("before", 12.0), ("after", 12.0)]]
+    passes = [("before", 10.0), ("after", 9.0), ("after", 11.0), ("before", 14.0), ("before", 12.0), ("after", 12.0)]
+    runs = [{"side": side, "repeat": i // 2, "figures": {"pause (ms)": v}} for i, (side, v) in enumerate(passes)]
     (row,) = bench_ab.compare({"runs": runs})
     assert (row["before_median"], row["before_spread"]) == (12.0, 4.0)
     assert (row["after_median"], row["after_spread"]) == (11.0, 3.0)
     assert row["after_over_before"] == pytest.approx(11 / 12)
+    assert sorted(row["paired_diffs"]) == [-3.0, -1.0, 0.0] and row["paired_diff_median"] == -1.0
 
 
 @pytest.mark.process
