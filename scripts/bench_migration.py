@@ -17,7 +17,7 @@ the source, framing, verify and rebuild at the destination), to say what bounds 
 
     python -m scripts.bench_migration --matrix [--scenarios alone,pair,four]
         [--security key,tls] [--moves break,pull,preconnect,relay,restart] [--rounds N] [--repeat N]
-        [--out DIR]
+        [--network loopback,netns] [--backhaul-mbit M[,M...]] [--out DIR]
 
 The matrix: the same ping-pong of device1 in every combination of the load on the
 machine (``alone``: 1 device; ``pair``: device2 trains on edge2 all along, five processes
@@ -34,21 +34,31 @@ the matrix), with the plain socket measured between them. Per combination: the p
 the pull (for an offered session: from its notice until it was verified and rebuilt,
 which with an announced move is before the device arrives), the first step after each move against the median step of device1 (its
 ``round_done`` events' ``step_ms``), and the median step from a round's first move to its
-end against the median step before it (a relay's cost per step after the move). Every run records the share of the CPUs others
+end against the median step before it, and the median step on the edge the round began on
+(``home``: a relayed session's edge) against the one on the other edge (``away``), neither
+the first after a move: a relay's cost per step is away - home. Every run records the share of the CPUs others
 took; nothing is re-run (the machine's load is reported, not waited out). ``--baseline
 DIR`` (another checkout, e.g. ``git worktree add DIR main``) runs every break-before-make
 combination from that code too, right after the same one from this code.
+
+``--network``: ``loopback`` (the default), ``netns`` (every combination again inside the
+netns testbed, ``scripts.netns_bench``: each host in its own network namespace, the
+edges' uplinks shaped with ``tc tbf`` at each ``--backhaul-mbit`` rate, the devices' and
+the central's links unshaped; needs root), or both, a combination's networks one after
+the other. Behind a shaped backhaul a pull pays the session's bytes at the backhaul's
+rate during the pause, and a relay pays a step's activations and gradient twice per step.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from scripts import bench_plainsock, benchlib
+from scripts import bench_plainsock, benchlib, netns_bench
 
 # scale -> (samples per device, measured rounds); 9 moves per measured round.
 SCALES = {"tiny": (1000, 1), "quick": (2000, 4), "full": (5000, 12)}
@@ -194,49 +204,89 @@ def _step_figures(run_dir: Path, moves: list[dict]) -> dict[str, Any]:
               if ms is not None and s < moved_at.get(r, len(row))]
     since = [ms for r, row in steps.items() for s, ms in enumerate(row)
              if ms is not None and s >= moved_at.get(r, len(row)) and (r, s) not in after]
+    # steps on the edge a round began on (a relayed session's edge) and on the other one,
+    # neither the first after a move: a relay's cost per step is away - home
+    home, away = [], []
+    for r, row in steps.items():
+        here = sorted((mv["step"], mv) for mv in moves if mv["round"] == r)
+        for s, ms in enumerate(row):
+            if ms is None or (r, s) in after or not here:
+                continue
+            edge = next((mv["to"] for st, mv in reversed(here) if st <= s), here[0][1]["from"])
+            (home if edge == here[0][1]["from"] else away).append(ms)
     return {"first_step_ms": benchlib.summarize(first) if first else None,
+            "home_step_ms": benchlib.summarize(home) if home else None,
+            "away_step_ms": benchlib.summarize(away) if away else None,
             "other_step_ms": benchlib.summarize(other) if other else None,
             "before_move_step_ms": benchlib.summarize(before) if before else None,
             "after_move_step_ms": benchlib.summarize(since) if since else None}
 
 
+def _networks(names: list[str], backhaul_mbit: list[float]) -> list[tuple[str, float]]:
+    """(label, backhaul Mbit/s; 0 for loopback) for each network asked for."""
+    unknown = set(names) - {"loopback", "netns"}
+    if unknown:
+        raise SystemExit(f"bench_migration: --network {','.join(sorted(unknown))}: use loopback and/or netns")
+    return [(n, 0.0) for n in names if n == "loopback"] + \
+           [(f"netns {m:g} Mbit", m) for n in names if n == "netns" for m in backhaul_mbit]
+
+
+def _launch(cfg: Path, mbit: float, timeout: float, code: Path | None) -> benchlib.RunOutcome:
+    if mbit:
+        return netns_bench.launch(cfg, mbit, timeout=timeout)
+    return benchlib.launch_ok(cfg, timeout=timeout, code=code)
+
+
 def run_matrix(out: Path, *, scenarios: list[str], securities: list[str], moves: list[str], rounds: int,
-               repeat: int, baseline: Path | None = None) -> dict[str, Any]:
+               repeat: int, baseline: Path | None = None,
+               networks: list[tuple[str, float]] = (("loopback", 0.0),)) -> dict[str, Any]:
     from common import pki
     from common.config import load_config
 
     results: list[dict[str, Any]] = []
     plains: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     for rep in range(repeat):
         for scenario in scenarios:
             for security in securities:
-                for move, code in [(mv, c) for mv in moves for c in ([None] if baseline is None or mv != "break"
-                                                                      else [None, baseline])]:
-                    tag = f"r{rep}" + ("-baseline" if code is not None else "")
+                for move, code, (network, mbit) in [
+                        (mv, c, nw) for mv in moves for nw in networks
+                        for c in ([None] if baseline is None or mv != "break" or nw[1] else [None, baseline])]:
+                    tag = f"r{rep}" + ("-baseline" if code is not None else "") + (f"-netns{mbit:g}" if mbit else "")
                     cfg = _matrix_config(out, scenario, security, move, rounds, tag)
                     if security == "tls":
                         pki.ensure(load_config(str(cfg)))
-                    load0 = benchlib.machine()["loadavg"][0]
-                    with benchlib.ForeignLoad() as fl:
-                        res = benchlib.launch_ok(cfg, timeout=300 + 120 * rounds * SCENARIOS[scenario], code=code)
+                    load0 = os.getloadavg()[0]
+                    try:
+                        with benchlib.ForeignLoad() as fl:
+                            res = _launch(cfg, mbit, 300 + 120 * rounds * SCENARIOS[scenario], code)
+                    except benchlib.RunFailed as exc:  # reported, and the matrix goes on
+                        failed.append({"run": cfg.stem, "network": network, "error": str(exc).splitlines()[0]})
+                        print(f"   {network:16} {scenario:5} {security:3} {move:15} FAILED: {failed[-1]['error']}",
+                              flush=True)
+                        continue
                     migs = [mv for mv in res.summary["migrations"] if mv["round"] > 1]
                     move = move if code is None else "break, baseline"
-                    row = {"scenario": scenario, "security": security, "move": move, "repeat": rep,
+                    row = {"network": network, "scenario": scenario, "security": security, "move": move, "repeat": rep,
                            "moves": len(migs), "pause_ms": benchlib.summarize([mv["pause_ms"] for mv in migs]),
                            "transfer_ms": benchlib.summarize([mv["transfer_ms"] for mv in migs]),
                            "state_bytes": int(statistics.median(mv["state_bytes"] for mv in migs)),
                            **_step_figures(res.run_dir, migs), "foreign_cpu_share": round(fl.share, 3),
                            "loadavg_before": load0, "run_dir": str(res.run_dir)}
                     results.append(row)
-                    print(f"   {scenario:5} {security:3} {move:15} pause median {row['pause_ms']['median']:6.2f} ms "
+                    print(f"   {network:16} {scenario:5} {security:3} {move:15} pause median {row['pause_ms']['median']:6.2f} ms "
                           f"(p95 {row['pause_ms']['p95']:6.2f}), first step {_med(row['first_step_ms'])} vs "
-                          f"{_med(row['other_step_ms'])} ms; others took {fl.share:.0%}", flush=True)
-                    if scenario == "alone" and code is None and row["state_bytes"]:  # relay, restart: none moved
+                          f"{_med(row['other_step_ms'])} ms, steps before/after a round's first move "
+                          f"{_med(row['before_move_step_ms'])}/{_med(row['after_move_step_ms'])} ms; "
+                          f"others took {fl.share:.0%}, load {load0:.1f}", flush=True)
+                    if scenario == "alone" and code is None and row["state_bytes"] and not mbit:  # relay, restart: none moved
                         with benchlib.ForeignLoad() as fl:
                             plain = bench_plainsock.measure(row["state_bytes"], 50)
                         plains.append({"after": f"{scenario}-{security}-{move}-r{rep}", **plain,
                                        "foreign_cpu_share": round(fl.share, 3)})
-    return {"benchmark": "migration-matrix", "runs": results, "plain": plains, "machine": benchlib.machine()}
+                    benchlib.write_json(out / "runs-so-far.json", {"runs": results, "plain": plains, "failed": failed})
+    return {"benchmark": "migration-matrix", "runs": results, "plain": plains, "failed": failed,
+            "machine": benchlib.machine()}
 
 
 def _med(s: dict | None) -> str:
@@ -248,9 +298,9 @@ def report_matrix(result: dict[str, Any]) -> str:
     plain = statistics.median(p["transfer"]["median"] for p in result["plain"]) if result["plain"] else float("nan")
     groups: dict[tuple, list[dict]] = {}
     for row in result["runs"]:
-        groups.setdefault((row["scenario"], row["security"], row["move"]), []).append(row)
+        groups.setdefault((row.get("network", "loopback"), row["scenario"], row["security"], row["move"]), []).append(row)
     rows = []
-    for (scenario, security, move), rs in groups.items():
+    for (network, scenario, security, move), rs in groups.items():
         pause = statistics.median(r["pause_ms"]["median"] for r in rs)
         p95 = statistics.median(r["pause_ms"]["p95"] for r in rs)
         pull = statistics.median(r["transfer_ms"]["median"] for r in rs)
@@ -258,16 +308,22 @@ def report_matrix(result: dict[str, Any]) -> str:
         other = [r["other_step_ms"]["median"] for r in rs if r["other_step_ms"]]
         before = [r["before_move_step_ms"]["median"] for r in rs if r.get("before_move_step_ms")]
         since = [r["after_move_step_ms"]["median"] for r in rs if r.get("after_move_step_ms")]
-        rows.append([scenario, security, move, sum(r["moves"] for r in rs), pause, p95, pull,
-                     pause / plain if scenario == "alone" else float("nan"),
+        home = [r["home_step_ms"]["median"] for r in rs if r.get("home_step_ms")]
+        away = [r["away_step_ms"]["median"] for r in rs if r.get("away_step_ms")]
+        rows.append([network, scenario, security, move, sum(r["moves"] for r in rs), pause, p95, pull,
+                     pause / plain if scenario == "alone" and network == "loopback" else float("nan"),
                      statistics.median(first) if first else float("nan"),
                      statistics.median(other) if other else float("nan"),
                      statistics.median(before) if before else float("nan"),
                      statistics.median(since) if since else float("nan"),
-                     "/".join(f"{r['foreign_cpu_share']:.0%}" for r in rs)])
-    head = ["scenario", "security", "move", "n", "pause med", "pause p95", "pull med", "x plain", "1st step",
-            "med step", "step before", "step after", "others' CPU"]
+                     statistics.median(home) if home else float("nan"),
+                     statistics.median(away) if away else float("nan"),
+                     "/".join(f"{r['foreign_cpu_share']:.0%}" for r in rs),
+                     "/".join(f"{r['loadavg_before']:.1f}" for r in rs)])
+    head = ["network", "scenario", "security", "move", "n", "pause med", "pause p95", "pull med", "x plain", "1st step",
+            "med step", "step before", "step after", "step home", "step away", "others' CPU", "load"]
     return "\n".join([benchlib.table(head, rows, floatfmt=".2f"),
+                      *[f"FAILED (not in the table): {f['run']}: {f['error']}" for f in result.get("failed", [])],
                       f"plain socket, open connection, same bytes: median {plain:.3f} ms "
                       f"({len(result['plain'])} measurements of 50)"])
 
@@ -283,13 +339,16 @@ def matrix_main(argv: list[str]) -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--baseline", default=None, metavar="DIR",
                    help="another checkout of the project: each break-before-make run again from its code, beside")
+    p.add_argument("--network", default="loopback", help="loopback and/or netns (root: the netns testbed)")
+    p.add_argument("--backhaul-mbit", default="100", help="netns: the edges' uplink rates to try, Mbit/s")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    networks = _networks(args.network.split(","), [float(m) for m in args.backhaul_mbit.split(",")])
     out = benchlib.out_dir(args.out) / "migration-matrix"
     out.mkdir(parents=True, exist_ok=True)
     result = run_matrix(out, scenarios=args.scenarios.split(","), securities=args.security.split(","),
                         moves=args.moves.split(","), rounds=args.rounds, repeat=args.repeat,
-                        baseline=Path(args.baseline) if args.baseline else None)
+                        baseline=Path(args.baseline) if args.baseline else None, networks=networks)
     benchlib.write_json(out / "result.json", result)
     print(report_matrix(result), flush=True)
     return 0
