@@ -22,11 +22,17 @@ from pathlib import Path
 import pytest
 
 from common.security import CONTROLLER
+from tests.test_exactness import reference_sha
 from tests.testbed import ROOT, Testbed, _env, free_ports, kill_tree, mobility, write_config
 
 pytestmark = pytest.mark.process  # whole-testbed runs: the slow tier (tests/conftest.py)
 
 SAMPLES, BATCH = 200, 25           # 8 steps a round: small, and every phase is reached
+# A device's steps stretched (devices.slowdown) so that a fault lands where the test waits
+# for it: WIDE where the window is 3 steps or more, NARROW where it is 2 steps or the test
+# needs the run to go on a while after the fault. The stretch is a sleep: it costs the
+# suite wall time in every slowed round, and nothing else.
+WIDE, NARROW = 10, 30
 FAULTS = {"heartbeat_s": 0.2, "dead_after_s": 1.0, "device_grace_s": 8.0, "central_grace_s": 30.0, "give_up_s": 60.0}
 RUN_TIMEOUT = 180.0
 
@@ -37,6 +43,10 @@ def _config(tmp: Path, name: str, *, mode: str = "fedfly", faults: dict | None =
                         batch_size=batch, mode=mode, moves=moves, drops=drops,
                         extra={"faults": {**FAULTS, **(faults or {})}, "run": {"name": name},
                                **({"mobility": mobility} if mobility else {})})
+
+
+def _slow(device: str, factor: int) -> dict[str, list[str]]:
+    return {device: [f"devices.{device}.slowdown={factor}"]}
 
 
 def _summary(cfg: Path) -> dict:
@@ -106,13 +116,12 @@ def _run(cfg: Path, tmp: Path, *, proxies: dict[str, dict[str, list[str]]] | Non
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
-    """The final model of the run without any fault (fedfly and restart share it: with no
-    move they run the same code), and of the same run with the move the move phase uses."""
-    tmp = tmp_path_factory.mktemp("baseline")
-    cfg = _config(tmp, "base")
-    summary, _, _ = _run(cfg, tmp)
-    assert summary["status"] == "finished" and not summary["faults"], summary["faults"]
-    return summary["final_model_sha256"]
+    """The final model of the run without any fault, trained in this process: each
+    device's whole model, FedAvg in name order, which a testbed run without faults ends
+    with (tests/test_exactness.py, where a clean run with these deadlines also records no
+    fault). fedfly and restart share it (with no move they run the same code), and so does
+    the run with the move the move phase uses (moves change nothing: tests/test_mobility.py)."""
+    return reference_sha(_config(tmp_path_factory.mktemp("baseline"), "base"), rounds=2)
 
 
 MOVE = [{"device": "device1", "to": "edge2", "round": 1, "at": 0.5}]
@@ -200,7 +209,7 @@ def test_ss_k_reset_of_a_device_link_loses_nothing(tmp_path, baseline):
         r = subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(port)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
 
-    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device1", WIDE))
     assert summary["final_model_sha256"] == baseline
     assert any(f["process"] in ("device1", "device2") and f["kind"] == "link_lost" for f in summary["faults"]), \
         summary["faults"]
@@ -221,7 +230,7 @@ def test_controller_drop_and_reappear_elsewhere_loses_nothing(tmp_path, baseline
         st = mobility(cfg, "status")
         assert "device1 edge=edge2" in st.stdout and "link=attached" in st.stdout, st.stdout
 
-    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    summary, _, bed = _run(cfg, tmp_path, during=during, device_args=_slow("device1", NARROW))
     assert summary["final_model_sha256"] == baseline
     silent = [f for f in summary["faults"] if f["kind"] == "peer_silent" and f["peer"] == "device1"]
     assert silent and silent[0]["process"] == "edge1"
@@ -253,7 +262,7 @@ def test_silent_device_is_dropped_from_the_round_and_the_run_ends(tmp_path):
         _wait_status(cfg, "device2", _mid_round)
         os.kill(bed.procs["device2"].pid, signal.SIGSTOP)
 
-    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device2": ["devices.device2.slowdown=30"]})
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device2", WIDE))
     assert summary["status"] == "finished"
     r1, r2 = summary["rounds"]
     assert r1["missing"] == ["device2"] and r1["dropped"][0]["samples"] == SAMPLES and r1["samples_lost"] == SAMPLES
@@ -264,24 +273,53 @@ def test_silent_device_is_dropped_from_the_round_and_the_run_ends(tmp_path):
     assert dropped and dropped[0]["samples_lost"] == SAMPLES
 
 
-@pytest.mark.parametrize("how, mode", [("sigstop", "fedfly"), ("sigkill", "fedfly"), ("sigkill", "restart")])
-def test_lost_edge_does_not_stop_the_run_and_loses_nothing(tmp_path, baseline, how, mode):
-    """An edge that goes silent or dies mid-round: its device reconnects to the other edge
-    and does its round again there from the round's weights; the run finishes, exactly."""
-    cfg = _config(tmp_path, f"edge-{how}-{mode}", mode=mode)
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """``killed(mode)``: the summary of one run in that mode where, mid-round, edge2 is
+    SIGKILLed while device2 trains on it, and device1's process on edge1 is SIGKILLed and
+    started again with the same name; made once for the two tests that check it (the
+    lost edge's and the restarted device's: edge1 takes both devices back at once)."""
+    runs = {}
 
-    def during(bed):
-        _wait_status(cfg, "device2", _mid_round)
-        os.kill(bed.procs["edge2"].pid, signal.SIGSTOP if how == "sigstop" else signal.SIGKILL)
-        if how == "sigstop":
+    def get(mode):
+        if mode not in runs:
+            tmp = tmp_path_factory.mktemp(f"killed-{mode}")
+            cfg = _config(tmp, f"killed-{mode}", mode=mode)
+
+            def during(bed):
+                _wait_status(cfg, "device2", _mid_round)
+                _wait_status(cfg, "device1", _mid_round)
+                os.kill(bed.procs["edge2"].pid, signal.SIGKILL)
+                os.kill(bed.procs["device1"].pid, signal.SIGKILL)
+                bed.procs["device1"].wait()
+                bed.start("device", "device1")
+
+            runs[mode] = _run(cfg, tmp, during=during, device_args={**_slow("device1", WIDE), **_slow("device2", WIDE)})[0]
+        return runs[mode]
+    return get
+
+
+@pytest.mark.parametrize("how, mode", [("sigstop", "fedfly"), ("sigkill", "fedfly"), ("sigkill", "restart")])
+def test_lost_edge_does_not_stop_the_run_and_loses_nothing(tmp_path, baseline, killed, how, mode):
+    """An edge that goes silent or dies mid-round: its device reconnects to the other edge
+    and does its round again there from the round's weights; the run finishes, exactly.
+    (The killed edge's runs are ``killed``'s, where device1 is restarted too.)"""
+    if how == "sigkill":
+        summary = killed(mode)
+    else:
+        cfg = _config(tmp_path, f"edge-{how}-{mode}", mode=mode)
+
+        def during(bed):
+            _wait_status(cfg, "device2", _mid_round)
+            os.kill(bed.procs["edge2"].pid, signal.SIGSTOP)
             # once device2 is back on edge1, edge2 wakes up: the central takes it back
             _wait_status(cfg, "device2", lambda st: st.edge == "edge1" and st.link == "attached")
             os.kill(bed.procs["edge2"].pid, signal.SIGCONT)
 
-    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device2": ["devices.device2.slowdown=30"]})
-    assert summary["status"] == "finished"
-    if how == "sigstop":
+        # NARROW: the run must go on after edge2 wakes until the central has it back
+        summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device2", NARROW))
         assert any(f["kind"] == "edge_back" and f["peer"] == "edge2" for f in summary["faults"]), summary["faults"]
+    assert summary["status"] == "finished"
     assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
     assert summary["final_model_sha256"] == baseline
     central = [f for f in summary["faults"] if f["process"] == "central" and f["peer"] == "edge2"]
@@ -293,18 +331,11 @@ def test_lost_edge_does_not_stop_the_run_and_loses_nothing(tmp_path, baseline, h
 
 
 @pytest.mark.parametrize("mode", ["fedfly", "restart"])
-def test_restarted_device_rejoins_its_round_exactly(tmp_path, baseline, mode):
+def test_restarted_device_rejoins_its_round_exactly(baseline, killed, mode):
     """A device process killed mid-round and started again with the same name: its edge
-    gives it the round again from the round's weights (within its grace): nothing lost."""
-    cfg = _config(tmp_path, f"restartdev-{mode}", mode=mode)
-
-    def during(bed):
-        _wait_status(cfg, "device1", _mid_round)
-        os.kill(bed.procs["device1"].pid, signal.SIGKILL)
-        bed.procs["device1"].wait()
-        bed.start("device", "device1")
-
-    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    gives it the round again from the round's weights (within its grace): nothing lost.
+    (``killed``'s run: edge2 dies at the same time, so edge1 takes device2 in as well.)"""
+    summary = killed(mode)
     assert summary["status"] == "finished"
     assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
     assert summary["final_model_sha256"] == baseline
@@ -350,7 +381,7 @@ def test_a_killed_central_resumed_from_its_checkpoint_loses_nothing(tmp_path, ba
         for e in sorted(c.edges):
             bed.start("edge", e)
         for d in sorted(c.devices):
-            bed.start("device", d, *(["devices.device1.slowdown=30"] if d == "device1" else []))
+            bed.start("device", d, *(_slow(d, WIDE)[d] if d == "device1" else []))
         if when == "mid-round":
             _wait_status(cfg, "device1", lambda st: st.round == 2 and 1 <= st.step < st.steps - 1)
         else:
@@ -405,7 +436,7 @@ def test_a_killed_edge_costs_only_the_steps_since_the_last_replica(tmp_path, bas
         _wait_status(cfg, "device2", lambda st: st.round == 1 and 5 <= st.step < st.steps - 1)
         os.kill(bed.procs["edge2"].pid, signal.SIGKILL)
 
-    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device2": ["devices.device2.slowdown=30"]})
+    summary, _, bed = _run(cfg, tmp_path, during=during, device_args=_slow("device2", NARROW))
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
     assert summary["final_model_sha256"] == baseline
     (edge,) = [f for f in summary["faults"] if f["process"] == "edge1" and f["recovery"] == "replica"]
@@ -434,7 +465,7 @@ def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_si
         bed.start("edge", "edge1", f"edges.edge2.port={offer.port}")  # edge1 reaches edge2 through a proxy
         bed.start("edge", "edge2", f"edges.edge1.port={pull.port}")  # and edge2 reaches edge1 through another
         for d in sorted(c.devices):
-            bed.start("device", d, *(["devices.device1.slowdown=30"] if d == "device1" else []))
+            bed.start("device", d, *(_slow(d, WIDE)[d] if d == "device1" else []))
         _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.link == "attached", timeout=120)
         os.kill(bed.procs["edge1"].pid, signal.SIGKILL)
         code = bed.wait("central", RUN_TIMEOUT)
@@ -462,7 +493,7 @@ def test_a_destination_edge_dying_after_a_handover_sends_the_device_back_to_the_
         _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.round == 1 and st.step >= 5)
         os.kill(bed.procs["edge2"].pid, signal.SIGKILL)
 
-    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device1", NARROW))
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
     assert summary["final_model_sha256"] == baseline
     rec = [f for f in summary["faults"] if f["process"] == "edge1" and f["recovery"] == "replica"]
@@ -480,9 +511,9 @@ def test_a_killed_device_started_again_goes_on_from_its_disk_checkpoint(tmp_path
         state["at"] = _wait_status(cfg, "device1", lambda st: st.round == 1 and 5 <= st.step < st.steps - 1).step
         os.kill(bed.procs["device1"].pid, signal.SIGKILL)
         bed.procs["device1"].wait()
-        bed.start("device", "device1", "devices.device1.slowdown=30")
+        bed.start("device", "device1", *_slow("device1", NARROW)["device1"])
 
-    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    summary, _, bed = _run(cfg, tmp_path, during=during, device_args=_slow("device1", NARROW))
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
     assert summary["final_model_sha256"] == baseline
     run = Path(cfg).parent / "runs" / "dev-disk"
@@ -529,7 +560,7 @@ def test_a_relay_whose_holder_dies_falls_back_and_loses_nothing(tmp_path, baseli
                      timeout=240.0)
         os.kill(bed.procs["edge1"].pid, signal.SIGKILL)
 
-    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device1", WIDE))
     assert summary["status"] == "finished"
     assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
     assert summary["final_model_sha256"] == baseline
