@@ -124,6 +124,13 @@ def baseline(tmp_path_factory):
     return reference_sha(_config(tmp_path_factory.mktemp("baseline"), "base"), rounds=2)
 
 
+@pytest.fixture(scope="module")
+def one_round(tmp_path_factory):
+    """The same for a run of one round: where the fault and its recovery are over within
+    round 1, a second round (slowed, as the first) would prove nothing more."""
+    return reference_sha(_config(tmp_path_factory.mktemp("one-round"), "base", rounds=1), rounds=1)
+
+
 MOVE = [{"device": "device1", "to": "edge2", "round": 1, "at": 0.5}]
 # Where a device's link breaks (rules of the proxy between the device and its first edge,
 # "home", or the edge it moves to, "to": only device1 moves).
@@ -194,11 +201,11 @@ def _mid_round(st) -> bool:
     return st.round == 1 and st.steps > 0 and 1 <= st.step < st.steps - 1
 
 
-def test_ss_k_reset_of_a_device_link_loses_nothing(tmp_path, baseline):
+def test_ss_k_reset_of_a_device_link_loses_nothing(tmp_path, one_round):
     """What a Wi-Fi drop looks like to the kernel: the connection is reset under both ends."""
     if os.geteuid() != 0 or shutil.which("ss") is None:
         pytest.skip("ss -K needs root (CAP_NET_ADMIN) and iproute2's ss")
-    cfg = _config(tmp_path, "ssk", faults={}, samples=SAMPLES, batch=BATCH)
+    cfg = _config(tmp_path, "ssk", faults={}, samples=SAMPLES, batch=BATCH, rounds=1)
     from common.config import load_config
     c = load_config(str(cfg))
     port = c.edges["edge1"].port
@@ -210,7 +217,7 @@ def test_ss_k_reset_of_a_device_link_loses_nothing(tmp_path, baseline):
         assert r.returncode == 0, r.stderr
 
     summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device1", WIDE))
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     assert any(f["process"] in ("device1", "device2") and f["kind"] == "link_lost" for f in summary["faults"]), \
         summary["faults"]
 
@@ -294,7 +301,8 @@ def killed(tmp_path_factory):
                 bed.procs["device1"].wait()
                 bed.start("device", "device1")
 
-            runs[mode] = _run(cfg, tmp, during=during, device_args={**_slow("device1", WIDE), **_slow("device2", WIDE)})[0]
+            slow = {**_slow("device1", WIDE), **_slow("device2", WIDE)}
+            runs[mode] = _run(cfg, tmp, during=during, device_args=slow)[0]
         return runs[mode]
     return get
 
@@ -425,12 +433,12 @@ def test_a_run_name_in_use_is_refused_and_a_finished_run_is_not_resumed(tmp_path
 
 
 @pytest.mark.parametrize("how", ["sigkill"])
-def test_a_killed_edge_costs_only_the_steps_since_the_last_replica(tmp_path, baseline, how):
+def test_a_killed_edge_costs_only_the_steps_since_the_last_replica(tmp_path, one_round, how):
     """faults.checkpoint_steps = 2: every 2 steps each session is copied to the buddy edge
     and the device keeps its own state. The edge is killed mid-round: the device goes to
     the other edge (the buddy), which installs the copy; both go back to that step and
     train the steps since again. Nothing else is done again, and the result is exact."""
-    cfg = _config(tmp_path, f"replica-{how}", faults={"checkpoint_steps": 2})
+    cfg = _config(tmp_path, f"replica-{how}", faults={"checkpoint_steps": 2}, rounds=1)
 
     def during(bed):
         _wait_status(cfg, "device2", lambda st: st.round == 1 and 5 <= st.step < st.steps - 1)
@@ -438,14 +446,14 @@ def test_a_killed_edge_costs_only_the_steps_since_the_last_replica(tmp_path, bas
 
     summary, _, bed = _run(cfg, tmp_path, during=during, device_args=_slow("device2", NARROW))
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     (edge,) = [f for f in summary["faults"] if f["process"] == "edge1" and f["recovery"] == "replica"]
     assert edge["peer"] == "edge2" and 0 <= edge["replayed"] <= 3, edge  # at most about K steps again
     (dev,) = [f for f in summary["faults"] if f["process"] == "device2"]
     assert dev["recovery"] == "replica" and dev["replayed"] == edge["replayed"], dev
 
 
-def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_since_a_replica(tmp_path, baseline):
+def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_since_a_replica(tmp_path, one_round):
     """A planned move edge1 -> edge2 whose session is cut half-way both ways it can go
     (``mobility.offer``: the offer edge1 sends as the device leaves, then edge2's pull: each link resets, as
     when the source dies mid-transfer), then edge1 is killed: edge2 (edge1's buddy) goes
@@ -453,7 +461,7 @@ def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_si
     here, not 1: the offer goes on edge1's kept link to edge2, and under a loaded suite a
     1 s silence once ended that link just before the move, so the session was pulled and
     never offered. The cuts and the kill are resets, which no deadline waits for.)"""
-    cfg = _config(tmp_path, "src-dies", faults={"checkpoint_steps": 2, "dead_after_s": 3.0}, moves=MOVE,
+    cfg = _config(tmp_path, "src-dies", faults={"checkpoint_steps": 2, "dead_after_s": 3.0}, moves=MOVE, rounds=1,
                   mobility={"offer": True})
     from common.config import load_config
     c = load_config(str(cfg))
@@ -478,16 +486,16 @@ def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_si
         assert any(e.get("event") == "cut" for e in proxy.events()), proxy.log.read_text()
     summary = _summary(cfg)
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     rec = [f for f in summary["faults"] if f["process"] == "edge2" and f["recovery"] == "replica"]
     assert rec and rec[0]["peer"] == "edge1" and rec[0]["replayed"] <= 2, summary["faults"]
 
 
-def test_a_destination_edge_dying_after_a_handover_sends_the_device_back_to_the_copy_it_left(tmp_path, baseline):
+def test_a_destination_edge_dying_after_a_handover_sends_the_device_back_to_the_copy_it_left(tmp_path, one_round):
     """The move edge1 -> edge2 completes; edge2 dies before its own first copy is made
     (checkpoint_steps = 3, the move at step 4): edge1 kept what it handed over, the device
     kept its state at the move, and the round goes on from there."""
-    cfg = _config(tmp_path, "dst-dies", faults={"checkpoint_steps": 3}, moves=MOVE)
+    cfg = _config(tmp_path, "dst-dies", faults={"checkpoint_steps": 3}, moves=MOVE, rounds=1)
 
     def during(bed):
         _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.round == 1 and st.step >= 5)
@@ -495,16 +503,16 @@ def test_a_destination_edge_dying_after_a_handover_sends_the_device_back_to_the_
 
     summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device1", NARROW))
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     rec = [f for f in summary["faults"] if f["process"] == "edge1" and f["recovery"] == "replica"]
     assert rec and rec[0]["peer"] == "edge2", summary["faults"]
 
 
-def test_a_killed_device_started_again_goes_on_from_its_disk_checkpoint(tmp_path, baseline):
+def test_a_killed_device_started_again_goes_on_from_its_disk_checkpoint(tmp_path, one_round):
     """faults.checkpoint_steps = 2: the device writes its state to disk every 2 steps. Its
     process is killed mid-round and started again: it attaches at the step it saved, its
     edge goes back to the same step with the buddy's copy, and the round ends exactly."""
-    cfg = _config(tmp_path, "dev-disk", faults={"checkpoint_steps": 2})
+    cfg = _config(tmp_path, "dev-disk", faults={"checkpoint_steps": 2}, rounds=1)
     state = {}
 
     def during(bed):
@@ -515,7 +523,7 @@ def test_a_killed_device_started_again_goes_on_from_its_disk_checkpoint(tmp_path
 
     summary, _, bed = _run(cfg, tmp_path, during=during, device_args=_slow("device1", NARROW))
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     run = Path(cfg).parent / "runs" / "dev-disk"
     assert sorted(p.name for p in run.glob("events-device1*.jsonl")) == ["events-device1.1.jsonl",
                                                                         "events-device1.jsonl"]
@@ -546,14 +554,14 @@ def test_chaos_soak_ends_bit_identical(tmp_path, baseline):
     assert summary["status"] == "finished" and summary["final_model_sha256"] == baseline, (kills, summary["faults"])
 
 
-def test_a_relay_whose_holder_dies_falls_back_and_loses_nothing(tmp_path, baseline):
+def test_a_relay_whose_holder_dies_falls_back_and_loses_nothing(tmp_path, one_round):
     """``mobility.handover = "relay"``: device1 moves to edge2 early in round 1; its session
     stays on edge1 and edge2 relays its steps there. edge1 is killed mid-relay: edge2 loses
     the relay's link and the device's link with it; the device attaches again, edge2 falls
     back to a pull, which finds no holder, and the round starts again on edge2 from its
     weights (no replicas in this run): exact, at the cost of the steps done."""
     cfg = _config(tmp_path, "relay-kill", moves=[{"device": "device1", "to": "edge2", "round": 1, "at": 0.25}],
-                  mobility={"handover": "relay"})
+                  mobility={"handover": "relay"}, rounds=1)
 
     def during(bed):
         _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.round == 1 and 3 <= st.step < st.steps - 1,
@@ -563,6 +571,6 @@ def test_a_relay_whose_holder_dies_falls_back_and_loses_nothing(tmp_path, baseli
     summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device1", WIDE))
     assert summary["status"] == "finished"
     assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     failed = [f for f in summary["faults"] if f["kind"] == "handover_failed" and f["process"] == "edge2"]
     assert failed and failed[0]["recovery"] == "restart" and failed[0]["peer"] == "edge1", summary["faults"]
