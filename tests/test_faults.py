@@ -182,18 +182,29 @@ def test_a_cut_at_any_phase_loses_nothing(tmp_path, baseline, phases, mode):
 
 
 def _wait_status(cfg: Path, device: str, pred, timeout: float = 90.0):
+    got = {}
+    _when(cfg, {device: (pred, lambda st: got.update(st=st))}, timeout)
+    return got["st"]
+
+
+def _when(cfg: Path, actions: dict, timeout: float = 90.0) -> None:
+    """``actions``: device -> (predicate on its status, what to do then with the status);
+    each is done as soon as its device is in the state wanted, in whichever order."""
     from central.mobility import status
     from common.config import load_config
     c = load_config(str(cfg))
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            st = status(c, device, creds=c.credentials(CONTROLLER))
+    pending = dict(actions)
+    while pending:
+        for device, (pred, act) in list(pending.items()):
+            try:
+                st = status(c, device, creds=c.credentials(CONTROLLER))
+            except Exception:  # noqa: BLE001 - not up yet
+                continue
             if pred(st):
-                return st
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        assert time.monotonic() < deadline, f"{device} never reached the state wanted"
+                del pending[device]
+                act(st)
+        assert time.monotonic() < deadline or not pending, f"{sorted(pending)} never reached the state wanted"
         time.sleep(0.05)
 
 
@@ -294,12 +305,14 @@ def killed(tmp_path_factory):
             cfg = _config(tmp, f"killed-{mode}", mode=mode)
 
             def during(bed):
-                _wait_status(cfg, "device2", _mid_round)
-                _wait_status(cfg, "device1", _mid_round)
-                os.kill(bed.procs["edge2"].pid, signal.SIGKILL)
-                os.kill(bed.procs["device1"].pid, signal.SIGKILL)
-                bed.procs["device1"].wait()
-                bed.start("device", "device1")
+                def restart_device1(_):
+                    os.kill(bed.procs["device1"].pid, signal.SIGKILL)
+                    bed.procs["device1"].wait()
+                    bed.start("device", "device1")
+
+                # each as soon as its device is mid-round (the two train side by side)
+                _when(cfg, {"device2": (_mid_round, lambda _: os.kill(bed.procs["edge2"].pid, signal.SIGKILL)),
+                            "device1": (_mid_round, restart_device1)})
 
             slow = {**_slow("device1", WIDE), **_slow("device2", WIDE)}
             runs[mode] = _run(cfg, tmp, during=during, device_args=slow)[0]
