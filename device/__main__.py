@@ -5,7 +5,6 @@ from __future__ import annotations
 from common.cli import base_parser, data_spec, run_main, exit_process
 from common.events import EventLog
 from common.security import Identity
-from common.training import set_threads, tune_malloc, warm_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,9 +12,11 @@ def main(argv: list[str] | None = None) -> int:
                          name_required=True)
 
     def body(args, cfg) -> int:
+        cfg.require("device", args.name)
+        # torch is imported here, once the config and the name are known to be good
+        from common.training import set_threads, tune_malloc, warm_up
         from common.data import load_train_shard
         from device.client import DeviceClient
-        cfg.require("device", args.name)
         set_threads(cfg.device_threads(args.name))
         tune_malloc(cfg.training.malloc)
         warm_up()

@@ -5,15 +5,16 @@ from __future__ import annotations
 from common.cli import base_parser, run_main, exit_process
 from common.events import EventLog
 from common.security import Identity
-from common.training import set_threads, tune_malloc, warm_up
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("fedfly-edge", "FedFly edge server: split training for its devices", name_required=True)
 
     def body(args, cfg) -> int:
-        from edge.server import EdgeServer
         cfg.require("edge", args.name)
+        # torch is imported here, once the config and the name are known to be good
+        from common.training import set_threads, tune_malloc, warm_up
+        from edge.server import EdgeServer
         set_threads(cfg.training.threads)
         tune_malloc(cfg.training.malloc)
         warm_up()

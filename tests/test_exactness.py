@@ -16,10 +16,11 @@ from tests.testbed import run_launch, write_config
 pytestmark = pytest.mark.process  # whole-testbed runs: the slow tier (tests/conftest.py)
 
 
-def reference_sha(cfg_path, rounds: int) -> str:
+def reference_sha(cfg_path, rounds: int, overrides: list[str] | tuple[str, ...] = ()) -> str:
     """The same run as the devices and edges would do, in this process: each device's
-    whole model trained on its batches, the strategy's aggregation over the devices in name order."""
-    cfg = load_config(str(cfg_path))
+    whole model trained on its batches, the strategy's aggregation over the devices in name
+    order. ``overrides``: ``--set`` values, as the roles would be given them."""
+    cfg = load_config(str(cfg_path), list(overrides))
     old = torch.get_num_threads()
     set_threads(cfg.training.threads)
     try:
@@ -43,9 +44,13 @@ def reference_sha(cfg_path, rounds: int) -> str:
         torch.set_num_threads(old)
 
 
-def test_one_device_split_run_equals_in_process_training(tmp_path):
-    cfg = write_config(tmp_path, edges=1, devices=1, rounds=2, samples_per_device=300, batch_size=50,
-                       extra={"training": {"local_epochs": 2}})
+def test_a_split_run_equals_in_process_training(tmp_path):
+    # Two edges and two devices with the fault tests' short deadlines (tests/test_faults.py
+    # compares its runs with reference_sha on the strength of this test): a clean run is
+    # exact and records no fault, though every link must prove itself alive every 0.2 s.
+    cfg = write_config(tmp_path, edges=2, devices=2, rounds=2, samples_per_device=300, batch_size=50,
+                       extra={"training": {"local_epochs": 2}, "faults": {"heartbeat_s": 0.2, "dead_after_s": 1.0}})
     status, out, summary = run_launch(cfg)
     assert status == 0, out
     assert summary["final_model_sha256"] == reference_sha(cfg, rounds=2)
+    assert summary["faults"] == [], summary["faults"]

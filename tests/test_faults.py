@@ -22,11 +22,17 @@ from pathlib import Path
 import pytest
 
 from common.security import CONTROLLER
+from tests.test_exactness import reference_sha
 from tests.testbed import ROOT, Testbed, _env, free_ports, kill_tree, mobility, write_config
 
 pytestmark = pytest.mark.process  # whole-testbed runs: the slow tier (tests/conftest.py)
 
 SAMPLES, BATCH = 200, 25           # 8 steps a round: small, and every phase is reached
+# A device's steps stretched (devices.slowdown) so that a fault lands where the test waits
+# for it: WIDE where the window is 3 steps or more, NARROW where it is 2 steps or the test
+# needs the run to go on a while after the fault. The stretch is a sleep: it costs the
+# suite wall time in every slowed round, and nothing else.
+WIDE, NARROW = 10, 30
 FAULTS = {"heartbeat_s": 0.2, "dead_after_s": 1.0, "device_grace_s": 8.0, "central_grace_s": 30.0, "give_up_s": 60.0}
 RUN_TIMEOUT = 180.0
 
@@ -37,6 +43,10 @@ def _config(tmp: Path, name: str, *, mode: str = "fedfly", faults: dict | None =
                         batch_size=batch, mode=mode, moves=moves, drops=drops,
                         extra={"faults": {**FAULTS, **(faults or {})}, "run": {"name": name},
                                **({"mobility": mobility} if mobility else {})})
+
+
+def _slow(device: str, factor: int) -> dict[str, list[str]]:
+    return {device: [f"devices.{device}.slowdown={factor}"]}
 
 
 def _summary(cfg: Path) -> dict:
@@ -106,13 +116,19 @@ def _run(cfg: Path, tmp: Path, *, proxies: dict[str, dict[str, list[str]]] | Non
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
-    """The final model of the run without any fault (fedfly and restart share it: with no
-    move they run the same code), and of the same run with the move the move phase uses."""
-    tmp = tmp_path_factory.mktemp("baseline")
-    cfg = _config(tmp, "base")
-    summary, _, _ = _run(cfg, tmp)
-    assert summary["status"] == "finished" and not summary["faults"], summary["faults"]
-    return summary["final_model_sha256"]
+    """The final model of the run without any fault, trained in this process: each
+    device's whole model, FedAvg in name order, which a testbed run without faults ends
+    with (tests/test_exactness.py, where a clean run with these deadlines also records no
+    fault). fedfly and restart share it (with no move they run the same code), and so does
+    the run with the move the move phase uses (moves change nothing: tests/test_mobility.py)."""
+    return reference_sha(_config(tmp_path_factory.mktemp("baseline"), "base"), rounds=2)
+
+
+@pytest.fixture(scope="module")
+def one_round(tmp_path_factory):
+    """The same for a run of one round: where the fault and its recovery are over within
+    round 1, a second round (slowed, as the first) would prove nothing more."""
+    return reference_sha(_config(tmp_path_factory.mktemp("one-round"), "base", rounds=1), rounds=1)
 
 
 MOVE = [{"device": "device1", "to": "edge2", "round": 1, "at": 0.5}]
@@ -166,18 +182,29 @@ def test_a_cut_at_any_phase_loses_nothing(tmp_path, baseline, phases, mode):
 
 
 def _wait_status(cfg: Path, device: str, pred, timeout: float = 90.0):
+    got = {}
+    _when(cfg, {device: (pred, lambda st: got.update(st=st))}, timeout)
+    return got["st"]
+
+
+def _when(cfg: Path, actions: dict, timeout: float = 90.0) -> None:
+    """``actions``: device -> (predicate on its status, what to do then with the status);
+    each is done as soon as its device is in the state wanted, in whichever order."""
     from central.mobility import status
     from common.config import load_config
     c = load_config(str(cfg))
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            st = status(c, device, creds=c.credentials(CONTROLLER))
+    pending = dict(actions)
+    while pending:
+        for device, (pred, act) in list(pending.items()):
+            try:
+                st = status(c, device, creds=c.credentials(CONTROLLER))
+            except Exception:  # noqa: BLE001 - not up yet
+                continue
             if pred(st):
-                return st
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        assert time.monotonic() < deadline, f"{device} never reached the state wanted"
+                del pending[device]
+                act(st)
+        assert time.monotonic() < deadline or not pending, f"{sorted(pending)} never reached the state wanted"
         time.sleep(0.05)
 
 
@@ -185,11 +212,11 @@ def _mid_round(st) -> bool:
     return st.round == 1 and st.steps > 0 and 1 <= st.step < st.steps - 1
 
 
-def test_ss_k_reset_of_a_device_link_loses_nothing(tmp_path, baseline):
+def test_ss_k_reset_of_a_device_link_loses_nothing(tmp_path, one_round):
     """What a Wi-Fi drop looks like to the kernel: the connection is reset under both ends."""
     if os.geteuid() != 0 or shutil.which("ss") is None:
         pytest.skip("ss -K needs root (CAP_NET_ADMIN) and iproute2's ss")
-    cfg = _config(tmp_path, "ssk", faults={}, samples=SAMPLES, batch=BATCH)
+    cfg = _config(tmp_path, "ssk", faults={}, samples=SAMPLES, batch=BATCH, rounds=1)
     from common.config import load_config
     c = load_config(str(cfg))
     port = c.edges["edge1"].port
@@ -200,8 +227,8 @@ def test_ss_k_reset_of_a_device_link_loses_nothing(tmp_path, baseline):
         r = subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(port)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
 
-    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
-    assert summary["final_model_sha256"] == baseline
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device1", WIDE))
+    assert summary["final_model_sha256"] == one_round
     assert any(f["process"] in ("device1", "device2") and f["kind"] == "link_lost" for f in summary["faults"]), \
         summary["faults"]
 
@@ -221,7 +248,7 @@ def test_controller_drop_and_reappear_elsewhere_loses_nothing(tmp_path, baseline
         st = mobility(cfg, "status")
         assert "device1 edge=edge2" in st.stdout and "link=attached" in st.stdout, st.stdout
 
-    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    summary, _, bed = _run(cfg, tmp_path, during=during, device_args=_slow("device1", NARROW))
     assert summary["final_model_sha256"] == baseline
     silent = [f for f in summary["faults"] if f["kind"] == "peer_silent" and f["peer"] == "device1"]
     assert silent and silent[0]["process"] == "edge1"
@@ -253,7 +280,7 @@ def test_silent_device_is_dropped_from_the_round_and_the_run_ends(tmp_path):
         _wait_status(cfg, "device2", _mid_round)
         os.kill(bed.procs["device2"].pid, signal.SIGSTOP)
 
-    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device2": ["devices.device2.slowdown=30"]})
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device2", WIDE))
     assert summary["status"] == "finished"
     r1, r2 = summary["rounds"]
     assert r1["missing"] == ["device2"] and r1["dropped"][0]["samples"] == SAMPLES and r1["samples_lost"] == SAMPLES
@@ -264,24 +291,56 @@ def test_silent_device_is_dropped_from_the_round_and_the_run_ends(tmp_path):
     assert dropped and dropped[0]["samples_lost"] == SAMPLES
 
 
-@pytest.mark.parametrize("how, mode", [("sigstop", "fedfly"), ("sigkill", "fedfly"), ("sigkill", "restart")])
-def test_lost_edge_does_not_stop_the_run_and_loses_nothing(tmp_path, baseline, how, mode):
-    """An edge that goes silent or dies mid-round: its device reconnects to the other edge
-    and does its round again there from the round's weights; the run finishes, exactly."""
-    cfg = _config(tmp_path, f"edge-{how}-{mode}", mode=mode)
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """``killed(mode)``: the summary of one run in that mode where, mid-round, edge2 is
+    SIGKILLed while device2 trains on it, and device1's process on edge1 is SIGKILLed and
+    started again with the same name; made once for the two tests that check it (the
+    lost edge's and the restarted device's: edge1 takes both devices back at once)."""
+    runs = {}
 
-    def during(bed):
-        _wait_status(cfg, "device2", _mid_round)
-        os.kill(bed.procs["edge2"].pid, signal.SIGSTOP if how == "sigstop" else signal.SIGKILL)
-        if how == "sigstop":
+    def get(mode):
+        if mode not in runs:
+            tmp = tmp_path_factory.mktemp(f"killed-{mode}")
+            cfg = _config(tmp, f"killed-{mode}", mode=mode)
+
+            def during(bed):
+                def restart_device1(_):
+                    os.kill(bed.procs["device1"].pid, signal.SIGKILL)
+                    bed.procs["device1"].wait()
+                    bed.start("device", "device1")
+
+                # each as soon as its device is mid-round (the two train side by side)
+                _when(cfg, {"device2": (_mid_round, lambda _: os.kill(bed.procs["edge2"].pid, signal.SIGKILL)),
+                            "device1": (_mid_round, restart_device1)})
+
+            slow = {**_slow("device1", WIDE), **_slow("device2", WIDE)}
+            runs[mode] = _run(cfg, tmp, during=during, device_args=slow)[0]
+        return runs[mode]
+    return get
+
+
+@pytest.mark.parametrize("how, mode", [("sigstop", "fedfly"), ("sigkill", "fedfly"), ("sigkill", "restart")])
+def test_lost_edge_does_not_stop_the_run_and_loses_nothing(tmp_path, baseline, killed, how, mode):
+    """An edge that goes silent or dies mid-round: its device reconnects to the other edge
+    and does its round again there from the round's weights; the run finishes, exactly.
+    (The killed edge's runs are ``killed``'s, where device1 is restarted too.)"""
+    if how == "sigkill":
+        summary = killed(mode)
+    else:
+        cfg = _config(tmp_path, f"edge-{how}-{mode}", mode=mode)
+
+        def during(bed):
+            _wait_status(cfg, "device2", _mid_round)
+            os.kill(bed.procs["edge2"].pid, signal.SIGSTOP)
             # once device2 is back on edge1, edge2 wakes up: the central takes it back
             _wait_status(cfg, "device2", lambda st: st.edge == "edge1" and st.link == "attached")
             os.kill(bed.procs["edge2"].pid, signal.SIGCONT)
 
-    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device2": ["devices.device2.slowdown=30"]})
-    assert summary["status"] == "finished"
-    if how == "sigstop":
+        # NARROW: the run must go on after edge2 wakes until the central has it back
+        summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device2", NARROW))
         assert any(f["kind"] == "edge_back" and f["peer"] == "edge2" for f in summary["faults"]), summary["faults"]
+    assert summary["status"] == "finished"
     assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
     assert summary["final_model_sha256"] == baseline
     central = [f for f in summary["faults"] if f["process"] == "central" and f["peer"] == "edge2"]
@@ -293,18 +352,11 @@ def test_lost_edge_does_not_stop_the_run_and_loses_nothing(tmp_path, baseline, h
 
 
 @pytest.mark.parametrize("mode", ["fedfly", "restart"])
-def test_restarted_device_rejoins_its_round_exactly(tmp_path, baseline, mode):
+def test_restarted_device_rejoins_its_round_exactly(baseline, killed, mode):
     """A device process killed mid-round and started again with the same name: its edge
-    gives it the round again from the round's weights (within its grace): nothing lost."""
-    cfg = _config(tmp_path, f"restartdev-{mode}", mode=mode)
-
-    def during(bed):
-        _wait_status(cfg, "device1", _mid_round)
-        os.kill(bed.procs["device1"].pid, signal.SIGKILL)
-        bed.procs["device1"].wait()
-        bed.start("device", "device1")
-
-    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    gives it the round again from the round's weights (within its grace): nothing lost.
+    (``killed``'s run: edge2 dies at the same time, so edge1 takes device2 in as well.)"""
+    summary = killed(mode)
     assert summary["status"] == "finished"
     assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
     assert summary["final_model_sha256"] == baseline
@@ -350,7 +402,7 @@ def test_a_killed_central_resumed_from_its_checkpoint_loses_nothing(tmp_path, ba
         for e in sorted(c.edges):
             bed.start("edge", e)
         for d in sorted(c.devices):
-            bed.start("device", d, *(["devices.device1.slowdown=30"] if d == "device1" else []))
+            bed.start("device", d, *(_slow(d, WIDE)[d] if d == "device1" else []))
         if when == "mid-round":
             _wait_status(cfg, "device1", lambda st: st.round == 2 and 1 <= st.step < st.steps - 1)
         else:
@@ -394,27 +446,27 @@ def test_a_run_name_in_use_is_refused_and_a_finished_run_is_not_resumed(tmp_path
 
 
 @pytest.mark.parametrize("how", ["sigkill"])
-def test_a_killed_edge_costs_only_the_steps_since_the_last_replica(tmp_path, baseline, how):
+def test_a_killed_edge_costs_only_the_steps_since_the_last_replica(tmp_path, one_round, how):
     """faults.checkpoint_steps = 2: every 2 steps each session is copied to the buddy edge
     and the device keeps its own state. The edge is killed mid-round: the device goes to
     the other edge (the buddy), which installs the copy; both go back to that step and
     train the steps since again. Nothing else is done again, and the result is exact."""
-    cfg = _config(tmp_path, f"replica-{how}", faults={"checkpoint_steps": 2})
+    cfg = _config(tmp_path, f"replica-{how}", faults={"checkpoint_steps": 2}, rounds=1)
 
     def during(bed):
         _wait_status(cfg, "device2", lambda st: st.round == 1 and 5 <= st.step < st.steps - 1)
         os.kill(bed.procs["edge2"].pid, signal.SIGKILL)
 
-    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device2": ["devices.device2.slowdown=30"]})
+    summary, _, bed = _run(cfg, tmp_path, during=during, device_args=_slow("device2", NARROW))
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     (edge,) = [f for f in summary["faults"] if f["process"] == "edge1" and f["recovery"] == "replica"]
     assert edge["peer"] == "edge2" and 0 <= edge["replayed"] <= 3, edge  # at most about K steps again
     (dev,) = [f for f in summary["faults"] if f["process"] == "device2"]
     assert dev["recovery"] == "replica" and dev["replayed"] == edge["replayed"], dev
 
 
-def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_since_a_replica(tmp_path, baseline):
+def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_since_a_replica(tmp_path, one_round):
     """A planned move edge1 -> edge2 whose session is cut half-way both ways it can go
     (``mobility.offer``: the offer edge1 sends as the device leaves, then edge2's pull: each link resets, as
     when the source dies mid-transfer), then edge1 is killed: edge2 (edge1's buddy) goes
@@ -422,7 +474,7 @@ def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_si
     here, not 1: the offer goes on edge1's kept link to edge2, and under a loaded suite a
     1 s silence once ended that link just before the move, so the session was pulled and
     never offered. The cuts and the kill are resets, which no deadline waits for.)"""
-    cfg = _config(tmp_path, "src-dies", faults={"checkpoint_steps": 2, "dead_after_s": 3.0}, moves=MOVE,
+    cfg = _config(tmp_path, "src-dies", faults={"checkpoint_steps": 2, "dead_after_s": 3.0}, moves=MOVE, rounds=1,
                   mobility={"offer": True})
     from common.config import load_config
     c = load_config(str(cfg))
@@ -434,7 +486,7 @@ def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_si
         bed.start("edge", "edge1", f"edges.edge2.port={offer.port}")  # edge1 reaches edge2 through a proxy
         bed.start("edge", "edge2", f"edges.edge1.port={pull.port}")  # and edge2 reaches edge1 through another
         for d in sorted(c.devices):
-            bed.start("device", d, *(["devices.device1.slowdown=30"] if d == "device1" else []))
+            bed.start("device", d, *(_slow(d, WIDE)[d] if d == "device1" else []))
         _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.link == "attached", timeout=120)
         os.kill(bed.procs["edge1"].pid, signal.SIGKILL)
         code = bed.wait("central", RUN_TIMEOUT)
@@ -447,44 +499,44 @@ def test_a_source_edge_dying_in_the_middle_of_a_handover_costs_only_the_steps_si
         assert any(e.get("event") == "cut" for e in proxy.events()), proxy.log.read_text()
     summary = _summary(cfg)
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     rec = [f for f in summary["faults"] if f["process"] == "edge2" and f["recovery"] == "replica"]
     assert rec and rec[0]["peer"] == "edge1" and rec[0]["replayed"] <= 2, summary["faults"]
 
 
-def test_a_destination_edge_dying_after_a_handover_sends_the_device_back_to_the_copy_it_left(tmp_path, baseline):
+def test_a_destination_edge_dying_after_a_handover_sends_the_device_back_to_the_copy_it_left(tmp_path, one_round):
     """The move edge1 -> edge2 completes; edge2 dies before its own first copy is made
     (checkpoint_steps = 3, the move at step 4): edge1 kept what it handed over, the device
     kept its state at the move, and the round goes on from there."""
-    cfg = _config(tmp_path, "dst-dies", faults={"checkpoint_steps": 3}, moves=MOVE)
+    cfg = _config(tmp_path, "dst-dies", faults={"checkpoint_steps": 3}, moves=MOVE, rounds=1)
 
     def during(bed):
         _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.round == 1 and st.step >= 5)
         os.kill(bed.procs["edge2"].pid, signal.SIGKILL)
 
-    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device1", NARROW))
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     rec = [f for f in summary["faults"] if f["process"] == "edge1" and f["recovery"] == "replica"]
     assert rec and rec[0]["peer"] == "edge2", summary["faults"]
 
 
-def test_a_killed_device_started_again_goes_on_from_its_disk_checkpoint(tmp_path, baseline):
+def test_a_killed_device_started_again_goes_on_from_its_disk_checkpoint(tmp_path, one_round):
     """faults.checkpoint_steps = 2: the device writes its state to disk every 2 steps. Its
     process is killed mid-round and started again: it attaches at the step it saved, its
     edge goes back to the same step with the buddy's copy, and the round ends exactly."""
-    cfg = _config(tmp_path, "dev-disk", faults={"checkpoint_steps": 2})
+    cfg = _config(tmp_path, "dev-disk", faults={"checkpoint_steps": 2}, rounds=1)
     state = {}
 
     def during(bed):
         state["at"] = _wait_status(cfg, "device1", lambda st: st.round == 1 and 5 <= st.step < st.steps - 1).step
         os.kill(bed.procs["device1"].pid, signal.SIGKILL)
         bed.procs["device1"].wait()
-        bed.start("device", "device1", "devices.device1.slowdown=30")
+        bed.start("device", "device1", *_slow("device1", NARROW)["device1"])
 
-    summary, _, bed = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    summary, _, bed = _run(cfg, tmp_path, during=during, device_args=_slow("device1", NARROW))
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     run = Path(cfg).parent / "runs" / "dev-disk"
     assert sorted(p.name for p in run.glob("events-device1*.jsonl")) == ["events-device1.1.jsonl",
                                                                         "events-device1.jsonl"]
@@ -515,23 +567,23 @@ def test_chaos_soak_ends_bit_identical(tmp_path, baseline):
     assert summary["status"] == "finished" and summary["final_model_sha256"] == baseline, (kills, summary["faults"])
 
 
-def test_a_relay_whose_holder_dies_falls_back_and_loses_nothing(tmp_path, baseline):
+def test_a_relay_whose_holder_dies_falls_back_and_loses_nothing(tmp_path, one_round):
     """``mobility.handover = "relay"``: device1 moves to edge2 early in round 1; its session
     stays on edge1 and edge2 relays its steps there. edge1 is killed mid-relay: edge2 loses
     the relay's link and the device's link with it; the device attaches again, edge2 falls
     back to a pull, which finds no holder, and the round starts again on edge2 from its
     weights (no replicas in this run): exact, at the cost of the steps done."""
     cfg = _config(tmp_path, "relay-kill", moves=[{"device": "device1", "to": "edge2", "round": 1, "at": 0.25}],
-                  mobility={"handover": "relay"})
+                  mobility={"handover": "relay"}, rounds=1)
 
     def during(bed):
         _wait_status(cfg, "device1", lambda st: st.edge == "edge2" and st.round == 1 and 3 <= st.step < st.steps - 1,
                      timeout=240.0)
         os.kill(bed.procs["edge1"].pid, signal.SIGKILL)
 
-    summary, _, _ = _run(cfg, tmp_path, during=during, device_args={"device1": ["devices.device1.slowdown=30"]})
+    summary, _, _ = _run(cfg, tmp_path, during=during, device_args=_slow("device1", WIDE))
     assert summary["status"] == "finished"
     assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
-    assert summary["final_model_sha256"] == baseline
+    assert summary["final_model_sha256"] == one_round
     failed = [f for f in summary["faults"] if f["kind"] == "handover_failed" and f["process"] == "edge2"]
     assert failed and failed[0]["recovery"] == "restart" and failed[0]["peer"] == "edge1", summary["faults"]

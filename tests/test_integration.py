@@ -178,9 +178,10 @@ def test_on_death_restart_brings_a_killed_edge_back_and_stop_names_it(tmp_path):
 
     import psutil
     for policy in ("restart", "stop"):
-        cfg = write_config(tmp_path / policy, edges=2, devices=2, rounds=3, samples_per_device=200, batch_size=25,
+        # device1's steps stretched (a sleep) so that the run is still going when edge2 dies
+        cfg = write_config(tmp_path / policy, edges=2, devices=2, rounds=2, samples_per_device=200, batch_size=25,
                            extra={"faults": {"on_death": policy, "heartbeat_s": 0.2, "dead_after_s": 1.0},
-                                  "devices.device1": {"slowdown": 20}})
+                                  "devices.device1": {"slowdown": 10}})
         proc = subprocess.Popen([sys.executable, "-m", "central.launch", "--config", str(cfg)], cwd=ROOT, env=_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:

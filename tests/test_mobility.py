@@ -17,6 +17,7 @@ pytestmark = pytest.mark.process  # whole-testbed runs: the slow tier (tests/con
 
 SAMPLES, BATCH = 200, 50          # 4 steps per round
 STEPS = SAMPLES // BATCH
+DEVICES = 3                       # device1 and device2 start on edge1, device3 on edge2
 # One move, a move back, two moves of one device in one round, two devices at once.
 MOVES = [
     {"device": "device1", "to": "edge2", "round": 1, "at": 0.5},
@@ -27,7 +28,8 @@ MOVES = [
 
 
 def _run(tmp_path, name, **kw):
-    cfg = write_config(tmp_path / name, edges=2, devices=4, rounds=2, samples_per_device=SAMPLES, batch_size=BATCH, **kw)
+    cfg = write_config(tmp_path / name, edges=2, devices=DEVICES, rounds=2, samples_per_device=SAMPLES,
+                       batch_size=BATCH, **kw)
     status, out, summary = run_launch(cfg)
     assert status == 0, out
     assert summary["status"] == "finished"
@@ -38,7 +40,7 @@ def _reference(tmp_path, **kw) -> str:
     """The final model of the same run without moves, trained in this process: each
     device's whole model, FedAvg in name order (a testbed run without moves ends with it,
     tests/test_exactness.py; every mode does with no move). No testbed run needed."""
-    cfg = write_config(tmp_path / "reference", edges=2, devices=4, rounds=2, samples_per_device=SAMPLES,
+    cfg = write_config(tmp_path / "reference", edges=2, devices=DEVICES, rounds=2, samples_per_device=SAMPLES,
                        batch_size=BATCH, **kw)
     return reference_sha(cfg, rounds=2)
 
@@ -79,7 +81,7 @@ def _check_migrations(summary, mode):
             assert m["state_bytes"] == 0
     # each device's update counted once per round, through the edge it ended on
     for r in summary["rounds"]:
-        assert r["samples"] == 4 * SAMPLES and r["missing"] == []
+        assert r["samples"] == DEVICES * SAMPLES and r["missing"] == []
     assert summary["devices"]["device1"]["edges"] == ["edge2", "edge2"]
     assert summary["devices"]["device3"]["edges"] == ["edge2", "edge1"]
 
@@ -140,7 +142,7 @@ def test_relayed_moves_leave_the_model_bit_identical(tmp_path, baseline):
         ("device1", 1, "edge2"): "relayed", ("device1", 2, "edge1"): "relayed", ("device1", 2, "edge2"): "here",
         ("device3", 2, "edge1"): "relayed"}
     for r in summary["rounds"]:
-        assert r["samples"] == 4 * SAMPLES and r["missing"] == []
+        assert r["samples"] == DEVICES * SAMPLES and r["missing"] == []
     events = _edge_events(tmp_path / "relay")
     assert any('"event": "relaying"' in line for line in events)
     assert not any('"event": "migrated_in"' in line for line in events)
@@ -174,7 +176,7 @@ def test_classic_moves_only_reconnect(tmp_path):
                                                      (0, "balanced", "fedfly")])
 def test_exact_for_other_splits_and_data(tmp_path, split, distribution, mode):
     moves = [{"device": "device2", "to": "edge2", "round": 1, "at": 0.6},
-             {"device": "device4", "to": "edge1", "round": 2, "at": 0.3},
+             {"device": "device3", "to": "edge1", "round": 2, "at": 0.5},
              {"device": "device2", "to": "edge1", "round": 2, "at": 0.3}]
     kw = dict(split_layer=split, distribution=distribution, mode=mode)
     moved = _run(tmp_path, "moved", moves=moves, **kw)
@@ -203,14 +205,15 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
     from central.mobility import move
     from common.config import load_config
 
-    # Slow enough (a few seconds a round here) that the controller's calls land mid-run.
-    slow = {f"devices.device{i}": {"slowdown": 3.0} for i in range(1, 5)}
-    # Rounds enough that the last scripted move lands before the run ends even on a busy
-    # machine (each controller call starts a Python process).
-    cfg = write_config(tmp_path / "live", edges=2, devices=4, rounds=8, samples_per_device=500, batch_size=10,
+    # Steps stretched (a sleep: it costs no CPU) so that the controller's calls land
+    # mid-run; rounds enough that the six controller processes started after round 1 began
+    # are done before the run ends even on a busy machine (the refusals' are started before
+    # it begins: round 1 waits for device4).
+    slow = {f"devices.device{i}": {"slowdown": 10.0} for i in range(1, 5)}
+    rounds = 5
+    cfg = write_config(tmp_path / "live", edges=2, devices=4, rounds=rounds, samples_per_device=200, batch_size=10,
                        extra=slow)
     c = load_config(str(cfg))
-    still = reference_sha(cfg, rounds=8)  # the run without moves (slowdown does not change results)
     bed = Testbed(cfg, log_dir=tmp_path / "logs")
     try:
         bed.start("central")
@@ -223,9 +226,9 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
         assert ok.returncode == 0, ok.stderr
         again = move(c, "device1", "edge2", creds=c.credentials(CONTROLLER))
         assert not again.accepted and "already pending" in again.reason
-        for d in ("device2", "device3", "device4"):
+        for d in ("device2", "device3"):
             bed.start("device", d)
-        for d in ("device2", "device3", "device4"):
+        for d in ("device2", "device3"):
             _wait_up(cfg, d)
         # refused moves change nothing and the run goes on
         r = move(c, "device3", "edge7", creds=c.credentials(CONTROLLER))
@@ -238,6 +241,8 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
         assert r.returncode == 2 and "edge9" in r.stderr  # a bad argument, caught before asking
         r = mobility(cfg, "move", "--device", "device3", "--to", "edge2")
         assert r.returncode == 3 and "already on edge2" in r.stderr  # the device refuses
+        bed.start("device", "device4")
+        _wait_up(cfg, "device4")
         # a live move mid-round, and the scenario scripts
         r = mobility(cfg, "move", "--device", "device3", "--to", "edge1", "--when-round", "1",
                      "--when-fraction", "0.3", "--wait")
@@ -249,6 +254,9 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
         sh = subprocess.run(["bash", "scripts/scenarios/ping_pong.sh", str(cfg), "device4", "edge1", "edge2", "2"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert sh.returncode == 0, sh.stderr
+        # the run without moves (slowdown does not change results), in this process while
+        # the run's last rounds go on
+        still = reference_sha(cfg, rounds=rounds)
         codes = bed.wait_all(timeout=300)
         assert codes == {n: 0 for n in codes}, {n: bed.log(n)[-2000:] for n, c in codes.items() if c}
     finally:

@@ -24,7 +24,8 @@ from common.config import load_config
 from common.errors import ConfigError
 from scripts.netns_testbed import (BACKBONE, build_commands, moves_override, namespaces_named, parse_move, plan, probe,
                                    reshape_commands)
-from tests.testbed import LOOPBACK, ROOT, _env, free_ports, kill_tree, run_dir_of, run_launch, write_config
+from tests.test_exactness import reference_sha
+from tests.testbed import LOOPBACK, ROOT, _env, kill_tree, run_dir_of, run_launch, write_config
 
 NETNS = ROOT / "configs" / "netns.toml"
 # A short run of configs/netns.toml: 2 rounds of 4 steps on each of its 4 devices.
@@ -158,20 +159,12 @@ def test_namespaces_with_shaped_links_and_a_rewired_move_give_the_loopback_model
     secs = {d: sum(v["round_seconds"]) for d, v in summary["devices"].items()}
     assert secs["device3"] > 1.3 * secs["device4"], secs
     assert summary["device_settings"]["device2"]["slowdown"] == 3.0
-    # exactness: the same training on loopback, without any move, ends in the same weights
-    cfg = load_config(str(NETNS))
-    ports = free_ports(1 + len(cfg.edges) + len(cfg.devices))
-    here = [f'central.host="{LOOPBACK}"', f"central.port={ports[0]}"]
-    here += [f'edges.{e}.host="{LOOPBACK}"' for e in cfg.edges] + \
-            [f"edges.{e}.port={port}" for e, port in zip(cfg.edges, ports[1:])]
-    here += [f'devices.{d}.host="{LOOPBACK}"' for d in cfg.devices] + \
-            [f"devices.{d}.control_port={port}" for d, port in zip(cfg.devices, ports[1 + len(cfg.edges):])]
-    status, lo_out, lo = run_launch(NETNS, *SHORT, *here, f'run.out="{tmp_path / "loopback"}"',
-                                    f'security.key_file="{tmp_path / "test.key"}"')
-    assert status == 0, lo_out
-    assert summary["final_model_sha256"] == lo["final_model_sha256"]
-    print(f"netns run {seconds:.1f} s (loopback {lo['total_seconds']:.1f} s); move {mig['pause_ms']:.0f} ms pause, "
-          f"{mig['state_bytes'] / 1e6:.2f} MB; sha256 {lo['final_model_sha256'][:16]} on both")
+    # exactness: the same training without any move ends in the same weights (the run a
+    # loopback testbed ends with, trained in this process: tests/test_exactness.py)
+    sha = reference_sha(NETNS, rounds=2, overrides=SHORT)
+    assert summary["final_model_sha256"] == sha
+    print(f"netns run {seconds:.1f} s; move {mig['pause_ms']:.0f} ms pause, "
+          f"{mig['state_bytes'] / 1e6:.2f} MB; sha256 {sha[:16]} as the run without moves")
 
 
 @pytest.mark.process
