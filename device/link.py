@@ -364,8 +364,7 @@ class EdgeLink:
                     round=w.round, step=w.step, detail=(lost.detail + (f"; back on {edge} ({reply.how})"
                                                                           if edge != old_edge else ""))[:300],
                     detected_s=round(lost.silent_s, 3), down_s=round(back - last_heard, 3),
-                    replayed=max(0, replayed), recovery=reply.how or reply.action,
-                    samples_lost=0))
+                    replayed=max(0, replayed), recovery=reply.how or reply.action))
                 return self._read(reply)
             if time.monotonic() - t_lost > self.faults["give_up_s"]:
                 return NoEdge(f"no edge took {self.name} for {self.faults['give_up_s']:.0f} s")
