@@ -346,31 +346,36 @@ class EdgeLink:
                     continue
                 if isinstance(got, RunOver):
                     return got
-                link, reply = got
-                source = self.edge
-                self._install(edge, link, reply)
-                with self._lock:
-                    if self._cut_gen == gen:  # a newer cut names its own edge
-                        self._cut_to = ""
-                if edge == self.pos.peek_pending():
-                    self.pos.take_pending()  # the controller's move is done by this reconnect
-                back = time.monotonic()
-                self.events.emit("reattached", edge=edge, source=source, action=reply.action,
-                                 resume_step=reply.resume_step, how=reply.how, down_s=round(back - last_heard, 3))
-                w = self.where
-                replayed = w.step - reply.resume_step if reply.action == "continue" and w.in_round else 0
-                self.report(m.FaultReport(
-                    kind="peer_silent" if lost.silent_s else "link_lost", process=self.name, peer=old_edge,
-                    round=w.round, step=w.step, detail=(lost.detail + (f"; back on {edge} ({reply.how})"
-                                                                          if edge != old_edge else ""))[:300],
-                    detected_s=round(lost.silent_s, 3), down_s=round(back - last_heard, 3),
-                    replayed=max(0, replayed), recovery=reply.how or reply.action))
-                return self._read(reply)
+                return self._back(edge, *got, lost=lost, old_edge=old_edge, last_heard=last_heard, gen=gen)
             return None
 
         outcome = retry(attempt, deadline=t_lost + self.faults["give_up_s"])
         return outcome if outcome is not None else NoEdge(f"no edge took {self.name} for "
                                                           f"{self.faults['give_up_s']:.0f} s")
+
+    def _back(self, edge: str, link: Link, reply: m.AttachReply, *, lost: _Lost, old_edge: str, last_heard: float,
+              gen: int) -> Outcome:
+        """Reattached to ``edge`` after ``lost``: the link installed, the cut served (``gen``:
+        the cut it was, if one), the fault reported; what the edge's answer means."""
+        source = self.edge
+        self._install(edge, link, reply)
+        with self._lock:
+            if self._cut_gen == gen:  # a newer cut names its own edge
+                self._cut_to = ""
+        if edge == self.pos.peek_pending():
+            self.pos.take_pending()  # the controller's move is done by this reconnect
+        back = time.monotonic()
+        self.events.emit("reattached", edge=edge, source=source, action=reply.action,
+                         resume_step=reply.resume_step, how=reply.how, down_s=round(back - last_heard, 3))
+        w = self.where
+        replayed = w.step - reply.resume_step if reply.action == "continue" and w.in_round else 0
+        self.report(m.FaultReport(
+            kind="peer_silent" if lost.silent_s else "link_lost", process=self.name, peer=old_edge,
+            round=w.round, step=w.step, detail=(lost.detail + (f"; back on {edge} ({reply.how})"
+                                                                  if edge != old_edge else ""))[:300],
+            detected_s=round(lost.silent_s, 3), down_s=round(back - last_heard, 3),
+            replayed=max(0, replayed), recovery=reply.how or reply.action))
+        return self._read(reply)
 
     def _read(self, reply: m.AttachReply) -> Outcome:
         """An edge's acceptance as what the training loop does next (``read_attach``)."""
