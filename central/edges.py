@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from common import messages as m
 from common import transport
-from common.errors import AuthenticationError, PeerSilent, ProtocolError, RemoteProtocolError, TransportError
+from common.door import Door
+from common.errors import PeerSilent
 from common.link import Link
-from common.security import allowed
 
 
 @dataclass
@@ -50,6 +50,9 @@ class EdgeRegistry:
         self._links: dict[str, Link] = {}
         self._seen: set[str] = set()
         self.greeting: m.Message | None = None  # sent to every edge that joins (the round in progress)
+        self._door = Door(where="central", events=events, first_within_s=2 * dead_after_s, known={"edge": edges},
+                          claims=lambda first: ("edge", first.edge) if isinstance(first, m.EdgeHello) else None,
+                          open=self._open)
 
     @property
     def live(self) -> set[str]:
@@ -76,22 +79,12 @@ class EdgeRegistry:
         return links
 
     def serve(self, conn: transport.Connection) -> None:
-        """A listener thread: an edge says hello, then this thread reads its link."""
-        try:
-            hello = conn.recv(timeout=2 * self.dead)
-            if not isinstance(hello, m.EdgeHello):
-                raise RemoteProtocolError(f"central (new connection): {hello.TYPE} is not allowed first")
-            if hello.edge not in self.known:
-                raise RemoteProtocolError(f"{hello.edge!r} is not an edge of this testbed")
-            if not allowed(conn.identity, "edge", hello.edge):
-                raise AuthenticationError(f"{conn.identity} may not join as edge {hello.edge}")
-        except (ProtocolError, TimeoutError) as exc:
-            self.events.emit("protocol_error", peer=conn.peer, detail=str(exc)[:200], error=type(exc).__name__)
-            conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)[:200]))
-            return
-        except TransportError:
-            return
-        edge = hello.edge
+        """A listener thread: an edge says hello (``common.door``), then this thread reads its link."""
+        self._door(conn)
+
+    def _open(self, conn: transport.Connection, _hello: m.Message, _role: str, edge: str) -> Link:
+        """The link of an edge that said hello: welcomed (with the round in progress), in
+        place of any older link of that edge."""
         link = Link(conn, name=f"edge {edge}", heartbeat_s=self.hb, dead_after_s=self.dead,
                     on_message=lambda _l, msg: self.queue.put(EdgeMessage(edge, msg)), on_lost=self._lost_cb(edge))
         with self._lock:
@@ -106,7 +99,7 @@ class EdgeRegistry:
             old.close(notice=m.ErrorNotice(kind="replaced", detail="a newer connection of this edge took over"),
                       drain=False)
         self.queue.put(EdgeJoined(edge, rejoin))
-        link.serve()
+        return link
 
     def _lost_cb(self, edge: str):
         def on_lost(link: Link, exc: Exception) -> None:

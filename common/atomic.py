@@ -15,11 +15,12 @@ import os
 from typing import Any, Callable, IO
 
 
-def write_atomic(path: str, fill: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` whole with ``fill(file)`` (binary). Raises ``OSError``."""
-    tmp = path + ".tmp"
+def write_atomic(path: str, fill: Callable[[IO[bytes]], None], *, mode: int = 0o666) -> None:
+    """Write ``path`` whole with ``fill(file)`` (binary); a new file gets ``mode`` (less the
+    umask: 0o600 for a secret). Raises ``OSError``."""
+    tmp = os.fspath(path) + ".tmp"
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
             fill(f)
             f.flush()
             os.fsync(f.fileno())
@@ -30,11 +31,15 @@ def write_atomic(path: str, fill: Callable[[IO[bytes]], None]) -> None:
         except OSError:
             pass
         raise
-    sync_folder(os.path.dirname(path) or ".")
+    sync_folder(os.path.dirname(os.fspath(path)) or ".")
+
+
+def write_bytes_atomic(path: str, data: bytes, *, mode: int = 0o666) -> None:
+    write_atomic(path, lambda f: f.write(data), mode=mode)
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str, data: Any, *, indent: int | None = 1) -> None:

@@ -9,7 +9,8 @@ that cannot be opened is tried again at later events while lines wait in memory 
 ``MAX_PENDING``, the rest counted and dropped). When writing works again, an
 ``events_dropped`` line says how many were lost.
 
-Every string an event holds is written ``printable`` (``common.text``): events quote what
+Every event and its fields are declared in ``common.eventschema`` (the log's schema, listed
+in docs/RESULTS.md). Every string an event holds is written ``printable`` (``common.text``): events quote what
 peers sent (names, details, errors), and a line read back with ``jq -r`` or ``grep`` must
 not carry a peer's escape sequences to the reader's terminal.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 import psutil
 
+from common import eventschema
 from common.text import printable_fields
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class EventLog:
         self.path: str | None = None
         self.dropped = 0          # lines lost (write failed, or too many held)
         self._dropped_said = 0    # of them, already said in an ``events_dropped`` line
+        self._undeclared: set[str] = set()  # events already warned of as not in the schema
 
     def open(self, folder: str) -> None:
         """Start writing to ``folder/events-<process>.jsonl`` (flushing what was held back).
@@ -115,7 +118,16 @@ class EventLog:
         return json.dumps(record, default=str) + "\n"
 
     def emit(self, event: str, **fields: Any) -> None:
-        """Write one event (held in memory until ``open``). Never raises."""
+        """Write one event (held in memory until ``open``). Never raises, but for an event
+        or field ``common.eventschema`` does not declare, where ``eventschema.strict()`` (the
+        tests); elsewhere such a line is written all the same, with a warning once."""
+        bad = eventschema.problem(event, fields)
+        if bad:
+            if eventschema.strict():
+                raise eventschema.EventSchemaError(bad)
+            if event not in self._undeclared:
+                self._undeclared.add(event)
+                log.warning("event log: %s", bad)
         try:
             line = self._line(event, fields)
         except Exception:  # noqa: BLE001 - a field that cannot be serialised, memory: the event is lost

@@ -9,7 +9,8 @@ them (``common.transport.Listener`` applies them):
 - ``HandshakeSlots``: how many unauthenticated connections may be handshaking at once, in
   total and per source address; one over is refused at once, before it costs a thread.
 - ``Backoff``: exponential and capped, for ``accept`` failing for lack of descriptors,
-  buffers or memory (the pending connection stays queued, so retrying at once would spin).
+  buffers or memory (the pending connection stays queued, so retrying at once would spin),
+  and for ``retry``, the one reconnect loop (a device to its edge, an edge to the central).
 - ``RateLimitedReporter``: the first few refusals of an interval in full, then one line
   with the count of those left out; what the peer sent is never echoed beyond a short,
   escaped prefix (``printable_prefix``).
@@ -21,7 +22,7 @@ import errno
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from common.errors import TransportError
 from common.text import printable
@@ -40,6 +41,11 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 # enough that a freed descriptor is used soon, long enough not to spin on a full table.
 BACKOFF_FIRST_S = 0.01
 BACKOFF_MAX_S = 1.0
+# A lost link is tried again after this, doubled on each failure in a row, at most the
+# cap: a peer that restarts on the same host is back within a few tries, and one that is
+# gone costs about a try a second.
+RECONNECT_FIRST_S = 0.05
+RECONNECT_MAX_S = 1.0
 
 # Refusals reported in full per interval; the rest are counted and said in one line.
 REPORT_BURST = 5
@@ -118,6 +124,27 @@ class Backoff:
 
     def reset(self) -> None:
         self._wait = 0.0
+
+
+T = TypeVar("T")
+
+
+def retry(attempt: Callable[[], T | None], *, deadline: float, stopped: Callable[[], bool] = lambda: False,
+          backoff: Backoff | None = None) -> T | None:
+    """The reconnect loop: ``attempt()`` until it returns something (not None), waiting
+    ``backoff`` (``RECONNECT_FIRST_S`` doubled up to ``RECONNECT_MAX_S``) after each try
+    that failed. None once a try has failed at or after ``deadline`` (``time.monotonic``),
+    or when ``stopped()`` before a try. What ``attempt`` raises reaches the caller: an
+    error that trying again cannot heal (a refusal, a wrong key)."""
+    backoff = backoff or Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
+    while not stopped():
+        got = attempt()
+        if got is not None:
+            return got
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(backoff.next())
+    return None
 
 
 class RateLimitedReporter:

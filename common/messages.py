@@ -311,19 +311,20 @@ class FaultReport(Message):
     ``detected_s``: from the peer's last sign of life to the fault being noticed;
     ``down_s``: from the fault to the work going on again (the device's pause);
     ``replayed``: steps done again; ``recovery``: how it went on; ``samples_lost``: samples
-    of training that did not reach the round."""
+    of training that did not reach the round. The defaults (a fault noticed at once, that
+    cost nothing) are for the sender's convenience: on the wire every field is present."""
     SCOPE = Scope.SESSION
     kind: str
     process: str
     peer: str
     round: int
     step: int
-    detail: str
-    detected_s: float
-    down_s: float
-    replayed: int
-    recovery: str
-    samples_lost: int
+    detail: str = ""
+    detected_s: float = 0.0
+    down_s: float = 0.0
+    replayed: int = 0
+    recovery: str = ""
+    samples_lost: int = 0
     # stamped by the edge that forwards it (``edge.reports``): the identity of the link it
     # came on, whatever the sender wrote here; ``edge NAME`` for the edge's own reports
     delivered_by: str = ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 
+from common.atomic import write_bytes_atomic
 from common.config import Config
 from common.errors import ConfigError
 from common.security import Identity, tls_files
@@ -35,14 +36,6 @@ def _crypto():
     return x509, hashes, serialization, ec, ExtendedKeyUsageOID, NameOID
 
 
-def _write(path: str, data: bytes, mode: int) -> None:
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _new_ca(out: str):
     x509, hashes, serialization, ec, _, NameOID = _crypto()
     key = ec.generate_private_key(ec.SECP256R1())
@@ -57,9 +50,9 @@ def _new_ca(out: str):
                                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
             .sign(key, hashes.SHA256()))
-    _write(os.path.join(out, "ca.key"), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()), 0o600)
-    _write(os.path.join(out, "ca.crt"), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_bytes_atomic(os.path.join(out, "ca.key"), key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), mode=0o600)
+    write_bytes_atomic(os.path.join(out, "ca.crt"), cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return key, cert
 
 
@@ -88,9 +81,9 @@ def issue(out: str, identity: Identity, ca_key, ca_cert) -> None:
             .add_extension(x509.ExtendedKeyUsage([EKU.SERVER_AUTH, EKU.CLIENT_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     files = tls_files(out, identity)
-    _write(files["key"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()), 0o600)
-    _write(files["cert"], cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_bytes_atomic(files["key"], key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), mode=0o600)
+    write_bytes_atomic(files["cert"], cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
 def ensure(cfg: Config, out: str | None = None, *, force: bool = False) -> list[Identity]:

@@ -145,8 +145,7 @@ class DeviceClient:
                 kind="restarted", process=self.name, peer=self.link.edge, round=saved.round,
                 step=reply.resume_step, detail=f"process started again; checkpoint of step {saved.step} "
                 f"(written {age:.1f} s before), the edge went on from step {reply.resume_step} ({reply.how})",
-                detected_s=0.0, down_s=round(age, 3), replayed=0,
-                recovery="disk checkpoint" if reply.resume_step else "restart", samples_lost=0))
+                down_s=round(age, 3), recovery="disk checkpoint" if reply.resume_step else "restart"))
             return saved, reply.resume_step
         if reply.action == "done" and reply.run_name == saved.run:
             self.link.last_round = max(self.link.last_round, saved.round)

@@ -16,9 +16,10 @@ from typing import Callable
 
 from common import messages as m
 from common import transport
-from common.errors import ConnectionClosed, ProtocolError, TransportError
+from common.door import REFUSED, admit, refuse
+from common.errors import ConnectionClosed, ProtocolError, RemoteProtocolError, TransportError
 from common.limits import refusal_reporter
-from common.security import Credentials, allowed
+from common.security import Credentials
 
 # A controller connection must say something this often (it sends one request and waits).
 CONTROL_IDLE_S = 30.0
@@ -90,10 +91,9 @@ class ControlServer:
     def _serve(self, conn: transport.Connection) -> None:
         conn.idle_timeout = CONTROL_IDLE_S
         conn.send_timeout = CONTROL_IDLE_S
-        if not allowed(conn.identity, "controller"):  # only the mobility controller moves devices
-            self.events.emit("protocol_error", peer=conn.peer, detail=f"{conn.identity} is not the controller",
-                             error="AuthenticationError")
-            conn.close(notice=m.ErrorNotice(kind="AuthenticationError", detail="refused: only the controller"))
+        # only the mobility controller moves devices (its certificate says so: no first message needed)
+        if not admit(conn, self.events, "controller", why=f"{conn.identity} is not the controller",
+                     told=f"{REFUSED}: only the controller"):
             return
         try:
             while True:
@@ -124,12 +124,10 @@ class ControlServer:
                                               pending=self.pos.pending or "", link=self.pos.link)
                     conn.send(reply)
                 else:
-                    conn.close(notice=m.ErrorNotice(kind="RemoteProtocolError",
-                                                    detail=f"control port takes MoveCommand, DropCommand or "
-                                                           f"StatusRequest, not {msg.TYPE}"))
+                    refuse(conn, self.events, RemoteProtocolError(f"control port takes MoveCommand, DropCommand "
+                                                                  f"or StatusRequest, not {msg.TYPE}"))
                     return
         except ConnectionClosed:
             return
         except (ProtocolError, TransportError) as exc:
-            self.events.emit("protocol_error", peer=conn.peer, detail=str(exc)[:200])
-            conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)[:200]))
+            refuse(conn, self.events, exc)

@@ -35,6 +35,7 @@ from common import messages as m
 from common import transport
 from common.config import Config
 from common.errors import AuthenticationError, PeerSilent, ProtocolError, TransportError
+from common.limits import retry
 from common.link import Link
 from common.security import Credentials, Identity, attach_proofs, edge_key
 from device import reconnect
@@ -47,10 +48,6 @@ log = logging.getLogger("device")
 
 _LOST = "lost"
 _CUT = "cut"
-# Waits between tries to attach: short first (a move's new edge, or a restarted one, answers
-# within moments), doubled up to a second, so a device is back soon after its edge is.
-BACKOFF_FIRST_S = 0.05
-BACKOFF_MAX_S = 1.0
 # Consecutive failed tries at one position (an edge that refuses us the same way every
 # time) before the device stops instead of looping.
 MAX_FAILURES_AT_ONE_PLACE = 20
@@ -218,15 +215,17 @@ class EdgeLink:
         ``AttachRefused`` or ``AuthenticationError``: a refusal or a wrong key never heals
         by trying again."""
         t0 = time.monotonic()
-        deadline = t0 + self.cfg.run.startup_timeout
         home = self.edge
         edges = sorted(self.cfg.edges)
         i = edges.index(home)
         others = edges[i + 1:] + edges[:i]
-        backoff = BACKOFF_FIRST_S
-        while True:
+        tried: list[str] = []
+        last: str | None = None
+
+        def attempt() -> m.AttachReply | RunOver | None:
+            nonlocal tried, last
             tried = [home] + (others if time.monotonic() - t0 >= self.cfg.run.startup_timeout / 2 else [])
-            last: str | None = None
+            last = None
             for edge in tried:
                 got = self._attach(edge, "start", timeout=self.cfg.run.startup_timeout)
                 if isinstance(got, _Lost):
@@ -240,10 +239,10 @@ class EdgeLink:
                 self._install(edge, link, reply)
                 self.events.emit("attached", edge=edge, home=home, action=reply.action, how=reply.how)
                 return reply
-            if time.monotonic() >= deadline:
-                return NoEdge(f"cannot attach to {' or '.join(tried)}: {last}")
-            time.sleep(backoff)
-            backoff = min(BACKOFF_MAX_S, backoff * 2)
+            return None
+
+        got = retry(attempt, deadline=t0 + self.cfg.run.startup_timeout)
+        return got if got is not None else NoEdge(f"cannot attach to {' or '.join(tried)}: {last}")
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -327,13 +326,12 @@ class EdgeLink:
         log.warning("%s: link to %s lost (%s); reconnecting", self.name, old_edge, lost.detail)
         self.events.emit("link_lost", edge=old_edge, detail=lost.detail[:200], silent_s=round(lost.silent_s, 3),
                          cut=lost.cut, round=self.where.round, step=self.where.step)
-        backoff = BACKOFF_FIRST_S
         failed: dict[str, float] = {}
-        while True:
-            wait = self._cut_until - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-                continue
+
+        def attempt() -> Outcome | None:
+            nonlocal old
+            while (wait := self._cut_until - time.monotonic()) > 0:
+                time.sleep(wait)  # (a cut that comes meanwhile makes the wait longer)
             if old is not None:
                 old.close(drain=False)  # the radio is back: the old connection is of no use
                 old = None
@@ -348,31 +346,36 @@ class EdgeLink:
                     continue
                 if isinstance(got, RunOver):
                     return got
-                link, reply = got
-                source = self.edge
-                self._install(edge, link, reply)
-                with self._lock:
-                    if self._cut_gen == gen:  # a newer cut names its own edge
-                        self._cut_to = ""
-                if edge == self.pos.peek_pending():
-                    self.pos.take_pending()  # the controller's move is done by this reconnect
-                back = time.monotonic()
-                self.events.emit("reattached", edge=edge, source=source, action=reply.action,
-                                 resume_step=reply.resume_step, how=reply.how, down_s=round(back - last_heard, 3))
-                w = self.where
-                replayed = w.step - reply.resume_step if reply.action == "continue" and w.in_round else 0
-                self.report(m.FaultReport(
-                    kind="peer_silent" if lost.silent_s else "link_lost", process=self.name, peer=old_edge,
-                    round=w.round, step=w.step, detail=(lost.detail + (f"; back on {edge} ({reply.how})"
-                                                                          if edge != old_edge else ""))[:300],
-                    detected_s=round(lost.silent_s, 3), down_s=round(back - last_heard, 3),
-                    replayed=max(0, replayed), recovery=reply.how or reply.action,
-                    samples_lost=0))
-                return self._read(reply)
-            if time.monotonic() - t_lost > self.faults.give_up_s:
-                return NoEdge(f"no edge took {self.name} for {self.faults.give_up_s:.0f} s")
-            time.sleep(backoff)
-            backoff = min(BACKOFF_MAX_S, backoff * 2)
+                return self._back(edge, *got, lost=lost, old_edge=old_edge, last_heard=last_heard, gen=gen)
+            return None
+
+        outcome = retry(attempt, deadline=t_lost + self.faults.give_up_s)
+        return outcome if outcome is not None else NoEdge(f"no edge took {self.name} for "
+                                                          f"{self.faults.give_up_s:.0f} s")
+
+    def _back(self, edge: str, link: Link, reply: m.AttachReply, *, lost: _Lost, old_edge: str, last_heard: float,
+              gen: int) -> Outcome:
+        """Reattached to ``edge`` after ``lost``: the link installed, the cut served (``gen``:
+        the cut it was, if one), the fault reported; what the edge's answer means."""
+        source = self.edge
+        self._install(edge, link, reply)
+        with self._lock:
+            if self._cut_gen == gen:  # a newer cut names its own edge
+                self._cut_to = ""
+        if edge == self.pos.peek_pending():
+            self.pos.take_pending()  # the controller's move is done by this reconnect
+        back = time.monotonic()
+        self.events.emit("reattached", edge=edge, source=source, action=reply.action,
+                         resume_step=reply.resume_step, how=reply.how, down_s=round(back - last_heard, 3))
+        w = self.where
+        replayed = w.step - reply.resume_step if reply.action == "continue" and w.in_round else 0
+        self.report(m.FaultReport(
+            kind="peer_silent" if lost.silent_s else "link_lost", process=self.name, peer=old_edge,
+            round=w.round, step=w.step, detail=(lost.detail + (f"; back on {edge} ({reply.how})"
+                                                                  if edge != old_edge else ""))[:300],
+            detected_s=round(lost.silent_s, 3), down_s=round(back - last_heard, 3),
+            replayed=max(0, replayed), recovery=reply.how or reply.action))
+        return self._read(reply)
 
     def _read(self, reply: m.AttachReply) -> Outcome:
         """An edge's acceptance as what the training loop does next (``read_attach``)."""

@@ -10,7 +10,7 @@ process started again needs to go on with its round from the step it saved.
                                                         optimizer's settings, the tensors' hash
 
 The tensors are written first, the JSON that names their hash second, each to a
-temporary name and renamed: a crash at any instant leaves the previous checkpoint or the
+temporary name, synced and renamed (``common.atomic``): a crash at any instant leaves the previous checkpoint or the
 new one. ``load`` checks the hash and returns None (saying why) for anything that does
 not hold together; nothing is unpickled. The files go once the round's update is taken.
 """
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from common.atomic import write_bytes_atomic, write_json_atomic
 from common.models import state_sha256
 from common.plan import RoundPlan
 from common.tensorfile import TensorFileError, read_tensors, write_tensors
@@ -74,11 +75,7 @@ def attach_secret(out: str, device: str) -> bytes:
     secret = os.urandom(32)
     try:
         os.makedirs(folder(out, device), exist_ok=True)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secret)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, secret, mode=0o600)
     except OSError as exc:
         log.warning("%s: cannot keep its attach secret in %s: %s", device, path, exc)
     return secret
@@ -95,12 +92,7 @@ def save(where: str, *, run: str, round: int, step: int, steps: int, edge: str, 
     write_tensors(os.path.join(where, TENSORS), tensors)
     meta = {"run": run, "round": round, "step": step, "steps": steps, "edge": edge, "last_round": last_round,
             "plan": plan.to_wire(), "param_groups": optimizer["param_groups"], "sha256": state_sha256(tensors)}
-    tmp = os.path.join(where, META + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(where, META))
+    write_json_atomic(os.path.join(where, META), meta, indent=None)
 
 
 def load(where: str) -> Saved | None:

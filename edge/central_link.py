@@ -1,9 +1,9 @@
 """The edge's link to the central: join it, and rejoin it after a loss.
 
 The first join may wait ``run.startup_timeout`` for a central that starts later; a lost
-link (closed, reset, or silent past ``faults.dead_after_s``) is retried with backoff for
-``faults.central_grace_s`` before the edge gives up. Meanwhile the edge keeps serving its
-devices: every update (``deliver``) is kept until the central acknowledges it and is sent
+link (closed, reset, or silent past ``faults.dead_after_s``) is retried with backoff
+(``common.limits.retry``) for ``faults.central_grace_s`` before the edge gives up.
+Meanwhile the edge keeps serving its devices: every update (``deliver``) is kept until the central acknowledges it and is sent
 again after a rejoin, as are the latest ``EdgeStatus`` and the reports sent while down.
 What the central sends reaches the core as events.
 """
@@ -19,16 +19,13 @@ from common import messages as m
 from common import transport
 from common.config import Config
 from common.errors import AuthenticationError, ProtocolError, TransportError
+from common.limits import retry
 from common.link import Link
 from common.security import CENTRAL, Credentials
 from edge.ports import CentralDown, CentralMessage, CentralUp, Stop
 
 log = logging.getLogger("edge")
 
-# Waits between tries to reach the central: short first (a restarted central listens
-# again within moments), doubled up to a second, so the edge is back soon after it.
-BACKOFF_FIRST_S = 0.05
-BACKOFF_MAX_S = 1.0
 # Reports (moves, faults) kept while the central is away; beyond this the oldest go.
 MAX_HELD_REPORTS = 1000
 
@@ -116,6 +113,16 @@ class CentralLink:
             raise
         return conn, welcome
 
+    def _try_connect(self, failed: list[Exception]) -> tuple[transport.Connection, m.Welcome] | None:
+        """One try of ``_connect``: None (its error in ``failed``) for one that may heal."""
+        try:
+            return self._connect()
+        except AuthenticationError:
+            raise
+        except (TransportError, ProtocolError, TimeoutError) as exc:
+            failed[:] = [exc]
+            return None
+
     def _run(self) -> None:
         try:
             self._run_links()
@@ -126,33 +133,29 @@ class CentralLink:
     def _run_links(self) -> None:
         joined = False
         deadline = time.monotonic() + self.cfg.run.startup_timeout
-        backoff = BACKOFF_FIRST_S
         while not self._closed:
+            failed: list[Exception] = []  # the last try's error
             try:
-                conn, welcome = self._connect()
-            except AuthenticationError as exc:
-                # A key that does not match never will: say so now rather than retry.
+                got = retry(lambda: self._try_connect(failed), deadline=deadline, stopped=lambda: self._closed)
+            except AuthenticationError as exc:  # a key that does not match never will: no retry
                 log.error("%s: cannot join the central: %s", self.name, exc)
                 self.events.emit("error", detail=f"cannot join central: {exc}")
                 self.submit(Stop(reason=f"authentication with the central failed: {exc}", status=1))
                 return
-            except (TransportError, ProtocolError, TimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    what = "rejoin" if joined else "join"
+            if got is None:
+                if failed and not self._closed:
+                    exc, what = failed[0], "rejoin" if joined else "join"
                     log.error("%s: cannot %s the central: %s", self.name, what, exc)
                     self.events.emit("error", detail=f"cannot {what} central: {exc}")
                     self.submit(Stop(reason=f"central lost: {exc}", status=1))
-                    return
-                time.sleep(backoff)
-                backoff = min(BACKOFF_MAX_S, backoff * 2)
-                continue
+                return
+            conn, welcome = got
             if self.run_name is not None and welcome.run_name != self.run_name:
                 conn.close()
                 self.submit(Stop(reason=f"the central now runs {welcome.run_name!r}, not {self.run_name!r}", status=1))
                 return
             self.run_name = welcome.run_name
             self.on_welcome(welcome.run_name)
-            backoff = BACKOFF_FIRST_S
             self._lost.clear()
             link = Link(conn, name="central", on_message=self._on_message, on_lost=self._on_lost,
                         heartbeat_s=self.faults.heartbeat_s, dead_after_s=self.faults.dead_after_s)

@@ -521,8 +521,7 @@ class EdgeCore:
                 self.central.send(m.FaultReport(kind="restarted", process=e.device, peer=self.name, round=info.round,
                                                 step=old.step, detail="the device process started again without "
                                                 "a checkpoint: its round again from the round's weights",
-                                                detected_s=0.0, down_s=0.0, replayed=old.step, recovery="restart",
-                                                samples_lost=0))
+                                                replayed=old.step, recovery="restart"))
             self._start_session(e)  # a fetch under way no longer counts
         else:
             self.move(e, E.NO_SESSION)
@@ -710,8 +709,7 @@ class EdgeCore:
     def _report_refusal(self, device: str, detail: str, *, round: int, step: int) -> None:
         self.central.send(m.FaultReport(kind="protocol_error", process=self.name, peer=device,
                                         round=min(max(round, 0), reports.MAX_ROUND), step=min(max(step, 0), reports.MAX_STEP),
-                                        detail=detail[:200], detected_s=0.0, down_s=0.0, replayed=0,
-                                        recovery="link closed", samples_lost=0))
+                                        detail=detail[:200], recovery="link closed"))
 
     def _on_step(self, e: Entry, msg: m.Activations) -> None:
         session = e.session
@@ -793,8 +791,8 @@ class EdgeCore:
             step = e.session.step if e.session is not None else 0
             rnd = e.session.round if e.session is not None else 0
             self.central.send(m.FaultReport(kind="peer_silent", process=self.name, peer=e.device, round=rnd, step=step,
-                                            detail=str(ev.error)[:200], detected_s=round(ev.silent_s, 3), down_s=0.0,
-                                            replayed=0, recovery="session held", samples_lost=0))
+                                            detail=str(ev.error)[:200], detected_s=round(ev.silent_s, 3),
+                                            recovery="session held"))
         was = e.state
         if was in (S.ACTIVE, S.IDLE, S.DELIVERING, S.PULLING):
             self.move(e, E.LINK_LOST)

@@ -23,14 +23,15 @@ import time
 from common import messages as m
 from common import resolver, transport
 from common.config import Config
-from common.errors import PeerSilent, ProtocolError, RemoteProtocolError, TransportError
+from common.door import REFUSED, Door
+from common.errors import PeerSilent, TransportError
 from common.events import EventLog
 from common.limits import refusal_reporter
 from common.link import Link
 from common.bounds import device_payload_limit
 from common.models import part_keys
 from common.nets import net
-from common.security import Credentials, allowed
+from common.security import Credentials
 from edge.central_link import CentralLink
 from edge.core import EdgeCore, Models
 from edge.handover import PEER_FIRST
@@ -85,6 +86,9 @@ class EdgeServer:
                           events=events, replicator=self.replicator)
         # refusals of the listener, rate-limited: a flood of strangers writes a few lines and a count
         self._refusals = refusal_reporter(events=events, logger=log, who=name)
+        # the first message says who a connection is: a device, or another edge of the testbed
+        self._door = Door(where=f"edge {name}", events=events, first_within_s=2 * self.faults.dead_after_s,
+                          claims=self._who, known={"edge": set(cfg.edges) - {name}}, open=self._open)
         self.core = EdgeCore(name=name, mode=cfg.mode, models=models, seed=cfg.run.seed, devices=set(cfg.devices),
                              peers=set(cfg.edges) - {name}, central=self.central, fetcher=fetcher, events=events,
                              spare=self.spare, handover_deadline_s=limit + 2 * self.faults.dead_after_s,
@@ -99,7 +103,7 @@ class EdgeServer:
         """Serve until the central says stop (0) or is lost for good (1)."""
         me = self.cfg.edges[self.name]
         try:
-            listener = transport.Listener(me.listen_host, me.port, creds=self.creds, handler=self._serve,
+            listener = transport.Listener(me.listen_host, me.port, creds=self.creds, handler=self._door,
                                           on_reject=self._refusals, name=self.name,
                                           handshake_timeout=self.faults.dead_after_s).start()
         except TransportError as exc:
@@ -132,63 +136,41 @@ class EdgeServer:
 
     def _who(self, first: m.Message) -> tuple[str, str] | None:
         """As whom the first message of a connection acts (role, name), or None for a
-        message not allowed first (refused below)."""
+        message not allowed first (refused by the door). A device attaches only as
+        itself, an edge pulls only as itself (another edge of the testbed)."""
         if isinstance(first, m.AttachRequest):
             return "device", first.device
         if isinstance(first, PEER_FIRST):
             return "edge", first.target
         return None
 
-    def _serve(self, conn: transport.Connection) -> None:
-        """A listener thread: the first message says what the connection is; then this
-        thread reads the link until it ends."""
-        dead = self.faults.dead_after_s
-        try:
-            first = conn.recv(timeout=2 * dead)
-        except (TransportError, ProtocolError, TimeoutError) as exc:
-            if isinstance(exc, (RemoteProtocolError, TimeoutError)):
-                self.events.emit("protocol_error", peer=conn.peer, detail=str(exc)[:200], error=type(exc).__name__)
-                conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)[:200]))
-            return
+    def _open(self, conn: transport.Connection, first: m.Message, role: str, name: str) -> Link:
+        """The link of an admitted connection, its first message handed to the core;
+        its writer started first, so that the core's answer (even a refusal and a close)
+        goes out."""
         core = self.core
-        hb = self.faults.heartbeat_s
-        who = self._who(first)
-        if who is not None and (not allowed(conn.identity, *who)
-                                or who[0] == "edge" and (who[1] not in self.cfg.edges or who[1] == self.name)):
-            # a device attaches only as itself, an edge pulls only as itself (and names an edge)
-            detail = "refused"
-            self.events.emit("protocol_error", peer=conn.peer, error="AuthenticationError",
-                             detail=f"{conn.identity} may not send {first.TYPE} as {who[0]} {who[1]}"[:200])
-            conn.close(notice=m.ErrorNotice(kind="AuthenticationError", detail=detail))
-            return
-        if isinstance(first, m.AttachRequest):
-            device = first.device
+        hb, dead = self.faults.heartbeat_s, self.faults.dead_after_s
+        if role == "device":
             conn.limit_payload(self.device_payload)
 
-            def on_lost(link: Link, exc: Exception, _d: str = device) -> None:
+            def on_lost(link: Link, exc: Exception) -> None:
                 silent = time.monotonic() - link.conn.last_received if isinstance(exc, PeerSilent) else 0.0
-                core.submit(DeviceLost(link, _d, exc, silent))
+                core.submit(DeviceLost(link, name, exc, silent))
 
-            link = Link(conn, name=f"device {device}", heartbeat_s=hb, dead_after_s=dead,
-                        on_message=lambda l, msg, _d=device: core.submit(DeviceMessage(l, _d, msg)), on_lost=on_lost)
-            link.start_writer()  # the core's answer (even a refusal and a close) goes out
-            core.submit(DeviceAttach(link, first, at=time.monotonic()))
-            link.serve()
-        elif isinstance(first, PEER_FIRST):
-            peer = first.target
-
-            def on_peer_message(link: Link, msg: m.Message) -> None:
-                if getattr(msg, "target", peer) != peer:  # the link speaks for one edge only
-                    link.close(notice=m.ErrorNotice(kind="AuthenticationError", detail="refused"))
-                    return
-                core.submit(PeerMessage(link, msg))
-
-            link = Link(conn, name=f"edge {peer}", heartbeat_s=hb, dead_after_s=dead, on_message=on_peer_message,
-                        on_lost=lambda l, exc: core.submit(PeerLost(l)))
+            link = Link(conn, name=f"device {name}", heartbeat_s=hb, dead_after_s=dead,
+                        on_message=lambda l, msg: core.submit(DeviceMessage(l, name, msg)), on_lost=on_lost)
             link.start_writer()
-            core.submit(PeerMessage(link, first))
-            link.serve()
-        else:
-            detail = f"edge {self.name} (new connection): {first.TYPE} is not allowed first"
-            self.events.emit("protocol_error", peer=conn.peer, detail=detail, error="RemoteProtocolError")
-            conn.close(notice=m.ErrorNotice(kind="RemoteProtocolError", detail=detail))
+            core.submit(DeviceAttach(link, first, at=time.monotonic()))
+            return link
+
+        def on_peer_message(link: Link, msg: m.Message) -> None:
+            if getattr(msg, "target", name) != name:  # the link speaks for one edge only
+                link.close(notice=m.ErrorNotice(kind="AuthenticationError", detail=REFUSED))
+                return
+            core.submit(PeerMessage(link, msg))
+
+        link = Link(conn, name=f"edge {name}", heartbeat_s=hb, dead_after_s=dead, on_message=on_peer_message,
+                    on_lost=lambda l, exc: core.submit(PeerLost(l)))
+        link.start_writer()
+        core.submit(PeerMessage(link, first))
+        return link

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import psutil
 
+from common.atomic import write_json_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 # Where ``python -m scripts.bench`` puts its results unless told otherwise (gitignored).
@@ -443,9 +445,7 @@ def machine() -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(str(path), data, indent=2)
 
 
 def out_dir(given: str | None) -> Path:

@@ -8,7 +8,7 @@ wall clock of the process that wrote it: on several hosts, as good as their cloc
 
 Each events file is one life of one process (``events-<name>.jsonl``, then
 ``events-<name>.1.jsonl`` after a restart). A life without its goodbye
-(``shutdown``, or the central's ``finished``/``aborted``) in a run that went on died: it is
+(``shutdown``, or the central's ``finished``) in a run that went on died: it is
 a ``kill`` mark, placed where a peer first saw it go (its last line is often seconds
 before that), or at its last line when nobody said. A line that is not JSON (the torn last
 line of a killed process) is skipped.
@@ -23,7 +23,7 @@ from pathlib import Path
 from collections import Counter
 from typing import Any, Iterable
 
-GOODBYES = {"shutdown", "finished", "aborted"}
+GOODBYES = {"shutdown", "finished"}  # the central writes "finished" however its run ended
 # Mark kinds, in the order a legend lists them.
 MARK_KINDS = ("move", "drop", "kill", "restart", "recovery")
 _FILE = re.compile(r"^events-(?P<name>.+?)(?:\.(?P<life>\d+))?\.jsonl$")

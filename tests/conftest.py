@@ -27,6 +27,10 @@ TESTBED_PROGRAMS = {"podman", "podman-compose", "docker", "docker-compose", "ssh
 
 _started: list[str] = []
 
+# An event or field common/eventschema.py does not declare raises, here and in every
+# process the tests start (they inherit the environment); a run in the field logs it.
+os.environ["FEDFLY_STRICT_EVENTS"] = "1"
+
 
 def _project_process(args) -> str | None:
     """What ``args`` (a Popen argv or command string) starts, if it is one of the project's processes."""

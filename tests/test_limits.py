@@ -298,21 +298,21 @@ def test_refusal_reporter_writes_a_few_lines_under_a_flood(tmp_path):
 
 def test_event_log_out_of_descriptors_keeps_lines_and_writes_them_later(tmp_path):
     ev = events.EventLog(process="edge1", role="edge")
-    ev.emit("before")
+    ev.emit("shutdown", reason="before")
     held, old = _fill_descriptors(0)
     try:
         ev.open(str(tmp_path))         # cannot open: no raise
-        ev.emit("during", n=1)        # psutil cannot read /proc either: no raise
+        ev.emit("shutdown", reason="during")  # psutil cannot read /proc either: no raise
         assert ev.path is None
     finally:
         for s in held:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, old)
     time.sleep(events.REOPEN_S + 0.1)
-    ev.emit("after")
+    ev.emit("shutdown", reason="after")
     ev.close()
     got = [json.loads(x) for x in open(ev.path)]
-    assert [x["event"] for x in got] == ["before", "during", "after"]
+    assert [x["reason"] for x in got] == ["before", "during", "after"]
     assert got[1]["rss_mb"] is None and got[2]["rss_mb"] is not None
     assert ev.dropped == 0
 
@@ -324,13 +324,13 @@ def test_event_log_write_failure_is_counted_and_said_later(tmp_path):
     ev._file.close()
     ev._file = open("/dev/full", "w", encoding="utf-8")  # every write: ENOSPC
     for i in range(3):
-        ev.emit("lost", i=i)
+        ev.emit("shutdown", reason=f"lost {i}")
     assert ev.dropped == 3
     ev._file = open(path, "a", encoding="utf-8")
-    ev.emit("kept")
+    ev.emit("shutdown", reason="kept")
     ev.close()
     got = [json.loads(x) for x in open(path)]
-    assert [x["event"] for x in got] == ["events_dropped", "kept"]
+    assert [x["event"] for x in got] == ["events_dropped", "shutdown"] and got[1]["reason"] == "kept"
     assert got[0]["count"] == 3
 
 
@@ -338,7 +338,7 @@ def test_event_log_holds_at_most_max_pending_lines_before_open(monkeypatch):
     monkeypatch.setattr(events, "MAX_PENDING", 10)
     ev = events.EventLog(process="edge1", role="edge")
     for _ in range(25):
-        ev.emit("early")
+        ev.emit("shutdown", reason="early")
     assert len(ev._pending) == 10 and ev.dropped == 15
 
 

@@ -252,8 +252,7 @@ class Pull(Restart):
             return
         core.events.emit("pull_failed", device=e.device, source=source, round=r, step=s, detail=detail)
         core.central.send(m.FaultReport(kind="handover_failed", process=core.name, peer=source, round=r, step=s,
-                                        detail=detail[:200], detected_s=0.0, down_s=0.0, replayed=s,
-                                        recovery="restart", samples_lost=0))
+                                        detail=detail[:200], replayed=s, recovery="restart"))
         info = core.current
         if info is None or info.round != r or not core.takes_part(e.device, r):
             core.move(e, E.NO_SESSION)  # IDLE (GONE if the device is not linked)

@@ -164,8 +164,7 @@ class Recovery(Handover):
         r, s, c = req.round, req.step, session.step
         core.central.send(m.FaultReport(kind="handover_failed", process=core.name, peer=req.source, round=r, step=s,
                                         detail=f"session of {e.device} lost with {req.source}; replica of step {c} "
-                                               f"from {source}", detected_s=0.0, down_s=0.0, replayed=s - c,
-                                        recovery="replica", samples_lost=0))
+                                               f"from {source}", replayed=s - c, recovery="replica"))
         core.events.emit("replica_installed", device=e.device, source=source, round=r, step=c, device_step=s)
         e.session = session
         core.move(e, E.PULLED)  # ACTIVE (DETACHED if the device is not linked)
