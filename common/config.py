@@ -271,9 +271,10 @@ READ_BY: dict[str, str] = {
 }
 # Every table of the file, in the reference's order: (its heading, its keys, its name in READ_BY).
 TABLES: tuple[tuple[str, dict[str, Key], str], ...] = (
-    *((f"[{name}]", keys, name) for name, keys in SECTIONS.items()),
-    *((f'[strategy] name = "{name}"', strategies.params_of(name), "strategy") for name in strategies.NAMES
-      if strategies.params_of(name)),
+    *((heading, keys, name) for name, section in SECTIONS.items()
+      for heading, keys in [(f"[{name}]", section)] + ([
+          (f'[strategy] name = "{s}"', strategies.params_of(s)) for s in strategies.NAMES if strategies.params_of(s)]
+          if name == "strategy" else [])),
     ("[edges.NAME]", EDGE_KEYS, "edges"), ("[devices.NAME]", DEVICE_KEYS, "devices"),
     ("[mobility]", {**MOBILITY_KEYS, **MOBILITY_FLAG_KEYS}, "mobility"),
     ("[mobility.waypoint]", WAYPOINT_KEYS, "mobility.waypoint"),
