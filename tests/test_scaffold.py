@@ -208,13 +208,15 @@ def reference_sha(cfg_path, rounds: int) -> str:
 
 
 @pytest.mark.process
-def test_scaffold_with_a_move_a_killed_edge_and_a_drop_ends_as_without_them(tmp_path):
+def test_scaffold_with_a_move_a_killed_edge_and_a_drop_ends_as_without_them(tmp_path, monkeypatch):
     """Three rounds of two devices. The faulty run: in round 2 (control variates no longer
     zero) device1 moves to edge2 (an offer: its correction goes with the session), then
     edge2 is killed (both sessions come back from the replicas on edge1); in round 3
     device2's radio drops for a moment. It ends with the model of the run without any of
     it, which is the model trained in one process."""
+    from tests import test_faults
     from tests.test_faults import _config, _run, _wait_status
+    monkeypatch.setattr(test_faults, "RUN_TIMEOUT", 900.0)  # three rounds, twice, on a loaded machine
     # slower to call a peer dead than test_faults' settings: a loaded machine must not
     # lose links the test did not cut (a device dropped from a round would end elsewhere)
     kw = dict(rounds=3, faults={"checkpoint_steps": 2, "heartbeat_s": 0.5, "dead_after_s": 4.0,
