@@ -44,11 +44,11 @@ class _Round:
     start, which ``start`` is)."""
     plan: RoundPlan
     start: dict[str, torch.Tensor]
-    algo: dict[str, torch.Tensor]   # this device's share of the strategy's round tensors (DeviceRound.algo)
     batches: list
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     step_ms: list[float | None]  # wall time of each step, the wait for the edge included
+    algo: dict[str, torch.Tensor] = field(default_factory=dict)  # its share of the strategy's round tensors
     ckpts: dict[int, tuple[dict, dict]] = field(default_factory=dict)
     step: int = 0
     restarts: int = 0

@@ -26,11 +26,11 @@ from typing import Any
 from scripts import benchlib
 from scripts.bench_accuracy import prepare_data
 
-DEVICES, BATCH, LR, MOMENTUM, EPOCHS, ALPHA = 5, 20, 0.05, 0.0, 2, 0.1
+DEVICES, BATCH, LR, MOMENTUM, EPOCHS, ALPHA = 4, 25, 0.05, 0.0, 2, 0.1
 STRATEGIES: list[dict[str, Any]] = [{"name": "fedavg"}, {"name": "fedprox", "mu": 0.01},
                                     {"name": "scaffold", "server_lr": 1.0}]
 # scale -> (rounds, samples per device, test samples)
-SCALES = {"tiny": (2, 60, 200), "quick": (12, 300, 2000), "full": (50, 1000, 0)}
+SCALES = {"tiny": (2, 60, 200), "quick": (8, 150, 1000), "full": (50, 1000, 0)}
 
 
 def describe(scale: str) -> dict[str, Any]:

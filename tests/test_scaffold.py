@@ -14,6 +14,7 @@ import signal
 import pytest
 import torch
 
+from central.fedavg import fedavg
 from common import config as config_mod
 from common import strategies
 from common.errors import ConfigError, LocalProtocolError
@@ -81,7 +82,8 @@ def test_server_update_is_option_two_and_pure():
     assert torch.allclose(new["ci/d1/w"], ci1) and torch.allclose(new["ci/d2/w"], ci2)
     assert torch.allclose(new["c/w"], state["c/w"] + ((ci1 - state["ci/d1/w"]) + ci2) / 2)
     avg = (y1["w"] * 1 + y2["w"] * 3) / 4
-    assert torch.allclose(w["w"], x["w"] + 0.5 * (avg - x["w"])) and int(w["n"]) == 4 - 0  # integers: FedAvg's
+    assert torch.allclose(w["w"], x["w"] + 0.5 * (avg - x["w"]))
+    assert torch.equal(w["n"], fedavg([(y1, 1), (y2, 3)])["n"])  # integer tensors take FedAvg's value
     assert all(torch.equal(state[k], before[k]) for k in state)
     with pytest.raises(ValueError):
         s.aggregate([(y1, 1)], current=x, state=state)  # no (device, steps): cannot be done
@@ -89,7 +91,7 @@ def test_server_update_is_option_two_and_pure():
 
 def test_the_correction_is_c_minus_ci_and_zero_state_is_plain_sgd():
     torch.manual_seed(0)
-    p1, p2 = torch.nn.Parameter(torch.randn(3)), None
+    p1 = torch.nn.Parameter(torch.randn(3))
     p2 = torch.nn.Parameter(p1.detach().clone())
     p3 = torch.nn.Parameter(p1.detach().clone())
     plain = make_optimizer([("w", p1)], lr=0.1, momentum=0.0)
@@ -208,6 +210,7 @@ def reference_sha(cfg_path, rounds: int) -> str:
 
 
 @pytest.mark.process
+@pytest.mark.timeout(1800)  # two runs of three rounds: minutes on a loaded machine
 def test_scaffold_with_a_move_a_killed_edge_and_a_drop_ends_as_without_them(tmp_path, monkeypatch):
     """Three rounds of two devices. The faulty run: in round 2 (control variates no longer
     zero) device1 moves to edge2 (an offer: its correction goes with the session), then
@@ -241,5 +244,5 @@ def test_scaffold_with_a_move_a_killed_edge_and_a_drop_ends_as_without_them(tmp_
                          device_args={d: [f"devices.{d}.slowdown=5"] for d in ("device1", "device2")})
     assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
     assert [mv["round"] for mv in summary["migrations"]] == [2], summary["migrations"]
-    assert any(f["recovery"] == "replica" for f in summary["faults"]), summary["faults"]
+    assert any(f.get("recovery") == "replica" for f in summary["faults"]), summary["faults"]
     assert summary["final_model_sha256"] == plain["final_model_sha256"]
