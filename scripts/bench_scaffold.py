@@ -119,8 +119,11 @@ def report(result: dict[str, Any]) -> str:
 
 def options(parser):
     parser.add_argument("--archive", default=None, help="the CIFAR-10 JPEG archive, if not where benchlib looks")
+    parser.add_argument("--lr", type=float, default=LR, help=f"the devices' learning rate (default {LR})")
 
     def apply(args) -> None:
+        global LR
+        LR = args.lr
         if args.archive:
             benchlib.CIFAR_ARCHIVE = Path(args.archive)
     return apply
