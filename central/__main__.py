@@ -49,8 +49,8 @@ def serve(args, cfg, run_name: str, run_dir: str) -> int:
     from central.server import CentralServer
     from common.data import load_test_set, shard_sizes
     from common.training import set_threads, tune_malloc
-    set_threads(cfg.training["threads"])
-    tune_malloc(cfg.training["malloc"])
+    set_threads(cfg.training.threads)
+    tune_malloc(cfg.training.malloc)
     creds = cfg.credentials(CENTRAL)
     resume = None
     if args.resume:
@@ -72,10 +72,10 @@ def check_resumable(cfg, summary: dict, run_dir: str) -> None:
     resumed run would be another experiment under the old name)."""
     if summary.get("status") == "finished":
         raise TestbedError(f"{run_dir} has finished: nothing to resume")
-    same = {"run.mode": (summary.get("mode"), cfg.mode), "run.seed": (summary.get("seed"), cfg.run["seed"]),
-            "model.name": (summary.get("model"), cfg.model["name"]),
-            "model.split_layer": (summary.get("split_layer"), cfg.model["split_layer"]),
-            "data.dataset": (summary.get("dataset"), cfg.data["dataset"])}
+    same = {"run.mode": (summary.get("mode"), cfg.mode), "run.seed": (summary.get("seed"), cfg.run.seed),
+            "model.name": (summary.get("model"), cfg.model.name),
+            "model.split_layer": (summary.get("split_layer"), cfg.model.split_layer),
+            "data.dataset": (summary.get("dataset"), cfg.data.dataset)}
     for key, (was, now) in same.items():
         if was != now:
             raise ConfigError(key, f"is {now!r}, the run in {run_dir} used {was!r}",

@@ -90,13 +90,13 @@ def choose(cfg: Config, shard_samples: dict[str, int], p: Profile | None = None)
     if not auto:
         return {}
     t = cfg.training
-    p = p or profile(cfg.model_key, t["batch_size"])
+    p = p or profile(cfg.model_key, t.batch_size)
     load: dict[str, int] = {}
     for d in cfg.device_names:
         load[cfg.devices[d].edge] = load.get(cfg.devices[d].edge, 0) + 1
     out = {}
     for d in auto:
-        steps = math.ceil(shard_samples.get(d, t["batch_size"]) / t["batch_size"]) * t["local_epochs"]
+        steps = math.ceil(shard_samples.get(d, t.batch_size) / t.batch_size) * t.local_epochs
         preds = {cut: predict(p, cut, steps=steps, slowdown=cfg.devices[d].slowdown, edge_load=load[cfg.devices[d].edge],
                               mbit=cfg.link_rate(d))
                  for cut in range(len(p.seconds) - 1)}

@@ -7,6 +7,12 @@ Ctrl-C or SIGTERM (summary.json then says "stopped"), or as soon as one of them 
 (naming it and showing the end of its log) unless ``faults.on_death = "restart"`` (or
 ``--chaos``) starts it again. Prints where the results are. The supervision itself is
 ``common.supervisor``'s.
+
+``--device-host`` (``--edge-host``) forks the devices (edges) from one process that has
+imported torch once, instead of starting each anew: each is still its own process with
+its own sockets and certificate, but they share torch's pages (``common.forkhost``), which
+is what a fleet of a hundred devices on one machine needs (docs/DEPLOY.md, "A fleet on one
+machine").
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from central.rundir import has_checkpoint, new_run_dir
 from common import pki
 from common.config import Config, load_config
 from common.errors import ConfigError
+from common.forkhost import HostSpawner
 from common.portcheck import busy_ports
 from common.supervisor import Child, LocalSpawner, Policy, Supervisor, stop_all
 
@@ -59,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="soak test: SIGKILL a random role about every SECONDS (implies faults.on_death=restart)")
     p.add_argument("--chaos-max", metavar="N", type=int, default=3, help="at most N chaos kills (default 3)")
     p.add_argument("--chaos-seed", metavar="S", type=int, default=0, help="seed of the chaos (which role, when)")
+    p.add_argument("--device-host", action="store_true",
+                   help="fork every device from one process that imported torch once (shared memory)")
+    p.add_argument("--edge-host", action="store_true", help="the same for the edges")
     args = p.parse_args(argv)
     if args.chaos < 0 or args.chaos_max < 0:
         print("fedfly-launch: error: --chaos and --chaos-max must be >= 0", file=sys.stderr)
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"fedfly-launch: error: {exc}", file=sys.stderr)
             return 2
-        if not cfg.run["name"]:
+        if not cfg.run.name:
             overrides.append(f'run.name="{run_name}"')
     print(f"launch: {len(cfg.edges)} edges, {len(cfg.devices)} devices, mode {cfg.mode}, run {run_dir}", flush=True)
 
@@ -106,18 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     log_dir = os.path.join(run_dir, "logs")
     children = children_of(cfg, args.config, overrides, log_dir, run_dir, bool(args.resume))
-    policy = Policy(on_death="restart" if args.chaos else cfg.faults["on_death"],
-                    max_restarts=cfg.faults["max_restarts"], chaos_s=args.chaos, chaos_max=args.chaos_max,
+    policy = Policy(on_death="restart" if args.chaos else cfg.faults.on_death,
+                    max_restarts=cfg.faults.max_restarts, chaos_s=args.chaos, chaos_max=args.chaos_max,
                     chaos_seed=args.chaos_seed, can_resume=lambda: has_checkpoint(run_dir))
-    sup = Supervisor(children, LocalSpawner(), policy, say="launch")
+    hosted = [role for role, on in (("device", args.device_host), ("edge", args.edge_host)) if on]
+    spawner = HostSpawner(hosted) if hosted else LocalSpawner()
+    sup = Supervisor(children, spawner, policy, say="launch")
     try:
         sup.start_all()
         status = sup.run()
     except KeyboardInterrupt:
         print("launch: interrupted; stopping every process", file=sys.stderr)
         status = 130
+    except OSError as exc:  # a process that cannot be started (or forked: the host is gone)
+        print(f"fedfly-launch: error: {exc}; stopping every process", file=sys.stderr)
+        status = 1
     finally:
         stop_all(children)
+        if hosted:
+            spawner.close()
     ended(run_dir, status, stopped_by[0] if stopped_by else "", run_name, cfg)
     print(f"results: {run_dir}", flush=True)
     return status

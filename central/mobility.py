@@ -32,6 +32,8 @@ from common.errors import ConfigError, ProtocolError, TransportError
 from common.security import CONTROLLER, Credentials, Identity
 from common.text import printable
 
+# Exit statuses beside 0 (done), 1 (failed) and 2 (a bad command line or config), so a
+# scenario script can tell a refused move and a run that is over from a failure.
 REFUSED = 3
 RUN_ENDED = 4
 

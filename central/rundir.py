@@ -19,13 +19,13 @@ CHECKPOINT_META = "checkpoint.json"
 def new_run_dir(cfg) -> tuple[str, str]:
     """The run's name and folder. A folder is never reused: a ``run.name`` whose folder
     exists is refused (resume it, or name another run); a generated name gets a suffix."""
-    out = cfg.run["out"]
-    if cfg.run["name"]:
-        run_dir = os.path.join(out, cfg.run["name"])
+    out = cfg.run.out
+    if cfg.run.name:
+        run_dir = os.path.join(out, cfg.run.name)
         if os.path.exists(os.path.join(run_dir, "summary.json")):
-            raise ConfigError("run.name", f"a run named {cfg.run['name']!r} exists already in {run_dir}",
+            raise ConfigError("run.name", f"a run named {cfg.run.name!r} exists already in {run_dir}",
                               f"continue it with --resume {run_dir}, or choose another run.name")
-        return cfg.run["name"], run_dir
+        return cfg.run.name, run_dir
     base = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}"
     name, n = base, 1
     while os.path.exists(os.path.join(out, name)):

@@ -42,7 +42,8 @@ log = logging.getLogger("central")
 
 # The round loop wakes at least this often to check grace periods and deadlines.
 POLL_S = 0.5
-# After the Shutdown, how long the edges' links get to deliver it.
+# After the Shutdown, how long the edges' links get to deliver it (one small message; the
+# run is over, so a lost link only delays the exit).
 SHUTDOWN_FLUSH_S = 2.0
 
 
@@ -82,8 +83,8 @@ class CentralServer:
         self.faults = cfg.faults
         # The seam between the round logic and the network: tests stand a fake here.
         self.registry = registry or EdgeRegistry(edges=set(cfg.edges), run_name=run_name, mode=cfg.mode,
-                                                 events=events, heartbeat_s=self.faults["heartbeat_s"],
-                                                 dead_after_s=self.faults["dead_after_s"])
+                                                 events=events, heartbeat_s=self.faults.heartbeat_s,
+                                                 dead_after_s=self.faults.dead_after_s)
         self.attached: dict[str, set[str]] = {}   # live edge -> devices attached to it
         # devices last seen on an edge whose link to us is lost -> when it was lost: they
         # may be training still (only the edge's uplink broke); held for faults.central_grace_s
@@ -94,20 +95,21 @@ class CentralServer:
         self.tracker: RoundTracker | None = None
         self.started = time.monotonic()
         self.spec = state_spec(cfg.model_key)
-        self.handover = cfg.handover if cfg.mode == "fedfly" else cfg.mode
+        self.handover = cfg.mobility.handover if cfg.mode == "fedfly" else cfg.mode
         t = cfg.training
         self.results = RunResults(run_dir=run_dir, header={
-            "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run["seed"],
+            "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run.seed,
             # how a moving device's session follows it (``edge.handover``)
             "handover": self.handover,
-            "model": cfg.model["name"], "model_key": cfg.model_key, "split_layer": cfg.model["split_layer"],
-            "dataset": cfg.data["dataset"],
+            "model": cfg.model.name, "model_key": cfg.model_key, "split_layer": cfg.model.split_layer,
+            "dataset": cfg.data.dataset,
             "strategy": self.strategy.describe(),
             "cuts": {d: self.auto[d]["cut"] if d in self.auto else cfg.split_of(d) for d in cfg.device_names},
             "auto_split": self.auto,
-            "mobility": {**cfg.mobility, "timed_moves": len(cfg.timed_moves)},
-            "distribution": cfg.data["distribution"], "training": dict(t), "threads": t["threads"],
-            "faults_settings": dict(cfg.faults),
+            "mobility": {**cfg.mobility.as_dict(), **({"waypoint": cfg.waypoint.as_dict()} if cfg.waypoint else {}),
+                         "timed_moves": len(cfg.timed_moves)},
+            "distribution": cfg.data.distribution, "training": t.as_dict(), "threads": t.threads,
+            "faults_settings": cfg.faults.as_dict(),
             "device_settings": {n: {"edge": d.edge, "slowdown": d.slowdown, "threads": cfg.device_threads(n)}
                                 for n, d in sorted(cfg.devices.items())},
             "edges": sorted(cfg.edges), "torch": torch.__version__,
@@ -168,7 +170,7 @@ class CentralServer:
         present = self.present
         for d in [d for d in self.orphans if d in present]:
             del self.orphans[d]
-        return frozenset(d for d, t in self.orphans.items() if now - t < self.faults["central_grace_s"])
+        return frozenset(d for d, t in self.orphans.items() if now - t < self.faults.central_grace_s)
 
     def _pump(self, timeout: float) -> None:
         """Handle every event that arrives within ``timeout`` (at least one wait)."""
@@ -294,7 +296,7 @@ class CentralServer:
         status, reason, signame, listener = "failed", "", "", None
         try:
             listener = transport.Listener(c.listen_host, c.port, creds=self.creds, handler=self.registry.serve,
-                                          name="central", handshake_timeout=self.faults["dead_after_s"],
+                                          name="central", handshake_timeout=self.faults.dead_after_s,
                                           on_reject=refusal_reporter(events=self.events)).start()
             self.events.emit("listening", host=c.listen_host, port=c.port, run=self.run_name)
             if self.resume is not None:
@@ -302,7 +304,7 @@ class CentralServer:
                 if self.resume.rng is not None:
                     torch.set_rng_state(self.resume.rng)
             else:
-                self.weights, first = dict(build_model(self.cfg.model_key, seed=self.cfg.run["seed"]).state_dict()), 1
+                self.weights, first = dict(build_model(self.cfg.model_key, seed=self.cfg.run.seed).state_dict()), 1
                 # round 0: a central that dies before its first round ends can be resumed too
                 self._checkpoint(checkpoint.save, self.results.run_dir, 0, dict(self.weights), self.results.summary)
             # summary.json from the start (after the checkpoint: a central started again
@@ -314,7 +316,7 @@ class CentralServer:
         except RunStopped as exc:
             status, signame = "stopped", exc.signame
             done = self.results.summary["rounds"]
-            reason = f"{exc.signame} after round {done[-1]['round'] if done else 0} of {self.cfg.training['rounds']}"
+            reason = f"{exc.signame} after round {done[-1]['round'] if done else 0} of {self.cfg.training.rounds}"
         except RunAborted as exc:
             reason = str(exc)
             self.results.add_failure({"reason": reason})
@@ -353,7 +355,7 @@ class CentralServer:
         return code
 
     def _wait_for_testbed(self) -> None:
-        deadline = time.monotonic() + self.cfg.run["startup_timeout"]
+        deadline = time.monotonic() + self.cfg.run.startup_timeout
         want_edges, want_devices = set(self.cfg.edges), set(self.cfg.devices)
         self.say(f"central: waiting for {len(want_edges)} edges and {len(want_devices)} devices")
         while True:
@@ -368,7 +370,7 @@ class CentralServer:
 
     def _await_devices(self, r: int) -> set[str]:
         """Devices attached now; if none is, wait for one (at most the round timeout)."""
-        deadline = time.monotonic() + self.cfg.run["round_timeout"]
+        deadline = time.monotonic() + self.cfg.run.round_timeout
         while not self.present:
             if time.monotonic() >= deadline:
                 raise RunAborted(f"no device is attached to any edge for round {r}")
@@ -381,7 +383,7 @@ class CentralServer:
 
     def _rounds(self, weights: dict[str, torch.Tensor], first: int = 1) -> dict[str, torch.Tensor]:
         t = self.cfg.training
-        rounds = t["rounds"]
+        rounds = t.rounds
         for r in range(first, rounds + 1):
             self._pump(0.0)
             replan = self.resume.plan if self.resume is not None and self.resume.plan is not None and \
@@ -393,15 +395,15 @@ class CentralServer:
             else:
                 participants = self._await_devices(r)
             t0 = time.monotonic()
-            plan = replan or RoundPlan(round=r, lr=t["lr"], momentum=t["momentum"], batch_size=t["batch_size"],
-                                       local_epochs=t["local_epochs"], participants=tuple(sorted(participants)),
+            plan = replan or RoundPlan(round=r, lr=t.lr, momentum=t.momentum, batch_size=t.batch_size,
+                                       local_epochs=t.local_epochs, participants=tuple(sorted(participants)),
                                        cuts=self._auto_cuts(), algo=self.strategy.algo())
             self._checkpoint(checkpoint.save_plan, self.results.run_dir, plan)
             start = m.RoundStart(plan=plan.to_wire(), weights=weights,
                                  algo=self.strategy.round_tensors(self.strategy_state, plan.participants))
             self.events.emit("round_start", round=r, participants=list(plan.participants))
             tracker = RoundTracker(round=r, participants=frozenset(participants), shard_samples=self.shard_samples,
-                                   grace_s=self.faults["device_grace_s"], started=t0)
+                                   grace_s=self.faults.device_grace_s, started=t0)
             self.tracker = tracker
             self.registry.greeting = start
             self.registry.broadcast(start)
@@ -416,7 +418,7 @@ class CentralServer:
                 self._fault({"kind": "device_dropped", "process": "central", "peer": d, "round": r,
                              "detail": "attached to no edge when the round started; it rejoins at a later round",
                              "samples_lost": self.shard_samples.get(d, 0)}, say=True)
-            self._collect(tracker, t0 + self.cfg.run["round_timeout"])
+            self._collect(tracker, t0 + self.cfg.run.round_timeout)
             self.tracker = None
             self.done_round = r
             seconds = time.monotonic() - t0

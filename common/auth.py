@@ -24,6 +24,7 @@ import secrets
 from common.errors import AuthenticationError, ConfigError
 
 HELLO_MAGIC = b"FFAUTH1\x00"
+# HMAC-SHA256 tags, and nonces as long: no replay or forgery within reach.
 NONCE_BYTES = 32
 MAC_BYTES = 32
 ACCEPT = b"\x01"

@@ -37,9 +37,9 @@ class PrintableFormatter(logging.Formatter):
 def data_spec(cfg: Config):
     from common.data import DataSpec
     d = cfg.data
-    return DataSpec(dataset=d["dataset"], root=d["root"], download=d["download"], distribution=d["distribution"],
-                    alpha=d["alpha"], samples_per_device=d["samples_per_device"], test_samples=d["test_samples"],
-                    image_size=d["image_size"], seed=cfg.run["seed"])
+    return DataSpec(dataset=d.dataset, root=d.root, download=d.download, distribution=d.distribution,
+                    alpha=d.alpha, samples_per_device=d.samples_per_device, test_samples=d.test_samples,
+                    image_size=d.image_size, seed=cfg.run.seed)
 
 
 def run_main(argv: list[str] | None, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace, Config], int]) -> int:

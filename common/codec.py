@@ -48,7 +48,10 @@ DEFAULT_MAX_PAYLOAD_BYTES = 512 << 20
 EAGER_PAYLOAD_BYTES = 16 << 20
 # Tensors start at 16-byte offsets so views of the payload stay aligned for SIMD kernels.
 TENSOR_ALIGN = 16
+# A session snapshot, the longest tensor list, holds a part's parameters, buffers and
+# optimizer state (hundreds for ResNet-18): room to spare, and a cap on what we parse.
 MAX_TENSORS = 4096
+# Convolution weights and activations have 4 dimensions; 8 leaves room.
 MAX_DIMS = 8
 # A shape's sizes multiplied together, zeros counted as ones, must stay below this: a
 # tensor with no elements but sizes like [0, 2**39, 2**39] passes every byte count while

@@ -2,9 +2,11 @@
 
 ``load_config(path, overrides)`` parses, applies overrides (``section.key=value``, from
 the ``FEDFLY_SET`` environment variable first, then the command line), checks every key
-and value, and returns a frozen ``Config``. Any mistake raises ``ConfigError`` naming the
-key and the fix. Relative ``security.key_file`` and ``security.certs`` paths are relative to the config file;
-``run.out`` and ``data.root`` to the working directory.
+and value, and returns a frozen ``Config``, each section a frozen dataclass made from its
+schema (``cfg.faults.dead_after_s``; ``common.sections``). Any mistake raises
+``ConfigError`` naming the key and the fix. Relative ``security.key_file`` and
+``security.certs`` paths are relative to the config file; ``run.out`` and ``data.root`` to
+the working directory.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from common.datasets import DATASETS, dataset_info
 from common.errors import ConfigError
 from common.mobility_models import TimedMove, TraceError, read_trace, waypoint_trace
 from common.nets import NETS, ModelSpec, net
+from common.sections import Section, section_class
 from common import strategies
 
 MODES = ("fedfly", "restart", "classic")
@@ -97,6 +100,9 @@ SECTIONS: dict[str, dict[str, Key]] = {
                      "stop the testbed (naming it), or start it again (the central with --resume)"),
         "max_restarts": (int, 3, _NONNEG, "with on_death = \"restart\": at most this many restarts of each process, "
                          "so one that dies at start does not loop for ever"),
+        "replicas_kept": (int, 3, _AT_LEAST_1, "a buddy edge keeps this many newest copies of each session "
+                          "(checkpoint_steps): a device's own checkpoint lags its session by up to a step and a copy "
+                          "takes time to arrive; each copy is a whole session in memory (fewer on a small host)"),
     },
     "security": {
         "mode": (str, "", _choice(("", "tls", "key")), "tls: TLS 1.3, mutual, one certificate per process from the "
@@ -205,25 +211,26 @@ MOVE_KEYS: dict[str, Key] = {
     "at": (float, REQUIRED, lambda v: None if 0 < v < 1 else "must be a fraction of the round, 0 < at < 1",
            "when, as a fraction of the round: just before step floor(at x steps)"),
 }
+HANDOVERS = ("offer", "pull", "relay")   # edge/handover/
 # [mobility]: which model moves the devices ([[mobility.moves]] and [[mobility.drops]] apply
-# under every model).
+# under every model), and how a moving device's session follows it. Its tables
+# ([mobility.waypoint], [[mobility.moves]], [[mobility.drops]]) have their own schemas below.
 MOBILITY_KEYS: dict[str, Key] = {
     "model": (str, "schedule", _choice(MOBILITY_MODELS), "what moves the devices: [[mobility.moves]], a trace file, "
               "or random waypoint over a grid of edge cells"),
     "trace": (str, "", None, "model trace: a CSV (relative to the config file) of time_s,device,edge or "
               "round,at,device,edge rows"),
-}
-HANDOVERS = ("offer", "pull", "relay")
-# The [mobility] flags build_config reads itself (its own checks and messages); their
-# defaults are these.
-MOBILITY_FLAG_KEYS: dict[str, Key] = {
     "preconnect": (bool, False, None, "make-before-break: a device opens its link to the next edge one step before a "
                    "scheduled move; off by default, as a radio cannot always reach the next cell early"),
     "handover": (str, "offer", _choice(HANDOVERS), "mode fedfly: how a session follows a moving device: the old edge "
                  "sends it ahead (offer), the new one fetches it on attach (pull), or it stays and steps are "
                  "forwarded to it (relay)"),
     "offer": (bool, True, None, "the old spelling of handover: true is \"offer\", false \"pull\""),
+    "handover_limit_s": (float, 30.0, _POSITIVE, "how long a live peer edge may take to answer a pull or an offer "
+                         "(a whole session over a slow link, rebuilt on a slow host); a silent one is noticed "
+                         "sooner, by faults.dead_after_s"),
 }
+MOBILITY_TABLES = ("moves", "drops", "waypoint")   # [mobility]'s own tables
 # [mobility.waypoint]: random waypoint over a grid of edge cells (common/mobility_models.py)
 WAYPOINT_KEYS: dict[str, Key] = {
     "cell_m": (float, 100.0, _POSITIVE, "side of an edge's square cell, metres"),
@@ -248,7 +255,7 @@ READ_BY: dict[str, str] = {
     "run.round_timeout": "central, device",
     "faults": "central, edge, device", "faults.device_grace_s": "central, device", "faults.reconnect": "device",
     "faults.central_grace_s": "central, edge", "faults.give_up_s": "device", "faults.checkpoint_steps": "edge, device",
-    "faults.on_death": "launcher", "faults.max_restarts": "launcher",
+    "faults.on_death": "launcher", "faults.max_restarts": "launcher", "faults.replicas_kept": "edge",
     "security": "central, edge, device, controller, launcher",
     "central": "central, edge, controller, launcher", "central.bind": "central", "central.ssh": "launcher (remote)",
     "links": "launcher (netns)",
@@ -265,7 +272,7 @@ READ_BY: dict[str, str] = {
     "devices.link_mbit": "central, launcher (netns)", "devices.split_layer": "central, edge, device",
     "devices.ssh": "launcher (remote)",
     "mobility": "central, device", "mobility.preconnect": "device", "mobility.handover": "central, edge, device",
-    "mobility.offer": "central, edge, device",
+    "mobility.offer": "central, edge, device", "mobility.handover_limit_s": "edge",
     "mobility.waypoint": "central, device", "mobility.moves": "central, device, launcher (netns)",
     "mobility.drops": "central, device",
 }
@@ -276,7 +283,7 @@ TABLES: tuple[tuple[str, dict[str, Key], str], ...] = (
           (f'[strategy] name = "{s}"', strategies.params_of(s)) for s in strategies.NAMES if strategies.params_of(s)]
           if name == "strategy" else [])),
     ("[edges.NAME]", EDGE_KEYS, "edges"), ("[devices.NAME]", DEVICE_KEYS, "devices"),
-    ("[mobility]", {**MOBILITY_KEYS, **MOBILITY_FLAG_KEYS}, "mobility"),
+    ("[mobility]", MOBILITY_KEYS, "mobility"),
     ("[mobility.waypoint]", WAYPOINT_KEYS, "mobility.waypoint"),
     ("[[mobility.moves]]", MOVE_KEYS, "mobility.moves"), ("[[mobility.drops]]", DROP_KEYS, "mobility.drops"),
 )
@@ -285,6 +292,36 @@ TABLES: tuple[tuple[str, dict[str, Key], str], ...] = (
 def read_by(table: str, key: str) -> str:
     """Which processes read ``key`` of ``table`` (a ``TABLES`` name), per ``READ_BY``."""
     return READ_BY.get(f"{table}.{key}") or READ_BY[table]
+
+
+def default(key: str) -> Any:
+    """The schema's default of ``key`` ("section.key"), for a constructor that takes it as an
+    argument but is also built without a config (in tests)."""
+    table, name = key.rsplit(".", 1)
+    return {**SECTIONS, "mobility": MOBILITY_KEYS}[table][name][1]
+
+
+def _section(table: str, keys: dict[str, Key]) -> type[Section]:
+    return section_class(table, keys, module=__name__, types={Cut: int | str}, required=REQUIRED)
+
+
+# The typed sections (``cfg.faults.dead_after_s``): frozen dataclasses made from the schema
+# above, so it stays the one place a key is declared. [central] is an ``Endpoint``;
+# [strategy] is still a mapping (central/strategies.py's strategies own their parameters).
+RunSection = _section("run", SECTIONS["run"])
+FaultsSection = _section("faults", SECTIONS["faults"])
+SecuritySection = _section("security", SECTIONS["security"])
+LinksSection = _section("links", SECTIONS["links"])
+RemoteSection = _section("remote", SECTIONS["remote"])
+ModelSection = _section("model", SECTIONS["model"])
+DataSection = _section("data", SECTIONS["data"])
+TrainingSection = _section("training", SECTIONS["training"])
+MobilitySection = _section("mobility", MOBILITY_KEYS)
+MobilityWaypointSection = _section("mobility.waypoint", WAYPOINT_KEYS)
+TYPED_SECTIONS: dict[str, type[Section]] = {
+    "run": RunSection, "faults": FaultsSection, "security": SecuritySection, "links": LinksSection,
+    "remote": RemoteSection, "model": ModelSection, "data": DataSection, "training": TrainingSection,
+}
 
 
 @dataclass(frozen=True)
@@ -354,56 +391,65 @@ class Drop:
 @dataclass(frozen=True)
 class Config:
     path: str
-    run: dict[str, Any]
-    faults: dict[str, Any]
-    security: dict[str, Any]
+    run: RunSection
+    faults: FaultsSection
+    security: SecuritySection
     central: Endpoint
     edges: dict[str, Endpoint]
     devices: dict[str, DeviceConfig]
-    model: dict[str, Any]
-    data: dict[str, Any]
-    training: dict[str, Any]
+    model: ModelSection
+    data: DataSection
+    training: TrainingSection
     strategy: dict[str, Any]
-    links: dict[str, Any]
-    remote: dict[str, Any]
-    moves: tuple[Move, ...] = field(default_factory=tuple)
-    drops: tuple[Drop, ...] = field(default_factory=tuple)
-    # mobility.preconnect: make-before-break. A device opens and secures its link to the
+    links: LinksSection
+    remote: RemoteSection
+    # [mobility]. preconnect: make-before-break. A device opens and secures its link to the
     # next edge while it still trains on this one (a scheduled move, one step ahead), so a
     # move's pause covers only the handover. Off by default: a radio cannot always reach
     # the next cell before it leaves this one.
-    preconnect: bool = False
-    # mobility.handover (mode fedfly): how a session follows a moving device
-    # (``edge.handover``). "offer": a device that leaves for a planned move says where it
-    # goes, and its edge sends the session there, which verifies and rebuilds it before the
-    # device comes. A scheduled move is announced a step ahead, once the edge's gradient for
-    # the step before it is in, so the session travels during the device's backward pass; a
-    # move known only at the boundary is announced as the device leaves. With preconnect
-    # too, the move is announced the same way and its link is already open. "pull": the
-    # destination pulls it once the device attached (the path a lost link takes).
-    # BENCHMARKS 2c, 2e. ``mobility.offer = true | false`` is the old spelling of "offer" /
-    # "pull".
-    handover: str = "offer"
+    # handover (mode fedfly): how a session follows a moving device (``edge.handover``).
+    # "offer": a device that leaves for a planned move says where it goes, and its edge
+    # sends the session there, which verifies and rebuilds it before the device comes. A
+    # scheduled move is announced a step ahead, once the edge's gradient for the step before
+    # it is in, so the session travels during the device's backward pass; a move known only
+    # at the boundary is announced as the device leaves. With preconnect too, the move is
+    # announced the same way and its link is already open. "pull": the destination pulls it
+    # once the device attached (the path a lost link takes). BENCHMARKS 2c, 2e.
+    # ``offer = true | false`` is the old spelling of "offer" / "pull"; after the check it
+    # always agrees with handover.
+    mobility: MobilitySection = field(default_factory=MobilitySection)
+    waypoint: MobilityWaypointSection | None = None   # [mobility.waypoint], when that is the model
+    moves: tuple[Move, ...] = field(default_factory=tuple)
+    drops: tuple[Drop, ...] = field(default_factory=tuple)
     traced_moves: tuple[TimedMove, ...] = field(default_factory=tuple)  # a time-based trace's
-    mobility: dict[str, Any] = field(default_factory=dict)   # the mobility model in force and its settings
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def mode(self) -> str:
-        return self.run["mode"]
+        return self.run.mode
+
+    # Transitional, like ``Section.__getitem__``: code on other branches reads these; the
+    # lead's sweep moves it to ``cfg.mobility.*``.
+    @property
+    def handover(self) -> str:
+        return self.mobility.handover
+
+    @property
+    def preconnect(self) -> bool:
+        return self.mobility.preconnect
 
     @property
     def offer(self) -> bool:
         """Does a device that leaves announce where it goes (its edge offers the session)?"""
-        return self.handover == "offer"
+        return self.mobility.offer
 
     @property
     def model_key(self) -> str:
         """The model built for this data set's input (``common.nets.ModelSpec.key``)."""
-        info = dataset_info(self.data["dataset"])
+        info = dataset_info(self.data.dataset)
         c, h, w = info.shape
-        size = self.data["image_size"]
-        return ModelSpec(self.model["name"], c, size or h, size or w, info.classes).key
+        size = self.data.image_size
+        return ModelSpec(self.model.name, c, size or h, size or w, info.classes).key
 
     @property
     def device_names(self) -> list[str]:
@@ -414,14 +460,14 @@ class Config:
         """``device``'s cut: its own ``split_layer`` or the model's; ``"auto"`` when the
         central chooses it at start (it comes in every round's plan, ``RoundPlan.cuts``)."""
         own = self.devices[device].split_layer
-        return self.model["split_layer"] if own is None else own
+        return self.model.split_layer if own is None else own
 
     @property
     def base_cut(self) -> int:
         """The model's cut; with ``model.split_layer = "auto"``, a placeholder (the middle
         cut) until the plan names each device's."""
-        cut = self.model["split_layer"]
-        return cut if cut != AUTO else len(net(self.model["name"]).cuts) // 2
+        cut = self.model.split_layer
+        return cut if cut != AUTO else len(net(self.model.name).cuts) // 2
 
     @property
     def splits(self) -> dict[str, int]:
@@ -432,10 +478,10 @@ class Config:
         """Mbit/s of ``device``'s link while attached to ``edge`` (default: its first edge):
         its own ``link_mbit``, else the edge's, else ``links.device_mbit``; 0 = unshaped."""
         return (self.devices[device].link_mbit or self.edges[edge or self.devices[device].edge].link_mbit
-                or self.links["device_mbit"])
+                or self.links.device_mbit)
 
     def device_threads(self, name: str) -> int:
-        return self.devices[name].threads or self.training["threads"]
+        return self.devices[name].threads or self.training.threads
 
     def moves_for(self, device: str) -> list[Move]:
         return [mv for mv in self.moves if mv.device == device]
@@ -444,10 +490,10 @@ class Config:
     def timed_moves(self) -> tuple[TimedMove, ...]:
         """Time-based moves: a trace's, or the random-waypoint walk (drawn on first use:
         only devices and the central need it)."""
-        wp = self.mobility.get("waypoint")
-        if wp is None:
+        if self.waypoint is None:
             return self.traced_moves
-        return tuple(waypoint_trace(devices={n: d.edge for n, d in self.devices.items()}, edges=list(self.edges), **wp))
+        return tuple(waypoint_trace(devices={n: d.edge for n, d in self.devices.items()}, edges=list(self.edges),
+                                    **self.waypoint.as_dict()))
 
     def timed_moves_for(self, device: str) -> list[TimedMove]:
         return [mv for mv in self.timed_moves if mv.device == device]
@@ -456,22 +502,22 @@ class Config:
         return [d for d in self.drops if d.device == device]
 
     def key_file(self) -> str | None:
-        kf = self.security["key_file"]
+        kf = self.security.key_file
         if not kf:
             return None
         return kf if os.path.isabs(kf) else os.path.join(os.path.dirname(os.path.abspath(self.path)), kf)
 
     def key(self) -> bytes:
         from common.auth import load_key
-        return load_key(key_file=self.key_file(), key_env=self.security["key_env"] or None)
+        return load_key(key_file=self.key_file(), key_env=self.security.key_env or None)
 
     @property
     def security_mode(self) -> str:
-        return self.security["mode"] or ("tls" if self.security["certs"] else "key")
+        return self.security.mode or ("tls" if self.security.certs else "key")
 
     def certs_dir(self) -> str:
         """The folder of the TLS files (relative to the config file), ``security.certs``."""
-        d = self.security["certs"] or "certs"
+        d = self.security.certs or "certs"
         return d if os.path.isabs(d) else os.path.join(os.path.dirname(os.path.abspath(self.path)), d)
 
     def credentials(self, identity):
@@ -522,7 +568,7 @@ def _apply(raw: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _typed(key: str, value: Any, typ: type) -> Any:
+def _typed(key: str, value: Any, typ: type, rule: Any = None) -> Any:
     if typ is Cut:
         if value == AUTO or type(value) is int:
             return value
@@ -532,8 +578,15 @@ def _typed(key: str, value: Any, typ: type) -> Any:
         return float(value)
     if type(value) is not typ:
         example = {str: '"text"', int: "3", float: "0.5", bool: "true"}[typ]
-        raise ConfigError(key, f"is {type(value).__name__} {value!r}, must be {typ.__name__}", f"write it like {example}")
+        raise ConfigError(key, f"is {type(value).__name__} {value!r}, must be {typ.__name__}",
+                          _choices(rule) or f"write it like {example}")
     return value
+
+
+def _choices(rule: Any) -> str:
+    """The fix for a key of a few choices (``_choice``): name them."""
+    options = getattr(rule, "options", None)
+    return "write one of " + ", ".join(f'"{o}"' for o in options) if options else ""
 
 
 def _strategy_section(given: Any) -> dict[str, Any]:
@@ -566,10 +619,10 @@ def _table(where: str, given: Any, schema: dict[str, Key], *, known: set[str] = 
                 raise ConfigError(name, "is missing", f"add {key} = ... under [{where}]")
             out[key] = default
             continue
-        value = _typed(name, given[key], typ)
+        value = _typed(name, given[key], typ, rule)
         problem = rule(value) if rule else None
         if problem:
-            raise ConfigError(name, f"{value!r} {problem}")
+            raise ConfigError(name, f"{value!r} {problem}", _choices(rule))
         out[key] = value
     return out
 
@@ -620,46 +673,38 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
         clash = sorted(set(edges) & set(devices))[0]
         raise ConfigError(clash, "is both an edge and a device", "give every process its own name")
 
-    f = sections["faults"]
-    if f["dead_after_s"] < 2 * f["heartbeat_s"]:
-        raise ConfigError("faults.dead_after_s", f"{f['dead_after_s']} is less than twice faults.heartbeat_s "
-                          f"({f['heartbeat_s']}): one late heartbeat would look like a dead peer",
-                          f"set it to at least {2 * f['heartbeat_s']:g}")
-    model = sections["model"]
-    _check_cut("model.split_layer", model["split_layer"], model["name"])
+    typed = {name: TYPED_SECTIONS[name](**values) for name, values in sections.items() if name in TYPED_SECTIONS}
+    f = typed["faults"]
+    if f.dead_after_s < 2 * f.heartbeat_s:
+        raise ConfigError("faults.dead_after_s", f"{f.dead_after_s} is less than twice faults.heartbeat_s "
+                          f"({f.heartbeat_s}): one late heartbeat would look like a dead peer",
+                          f"set it to at least {2 * f.heartbeat_s:g}")
+    model = typed["model"]
+    _check_cut("model.split_layer", model.split_layer, model.name)
     for dev in devices.values():
         if dev.split_layer is not None:
-            _check_cut(f"devices.{dev.name}.split_layer", dev.split_layer, model["name"])
+            _check_cut(f"devices.{dev.name}.split_layer", dev.split_layer, model.name)
 
     _check_endpoints(central, edges, devices)
-    moves = _moves(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
-    drops = _drops(raw.get("mobility", {}), edges, devices, sections["training"]["rounds"])
-    mobility, traced, timed = _mobility_model(raw.get("mobility", {}), path, edges, devices,
-                                              sections["training"]["rounds"], sections["run"]["seed"])
+    rounds = typed["training"].rounds
+    mobility_raw = raw.get("mobility", {})
+    moves = _moves(mobility_raw, edges, devices, rounds)
+    drops = _drops(mobility_raw, edges, devices, rounds)
+    mobility, waypoint, traced, timed = _mobility_model(mobility_raw, path, edges, devices, rounds, typed["run"].seed)
     moves = tuple(sorted(moves + traced, key=lambda x: (x.round, x.at, x.device)))
     _check_timeline(moves, drops, devices)
-    flags = {}
-    for key in ("preconnect", "offer"):
-        flags[key] = raw.get("mobility", {}).get(key, MOBILITY_FLAG_KEYS[key][1])
-        if type(flags[key]) is not bool:
-            raise ConfigError(f"mobility.{key}", f"{flags[key]!r} is not true or false", "write true or false")
-    handover = _handover(raw.get("mobility", {}), flags["offer"])
     return Config(path=path, central=central, edges=edges, devices=devices, moves=moves, drops=drops, raw=raw,
-                  preconnect=flags["preconnect"], handover=handover, traced_moves=timed, mobility=mobility,
-                  **sections)
+                  traced_moves=timed, mobility=mobility, waypoint=waypoint, strategy=sections["strategy"], **typed)
 
 
-
-def _handover(mobility: dict, offer: bool) -> str:
-    """``mobility.handover``, or its old spelling ``mobility.offer`` (true: "offer", false: "pull")."""
-    if "handover" not in mobility:
-        return "offer" if offer else "pull"
-    value = mobility["handover"]
-    if value not in HANDOVERS:
-        raise ConfigError("mobility.handover", f"{value!r} is not a handover policy",
-                          f"write one of {', '.join(repr(h) for h in HANDOVERS)}")
-    if "offer" in mobility and (value == "offer") != mobility["offer"]:
-        raise ConfigError("mobility.offer", f"{mobility['offer']!r} contradicts mobility.handover = {value!r}",
+def _handover(given: dict, settings: dict[str, Any]) -> str:
+    """``mobility.handover``, or its old spelling ``mobility.offer`` (true: "offer", false:
+    "pull"), from the checked ``settings``; ``given`` says which of the two the file set."""
+    if "handover" not in given:
+        return "offer" if settings["offer"] else "pull"
+    value = settings["handover"]
+    if "offer" in given and (value == "offer") != settings["offer"]:
+        raise ConfigError("mobility.offer", f"{settings['offer']!r} contradicts mobility.handover = {value!r}",
                           "remove mobility.offer (the old spelling of handover = \"offer\" / \"pull\")")
     return value
 
@@ -685,20 +730,22 @@ def _check_endpoints(central: Endpoint, edges: dict[str, Endpoint], devices: dic
 def _moves(mobility: Any, edges: dict, devices: dict, rounds: int) -> tuple[Move, ...]:
     if not isinstance(mobility, dict):
         raise ConfigError("mobility", "must be a table", "write moves as [[mobility.moves]] tables")
-    unknown = sorted(set(mobility) - {"moves", "drops", "waypoint", "preconnect", "offer", "handover"}
-                     - set(MOBILITY_KEYS))
+    unknown = sorted(set(mobility) - set(MOBILITY_TABLES) - set(MOBILITY_KEYS))
     if unknown:
         raise ConfigError(f"mobility.{unknown[0]}", "is not a known key",
-                          "use [[mobility.moves]], [[mobility.drops]], model, trace, preconnect, handover or "
-                          "[mobility.waypoint]")
+                          f"use [[mobility.moves]], [[mobility.drops]], [mobility.waypoint] or one of: "
+                          f"{', '.join(MOBILITY_KEYS)}")
     return _mobility_list(mobility, "moves", Move, MOVE_KEYS, edges, devices, rounds)
 
 
-def _mobility_model(mobility: dict, path: str, edges: dict, devices: dict, rounds: int,
-                    seed: int) -> tuple[dict[str, Any], tuple[Move, ...], tuple[TimedMove, ...]]:
-    """The ``[mobility]`` model: its settings (for summary.json), the round-based moves of
-    a trace, and the time-based moves of a trace or of the random-waypoint model."""
-    settings = _table("mobility", {k: v for k, v in mobility.items() if k in MOBILITY_KEYS}, MOBILITY_KEYS)
+def _mobility_model(mobility: dict, path: str, edges: dict, devices: dict, rounds: int, seed: int) -> tuple[
+        MobilitySection, MobilityWaypointSection | None, tuple[Move, ...], tuple[TimedMove, ...]]:
+    """The ``[mobility]`` settings, its ``[mobility.waypoint]`` (when that is the model), the
+    round-based moves of a trace, and the time-based moves of a trace."""
+    given = {k: v for k, v in mobility.items() if k not in MOBILITY_TABLES}
+    settings = _table("mobility", given, MOBILITY_KEYS)
+    settings["handover"] = _handover(given, settings)
+    settings["offer"] = settings["handover"] == "offer"   # the old spelling, agreeing with handover
     model = settings["model"]
     if mobility.get("waypoint") and model != "waypoint":
         raise ConfigError("mobility.waypoint", f"is set but mobility.model is {model!r}", 'set model = "waypoint"')
@@ -706,6 +753,7 @@ def _mobility_model(mobility: dict, path: str, edges: dict, devices: dict, round
         raise ConfigError("mobility.trace", f"is set but mobility.model is {model!r}", 'set model = "trace"')
     rounds_moves: list[Move] = []
     timed: list[TimedMove] = []
+    waypoint = None
     if model == "trace":
         if not settings["trace"]:
             raise ConfigError("mobility.trace", "is missing (mobility.model is \"trace\")",
@@ -732,8 +780,8 @@ def _mobility_model(mobility: dict, path: str, edges: dict, devices: dict, round
     elif model == "waypoint":
         wp = _table("mobility.waypoint", mobility.get("waypoint", {}), WAYPOINT_KEYS)
         wp["seed"] = seed if wp["seed"] == -1 else wp["seed"]
-        settings["waypoint"] = wp
-    return settings, tuple(rounds_moves), tuple(timed)
+        waypoint = MobilityWaypointSection(**wp)
+    return MobilitySection(**settings), waypoint, tuple(rounds_moves), tuple(timed)
 
 
 def _mobility_list(mobility: dict, kind: str, cls: type, schema: dict, edges: dict, devices: dict,

@@ -23,7 +23,7 @@ import hashlib
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 KEY = hashlib.sha256(b"fedfly tensor digest 1").digest()
-SIZE = 16  # bytes
+SIZE = 16  # bytes: a Poly1305 tag
 
 
 def new() -> Poly1305:

@@ -6,7 +6,14 @@ them alone; the wrapper imports ``torch._dynamo`` on its first call to say so, a
 optimizer although nothing here compiles. Telling each wrapper up front that its function
 is its own "disabled" form skips that import; the same Python function runs, so the
 results are the same bits. (``common.training.ProxSGD.step`` skips the other such
-wrapper, SGD.step's.) Memory figures: BENCHMARKS.md, "Memory".
+wrapper, SGD.step's.)
+
+``backward``: ``out.backward(grad)`` with a gradient given (a device's step: the edge's
+gradient at the cut) checks the gradient's shape through
+``torch.fx.experimental.symbolic_shapes``, which imports sympy: hundreds of modules again,
+on the first step. The device checks that shape itself (``common.bounds``), so it hands
+the pair to autograd's engine as ``torch.autograd.backward`` does after its check: the
+same engine call, the same bits. Memory figures: BENCHMARKS.md, "Memory".
 """
 
 from __future__ import annotations
@@ -31,6 +38,19 @@ def skip_dynamo() -> int:
                 fn.__dynamo_disable = fn
                 done += 1
     return done
+
+
+def backward(out, grad) -> None:
+    """``out.backward(grad)`` for a plain tensor ``out`` and a ``grad`` of its shape and
+    dtype, checked by the caller, without importing sympy (falls back to
+    ``out.backward(grad)`` if this torch has no such engine call)."""
+    import torch
+
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if run is None or type(out) is not torch.Tensor or type(grad) is not torch.Tensor:
+        out.backward(grad)
+        return
+    run((out,), (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True)
 
 
 def _probe() -> None:

@@ -35,7 +35,7 @@ else:
 JSON = Any  # msgpack-able plain data: None, bool, int, float, str, list, dict[str, ...]
 
 _TENSOR = typing.get_args(Tensors)[1]
-_MAX_JSON_DEPTH = 16
+_MAX_JSON_DEPTH = 16  # plain data nests a few levels; deeper is a peer trying to exhaust the stack
 MESSAGE_TYPES: dict[str, type["Message"]] = {}
 
 

@@ -79,11 +79,17 @@ def split_model(model: Part, split_layer: int) -> tuple[Part, Part]:
 def empty_part(name: str, first: int, last: int | None = None) -> Part:
     """Layers ``first..last`` with uninitialised weights, for a state that will be loaded
     right after (a migrated session): skips the random initialisation of every layer."""
+    # Module.to_empty would copy each meta tensor's layout through torch's Python
+    # references, importing sympy (common.footprint): plain empty tensors instead.
+    return _meta_part(name, first, last)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
+
+
+def _meta_part(name: str, first: int, last: int | None = None) -> Part:
+    """Layers ``first..last`` on the meta device: names, shapes and dtypes, no memory."""
     makers = layer_builders(name)
     last = len(makers) - 1 if last is None else last
     with torch.device("meta"):
-        layers = [make() for make in makers[first:last + 1]]
-    return Part(layers, first).to_empty(device="cpu")
+        return Part([make() for make in makers[first:last + 1]], first)
 
 
 def num_classes(name: str) -> int:
@@ -94,7 +100,7 @@ def num_classes(name: str) -> int:
 def state_spec(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every state-dict key of the whole model with its shape and dtype (what an update
     must carry, checked before anything is summed)."""
-    return {k: (tuple(v.shape), v.dtype) for k, v in empty_part(name, 0).state_dict().items()}
+    return {k: (tuple(v.shape), v.dtype) for k, v in _meta_part(name, 0).state_dict().items()}
 
 
 def weights_problem(weights: dict[str, torch.Tensor], spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> str:
@@ -126,7 +132,7 @@ def part_keys(name: str, split_layer: int) -> tuple[list[str], list[str]]:
 
 @functools.lru_cache(maxsize=64)
 def _part_keys(name: str, split_layer: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    dev, edge = split_model(empty_part(name, 0), split_layer)
+    dev, edge = split_model(_meta_part(name, 0), split_layer)
     return tuple(dev.state_dict()), tuple(edge.state_dict())
 
 

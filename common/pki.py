@@ -19,6 +19,7 @@ from common.config import Config
 from common.errors import ConfigError
 from common.security import Identity, tls_files
 
+# Ten years: a testbed's certificates must not expire mid-experiment (scripts.certs makes new ones).
 VALID_DAYS = 3650
 
 

@@ -28,6 +28,7 @@ from typing import Callable, Protocol
 
 from common.text import printable_lines
 
+# How often the processes are looked at: a death is seen within a fifth of a second, at no cost.
 POLL_S = 0.2
 # After the central exits, the others get this long to follow its Shutdown.
 DRAIN_S = 30.0

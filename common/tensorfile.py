@@ -20,6 +20,7 @@ _CODES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torc
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
           torch.uint8: "U8", torch.bool: "BOOL"}
 _DTYPES = {v: k for k, v in _CODES.items()}
+# About the safetensors library's own cap on a header (JSON, an entry per tensor): what a damaged file can make us read.
 MAX_HEADER = 100 << 20
 
 

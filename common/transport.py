@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 RECV_CHUNK = 1 << 20
 # Payload left to read at or above which the stream writes straight into the frame.
 DIRECT_MIN = 64 << 10
-# How long a peer may take for the whole handshake (not per read) before we hang up.
+# How long a peer may take for the whole handshake (not per read) before we hang up: a
+# handshake is a few kilobytes and milliseconds of work, so this is a slow link's margin,
+# while a stranger that stalls holds a handshake slot no longer.
 HANDSHAKE_TIMEOUT_S = 10.0
 
 

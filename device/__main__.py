@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         from device.client import DeviceClient
         cfg.require("device", args.name)
         set_threads(cfg.device_threads(args.name))
-        tune_malloc(cfg.training["malloc"])
+        tune_malloc(cfg.training.malloc)
         warm_up()
         creds = cfg.credentials(Identity("device", args.name))
         data = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=args.name)

@@ -24,6 +24,7 @@ from common.bounds import gradient_problem
 from common.config import Config
 from common.errors import ProtocolError, RemoteProtocolError, TestbedError, TransportError
 from common.events import EventLog
+from common.footprint import backward
 from common.models import build_model, part_keys, split_model, state_spec, weights_problem
 from common.plan import RoundPlan
 from common.security import Credentials
@@ -81,8 +82,8 @@ class DeviceClient:
         self.drops = ScheduledDrops(cfg.drops_for(name))
         # faults.checkpoint_steps (mode fedfly): the device part and its optimizer every K
         # steps, in memory, so that the round can go back to a step its edge's buddy holds
-        self.checkpoint_steps = cfg.faults["checkpoint_steps"] if self.mode == "fedfly" else 0
-        self.state_dir = disk.folder(cfg.run["out"], name)
+        self.checkpoint_steps = cfg.faults.checkpoint_steps if self.mode == "fedfly" else 0
+        self.state_dir = disk.folder(cfg.run.out, name)
         self.writer = disk.Writer(self.state_dir) if self.checkpoint_steps else None
         self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
         self.throttle_s = 0.0
@@ -101,8 +102,8 @@ class DeviceClient:
         resolver.warm((e.host, e.port) for e in self.cfg.edges.values())
         control = ControlServer(host=self.me.control.listen_host, port=self.me.control_port, creds=self.creds,
                                 device=self.name, edges=list(self.cfg.edges), pos=self.pos, events=self.events,
-                                cut=self.link.cut, handshake_timeout=self.cfg.faults["dead_after_s"],
-                                on_move=self.link.preconnect if self.cfg.preconnect else None).start()
+                                cut=self.link.cut, handshake_timeout=self.cfg.faults.dead_after_s,
+                                on_move=self.link.preconnect if self.cfg.mobility.preconnect else None).start()
         try:
             saved = disk.load(self.state_dir) if self.checkpoint_steps else None
             if saved is not None:
@@ -206,7 +207,7 @@ class DeviceClient:
                                                            if k.partition("/")[2] in self.keys}):
             raise RemoteProtocolError(f"device {self.name}: round {r} strategy tensors do not fit the model")
         batches = round_batches(len(self.x), plan.batch_size, local_epochs=plan.local_epochs,
-                                seed=self.cfg.run["seed"], device=self.name, round=r)
+                                seed=self.cfg.run.seed, device=self.name, round=r)
         model, opt = self._fresh(start_weights, plan, algo)
         rnd = _Round(plan=plan, start=start_weights, algo=algo, batches=batches, model=model, opt=opt,
                      step_ms=[None] * len(batches))
@@ -332,7 +333,7 @@ class DeviceClient:
             raise RemoteProtocolError(f"device {self.name}: step {step}: {problem}")
         self._announce(r, step, rnd.steps)
         t1 = time.perf_counter()
-        out.backward(grad)
+        backward(out, grad)  # out.backward(grad) without importing sympy (common.footprint)
         opt.step()
         return compute + time.perf_counter() - t1
 
@@ -342,7 +343,7 @@ class DeviceClient:
         session travels while the device computes (``EdgeLink.announce``). Not when a
         radio loss of the trace falls on that boundary too (the device would not leave
         from here), nor after the round's last step (no move follows it)."""
-        if self.mode != "fedfly" or not self.cfg.offer or step + 1 >= steps or \
+        if self.mode != "fedfly" or not self.cfg.mobility.offer or step + 1 >= steps or \
                 self.drops.ahead(r, step, steps) is not None:
             return
         to = self.moves.upcoming(r, step, steps)
@@ -381,7 +382,7 @@ class DeviceClient:
             outcome = self.link.move(to, r, step)
             if not isinstance(outcome, TrainFrom):
                 return outcome
-        if self.cfg.preconnect:
+        if self.cfg.mobility.preconnect:
             ahead = self.moves.upcoming(r, step, steps)
             if ahead is not None and ahead != self.link.edge:
                 self.link.preconnect(ahead)

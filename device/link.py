@@ -47,6 +47,8 @@ log = logging.getLogger("device")
 
 _LOST = "lost"
 _CUT = "cut"
+# Waits between tries to attach: short first (a move's new edge, or a restarted one, answers
+# within moments), doubled up to a second, so a device is back soon after its edge is.
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 1.0
 # Consecutive failed tries at one position (an edge that refuses us the same way every
@@ -106,7 +108,7 @@ class EdgeLink:
         self._pre: Preconnect | None = None  # mobility.preconnect: a link opened ahead of a move
         # ``announce``: the link a Leaving went out on ahead of a move, and that move
         self._announced: tuple[Link, str, int, int] | None = None
-        self.secret = attach_secret(cfg.run["out"], name)  # for the proofs of its attaches
+        self.secret = attach_secret(cfg.run.out, name)  # for the proofs of its attaches
 
     # -- state for status and reports ----------------------------------------------------------
 
@@ -154,7 +156,7 @@ class EdgeLink:
         secured. Returns the link (not yet ours) with the edge's acceptance; ``_Lost`` for
         a try that failed (``error``: what connecting raised, or ``AttachRefused``); or
         ``RunOver``."""
-        dead = self.faults["dead_after_s"]
+        dead = self.faults.dead_after_s
         try:
             if ahead is None:
                 req = self._signed(self._request(why), edge)
@@ -167,7 +169,7 @@ class EdgeLink:
         except (TransportError, ProtocolError, TimeoutError) as exc:
             return _Lost(str(exc), error=exc)
         inbox = self._inbox
-        link = Link(conn, name=f"edge {edge}", heartbeat_s=self.faults["heartbeat_s"], dead_after_s=dead,
+        link = Link(conn, name=f"edge {edge}", heartbeat_s=self.faults.heartbeat_s, dead_after_s=dead,
                     on_message=lambda l, msg: inbox.put((l, msg)),
                     on_lost=lambda l, exc: inbox.put((l, _LOST)))
         link.start()
@@ -197,7 +199,7 @@ class EdgeLink:
             old.close(drain=False)
         if reply.run_name and self.run_name is None:
             self.run_name = reply.run_name
-            self.events.open(os.path.join(self.cfg.run["out"], reply.run_name))
+            self.events.open(os.path.join(self.cfg.run.out, reply.run_name))
         self._set_link_state("attached")
         held, self._held = self._held, []
         for msg in held:
@@ -216,17 +218,17 @@ class EdgeLink:
         ``AttachRefused`` or ``AuthenticationError``: a refusal or a wrong key never heals
         by trying again."""
         t0 = time.monotonic()
-        deadline = t0 + self.cfg.run["startup_timeout"]
+        deadline = t0 + self.cfg.run.startup_timeout
         home = self.edge
         edges = sorted(self.cfg.edges)
         i = edges.index(home)
         others = edges[i + 1:] + edges[:i]
         backoff = BACKOFF_FIRST_S
         while True:
-            tried = [home] + (others if time.monotonic() - t0 >= self.cfg.run["startup_timeout"] / 2 else [])
+            tried = [home] + (others if time.monotonic() - t0 >= self.cfg.run.startup_timeout / 2 else [])
             last: str | None = None
             for edge in tried:
-                got = self._attach(edge, "start", timeout=self.cfg.run["startup_timeout"])
+                got = self._attach(edge, "start", timeout=self.cfg.run.startup_timeout)
                 if isinstance(got, _Lost):
                     if isinstance(got.error, (AttachRefused, AuthenticationError)):
                         raise got.error
@@ -253,7 +255,7 @@ class EdgeLink:
         link = link or self._link
         if link is None:
             return _Lost("no link")
-        limit = self.cfg.run["round_timeout"] if limit is None else limit
+        limit = self.cfg.run.round_timeout if limit is None else limit
         deadline = time.monotonic() + limit
         while True:
             try:
@@ -308,10 +310,10 @@ class EdgeLink:
         """Edges to try, in order (``reconnect.candidates``), from where the link is now."""
         return reconnect.candidates(
             edges=sorted(self.cfg.edges), on=self.edge, told=self._cut_to or self.pos.peek_pending() or "",
-            policy=self.faults["reconnect"], lost_at=lost_at, now=time.monotonic(), silent=silent, failed=failed,
-            dead_s=self.faults["dead_after_s"], grace_s=self.faults["device_grace_s"],
+            policy=self.faults.reconnect, lost_at=lost_at, now=time.monotonic(), silent=silent, failed=failed,
+            dead_s=self.faults.dead_after_s, grace_s=self.faults.device_grace_s,
             nearest=lambda edges: reconnect.nearest(self.cfg.edges, edges, creds=self.creds,
-                                                    timeout=self.faults["dead_after_s"]))
+                                                    timeout=self.faults.dead_after_s))
 
     def _reattach(self, lost: _Lost) -> Outcome:
         """Back on an edge after ``lost``; returns what its answer means for the training
@@ -339,7 +341,7 @@ class EdgeLink:
             with self._lock:
                 gen = self._cut_gen
             for edge in self._candidates(t_lost, lost.silent_s > 0, failed):
-                got = self._attach(edge, "reconnect", timeout=max(2 * self.faults["dead_after_s"], 10.0))
+                got = self._attach(edge, "reconnect", timeout=max(2 * self.faults.dead_after_s, 10.0))
                 if isinstance(got, _Lost):
                     self.events.emit("reconnect_failed", edge=edge, detail=got.detail[:200])
                     failed[edge] = time.monotonic()
@@ -367,8 +369,8 @@ class EdgeLink:
                     replayed=max(0, replayed), recovery=reply.how or reply.action,
                     samples_lost=0))
                 return self._read(reply)
-            if time.monotonic() - t_lost > self.faults["give_up_s"]:
-                return NoEdge(f"no edge took {self.name} for {self.faults['give_up_s']:.0f} s")
+            if time.monotonic() - t_lost > self.faults.give_up_s:
+                return NoEdge(f"no edge took {self.name} for {self.faults.give_up_s:.0f} s")
             time.sleep(backoff)
             backoff = min(BACKOFF_MAX_S, backoff * 2)
 
@@ -446,7 +448,7 @@ class EdgeLink:
         move itself (``move``) then only leaves. Nothing else goes on this link: the edge
         closes it."""
         link = self._link
-        if link is None or link.silent or self.mode != "fedfly" or not self.cfg.offer or to == self.edge:
+        if link is None or link.silent or self.mode != "fedfly" or not self.cfg.mobility.offer or to == self.edge:
             return  # (a silent link: a radio loss under way, which would swallow it)
         if link.post(m.Leaving(round=round, step=step, to=to)):
             self._announced = (link, to, round, step)
@@ -466,7 +468,7 @@ class EdgeLink:
         self._set_link_state("reconnecting")
         self._leave(old, to, round, step, announced=old is not None and announced == (old, to, round, step),
                     ahead=ahead is not None)
-        got = self._attach(to, "move", timeout=max(2 * self.faults["dead_after_s"], 10.0), ahead=ahead)
+        got = self._attach(to, "move", timeout=max(2 * self.faults.dead_after_s, 10.0), ahead=ahead)
         marks: dict = {"preconnected": True} if ahead is not None else {}
         if isinstance(got, _Lost):
             if ahead is not None:
@@ -506,7 +508,7 @@ class EdgeLink:
                              daemon=True).start()
         elif announced:
             old.close()
-        elif self.mode == "fedfly" and self.cfg.offer:
+        elif self.mode == "fedfly" and self.cfg.mobility.offer:
             old.close(notice=m.Leaving(round=round, step=step, to=to))
         else:
             old.close(drain=False)
@@ -534,7 +536,7 @@ class EdgeLink:
             ep = self.cfg.edges[edge]
             pre = self._pre = Preconnect(edge, lambda: transport.connect(
                 ep.host, ep.port, creds=self.creds, expect=Identity("edge", edge), peer=f"edge {edge}",
-                timeout=self.faults["dead_after_s"]), max_age_s=self.faults["dead_after_s"])
+                timeout=self.faults.dead_after_s), max_age_s=self.faults.dead_after_s)
         if kept is not None:
             kept.discard()
         self.events.emit("preconnect", to=edge, round=self.where.round, step=self.where.step)

@@ -14,8 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     def body(args, cfg) -> int:
         from edge.server import EdgeServer
         cfg.require("edge", args.name)
-        set_threads(cfg.training["threads"])
-        tune_malloc(cfg.training["malloc"])
+        set_threads(cfg.training.threads)
+        tune_malloc(cfg.training.malloc)
         warm_up()
         events = EventLog(process=args.name, role="edge")
         try:

@@ -25,6 +25,8 @@ from edge.ports import CentralDown, CentralMessage, CentralUp, Stop
 
 log = logging.getLogger("edge")
 
+# Waits between tries to reach the central: short first (a restarted central listens
+# again within moments), doubled up to a second, so the edge is back soon after it.
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 1.0
 # Reports (moves, faults) kept while the central is away; beyond this the oldest go.
@@ -101,7 +103,7 @@ class CentralLink:
 
     def _connect(self) -> tuple[transport.Connection, m.Welcome]:
         c = self.cfg.central
-        dead = self.faults["dead_after_s"]
+        dead = self.faults.dead_after_s
         conn = transport.connect(c.host, c.port, creds=self.creds, expect=CENTRAL, peer="central", timeout=dead)
         try:
             conn.send(m.EdgeHello(edge=self.name))
@@ -123,7 +125,7 @@ class CentralLink:
 
     def _run_links(self) -> None:
         joined = False
-        deadline = time.monotonic() + self.cfg.run["startup_timeout"]
+        deadline = time.monotonic() + self.cfg.run.startup_timeout
         backoff = BACKOFF_FIRST_S
         while not self._closed:
             try:
@@ -153,7 +155,7 @@ class CentralLink:
             backoff = BACKOFF_FIRST_S
             self._lost.clear()
             link = Link(conn, name="central", on_message=self._on_message, on_lost=self._on_lost,
-                        heartbeat_s=self.faults["heartbeat_s"], dead_after_s=self.faults["dead_after_s"])
+                        heartbeat_s=self.faults.heartbeat_s, dead_after_s=self.faults.dead_after_s)
             self.submit(CentralUp(run_name=welcome.run_name, mode=welcome.mode))
             with self._lock:
                 self._link = link
@@ -178,9 +180,9 @@ class CentralLink:
                 return
             reason = link.lost_reason
             log.warning("%s: lost the central (%s); trying again for %.0f s", self.name, reason,
-                        self.faults["central_grace_s"])
+                        self.faults.central_grace_s)
             self.submit(CentralDown(detail=str(reason)))
-            deadline = time.monotonic() + self.faults["central_grace_s"]
+            deadline = time.monotonic() + self.faults.central_grace_s
 
     def _on_message(self, link: Link, msg: m.Message) -> None:
         if isinstance(msg, m.ErrorNotice):

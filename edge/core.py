@@ -36,6 +36,7 @@ import torch
 
 from common import messages as m
 from common.bounds import batch_problem, weights_bound_problem
+from common.config import default
 from common.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from common.events import EventLog
 from common.plan import RoundPlan
@@ -54,6 +55,8 @@ from edge.trainer import StepDone, StepJob, Trainer
 log = logging.getLogger("edge")
 
 E, S = Event, State
+# With no event, the core wakes this often to check the handovers' deadlines (``tick``):
+# well inside any deadline (seconds), and a wake-up costs nothing.
 TICK_S = 0.5
 
 
@@ -119,7 +122,8 @@ class EdgeCore:
     def __init__(self, *, name: str, mode: str, models: Models, seed: int, devices: set[str], peers: set[str],
                  central: CentralPort, fetcher: Fetcher, events: EventLog, spare: SparePart | None = None,
                  clock: Callable[[], float] = time.monotonic, handover_deadline_s: float = 30.0,
-                 checkpoint_steps: int = 0, edges: list[str] | None = None, handover: str = "offer",
+                 checkpoint_steps: int = 0, replicas_kept: int = default("faults.replicas_kept"),
+                 edges: list[str] | None = None, handover: str = "offer",
                  trainer: Trainer | None = None, cut_first: bool = True,
                  inbox: queue.SimpleQueue | None = None) -> None:
         """``inbox``: the queue of events the core handles (``submit``), shared with the
@@ -149,6 +153,7 @@ class EdgeCore:
         self.buddy_of = lambda edge: buddy_of(edge, self.edges)
         self.checkpoint_steps = checkpoint_steps if mode == "fedfly" and self.buddy_of(name) else 0
         self.replicas: dict[str, list[Replica]] = {}  # per device, the newest few (oldest first)
+        self.replicas_kept = replicas_kept
         self.entries: dict[str, Entry] = {}
         self.forward: dict[str, Forward] = {}
         self.delivered: dict[str, int] = {}   # device -> last round whose update the central confirmed

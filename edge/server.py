@@ -40,12 +40,9 @@ from edge.trainer import Trainer
 
 log = logging.getLogger("edge")
 
-# After a Shutdown, how long the device links get to deliver it before the process exits.
+# After a Shutdown, how long the device links get to deliver it before the process exits
+# (one small message; the run is over, so a lost link only delays the exit).
 SHUTDOWN_FLUSH_S = 2.0
-# How long a live peer edge may take to answer a pull (a large state over a slow link);
-# a silent one is noticed sooner, by the link's own deadline. A device that gives up
-# waiting meanwhile and attaches again is answered by the same fetch.
-HANDOVER_LIMIT_S = 30.0
 # What a peer edge's connection may open with (each names the sender as ``target``).
 PEER_FIRST = (m.PeerHello, m.SessionPull, m.SessionDrop, m.SessionReplica, m.ReplicaPull, m.OfferNotice, m.RelayOpen)
 
@@ -57,6 +54,9 @@ class EdgeServer:
         self.creds = creds
         self.events = events
         self.faults = cfg.faults
+        # how long a live peer edge may take to answer (mobility.handover_limit_s); a device
+        # that gives up waiting meanwhile and attaches again is answered by the same fetch
+        limit = cfg.mobility.handover_limit_s
         model, split = cfg.model_key, cfg.base_cut
         dev_keys, edge_keys = part_keys(model, split)
         models = Models(model, split, dev_keys, edge_keys, splits=cfg.splits)
@@ -67,33 +67,34 @@ class EdgeServer:
         self.spare = SparePart(model, split + 1) if cfg.mode == "fedfly" else None
         # what a device's frame may hold at most (its cuts: every one when the central chooses them)
         auto = any(cfg.split_of(d) == "auto" for d in cfg.devices)
-        cuts = net(cfg.model["name"]).cuts if auto else sorted({split, *cfg.splits.values()})
-        self.device_payload = device_payload_limit(model, cuts, cfg.training["batch_size"])
+        cuts = net(cfg.model.name).cuts if auto else sorted({split, *cfg.splits.values()})
+        self.device_payload = device_payload_limit(model, cuts, cfg.training.batch_size)
         self.peers = PeerLinks(name=name, creds=creds,
                                endpoints={n: (e.host, e.port) for n, e in cfg.edges.items() if n != name},
-                               heartbeat_s=self.faults["heartbeat_s"], dead_after_s=self.faults["dead_after_s"],
-                               answer_limit_s=HANDOVER_LIMIT_S,
+                               heartbeat_s=self.faults.heartbeat_s, dead_after_s=self.faults.dead_after_s,
+                               answer_limit_s=limit,
                                to_core=lambda link, msg: submit(PeerLost(link) if msg is None else PeerMessage(link, msg)))
         # steps train on their own thread, so the core handles handovers while one trains
         self.trainer = Trainer(submit, name=f"{name}-trainer")
         self.central = CentralLink(cfg=cfg, name=name, creds=creds, submit=submit, events=events,
                                    on_welcome=self._on_welcome)
         buddy = buddy_of(name, sorted(cfg.edges))
-        checkpoint_steps = self.faults["checkpoint_steps"] if cfg.mode == "fedfly" and buddy else 0
+        checkpoint_steps = self.faults.checkpoint_steps if cfg.mode == "fedfly" and buddy else 0
         self.replicator = Replicator(name=name, buddy=buddy, peers=self.peers, events=events) \
             if checkpoint_steps and buddy else None
         fetcher = Fetcher(name=name, peers=self.peers, submit=submit, model=model, cut_of=models.cut, spare=self.spare,
                           events=events, replicator=self.replicator)
         # refusals of the listener, rate-limited: a flood of strangers writes a few lines and a count
         self._refusals = refusal_reporter(events=events, logger=log, who=name)
-        self.core = EdgeCore(name=name, mode=cfg.mode, models=models, seed=cfg.run["seed"], devices=set(cfg.devices),
+        self.core = EdgeCore(name=name, mode=cfg.mode, models=models, seed=cfg.run.seed, devices=set(cfg.devices),
                              peers=set(cfg.edges) - {name}, central=self.central, fetcher=fetcher, events=events,
-                             spare=self.spare, handover_deadline_s=HANDOVER_LIMIT_S + 2 * self.faults["dead_after_s"],
-                             checkpoint_steps=checkpoint_steps, edges=sorted(cfg.edges), handover=cfg.handover,
-                             cut_first=cfg.training["cut_gradient_first"], trainer=self.trainer, inbox=inbox)
+                             spare=self.spare, handover_deadline_s=limit + 2 * self.faults.dead_after_s,
+                             checkpoint_steps=checkpoint_steps, replicas_kept=self.faults.replicas_kept,
+                             edges=sorted(cfg.edges), handover=cfg.mobility.handover,
+                             cut_first=cfg.training.cut_gradient_first, trainer=self.trainer, inbox=inbox)
 
     def _on_welcome(self, run_name: str) -> None:
-        self.events.open(os.path.join(self.cfg.run["out"], run_name))
+        self.events.open(os.path.join(self.cfg.run.out, run_name))
 
     def run(self) -> int:
         """Serve until the central says stop (0) or is lost for good (1)."""
@@ -101,7 +102,7 @@ class EdgeServer:
         try:
             listener = transport.Listener(me.listen_host, me.port, creds=self.creds, handler=self._serve,
                                           on_reject=self._refusals, name=self.name,
-                                          handshake_timeout=self.faults["dead_after_s"]).start()
+                                          handshake_timeout=self.faults.dead_after_s).start()
         except TransportError as exc:
             log.error("%s: %s", self.name, exc)
             self.events.emit("error", detail=str(exc))
@@ -142,7 +143,7 @@ class EdgeServer:
     def _serve(self, conn: transport.Connection) -> None:
         """A listener thread: the first message says what the connection is; then this
         thread reads the link until it ends."""
-        dead = self.faults["dead_after_s"]
+        dead = self.faults.dead_after_s
         try:
             first = conn.recv(timeout=2 * dead)
         except (TransportError, ProtocolError, TimeoutError) as exc:
@@ -151,7 +152,7 @@ class EdgeServer:
                 conn.close(notice=m.ErrorNotice(kind=type(exc).__name__, detail=str(exc)[:200]))
             return
         core = self.core
-        hb = self.faults["heartbeat_s"]
+        hb = self.faults.heartbeat_s
         who = self._who(first)
         if who is not None and (not allowed(conn.identity, *who)
                                 or who[0] == "edge" and (who[1] not in self.cfg.edges or who[1] == self.name)):

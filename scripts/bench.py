@@ -67,6 +67,10 @@ def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             if b["model"] == "vgg5":
                 add(f"VGG-5 device above torch, private (malloc {b['malloc']})", f"{b['added_over_torch_uss']:.0f} MB",
                     "<= 64 MB", b["added_over_torch_uss"] <= 64)
+        from scripts.bench_memory import probe_accounts
+        for malloc, a in probe_accounts(r):
+            add(f"VGG-5 device process above torch, private, between steps (malloc {malloc})",
+                f"{a['steady']:.0f} MB (in a step, at its peak: {a['peak']:.0f} MB)", "<= 64 MB", a["steady"] <= 64)
     if "sweep" in results:
         for name, s in results["sweep"]["figures"].items():
             add(f"sweep {name}: saving vs ideal f/(1+f), every point", f"largest gap {s['max_gap_pp']:.1f} pp",

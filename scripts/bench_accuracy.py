@@ -79,19 +79,19 @@ def centralised(cfg_path: Path, rounds: int) -> list[dict[str, float]]:
     from common.training import evaluate, round_batches, set_threads, train_reference_round
 
     cfg = load_config(str(cfg_path))
-    set_threads(cfg.training["threads"])
+    set_threads(cfg.training.threads)
     spec = data_spec(cfg)
     parts = [load_train_shard(spec, devices=cfg.device_names, device=d) for d in cfg.device_names]
     x = torch.cat([p[0] for p in parts])
     y = torch.cat([p[1] for p in parts])
     tx, ty = load_test_set(spec)
-    model = build_model(cfg.model_key, seed=cfg.run["seed"])
+    model = build_model(cfg.model_key, seed=cfg.run.seed)
     t = cfg.training
     curve = []
-    for epoch in range(1, rounds * t["local_epochs"] + 1):
-        batches = round_batches(len(x), t["batch_size"], local_epochs=1, seed=cfg.run["seed"], device="centralised",
+    for epoch in range(1, rounds * t.local_epochs + 1):
+        batches = round_batches(len(x), t.batch_size, local_epochs=1, seed=cfg.run.seed, device="centralised",
                                 round=epoch)
-        train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"])
+        train_reference_round(model, x, y, batches, lr=t.lr, momentum=t.momentum)
         acc, loss = evaluate(model, tx, ty)
         curve.append({"epoch": epoch, "test_accuracy": acc, "test_loss": loss})
     return curve

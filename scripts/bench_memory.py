@@ -1,6 +1,6 @@
 """Where a process's memory goes (issue 25): ``python -m scripts.bench_memory [--quick|--full]``.
 
-Three parts, each in fresh processes, memory read from ``/proc/PID/smaps_rollup`` (RSS; PSS,
+Four parts, each in fresh processes, memory read from ``/proc/PID/smaps_rollup`` (RSS; PSS,
 which splits shared pages among the processes mapping them; USS, the private pages):
 
 - **light roles**: start time and peak RSS of the roles that do not train (``--help`` of
@@ -9,9 +9,13 @@ which splits shared pages among the processes mapping them; USS, the private pag
   doing what a device does, stage by stage (interpreter, torch and the device's modules,
   data shard, model and optimizer, steady training steps), then ``malloc_trim(0)`` to
   show how much of it is free memory malloc keeps (allocator overhead);
+- **device probe**, per ``training.malloc``: a real VGG-5 device of a testbed (TLS, one
+  edge) read from the inside as each stage ends (``scripts.memprobe``), beside an
+  interpreter that only imported torch: every stage's USS (they sum to the device's
+  steady figure), what is known in each (data, the round's tensors, what malloc keeps),
+  the mappings they lie in, and a step's own peak (its activations and gradients);
 - **roles**: a real testbed (1 central, 2 edges, 2 devices, VGG-5) per ``training.malloc``,
-  each process sampled while it trains; its device's USS above the breakdown's steady
-  figure is what the link, TLS, the device checkpoint and its threads add.
+  each process sampled while it trains (at any instant: a sample may fall in a step).
 
 Figures only; the goals are in BENCHMARKS.md ("Memory").
 """
@@ -28,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from scripts import benchlib
+from scripts import benchlib, memprobe
 
 MALLOCS = ("system", "tuned", "lean")
 LIGHT = ("central.launch", "central.mobility", "scripts.certs", "scripts.netns_testbed")
@@ -63,6 +67,7 @@ import torch
 out["torch imported"] = smaps_rollup()
 import device.client, common.transport, common.security, common.data
 from common.training import set_threads, tune_malloc, warm_up, make_optimizer, round_batches, LOSS
+from common.footprint import backward
 set_threads(1); tune_malloc(malloc); warm_up()
 out["device modules, warm-up"] = smaps_rollup()
 from common.data import DataSpec, load_train_shard
@@ -78,7 +83,7 @@ for r in range(epochs):
     for b in round_batches(len(y), batch, local_epochs=1, seed=1, device="device1", round=r):
         a = part(x[b])
         opt.zero_grad()
-        a.backward(torch.ones_like(a) / a.numel())  # a gradient at the cut, as the edge's
+        backward(a, torch.ones_like(a) / a.numel())  # a gradient at the cut, as the edge's, as the device does
         opt.step()
         del a
         peak = max(peak, smaps_rollup()["uss"])
@@ -103,6 +108,85 @@ def breakdown(model: str, malloc: str, samples: int, epochs: int) -> dict[str, A
     parts["of which malloc kept (malloc_trim frees it)"] = steady - stages["after malloc_trim(0)"]["uss"]
     return {"model": model, "malloc": malloc, "stages": stages, "added_over_torch_uss": steady - base,
             "parts_uss": parts}
+
+
+# On the path of every process of a probed testbed; only the device installs the probe.
+SITECUSTOMIZE = """import os
+if os.environ.get("MEMPROBE_OUT"):
+    with open("/proc/self/cmdline", "rb") as f:
+        argv = f.read().split(b"\\0")
+    if b"-m" in argv and argv[argv.index(b"-m") + 1:][:1] == [b"device"]:
+        from scripts import memprobe
+        memprobe.install()
+"""
+TORCH_ONLY = "import sys, torch; print('ready', flush=True); sys.stdin.read()"
+
+
+def device_probe(out: Path, malloc: str, samples: int, rounds: int = 4) -> dict[str, Any]:
+    """A real VGG-5 device (TLS, 1 edge, ``rounds`` rounds) read stage by stage from the
+    inside (``scripts.memprobe``), beside an interpreter that only imported torch."""
+    site = out / "memprobe"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    path = out / f"memprobe-{malloc}.json"
+    path.unlink(missing_ok=True)
+    cfg = benchlib.write_config(out, f"probe-vgg5-{malloc}-{time.strftime('%H%M%S')}", edges=1, devices=1, rounds=rounds,
+                                samples_per_device=samples, extra={
+                                    "training": {"malloc": malloc},
+                                    "security": {"mode": "tls", "certs": str(out / "certs")}})
+    env = benchlib._env()
+    env["PYTHONPATH"] = str(site) + os.pathsep + env["PYTHONPATH"]
+    env[memprobe.OUT_ENV] = str(path)
+    base = subprocess.Popen([sys.executable, "-c", TORCH_ONLY], cwd=benchlib.ROOT, env=benchlib._env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        base.stdout.readline()
+        with open(cfg.with_suffix(".out"), "w") as log:
+            status = subprocess.run([sys.executable, "-m", "central.launch", "--config", str(cfg)], cwd=benchlib.ROOT,
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, timeout=1800).returncode
+        torch_only = {**memprobe.rollup(base.pid), "mappings": memprobe.mappings(base.pid)}
+    finally:
+        base.kill()
+        base.wait()
+    return {"malloc": malloc, "status": status, "samples": samples, "rounds": rounds, "torch": torch_only,
+            **(json.loads(path.read_text()) if path.exists() else {"stages": {}, "steps": []})}
+
+
+def probe_account(p: dict[str, Any]) -> dict[str, float]:
+    """A probed device's private memory above the torch-only interpreter, MB: stage by
+    stage (they sum to ``steady``), what each holds that is known, and the step's peak."""
+    st, base = p["stages"], p["torch"]["uss"]
+    steady_at = st["last round delivered"]["uss"]
+    order = [("modules, threads, warm-up", "threads, malloc, warm-up"), ("credentials, data shard", "credentials, data shard"),
+             ("client, link objects", "credentials, client, link objects"),
+             ("join: TLS, link threads, control", "joined (TLS, link threads, control)"),
+             ("rounds: model, optimizer, what steps leave", "last round delivered")]
+    acc: dict[str, float] = {}
+    prev = base
+    for label, stage in order:
+        acc[label] = st[stage]["uss"] - prev
+        prev = st[stage]["uss"]
+    acc["steady"] = steady_at - base
+    acc["data tensors"] = p["data_mb"]
+    acc["round's tensors"] = p["round_tensors_mb"]
+    acc["malloc kept (malloc_trim frees)"] = steady_at - st["after malloc_trim(0)"]["uss"]
+    acc["rest of the rounds"] = acc["rounds: model, optimizer, what steps leave"] - acc["round's tensors"] \
+        - acc["malloc kept (malloc_trim frees)"]
+    acc["threads"] = st["last round delivered"]["threads"]
+    for kind, mb in st["last round delivered"]["mappings"].items():
+        acc[f"mapping: {kind}"] = mb - p["torch"]["mappings"].get(kind, 0.0)
+    last = [s["uss"] for s in p["steps"] if s["round"] == p["steps"][-1]["round"]]
+    acc["step: USS rise while its activations are held, last round (max)"] = max(p["forward_live"][-len(last):]) - min(last)
+    acc["step: peak RSS above its start (max)"] = max(p["step_peak_rss"])
+    # a step's peak RSS over its start (new pages are private), on top of where it started
+    acc["peak"] = max(s["uss"] + rise for s, rise in zip(p["steps"], p["step_peak_rss"])) - base
+    return acc
+
+
+def probe_accounts(result: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """(malloc, ``probe_account``) of every device probe of ``result`` that ran to its end."""
+    return [(p["malloc"], probe_account(p)) for p in result.get("probe", [])
+            if p["status"] == 0 and "after malloc_trim(0)" in p["stages"]]
 
 
 def light_role(module: str) -> dict[str, float]:
@@ -156,6 +240,7 @@ def describe(scale: str) -> dict[str, Any]:
     s = SCALES[scale]
     return {"mallocs": MALLOCS, "models": s["models"], "samples per device": s["samples"],
             "epochs (breakdown)": s["epochs"], "batch": BATCH, "threads": 1,
+            "device probe": f"VGG-5, TLS, 1 edge, 4 rounds of {2 * s['samples']} samples, read inside the device",
             "role runs": "VGG-5, 1 central, 2 edges, 2 devices, 3 rounds" if s["role_runs"] else "none"}
 
 
@@ -166,6 +251,10 @@ def run(out: Path, scale: str) -> dict[str, Any]:
         for malloc in MALLOCS:
             result["breakdown"].append(breakdown(model, malloc, s["samples"], s["epochs"]))
             print(f"   breakdown {model} {malloc}: done", flush=True)
+    result["probe"] = []
+    for malloc in MALLOCS:
+        result["probe"].append(device_probe(out, malloc, s["samples"] * 2))
+        print(f"   device probe {malloc}: status {result['probe'][-1]['status']}", flush=True)
     if s["role_runs"]:
         for malloc in MALLOCS:
             result["roles"].append(roles(out, malloc, s["samples"]))
@@ -186,6 +275,12 @@ def report(result: dict[str, Any]) -> str:
                      st["steady steps"]["rss"]])
     lines.append(benchlib.table(["model", "malloc", "torch", "modules+warm-up", "data", "model+opt",
                                  "steps+kept", "kept by malloc", "added", "peak added", "RSS"], rows, floatfmt=".0f"))
+    probes = probe_accounts(result)
+    if probes:
+        lines.append("== memory: a real VGG-5 device (TLS, 1 edge), private MB above an interpreter that imported "
+                     f"torch ({result['probe'][0]['torch']['uss']:.0f} MB), batch 100")
+        lines.append(benchlib.table(["", *(m for m, _ in probes)], [[k, *(a[k] for _, a in probes)] for k in probes[0][1]],
+                                    floatfmt=".1f"))
     for r in result["roles"]:
         lines.append(f"== memory: a VGG-5 testbed, malloc {r['malloc']} (status {r['status']}): peak per process, MB")
         lines.append(benchlib.table(["process", "RSS", "PSS", "USS"],

@@ -51,7 +51,7 @@ def run_one(cfg_path: Path, rtt_ms: float, backhaul_mbit: float, timeout: float)
     from common.config import load_config
 
     cfg = load_config(str(cfg_path))
-    if cfg.security["mode"] == "tls":
+    if cfg.security.mode == "tls":
         pki.ensure(cfg)
     root, env = benchlib.ROOT, benchlib._env()
     logs = cfg_path.parent / f"{cfg_path.stem}-logs"
@@ -102,7 +102,7 @@ def run_one(cfg_path: Path, rtt_ms: float, backhaul_mbit: float, timeout: float)
             except subprocess.TimeoutExpired:
                 benchlib.kill_tree(p.pid)
                 p.wait()
-    (summary,) = list(Path(cfg.run["out"]).glob(f"*{cfg_path.stem}*/summary.json"))
+    (summary,) = list(Path(cfg.run.out).glob(f"*{cfg_path.stem}*/summary.json"))
     data = json.loads(summary.read_text())
     migs = [mv for mv in data["migrations"] if mv["round"] > 1]
     offered = 0

@@ -96,7 +96,7 @@ def recovery(out: Path, samples: int, rounds: int) -> dict[str, Any]:
             if p.poll() is None:
                 benchlib.kill_tree(p.pid)
                 p.wait()
-    run_dir = Path(cfg.run["out"]) / "recovery"
+    run_dir = Path(cfg.run.out) / "recovery"
     summary = json.loads((run_dir / "summary.json").read_text())
     dev = [f for f in summary["faults"] if f["process"] == "device2"]
     installed = [json.loads(line) for line in (run_dir / "events-edge1.jsonl").read_text().splitlines()

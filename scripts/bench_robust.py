@@ -94,7 +94,7 @@ def play(cfg_path: Path, *, strategy: dict[str, Any], refuse_factor: float | Non
     from common.training import evaluate, round_batches, set_threads, train_reference_round
 
     cfg = load_config(str(cfg_path))
-    set_threads(cfg.training["threads"])
+    set_threads(cfg.training.threads)
     spec = data_spec(cfg)
     names = cfg.device_names
     shards = {d: load_train_shard(spec, devices=names, device=d) for d in names}
@@ -103,12 +103,12 @@ def play(cfg_path: Path, *, strategy: dict[str, Any], refuse_factor: float | Non
     factor = section["refuse_factor"] if refuse_factor is None else refuse_factor
     strat = make_strategy(section)
     t = cfg.training
-    model = build_model(cfg.model_key, seed=cfg.run["seed"])
+    model = build_model(cfg.model_key, seed=cfg.run.seed)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     hostile = names[-1] if attack != "none" else None
     state: dict = {}
     rounds = []
-    for r in range(1, t["rounds"] + 1):
+    for r in range(1, t.rounds + 1):
         ups = []
         for d in names:  # the fixed order of summation
             x, y = shards[d]
@@ -116,9 +116,9 @@ def play(cfg_path: Path, *, strategy: dict[str, Any], refuse_factor: float | Non
                 ups.append((hostile_weights(attack, weights, seed=r), len(x)))
                 continue
             model.load_state_dict(weights)
-            batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
+            batches = round_batches(len(x), t.batch_size, local_epochs=t.local_epochs, seed=cfg.run.seed,
                                     device=d, round=r)
-            train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"])
+            train_reference_round(model, x, y, batches, lr=t.lr, momentum=t.momentum)
             ups.append(({k: v.clone() for k, v in model.state_dict().items()}, len(x)))
         dists = [robust.distance(w, weights) for w, _ in ups]
         ratios = robust.ratios(dists)

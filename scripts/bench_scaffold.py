@@ -53,32 +53,32 @@ def play(cfg_path: Path, section: dict[str, Any]) -> dict[str, Any]:
     from common.training import evaluate, named_parameters, round_batches, set_threads, train_reference_round
 
     cfg = load_config(str(cfg_path))
-    set_threads(cfg.training["threads"])
+    set_threads(cfg.training.threads)
     spec = data_spec(cfg)
     names = cfg.device_names
     shards = {d: load_train_shard(spec, devices=names, device=d) for d in names}
     tx, ty = load_test_set(spec)
     strat = strategies.make({**cfg.strategy, **section})
-    model = build_model(cfg.model_key, seed=cfg.run["seed"])
+    model = build_model(cfg.model_key, seed=cfg.run.seed)
     strat.bind([n for n, _ in named_parameters(model)])
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     t = cfg.training
     state: dict = {}
     curve = []
     t0 = time.perf_counter()
-    for r in range(1, t["rounds"] + 1):
+    for r in range(1, t.rounds + 1):
         tensors = strat.round_tensors(state, names)
         ups, clients = [], []
         for d in names:  # the fixed order of summation
             x, y = shards[d]
             model.load_state_dict(weights)
-            batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
+            batches = round_batches(len(x), t.batch_size, local_epochs=t.local_epochs, seed=cfg.run.seed,
                                     device=d, round=r)
-            train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"], algo=strat.algo(),
+            train_reference_round(model, x, y, batches, lr=t.lr, momentum=t.momentum, algo=strat.algo(),
                                   tensors=for_client(tensors, d, list(weights)))
             ups.append(({k: v.clone() for k, v in model.state_dict().items()}, len(x)))
             clients.append((d, len(batches)))
-        weights, state = strat.aggregate(ups, current=weights, state=state, clients=clients, lr=t["lr"])
+        weights, state = strat.aggregate(ups, current=weights, state=state, clients=clients, lr=t.lr)
         model.load_state_dict(weights)
         acc, loss = evaluate(model, tx, ty)
         curve.append({"round": r, "test_accuracy": acc, "test_loss": loss})

@@ -63,18 +63,18 @@ def in_process(cfg_path: Path, rounds: int) -> list[float]:
     from common.training import round_batches, set_threads, train_reference_round, tune_malloc
 
     cfg = load_config(str(cfg_path))
-    set_threads(cfg.training["threads"])
-    tune_malloc(cfg.training["malloc"])  # as the testbed's processes do
+    set_threads(cfg.training.threads)
+    tune_malloc(cfg.training.malloc)  # as the testbed's processes do
     device = cfg.device_names[0]
     x, y = load_train_shard(data_spec(cfg), devices=cfg.device_names, device=device)
-    model = build_model(cfg.model_key, seed=cfg.run["seed"])
+    model = build_model(cfg.model_key, seed=cfg.run.seed)
     t = cfg.training
     seconds = []
     for r in range(1, rounds + 1):
-        batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
+        batches = round_batches(len(x), t.batch_size, local_epochs=t.local_epochs, seed=cfg.run.seed,
                                 device=device, round=r)
         t0 = time.perf_counter()
-        train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"])
+        train_reference_round(model, x, y, batches, lr=t.lr, momentum=t.momentum)
         seconds.append(time.perf_counter() - t0)
     return seconds[1:]
 

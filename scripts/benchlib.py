@@ -264,20 +264,23 @@ def kill_tree(pid: int) -> None:
 
 
 def launch(config: Path, *overrides: str, timeout: float, echo: bool = False,
-           sample_memory: bool = False, code: Path | None = None) -> RunOutcome:
-    """Run the whole testbed of ``config`` through ``central.launch``; its output goes to
-    ``<config>.out``. Kills the launcher's process tree after ``timeout`` seconds (status
-    124). With ``sample_memory`` the result's summary gets ``bench_memory`` (peak summed
-    RSS/USS of the testbed's processes, sampled every second). ``foreign_share`` says how
+           sample_memory: bool = False, code: Path | None = None, args: tuple[str, ...] = ()) -> RunOutcome:
+    """Run the whole testbed of ``config`` through ``central.launch`` (with the launcher
+    options ``args``); its output goes to ``<config>.out``. Kills the launcher's process
+    tree after ``timeout`` seconds (status 124). With ``sample_memory`` the result's
+    summary gets ``bench_memory`` (peak summed RSS, PSS and USS of the testbed's processes,
+    sampled every second, PSS by role at its peak, and the machine's used memory before
+    and at its peak: ``_sample_memory``). ``foreign_share`` says how
     much of the machine other processes used meanwhile (``ForeignLoad``). ``code``: run
     the testbed from another checkout of the project (a baseline), not this one."""
     root = ROOT if code is None else Path(code).resolve()
-    cmd = [sys.executable, "-m", "central.launch", "--config", str(config)]
+    cmd = [sys.executable, "-m", "central.launch", "--config", str(config), *args]
     for o in overrides:
         cmd += ["--set", o]
     out_path = config.with_suffix(".out")
     t0 = time.monotonic()
-    peak = {"rss_mb": 0.0, "uss_mb": 0.0, "processes": 0}
+    peak = {"rss_mb": 0.0, "uss_mb": 0.0, "pss_mb": 0.0, "processes": 0, "pss_by_role_mb": {},
+            "machine_used_before_mb": _machine_used_mb(), "machine_used_mb": 0.0}
     with ForeignLoad() as foreign, open(out_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=_env(root), stdout=out, stderr=subprocess.STDOUT, text=True)
         status = None
@@ -308,22 +311,62 @@ def launch(config: Path, *overrides: str, timeout: float, echo: bool = False,
     return RunOutcome(status, seconds, run_dir, summary, out_path, foreign.share)
 
 
+def _machine_used_mb() -> float:
+    vm = psutil.virtual_memory()
+    return (vm.total - vm.available) / 2**20
+
+
+def _rollup(pid: int) -> dict[str, int]:
+    """``/proc/PID/smaps_rollup`` in kB: one read per process, where psutil's USS walks
+    every mapping (too slow for a hundred processes every second)."""
+    kb: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == "kB":
+                kb[parts[0].rstrip(":")] = int(parts[1])
+    return kb
+
+
+def _role(p: psutil.Process) -> str:
+    """central, edge, device, host (a fork host) or launcher, from the command line; a
+    forked child has its host's, and its parent is the host."""
+    cmd = p.cmdline()
+    if "common.forkhost" in cmd:
+        parent = p.parent()
+        return cmd[cmd.index("--role") + 1] if parent and "common.forkhost" in parent.cmdline() else "host"
+    for role in ("central.launch", "central", "edge", "device"):
+        if role in cmd:
+            return "launcher" if role == "central.launch" else role
+    return "other"
+
+
 def _sample_memory(pid: int, peak: dict) -> None:
+    """Sum RSS, PSS and USS (private) over the testbed's processes (the launcher and all
+    below it); keep each one's peak, PSS by role at PSS's peak, and the machine's used
+    memory (total less available: page cache that can be dropped is not used)."""
     try:
-        procs = psutil.Process(pid).children(recursive=True)
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    rss = uss = 0
+    rss = uss = pss = 0
+    by_role: dict[str, float] = {}
     for p in procs:
         try:
-            info = p.memory_full_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            kb = _rollup(p.pid)
+            role = _role(p)
+        except (OSError, psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        rss += info.rss
-        uss += info.uss
-    peak["rss_mb"] = max(peak["rss_mb"], rss / 2**20)
-    peak["uss_mb"] = max(peak["uss_mb"], uss / 2**20)
+        rss += kb.get("Rss", 0)
+        pss += kb.get("Pss", 0)
+        uss += kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)
+        by_role[role] = by_role.get(role, 0.0) + kb.get("Pss", 0) / 1024
+    peak["rss_mb"] = max(peak["rss_mb"], rss / 1024)
+    peak["uss_mb"] = max(peak["uss_mb"], uss / 1024)
+    if pss / 1024 > peak["pss_mb"]:
+        peak["pss_mb"], peak["pss_by_role_mb"] = pss / 1024, by_role
     peak["processes"] = max(peak["processes"], len(procs))
+    peak["machine_used_mb"] = max(peak["machine_used_mb"], _machine_used_mb())
 
 
 class RunFailed(RuntimeError):

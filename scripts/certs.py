@@ -34,7 +34,7 @@ def _body(args: argparse.Namespace, cfg: Config) -> int:
     made = pki.ensure(cfg, args.out, force=args.force)
     out = args.out or cfg.certs_dir()
     print(f"certificates in {out}: made {len(made)}, kept {len(cfg.identities()) - len(made)}")
-    print(f"copy to each host, into the folder security.certs names there ({cfg.security['certs'] or 'certs'}, "
+    print(f"copy to each host, into the folder security.certs names there ({cfg.security.certs or 'certs'}, "
           "beside its testbed file); ca.key stays here:")
     for who in cfg.identities():
         files = tls_files(out, who)

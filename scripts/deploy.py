@@ -77,9 +77,9 @@ def overrides(cfg: Config) -> list[str]:
     for d in sorted(cfg.devices):
         if (cfg.devices[d].host, cfg.devices[d].bind) != (d, LISTEN_ALL):
             sets += [f'devices.{d}.host="{d}"', f'devices.{d}.bind="{LISTEN_ALL}"']
-    if cfg.run["out"] != RESULTS_IN_CONTAINER:
+    if cfg.run.out != RESULTS_IN_CONTAINER:
         sets.append(f'run.out="{RESULTS_IN_CONTAINER}"')
-    if cfg.security["key_file"] != KEY_IN_CONTAINER or cfg.security["key_env"]:
+    if cfg.security.key_file != KEY_IN_CONTAINER or cfg.security.key_env:
         sets += [f'security.key_file="{KEY_IN_CONTAINER}"', 'security.key_env=""']
     return sets
 
@@ -91,7 +91,7 @@ def scenario(cfg: Config) -> tuple[str, str, int] | None:
     edges = sorted(cfg.edges)
     if len(edges) < 2:
         return None
-    rnd = min(cfg.training["rounds"], cfg.training["rounds"] // 2 + 1)
+    rnd = min(cfg.training.rounds, cfg.training.rounds // 2 + 1)
     for e in reversed(edges[1:]):
         on = sorted(d for d, dev in cfg.devices.items() if dev.edge == e)
         if on:
@@ -108,7 +108,7 @@ def compose(cfg: Config, *, config_ref: str, root_ref: str) -> str:
     # written once, then by alias: with a localhost file it names every role's address
     sets = yamltext.Anchor("fedfly_set", " ".join([_TLS, *(shlex.quote(s) for s in overrides(cfg))]))
     config_mount = f"${{FEDFLY_CONFIG:-{config_ref}}}:{CONFIG_IN_CONTAINER}:ro"
-    out = cfg.run["out"] if cfg.run["out"] == RESULTS_IN_CONTAINER else RESULTS_IN_CONTAINER
+    out = cfg.run.out if cfg.run.out == RESULTS_IN_CONTAINER else RESULTS_IN_CONTAINER
 
     def service(name: str, command: list[str], *, central: bool = False) -> dict[str, Any]:
         return {
@@ -191,7 +191,7 @@ def k8s_testbed(cfg: Config) -> str:
     one device per node; each is reached by its name, the name of its Service (and of its
     Pod, which `podman kube play` resolves)."""
     sets = " ".join(shlex.quote(s) for s in overrides(cfg))
-    out = cfg.run["out"] if cfg.run["out"] == RESULTS_IN_CONTAINER else RESULTS_IN_CONTAINER
+    out = cfg.run.out if cfg.run.out == RESULTS_IN_CONTAINER else RESULTS_IN_CONTAINER
     services, pods = [], []
     for name, role, port, command in roles(cfg):
         why = {"central": "the edges join the central here",

@@ -125,7 +125,7 @@ def plan(cfg: Config, *, prefix: str, prefix_len: int = 24) -> Plan:
     a namespace testbed cannot use."""
     links = cfg.links
     edge_bridges = {e: f"br{i}" for i, e in enumerate(sorted(cfg.edges), 1)}
-    roles = [("central", "central", "central.host", cfg.central.host, BACKBONE, links["central_mbit"])]
+    roles = [("central", "central", "central.host", cfg.central.host, BACKBONE, links.central_mbit)]
     roles += [(e, "edge", f"edges.{e}.host", cfg.edges[e].host, edge_bridges[e], 0.0) for e in sorted(cfg.edges)]
     roles += [(d, "device", f"devices.{d}.host", cfg.devices[d].host, edge_bridges[cfg.devices[d].edge],
                cfg.link_rate(d)) for d in cfg.device_names]
@@ -133,7 +133,7 @@ def plan(cfg: Config, *, prefix: str, prefix_len: int = 24) -> Plan:
     hosts = {name: Host(name=name, role=role, address=addr, ns=f"{prefix}-h-{name}", port=f"h{i}", bridge=bridge,
                         mbit=mbit)
              for i, (name, role, _, addr, bridge, mbit) in enumerate(roles)}
-    uplinks = tuple(Uplink(bridge=br, near=f"v{i}", far=f"u{i}", mbit=links["edge_mbit"])
+    uplinks = tuple(Uplink(bridge=br, near=f"v{i}", far=f"u{i}", mbit=links.edge_mbit)
                     for i, br in enumerate(edge_bridges.values(), 1))
     return Plan(prefix=prefix, switch=f"{prefix}-switch", prefix_len=prefix_len, edge_bridges=edge_bridges,
                 hosts=hosts, uplinks=uplinks)
@@ -313,7 +313,7 @@ def drive(cfg: Config, p: Plan, record: Path) -> int:
     from central import mobility
     from common.errors import TransportError
     creds = cfg.credentials(CONTROLLER)
-    deadline = time.monotonic() + cfg.run["startup_timeout"] + cfg.training["rounds"] * cfg.run["round_timeout"]
+    deadline = time.monotonic() + cfg.run.startup_timeout + cfg.training.rounds * cfg.run.round_timeout
     rate = {d: p.hosts[d].mbit for d in cfg.devices}
     for mv in cfg.moves:
         while True:  # the device may not be listening yet
@@ -360,13 +360,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"netns_testbed: error: {exc}", file=sys.stderr)
         return 2
-    run_name = cfg.run["name"] or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}-netns"
-    run_dir = Path(cfg.run["out"]) / run_name
+    run_name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}-netns"
+    run_dir = Path(cfg.run.out) / run_name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     state_path, record = run_dir / "netns.json", run_dir / "logs" / "netns-moves.jsonl"
     state: dict = {"prefix": p.prefix, "plan": p.to_json(), "pids": {}, "rewires": []}
     role_overrides = overrides + [f'run.name="{run_name}"', "mobility.moves=[]"]
-    if cfg.mobility["model"] != "schedule":  # the driver plays the round-based moves; the roles none
+    if cfg.mobility.model != "schedule":  # the driver plays the round-based moves; the roles none
         role_overrides += ['mobility.model="schedule"', 'mobility.trace=""', "mobility.waypoint={}"]
 
     def on_signal(signum, frame):
@@ -382,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
         state_path.write_text(json.dumps(state, indent=2))
         devices = ", ".join(f"{h.name} {h.mbit:g}" for h in p.hosts.values() if h.role == "device")
         print(f"netns: built {len(p.namespaces)} namespaces in {time.monotonic() - t0:.1f} s; links in Mbit/s "
-              f"(0 = unshaped): {devices}; uplinks {cfg.links['edge_mbit']:g}; central {cfg.links['central_mbit']:g}",
+              f"(0 = unshaped): {devices}; uplinks {cfg.links.edge_mbit:g}; central {cfg.links.central_mbit:g}",
               flush=True)
         logs = str(run_dir / "logs")
         hosts = sorted(p.hosts.values(), key=lambda h: h.role != "central")  # the central first
@@ -398,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
             children.append(Child("netns-driver", "driver", lambda resume, _d=driver: _d, logs, restartable=False))
         ns_of = {h.name: h.ns for h in p.hosts.values()} | {"netns-driver": p.hosts["central"].ns}
         sup = Supervisor(children, NetnsSpawner(lambda c: ns_of[c.name], extra_path=str(ROOT)),
-                         Policy(on_death=cfg.faults["on_death"], max_restarts=cfg.faults["max_restarts"],
+                         Policy(on_death=cfg.faults.on_death, max_restarts=cfg.faults.max_restarts,
                                 can_resume=lambda: has_checkpoint(str(run_dir))), say="netns")
         sup.start_all()
         state["pids"] = {c.name: c.proc.pid for c in children}

@@ -220,14 +220,14 @@ def role_command(state: State, proc: Proc, overrides: list[str], python: str) ->
 
 def up(cfg: Config, overrides: list[str], *, sync_code: bool) -> State:
     r = cfg.remote
-    identity = r["identity"]
+    identity = r.identity
     if identity:
         identity = os.path.expanduser(identity)
         if not os.path.isabs(identity):
             identity = os.path.join(os.path.dirname(os.path.abspath(cfg.path)), identity)
-    run_name = cfg.run["name"] or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}-remote"
-    state = State(run_name=run_name, run_dir=str(Path(cfg.run["out"]) / run_name), workdir=r["workdir"],
-                  ssh=Ssh(user=r["user"], port=r["ssh_port"], identity=identity, options=r["ssh_options"]),
+    run_name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.mode}-remote"
+    state = State(run_name=run_name, run_dir=str(Path(cfg.run.out) / run_name), workdir=r.workdir,
+                  ssh=Ssh(user=r.user, port=r.ssh_port, identity=identity, options=r.ssh_options),
                   security_mode=cfg.security_mode)
     procs = plan(cfg, state.ssh)
     for target in dict.fromkeys(p.target for p in procs):
@@ -240,7 +240,7 @@ def up(cfg: Config, overrides: list[str], *, sync_code: bool) -> State:
               f"{state.on_host(state.remote_dir)}", flush=True)
     try:
         for p in procs:
-            out = state.ssh.ssh(p.target, role_command(state, p, overrides, r["python"]))
+            out = state.ssh.ssh(p.target, role_command(state, p, overrides, r.python))
             try:
                 p.pid = int(out.split()[-1])
             except (ValueError, IndexError):
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "up":
                 return 0
             try:
-                timeout = args.timeout or cfg.run["startup_timeout"] + cfg.training["rounds"] * cfg.run["round_timeout"]
+                timeout = args.timeout or cfg.run.startup_timeout + cfg.training.rounds * cfg.run.round_timeout
                 finished = wait(state, timeout)
                 if not finished:
                     print(f"remote: the central still runs after {timeout:.0f} s; stopping", file=sys.stderr)

@@ -153,7 +153,7 @@ def test_the_faults_benchmark_plan_is_a_valid_testbed_file(tmp_path):
     drops, moves = bench_faults.plan(3)
     cfg = load_config(str(benchlib.write_config(tmp_path, "f", edges=2, devices=1, rounds=4, drops=drops,
                                                 moves=moves, extra={"faults": bench_faults.FAULTS})))
-    assert len(cfg.drops) == 9 and len(cfg.moves) == 3 and cfg.faults["dead_after_s"] == 2.0
+    assert len(cfg.drops) == 9 and len(cfg.moves) == 3 and cfg.faults.dead_after_s == 2.0
     checks = bench.goals({"faults": {"figures": {"detected_s": benchlib.summarize([2.0, 2.01]), "dead_after_s": 2.0,
                                                  "identical_to_reference": True}}})
     assert [c["pass"] for c in checks] == [True, True]

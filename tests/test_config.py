@@ -38,20 +38,20 @@ def assert_names(exc: ConfigError, key: str) -> None:
 def test_load_local_toml():
     cfg = load_config(LOCAL, env={})
     assert isinstance(cfg, Config)
-    assert cfg.mode == "fedfly" and cfg.run["seed"] == 1
+    assert cfg.mode == "fedfly" and cfg.run.seed == 1
     assert (cfg.central.host, cfg.central.port) == ("127.0.0.1", 47000)
     assert sorted(cfg.edges) == ["edge1", "edge2"]
     assert cfg.edges["edge2"].port == 47002 and cfg.edges["edge2"].listen_host == "127.0.0.1"
     assert cfg.device_names == ["device1", "device2", "device3", "device4"]
     assert cfg.devices["device3"].edge == "edge2" and cfg.devices["device3"].control_port == 47013
-    assert cfg.model == {"name": "vgg5", "split_layer": 3}
-    assert cfg.data["dataset"] == "synthetic" and cfg.data["samples_per_device"] == 1000
-    assert cfg.training["rounds"] == 5 and cfg.training["lr"] == 0.01 and cfg.training["threads"] == 1
+    assert (cfg.model.name, cfg.model.split_layer) == ("vgg5", 3)
+    assert cfg.data.dataset == "synthetic" and cfg.data.samples_per_device == 1000
+    assert cfg.training.rounds == 5 and cfg.training.lr == 0.01 and cfg.training.threads == 1
     assert cfg.moves == (Move("device1", "edge2", 2, 0.5), Move("device1", "edge1", 4, 0.3))
     assert cfg.moves_for("device1") == list(cfg.moves) and cfg.moves_for("device2") == []
     assert cfg.device_threads("device1") == 1
     # defaults filled in
-    assert cfg.run["round_timeout"] == 1800.0 and cfg.data["download"] is False
+    assert cfg.run.round_timeout == 1800.0 and cfg.data.download is False
     # the relative key file is found beside the config, whatever the working directory
     assert cfg.key_file() == os.path.join(ROOT, "configs", "demo-INSECURE.key")
     assert len(cfg.key()) >= 16
@@ -73,7 +73,7 @@ def test_int_is_accepted_where_a_float_is_expected():
     raw = local_raw()
     raw["training"]["lr"] = 1
     cfg = build_config(raw)
-    assert cfg.training["lr"] == 1.0 and type(cfg.training["lr"]) is float
+    assert cfg.training.lr == 1.0 and type(cfg.training.lr) is float
 
 
 # -- errors name the key -----------------------------------------------------------------
@@ -151,13 +151,13 @@ def test_bad_value_names_the_key(path, value, key):
 
 
 def test_handover_and_its_old_spelling():
-    assert build_config(local_raw()).handover == "offer"  # the default: today's behaviour
+    assert build_config(local_raw()).mobility.handover == "offer"  # the default: today's behaviour
     for raw_mobility, want in (({"offer": False}, "pull"), ({"offer": True}, "offer"), ({"handover": "pull"}, "pull"),
                                ({"handover": "offer", "offer": True}, "offer")):
         raw = local_raw()
         raw.setdefault("mobility", {}).update(raw_mobility)
         cfg = build_config(raw)
-        assert cfg.handover == want and cfg.offer == (want == "offer")
+        assert cfg.mobility.handover == want and cfg.mobility.offer == (want == "offer")
     raw = local_raw()
     raw.setdefault("mobility", {}).update(handover="pull", offer=True)
     assert_names(config_error(raw), "mobility.offer")  # the two spellings disagree
@@ -177,7 +177,7 @@ def test_missing_sections():
 
 def test_valid_split_layers_and_same_port_on_other_hosts():
     for split in range(0, 6):
-        assert build_config(_set(local_raw(), "model.split_layer", split)).model["split_layer"] == split
+        assert build_config(_set(local_raw(), "model.split_layer", split)).model.split_layer == split
     raw = _set(local_raw(), "edges.edge2.port", 47001)
     raw["edges"]["edge2"]["host"] = "127.0.0.2"  # the same port on another host is fine
     assert build_config(raw).edges["edge2"].port == 47001
@@ -326,11 +326,11 @@ def test_overrides_through_load_config():
     cfg = load_config(LOCAL, ["training.rounds=3", "training.lr=0.05", "run.mode=restart", 'run.name="my run"',
                               "data.download=true", "devices.device1.edge=edge2", "mobility.moves=[]",
                               "model.split_layer=0", "run.out=/tmp/out dir"], env={})
-    assert cfg.training["rounds"] == 3 and cfg.training["lr"] == 0.05
-    assert cfg.mode == "restart" and cfg.run["name"] == "my run" and cfg.run["out"] == "/tmp/out dir"
-    assert cfg.data["download"] is True
+    assert cfg.training.rounds == 3 and cfg.training.lr == 0.05
+    assert cfg.mode == "restart" and cfg.run.name == "my run" and cfg.run.out == "/tmp/out dir"
+    assert cfg.data.download is True
     assert cfg.devices["device1"].edge == "edge2"
-    assert cfg.moves == () and cfg.model["split_layer"] == 0
+    assert cfg.moves == () and cfg.model.split_layer == 0
 
 
 def test_inline_table_moves_override():
@@ -357,13 +357,13 @@ def test_bad_override_names_the_key(override, key):
 def test_environment_overrides_come_before_the_command_line(monkeypatch):
     env = {"FEDFLY_SET": "training.rounds=7 run.mode=classic 'run.name=from env'"}
     cfg = load_config(LOCAL, [], env=env)
-    assert cfg.training["rounds"] == 7 and cfg.mode == "classic" and cfg.run["name"] == "from env"
+    assert cfg.training.rounds == 7 and cfg.mode == "classic" and cfg.run.name == "from env"
     cfg = load_config(LOCAL, ["training.rounds=9"], env=env)
-    assert cfg.training["rounds"] == 9 and cfg.mode == "classic"  # CLI wins, the rest stays
+    assert cfg.training.rounds == 9 and cfg.mode == "classic"  # CLI wins, the rest stays
     # an explicit env mapping replaces os.environ; without one, os.environ is read
     monkeypatch.setenv("FEDFLY_SET", "training.rounds=6")
-    assert load_config(LOCAL, env={}).training["rounds"] == 5
-    assert load_config(LOCAL).training["rounds"] == 6
+    assert load_config(LOCAL, env={}).training.rounds == 5
+    assert load_config(LOCAL).training.rounds == 6
     monkeypatch.setenv("FEDFLY_SET", "training.bogus=1")
     with pytest.raises(ConfigError) as info:
         load_config(LOCAL)

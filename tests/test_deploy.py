@@ -103,8 +103,8 @@ def _check_addresses(c) -> None:
         assert (ep.host, ep.bind) == (e, "0.0.0.0")
     for d, dev in c.devices.items():
         assert (dev.host, dev.bind) == (d, "0.0.0.0")
-    assert c.run["out"] == deploy.RESULTS_IN_CONTAINER
-    assert c.key_file() == deploy.KEY_IN_CONTAINER and not c.security["key_env"]
+    assert c.run.out == deploy.RESULTS_IN_CONTAINER
+    assert c.key_file() == deploy.KEY_IN_CONTAINER and not c.security.key_env
 
 
 def test_compose_has_every_role_reached_by_its_name(testbed):
@@ -139,7 +139,7 @@ def test_compose_has_every_role_reached_by_its_name(testbed):
     if len(cfg.edges) > 1:
         _, _, config, device, to, rnd = services["mobility"]["command"]
         assert config == deploy.CONFIG_IN_CONTAINER and cfg.devices[device].edge != to and to in cfg.edges
-        assert 1 <= int(rnd) <= cfg.training["rounds"] and services["mobility"]["profiles"] == ["scenario"]
+        assert 1 <= int(rnd) <= cfg.training.rounds and services["mobility"]["profiles"] == ["scenario"]
     else:
         assert "mobility" not in services
     assert doc["secrets"]["fedfly_key"]["file"] == f"${{FEDFLY_KEY_FILE:-{ROOT}/configs/demo-INSECURE.key}}"

@@ -130,7 +130,8 @@ class _Links:
 def _announcer(*, offer=True, mode="fedfly", drops=()):
     from types import SimpleNamespace
 
-    return SimpleNamespace(mode=mode, cfg=SimpleNamespace(offer=offer), link=_Links(), drops=ScheduledDrops(drops),
+    return SimpleNamespace(mode=mode, cfg=SimpleNamespace(mobility=SimpleNamespace(offer=offer)), link=_Links(),
+                           drops=ScheduledDrops(drops),
                            moves=MoveSources(ScheduledMoves([Move("device1", "edge2", 1, 0.5)])))
 
 

@@ -126,12 +126,12 @@ def test_key_is_a_secret_and_results_a_volume(compose, cfg):
     default = re.fullmatch(r"\$\{FEDFLY_KEY_FILE:-(.+)\}", secret)
     assert default, "the key file is chosen with FEDFLY_KEY_FILE"
     assert (DOCKER / default.group(1)).resolve().is_file()
-    assert cfg.key_file() == "/run/secrets/fedfly_key" and not cfg.security["key_env"]
+    assert cfg.key_file() == "/run/secrets/fedfly_key" and not cfg.security.key_env
     assert "volumes" in compose and "results" in compose["volumes"]
     for name in ROLES | {"mobility"}:
         svc = compose["services"][name]
         assert svc["secrets"] == ["fedfly_key"]
-        assert _mount(svc, cfg.run["out"]) == "results", f"{name} must write results to the volume"
+        assert _mount(svc, cfg.run.out) == "results", f"{name} must write results to the volume"
     # never in the image
     assert "**/*.key" in (ROOT / ".dockerignore").read_text().split()
     assert ".key" not in (DOCKER / "Dockerfile").read_text().replace("*.key", "")
@@ -144,7 +144,7 @@ def test_mobility_one_shot_plays_a_scenario(compose, cfg):
     assert cmd[0] == "bash" and (ROOT / cmd[1]).is_file()
     config, device, to, rnd = cmd[2:]
     assert config == CONFIG_IN_CONTAINER and device in cfg.devices and to in cfg.edges
-    assert cfg.devices[device].edge != to and 1 <= int(rnd) <= cfg.training["rounds"]
+    assert cfg.devices[device].edge != to and 1 <= int(rnd) <= cfg.training.rounds
 
 
 def test_dockerfile_cpu_torch_per_architecture_non_root():

@@ -21,20 +21,20 @@ def reference_sha(cfg_path, rounds: int) -> str:
     whole model trained on its batches, the strategy's aggregation over the devices in name order."""
     cfg = load_config(str(cfg_path))
     old = torch.get_num_threads()
-    set_threads(cfg.training["threads"])
+    set_threads(cfg.training.threads)
     try:
         shards = {d: load_train_shard(data_spec(cfg), devices=cfg.device_names, device=d) for d in cfg.device_names}
         t = cfg.training
-        weights = build_model(cfg.model_key, seed=cfg.run["seed"]).state_dict()
+        weights = build_model(cfg.model_key, seed=cfg.run.seed).state_dict()
         strategy, state = make_strategy(cfg.strategy), {}
         for r in range(1, rounds + 1):
             updates = []
             for device, (x, y) in shards.items():
                 model = build_model(cfg.model_key, seed=0)
                 model.load_state_dict(weights)
-                batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
+                batches = round_batches(len(x), t.batch_size, local_epochs=t.local_epochs, seed=cfg.run.seed,
                                         device=device, round=r)
-                train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"], algo=strategy.algo())
+                train_reference_round(model, x, y, batches, lr=t.lr, momentum=t.momentum, algo=strategy.algo())
                 updates.append((model.state_dict(), len(x)))
             weights, state = strategy.aggregate(updates, current=weights, state=state)
         return state_sha256(weights)

@@ -311,7 +311,7 @@ def test_a_device_written_from_the_document_attaches_trains_moves_and_finishes(t
         assert t == "Shutdown", (t, f)
 
         assert bed.wait("central", 60) == 0, bed.log("central")[-3000:]
-        summary = json.loads((Path(cfg.run["out"]) / run_name / "summary.json").read_text())
+        summary = json.loads((Path(cfg.run.out) / run_name / "summary.json").read_text())
         assert [x["round"] for x in summary["rounds"]] == [1]
         assert summary["rounds"][0]["samples"] == SAMPLES
         moves = [(x["device"], x["from"], x["to"], x["round"], x["step"]) for x in summary["migrations"]]

@@ -103,7 +103,7 @@ class HostileDevice:
             conn.send(msg)
 
     def _beat(self, conn) -> None:
-        while not self._stop.wait(self.cfg.faults["heartbeat_s"]):
+        while not self._stop.wait(self.cfg.faults.heartbeat_s):
             try:
                 self._send(conn, m.Heartbeat())
             except Exception:  # noqa: BLE001 - the link is gone: the main loop sees it
@@ -113,7 +113,7 @@ class HostileDevice:
         edge = self.cfg.devices[self.name].edge
         ep = self.cfg.edges[edge]
         try:
-            deadline = time.monotonic() + self.cfg.run["startup_timeout"]
+            deadline = time.monotonic() + self.cfg.run.startup_timeout
             while True:  # the edge may still be starting (or too busy to finish a handshake)
                 try:
                     conn = transport.connect(
@@ -127,7 +127,7 @@ class HostileDevice:
                         raise
                     time.sleep(0.5)
             threading.Thread(target=self._beat, args=(conn,), daemon=True).start()
-            steps = math.ceil(self.samples / self.cfg.training["batch_size"])
+            steps = math.ceil(self.samples / self.cfg.training.batch_size)
             while not self._stop.is_set():
                 msg = conn.recv(timeout=120)
                 if isinstance(msg, m.DeviceRound):

@@ -62,11 +62,11 @@ def test_the_malloc_setting_is_checked():
         build_config(raw)
     assert_names(info.value, "training.malloc")
     raw["training"]["malloc"] = "system"
-    assert build_config(raw).training["malloc"] == "system"
+    assert build_config(raw).training.malloc == "system"
     raw["training"]["malloc"] = "lean"
-    assert build_config(raw).training["malloc"] == "lean"
+    assert build_config(raw).training.malloc == "lean"
     del raw["training"]["malloc"]
-    assert build_config(raw).training["malloc"] == "auto"
+    assert build_config(raw).training.malloc == "auto"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux hosts")

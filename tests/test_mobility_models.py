@@ -37,7 +37,7 @@ def test_a_trace_in_the_config(tmp_path):
     trace = tmp_path / "moves.csv"
     trace.write_text("round,at,device,edge\n3,0.5,device2,edge2\n")
     cfg = build_config(_with_mobility({"model": "trace", "trace": str(trace)}))
-    assert cfg.moves == (Move("device2", "edge2", 3, 0.5),) and cfg.mobility["model"] == "trace"
+    assert cfg.moves == (Move("device2", "edge2", 3, 0.5),) and cfg.mobility.model == "trace"
     trace.write_text("time_s,device,edge\n4.0,device1,edge2\n2.0,device3,edge1\n")
     cfg = build_config(_with_mobility({"model": "trace", "trace": str(trace)}))
     assert cfg.timed_moves == (TimedMove(2.0, "device3", "edge1"), TimedMove(4.0, "device1", "edge2"))
@@ -73,7 +73,7 @@ def test_random_waypoint_is_seeded_and_moves_between_neighbouring_cells():
     assert waypoint_trace(devices={"d1": "e1"}, edges=["e1"], cell_m=10.0, speed_mps=2.0) == []
     cfg = build_config(_with_mobility({"model": "waypoint", "waypoint": {"cell_m": 50.0, "speed_mps": 20.0}}))
     assert cfg.timed_moves and {mv.to for mv in cfg.timed_moves} <= {"edge1", "edge2"}
-    assert cfg.mobility["waypoint"]["seed"] == cfg.run["seed"]
+    assert cfg.waypoint.seed == cfg.run.seed
 
 
 def test_time_based_moves_land_at_the_next_step_boundary():

@@ -37,14 +37,14 @@ SHORT = ["training.rounds=2", "training.batch_size=50", "data.samples_per_device
 def test_plan_follows_the_config():
     cfg = load_config(str(NETNS))
     p = plan(cfg, prefix="fftest")
-    assert p.hosts["central"].bridge == BACKBONE and p.hosts["central"].mbit == cfg.links["central_mbit"]
+    assert p.hosts["central"].bridge == BACKBONE and p.hosts["central"].mbit == cfg.links.central_mbit
     for e in cfg.edges:
         assert p.hosts[e].bridge == p.edge_bridges[e]
     for d, dev in cfg.devices.items():
         assert p.hosts[d].bridge == p.edge_bridges[dev.edge]
-        assert p.hosts[d].mbit == (dev.link_mbit or cfg.links["device_mbit"])
+        assert p.hosts[d].mbit == (dev.link_mbit or cfg.links.device_mbit)
     assert p.hosts["device3"].mbit == 10 and p.hosts["device1"].mbit == 20  # link_mbit wins over device_mbit
-    assert [u.mbit for u in p.uplinks] == [cfg.links["edge_mbit"]] * len(cfg.edges)
+    assert [u.mbit for u in p.uplinks] == [cfg.links.edge_mbit] * len(cfg.edges)
     # addresses are the config's, names fit Linux's 15 characters, namespaces are ours
     want = {cfg.central.host} | {e.host for e in cfg.edges.values()} | {d.host for d in cfg.devices.values()}
     assert {h.address for h in p.hosts.values()} == want

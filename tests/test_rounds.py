@@ -3,6 +3,7 @@ loop of ``CentralServer`` talking to fake edges through its registry seam."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import queue
 import time
@@ -161,7 +162,7 @@ def test_a_lost_edge_is_recorded_and_its_devices_count_as_absent():
     srv._wait_for_testbed()
     edges.queue.put(EdgeLost("edge1", "edge edge1 sent nothing for 0.2 s", 0.2))
     with pytest.raises(RunAborted, match="no device"):
-        srv.cfg.run["round_timeout"] = 0.5
+        srv.cfg = dataclasses.replace(srv.cfg, run=dataclasses.replace(srv.cfg.run, round_timeout=0.5))
         srv._rounds(dict(build_model("vgg5", seed=0).state_dict()))
     assert srv.results.summary["faults"][0]["kind"] == "peer_silent"
 
@@ -182,7 +183,7 @@ def test_devices_of_an_edge_whose_uplink_broke_are_held_for_the_central_grace():
     srv._handle(EdgeLost("edge1", "edge edge1 closed the connection", 0.0))
     now = time.monotonic()
     assert srv.held(now) == {"device1", "device2"}
-    assert srv.held(now + cfg.faults["central_grace_s"] + 1) == frozenset()
+    assert srv.held(now + cfg.faults.central_grace_s + 1) == frozenset()
     srv._handle(EdgeJoined("edge1", True))
     srv._handle(EdgeMessage("edge1", m.EdgeStatus(edge="edge1", attached=["device1"])))
     assert srv.held(now) == {"device2"} and "device1" not in srv.orphans  # seen again: no longer held

@@ -184,11 +184,11 @@ def reference_sha(cfg_path, rounds: int) -> str:
     from common.data import load_train_shard
     cfg = load_config(str(cfg_path))
     old = torch.get_num_threads()
-    set_threads(cfg.training["threads"])
+    set_threads(cfg.training.threads)
     try:
         shards = {d: load_train_shard(data_spec(cfg), devices=cfg.device_names, device=d) for d in cfg.device_names}
         t = cfg.training
-        weights = build_model(cfg.model_key, seed=cfg.run["seed"]).state_dict()
+        weights = build_model(cfg.model_key, seed=cfg.run.seed).state_dict()
         strategy, state = strategies.make(cfg.strategy), {}
         strategy.bind(_param_keys())
         for r in range(1, rounds + 1):
@@ -197,13 +197,13 @@ def reference_sha(cfg_path, rounds: int) -> str:
             for device, (x, y) in shards.items():
                 model = build_model(cfg.model_key, seed=0)
                 model.load_state_dict(weights)
-                batches = round_batches(len(x), t["batch_size"], local_epochs=t["local_epochs"], seed=cfg.run["seed"],
+                batches = round_batches(len(x), t.batch_size, local_epochs=t.local_epochs, seed=cfg.run.seed,
                                         device=device, round=r)
-                train_reference_round(model, x, y, batches, lr=t["lr"], momentum=t["momentum"], algo=strategy.algo(),
+                train_reference_round(model, x, y, batches, lr=t.lr, momentum=t.momentum, algo=strategy.algo(),
                                       tensors=for_client(tensors, device, list(weights)))
                 updates.append((model.state_dict(), len(x)))
                 clients.append((device, len(batches)))
-            weights, state = strategy.aggregate(updates, current=weights, state=state, clients=clients, lr=t["lr"])
+            weights, state = strategy.aggregate(updates, current=weights, state=state, clients=clients, lr=t.lr)
         return state_sha256(weights)
     finally:
         torch.set_num_threads(old)

@@ -418,7 +418,7 @@ def test_the_certs_command_makes_what_is_missing_and_keeps_the_rest(tmp_path, ca
 def _device_weight_bytes(cfg: Path) -> bytes:
     """64 bytes of the initial model's first layer, as they cross the wire to devices."""
     c = load_config(str(cfg))
-    w = build_model(c.model["name"], seed=c.run["seed"]).state_dict()
+    w = build_model(c.model.name, seed=c.run.seed).state_dict()
     first = next(iter(w.values()))
     return first.contiguous().view(-1)[:16].numpy().tobytes()
 

@@ -436,7 +436,7 @@ def test_cut_gradient_first_goes_from_the_config_to_every_step(value):
     local = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "local.toml")
     cfg = load_config(local, env={}, overrides=[f"training.cut_gradient_first={str(value).lower()}",
                                                  'security.mode="key"'])  # its committed demo key: no certificates
-    assert cfg.training["cut_gradient_first"] is value
+    assert cfg.training.cut_gradient_first is value
     server = EdgeServer(cfg, "edge1", creds=cfg.credentials(Identity("edge", "edge1")),
                         events=EventLog(process="edge1", role="edge"))
     assert server.core.cut_first is value

@@ -53,9 +53,6 @@ class Replica:
 
 class Recovery(Handover):
     name = "replica"
-    # A device's own checkpoints lag the session by up to a step (its edge trains a step
-    # before the device does), and a copy takes time to arrive: the newest few are kept.
-    KEEP_REPLICAS = 3
 
     # -- the source's side: copies out, to the buddy -----------------------------------------
 
@@ -84,7 +81,9 @@ class Recovery(Handover):
         reps = [x for x in replicas.get(device, []) if (x.round, x.step) != (rep.round, rep.step)]
         reps.append(rep)
         reps.sort(key=lambda x: (x.round, x.step))
-        replicas[device] = reps[-self.KEEP_REPLICAS:]
+        # the newest few (faults.replicas_kept): a device's own checkpoints lag the session by
+        # up to a step (its edge trains a step before the device does), and a copy takes time
+        replicas[device] = reps[-self.core.replicas_kept:]
 
     def at(self, device: str, round: int, steps: list[int]) -> Replica | None:
         """The newest copy of ``device``'s session in ``round`` at one of ``steps``."""
