@@ -74,6 +74,7 @@ class CentralServer:
         self.test_x, self.test_y = test_set
         self.shard_samples = shard_samples or {}
         self.strategy = strategy or make_strategy(cfg.strategy)
+        self.strategy.bind([n.removeprefix("layers.") for n, _ in build_model(cfg.model_key, seed=0).named_parameters()])
         self.strategy_state = dict(resume.strategy_state) if resume is not None else {}
         # split_layer = "auto": the cuts are chosen once, here (a resumed run keeps its own)
         self.auto = {} if cfg.mode == "classic" or resume is not None else autosplit.choose(cfg, self.shard_samples)
@@ -397,9 +398,10 @@ class CentralServer:
             t0 = time.monotonic()
             plan = replan or RoundPlan(round=r, lr=t.lr, momentum=t.momentum, batch_size=t.batch_size,
                                        local_epochs=t.local_epochs, participants=tuple(sorted(participants)),
-                                       cuts=self._auto_cuts(), **self.strategy.configure(r))
+                                       cuts=self._auto_cuts(), algo=self.strategy.algo())
             self._checkpoint(checkpoint.save_plan, self.results.run_dir, plan)
-            start = m.RoundStart(plan=plan.to_wire(), weights=weights)
+            start = m.RoundStart(plan=plan.to_wire(), weights=weights,
+                                 algo=self.strategy.round_tensors(self.strategy_state, plan.participants))
             self.events.emit("round_start", round=r, participants=list(plan.participants))
             tracker = RoundTracker(round=r, participants=frozenset(participants), shard_samples=self.shard_samples,
                                    grace_s=self.faults.device_grace_s, started=t0)
@@ -428,7 +430,8 @@ class CentralServer:
                 failures = [Failure(x.device, x.reason, x.samples) for x in tracker.dropped.values()]
                 weights, self.strategy_state = self.strategy.aggregate(
                     [(updates[d].weights, updates[d].samples) for d in order], failures,
-                    current=weights, state=self.strategy_state)
+                    current=weights, state=self.strategy_state, clients=[(d, updates[d].steps) for d in order],
+                    lr=plan.lr)
                 self.weights = weights
             model = build_model(self.cfg.model_key, seed=0)
             model.load_state_dict(weights)

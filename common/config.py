@@ -24,13 +24,13 @@ from common.errors import ConfigError
 from common.mobility_models import TimedMove, TraceError, read_trace, waypoint_trace
 from common.nets import NETS, ModelSpec, net
 from common.sections import Section, section_class
+from common import strategies
 
 MODES = ("fedfly", "restart", "classic")
 RECONNECT_POLICIES = ("same", "nearest", "controller")
 DEATH_POLICIES = ("stop", "restart")
 from common.malloc import MODES as MALLOC_MODES  # training.malloc
 DISTRIBUTIONS = ("balanced", "imbalanced")
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "median", "trimmed_mean", "krum", "clip")  # central/strategies.py (kept torch-free here)
 MOBILITY_MODELS = ("schedule", "trace", "waypoint")  # common/mobility_models.py
 REQUIRED = object()
 # strategy.refuse_factor's default: far above the largest ratio an honest update reached in
@@ -156,19 +156,11 @@ SECTIONS: dict[str, dict[str, Key]] = {
                                "devices x this many samples"),
         "test_samples": (int, 0, _NONNEG, "0: the whole test set; else the first N of a seeded permutation"),
     },
-    # Aggregation (central/strategies.py).
+    # Aggregation: the keys every strategy has; each strategy's own are in its module
+    # (common/strategies/), checked by _strategy_section.
     "strategy": {
-        "name": (str, "fedavg", _choice(STRATEGIES), "how the central combines the round's updates"),
-        "mu": (float, 0.01, _NONNEG, "fedprox: the proximal term's weight, pulling each local step towards the "
-               "round's weights"),
-        "server_lr": (float, 1.0, _POSITIVE, "fedavgm: the server's step size (1.0 with no momentum is FedAvg)"),
-        "server_momentum": (float, 0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
-                            "fedavgm: the server's momentum"),
-        "trim_fraction": (float, 0.2, lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)",
-                          "trimmed_mean: the fraction of smallest and of largest values left out of each coordinate"),
-        "krum_byzantine": (int, 1, _NONNEG, "krum: how many hostile devices to tolerate"),
-        "krum_keep": (int, 0, _NONNEG, "krum: how many updates to average (0: all but the byzantine)"),
-        "clip_norm": (float, 0.0, _NONNEG, "clip: the bound on each update's move (0: the round's median)"),
+        "name": (str, "fedavg", _choice(strategies.NAMES), "how the central combines the round's updates "
+                 "(common/strategies/); each strategy's own keys are in its table below"),
         # REFUSE_FACTOR says why the default.
         "refuse_factor": (float, REFUSE_FACTOR, _REFUSE_RULE, "every strategy: an update that moved the weights more "
                           "than this many times the median of the others' moves is refused (central/robust.py; 0: off); "
@@ -286,7 +278,10 @@ READ_BY: dict[str, str] = {
 }
 # Every table of the file, in the reference's order: (its heading, its keys, its name in READ_BY).
 TABLES: tuple[tuple[str, dict[str, Key], str], ...] = (
-    *((f"[{name}]", keys, name) for name, keys in SECTIONS.items()),
+    *((heading, keys, name) for name, section in SECTIONS.items()
+      for heading, keys in [(f"[{name}]", section)] + ([
+          (f'[strategy] name = "{s}"', strategies.params_of(s)) for s in strategies.NAMES if strategies.params_of(s)]
+          if name == "strategy" else [])),
     ("[edges.NAME]", EDGE_KEYS, "edges"), ("[devices.NAME]", DEVICE_KEYS, "devices"),
     ("[mobility]", MOBILITY_KEYS, "mobility"),
     ("[mobility.waypoint]", WAYPOINT_KEYS, "mobility.waypoint"),
@@ -594,13 +589,28 @@ def _choices(rule: Any) -> str:
     return "write one of " + ", ".join(f'"{o}"' for o in options) if options else ""
 
 
-def _table(where: str, given: Any, schema: dict[str, Key]) -> dict[str, Any]:
+def _strategy_section(given: Any) -> dict[str, Any]:
+    """``[strategy]``: the keys every strategy has, and the named strategy's own (its
+    table in ``common.strategies``); a key of another strategy names the one it is for."""
+    common = _table("strategy", {k: v for k, v in given.items() if k in SECTIONS["strategy"]}, SECTIONS["strategy"]) \
+        if isinstance(given, dict) else _table("strategy", given, {})
+    name = common["name"]
+    own = strategies.params_of(name)
+    for key in given:
+        if key not in SECTIONS["strategy"] and key not in own and (takers := strategies.owners(key)):
+            raise ConfigError(f"strategy.{key}", f"belongs to {', '.join(takers)}, not to {name}",
+                              f"remove it, or set name = \"{takers[0]}\"")
+    return {**common, **_table("strategy", {k: v for k, v in given.items() if k not in SECTIONS["strategy"]}, own,
+                               known=set(SECTIONS["strategy"]))}
+
+
+def _table(where: str, given: Any, schema: dict[str, Key], *, known: set[str] = frozenset()) -> dict[str, Any]:
     if not isinstance(given, dict):
         raise ConfigError(where, "must be a table", f"write it as [{where}]")
     unknown = sorted(set(given) - set(schema))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}", "is not a known key",
-                          f"remove it or use one of: {', '.join(sorted(schema))}")
+                          f"remove it or use one of: {', '.join(sorted(set(schema) | known))}")
     out: dict[str, Any] = {}
     for key, (typ, default, rule, _what) in schema.items():
         name = f"{where}.{key}"
@@ -639,7 +649,8 @@ def build_config(raw: dict[str, Any], *, path: str = "<memory>") -> Config:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(unknown[0], "is not a known section", f"use one of: {', '.join(sorted(known))}")
-    sections = {name: _table(name, raw.get(name, {}), schema) for name, schema in SECTIONS.items()}
+    sections = {name: _strategy_section(raw.get(name, {})) if name == "strategy" else _table(name, raw.get(name, {}), schema)
+                for name, schema in SECTIONS.items()}
     central = Endpoint(**sections.pop("central"))
 
     edges_raw = raw.get("edges")

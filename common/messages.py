@@ -247,10 +247,13 @@ def _check_plan(where: str, plan: object) -> None:
 @message
 class RoundStart(Message):
     """central -> edge: round ``plan['round']`` begins from these global weights (the
-    full model). Sent again to an edge that rejoins during the round."""
+    full model). ``algo``: the strategy's tensors for the round ("*/tag/key" every
+    device's, "DEVICE/tag/key" one device's: SCAFFOLD's control variates; empty for most,
+    ``common.strategies``). Sent again to an edge that rejoins during the round."""
     SCOPE = Scope.EDGE
     plan: JSON
     weights: Tensors
+    algo: Tensors = dataclasses.field(default_factory=dict)
 
     def check(self) -> None:
         _check_plan("RoundStart", self.plan)
@@ -402,10 +405,12 @@ class AttachReply(Message):
 @message
 class DeviceRound(Message):
     """edge -> device: train round ``plan['round']`` from these weights (device part, or
-    the whole model in mode classic)."""
+    the whole model in mode classic). ``algo``: this device's share of the round's
+    strategy tensors, for its part ("tag/key"; empty for most strategies)."""
     SCOPE = Scope.SESSION
     plan: JSON
     weights: Tensors
+    algo: Tensors = dataclasses.field(default_factory=dict)
 
     def check(self) -> None:
         _check_plan("DeviceRound", self.plan)

@@ -3,7 +3,9 @@
 The central makes it (``RoundPlan``) and sends it with the round's weights to every edge
 (``RoundStart``); an edge passes it on to each participating device (``DeviceRound``).
 On the wire it is a plain map (``to_wire``/``from_wire``), checked field by field when it
-arrives, so a bad plan is a protocol error and never a half-applied round.
+arrives, so a bad plan is a protocol error and never a half-applied round. Its ``algo`` is
+the strategy's own value (``common.strategies``): the client-side algorithm by name and
+the parameters it applies, checked against that strategy's table.
 """
 
 from __future__ import annotations
@@ -13,6 +15,31 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from common.errors import LocalProtocolError
+
+
+@dataclass(frozen=True)
+class Algo:
+    """What the round's strategy tells its clients: its ``name`` (a registry name) and the
+    parameters its client step applies (FedProx: ``{"mu": 0.01}``; most: ``{}``). On the
+    wire a map ``{name, params}``."""
+    name: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def problem(self) -> str:
+        from common import strategies
+        if type(self.name) is not str or self.name not in strategies.REGISTRY:
+            return f"algo.name {self.name!r} is not a strategy"
+        why = strategies.strategy_class(self.name).plan_problem(self.params)
+        return f"algo ({self.name}): {why}" if why else ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params)}
+
+    @classmethod
+    def from_wire(cls, value: object) -> "Algo":
+        if not isinstance(value, dict) or set(value) != {"name", "params"} or not isinstance(value["params"], dict):
+            raise LocalProtocolError("RoundPlan: algo must be a map of name and params")
+        return cls(value["name"], dict(value["params"]))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,14 +53,14 @@ class RoundPlan:
     batch_size: int
     local_epochs: int
     participants: tuple[str, ...]
-    prox_mu: float = 0.0   # FedProx's proximal weight this round (0: none); set by the strategy
+    algo: Algo = field(default_factory=Algo)   # the strategy's word to its clients (common.strategies)
     cuts: dict[str, int] = field(default_factory=dict)  # device -> cut chosen at start ("auto")
 
     def __post_init__(self) -> None:
         problems = []
         if type(self.round) is not int or self.round < 1:
             problems.append(f"round {self.round!r} is not an int >= 1")
-        for name in ("lr", "momentum", "prox_mu"):
+        for name in ("lr", "momentum"):
             v = getattr(self, name)
             if type(v) is int:
                 object.__setattr__(self, name, float(v))
@@ -52,12 +79,22 @@ class RoundPlan:
         if not isinstance(self.cuts, dict) or not all(type(k) is str and type(v) is int and 0 <= v < 1024
                                                       for k, v in self.cuts.items()):
             problems.append("cuts is not a map of device names to layer numbers")
+        if isinstance(self.algo, dict):
+            try:
+                object.__setattr__(self, "algo", Algo.from_wire(self.algo))
+            except LocalProtocolError as exc:
+                problems.append(str(exc).removeprefix("RoundPlan: "))
+        if not isinstance(self.algo, Algo):
+            problems.append("algo is not a map of name and params")
+        elif why := self.algo.problem():
+            problems.append(why)
         if problems:
             raise LocalProtocolError("RoundPlan: " + "; ".join(problems))
 
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
         d["participants"] = list(self.participants)
+        d["algo"] = self.algo.to_wire()
         return d
 
     @classmethod

@@ -15,6 +15,8 @@ from torch import nn
 
 from common.footprint import skip_dynamo
 from common.malloc import MALLOC_KEEP, tune_malloc  # noqa: F401 - part of this API
+from common.plan import Algo
+from common.strategies import strategy_class
 
 LOSS = nn.CrossEntropyLoss()
 
@@ -58,34 +60,40 @@ def round_batches(n: int, batch_size: int, *, local_epochs: int, seed: int, devi
     return batches
 
 
-class ProxSGD(torch.optim.SGD):
-    """SGD with FedProx's proximal term (Li et al. 2020): before each step every gradient
-    gets ``prox_mu * (w - w_ref)``, the gradient of ``prox_mu / 2 * ||w - w_ref||^2``, where
-    ``w_ref`` is the parameter as the optimizer found it (the round's global weights). The
-    term is per parameter, so the device part and the edge part each apply it to their own
-    parameters and split training stays the whole model's, bit for bit. ``w_ref`` lives in
-    the optimizer's state (``prox_ref``) and ``prox_mu`` in its param group, so both travel
-    with a migrated session and with a device checkpoint. ``prox_mu = 0`` is plain SGD."""
+class AlgoSGD(torch.optim.SGD):
+    """SGD with the round's client-side algorithm (``common.strategies``: FedProx's
+    proximal term, SCAFFOLD's correction; none for the others): before each step, the
+    algorithm named in each param group's ``algo`` (the plan's ``{name, params}``)
+    corrects the gradients. The rule is per parameter, so the device part and the edge
+    part each apply it to their own parameters and split training stays the whole
+    model's, bit for bit. What the algorithm keeps is in the optimizer's state and param
+    groups, so it travels with a migrated session and with a device checkpoint.
 
-    def __init__(self, params, *, lr: float, momentum: float, prox_mu: float = 0.0) -> None:
+    ``params``: tensors, or (state-dict key, tensor) pairs for an algorithm that has
+    tensors per parameter (``tensors``: this client's share of the round's, "tag/key")."""
+
+    def __init__(self, params, *, lr: float, momentum: float, algo: Algo | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
         skip_dynamo()
+        params = list(params)
+        names = [n for n, _ in params] if params and isinstance(params[0], tuple) else None
         # foreach=False: the single-tensor path on every platform, so device, edge and the
         # reference take the same kernels.
-        super().__init__(params, lr=lr, momentum=momentum, foreach=False)
+        super().__init__([p for _, p in params] if names is not None else params, lr=lr, momentum=momentum,
+                         foreach=False)
+        algo = algo or Algo()
         for group in self.param_groups:
-            group["prox_mu"] = float(prox_mu)
-            if prox_mu:
-                for p in group["params"]:
-                    self.state[p]["prox_ref"] = p.detach().clone()
+            group["algo"] = algo.to_wire()
+        step = strategy_class(algo.name).CLIENT
+        if step is not None:
+            step.setup(self, names, algo.params, tensors or {})
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         for group in self.param_groups:
-            mu = group.get("prox_mu", 0.0)
-            if mu:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.add_(p - self.state[p]["prox_ref"], alpha=mu)
+            step = strategy_class(group["algo"]["name"]).CLIENT
+            if step is not None:
+                step.correct(self, group)
         # SGD.step's own wrapper only turns gradients off (done above) and marks graph
         # breaks for torch.compile, importing torch._dynamo to do so (common.footprint)
         return _SGD_STEP(self, closure)
@@ -94,16 +102,23 @@ class ProxSGD(torch.optim.SGD):
 _SGD_STEP = getattr(torch.optim.SGD.step, "__wrapped__", torch.optim.SGD.step)
 
 
-def make_optimizer(params, *, lr: float, momentum: float, prox_mu: float = 0.0) -> torch.optim.SGD:
-    return ProxSGD(params, lr=lr, momentum=momentum, prox_mu=prox_mu)
+def make_optimizer(params, *, lr: float, momentum: float, algo: Algo | None = None,
+                   tensors: dict[str, torch.Tensor] | None = None) -> torch.optim.SGD:
+    return AlgoSGD(params, lr=lr, momentum=momentum, algo=algo, tensors=tensors)
+
+
+def named_parameters(part: nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """``part``'s parameters named by their state-dict keys (``common.models.Part``)."""
+    return [(n.removeprefix("layers."), p) for n, p in part.named_parameters()]
 
 
 def train_reference_round(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor],
-                          *, lr: float, momentum: float, prox_mu: float = 0.0) -> float:
+                          *, lr: float, momentum: float, algo: Algo | None = None,
+                          tensors: dict[str, torch.Tensor] | None = None) -> float:
     """Train the whole model in this process on ``batches``; returns the mean batch loss.
     The yardstick split training over TCP must match bit for bit."""
     model.train()
-    opt = make_optimizer(model.parameters(), lr=lr, momentum=momentum, prox_mu=prox_mu)
+    opt = make_optimizer(named_parameters(model), lr=lr, momentum=momentum, algo=algo, tensors=tensors)
     total = 0.0
     for idx in batches:
         opt.zero_grad(set_to_none=True)

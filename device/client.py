@@ -28,7 +28,7 @@ from common.footprint import backward
 from common.models import build_model, part_keys, split_model, state_spec, weights_problem
 from common.plan import RoundPlan
 from common.security import Credentials
-from common.training import LOSS, make_optimizer, round_batches
+from common.training import LOSS, make_optimizer, named_parameters, round_batches
 from device.control import ControlServer, Position
 from device import state as disk
 from device.link import EdgeLink
@@ -49,6 +49,7 @@ class _Round:
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     step_ms: list[float | None]  # wall time of each step, the wait for the edge included
+    algo: dict[str, torch.Tensor] = field(default_factory=dict)  # its share of the strategy's round tensors
     ckpts: dict[int, tuple[dict, dict]] = field(default_factory=dict)
     step: int = 0
     restarts: int = 0
@@ -161,7 +162,8 @@ class DeviceClient:
         ended: Outcome | None = None
         if resume is not None:
             saved = resume[0]
-            ended = self._train_round(m.DeviceRound(plan=saved.plan.to_wire(), weights=saved.start), resume=resume)
+            ended = self._train_round(m.DeviceRound(plan=saved.plan.to_wire(), weights=saved.start, algo=saved.algo),
+                                      resume=resume)
         while not isinstance(ended, Ends):
             work = ended.next if isinstance(ended, RoundOver) else None  # the next round's, come early
             if work is None:
@@ -199,10 +201,14 @@ class DeviceClient:
         spec = state_spec(self.cfg.model_key)
         if weights_problem(start_weights, {k: spec[k] for k in self.keys}):  # load_state_dict would raise RuntimeError
             raise RemoteProtocolError(f"device {self.name}: round {r} weights do not fit the model")
+        algo = {k: v.clone() for k, v in work.algo.items()}
+        if weights_problem({k: v for k, v in algo.items()}, {k: spec[k.partition("/")[2]] for k in algo
+                                                           if k.partition("/")[2] in self.keys}):
+            raise RemoteProtocolError(f"device {self.name}: round {r} strategy tensors do not fit the model")
         batches = round_batches(len(self.x), plan.batch_size, local_epochs=plan.local_epochs,
                                 seed=self.cfg.run.seed, device=self.name, round=r)
-        model, opt = self._fresh(start_weights, plan)
-        rnd = _Round(plan=plan, start=start_weights, batches=batches, model=model, opt=opt,
+        model, opt = self._fresh(start_weights, plan, algo)
+        rnd = _Round(plan=plan, start=start_weights, algo=algo, batches=batches, model=model, opt=opt,
                      step_ms=[None] * len(batches))
         self._keep(rnd, 0)
         if resume is not None and resume[1]:
@@ -255,7 +261,7 @@ class DeviceClient:
             raise RemoteProtocolError(f"{self.name}: asked to go on from step {rb.step}, which it cannot "
                                       f"(it kept steps {sorted(rnd.ckpts)})")
         self.events.emit("rollback", round=rnd.round, step=rnd.step, to=rb.step, how=rb.how)
-        rnd.model, rnd.opt = self._fresh(rnd.start, rnd.plan)
+        rnd.model, rnd.opt = self._fresh(rnd.start, rnd.plan, rnd.algo)
         if rb.step:
             state, opt_state = rnd.ckpts[rb.step]
             rnd.model.load_state_dict(state)
@@ -295,17 +301,18 @@ class DeviceClient:
             if self.writer is not None and self.link.run_name:
                 self.writer.submit(run=self.link.run_name, round=rnd.round, step=step, steps=rnd.steps,
                                    edge=self.link.edge, last_round=self.link.last_round, plan=rnd.plan,
-                                   start=rnd.start, model=ckpts[step][0], optimizer=ckpts[step][1])
+                                   start=rnd.start, algo=rnd.algo, model=ckpts[step][0], optimizer=ckpts[step][1])
         else:
             ckpts[0] = ({}, {})
         self.link.checkpoints = sorted(ckpts)
 
-    def _fresh(self, weights: dict[str, torch.Tensor], plan: RoundPlan):
+    def _fresh(self, weights: dict[str, torch.Tensor], plan: RoundPlan, algo: dict[str, torch.Tensor]):
         full = build_model(self.cfg.model_key, seed=0)
         model = full if self.mode == "classic" else split_model(full, self.split)[0]
         model.load_state_dict(weights)
         model.train()
-        return model, make_optimizer(model.parameters(), lr=plan.lr, momentum=plan.momentum, prox_mu=plan.prox_mu)
+        return model, make_optimizer(named_parameters(model), lr=plan.lr, momentum=plan.momentum, algo=plan.algo,
+                                     tensors=algo)
 
     def _split_step(self, rnd: _Round, x: torch.Tensor, y: torch.Tensor) -> float | Outcome:
         """One lockstep step with the edge; returns the device's own compute seconds (not

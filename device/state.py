@@ -2,7 +2,8 @@
 process started again needs to go on with its round from the step it saved.
 
     <run.out>/.device-state/<device>/state.safetensors   the round's start weights
-                                                        ("start/..."), the device part at
+                                                        ("start/...") and strategy tensors
+                                                        ("algo/..."), the device part at
                                                         the step ("model/...") and its
                                                         optimizer's buffers ("opt/i/name")
     <run.out>/.device-state/<device>/state.json          run, round, step, steps, edge,
@@ -50,6 +51,7 @@ class Saved:
     start: dict[str, torch.Tensor]
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]       # a state_dict for torch.optim.SGD
+    algo: dict[str, torch.Tensor]   # the round's strategy tensors for this device (DeviceRound.algo)
 
 
 def folder(out: str, device: str) -> str:
@@ -82,9 +84,11 @@ def attach_secret(out: str, device: str) -> bytes:
 
 
 def save(where: str, *, run: str, round: int, step: int, steps: int, edge: str, last_round: int, plan: RoundPlan,
-         start: dict[str, torch.Tensor], model: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
+         start: dict[str, torch.Tensor], model: dict[str, torch.Tensor], optimizer: dict[str, Any],
+         algo: dict[str, torch.Tensor] | None = None) -> None:
     os.makedirs(where, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {f"start/{k}": v for k, v in start.items()}
+    tensors.update({f"algo/{k}": v for k, v in (algo or {}).items()})
     tensors.update({f"model/{k}": v for k, v in model.items()})
     for idx, st in optimizer["state"].items():
         for name, t in st.items():
@@ -115,7 +119,8 @@ def load(where: str) -> Saved | None:
                      plan=RoundPlan.from_wire(meta["plan"]),
                      start={k[6:]: v for k, v in tensors.items() if k.startswith("start/")},
                      model={k[6:]: v for k, v in tensors.items() if k.startswith("model/")},
-                     optimizer={"state": state, "param_groups": meta["param_groups"]})
+                     optimizer={"state": state, "param_groups": meta["param_groups"]},
+                     algo={k[5:]: v for k, v in tensors.items() if k.startswith("algo/")})
     except (OSError, ValueError, KeyError, TypeError, TensorFileError, Exception) as exc:  # noqa: BLE001
         log.warning("device checkpoint in %s cannot be used: %s", where, exc)
         return None

@@ -41,6 +41,7 @@ from common.config import default
 from common.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from common.events import EventLog
 from common.plan import RoundPlan
+from common.strategies.base import for_client
 from common.security import proof_holds
 from common.models import num_classes, part_keys, state_spec, weights_problem
 from edge import reports
@@ -65,6 +66,7 @@ TICK_S = 0.5
 class RoundInfo:
     plan: RoundPlan
     weights: dict[str, torch.Tensor]
+    algo: dict[str, torch.Tensor] = field(default_factory=dict)  # the strategy's tensors (RoundStart.algo)
 
     @property
     def round(self) -> int:
@@ -411,9 +413,14 @@ class EdgeCore:
         plan = msg.round_plan
         if problem := weights_problem(msg.weights, self.spec):  # before any session is built from them
             raise RemoteProtocolError(f"{self.role}: RoundStart of round {plan.round}: {problem}")
+        for k, t in msg.algo.items():  # the strategy's tensors, each for one parameter of the model
+            want = self.spec.get(k.split("/", 2)[-1])
+            if k.count("/") < 2 or want is None or (tuple(t.shape), t.dtype) != want:
+                raise RemoteProtocolError(f"{self.role}: RoundStart of round {plan.round}: strategy tensor {k!r} "
+                                          "does not fit the model")
         if self.current is not None and plan.round <= self.current.round:
             return  # sent again after we rejoined: we have it
-        self.current = RoundInfo(plan, msg.weights)
+        self.current = RoundInfo(plan, msg.weights, msg.algo)
         self.models.splits.update(plan.cuts)  # cuts chosen at start (split_layer = "auto")
         r = plan.round
         self.central.round_started(r)
@@ -618,7 +625,8 @@ class EdgeCore:
         edge_state = None if self.mode == "classic" else {k: info.weights[k] for k in self.models.keys(device)[1]}
         return EdgeSession(device=device, round=info.round, mode=self.mode, model=self.models.name,
                            split_layer=self.models.cut(device), lr=info.plan.lr, momentum=info.plan.momentum,
-                           part_state=edge_state, seed=self.seed, prox_mu=info.plan.prox_mu)
+                           part_state=edge_state, seed=self.seed, algo=info.plan.algo,
+                           algo_tensors=for_client(info.algo, device, self.models.keys(device)[1]))
 
     def _start_session(self, e: Entry) -> None:
         """A fresh session of the current round, and the round's work sent to the device."""
@@ -627,7 +635,8 @@ class EdgeCore:
         self.fresh(e, info, 0)
         dev_keys, edge_keys = self.models.keys(e.device)
         keys = dev_keys + (edge_keys if self.mode == "classic" else [])
-        e.port.post(m.DeviceRound(plan=info.plan.to_wire(), weights={k: info.weights[k] for k in keys}))
+        e.port.post(m.DeviceRound(plan=info.plan.to_wire(), weights={k: info.weights[k] for k in keys},
+                                  algo=for_client(info.algo, e.device, keys)))
 
     def refill(self) -> None:
         """The spare part was taken: another one, later (``SparePart.refill_soon``)."""

@@ -20,9 +20,10 @@ import msgpack
 import torch
 
 from common import digest
-from common.errors import MigrationError
+from common.errors import LocalProtocolError, MigrationError
 from common.models import Part, empty_part
-from common.training import LOSS, make_optimizer, stable_seed
+from common.plan import Algo
+from common.training import LOSS, make_optimizer, named_parameters, stable_seed
 
 # The snapshot checksum sits on the migration's critical path (the target verifies before
 # it installs, with the device waiting), so its per-byte cost is what matters: each
@@ -153,7 +154,8 @@ class EdgeSession:
     def __init__(self, *, device: str, round: int, mode: str, model: str, split_layer: int,
                  lr: float, momentum: float, part_state: dict[str, torch.Tensor] | None,
                  step: int = 0, samples: int = 0, loss_sum: float = 0.0, seed: int = 0,
-                 adopt: bool = False, part: Part | None = None, prox_mu: float = 0.0) -> None:
+                 adopt: bool = False, part: Part | None = None, algo: Algo | None = None,
+                 algo_tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.device = device
         self.round = round
         self.mode = mode
@@ -180,9 +182,11 @@ class EdgeSession:
             # weights, which every session of the round starts from.
             self.part.load_state_dict(part_state, assign=adopt)
             self.part.train()
-            # prox_mu (FedProx): the reference is the part as loaded, the round's weights; a
-            # migrated session's comes back with its optimizer state
-            self.optimizer = make_optimizer(self.part.parameters(), lr=lr, momentum=momentum, prox_mu=prox_mu)
+            # the round's client-side algorithm (common.strategies) on the part as loaded, the
+            # round's weights; what it keeps is in the optimizer's state, so a migrated
+            # session's comes back with it (``_rebuild`` loads it over this)
+            self.optimizer = make_optimizer(named_parameters(self.part), lr=lr, momentum=momentum, algo=algo,
+                                            tensors=algo_tensors)
 
     def position_matches(self, step: int) -> bool:
         """True if a device about to send ``step`` can go on with this session: it is at
@@ -351,7 +355,15 @@ class EdgeSession:
                     if k.startswith("opt/"):
                         _, idx, name = k.split("/", 2)
                         state.setdefault(int(idx), {})[name] = v
-                session.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+                groups = meta["optimizer"]["param_groups"]
+                for group in groups:  # the algorithm it names runs at every step: known, its parameters checked
+                    try:
+                        why = Algo.from_wire(group.get("algo")).problem()
+                    except LocalProtocolError as exc:
+                        why = str(exc)
+                    if why:
+                        raise MigrationError(f"snapshot's optimizer: {why}")
+                session.optimizer.load_state_dict({"state": state, "param_groups": groups})
             session.rng.set_state(tensors["rng"].clone())
             last = meta.get("last_reply")
             if last is not None:

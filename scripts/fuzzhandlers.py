@@ -123,7 +123,7 @@ class EdgeHarness:
 
     def _round_start(self, r: int, weights: dict | None = None) -> m.RoundStart:
         plan = {"round": r, "lr": 0.01, "momentum": 0.9, "batch_size": 4, "local_epochs": 1,
-                "participants": list(DEVICES), "prox_mu": 0.0, "cuts": {}}
+                "participants": list(DEVICES), "algo": {"name": "fedavg", "params": {}}, "cuts": {}}
         return m.RoundStart(plan=plan, weights=_model_weights(EDGE_MODEL) if weights is None else weights)
 
     def _attach(self, req: m.AttachRequest) -> None:

@@ -102,7 +102,10 @@ def hostile_plan(rng: random.Random) -> dict:
             "local_epochs": rng.choice([1, 1, 2, 2 ** 31 - 1, 0]),
             "participants": rng.sample(["device1", "device2", "device9", "edge1", "x" * 50],
                                        rng.randint(0, 3)),
-            "prox_mu": rng.choice([0.0, 0.0, 0.01, 1e300, -1.0, float("nan")]),
+            "algo": rng.choice([{"name": "fedavg", "params": {}}, {"name": "fedprox", "params": {"mu": 0.01}},
+                                {"name": "fedprox", "params": {"mu": rng.choice([1e300, -1.0, float("nan")])}},
+                                {"name": "scaffold", "params": {}}, {"name": "fedsgd", "params": {}},
+                                {"name": "fedavg", "params": {"mu": 0.1}}, {"name": "fedavg"}]),
             "cuts": rng.choice([{}, {}, {"device1": 3}, {"device1": 10 ** 6}, {"device9": -1}])}
     if rng.random() < 0.05:
         plan[rng.choice(list(plan))] = hostile_json(rng)
@@ -194,7 +197,7 @@ def _plain(cls: type, rng: random.Random) -> m.Message:
             kwargs[name] = False
         elif name == "plan":
             kwargs[name] = {"round": 1, "lr": 0.01, "momentum": 0.0, "batch_size": 4, "local_epochs": 1,
-                            "participants": ["device1"], "prox_mu": 0.0, "cuts": {}}
+                            "participants": ["device1"], "algo": {"name": "fedavg", "params": {}}, "cuts": {}}
         elif name == "batch":
             kwargs[name] = {"x": torch.zeros(1, 2), "y": torch.zeros(1, dtype=torch.int64)}
         else:

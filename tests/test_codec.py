@@ -70,7 +70,7 @@ def _x(n: int = 4) -> torch.Tensor:
 
 
 PLAN = {"round": 4, "lr": 0.1, "momentum": 0.0, "batch_size": 32, "local_epochs": 2,
-        "participants": ["device1", "device2"], "prox_mu": 0.0, "cuts": {}}
+        "participants": ["device1", "device2"], "algo": {"name": "fedavg", "params": {}}, "cuts": {}}
 
 FACTORIES = {
     "ErrorNotice": lambda: m.ErrorNotice(kind="protocol", detail="bad frame \u00e9\u4e2d"),

@@ -29,14 +29,13 @@ def reference_sha(cfg_path, rounds: int, overrides: list[str] | tuple[str, ...] 
         weights = build_model(cfg.model_key, seed=cfg.run.seed).state_dict()
         strategy, state = make_strategy(cfg.strategy), {}
         for r in range(1, rounds + 1):
-            prox_mu = strategy.configure(r).get("prox_mu", 0.0)
             updates = []
             for device, (x, y) in shards.items():
                 model = build_model(cfg.model_key, seed=0)
                 model.load_state_dict(weights)
                 batches = round_batches(len(x), t.batch_size, local_epochs=t.local_epochs, seed=cfg.run.seed,
                                         device=device, round=r)
-                train_reference_round(model, x, y, batches, lr=t.lr, momentum=t.momentum, prox_mu=prox_mu)
+                train_reference_round(model, x, y, batches, lr=t.lr, momentum=t.momentum, algo=strategy.algo())
                 updates.append((model.state_dict(), len(x)))
             weights, state = strategy.aggregate(updates, current=weights, state=state)
         return state_sha256(weights)

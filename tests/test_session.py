@@ -9,6 +9,7 @@ from common import codec
 from common import messages as m
 from common.errors import MigrationError
 from common.models import build_model, split_model
+from common.plan import Algo
 from edge.session import EdgeSession, snapshot_checksum
 
 CUT_SHAPE = {0: (32, 32, 32), 1: (32, 16, 16), 2: (64, 16, 16), 3: (64, 8, 8), 4: (64, 8, 8), 5: (128,)}
@@ -331,7 +332,7 @@ def test_the_gradient_at_the_cut_first_is_one_pass_bit_for_bit_at_full_size(spli
     data = batches(split, 3, n=100)
     out = {}
     for first in (True, False):
-        s = make_session(split, prox_mu=prox)
+        s = make_session(split, algo=Algo("fedprox", {"mu": prox}))
         replies = []
         for i, (x, y) in enumerate(data):
             s.train_step(i, x, y, lambda g, loss: replies.append((g.clone(), loss)), cut_first=first)

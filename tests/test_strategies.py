@@ -11,7 +11,9 @@ from central.fedavg import fedavg
 from central.strategies import STRATEGIES, FedAvg, FedAvgM, FedProx, make_strategy
 from common import config as config_mod
 from common.models import build_model, split_model, state_sha256
-from common.training import LOSS, ProxSGD, make_optimizer
+from common import strategies
+from common.plan import Algo
+from common.training import LOSS, AlgoSGD, make_optimizer
 from edge.session import EdgeSession
 
 
@@ -22,7 +24,7 @@ def _ups():
 
 
 def test_the_config_knows_every_strategy():
-    assert set(config_mod.STRATEGIES) == set(STRATEGIES)
+    assert set(config_mod.SECTIONS["strategy"]["name"][2].options) == set(STRATEGIES) == set(strategies.REGISTRY)
 
 
 def test_fedavg_and_fedprox_aggregate_as_fedavg_and_fedprox_configures_mu():
@@ -30,7 +32,7 @@ def test_fedavg_and_fedprox_aggregate_as_fedavg_and_fedprox_configures_mu():
     for s in (FedAvg(), FedProx(mu=0.1)):
         got, state = s.aggregate(_ups(), current=None)
         assert state == {} and all(torch.equal(got[k], want[k]) for k in want)
-    assert FedAvg().configure(3) == {} and FedProx(mu=0.1).configure(3) == {"prox_mu": 0.1}
+    assert FedAvg().algo() == Algo("fedavg", {}) and FedProx(mu=0.1).algo() == Algo("fedprox", {"mu": 0.1})
     assert make_strategy({"name": "fedprox", "mu": 0.2, "server_lr": 1.0, "server_momentum": 0.9}) == FedProx(mu=0.2)
 
 
@@ -68,7 +70,8 @@ def test_prox_mu_zero_is_plain_sgd_and_mu_pulls_towards_the_start():
     p2 = torch.nn.Parameter(p1.detach().clone())
     p3 = torch.nn.Parameter(p1.detach().clone())
     plain = torch.optim.SGD([p1], lr=0.1, momentum=0.9, foreach=False)
-    zero, prox = ProxSGD([p2], lr=0.1, momentum=0.9), ProxSGD([p3], lr=0.1, momentum=0.9, prox_mu=0.5)
+    zero = AlgoSGD([p2], lr=0.1, momentum=0.9, algo=Algo("fedprox", {"mu": 0.0}))
+    prox = AlgoSGD([p3], lr=0.1, momentum=0.9, algo=Algo("fedprox", {"mu": 0.5}))
     start = p1.detach().clone()
     for _ in range(3):
         for opt, p in ((plain, p1), (zero, p2), (prox, p3)):
@@ -87,7 +90,7 @@ def test_fedprox_split_equals_whole_and_survives_a_move():
     g = torch.Generator().manual_seed(5)
     data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(4)]
     whole = build_model("vgg5", seed=2)
-    opt = make_optimizer(whole.parameters(), lr=0.05, momentum=0.9, prox_mu=mu)
+    opt = make_optimizer(whole.parameters(), lr=0.05, momentum=0.9, algo=Algo("fedprox", {"mu": mu}))
     for x, y in data:
         opt.zero_grad()
         LOSS(whole(x), y).backward()
@@ -95,14 +98,15 @@ def test_fedprox_split_equals_whole_and_survives_a_move():
 
     twin = build_model("vgg5", seed=2)
     dev, edge = split_model(twin, cut)
-    dev_opt = make_optimizer(dev.parameters(), lr=0.05, momentum=0.9, prox_mu=mu)
+    dev_opt = make_optimizer(dev.parameters(), lr=0.05, momentum=0.9, algo=Algo("fedprox", {"mu": mu}))
     session = EdgeSession(device="d", round=1, mode="fedfly", model="vgg5", split_layer=cut, lr=0.05, momentum=0.9,
-                          part_state={k: v.clone() for k, v in edge.state_dict().items()}, prox_mu=mu)
+                          part_state={k: v.clone() for k, v in edge.state_dict().items()},
+                          algo=Algo("fedprox", {"mu": mu}))
     for step, (x, y) in enumerate(data):
         if step == 2:
             meta, tensors, checksum = session.snapshot()
             assert any(k.endswith("/prox_ref") for k in tensors)
-            assert meta["optimizer"]["param_groups"][0]["prox_mu"] == mu
+            assert meta["optimizer"]["param_groups"][0]["algo"] == {"name": "fedprox", "params": {"mu": mu}}
             session = EdgeSession.from_snapshot(meta, tensors, checksum, expect_model="vgg5", expect_split=cut)
         dev_opt.zero_grad()
         act = dev(x)
