@@ -428,21 +428,6 @@ class Config:
     def mode(self) -> str:
         return self.run.mode
 
-    # Transitional, like ``Section.__getitem__``: code on other branches reads these; the
-    # lead's sweep moves it to ``cfg.mobility.*``.
-    @property
-    def handover(self) -> str:
-        return self.mobility.handover
-
-    @property
-    def preconnect(self) -> bool:
-        return self.mobility.preconnect
-
-    @property
-    def offer(self) -> bool:
-        """Does a device that leaves announce where it goes (its edge offers the session)?"""
-        return self.mobility.offer
-
     @property
     def model_key(self) -> str:
         """The model built for this data set's input (``common.nets.ModelSpec.key``)."""

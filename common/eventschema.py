@@ -139,7 +139,7 @@ def _e(by: str, what: str, fields: str = "") -> EventType:
 
 
 _FAULT = "at_s kind process peer round step detail detected_s down_s replayed recovery samples_lost delivered_by via"
-_MIGRATION = "device from to round step mode handover pause_ms state_bytes transfer_ms delivered_by via"
+_MIGRATION = "device from to round step mode handover how pause_ms state_bytes transfer_ms delivered_by via"
 
 EVENTS: dict[str, EventType] = {
     # -- any process -----------------------------------------------------------------------------

@@ -15,15 +15,6 @@ from typing import Any
 class Section:
     """Base of every generated section class (frozen: a process never edits its config)."""
 
-    def __getitem__(self, key: str) -> Any:
-        # Transitional: ``section["key"]`` still reads, for code written against the
-        # dict sections on other branches while this one is merged. The lead removes it
-        # with the sweep that converts those reads to ``section.key``.
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
     def as_dict(self) -> dict[str, Any]:
         """The keys and their values, in schema order (summary.json records them)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -214,7 +214,7 @@ def install() -> None:
 
     def finished(self, rnd):
         outcome = finish(self, rnd)
-        if rnd.round == self.cfg.training["rounds"] - 1:
+        if rnd.round == self.cfg.training.rounds - 1:
             probe.data["round_tensors_mb"] = _round_tensors(rnd) / _MIB
             probe.mark("last round delivered", detail=True)
             if _LIBC is not None:

@@ -21,8 +21,8 @@ def test_a_loopback_config_moves_to_the_labs_addresses_with_only_the_backhaul_sh
     assert moved.central.host == lab.central.host
     assert {e: moved.edges[e].host for e in moved.edges} == {e: lab.edges[e].host for e in moved.edges}
     assert {d: moved.devices[d].host for d in moved.devices} == {d: lab.devices[d].host for d in moved.devices}
-    assert moved.links == {**moved.links, "device_mbit": 0.0, "edge_mbit": 100.0, "central_mbit": 0.0}
-    assert moved.handover == "relay"
+    assert (moved.links.device_mbit, moved.links.edge_mbit, moved.links.central_mbit) == (0.0, 100.0, 0.0)
+    assert moved.mobility.handover == "relay"
 
 
 def test_networks_and_the_matrix_report_name_the_network():
