@@ -296,7 +296,7 @@ def test_a_device_written_from_the_document_attaches_trains_moves_and_finishes(t
         link.send(encode_frame("MigrationReport", {
             "device": DEVICE, "source": "edge1", "target": "edge2", "round": r, "step": MOVE_AT, "mode": "fedfly",
             "pause_ms": pause_ms, "state_bytes": f["state_bytes"], "transfer_ms": f["transfer_ms"],
-            "delivered_by": ""}))  # every field is present (section 5), this one empty
+            "how": f["how"], "delivered_by": ""}))  # every field is present (section 5), this one empty
 
         for s in range(MOVE_AT, steps):
             step(s, drop=s == steps - 1)
