@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(BIN)/python -m central.launch --config configs/local.toml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 check: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not process" tests
