@@ -208,11 +208,8 @@ class CentralServer:
                 self._on_update(ev.edge, msg)
             elif isinstance(msg, m.MigrationReport):
                 self._record_migration(msg, via=ev.edge)
-            elif isinstance(msg, m.FaultReport):
-                self._fault({"kind": msg.kind, "process": msg.process, "peer": msg.peer, "round": msg.round,
-                             "step": msg.step, "detail": msg.detail, "detected_s": msg.detected_s,
-                             "down_s": msg.down_s, "replayed": msg.replayed, "recovery": msg.recovery,
-                             "samples_lost": msg.samples_lost, **_delivery(msg, ev.edge)}, say=True)
+            elif isinstance(msg, m.FaultReport):  # recorded with every field it has, as it came
+                self._fault({**m.to_wire(msg)[0], **_delivery(msg, ev.edge)}, say=True)
             elif isinstance(msg, m.ErrorNotice):
                 self.events.emit("edge_error", edge=ev.edge, kind=msg.kind, detail=msg.detail[:200])
             else:
