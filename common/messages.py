@@ -767,7 +767,8 @@ class StatusRequest(Message):
     SCOPE = Scope.FREE
 
 
-LINK_STATES = ("attached", "reconnecting", "cut", "idle")
+# "connecting": before the device's first attach; "reconnecting": after a link it had was lost
+LINK_STATES = ("connecting", "attached", "reconnecting", "cut", "idle")
 
 
 @message
