@@ -11,7 +11,7 @@ round when it is between rounds); ``--wait`` returns once it is on the new edge.
 ``drop``: the device loses its link at once, at whatever byte (a radio loss: it goes
 silent), for S seconds, then reconnects to EDGE, or where ``faults.reconnect`` says;
 ``--wait`` returns once it is attached again. ``status``: each device's edge, round,
-step and link (attached, reconnecting, cut), or "gone" when it cannot be reached.
+step and link (connecting, attached, reconnecting, cut), or "gone" when it cannot be reached.
 Exit status: 0 done, 3 the device refused (the reason is printed), 2 a bad argument or
 config, 1 the device could not be reached or did not move in time, 4 the run ended first
 (the device, once reached, and the central are both gone: a run over does not keep a

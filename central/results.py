@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from common.atomic import write_text_atomic
+from common.limits import Backoff, retry
 from common.models import state_sha256
 from common.tensorfile import write_tensors
 from common.text import printable_fields
@@ -23,6 +24,9 @@ from common.text import printable_fields
 log = logging.getLogger("central")
 WRITE_TRIES = 5           # about 1.5 s
 WRITE_TRIES_FINAL = 60    # about a minute (out of descriptors: other threads may free some)
+# The wait after a failed write, doubled on each one in a row, at most the cap.
+WRITE_FIRST_S = 0.05
+WRITE_MAX_S = 1.0
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 SUMMARY = "summary.json"
@@ -89,26 +93,32 @@ class RunResults:
 
     def write(self, *, final: bool = False) -> None:
         """summary.json and rounds.csv, each whole (``common.atomic``). A file system short
-        of descriptors is tried again for a while; a full disk is not waited for (it does
-        not free itself) beyond ``WRITE_TRIES``. A round's write that still fails is
-        skipped (the previous summary.json stays whole; the next write holds everything);
-        the final one, or one that found no space, raises the ``OSError``: a run whose
-        results cannot be kept is not run on for nothing."""
+        of descriptors is tried again for a while (``common.limits.retry``); a full disk is
+        not waited for (it does not free itself) beyond ``WRITE_TRIES``. A round's write
+        that still fails is skipped (the previous summary.json stays whole; the next write
+        holds everything); the final one, or one that found no space, raises the
+        ``OSError``: a run whose results cannot be kept is not run on for nothing."""
         path = os.path.join(self.run_dir, SUMMARY)
         csv_path = os.path.join(self.run_dir, ROUNDS_CSV)  # rounds.csv, the same way
-        tries = WRITE_TRIES_FINAL if final else WRITE_TRIES
-        for i in range(tries):
+        errors: list[OSError] = []
+
+        def attempt() -> bool | None:
             try:
                 write_text_atomic(path, json.dumps(self.summary, indent=2))
                 write_text_atomic(csv_path, rounds_csv(self.summary))
-                return
+                return True
             except OSError as exc:
-                if i == tries - 1 or (exc.errno in NO_SPACE and i >= WRITE_TRIES - 1):
-                    if final or exc.errno in NO_SPACE:
-                        raise
-                    log.warning("summary.json not written this round: %s", exc)
-                    return
-                time.sleep(min(1.0, 0.05 * 2 ** i))
+                errors.append(exc)
+                if exc.errno in NO_SPACE and len(errors) >= WRITE_TRIES:
+                    raise
+                return None
+
+        if retry(attempt, tries=WRITE_TRIES_FINAL if final else WRITE_TRIES,
+                 backoff=Backoff(WRITE_FIRST_S, WRITE_MAX_S)):
+            return
+        if final:
+            raise errors[-1]
+        log.warning("summary.json not written this round: %s", errors[-1])
 
 
 def rounds_csv(summary: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ a device gone past its grace period, an update refused, each is recorded in
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import sys
@@ -20,8 +19,9 @@ from typing import Any
 
 import torch
 
-from central import autosplit, checkpoint, robust
+from central import autosplit, checkpoint
 from central.edges import EdgeJoined, EdgeLost, EdgeMessage, EdgeRegistry
+from central.judge import Judge, update_problem
 from central.strategies import Failure, Strategy, make_strategy
 from central.results import NO_SPACE, SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
 from central.rounds import RoundTracker
@@ -45,11 +45,6 @@ POLL_S = 0.5
 # After the Shutdown, how long the edges' links get to deliver it (one small message; the
 # run is over, so a lost link only delays the exit).
 SHUTDOWN_FLUSH_S = 2.0
-
-
-def _finite(x: float) -> float | None:
-    """``x``, or None for an infinity (JSON has none)."""
-    return x if math.isfinite(x) else None
 
 
 class RunAborted(Exception):
@@ -114,6 +109,8 @@ class CentralServer:
                                 for n, d in sorted(cfg.devices.items())},
             "edges": sorted(cfg.edges), "torch": torch.__version__,
             "scheduled_moves": [vars(mv) for mv in cfg.moves]})
+        # updates refused for how far they moved the weights (``central.judge``), once a round's are in
+        self._judge = Judge(factor=cfg.strategy["refuse_factor"], results=self.results, events=events, say=self.say)
         self.resume = resume
         if resume is not None:
             self._resumed_from(resume, run_dir)
@@ -208,11 +205,8 @@ class CentralServer:
                 self._on_update(ev.edge, msg)
             elif isinstance(msg, m.MigrationReport):
                 self._record_migration(msg, via=ev.edge)
-            elif isinstance(msg, m.FaultReport):
-                self._fault({"kind": msg.kind, "process": msg.process, "peer": msg.peer, "round": msg.round,
-                             "step": msg.step, "detail": msg.detail, "detected_s": msg.detected_s,
-                             "down_s": msg.down_s, "replayed": msg.replayed, "recovery": msg.recovery,
-                             "samples_lost": msg.samples_lost, **_delivery(msg, ev.edge)}, say=True)
+            elif isinstance(msg, m.FaultReport):  # recorded with every field it has, as it came
+                self._fault({**m.to_wire(msg)[0], **_delivery(msg, ev.edge)}, say=True)
             elif isinstance(msg, m.ErrorNotice):
                 self.events.emit("edge_error", edge=ev.edge, kind=msg.kind, detail=msg.detail[:200])
             else:
@@ -252,10 +246,7 @@ class CentralServer:
                 # dropped at once: its update was acknowledged, nothing else comes from it this round
                 x = tracker.refuse(msg.device, f"update refused: {problem}",  # type: ignore[union-attr]
                                    time.monotonic())
-                self.results.add_failure({"round": msg.round, "device": msg.device, "edge": edge, "reason": problem,
-                                          "samples": x.samples if x else 0})
-                self.events.emit("update_refused", round=msg.round, device=msg.device, edge=edge, reason=problem)
-                self.say(f"  refused: {msg.device}'s update of round {msg.round}: {problem}")
+                self._judge.refuse(msg.round, msg.device, edge, problem, x.samples if x else 0)
             else:
                 tracker.take(msg.device, msg)  # type: ignore[union-attr]
         elif verdict == "late":
@@ -268,24 +259,8 @@ class CentralServer:
         self.registry.send(edge, m.UpdateAck(round=msg.round, device=msg.device))
 
     def _check_update(self, msg: m.DeviceUpdate) -> str:
-        """Why an update may not be summed ("" if it may): the strategy must never see
-        weights of the wrong layout, a tensor that is not finite, or a made-up weight."""
-        if msg.device not in self.cfg.devices:
-            return f"unknown device {msg.device}"
-        if set(msg.weights) != set(self.spec):
-            return "weights do not match the model"
-        for k, (shape, dtype) in self.spec.items():
-            t = msg.weights[k]
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                return f"{k} is {t.dtype} {list(t.shape)}, the model has {dtype} {list(shape)}"
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                return f"{k} holds values that are not finite"
-        if msg.samples <= 0:
-            return "no samples"
-        expected = self.shard_samples.get(msg.device)
-        if expected is not None and msg.samples != expected:
-            return f"claims {msg.samples} samples, its shard has {expected}"
-        return ""
+        """Why an update may not be summed ("" if it may): ``central.judge.update_problem``."""
+        return update_problem(msg, devices=self.cfg.devices, spec=self.spec, shard_samples=self.shard_samples)
 
     # -- the run -------------------------------------------------------------------------
 
@@ -462,34 +437,6 @@ class CentralServer:
             self.say(progress_line(rec, rounds, elapsed / r * (rounds - r), moves))
         self.registry.greeting = None
         return weights
-
-    def _judge(self, r: int, current: dict[str, torch.Tensor],
-               updates: dict[str, m.DeviceUpdate]) -> tuple[float | None, list[dict[str, Any]]]:
-        """Refuse (remove from ``updates``) each update that moved the weights more than
-        ``strategy.refuse_factor`` times the median of the others' moves, recorded as a
-        failure, an event and a line. Returns (the round's largest ratio, rounded; None
-        with fewer than two updates, the dropped records of the refused). The others are
-        summed exactly as if the check did not exist."""
-        factor = self.cfg.strategy["refuse_factor"]
-        order = sorted(updates)
-        if len(order) < 2:
-            return None, []
-        dists = [robust.distance(updates[d].weights, current) for d in order]
-        ratios = robust.ratios(dists)
-        out = []
-        for d, dist, ratio, bad in zip(order, dists, ratios, robust.judge(dists, factor)):
-            if not bad:
-                continue
-            u = updates.pop(d)
-            reason = (f"its update moved the weights {ratio:.3g} times as far as the median of the others' "
-                      f"(strategy.refuse_factor = {factor:g})")
-            self.results.add_failure({"round": r, "device": d, "edge": u.edge, "reason": reason, "samples": u.samples,
-                                      "distance": _finite(dist), "ratio": _finite(ratio)})
-            self.events.emit("update_refused", round=r, device=d, edge=u.edge, reason=reason,
-                             distance=_finite(dist), ratio=_finite(ratio))
-            self.say(f"  refused: {d}'s update of round {r}: {reason}")
-            out.append({"device": d, "reason": reason, "samples": u.samples})
-        return _finite(round(max(ratios), 4)), out
 
     def _collect(self, tracker: RoundTracker, deadline: float) -> None:
         tracker.presence(self.present, time.monotonic())

@@ -85,8 +85,9 @@ def batch_problem(x: torch.Tensor, y: torch.Tensor, *, model: str, cut: int, bat
 
 def weights_bound_problem(weights: dict[str, torch.Tensor], spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> str:
     """Why a device's part after its round (``DeviceDone.weights``) may not go on to the
-    central: names, shapes and dtypes that are not ``spec``'s (its part of
-    ``common.models.state_spec``), or values that are not finite; '' if it may."""
+    central, or a whole update may not be summed there (``central.judge``): names, shapes
+    and dtypes that are not ``spec``'s (``common.models.state_spec``, or the device's part
+    of it), or values that are not finite; '' if it may."""
     if problem := weights_problem(weights, spec):
         return problem
     for k, t in weights.items():

@@ -1,7 +1,7 @@
 """The digest of a tensor's bytes in a migration snapshot: Poly1305 under a fixed key.
 
 A snapshot's checksum (``edge.session.snapshot_checksum``) is a SHA-256 over its
-metadata and one line per tensor that names the tensor's digest. The digest's job is to
+metadata and one entry per tensor that holds the tensor's digest. The digest's job is to
 catch a damaged, torn or incomplete copy (and bugs), not a forger: every byte between
 two edges is already authenticated by the transport (a MAC under the session's key, or
 TLS). So what matters is speed, as the digest sits on the migration's critical path at

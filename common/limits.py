@@ -10,7 +10,8 @@ them (``common.transport.Listener`` applies them):
   total and per source address; one over is refused at once, before it costs a thread.
 - ``Backoff``: exponential and capped, for ``accept`` failing for lack of descriptors,
   buffers or memory (the pending connection stays queued, so retrying at once would spin),
-  and for ``retry``, the one reconnect loop (a device to its edge, an edge to the central).
+  and for ``retry``, the one retry loop (a device to its edge, an edge to the central, the
+  central's results on a file system short of descriptors, a name lookup at start).
 - ``RateLimitedReporter``: the first few refusals of an interval in full, then one line
   with the count of those left out; what the peer sent is never echoed beyond a short,
   escaped prefix (``printable_prefix``).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import threading
 import time
 from typing import Any, Callable, TypeVar
@@ -129,19 +131,23 @@ class Backoff:
 T = TypeVar("T")
 
 
-def retry(attempt: Callable[[], T | None], *, deadline: float, stopped: Callable[[], bool] = lambda: False,
-          backoff: Backoff | None = None) -> T | None:
-    """The reconnect loop: ``attempt()`` until it returns something (not None), waiting
+def retry(attempt: Callable[[], T | None], *, deadline: float = math.inf, tries: int | None = None,
+          stopped: Callable[[], bool] = lambda: False, backoff: Backoff | None = None,
+          clock: Callable[[], float] = time.monotonic) -> T | None:
+    """The one retry loop: ``attempt()`` until it returns something (not None), waiting
     ``backoff`` (``RECONNECT_FIRST_S`` doubled up to ``RECONNECT_MAX_S``) after each try
-    that failed. None once a try has failed at or after ``deadline`` (``time.monotonic``),
-    or when ``stopped()`` before a try. What ``attempt`` raises reaches the caller: an
-    error that trying again cannot heal (a refusal, a wrong key)."""
+    that failed. None once a try has failed at or after ``deadline`` (``clock``), or
+    ``tries`` tries have failed (no wait after the last), or when ``stopped()`` before a
+    try. What ``attempt`` raises reaches the caller: an error that trying again cannot
+    heal (a refusal, a wrong key, a full disk)."""
     backoff = backoff or Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
+    failed = 0
     while not stopped():
         got = attempt()
         if got is not None:
             return got
-        if time.monotonic() >= deadline:
+        failed += 1
+        if clock() >= deadline or (tries is not None and failed >= tries):
             return None
         time.sleep(backoff.next())
     return None

@@ -213,6 +213,15 @@ class Shutdown(Message):
     reason: str
 
 
+@message
+class Replaced(Message):
+    """edge -> device, on the older of two links of one device: a newer connection of
+    the device took this one's place, and this one closes. Not the run's end: a device
+    that has left this link ignores it; a process still using it is a second process with
+    the device's name, which stops with an error and leaves the device's checkpoint be."""
+    SCOPE = Scope.SESSION
+
+
 # --------------------------------------------------------------------------------------
 # edge <-> central
 # --------------------------------------------------------------------------------------
@@ -767,7 +776,8 @@ class StatusRequest(Message):
     SCOPE = Scope.FREE
 
 
-LINK_STATES = ("attached", "reconnecting", "cut", "idle")
+# "connecting": before the device's first attach; "reconnecting": after a link it had was lost
+LINK_STATES = ("connecting", "attached", "reconnecting", "cut", "idle")
 
 
 @message

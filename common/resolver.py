@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from common.limits import Backoff, retry
+
 log = logging.getLogger(__name__)
 
 Address = tuple  # one getaddrinfo row: (family, type, proto, canonname, sockaddr)
@@ -37,6 +39,7 @@ TTL_S = 60.0
 # that has not joined the network), and its pause between tries (doubling up to 2 s).
 WARM_FOR_S = 120.0
 WARM_FIRST_PAUSE_S = 0.1
+WARM_MAX_PAUSE_S = 2.0
 
 
 @dataclass
@@ -111,25 +114,25 @@ class Resolver:
         return t
 
     def _warm(self, todo: list[tuple[str, int]], within_s: float) -> None:
-        deadline = self._clock() + within_s
-        pause = WARM_FIRST_PAUSE_S
-        while todo:
-            left = []
-            for key in todo:
-                if self.cached(*key):
-                    continue
-                try:
-                    self._resolve(key)
-                except OSError:
-                    left.append(key)
-            todo = left
-            if not todo or self._clock() >= deadline:
-                break
-            time.sleep(pause)
-            pause = min(2.0, pause * 2)
-        if todo:
+        left = list(todo)
+
+        def attempt() -> bool | None:
+            nonlocal left
+            left = [key for key in left if not self.cached(*key) and not self._resolved(key)]
+            return True if not left else None
+
+        retry(attempt, deadline=self._clock() + within_s, clock=self._clock,
+              backoff=Backoff(WARM_FIRST_PAUSE_S, WARM_MAX_PAUSE_S))
+        if left:
             log.info("could not resolve %s yet; they are resolved when first dialled",
-                     ", ".join(h for h, _ in todo))
+                     ", ".join(h for h, _ in left))
+
+    def _resolved(self, key: tuple[str, int]) -> bool:
+        try:
+            self._resolve(key)
+            return True
+        except OSError:
+            return False
 
     def connect(self, host: str, port: int, timeout: float | None) -> socket.socket:
         """A TCP connection to ``host:port`` (each of its addresses in turn, ``timeout``

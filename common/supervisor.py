@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from common.limits import Backoff
 from common.text import printable_lines
 
 # How often the processes are looked at: a death is seen within a fifth of a second, at no cost.
@@ -34,6 +35,10 @@ POLL_S = 0.2
 DRAIN_S = 30.0
 # SIGTERM first; SIGKILL whoever is still there after this long.
 KILL_AFTER_S = 5.0
+# Before a restart, this long, doubled on each restart of the same child, at most the cap:
+# a crash at start-up (a port still held) is not repeated in a tight loop.
+RESTART_FIRST_S = 0.2
+RESTART_MAX_S = 2.0
 
 
 def fresh_path(path: str) -> str:
@@ -103,6 +108,7 @@ class Child:
     log_path: str | None = None
     restarts: int = 0
     restartable: bool = True
+    backoff: Backoff = field(default_factory=lambda: Backoff(RESTART_FIRST_S, RESTART_MAX_S), repr=False)
 
     def start(self, spawner: Spawner, resume: bool = False) -> None:
         self.log_path = fresh_path(os.path.join(self.log_dir, f"{self.name}.log")) if self.log_dir else None
@@ -159,7 +165,7 @@ class Supervisor:
     def _restart(self, c: Child) -> bool:
         if self.policy.on_death != "restart" or not c.restartable or c.restarts >= self.policy.max_restarts:
             return False
-        time.sleep(min(2.0, 0.2 * 2 ** c.restarts))
+        time.sleep(c.backoff.next())
         c.restarts += 1
         # the central goes on from its checkpoint; one that died before writing any starts again
         c.start(self.spawner, resume=c.role == "central" and self.policy.can_resume())

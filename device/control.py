@@ -33,7 +33,7 @@ class Position:
     step: int = 0
     steps: int = 0
     pending: str | None = None
-    link: str = "reconnecting"   # one of messages.LINK_STATES
+    link: str = "connecting"     # one of messages.LINK_STATES; "attached" once an edge took it
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take_pending(self) -> str | None:
@@ -54,7 +54,7 @@ def check_move(pos: Position, *, device: str, edges: list[str], cmd: m.MoveComma
         return f"unknown edge {cmd.to!r} (edges: {', '.join(sorted(edges))})"
     if pos.pending is not None:
         return f"a move to {pos.pending} is already pending"
-    if cmd.to == pos.edge and pos.link != "reconnecting":
+    if cmd.to == pos.edge and pos.link not in ("connecting", "reconnecting"):  # on it only once attached
         return f"{device} is already on {cmd.to}"
     return ""
 

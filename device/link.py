@@ -40,7 +40,7 @@ from common.link import Link
 from common.security import Credentials, Identity, attach_proofs, edge_key
 from device import reconnect
 from device.control import Position
-from device.outcomes import Delivered, NoEdge, Outcome, RoundOver, RunOver, TrainFrom, read_attach
+from device.outcomes import Delivered, Ends, NoEdge, Outcome, RoundOver, RunOver, TrainFrom, read_attach
 from device.preconnect import Preconnect
 from device.state import attach_secret
 
@@ -146,13 +146,13 @@ class EdgeLink:
                                                         edges=sorted(self.cfg.edges)))
 
     def _attach(self, edge: str, why: str, *, timeout: float,
-                ahead: Preconnect | None = None) -> tuple[Link, m.AttachReply] | _Lost | RunOver:
+                ahead: Preconnect | None = None) -> tuple[Link, m.AttachReply] | _Lost | RunOver | NoEdge:
         """Connect to ``edge``, attach, wait for its answer. The attach goes out with the
         handshake's last flight (``transport.connect``'s ``first``), not a round trip after
         it; on a connection opened ``ahead`` of a move (``preconnect``), once that one is
         secured. Returns the link (not yet ours) with the edge's acceptance; ``_Lost`` for
         a try that failed (``error``: what connecting raised, or ``AttachRefused``); or
-        ``RunOver``."""
+        ``RunOver`` or ``NoEdge`` (``Ends``)."""
         dead = self.faults.dead_after_s
         try:
             if ahead is None:
@@ -179,7 +179,7 @@ class EdgeLink:
             raise
         if not isinstance(got, m.AttachReply):
             link.close(drain=False)
-            return got  # type: ignore[return-value]  # (while attaching: _Lost or RunOver only)
+            return got  # type: ignore[return-value]  # (while attaching: _Lost or Ends only)
         if not got.ok:
             link.close(drain=False)
             refused = AttachRefused(f"{edge} refused {self.name}: {got.reason}")
@@ -222,7 +222,7 @@ class EdgeLink:
         tried: list[str] = []
         last: str | None = None
 
-        def attempt() -> m.AttachReply | RunOver | None:
+        def attempt() -> m.AttachReply | RunOver | NoEdge | None:
             nonlocal tried, last
             tried = [home] + (others if time.monotonic() - t0 >= self.cfg.run.startup_timeout / 2 else [])
             last = None
@@ -233,7 +233,7 @@ class EdgeLink:
                         raise got.error
                     last = got.detail
                     continue
-                if isinstance(got, RunOver):
+                if isinstance(got, Ends):
                     return got
                 link, reply = got
                 self._install(edge, link, reply)
@@ -247,10 +247,11 @@ class EdgeLink:
     # -- receiving -------------------------------------------------------------------------------
 
     def _await(self, match: Callable[[m.Message], bool], *, link: Link | None = None, limit: float | None = None,
-               during_attach: bool = False) -> m.Message | _Lost | RunOver | RoundOver:
+               during_attach: bool = False) -> m.Message | _Lost | RunOver | NoEdge | RoundOver:
         """The next message from ``link`` (default: ours) that ``match``es; or ``_Lost``
-        when that link ends, ``RunOver`` on a Shutdown, ``RoundOver`` when the device's
-        round ends without it (not while attaching)."""
+        when that link ends, ``RunOver`` on a Shutdown, ``NoEdge`` on a Replaced (another
+        process attached with this device's name), ``RoundOver`` when the device's round
+        ends without it (not while attaching)."""
         link = link or self._link
         if link is None:
             return _Lost("no link")
@@ -271,6 +272,9 @@ class EdgeLink:
                 return _Lost(f"{link.name}: cut by the {self._cut_why}", cut=True)
             if isinstance(msg, m.Shutdown):
                 return RunOver(msg.reason)
+            if isinstance(msg, m.Replaced):
+                return NoEdge(f"{link.name} took a newer connection of {self.name} in this one's place: "
+                              f"another process runs as {self.name}")
             if isinstance(msg, m.ErrorNotice):
                 link.close(drain=False)
                 return _Lost(f"{link.name} reported {msg.kind}: {msg.detail}")
@@ -344,7 +348,7 @@ class EdgeLink:
                     self.events.emit("reconnect_failed", edge=edge, detail=got.detail[:200])
                     failed[edge] = time.monotonic()
                     continue
-                if isinstance(got, RunOver):
+                if isinstance(got, Ends):
                     return got
                 return self._back(edge, *got, lost=lost, old_edge=old_edge, last_heard=last_heard, gen=gen)
             return None
@@ -438,7 +442,7 @@ class EdgeLink:
                     return outcome  # type: ignore[return-value]
                 continue
             if not isinstance(got, m.DeviceRound):
-                return got  # type: ignore[return-value]  # (idle: RunOver only)
+                return got  # type: ignore[return-value]  # (idle: RunOver or NoEdge only)
             if got.round_plan.round > self.last_round:
                 return got
 
@@ -479,7 +483,7 @@ class EdgeLink:
             self.events.emit("move_failed", to=to, round=round, step=step, reason=got.detail[:200], **marks)
             log.warning("%s: move to %s failed (%s)", self.name, to, got.detail)
             return self._reattach(_Lost(f"move to {to} failed: {got.detail}"))
-        if isinstance(got, RunOver):
+        if isinstance(got, Ends):
             return got
         link, reply = got
         self._install(to, link, reply)

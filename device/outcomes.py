@@ -10,7 +10,7 @@ from the edge). The loop reads them as "maybe move; step; maybe finish":
 - ``Delivered``: the round's update is taken (the edge acknowledged it).
 - ``RoundOver``: the round ended for this device without that acknowledgement.
 - ``RunOver``: the central ended the run.
-- ``NoEdge``: no edge took the device; it stops.
+- ``NoEdge``: no edge took the device (or its edge took another process's link in its place); it stops.
 
 ``read_attach`` is the one place an edge's ``AttachReply`` becomes one of them.
 """
@@ -66,7 +66,8 @@ class RunOver:
 @dataclass(frozen=True, slots=True)
 class NoEdge:
     """No edge would take the device (for ``faults.give_up_s``, or tries at one place
-    failed too often); ``detail`` says what was tried."""
+    failed too often), or its edge took another process's connection in its place
+    (``Replaced``); ``detail`` says what was tried."""
     detail: str
 
 

@@ -496,7 +496,7 @@ class EdgeCore:
             return
         e = self._entry(req.device)
         if e.port is not None and e.port is not ev.port:
-            e.port.close(notice=m.Shutdown(reason="replaced by a newer connection of the same device"), drain=False)
+            e.port.close(notice=m.Replaced(), drain=False)
         e.port = ev.port
         e.last_round = max(e.last_round, req.last_round)
         if req.edge_key:

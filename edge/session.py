@@ -19,7 +19,7 @@ from typing import Any, Callable
 import msgpack
 import torch
 
-from common import digest
+from common import codec, digest
 from common.errors import LocalProtocolError, MigrationError
 from common.models import Part, empty_part
 from common.plan import Algo
@@ -47,8 +47,10 @@ def _tensor_digest(t: torch.Tensor) -> bytes:
     return digest.of(memoryview(flat.view(torch.uint8).numpy())) if flat.numel() else digest.EMPTY
 
 
-def _digest_line(name: str, t: torch.Tensor, d: bytes) -> bytes:
-    return f"{name}|{t.dtype}|{list(t.shape)}|{d.hex()};".encode()
+def _tensor_entry(name: str, t: torch.Tensor, d: bytes) -> bytes:
+    """One tensor's part of the checksum: msgpack ``[name, wire dtype name, shape, digest]``
+    (docs/PROTOCOL.md, section 9.1), bytes any language's msgpack makes alike."""
+    return msgpack.packb([name, codec.DTYPE_NAMES[t.dtype], list(t.shape), d], use_bin_type=True)
 
 
 def _digests_of(ts: list[torch.Tensor]) -> list[bytes]:
@@ -75,14 +77,16 @@ def start_checksum(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
             got.update(zip(names, f.result()))
         h = hashlib.sha256(head)
         for k, t in tensors.items():
-            h.update(_digest_line(k, t, got[k]))
+            h.update(_tensor_entry(k, t, got[k]))
         return h.hexdigest()
     return result
 
 
 def snapshot_checksum(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the metadata (msgpack, in order) and every tensor's name, dtype,
-    shape and digest of its bytes (``common.digest``), in order."""
+    """Hex SHA-256 over the metadata (msgpack, in order) and, for every tensor in order,
+    msgpack ``[name, dtype, shape, digest of its bytes]`` (``common.digest``): a byte
+    form with nothing of Python's in it, so that an edge in another language makes the
+    same (docs/PROTOCOL.md, section 9.1)."""
     return start_checksum(meta, tensors)()
 
 

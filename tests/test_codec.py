@@ -76,6 +76,7 @@ FACTORIES = {
     "ErrorNotice": lambda: m.ErrorNotice(kind="protocol", detail="bad frame \u00e9\u4e2d"),
     "Heartbeat": lambda: m.Heartbeat(),
     "Shutdown": lambda: m.Shutdown(reason=""),
+    "Replaced": lambda: m.Replaced(),
     "EdgeHello": lambda: m.EdgeHello(edge="edge1"),
     "Welcome": lambda: m.Welcome(run_name="20250101-fedfly", mode="fedfly"),
     "EdgeStatus": lambda: m.EdgeStatus(edge="edge2", attached=["device1", "device3"]),

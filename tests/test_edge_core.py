@@ -202,7 +202,7 @@ def test_a_new_link_of_the_same_device_replaces_the_old_one():
     core = make_core()
     p = attach(core)
     q = attach(core)
-    assert p.closed and isinstance(p.notice, m.Shutdown) and core.entries["device1"].port is q
+    assert p.closed and isinstance(p.notice, m.Replaced) and core.entries["device1"].port is q
 
 
 def test_resume_from_another_edge_pulls_and_answers_when_the_session_is_here():

@@ -371,7 +371,7 @@ def test_a_lost_gradient_is_answered_by_the_edge_the_controller_sends_the_device
     cfg = _config(tmp_path, "ctl", faults={"reconnect": "controller"})
 
     def during(bed):
-        # in round 1 (before its first attach a device reports "reconnecting" too)
+        # in round 1 (a device reports "connecting" before its first attach)
         _wait_status(cfg, "device1", lambda st: st.link == "reconnecting" and st.round >= 1, timeout=120)
         r = mobility(cfg, "move", "--device", "device1", "--to", "edge2", "--wait", "--timeout", "60")
         assert r.returncode == 0 and "now on edge2" in r.stdout, r.stderr
