@@ -484,7 +484,8 @@ class EdgeCore:
     def reply(self, e: Entry, *, ok: bool = True, reason: str = "", action: str = "wait", round: int = 0,
                resume_step: int = 0, how: str = "", state_bytes: int = 0, transfer_ms: float = 0.0) -> None:
         assert e.port is not None
-        waits = action == "continue" and e.session is not None and e.session.awaits_state
+        waits = action == "continue" and e.session is not None and e.session.round == round \
+            and e.session.awaits_state
         e.port.post(m.AttachReply(ok=ok, reason=reason, run_name=self.run_name or "", mode=self.mode, action=action,
                                   round=round, resume_step=resume_step, how=how, state_bytes=state_bytes,
                                   transfer_ms=transfer_ms, client_state=waits))

@@ -11,6 +11,7 @@ without them, and to the in-process reference."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 
@@ -242,6 +243,47 @@ def test_scaffold_split_equals_whole_and_survives_a_move():
     assert state_sha256(plain.state_dict()) != state_sha256(whole.state_dict())  # the correction did something
 
 
+def test_the_edge_takes_ci_from_the_device_and_trains_no_step_before_it():
+    """The edge's core (with ``tests.test_edge_core``'s fakes): RoundStart carries c and
+    device1's delta (adopt 1); its DeviceRound carries c for its part and the whole delta;
+    the session waits for device1's c_i (a step before it costs the link, a reattach is
+    asked for it, one that does not fit costs the link), then corrects by c - c_i."""
+    from edge.ports import CentralMessage, DeviceMessage
+    from tests.test_edge_core import DEV_KEYS, EDGE_KEYS, WEIGHTS, attach, make_core, of
+    params = _param_keys()
+    core = make_core()
+    p = attach(core)
+    plan = RoundPlan(round=2, lr=0.01, momentum=0.9, batch_size=4, local_epochs=1,
+                     participants=("device1", "device2"), algo=Algo("scaffold", {}))
+    algo = {**{f"*/c/{k}": torch.full_like(WEIGHTS[k], 0.5) for k in params},
+            **{f"device1/delta/{k}": torch.full_like(WEIGHTS[k], 0.25) for k in params}}
+    core.handle(CentralMessage(m.RoundStart(plan=plan.to_wire(), weights=WEIGHTS, algo=algo, adopt={"device1": 1})))
+    (work,) = of(p, m.DeviceRound)
+    assert work.adopt == 1 and sorted(work.algo) == sorted([f"c/{k}" for k in params if k in DEV_KEYS]
+                                                           + [f"delta/{k}" for k in params])
+    g = torch.Generator().manual_seed(0)
+    step0 = m.Activations(round=2, step=0, batch={"x": torch.randn(4, 64, 8, 8, generator=g),
+                                                  "y": torch.randint(0, 10, (4,), generator=g)})
+    core.handle(DeviceMessage(p, "device1", step0))
+    assert p.closed and "before its ClientState" in p.notice.detail and not of(p, m.Gradients)
+    p = attach(core, kind="resume", round=2, step=0, source="edge1", why="reconnect")
+    assert of(p, m.AttachReply)[0].client_state
+    edge_params = [k for k in params if k in EDGE_KEYS]
+    core.handle(DeviceMessage(p, "device1", m.ClientState(round=2, state={f"ci/{edge_params[0]}": torch.ones(3)})))
+    assert p.closed and "ClientState" in p.notice.detail
+    p = attach(core, kind="resume", round=2, step=0, source="edge1", why="reconnect")
+    ci = {f"ci/{k}": torch.full_like(WEIGHTS[k], 2.0) for k in edge_params}
+    core.handle(DeviceMessage(p, "device1", m.ClientState(round=2, state=ci)))
+    session = core.entries["device1"].session
+    assert not session.awaits_state and not p.closed
+    assert all(torch.equal(session.optimizer.state[q]["scaffold_corr"], torch.full_like(q, -1.5))
+               for _, q in session.named_parameters())
+    core.handle(DeviceMessage(p, "device1", step0))
+    assert of(p, m.Gradients) and session.step == 1
+    p = attach(core, kind="resume", round=2, step=1, source="edge1", why="reconnect")
+    assert not of(p, m.AttachReply)[0].client_state  # the session has it
+
+
 def test_a_snapshot_naming_an_unknown_algorithm_is_refused():
     from common.errors import MigrationError
     session = EdgeSession(device="d", round=1, mode="fedfly", model=MODEL, split_layer=CUT, lr=LR, momentum=0.9,
@@ -279,39 +321,48 @@ def reference_sha(cfg_path, rounds: int) -> str:
 
 
 @pytest.mark.process
-@pytest.mark.timeout(1800)  # two runs of three rounds: minutes on a loaded machine
-def test_scaffold_with_a_move_a_killed_edge_and_a_drop_ends_as_without_them(tmp_path, monkeypatch):
-    """Three rounds of two devices. The faulty run: in round 2 (control variates no longer
+@pytest.mark.timeout(1800)  # three rounds on a loaded machine
+def test_scaffold_with_a_move_a_killed_edge_a_drop_and_a_restarted_device_ends_as_in_one_process(tmp_path, monkeypatch):
+    """Three rounds of two devices, one testbed run. In round 2 (control variates no longer
     zero) device1 moves to edge2 (an offer: its correction goes with the session), then
     edge2 is killed (both sessions come back from the replicas on edge1); in round 3
-    device2's radio drops for a moment. It ends with the model of the run without any of
-    it, which is the model trained in one process."""
+    device2's radio drops for a moment, and device1's process is killed mid-round and
+    started again (its c_i from its disk, folded in once: not again by the new process).
+    It ends with the model trained in one process (``ReferenceRun``), which a run without
+    any of it ends with too: split equals whole, and faults change nothing."""
     from tests import test_faults
     from tests.test_faults import _config, _run, _wait_status
-    monkeypatch.setattr(test_faults, "RUN_TIMEOUT", 900.0)  # three rounds, twice, on a loaded machine
+    monkeypatch.setattr(test_faults, "RUN_TIMEOUT", 900.0)  # three rounds on a loaded machine
     # slower to call a peer dead than test_faults' settings: a loaded machine must not
     # lose links the test did not cut (a device dropped from a round would end elsewhere)
     kw = dict(rounds=3, faults={"checkpoint_steps": 2, "heartbeat_s": 0.5, "dead_after_s": 4.0,
                                 "device_grace_s": 120.0})
-    base = _config(tmp_path, "base", **kw)
-    strategy = "\n[strategy]\nname = \"scaffold\"\nserver_lr = 1.0\n"
-    base.write_text(base.read_text() + strategy)
-    plain, _, _ = _run(base, tmp_path / "b")
-    assert plain["status"] == "finished" and not plain["faults"] and plain["strategy"]["name"] == "scaffold"
-    assert plain["final_model_sha256"] == reference_sha(base, rounds=3)
-
-    faulty = _config(tmp_path, "faulty", moves=[{"device": "device1", "to": "edge2", "round": 2, "at": 0.25}],
-                     drops=[{"device": "device2", "round": 3, "at": 0.5, "seconds": 0.3}], **kw)
-    faulty.write_text(faulty.read_text() + strategy)
+    cfg = _config(tmp_path, "faulty", moves=[{"device": "device1", "to": "edge2", "round": 2, "at": 0.25}],
+                  drops=[{"device": "device2", "round": 3, "at": 0.5, "seconds": 0.3}], **kw)
+    cfg.write_text(cfg.read_text() + "\n[strategy]\nname = \"scaffold\"\nserver_lr = 1.0\n")
+    slow = {d: [f"devices.{d}.slowdown=5"] for d in ("device1", "device2")}
 
     def during(bed):
-        _wait_status(faulty, "device1", lambda st: st.round == 2 and st.edge == "edge2" and st.step >= 4,
+        _wait_status(cfg, "device1", lambda st: st.round == 2 and st.edge == "edge2" and st.step >= 4,
                      timeout=240.0)
         os.kill(bed.procs["edge2"].pid, signal.SIGKILL)
+        _wait_status(cfg, "device1", lambda st: st.round == 3 and 3 <= st.step < st.steps - 1, timeout=240.0)
+        os.kill(bed.procs["device1"].pid, signal.SIGKILL)
+        bed.procs["device1"].wait()
+        bed.start("device", "device1", *slow["device1"])
 
-    summary, _, _ = _run(faulty, tmp_path / "f", during=during,
-                         device_args={d: [f"devices.{d}.slowdown=5"] for d in ("device1", "device2")})
-    assert summary["status"] == "finished" and all(r["missing"] == [] for r in summary["rounds"])
+    summary, _, _ = _run(cfg, tmp_path / "f", during=during, device_args=slow)
+    assert summary["status"] == "finished" and summary["strategy"]["name"] == "scaffold"
+    assert all(r["missing"] == [] for r in summary["rounds"]), summary["rounds"]
     assert [mv["round"] for mv in summary["migrations"]] == [2], summary["migrations"]
     assert any(f.get("recovery") == "replica" for f in summary["faults"]), summary["faults"]
-    assert summary["final_model_sha256"] == plain["final_model_sha256"]
+    assert any(f["kind"] == "restarted" and f["process"] == "device1" for f in summary["faults"]), summary["faults"]
+    assert not any(f["kind"] == "protocol_error" for f in summary["faults"])  # no step before its ClientState
+    run = cfg.parent / "runs" / "faulty"
+
+    def folds(name: str) -> list[int]:
+        return [json.loads(x)["adopt"] for x in (run / name).read_text().splitlines() if '"state_folded"' in x]
+    assert folds("events-device1.jsonl") == [1, 2] and folds("events-device1.1.jsonl") == []
+    assert sorted(p.name for p in (run / "client-returns").iterdir()) == ["device1.3.safetensors",
+                                                                         "device2.3.safetensors"]
+    assert summary["final_model_sha256"] == reference_sha(cfg, rounds=3)
