@@ -92,6 +92,7 @@ class DeviceClient:
         # what the algorithm keeps between rounds (SCAFFOLD's c_i, the whole model): read
         # from the disk at the first round of the run (``_kept_state``), written at each fold
         self.kept: KeptState | None = None
+        self._like: dict[str, torch.Tensor] | None = None
         self._set_cut(cfg.base_cut if cfg.split_of(name) == "auto" else cfg.split_of(name))
 
     def _set_cut(self, cut: int) -> None:
@@ -260,7 +261,9 @@ class DeviceClient:
 
     def _params(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters by key (their shapes and dtypes, for a fold)."""
-        return {n: p.detach() for n, p in named_parameters(build_model(self.cfg.model_key, seed=0))}
+        if self._like is None:
+            self._like = {n: p.detach() for n, p in named_parameters(build_model(self.cfg.model_key, seed=0))}
+        return self._like
 
     def _step(self, rnd: _Round) -> Outcome | None:
         """Step ``rnd.step``: locally (mode classic) or with the edge. None: done, on to the
