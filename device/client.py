@@ -6,7 +6,11 @@ then the batch's activations go out and the gradient at the cut comes back, or m
 classic trains the whole model locally), and "maybe finish" after the last step (the
 update, until the central has it). Everything about links, drops and reattaching is
 ``device.link.EdgeLink``'s; what reaches this loop is a value (``device.outcomes``): go
-on, go back to a step it kept (``Rollback``), or the round or the run is over."""
+on, go back to a step it kept (``Rollback``), or the round or the run is over.
+
+An algorithm that keeps a state on the device between rounds (SCAFFOLD's ``c_i``) keeps
+it here (``kept``, on the disk too): each round's start folds in what the central
+returned (``_fold``), and its edge part goes to the edge (``ClientState``)."""
 
 from __future__ import annotations
 

@@ -25,11 +25,10 @@ from common import strategies
 from common.errors import ConfigError, LocalProtocolError
 from common.models import build_model, split_model, state_sha256
 from common.plan import Algo, RoundPlan
-from common.strategies.base import KeptState, returns_of, round_share
+from common.strategies.base import Failure, KeptState, returns_of, round_share
 from common.strategies.scaffold import Scaffold, ScaffoldStep
 from common.training import LOSS, ReferenceRun, make_optimizer, named_parameters, set_threads, train_reference_round
 from edge.session import EdgeSession
-from common.strategies.base import Failure
 from tests.test_config import _set, local_raw
 from tests.test_rounds import config as tr_config
 
