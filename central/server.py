@@ -22,6 +22,7 @@ import torch
 from central import autosplit, checkpoint
 from central.edges import EdgeJoined, EdgeLost, EdgeMessage, EdgeRegistry
 from central.judge import Judge, update_problem
+from central.returns import ClientReturns
 from central.strategies import Failure, Strategy, make_strategy
 from central.results import NO_SPACE, SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
 from central.rounds import RoundTracker
@@ -71,6 +72,7 @@ class CentralServer:
         self.strategy = strategy or make_strategy(cfg.strategy)
         self.strategy.bind([n.removeprefix("layers.") for n, _ in build_model(cfg.model_key, seed=0).named_parameters()])
         self.strategy_state = dict(resume.strategy_state) if resume is not None else {}
+        self.returns = ClientReturns(run_dir)  # what goes back to the aggregated devices (SCAFFOLD's delta_i)
         # split_layer = "auto": the cuts are chosen once, here (a resumed run keeps its own)
         self.auto = {} if cfg.mode == "classic" or resume is not None else autosplit.choose(cfg, self.shard_samples)
         self.out = out
@@ -138,11 +140,11 @@ class CentralServer:
         except (OSError, ValueError):  # a closed or full stdout must not stop the run: the files say it all
             self.unsaid += 1
 
-    def _checkpoint(self, save, *args) -> None:
+    def _checkpoint(self, save, *args) -> bool:
         """A checkpoint that cannot be written for a while (no descriptor) costs a resume
-        point, not the run: recorded, and the run goes on. No space on the disk raises
-        the ``OSError``: it does not free itself, and a run whose results cannot be kept
-        is not run on for nothing (the previous checkpoint stays whole)."""
+        point, not the run: recorded, and the run goes on (False). No space on the disk
+        raises the ``OSError``: it does not free itself, and a run whose results cannot be
+        kept is not run on for nothing (the previous checkpoint stays whole)."""
         try:
             save(*args)
         except OSError as exc:
@@ -150,6 +152,8 @@ class CentralServer:
                 raise
             self.events.emit("checkpoint_failed", what=save.__name__, detail=str(exc)[:200])
             log.warning("checkpoint not written: %s", exc)
+            return False
+        return True
 
     def _now(self) -> float:
         return round(time.monotonic() - self.started, 3)
@@ -375,8 +379,9 @@ class CentralServer:
                                        local_epochs=t.local_epochs, participants=tuple(sorted(participants)),
                                        cuts=self._auto_cuts(), algo=self.strategy.algo())
             self._checkpoint(checkpoint.save_plan, self.results.run_dir, plan)
-            start = m.RoundStart(plan=plan.to_wire(), weights=weights,
-                                 algo=self.strategy.round_tensors(self.strategy_state, plan.participants))
+            returned, adopt = self.returns.outgoing(self.strategy_state, plan.participants)
+            start = m.RoundStart(plan=plan.to_wire(), weights=weights, adopt=adopt,
+                                 algo={**self.strategy.round_tensors(self.strategy_state), **returned})
             self.events.emit("round_start", round=r, participants=list(plan.participants))
             tracker = RoundTracker(round=r, participants=frozenset(participants), shard_samples=self.shard_samples,
                                    grace_s=self.faults.device_grace_s, started=t0)
@@ -403,10 +408,14 @@ class CentralServer:
             order = sorted(updates)  # the fixed order of summation
             if updates:
                 failures = [Failure(x.device, x.reason, x.samples) for x in tracker.dropped.values()]
-                weights, self.strategy_state = self.strategy.aggregate(
-                    [(updates[d].weights, updates[d].samples) for d in order], failures,
-                    current=weights, state=self.strategy_state, clients=[(d, updates[d].steps) for d in order],
-                    lr=plan.lr)
+                results = [(updates[d].weights, updates[d].samples) for d in order]
+                clients = [(d, updates[d].steps) for d in order]
+                returns = self.strategy.client_returns(results, current=weights, state=self.strategy_state,
+                                                       clients=clients, lr=plan.lr)
+                weights, state = self.strategy.aggregate(results, failures, current=weights, state=self.strategy_state,
+                                                         clients=clients, lr=plan.lr)
+                # what goes back to each aggregated device, on disk before the checkpoint names it
+                self.strategy_state = self.returns.keep(r, returns, state)
                 self.weights = weights
             model = build_model(self.cfg.model_key, seed=0)
             model.load_state_dict(weights)
@@ -429,8 +438,9 @@ class CentralServer:
                     rec_d["measured_train_s"].append(round(updates[d].train_seconds, 4))
             self.results.add_round(rec, {d: {"samples": u.samples, "train_seconds": u.train_seconds,
                                              "steps": u.steps, "edge": u.edge} for d, u in updates.items()})
-            self._checkpoint(checkpoint.save, self.results.run_dir, r, weights, self.results.summary,
-                             self.strategy_state)
+            if self._checkpoint(checkpoint.save, self.results.run_dir, r, weights, self.results.summary,
+                                self.strategy_state):
+                self.returns.prune(self.strategy_state)
             self.events.emit("round_done", **{k: v for k, v in rec.items() if k != "devices"})
             moves = sum(1 for mv in self.results.summary["migrations"] if mv["round"] == r)
             elapsed = time.monotonic() - self.results.started

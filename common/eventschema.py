@@ -34,6 +34,7 @@ COMMON = {
 # Every field an event may carry, with its one meaning.
 FIELDS = {
     "accepted": "the command was taken (bool)",
+    "adopt": "the last round whose update of the device the central aggregated (its returns are folded in)",
     "action": "the edge's answer to an attach: continue, wait or done",
     "after_pull": "the offer came after a pull was already asked (bool)",
     "arrived": "the offered session is here already (bool)",
@@ -252,6 +253,8 @@ EVENTS: dict[str, EventType] = {
     "round_over": _e("device", "the device's round ended before its work", "round step delivered reason"),
     "resumed_from_disk": _e("device", "a restarted device went on from its checkpoint", "round step resume_step how"),
     "checkpoint_unused": _e("device", "a checkpoint on disk was not used", "round step action how run"),
+    "state_folded": _e("device", "the device folded in what the central returned for its last aggregated update "
+                       "(SCAFFOLD's delta into c_i), and wrote it to its disk", "round adopt"),
 }
 
 ROLES = ("central", "edge", "device")

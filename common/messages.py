@@ -257,12 +257,15 @@ def _check_plan(where: str, plan: object) -> None:
 class RoundStart(Message):
     """central -> edge: round ``plan['round']`` begins from these global weights (the
     full model). ``algo``: the strategy's tensors for the round ("*/tag/key" every
-    device's, "DEVICE/tag/key" one device's: SCAFFOLD's control variates; empty for most,
-    ``common.strategies``). Sent again to an edge that rejoins during the round."""
+    device's: SCAFFOLD's ``c``; "DEVICE/tag/key": what goes back to that participant for
+    its update of round ``adopt[DEVICE]``, the last the central aggregated: SCAFFOLD's
+    ``delta``, the whole model; empty for most, ``common.strategies``). Sent again to an
+    edge that rejoins during the round."""
     SCOPE = Scope.EDGE
     plan: JSON
     weights: Tensors
     algo: Tensors = dataclasses.field(default_factory=dict)
+    adopt: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def check(self) -> None:
         _check_plan("RoundStart", self.plan)
@@ -393,7 +396,9 @@ class AttachReply(Message):
     ``continue`` round ``round`` at ``resume_step`` (lower than the device's step: roll
     back; 0: the round again from its weights); ``wait`` for a round (none for this
     device now); ``done`` (its update of ``round`` was taken). ``how`` says where the
-    session came from, with the bytes and milliseconds a move took."""
+    session came from, with the bytes and milliseconds a move took. ``client_state``: the
+    session was built here from the round's weights and waits for the device's kept
+    state (``ClientState``) before its next step (SCAFFOLD's ``c_i``)."""
     SCOPE = Scope.SESSION
     ok: bool
     reason: str
@@ -405,6 +410,7 @@ class AttachReply(Message):
     how: str
     state_bytes: int
     transfer_ms: float
+    client_state: bool = False
 
     def check(self) -> None:
         if self.action not in ATTACH_ACTIONS:
@@ -415,18 +421,37 @@ class AttachReply(Message):
 class DeviceRound(Message):
     """edge -> device: train round ``plan['round']`` from these weights (device part, or
     the whole model in mode classic). ``algo``: this device's share of the round's
-    strategy tensors, for its part ("tag/key"; empty for most strategies)."""
+    strategy tensors, for its part ("tag/key": SCAFFOLD's ``c/key``), and what the central
+    returns for its update of round ``adopt`` (the last it aggregated, 0: none), for the
+    whole model (SCAFFOLD's ``delta/key``); the device folds that in once
+    (``common.strategies.base.KeptState``). Empty for most strategies. A device whose
+    algorithm keeps a state sends its edge part (``ClientState``) before its first step."""
     SCOPE = Scope.SESSION
     plan: JSON
     weights: Tensors
     algo: Tensors = dataclasses.field(default_factory=dict)
+    adopt: int = 0
 
     def check(self) -> None:
         _check_plan("DeviceRound", self.plan)
+        if self.adopt < 0:
+            raise LocalProtocolError("DeviceRound.adopt: a round is >= 0")
 
     @property
     def round_plan(self) -> RoundPlan:
         return RoundPlan.from_wire(self.plan)
+
+
+@message
+class ClientState(Message):
+    """device -> edge: the device's kept state for the edge's part of round ``round``
+    ("tag/key" for the parameters of that part: SCAFFOLD's ``ci/key``; empty: zero),
+    sent after a ``DeviceRound`` and after an ``AttachReply`` with ``client_state``, before
+    the next step. The edge sets its session's optimizer up with it; a session waiting
+    for it trains no step."""
+    SCOPE = Scope.SESSION
+    round: int
+    state: Tensors
 
 
 @message

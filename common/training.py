@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from common.footprint import skip_dynamo
+from common.models import build_model
 from common.malloc import MALLOC_KEEP, tune_malloc  # noqa: F401 - part of this API
 from common.plan import Algo
 from common.strategies import strategy_class
+from common.strategies.base import KeptState, Strategy, round_share
 
 LOSS = nn.CrossEntropyLoss()
 
@@ -127,6 +129,49 @@ def train_reference_round(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ba
         opt.step()
         total += loss.item()
     return total / max(1, len(batches))
+
+
+class ReferenceRun:
+    """A whole run in this process, the yardstick of a testbed run with any strategy: each
+    round, every device's whole model trained from the round's weights with the
+    strategy's client step (the round's tensors and the device's kept state, as the
+    devices and edges use them), then the server's update over the devices in name
+    order, and what it returns to each folded into that device's kept state, as a device
+    does at its next round."""
+
+    def __init__(self, strategy: Strategy, model: str, *, lr: float, momentum: float, batch_size: int,
+                 local_epochs: int, seed: int) -> None:
+        self.strategy, self.model, self.lr, self.momentum = strategy, model, lr, momentum
+        self.batch_size, self.local_epochs, self.seed = batch_size, local_epochs, seed
+        self.params = {n: p.detach() for n, p in named_parameters(build_model(model, seed=0))}
+        strategy.bind(list(self.params))
+        self.state: dict = {}
+        self.kept: dict[str, KeptState] = {}
+
+    def round(self, r: int, weights: dict[str, torch.Tensor],
+              shards: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Round ``r`` from ``weights`` over ``shards`` (device -> data); the next weights."""
+        s = self.strategy
+        tensors = s.round_tensors(self.state)
+        updates, clients = [], []
+        for device in sorted(shards):  # the fixed order of summation
+            x, y = shards[device]
+            kept = self.kept.setdefault(device, KeptState())
+            model = build_model(self.model, seed=0)
+            model.load_state_dict(weights)
+            batches = round_batches(len(x), self.batch_size, local_epochs=self.local_epochs, seed=self.seed,
+                                    device=device, round=r)
+            train_reference_round(model, x, y, batches, lr=self.lr, momentum=self.momentum, algo=s.algo(),
+                                  tensors={**round_share(tensors, list(weights)), **kept.share(list(weights))})
+            updates.append(({k: v.clone() for k, v in model.state_dict().items()}, len(x)))
+            clients.append((device, len(batches)))
+        returns = s.client_returns(updates, current=weights, state=self.state, clients=clients, lr=self.lr)
+        weights, self.state = s.aggregate(updates, current=weights, state=self.state, clients=clients, lr=self.lr)
+        client = strategy_class(s.name).CLIENT
+        for device, back in returns.items():
+            assert client is not None
+            self.kept[device].adopt(client, r, back, self.params)
+        return weights
 
 
 @torch.no_grad()

@@ -6,7 +6,11 @@ then the batch's activations go out and the gradient at the cut comes back, or m
 classic trains the whole model locally), and "maybe finish" after the last step (the
 update, until the central has it). Everything about links, drops and reattaching is
 ``device.link.EdgeLink``'s; what reaches this loop is a value (``device.outcomes``): go
-on, go back to a step it kept (``Rollback``), or the round or the run is over."""
+on, go back to a step it kept (``Rollback``), or the round or the run is over.
+
+An algorithm that keeps a state on the device between rounds (SCAFFOLD's ``c_i``) keeps
+it here (``kept``, on the disk too): each round's start folds in what the central
+returned (``_fold``), and its edge part goes to the edge (``ClientState``)."""
 
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from common.footprint import backward
 from common.models import build_model, part_keys, split_model, state_spec, weights_problem
 from common.plan import RoundPlan
 from common.security import Credentials
+from common.strategies import strategy_class
+from common.strategies.base import ClientStep, KeptState
 from common.training import LOSS, make_optimizer, named_parameters, round_batches
 from device.control import ControlServer, Position
 from device import state as disk
@@ -49,7 +55,7 @@ class _Round:
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     step_ms: list[float | None]  # wall time of each step, the wait for the edge included
-    algo: dict[str, torch.Tensor] = field(default_factory=dict)  # its share of the strategy's round tensors
+    algo: dict[str, torch.Tensor] = field(default_factory=dict)  # its part's share of the round's tensors
     ckpts: dict[int, tuple[dict, dict]] = field(default_factory=dict)
     step: int = 0
     restarts: int = 0
@@ -87,6 +93,10 @@ class DeviceClient:
         self.writer = disk.Writer(self.state_dir) if self.checkpoint_steps else None
         self.compute_s = 0.0   # this round's own compute, and the sleep that stretched it
         self.throttle_s = 0.0
+        # what the algorithm keeps between rounds (SCAFFOLD's c_i, the whole model): read
+        # from the disk at the first round of the run (``_kept_state``), written at each fold
+        self.kept: KeptState | None = None
+        self._like: dict[str, torch.Tensor] | None = None
         self._set_cut(cfg.base_cut if cfg.split_of(name) == "auto" else cfg.split_of(name))
 
     def _set_cut(self, cut: int) -> None:
@@ -162,8 +172,8 @@ class DeviceClient:
         ended: Outcome | None = None
         if resume is not None:
             saved = resume[0]
-            ended = self._train_round(m.DeviceRound(plan=saved.plan.to_wire(), weights=saved.start, algo=saved.algo),
-                                      resume=resume)
+            ended = self._train_round(m.DeviceRound(plan=saved.plan.to_wire(), weights=saved.start, algo=saved.algo,
+                                                    adopt=self._kept_state().round), resume=resume)
         while not isinstance(ended, Ends):
             work = ended.next if isinstance(ended, RoundOver) else None  # the next round's, come early
             if work is None:
@@ -201,10 +211,15 @@ class DeviceClient:
         spec = state_spec(self.cfg.model_key)
         if weights_problem(start_weights, {k: spec[k] for k in self.keys}):  # load_state_dict would raise RuntimeError
             raise RemoteProtocolError(f"device {self.name}: round {r} weights do not fit the model")
-        algo = {k: v.clone() for k, v in work.algo.items()}
-        if weights_problem({k: v for k, v in algo.items()}, {k: spec[k.partition("/")[2]] for k in algo
-                                                           if k.partition("/")[2] in self.keys}):
+        if any(k.partition("/")[2] not in spec or (tuple(v.shape), v.dtype) != spec[k.partition("/")[2]]
+               for k, v in work.algo.items()):
             raise RemoteProtocolError(f"device {self.name}: round {r} strategy tensors do not fit the model")
+        client = strategy_class(plan.algo.name).CLIENT
+        tag = client.returns_tag if client is not None else ""
+        algo = {k: v.clone() for k, v in work.algo.items() if k.partition("/")[0] != tag and
+                k.partition("/")[2] in self.keys}
+        if client is not None and client.keeps_state:
+            self._fold(work, client, resumed=resume is not None)
         batches = round_batches(len(self.x), plan.batch_size, local_epochs=plan.local_epochs,
                                 seed=self.cfg.run.seed, device=self.name, round=r)
         model, opt = self._fresh(start_weights, plan, algo)
@@ -222,6 +237,37 @@ class DeviceClient:
         rnd.t0 = time.perf_counter()
         self.compute_s = self.throttle_s = 0.0
         return rnd
+
+    def _kept_state(self) -> KeptState:
+        """What the algorithm keeps between rounds, from the disk for this run at first."""
+        if self.kept is None:
+            self.kept = disk.load_kept(self.state_dir, self.link.run_name or self.link.run_hint)
+        return self.kept
+
+    def _fold(self, work: m.DeviceRound, client: type[ClientStep], *, resumed: bool) -> None:
+        """Fold in what the central returned for this device's last aggregated update,
+        exactly once (``KeptState.adopt``), on the disk before the round trains; then the
+        edge's part of the kept state goes to the edge (at once for a round the edge just
+        sent; for a round resumed from the disk, if the edge asked for it)."""
+        kept = self._kept_state()
+        returns = {k: v for k, v in work.algo.items() if k.partition("/")[0] == client.returns_tag}
+        try:
+            folded = kept.adopt(client, work.adopt, returns, self._params())
+        except ValueError as exc:
+            raise RemoteProtocolError(f"device {self.name}: round {work.round_plan.round}: {exc}") from None
+        if folded:
+            disk.save_kept(self.state_dir, run=self.link.run_name or "", kept=kept)
+            self.events.emit("state_folded", round=work.round_plan.round, adopt=kept.round)
+        if self.mode != "classic":
+            edge_keys = part_keys(self.cfg.model_key, self.split)[1]
+            self.link.hold_state(m.ClientState(round=work.round_plan.round, state=kept.share(edge_keys)),
+                                 now=not resumed)
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        """The whole model's parameters by key (their shapes and dtypes, for a fold)."""
+        if self._like is None:
+            self._like = {n: p.detach() for n, p in named_parameters(build_model(self.cfg.model_key, seed=0))}
+        return self._like
 
     def _step(self, rnd: _Round) -> Outcome | None:
         """Step ``rnd.step``: locally (mode classic) or with the edge. None: done, on to the
@@ -307,12 +353,16 @@ class DeviceClient:
         self.link.checkpoints = sorted(ckpts)
 
     def _fresh(self, weights: dict[str, torch.Tensor], plan: RoundPlan, algo: dict[str, torch.Tensor]):
+        """The round's model and optimizer at its start: ``algo`` (the round's tensors for the
+        part) and the kept state's share of it (the same all round: a fold comes only at a
+        round's start)."""
         full = build_model(self.cfg.model_key, seed=0)
         model = full if self.mode == "classic" else split_model(full, self.split)[0]
         model.load_state_dict(weights)
         model.train()
+        kept = self.kept.share(self.keys) if self.kept is not None else {}
         return model, make_optimizer(named_parameters(model), lr=plan.lr, momentum=plan.momentum, algo=plan.algo,
-                                     tensors=algo)
+                                     tensors={**algo, **kept})
 
     def _split_step(self, rnd: _Round, x: torch.Tensor, y: torch.Tensor) -> float | Outcome:
         """One lockstep step with the edge; returns the device's own compute seconds (not

@@ -105,6 +105,10 @@ class EdgeLink:
         self._pre: Preconnect | None = None  # mobility.preconnect: a link opened ahead of a move
         # ``announce``: the link a Leaving went out on ahead of a move, and that move
         self._announced: tuple[Link, str, int, int] | None = None
+        # the device's kept state for its edge's part of the round (SCAFFOLD's c_i), sent
+        # whenever an edge's session waits for it (``hold_state``, ``AttachReply.client_state``)
+        self._state: m.ClientState | None = None
+        self._state_asked = 0  # the round an edge asked for it before the loop had it (0: none)
         self.secret = attach_secret(cfg.run.out, name)  # for the proofs of its attaches
 
     # -- state for status and reports ----------------------------------------------------------
@@ -198,6 +202,11 @@ class EdgeLink:
             self.run_name = reply.run_name
             self.events.open(os.path.join(self.cfg.run.out, reply.run_name))
         self._set_link_state("attached")
+        if reply.client_state:  # before anything else: the session trains no step without it
+            if self._state is not None and self._state.round == reply.round:
+                link.post(self._state)
+            else:
+                self._state_asked = reply.round
         held, self._held = self._held, []
         for msg in held:
             link.post(msg)
@@ -414,6 +423,16 @@ class EdgeLink:
             outcome = self._reattach(lost)
             if type(outcome) is not TrainFrom:
                 return outcome
+
+    def hold_state(self, msg: m.ClientState, *, now: bool) -> None:
+        """The kept state for the edge's part of round ``msg.round``, sent on every attach
+        whose answer asks for it; ``now``: sent on this link too (the edge that sent the
+        round waits for it), as it is when this link's attach asked before the loop had it."""
+        self._state = msg
+        asked, self._state_asked = self._state_asked, 0
+        link = self._link
+        if (now or asked == msg.round) and link is not None:
+            link.post(msg)
 
     def step(self, round: int, step: int, x: torch.Tensor, y: torch.Tensor) -> m.Gradients | Outcome:
         """One step with the edge: activations out, the gradient at the cut back; or the

@@ -14,6 +14,17 @@ The tensors are written first, the JSON that names their hash second, each to a
 temporary name, synced and renamed (``common.atomic``): a crash at any instant leaves the previous checkpoint or the
 new one. ``load`` checks the hash and returns None (saying why) for anything that does
 not hold together; nothing is unpickled. The files go once the round's update is taken.
+
+Beside them, whatever ``faults.checkpoint_steps`` says, the state the device's algorithm
+keeps between rounds (``common.strategies.base.KeptState``: SCAFFOLD's ``c_i``), which
+lives nowhere else:
+
+    <run.out>/.device-state/<device>/kept.safetensors    the kept tensors; its metadata:
+                                                        the run and the last round folded in
+
+written whole before the round that uses it trains (``save_kept``), so that every update
+the device delivers was trained with a state on its disk, and read back by a device
+process started again in the same run (``load_kept``).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import torch
 from common.atomic import write_bytes_atomic, write_json_atomic
 from common.models import state_sha256
 from common.plan import RoundPlan
+from common.strategies.base import KeptState
 from common.tensorfile import TensorFileError, read_tensors, write_tensors
 
 log = logging.getLogger("device")
@@ -51,7 +63,7 @@ class Saved:
     start: dict[str, torch.Tensor]
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]       # a state_dict for torch.optim.SGD
-    algo: dict[str, torch.Tensor]   # the round's strategy tensors for this device (DeviceRound.algo)
+    algo: dict[str, torch.Tensor]   # the round's strategy tensors for its part (DeviceRound.algo, no returns)
 
 
 def folder(out: str, device: str) -> str:
@@ -124,6 +136,31 @@ def load(where: str) -> Saved | None:
     except (OSError, ValueError, KeyError, TypeError, TensorFileError, Exception) as exc:  # noqa: BLE001
         log.warning("device checkpoint in %s cannot be used: %s", where, exc)
         return None
+
+
+KEPT = "kept.safetensors"
+
+
+def save_kept(where: str, *, run: str, kept: KeptState) -> None:
+    """Raises ``OSError`` (the previous file is then whole)."""
+    os.makedirs(where, exist_ok=True)
+    write_tensors(os.path.join(where, KEPT), kept.tensors, {"run": run, "round": str(kept.round)})
+
+
+def load_kept(where: str, run: str) -> KeptState:
+    """The state kept for run ``run``; an empty one if there is none (or only another
+    run's, or one that cannot be read: said in the log)."""
+    path = os.path.join(where, KEPT)
+    if not os.path.exists(path):
+        return KeptState()
+    try:
+        tensors, meta = read_tensors(path)
+        if meta.get("run") != run:
+            return KeptState()
+        return KeptState(tensors, int(meta["round"]))
+    except (OSError, ValueError, KeyError, TensorFileError) as exc:
+        log.warning("kept state in %s cannot be used: %s", path, exc)
+        return KeptState()
 
 
 def clear(where: str) -> None:

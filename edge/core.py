@@ -41,7 +41,8 @@ from common.config import default
 from common.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from common.events import EventLog
 from common.plan import RoundPlan
-from common.strategies.base import for_client
+from common.strategies import strategy_class
+from common.strategies.base import returns_of, round_share
 from common.security import proof_holds
 from common.models import num_classes, part_keys, state_spec, weights_problem
 from edge import reports
@@ -67,6 +68,7 @@ class RoundInfo:
     plan: RoundPlan
     weights: dict[str, torch.Tensor]
     algo: dict[str, torch.Tensor] = field(default_factory=dict)  # the strategy's tensors (RoundStart.algo)
+    adopt: dict[str, int] = field(default_factory=dict)  # device -> the round its returns in algo are of
 
     @property
     def round(self) -> int:
@@ -418,9 +420,12 @@ class EdgeCore:
             if k.count("/") < 2 or want is None or (tuple(t.shape), t.dtype) != want:
                 raise RemoteProtocolError(f"{self.role}: RoundStart of round {plan.round}: strategy tensor {k!r} "
                                           "does not fit the model")
+        if any(not 1 <= a < plan.round for a in msg.adopt.values()):
+            raise RemoteProtocolError(f"{self.role}: RoundStart of round {plan.round}: adopt names a round "
+                                      "that is not before it")
         if self.current is not None and plan.round <= self.current.round:
             return  # sent again after we rejoined: we have it
-        self.current = RoundInfo(plan, msg.weights, msg.algo)
+        self.current = RoundInfo(plan, msg.weights, msg.algo, msg.adopt)
         self.models.splits.update(plan.cuts)  # cuts chosen at start (split_layer = "auto")
         r = plan.round
         self.central.round_started(r)
@@ -479,9 +484,11 @@ class EdgeCore:
     def reply(self, e: Entry, *, ok: bool = True, reason: str = "", action: str = "wait", round: int = 0,
                resume_step: int = 0, how: str = "", state_bytes: int = 0, transfer_ms: float = 0.0) -> None:
         assert e.port is not None
+        waits = action == "continue" and e.session is not None and e.session.round == round \
+            and e.session.awaits_state
         e.port.post(m.AttachReply(ok=ok, reason=reason, run_name=self.run_name or "", mode=self.mode, action=action,
                                   round=round, resume_step=resume_step, how=how, state_bytes=state_bytes,
-                                  transfer_ms=transfer_ms))
+                                  transfer_ms=transfer_ms, client_state=waits))
 
     def _on_attach(self, ev: DeviceAttach) -> None:
         req = ev.req
@@ -622,11 +629,18 @@ class EdgeCore:
         self.move(e, E.FRESH)
 
     def _new_session(self, device: str, info: RoundInfo) -> EdgeSession:
-        edge_state = None if self.mode == "classic" else {k: info.weights[k] for k in self.models.keys(device)[1]}
+        """``device``'s session of the round from its weights. With an algorithm that keeps
+        a state on the device (SCAFFOLD's ``c_i``), it waits for the device's
+        (``ClientState``): every reply that lets the device go on says so
+        (``AttachReply.client_state``), and a ``DeviceRound`` always asks for it."""
+        edge_keys = self.models.keys(device)[1]
+        edge_state = None if self.mode == "classic" else {k: info.weights[k] for k in edge_keys}
+        client = strategy_class(info.plan.algo.name).CLIENT
         return EdgeSession(device=device, round=info.round, mode=self.mode, model=self.models.name,
                            split_layer=self.models.cut(device), lr=info.plan.lr, momentum=info.plan.momentum,
                            part_state=edge_state, seed=self.seed, algo=info.plan.algo,
-                           algo_tensors=for_client(info.algo, device, self.models.keys(device)[1]))
+                           algo_tensors=round_share(info.algo, edge_keys),
+                           awaits_state=client is not None and client.keeps_state and self.mode != "classic")
 
     def _start_session(self, e: Entry) -> None:
         """A fresh session of the current round, and the round's work sent to the device."""
@@ -636,7 +650,8 @@ class EdgeCore:
         dev_keys, edge_keys = self.models.keys(e.device)
         keys = dev_keys + (edge_keys if self.mode == "classic" else [])
         e.port.post(m.DeviceRound(plan=info.plan.to_wire(), weights={k: info.weights[k] for k in keys},
-                                  algo=for_client(info.algo, e.device, keys)))
+                                  algo={**round_share(info.algo, keys), **returns_of(info.algo, e.device)},
+                                  adopt=info.adopt.get(e.device, 0)))
 
     def refill(self) -> None:
         """The spare part was taken: another one, later (``SparePart.refill_soon``)."""
@@ -663,6 +678,8 @@ class EdgeCore:
                 self._on_leaving(e, msg)
             elif isinstance(msg, m.DeviceDone):
                 self._on_finish(e, msg)
+            elif isinstance(msg, m.ClientState):
+                self._on_client_state(e, msg)
             else:
                 raise RemoteProtocolError(f"{self.role} (serving {e.device}, {e.state.name}): "
                                           f"{msg.TYPE} is not allowed")
@@ -720,6 +737,19 @@ class EdgeCore:
                                         round=min(max(round, 0), reports.MAX_ROUND), step=min(max(step, 0), reports.MAX_STEP),
                                         detail=detail[:200], recovery="link closed"))
 
+    def _on_client_state(self, e: Entry, msg: m.ClientState) -> None:
+        """The device's kept state for the session that waits for it (``awaits_state``),
+        checked against the edge part; for any other (a copy sent again, a session of
+        another round) it is not needed: ignored."""
+        session = e.session
+        if session is None or session.round != msg.round or not session.awaits_state:
+            return
+        keys = [n for n, _ in session.named_parameters()]
+        spec = {f"{tag}/{k}": self.spec[k] for k in keys for tag in {n.partition("/")[0] for n in msg.state}}
+        if msg.state and (problem := weights_bound_problem(msg.state, spec)):
+            raise RemoteProtocolError(f"{self.role}: ClientState of {e.device} for round {msg.round}: {problem}")
+        session.take_state(msg.state)
+
     def _on_step(self, e: Entry, msg: m.Activations) -> None:
         session = e.session
         if e.state is not S.ACTIVE or session is None or session.round != msg.round or self.mode == "classic":
@@ -728,6 +758,8 @@ class EdgeCore:
             self.move(e, E.STEP)  # a stale step: the table says whether it may be ignored
             self.events.emit("stale_step", device=e.device, round=msg.round, step=msg.step, state=e.state.value)
             return
+        if session.awaits_state:
+            raise RemoteProtocolError(f"{self.role}: step {msg.step} of {e.device} before its ClientState")
         port = e.port
         assert port is not None
 

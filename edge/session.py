@@ -23,6 +23,7 @@ from common import codec, digest
 from common.errors import LocalProtocolError, MigrationError
 from common.models import Part, empty_part
 from common.plan import Algo
+from common.strategies import strategy_class
 from common.training import LOSS, make_optimizer, named_parameters, stable_seed
 
 # The snapshot checksum sits on the migration's critical path (the target verifies before
@@ -159,7 +160,13 @@ class EdgeSession:
                  lr: float, momentum: float, part_state: dict[str, torch.Tensor] | None,
                  step: int = 0, samples: int = 0, loss_sum: float = 0.0, seed: int = 0,
                  adopt: bool = False, part: Part | None = None, algo: Algo | None = None,
-                 algo_tensors: dict[str, torch.Tensor] | None = None) -> None:
+                 algo_tensors: dict[str, torch.Tensor] | None = None, awaits_state: bool = False) -> None:
+        """``algo_tensors``: the round's tensors for this part ("tag/key"). ``awaits_state``:
+        the algorithm keeps a state on the device (SCAFFOLD's ``c_i``); the optimizer is set
+        up once the device's arrives (``take_state``), and no step trains before. Only a
+        session built from the round's weights waits, so at step 0, and a session at step 0
+        is never installed elsewhere (its destination starts it from the round's weights):
+        a snapshot never carries a waiting session."""
         self.device = device
         self.round = round
         self.mode = mode
@@ -190,7 +197,25 @@ class EdgeSession:
             # round's weights; what it keeps is in the optimizer's state, so a migrated
             # session's comes back with it (``_rebuild`` loads it over this)
             self.optimizer = make_optimizer(named_parameters(self.part), lr=lr, momentum=momentum, algo=algo,
-                                            tensors=algo_tensors)
+                                            tensors=None if awaits_state else algo_tensors)
+        self._algo = algo
+        self._round_tensors = algo_tensors if awaits_state else None
+        self.awaits_state = awaits_state and self.optimizer is not None
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The edge part's parameters by state-dict key (none in mode classic)."""
+        return named_parameters(self.part) if self.part is not None else []
+
+    def take_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the optimizer up with the round's tensors and the device's kept ``state``
+        ("tag/key" of this part, checked by the caller); the session may train then."""
+        assert self.awaits_state and self.optimizer is not None and self._algo is not None
+        names = [n for n, _ in self.named_parameters()]
+        client = strategy_class(self._algo.name).CLIENT
+        assert client is not None
+        client.setup(self.optimizer, names, self._algo.params, {**(self._round_tensors or {}), **state})
+        self._round_tensors = None
+        self.awaits_state = False
 
     def position_matches(self, step: int) -> bool:
         """True if a device about to send ``step`` can go on with this session: it is at

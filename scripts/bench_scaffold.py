@@ -9,8 +9,8 @@ devices see two or three classes). VGG-5, plain SGD on the devices (momentum 0: 
 update of the control variates, ``(x - y) / (K * lr)``, assumes it), several local
 epochs per round, so that the clients drift apart.
 
-The rounds are played in this process (``train_reference_round`` and the strategy's own
-``aggregate``), with no network: a testbed run is bit-identical to it, moves and faults
+The rounds are played in this process (``common.training.ReferenceRun``: the strategy's
+client step, its ``aggregate`` and the devices' kept state), with no network: a testbed run is bit-identical to it, moves and faults
 included (``tests/test_scaffold.py``), and this way three strategies fit in minutes on a
 small machine. Each strategy starts from the same weights and sees the same batches.
 """
@@ -49,8 +49,7 @@ def play(cfg_path: Path, section: dict[str, Any]) -> dict[str, Any]:
     from common.config import load_config
     from common.data import load_test_set, load_train_shard
     from common.models import build_model, state_sha256
-    from common.strategies.base import for_client
-    from common.training import evaluate, named_parameters, round_batches, set_threads, train_reference_round
+    from common.training import ReferenceRun, evaluate, set_threads
 
     cfg = load_config(str(cfg_path))
     set_threads(cfg.training.threads)
@@ -60,25 +59,14 @@ def play(cfg_path: Path, section: dict[str, Any]) -> dict[str, Any]:
     tx, ty = load_test_set(spec)
     strat = strategies.make({**cfg.strategy, **section})
     model = build_model(cfg.model_key, seed=cfg.run.seed)
-    strat.bind([n for n, _ in named_parameters(model)])
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     t = cfg.training
-    state: dict = {}
+    ref = ReferenceRun(strat, cfg.model_key, lr=t.lr, momentum=t.momentum, batch_size=t.batch_size,
+                       local_epochs=t.local_epochs, seed=cfg.run.seed)
     curve = []
     t0 = time.perf_counter()
     for r in range(1, t.rounds + 1):
-        tensors = strat.round_tensors(state, names)
-        ups, clients = [], []
-        for d in names:  # the fixed order of summation
-            x, y = shards[d]
-            model.load_state_dict(weights)
-            batches = round_batches(len(x), t.batch_size, local_epochs=t.local_epochs, seed=cfg.run.seed,
-                                    device=d, round=r)
-            train_reference_round(model, x, y, batches, lr=t.lr, momentum=t.momentum, algo=strat.algo(),
-                                  tensors=for_client(tensors, d, list(weights)))
-            ups.append(({k: v.clone() for k, v in model.state_dict().items()}, len(x)))
-            clients.append((d, len(batches)))
-        weights, state = strat.aggregate(ups, current=weights, state=state, clients=clients, lr=t.lr)
+        weights = ref.round(r, weights, shards)  # each device's c_i kept and folded as on a device
         model.load_state_dict(weights)
         acc, loss = evaluate(model, tx, ty)
         curve.append({"round": r, "test_accuracy": acc, "test_loss": loss})

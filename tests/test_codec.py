@@ -97,6 +97,7 @@ FACTORIES = {
     "DeviceRound": lambda: m.DeviceRound(plan=PLAN,
                                          weights={"l0.conv.weight": torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(1)),
                                                   "n": torch.tensor(3)}),
+    "ClientState": lambda: m.ClientState(round=2, state={"ci/l0.conv.weight": torch.ones(2, 3, 3, 3)}),
     "StandBy": lambda: m.StandBy(round=3, reason="round 3 is over"),
     "Activations": lambda: m.Activations(round=1, step=0, batch={"x": _x(), "y": torch.tensor([1, 0, 9, 3])}),
     "Gradients": lambda: m.Gradients(round=1, step=0, loss=float("nan"), grad={"g": _x()}),

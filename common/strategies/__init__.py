@@ -5,8 +5,10 @@ A strategy is one module here with one class (``base.Strategy``): its parameter 
 (keys of ``[strategy]``, checked at start by ``common.config``), its server side
 (``aggregate`` and its state, checkpointed with the weights) and, for a client-side
 algorithm, what it sends the clients each round (``RoundPlan.algo`` and the round's
-tensors) and the step it applies on every device and edge (``base.ClientStep``). Adding
-one is its module and one line below.
+tensors), the step it applies on every device and edge (``base.ClientStep``) and, for
+one that keeps a state on the device between rounds, how that state folds in what the
+server returns (``base.KeptState``; the plumbing is the central's, edge's and device's).
+Adding one is its module and one line below.
 
 The modules import torch only where they compute, so that the roles that only read the
 config (launcher, controller) stay free of it (``tests/test_light_roles.py``).

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from common.strategies.base import NONNEG, ClientStep, Key
+from common.strategies.base import NONNEG, ClientStep, Key, correct_grads
 from common.strategies.fedavg import FedAvg
 
 
@@ -26,9 +26,7 @@ class ProxStep(ClientStep):
     def correct(opt, group: dict[str, Any]) -> None:
         mu = group["algo"]["params"]["mu"]
         if mu:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.add_(p - opt.state[p]["prox_ref"], alpha=mu)
+            correct_grads(opt, group, "prox_ref", lambda p, ref: p - ref, alpha=mu)
 
 
 @dataclass

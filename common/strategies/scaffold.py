@@ -4,17 +4,29 @@ Every client ``i`` has a control variate ``c_i`` and the server one, ``c``, per 
 (zero at first). Each local step adds ``c - c_i`` to the gradient, on the device's part
 and on the edge's part alike (``ScaffoldStep``: the difference is computed once per round
 and kept in the optimizer's state as ``scaffold_corr``, so it migrates with the session,
-is in the buddy's replicas and the device's checkpoints). After the round, option II of
-the paper: ``c_i+ = c_i - c + (x - y_i) / (K * lr)``, with ``x`` the round's weights,
-``y_i`` the client's, ``K`` its steps; then ``c+ = c + sum(c_i+ - c_i) / N`` over the
-``N`` participants and ``x+ = x + server_lr * (fedavg(y) - x)``.
+is in the buddy's replicas and the device's checkpoints). After round ``r``, for each
+aggregated update ``y_i`` of ``K`` steps at learning rate ``lr``, from the round's
+weights ``x``, the central computes in float64
 
-Where ``c_i`` lives between rounds: with the server's state (``ci/DEVICE/key``,
-checkpointed with the weights). Each round it goes out with the round: the edges get
-every participant's (``RoundStart.algo``), each device its part (``DeviceRound.algo``),
-and the update that comes back is all the server needs to compute ``c_i+``. A device or
-an edge that starts again, a session rebuilt from the round's weights, a replica: each
-finds the same ``c_i``, so runs with moves and faults stay bit-identical.
+    delta_i = (x - y_i) / (K * lr) - c          (``client_delta``)
+    c+      = c + sum(delta_i) / N              (N: the round's participants)
+    x+      = x + server_lr * (fedavg(y) - x)
+
+and the device folds ``c_i+ = c_i + delta_i`` (``ScaffoldStep.fold``, ``delta_i`` in the
+parameter's dtype): option II of the paper, ``c_i - c + (x - y_i) / (K * lr)``.
+
+Where ``c_i`` lives: on the device, for the whole model, with the last round folded in
+(``base.KeptState``, on its disk beside its checkpoints: ``device.state``). The central
+holds only ``c`` (state "c/key") and, per device, the last round whose update it
+aggregated (``adopt/DEVICE``, kept by ``central.returns`` with ``delta_i`` in a file of
+the run folder). The return path is the device's next round: ``RoundStart`` carries ``c``
+and each participant's ``adopt`` and ``delta``, its edge passes them on in ``DeviceRound``,
+and the device folds ``delta`` in once (``KeptState.adopt``: ``adopt`` newer than its
+round). A refused or late update is never aggregated, so its device keeps its ``c_i``.
+The edge gets ``c`` from ``RoundStart`` and the device's ``c_i`` for its part from the
+device (``ClientState``), whenever it builds the device's session from the round's
+weights; a session that moves (offer, pull, relay, a replica) carries ``c - c_i`` in its
+optimizer state, so nothing more travels.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
-from common.strategies.base import POSITIVE, ClientStep, Key, Strategy
+from common.strategies.base import POSITIVE, ClientStep, Key, Strategy, correct_grads
 
 
 def correction(c: Any, c_i: Any, like: Any) -> Any:
@@ -32,12 +44,18 @@ def correction(c: Any, c_i: Any, like: Any) -> Any:
     return (zero if c is None else c.to(like.dtype)) - (zero if c_i is None else c_i.to(like.dtype))
 
 
-def next_variate(x: Any, y: Any, corr: Any, steps: int, lr: float) -> Any:
-    """Option II: ``c_i+ = (x - y) / (K * lr) - (c - c_i)``."""
-    return (x - y) / (steps * lr) - corr
+def client_delta(x: Any, y: Any, c: Any, steps: int, lr: float) -> Any:
+    """``(x - y) / (K * lr) - c`` in float64 (``c`` None: zero): a client's change of its
+    variate for one parameter."""
+    import torch
+    d = (x.to(torch.float64) - y.to(torch.float64)) / (steps * lr)
+    return d if c is None else d - c.to(torch.float64)
 
 
 class ScaffoldStep(ClientStep):
+    keeps_state: ClassVar[bool] = True
+    returns_tag: ClassVar[str] = "delta"
+
     @staticmethod
     def setup(opt, names, params, tensors) -> None:
         if not tensors:
@@ -52,10 +70,23 @@ class ScaffoldStep(ClientStep):
 
     @staticmethod
     def correct(opt, group) -> None:
-        for p in group["params"]:
-            corr = opt.state[p].get("scaffold_corr") if p in opt.state else None
-            if corr is not None and p.grad is not None:
-                p.grad.add_(corr)
+        correct_grads(opt, group, "scaffold_corr", lambda p, corr: corr)
+
+    @staticmethod
+    def fold(state, returns, like):
+        """``c_i + delta`` for every parameter (``returns``: exactly "delta/key" for each
+        of ``like``'s, its shape)."""
+        import torch
+        if set(returns) != {f"delta/{k}" for k in like}:
+            raise ValueError("scaffold: the returned deltas are not one per parameter of the model")
+        out = {}
+        for k, p in like.items():
+            d = returns[f"delta/{k}"]
+            if tuple(d.shape) != tuple(p.shape) or not d.is_floating_point() or not torch.isfinite(d).all():
+                raise ValueError(f"scaffold: the delta of {k} does not fit the parameter or is not finite")
+            c_i = state.get(f"ci/{k}")
+            out[f"ci/{k}"] = (torch.zeros_like(p) if c_i is None else c_i) + d.to(p.dtype)
+        return out
 
 
 @dataclass
@@ -75,20 +106,34 @@ class Scaffold(Strategy):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "server_lr": self.server_lr}
 
-    def round_tensors(self, state, participants):
-        out = {f"*/{k}": v for k, v in state.items() if k.startswith("c/")}
-        for d in participants:
-            prefix = f"ci/{d}/"
-            out.update({f"{d}/ci/{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)})
+    def round_tensors(self, state):
+        return {f"*/{k}": v for k, v in state.items() if k.startswith("c/")}
+
+    def _deltas(self, results, current, state, clients, lr):
+        """Each aggregated client's ``delta_i`` (float64), in the order of ``results``."""
+        if current is None or len(clients) != len(results) or lr <= 0 or not self.param_keys:
+            raise ValueError("scaffold needs the round's weights, each result's (device, steps), the "
+                             "learning rate and the model's parameter keys (bind)")
+        state = state or {}
+        out = []
+        for (y, _), (device, steps) in zip(results, clients):
+            if steps <= 0:
+                raise ValueError(f"scaffold: {device} made {steps} steps")
+            out.append((device, {k: client_delta(current[k], y[k], state.get(f"c/{k}"), steps, lr)
+                                 for k in self.param_keys}))
         return out
+
+    def client_returns(self, results, *, current=None, state=None, clients=(), lr=0.0):
+        import torch
+        return {device: {f"delta/{k}": d.to(torch.float32) for k, d in delta.items()}
+                for device, delta in self._deltas(results, current, state, clients, lr)}
 
     def aggregate(self, results, failures=(), *, current=None, state=None, clients=(), lr=0.0):
         import torch
 
         from central.fedavg import fedavg
-        if current is None or len(clients) != len(results) or lr <= 0 or not self.param_keys:
-            raise ValueError("scaffold needs the round's weights, each result's (device, steps), the "
-                             "learning rate and the model's parameter keys (bind)")
+        deltas = self._deltas(results, current, state, clients, lr)
+        assert current is not None  # (checked by _deltas)
         avg = fedavg(results)
         state = dict(state or {})
         out = {}
@@ -99,17 +144,11 @@ class Scaffold(Strategy):
             x = current[k].to(torch.float64)
             out[k] = (x + self.server_lr * (a.to(torch.float64) - x)).to(a.dtype)
         n = len(results) + len(failures)   # the round's participants
-        moved = {k: torch.zeros(current[k].shape, dtype=torch.float64) for k in self.param_keys}
-        for (y, _), (device, steps) in zip(results, clients):
-            if steps <= 0:
-                raise ValueError(f"scaffold: {device} made {steps} steps")
-            for k in self.param_keys:
-                c_i = state.get(f"ci/{device}/{k}")
-                new = next_variate(current[k], y[k], correction(state.get(f"c/{k}"), c_i, current[k]), steps, lr)
-                moved[k] += new.to(torch.float64) - (0.0 if c_i is None else c_i.to(torch.float64))
-                state[f"ci/{device}/{k}"] = new
         for k in self.param_keys:
+            moved = torch.zeros(current[k].shape, dtype=torch.float64)
+            for _, delta in deltas:
+                moved += delta[k]
             c = state.get(f"c/{k}")
             c64 = torch.zeros(current[k].shape, dtype=torch.float64) if c is None else c.to(torch.float64)
-            state[f"c/{k}"] = (c64 + moved[k] / n).to(current[k].dtype)
+            state[f"c/{k}"] = (c64 + moved / n).to(current[k].dtype)
         return out, state
