@@ -7,9 +7,10 @@ One container (compose service, Kubernetes Pod) per role of the file, named as t
 names it (``central``, each edge, each device) and reached by that name; with the file's
 ``run.device_host`` on (compose: also "auto" from ``HOST_AUTO_MIN`` devices, as they all
 run on one machine), one container ``device-host`` runs every device instead, forked from
-one import of torch (``python -m common.forkhost``), each still reached by its own name
-(a compose network alias, a Kubernetes Service). ``run.edge_host`` is not used here: each
-edge keeps its container, as each is a machine of its own in a lab. A role whose
+one import of torch (``python -m common.forkhost``), each device reached at that
+container's name on its own port (``devices.NAME.host`` set so in every container).
+``run.edge_host`` is not used here: each edge keeps its container, as each is a machine of
+its own in a lab. A role whose
 ``host`` in the file is not its name, or whose ``bind`` is not ``0.0.0.0``, gets the
 right ones by ``FEDFLY_SET`` in every container, and so do ``run.out`` (the results
 volume) and ``security.key_file`` (the secret), so that the same file that runs on
@@ -99,9 +100,10 @@ def host_command(cfg: Config) -> list[str]:
             *(a for d in sorted(cfg.devices) for a in ("--name", d))]
 
 
-def overrides(cfg: Config) -> list[str]:
+def overrides(cfg: Config, hosted: bool = False) -> list[str]:
     """The ``FEDFLY_SET`` settings that make the file's addresses, results folder and key
-    the containers' ones; none for a file written for containers (configs/docker.toml)."""
+    the containers' ones; none for a file written for containers (configs/docker.toml).
+    ``hosted``: every device is in the container ``HOST``, and reached there."""
     sets = []
     if (cfg.central.host, cfg.central.bind) != ("central", LISTEN_ALL):
         sets += ['central.host="central"', f'central.bind="{LISTEN_ALL}"']
@@ -109,8 +111,9 @@ def overrides(cfg: Config) -> list[str]:
         if (cfg.edges[e].host, cfg.edges[e].bind) != (e, LISTEN_ALL):
             sets += [f'edges.{e}.host="{e}"', f'edges.{e}.bind="{LISTEN_ALL}"']
     for d in sorted(cfg.devices):
-        if (cfg.devices[d].host, cfg.devices[d].bind) != (d, LISTEN_ALL):
-            sets += [f'devices.{d}.host="{d}"', f'devices.{d}.bind="{LISTEN_ALL}"']
+        at = HOST if hosted else d
+        if (cfg.devices[d].host, cfg.devices[d].bind) != (at, LISTEN_ALL):
+            sets += [f'devices.{d}.host="{at}"', f'devices.{d}.bind="{LISTEN_ALL}"']
     if cfg.run.out != RESULTS_IN_CONTAINER:
         sets.append(f'run.out="{RESULTS_IN_CONTAINER}"')
     if cfg.security.key_file != KEY_IN_CONTAINER or cfg.security.key_env:
@@ -139,8 +142,9 @@ def scenario(cfg: Config) -> tuple[str, str, int] | None:
 def compose(cfg: Config, *, config_ref: str, root_ref: str) -> str:
     """The compose file's text. ``config_ref`` is the testbed file and ``root_ref`` the
     repository, as paths from the folder the compose file will be in."""
+    hosted = device_host(cfg, "compose")
     # written once, then by alias: with a localhost file it names every role's address
-    sets = yamltext.Anchor("fedfly_set", " ".join([_TLS, *(shlex.quote(s) for s in overrides(cfg))]))
+    sets = yamltext.Anchor("fedfly_set", " ".join([_TLS, *(shlex.quote(s) for s in overrides(cfg, hosted))]))
     config_mount = f"${{FEDFLY_CONFIG:-{config_ref}}}:{CONFIG_IN_CONTAINER}:ro"
     out = cfg.run.out if cfg.run.out == RESULTS_IN_CONTAINER else RESULTS_IN_CONTAINER
 
@@ -163,7 +167,6 @@ def compose(cfg: Config, *, config_ref: str, root_ref: str) -> str:
         return {"test": ["CMD", "/app/docker/entrypoint.sh", "health", *map(str, ports)],
                 "interval": "2s", "timeout": "5s", "retries": 60, "start_period": "120s"}
 
-    hosted = device_host(cfg, "compose")
     services: dict[str, Any] = {}
     for name, role, port, command in roles(cfg):
         if hosted and role == "device":
@@ -176,10 +179,9 @@ def compose(cfg: Config, *, config_ref: str, root_ref: str) -> str:
             svc["depends_on"] = {upstream: {"condition": "service_healthy"}}
         svc["healthcheck"] = healthcheck(port)
         services[name] = svc
-    if hosted:   # every device in one container, each reached by its name (an alias of it)
+    if hosted:   # every device in one container, reached at its name (not by aliases: podman-compose 1.0 has none)
         devices = sorted(cfg.devices)
         svc = service(HOST, host_command(cfg))
-        svc["networks"] = {"testbed": {"aliases": devices}}
         svc["depends_on"] = {e: {"condition": "service_healthy"} for e in sorted({cfg.devices[d].edge for d in devices})}
         svc["healthcheck"] = healthcheck(*(cfg.devices[d].control_port for d in devices))
         services[HOST] = svc
@@ -239,25 +241,29 @@ def k8s_testbed(cfg: Config) -> str:
     ``fedfly.io/role=central|edge|device`` (devices on arm64 nodes: the Pis), one edge and
     one device per node; each is reached by its name, the name of its Service (and of its
     Pod, which `podman kube play` resolves)."""
-    sets = " ".join(shlex.quote(s) for s in overrides(cfg))
-    out = cfg.run.out if cfg.run.out == RESULTS_IN_CONTAINER else RESULTS_IN_CONTAINER
     hosted = device_host(cfg, "k8s")
+    sets = " ".join(shlex.quote(s) for s in overrides(cfg, hosted))
+    out = cfg.run.out if cfg.run.out == RESULTS_IN_CONTAINER else RESULTS_IN_CONTAINER
+    # (Pod and Service, role, ports, command): every role's own, or with run.device_host one
+    # of every device, a port each (the devices' host is then that Pod's name)
+    units = [(n, r, [p], c) for n, r, p, c in roles(cfg) if not (hosted and r == "device")]
+    if hosted:
+        units.append((HOST, "device", [cfg.devices[d].control_port for d in sorted(cfg.devices)], host_command(cfg)))
     services, pods = [], []
-    # (Pod, role, command): every role's own, or with run.device_host one Pod of every device
-    units = [(n, r, c) for n, r, _, c in roles(cfg) if not (hosted and r == "device")]
-    units += [(HOST, "device", host_command(cfg))] if hosted else []
-    for name, role, port, command in roles(cfg):
+    for name, role, ports, command in units:
         why = {"central": "the edges join the central here",
                "edge": "devices attach and edges hand sessions over here",
-               "device": "the mobility controller's way to the device"}[role]
+               "device": "the mobility controller's way to the device" + ("s" if name == HOST else "")}[role]
         services.append({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "fedfly"},
                          "annotations": {"fedfly.io/why": why}},
-            "spec": {"selector": {"fedfly.io/name": HOST if hosted and role == "device" else name},
-                     "ports": [{"name": "fedfly", "port": port, "targetPort": port}]},
+            "spec": {"selector": {"fedfly.io/name": name},
+                     # several ports must be named apart (a DNS label of at most 15 characters)
+                     "ports": [{"name": f"p{port}" if name == HOST else "fedfly", "port": port, "targetPort": port}
+                               for port in ports]},
         })
-    for name, role, command in units:
+    for name, role, _, command in units:
         selector = {"fedfly.io/role": role}
         if role == "device":
             selector["kubernetes.io/arch"] = "arm64"

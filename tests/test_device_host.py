@@ -93,7 +93,7 @@ def _compose(cfg):
     return yaml.safe_load(deploy.compose(cfg, config_ref="testbed.toml", root_ref="."))
 
 
-def test_compose_puts_every_device_in_one_container_reached_by_each_name(tmp_path):
+def test_compose_puts_every_device_in_one_container_reached_at_its_name(tmp_path):
     cfg = _cfg(tmp_path, devices=6, edges=3, device_host="on")
     text = deploy.compose(cfg, config_ref="testbed.toml", root_ref=".")
     services = yaml.safe_load(text)["services"]
@@ -102,17 +102,18 @@ def test_compose_puts_every_device_in_one_container_reached_by_each_name(tmp_pat
     host = services[deploy.HOST]
     assert host["command"] == ["python", "-m", "common.forkhost", "--role", "device", "--config",
                                deploy.CONFIG_IN_CONTAINER, *(a for d in devices for a in ("--name", d))]
-    assert host["networks"] == {"testbed": {"aliases": devices}}
+    assert host["networks"] == ["testbed"] and host["hostname"] == deploy.HOST
     assert host["depends_on"] == {e: {"condition": "service_healthy"} for e in ("edge1", "edge2", "edge3")}
     assert host["healthcheck"]["test"][2:] == ["health", *(str(cfg.devices[d].control_port) for d in devices)]
     assert host["environment"]["FEDFLY_LINGER_S"] == str(deploy.WORKER_LINGER_S)
-    # the devices load the same addresses as in their own containers: each its name, on all interfaces
-    sets = host["environment"]["FEDFLY_SET"].replace("${FEDFLY_SECURITY:-tls}", "tls")
-    c = load_config(cfg.path, env={"FEDFLY_SET": sets})
-    assert all((dev.host, dev.bind) == (d, "0.0.0.0") for d, dev in c.devices.items())
+    # every container (the one-shot mobility controller's too) loads each device's address
+    # as that container's name, on all its interfaces
+    for svc in (host, services["central"], services["mobility"]):
+        sets = svc["environment"]["FEDFLY_SET"].replace("${FEDFLY_SECURITY:-tls}", "tls")
+        c = load_config(cfg.path, env={"FEDFLY_SET": sets})
+        assert all((dev.host, dev.bind) == (deploy.HOST, "0.0.0.0") for dev in c.devices.values())
+        assert all((ep.host, ep.bind) == (e, "0.0.0.0") for e, ep in c.edges.items())
     assert "forked in one container (device-host; run.device_host)" in " ".join(text.split())
-    # the one-shot move reaches its device by that name too
-    assert services["mobility"]["command"][3] in devices
 
 
 def test_auto_hosts_compose_devices_from_the_threshold_but_never_kubernetes_pods(tmp_path, capsys):
@@ -125,22 +126,25 @@ def test_auto_hosts_compose_devices_from_the_threshold_but_never_kubernetes_pods
     assert 'run.device_host = "auto" keeps one Pod per device here' in capsys.readouterr().err
 
 
-def test_k8s_runs_the_devices_in_one_pod_and_keeps_a_service_per_device(tmp_path):
+def test_k8s_runs_the_devices_in_one_pod_with_one_service_a_port_each(tmp_path):
     cfg = _cfg(tmp_path, device_host="on")
     docs = list(yaml.safe_load_all(deploy.k8s_testbed(cfg)))
     pods = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Pod"}
     services = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Service"}
     assert set(pods) == {"central", "edge1", "edge2", deploy.HOST}
-    assert set(services) == {"central", "edge1", "edge2", *cfg.devices}
+    assert set(services) == set(pods)
     host = pods[deploy.HOST]
     assert host["metadata"]["labels"]["fedfly.io/role"] == "device"
     assert host["spec"]["nodeSelector"] == {"fedfly.io/role": "device", "kubernetes.io/arch": "arm64"}
     assert "affinity" not in host["spec"]   # one Pod: nothing to spread
     (ctr,) = host["spec"]["containers"]
     assert ctr["args"] == deploy.host_command(cfg)
-    for d, dev in cfg.devices.items():
-        assert services[d]["selector"] == {"fedfly.io/name": deploy.HOST}
-        assert services[d]["ports"] == [{"name": "fedfly", "port": dev.control_port, "targetPort": dev.control_port}]
+    assert services[deploy.HOST]["selector"] == {"fedfly.io/name": deploy.HOST}
+    assert services[deploy.HOST]["ports"] == [{"name": f"p{dev.control_port}", "port": dev.control_port,
+                                               "targetPort": dev.control_port} for _, dev in sorted(cfg.devices.items())]
+    env = {e["name"]: e["value"] for e in ctr["env"]}
+    c = load_config(cfg.path, env={"FEDFLY_SET": env["FEDFLY_SET"]})
+    assert all(dev.host == deploy.HOST for dev in c.devices.values())
     assert "affinity" in pods["edge1"]["spec"]
 
 
