@@ -59,9 +59,7 @@ PRELOAD = {"device": ("device.__main__", "device.client", "common.data", *LAZY),
            "edge": ("edge.__main__", "edge.server", *LAZY)}
 NETNS_DIR = "/run/netns"    # where ``ip netns add`` names its namespaces
 CLONE_NEWNET = 0x40000000   # <sched.h>; os.setns and os.CLONE_NEWNET come with Python 3.12
-
-
-HOSTABLE = ("device", "edge")
+HOSTABLE = ("device", "edge")   # the roles a host can fork (run.device_host, run.edge_host)
 
 
 def hosting(setting: str, count: int, option: bool | None = None) -> bool:

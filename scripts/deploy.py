@@ -82,7 +82,7 @@ def device_host(cfg: Config, target: str) -> bool:
         return False
     if HOST in cfg.edges or HOST in cfg.devices:
         raise ConfigError(f"{'edges' if HOST in cfg.edges else 'devices'}.{HOST}",
-                          f"is the name of the container of every device (run.device_host)", "rename it")
+                          "is the name of the container of every device (run.device_host)", "rename it")
     seen: dict[int, str] = {}
     for d in sorted(cfg.devices):
         port = cfg.devices[d].control_port
