@@ -8,11 +8,13 @@ Ctrl-C or SIGTERM (summary.json then says "stopped"), or as soon as one of them 
 ``--chaos``) starts it again. Prints where the results are. The supervision itself is
 ``common.supervisor``'s.
 
-``--device-host`` (``--edge-host``) forks the devices (edges) from one process that has
-imported torch once, instead of starting each anew: each is still its own process with
-its own sockets and certificate, but they share torch's pages (``common.forkhost``), which
-is what a fleet of a hundred devices on one machine needs (docs/DEPLOY.md, "A fleet on one
-machine").
+The config's ``run.device_host`` (``run.edge_host``), or ``--device-host`` /
+``--no-device-host`` (``--edge-host`` / ``--no-edge-host``), which win over it, fork the
+devices (edges) from one process that has imported torch once, instead of starting each
+anew: each is still its own process with its own sockets and certificate, but they share
+torch's pages (``common.forkhost``), which is what a fleet of a hundred devices on one
+machine needs (docs/DEPLOY.md, "A fleet on one machine"). "auto", the default, forks a
+role when the config has ``HOST_AUTO_MIN`` or more of it.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import sys
 from central import runstatus
 from central.rundir import has_checkpoint, new_run_dir
 from common import pki
-from common.config import Config, load_config
+from common.config import HOST_AUTO_MIN, Config, load_config
 from common.errors import ConfigError
-from common.forkhost import HostSpawner
+from common.forkhost import HostSpawner, hosted_roles
 from common.portcheck import busy_ports
 from common.supervisor import Child, LocalSpawner, Policy, Supervisor, stop_all
 
@@ -66,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="soak test: SIGKILL a random role about every SECONDS (implies faults.on_death=restart)")
     p.add_argument("--chaos-max", metavar="N", type=int, default=3, help="at most N chaos kills (default 3)")
     p.add_argument("--chaos-seed", metavar="S", type=int, default=0, help="seed of the chaos (which role, when)")
-    p.add_argument("--device-host", action="store_true",
-                   help="fork every device from one process that imported torch once (shared memory)")
-    p.add_argument("--edge-host", action="store_true", help="the same for the edges")
+    p.add_argument("--device-host", action=argparse.BooleanOptionalAction, default=None,
+                   help="fork every device from one process that imported torch once (shared memory), or not; "
+                        f"wins over the config's run.device_host (default \"auto\": forked from {HOST_AUTO_MIN} devices on)")
+    p.add_argument("--edge-host", action=argparse.BooleanOptionalAction, default=None,
+                   help="the same for the edges; wins over run.edge_host")
     args = p.parse_args(argv)
     if args.chaos < 0 or args.chaos_max < 0:
         print("fedfly-launch: error: --chaos and --chaos-max must be >= 0", file=sys.stderr)
@@ -119,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     policy = Policy(on_death="restart" if args.chaos else cfg.faults.on_death,
                     max_restarts=cfg.faults.max_restarts, chaos_s=args.chaos, chaos_max=args.chaos_max,
                     chaos_seed=args.chaos_seed, can_resume=lambda: has_checkpoint(run_dir))
-    hosted = [role for role, on in (("device", args.device_host), ("edge", args.edge_host)) if on]
+    hosted = hosted_roles(cfg.run, {"device": len(cfg.devices), "edge": len(cfg.edges)},
+                          {"device": args.device_host, "edge": args.edge_host})
+    for role in hosted:
+        why = f"--{role}-host" if getattr(args, f"{role}_host") else f"run.{role}_host = \"{getattr(cfg.run, f'{role}_host')}\""
+        print(f"launch: the {role}s forked from one host ({why}; --no-{role}-host starts each anew)", flush=True)
     spawner = HostSpawner(hosted) if hosted else LocalSpawner()
     sup = Supervisor(children, spawner, policy, say="launch")
     try:

@@ -32,6 +32,12 @@ DEATH_POLICIES = ("stop", "restart")
 from common.malloc import MODES as MALLOC_MODES  # training.malloc
 DISTRIBUTIONS = ("balanced", "imbalanced")
 MOBILITY_MODELS = ("schedule", "trace", "waypoint")  # common/mobility_models.py
+HOST_MODES = ("auto", "on", "off")  # run.device_host, run.edge_host (common/forkhost.py)
+# "auto" forks a role from a host where one machine runs at least this many of it: from
+# there, started processes each holding their own torch cost gigabytes (BENCHMARKS.md, "A
+# fleet on one machine"); below it they fit, and each stays a plain ``python -m device``
+# that ps and a debugger show as itself.
+HOST_AUTO_MIN = 16
 REQUIRED = object()
 # strategy.refuse_factor's default: far above the largest ratio an honest update reached in
 # the suite and the benchmarks (BENCHMARKS.md, "Hostile updates"), far below what a scaled,
@@ -78,6 +84,11 @@ SECTIONS: dict[str, dict[str, Key]] = {
                           "dropped from the round; generous, so a slow device's round is not cut"),
         "startup_timeout": (float, 300.0, _POSITIVE, "how long the processes wait for each other at start (room for "
                             "a slow host to load torch and its data); a device tries other edges after half of it"),
+        "device_host": (str, "auto", _choice(HOST_MODES), "on: the devices a machine runs are forked from one host "
+                        "process that imported torch once, sharing its pages (each still its own process, the same "
+                        f"bits); off: each started anew; auto: on where one machine runs {HOST_AUTO_MIN} or more "
+                        "(Linux only; a launcher's --device-host/--no-device-host wins; docs/DEPLOY.md)"),
+        "edge_host": (str, "auto", _choice(HOST_MODES), "the same for the edges (--edge-host/--no-edge-host)"),
     },
     # Unplanned mobility and silent peers (see docs/FAULTS.md).
     "faults": {
@@ -252,7 +263,7 @@ DROP_KEYS: dict[str, Key] = {
 # differs (the launchers: central.launch, scripts.remote, scripts.netns_testbed).
 READ_BY: dict[str, str] = {
     "run": "central, edge, device", "run.out": "central, edge, device, launcher", "run.name": "central, launcher",
-    "run.round_timeout": "central, device",
+    "run.round_timeout": "central, device", "run.device_host": "launcher", "run.edge_host": "launcher",
     "faults": "central, edge, device", "faults.device_grace_s": "central, device", "faults.reconnect": "device",
     "faults.central_grace_s": "central, edge", "faults.give_up_s": "device", "faults.checkpoint_steps": "edge, device",
     "faults.on_death": "launcher", "faults.max_restarts": "launcher", "faults.replicas_kept": "edge",

@@ -17,7 +17,8 @@ count before every fork. Each child sets its own torch threads, as ``python -m d
 The launcher talks to the host over its stdin and stdout, one JSON object a line (local
 pipes, no pickle):
 
-    launcher -> host   {"argv": [...the role's command line...], "log": PATH or null}
+    launcher -> host   {"argv": [...the role's command line...], "log": PATH or null,
+                        "netns": NAME (optional: the child joins that network namespace)}
     host -> launcher   {"pid": N} (or {"error": TEXT}) in reply, in order;
                        {"exit": N, "status": S} when child N ends (S as Popen.returncode)
 
@@ -26,6 +27,14 @@ The launcher side is ``HostSpawner``: a ``common.supervisor`` spawner whose proc
 apply to forked children exactly as to started ones. When the launcher closes the host's
 stdin (or dies), the host stops its children (SIGTERM, then SIGKILL) and exits; a child
 whose host dies is killed by the kernel (``PR_SET_PDEATHSIG``, Linux).
+
+Whether a launcher uses a host is ``hosting``'s answer: its option if given, else the
+config's ``run.device_host`` / ``run.edge_host`` ("auto": where one machine runs
+``HOST_AUTO_MIN`` or more of the role). Launchers that leave nothing on this machine to
+talk to (the ssh launcher, the containers) run a host on its own instead, ``python -m
+common.forkhost --role device --config F --name A --name B ...``: it forks each named role
+with the config and ``--set`` overrides given, says when each ends, and exits when all have
+(status 1 if any failed); SIGTERM stops them all.
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ import subprocess
 import sys
 import time
 
-from common.supervisor import KILL_AFTER_S, POLL_S, LocalSpawner, env
+from common.config import HOST_AUTO_MIN
+from common.supervisor import KILL_AFTER_S, POLL_S, LocalSpawner, env, fresh_path
 
 # What each role's host imports before forking: the entry point, what its body imports,
 # and what the first steps import lazily (numpy's random for the synthetic labels; torch
@@ -47,6 +57,28 @@ from common.supervisor import KILL_AFTER_S, POLL_S, LocalSpawner, env
 LAZY = ("numpy.random", "torch.fx.experimental.symbolic_shapes", "encodings.idna")
 PRELOAD = {"device": ("device.__main__", "device.client", "common.data", *LAZY),
            "edge": ("edge.__main__", "edge.server", *LAZY)}
+NETNS_DIR = "/run/netns"    # where ``ip netns add`` names its namespaces
+CLONE_NEWNET = 0x40000000   # <sched.h>; os.setns and os.CLONE_NEWNET come with Python 3.12
+HOSTABLE = ("device", "edge")   # the roles a host can fork (run.device_host, run.edge_host)
+
+
+def hosting(setting: str, count: int, option: bool | None = None) -> bool:
+    """Whether a machine that runs ``count`` processes of a role forks them from a host: the
+    launcher's option when given (``--device-host``, ``--no-device-host``), else the config's
+    setting (``run.device_host``: "on", "off", or "auto": ``HOST_AUTO_MIN`` or more, on Linux)."""
+    if option is not None:
+        return option
+    if setting == "auto":
+        return count >= HOST_AUTO_MIN and sys.platform.startswith("linux")
+    return setting == "on"
+
+
+def hosted_roles(run, counts: dict[str, int], options: dict[str, bool | None] | None = None) -> list[str]:
+    """The roles (of ``HOSTABLE``) a launcher forks from a host, given the config's [run]
+    section and how many of each role one machine runs."""
+    options = options or {}
+    return [role for role in HOSTABLE
+            if hosting(getattr(run, f"{role}_host"), counts.get(role, 0), options.get(role))]
 
 
 # -- the host process ---------------------------------------------------------------------
@@ -79,13 +111,17 @@ def _as_own_process(argv: list[str], host_pid: int) -> None:
         os._exit(1)
 
 
-def _child(main, argv: list[str], log: str | None, host_pid: int, reply_fd: int) -> None:
+def _child(main, argv: list[str], log: str | None, host_pid: int, reply_fd: int | None,
+           netns: str | None = None) -> None:
     """In the forked child: become the role's own process, run its main, never return."""
     status = 1
     try:
-        os.close(reply_fd)
+        if reply_fd is not None:
+            os.close(reply_fd)
         os.setsid()
         _as_own_process(argv, host_pid)
+        if netns:
+            _enter_netns(netns)
         for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -110,12 +146,27 @@ def _child(main, argv: list[str], log: str | None, host_pid: int, reply_fd: int)
         os._exit(status)
 
 
-def _fork(role: str, main, request, reply_fd: int) -> dict:
+def _enter_netns(name: str) -> None:
+    """Join the network namespace ``name`` (``ip netns add``'s), as ``ip netns exec`` does
+    for the network; needs CAP_SYS_ADMIN, as the namespace testbed has."""
+    import ctypes
+    fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _fork(role: str, main, request, reply_fd: int | None) -> dict:
     if not isinstance(request, dict):
         return {"error": "a request that is not a JSON object"}
-    argv, log = request.get("argv"), request.get("log")
+    argv, log, netns = request.get("argv"), request.get("log"), request.get("netns")
     if not (isinstance(argv, list) and argv[1:3] == ["-m", role] and all(isinstance(a, str) for a in argv)):
         return {"error": f"not a {role} command line: {argv!r}"}
+    if netns is not None and not (isinstance(netns, str) and netns and "/" not in netns and netns[0] != "."):
+        return {"error": f"not a namespace name: {netns!r}"}
     threads = _threads()
     if threads != 1:
         return {"error": f"the {role} host has {threads} threads; a forked child would lack all but one"}
@@ -124,17 +175,14 @@ def _fork(role: str, main, request, reply_fd: int) -> dict:
     host_pid = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _child(main, argv[3:], log, host_pid, reply_fd)
+        _child(main, argv[3:], log, host_pid, reply_fd, netns)
     return {"pid": pid}
 
 
-def host_main(role: str) -> int:
+def _ready(role: str):
+    """Import what the role's children will need, once; returns the role's ``main``."""
     import gc
     import importlib
-    # replies go on a copy of stdout; fd 1 itself goes to stderr, so that nothing an
-    # import prints can land in the middle of a reply
-    reply_fd = os.dup(1)
-    os.dup2(2, 1)
     for name in PRELOAD[role]:
         importlib.import_module(name)
     from common.training import warm_up
@@ -146,6 +194,15 @@ def host_main(role: str) -> int:
     # (and so copy) the pages holding them.
     gc.collect()
     gc.freeze()
+    return main
+
+
+def host_main(role: str) -> int:
+    # replies go on a copy of stdout; fd 1 itself goes to stderr, so that nothing an
+    # import prints can land in the middle of a reply
+    reply_fd = os.dup(1)
+    os.dup2(2, 1)
+    main = _ready(role)
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher stops us, after the children
@@ -185,6 +242,52 @@ def host_main(role: str) -> int:
     return 0
 
 
+def node_main(role: str, names: list[str], config: str, overrides: list[str], log_dir: str | None) -> int:
+    """A host on its own (a container's or an ssh host's devices): fork every role of
+    ``names`` and wait for them all. One that fails is said at once and the others go on
+    (one device's loss never stops the run); returns 1 if any failed, else 0."""
+    def say(text: str) -> None:
+        print(f"forkhost: {text}", file=sys.stderr, flush=True)
+
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    main = _ready(role)
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(1))
+    children: dict[int, str] = {}
+    failed = 0
+    for name in names:
+        argv = [sys.executable, "-m", role, "--config", config, "--name", name]
+        argv += [a for o in overrides for a in ("--set", o)]
+        log = fresh_path(os.path.join(log_dir, f"{name}.log")) if log_dir else None
+        reply = _fork(role, main, {"argv": argv, "log": log}, None)
+        if "error" in reply:
+            say(f"cannot fork {role} {name}: {reply['error']}; stopping")
+            stopping.append(1)
+            failed += 1
+            break
+        children[reply["pid"]] = name
+        say(f"{role} {name}: pid {reply['pid']}" + (f", log {log}" if log else ""))
+    kill_at = None
+    while children:
+        if stopping and kill_at is None:
+            for pid in children:
+                _signal(pid, signal.SIGTERM)
+            kill_at = time.monotonic() + KILL_AFTER_S
+        if kill_at is not None and time.monotonic() > kill_at:
+            for pid in children:
+                _signal(pid, signal.SIGKILL)
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            time.sleep(POLL_S)
+            continue
+        name, code = children.pop(pid, "?"), os.waitstatus_to_exitcode(status)
+        failed += code != 0
+        say(f"{role} {name} (pid {pid}) exited with status {code}")
+    return 1 if failed else 0
+
+
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -208,8 +311,9 @@ class Host:
         self.forked: dict[int, Forked] = {}
         self.gone = False
 
-    def fork(self, argv: list[str], log_path: str | None) -> "Forked":
-        self.proc.stdin.write((json.dumps({"argv": argv, "log": log_path}) + "\n").encode())
+    def fork(self, argv: list[str], log_path: str | None, netns: str | None = None) -> "Forked":
+        request = {"argv": argv, "log": log_path} | ({"netns": netns} if netns else {})
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.proc.stdin.flush()
         while not self.replies:
             if self.gone:
@@ -299,25 +403,48 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-class HostSpawner(LocalSpawner):
+class HostSpawner:
     """Forks the children of the ``roles`` given from one host per role; starts the others
-    as ``LocalSpawner`` does."""
+    with ``others`` (default: a ``LocalSpawner``). With ``namespace_of`` (the namespace
+    testbed) each forked child joins its own network namespace; the host, which opens no
+    socket, stays in ours."""
 
-    def __init__(self, roles: list[str], extra_path: str | None = None, say: str = "launch") -> None:
-        super().__init__(extra_path)
+    def __init__(self, roles: list[str], extra_path: str | None = None, say: str = "launch", *,
+                 others=None, namespace_of=None) -> None:
+        self.others = others or LocalSpawner(extra_path)
+        self.namespace_of = namespace_of
         self.hosts = {role: Host(role, extra_path, say) for role in roles}
 
     def spawn(self, child, argv: list[str], log_path: str | None):
         host = self.hosts.get(child.role)
-        return host.fork(argv, log_path) if host else super().spawn(child, argv, log_path)
+        if host is None:
+            return self.others.spawn(child, argv, log_path)
+        return host.fork(argv, log_path, self.namespace_of(child) if self.namespace_of else None)
 
     def close(self) -> None:
         for host in self.hosts.values():
             host.close()
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     import argparse
-    p = argparse.ArgumentParser(prog="fedfly-forkhost", description="forks device or edge processes for the launcher")
+    p = argparse.ArgumentParser(prog="fedfly-forkhost", description="forks device or edge processes from one import "
+                                "of torch: for a launcher (over stdin and stdout), or on its own with --config")
     p.add_argument("--role", required=True, choices=sorted(PRELOAD))
-    sys.exit(host_main(p.parse_args().role))
+    p.add_argument("--config", help="on its own: the testbed file of the roles to fork")
+    p.add_argument("--name", dest="names", action="append", default=[], help="on its own: a role to fork (repeat)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="on its own: given to every role forked")
+    p.add_argument("--log-dir", help="on its own: each role's output in LOG_DIR/NAME.log (default: ours)")
+    args = p.parse_args(argv)
+    if not args.config:
+        return host_main(args.role)
+    if not args.names:
+        p.error("--config needs at least one --name")
+    # numpy's BLAS would start a thread when the preload imports it, and the host could not fork
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    return node_main(args.role, args.names, args.config, args.overrides, args.log_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,10 @@
 #!/bin/sh
 # Entry point of every FedFly container.
 #
-#   entrypoint.sh health PORT   exit 0 if a process here listens on TCP PORT (the health
-#                               check: it reads /proc/net/tcp*, so it opens no connection and
-#                               no role logs a failed handshake for it)
+#   entrypoint.sh health PORT...  exit 0 if processes here listen on every TCP PORT given (the
+#                               health check: it reads /proc/net/tcp*, so it opens no connection
+#                               and no role logs a failed handshake for it; several ports: the
+#                               device host's container, one per device)
 #   entrypoint.sh CMD [ARG...]  run CMD. With FEDFLY_CERTS_FOR set (a testbed file), first
 #                               make the TLS certificates it names that are missing
 #                               (python -m scripts.certs; the central's container does it
@@ -17,13 +18,18 @@
 set -u
 
 if [ "${1:-}" = health ]; then
-    port=$(printf '%04X' "${2:?usage: entrypoint.sh health PORT}")
+    shift
+    [ "$#" -gt 0 ] || { echo "usage: entrypoint.sh health PORT..." >&2; exit 2; }
     tables=
     for t in /proc/net/tcp /proc/net/tcp6; do [ -r "$t" ] && tables="$tables $t"; done
-    # local_address is field 2 (ADDR:PORT in hex), st is field 4 (0A = LISTEN)
-    # shellcheck disable=SC2086
-    exec awk -v p=":$port" 'FNR > 1 && substr($2, length($2) - 4) == p && $4 == "0A" { found = 1 }
-                            END { exit !found }' $tables
+    for port in "$@"; do
+        port=$(printf '%04X' "$port") || exit 2
+        # local_address is field 2 (ADDR:PORT in hex), st is field 4 (0A = LISTEN)
+        # shellcheck disable=SC2086
+        awk -v p=":$port" 'FNR > 1 && substr($2, length($2) - 4) == p && $4 == "0A" { found = 1 }
+                           END { exit !found }' $tables || exit 1
+    done
+    exit 0
 fi
 
 [ "$#" -gt 0 ] || { echo "usage: entrypoint.sh CMD [ARG...] | entrypoint.sh health PORT" >&2; exit 2; }

@@ -116,8 +116,10 @@ def write_config(folder: Path, name: str, *, edges: int = 2, devices: int = 1, r
     if data_root:
         data["root"] = data_root
     sections: dict[str, dict[str, Any]] = {
+        # every process started, as the figures were measured, unless a benchmark asks for a
+        # host (bench_scale's fleet: --device-host)
         "run": {"mode": mode, "seed": seed, "out": str(folder / "runs"), "name": name,
-                "round_timeout": run_timeout, "startup_timeout": 300.0},
+                "round_timeout": run_timeout, "startup_timeout": 300.0, "device_host": "off", "edge_host": "off"},
         "security": {"key_file": str(key)},
         "central": {"host": LOOPBACK, "port": ports[0]},
         "model": {"name": "vgg5", "split_layer": split_layer},

@@ -4,7 +4,13 @@
     python -m scripts.deploy k8s --config F [--out DIR]       # DIR/testbed.yaml, DIR/config.yaml
 
 One container (compose service, Kubernetes Pod) per role of the file, named as the file
-names it (``central``, each edge, each device) and reached by that name: a role whose
+names it (``central``, each edge, each device) and reached by that name; with the file's
+``run.device_host`` on (compose: also "auto" from ``HOST_AUTO_MIN`` devices, as they all
+run on one machine), one container ``device-host`` runs every device instead, forked from
+one import of torch (``python -m common.forkhost``), each device reached at that
+container's name on its own port (``devices.NAME.host`` set so in every container).
+``run.edge_host`` is not used here: each edge keeps its container, as each is a machine of
+its own in a lab. A role whose
 ``host`` in the file is not its name, or whose ``bind`` is not ``0.0.0.0``, gets the
 right ones by ``FEDFLY_SET`` in every container, and so do ``run.out`` (the results
 volume) and ``security.key_file`` (the secret), so that the same file that runs on
@@ -28,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import run_main
-from common.config import Config
+from common.config import HOST_AUTO_MIN, Config
 from common.errors import ConfigError
+from common.forkhost import hosting
 from scripts import yamltext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +49,7 @@ NODE_RESULTS = "/var/lib/fedfly/results"   # each Kubernetes node's results fold
 IMAGE_UID = 1000                            # the Dockerfile's user
 LISTEN_ALL = "0.0.0.0"
 WORKER_LINGER_S = 60   # compose: edges and devices outlive the central (docker/entrypoint.sh)
+HOST = "device-host"   # the container of every device when run.device_host is on
 # A container's, a Service's and a Pod's name: a DNS label (RFC 1123)
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _TLS = f'security.mode="${{FEDFLY_SECURITY:-tls}}" security.certs="{CERTS_IN_CONTAINER}"'
@@ -65,9 +73,37 @@ def roles(cfg: Config) -> list[tuple[str, str, int, list[str]]]:
     return out
 
 
-def overrides(cfg: Config) -> list[str]:
+def device_host(cfg: Config, target: str) -> bool:
+    """Whether ``target``'s devices share one container: ``run.device_host`` "on"; "auto"
+    too for compose from ``HOST_AUTO_MIN`` devices (one machine runs them all), never for
+    Kubernetes (the Pods of one-device-per-Pi placement may be on as many nodes)."""
+    setting = cfg.run.device_host if target == "compose" or cfg.run.device_host != "auto" else "off"
+    if not hosting(setting, len(cfg.devices)):
+        return False
+    if HOST in cfg.edges or HOST in cfg.devices:
+        raise ConfigError(f"{'edges' if HOST in cfg.edges else 'devices'}.{HOST}",
+                          "is the name of the container of every device (run.device_host)", "rename it")
+    seen: dict[int, str] = {}
+    for d in sorted(cfg.devices):
+        port = cfg.devices[d].control_port
+        if port in seen:
+            raise ConfigError(f"devices.{d}.control_port", f"{port} is also {seen[port]}'s, and with run.device_host "
+                              "every device listens in one container", "give every device its own control_port, or "
+                              "set run.device_host = \"off\"")
+        seen[port] = d
+    return True
+
+
+def host_command(cfg: Config) -> list[str]:
+    """The device host's command: every device of the file, forked from one process."""
+    return ["python", "-m", "common.forkhost", "--role", "device", "--config", CONFIG_IN_CONTAINER,
+            *(a for d in sorted(cfg.devices) for a in ("--name", d))]
+
+
+def overrides(cfg: Config, hosted: bool = False) -> list[str]:
     """The ``FEDFLY_SET`` settings that make the file's addresses, results folder and key
-    the containers' ones; none for a file written for containers (configs/docker.toml)."""
+    the containers' ones; none for a file written for containers (configs/docker.toml).
+    ``hosted``: every device is in the container ``HOST``, and reached there."""
     sets = []
     if (cfg.central.host, cfg.central.bind) != ("central", LISTEN_ALL):
         sets += ['central.host="central"', f'central.bind="{LISTEN_ALL}"']
@@ -75,8 +111,9 @@ def overrides(cfg: Config) -> list[str]:
         if (cfg.edges[e].host, cfg.edges[e].bind) != (e, LISTEN_ALL):
             sets += [f'edges.{e}.host="{e}"', f'edges.{e}.bind="{LISTEN_ALL}"']
     for d in sorted(cfg.devices):
-        if (cfg.devices[d].host, cfg.devices[d].bind) != (d, LISTEN_ALL):
-            sets += [f'devices.{d}.host="{d}"', f'devices.{d}.bind="{LISTEN_ALL}"']
+        at = HOST if hosted else d
+        if (cfg.devices[d].host, cfg.devices[d].bind) != (at, LISTEN_ALL):
+            sets += [f'devices.{d}.host="{at}"', f'devices.{d}.bind="{LISTEN_ALL}"']
     if cfg.run.out != RESULTS_IN_CONTAINER:
         sets.append(f'run.out="{RESULTS_IN_CONTAINER}"')
     if cfg.security.key_file != KEY_IN_CONTAINER or cfg.security.key_env:
@@ -105,8 +142,9 @@ def scenario(cfg: Config) -> tuple[str, str, int] | None:
 def compose(cfg: Config, *, config_ref: str, root_ref: str) -> str:
     """The compose file's text. ``config_ref`` is the testbed file and ``root_ref`` the
     repository, as paths from the folder the compose file will be in."""
+    hosted = device_host(cfg, "compose")
     # written once, then by alias: with a localhost file it names every role's address
-    sets = yamltext.Anchor("fedfly_set", " ".join([_TLS, *(shlex.quote(s) for s in overrides(cfg))]))
+    sets = yamltext.Anchor("fedfly_set", " ".join([_TLS, *(shlex.quote(s) for s in overrides(cfg, hosted))]))
     config_mount = f"${{FEDFLY_CONFIG:-{config_ref}}}:{CONFIG_IN_CONTAINER}:ro"
     out = cfg.run.out if cfg.run.out == RESULTS_IN_CONTAINER else RESULTS_IN_CONTAINER
 
@@ -125,17 +163,28 @@ def compose(cfg: Config, *, config_ref: str, root_ref: str) -> str:
             "environment": {"FEDFLY_LINGER_S": "0" if central else str(WORKER_LINGER_S), "FEDFLY_SET": sets},
         }
 
+    def healthcheck(*ports: int) -> dict[str, Any]:
+        return {"test": ["CMD", "/app/docker/entrypoint.sh", "health", *map(str, ports)],
+                "interval": "2s", "timeout": "5s", "retries": 60, "start_period": "120s"}
+
     services: dict[str, Any] = {}
     for name, role, port, command in roles(cfg):
+        if hosted and role == "device":
+            continue
         svc = service(name, command, central=role == "central")
         if role == "central":
             svc["environment"]["FEDFLY_CERTS_FOR"] = CONFIG_IN_CONTAINER
         else:
             upstream = "central" if role == "edge" else cfg.devices[name].edge
             svc["depends_on"] = {upstream: {"condition": "service_healthy"}}
-        svc["healthcheck"] = {"test": ["CMD", "/app/docker/entrypoint.sh", "health", str(port)],
-                              "interval": "2s", "timeout": "5s", "retries": 60, "start_period": "120s"}
+        svc["healthcheck"] = healthcheck(port)
         services[name] = svc
+    if hosted:   # every device in one container, reached at its name (not by aliases: podman-compose 1.0 has none)
+        devices = sorted(cfg.devices)
+        svc = service(HOST, host_command(cfg))
+        svc["depends_on"] = {e: {"condition": "service_healthy"} for e in sorted({cfg.devices[d].edge for d in devices})}
+        svc["healthcheck"] = healthcheck(*(cfg.devices[d].control_port for d in devices))
+        services[HOST] = svc
     move = scenario(cfg)
     if move is not None:
         device, to, rnd = move
@@ -150,13 +199,15 @@ def compose(cfg: Config, *, config_ref: str, root_ref: str) -> str:
         "volumes": {"results": {}, "certs": {}},
         "secrets": {"fedfly_key": {"file": f"${{FEDFLY_KEY_FILE:-{root_ref}/configs/demo-INSECURE.key}}"}},
     }
-    return yamltext.dump(doc, _compose_header(cfg, move))
+    return yamltext.dump(doc, _compose_header(cfg, move, hosted))
 
 
-def _compose_header(cfg: Config, move: tuple[str, str, int] | None) -> str:
+def _compose_header(cfg: Config, move: tuple[str, str, int] | None, hosted: bool) -> str:
+    each = (f"one container each but the devices,\nforked in one container ({HOST}; run.device_host), "
+            if hosted else "one container each, ")
     text = f"""\
 Made by `python -m scripts.deploy compose --config {_shown(cfg.path)}`: do not edit, make it again.
-FedFly in compose: 1 central, {len(cfg.edges)} edges, {len(cfg.devices)} devices, one container each, on the
+FedFly in compose: 1 central, {len(cfg.edges)} edges, {len(cfg.devices)} devices, {each}on the
 network "testbed", each reached by its name. A whole experiment, from this file's folder:
 
   docker compose -f FILE up --build --exit-code-from central
@@ -190,20 +241,29 @@ def k8s_testbed(cfg: Config) -> str:
     ``fedfly.io/role=central|edge|device`` (devices on arm64 nodes: the Pis), one edge and
     one device per node; each is reached by its name, the name of its Service (and of its
     Pod, which `podman kube play` resolves)."""
-    sets = " ".join(shlex.quote(s) for s in overrides(cfg))
+    hosted = device_host(cfg, "k8s")
+    sets = " ".join(shlex.quote(s) for s in overrides(cfg, hosted))
     out = cfg.run.out if cfg.run.out == RESULTS_IN_CONTAINER else RESULTS_IN_CONTAINER
+    # (Pod and Service, role, ports, command): every role's own, or with run.device_host one
+    # of every device, a port each (the devices' host is then that Pod's name)
+    units = [(n, r, [p], c) for n, r, p, c in roles(cfg) if not (hosted and r == "device")]
+    if hosted:
+        units.append((HOST, "device", [cfg.devices[d].control_port for d in sorted(cfg.devices)], host_command(cfg)))
     services, pods = [], []
-    for name, role, port, command in roles(cfg):
+    for name, role, ports, command in units:
         why = {"central": "the edges join the central here",
                "edge": "devices attach and edges hand sessions over here",
-               "device": "the mobility controller's way to the device"}[role]
+               "device": "the mobility controller's way to the device" + ("s" if name == HOST else "")}[role]
         services.append({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "fedfly"},
                          "annotations": {"fedfly.io/why": why}},
             "spec": {"selector": {"fedfly.io/name": name},
-                     "ports": [{"name": "fedfly", "port": port, "targetPort": port}]},
+                     # several ports must be named apart (a DNS label of at most 15 characters)
+                     "ports": [{"name": f"p{port}" if name == HOST else "fedfly", "port": port, "targetPort": port}
+                               for port in ports]},
         })
+    for name, role, _, command in units:
         selector = {"fedfly.io/role": role}
         if role == "device":
             selector["kubernetes.io/arch"] = "arm64"
@@ -212,7 +272,7 @@ def k8s_testbed(cfg: Config) -> str:
             env.append({"name": "FEDFLY_SET", "value": sets})
         spec: dict[str, Any] = {"restartPolicy": "Never", "automountServiceAccountToken": False,
                                 "nodeSelector": selector}
-        if role != "central":   # one edge per host, one device per host, as in the lab
+        if role != "central" and name != HOST:   # one edge per host, one device per host, as in the lab
             spec["affinity"] = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
                 {"labelSelector": {"matchLabels": {"fedfly.io/role": role}},
                  "topologyKey": "kubernetes.io/hostname"}]}}
@@ -241,10 +301,11 @@ def k8s_testbed(cfg: Config) -> str:
                      "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "fedfly",
                                                            "fedfly.io/role": role, "fedfly.io/name": name}},
                      "spec": spec})
+    each = f"one Pod each but the devices, forked in one Pod\n({HOST}; run.device_host)," if hosted else "one Pod each,"
     return yamltext.dump_all(services + pods, f"""\
 Made by `python -m scripts.deploy k8s --config {_shown(cfg.path)}`: do not edit, make it again.
 FedFly on Kubernetes (k3s on the lab's Pis and edge hosts): 1 central, {len(cfg.edges)} edges and
-{len(cfg.devices)} devices, one Pod each, with the testbed file from the ConfigMap fedfly-testbed
+{len(cfg.devices)} devices, {each} with the testbed file from the ConfigMap fedfly-testbed
 (config.yaml) and the key from the Secret fedfly-key. Label the nodes:
   kubectl label node <edge host> fedfly.io/role=edge      (x86_64 or arm64)
   kubectl label node <pi>        fedfly.io/role=device    (arm64: Raspberry Pi 4/5, 64-bit OS)
@@ -279,7 +340,21 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(argv, ap, _body)
 
 
+def _notes(cfg: Config, target: str) -> list[str]:
+    """What the file's host keys do not do here, said rather than silently ignored."""
+    notes = []
+    if cfg.run.edge_host == "on":
+        notes.append("run.edge_host = \"on\" is for the launchers of one machine: each edge keeps its own container "
+                     "here, a machine of its own in a lab (docs/DEPLOY.md)")
+    if target == "k8s" and cfg.run.device_host == "auto" and len(cfg.devices) >= HOST_AUTO_MIN:
+        notes.append(f"run.device_host = \"auto\" keeps one Pod per device here (their nodes are not known); "
+                     f"\"on\" runs the {len(cfg.devices)} devices in one Pod, {HOST} (docs/DEPLOY.md)")
+    return notes
+
+
 def _body(args: argparse.Namespace, cfg: Config) -> int:
+    for note in _notes(cfg, args.target):
+        print(f"deploy: note: {note}", file=sys.stderr)
     if args.target == "compose":
         base = Path(args.out).parent if args.out else Path.cwd()
         text = compose(cfg, config_ref=_rel(Path(cfg.path), base), root_ref=_rel(ROOT, base))

@@ -38,6 +38,11 @@ that edge has a ``link_mbit`` and the device none of its own (the new cell's rad
 re-wire, with the bridge the kernel reports before and after and the rates, is recorded in
 ``<run dir>/netns.json``. Moves of a time-based mobility model (trace ``time_s`` rows,
 waypoint) are not played here: the driver plays round-based moves only.
+
+With the config's ``run.device_host`` (``run.edge_host``) on, or ``--device-host``
+(``--edge-host``), the devices (edges) are forked from one host process, as ``central.launch``
+forks them: the host stays in the root namespace and opens no socket; each forked role
+joins its own host's namespace (``setns``) before it runs, so the network is the same.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from common.config import Config, load_config
 from common.errors import ConfigError
 from common import pki
 from common.security import CONTROLLER
+from common.forkhost import HOSTABLE, HostSpawner, hosted_roles
 from common.supervisor import Child, NetnsSpawner, Policy, Supervisor, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -374,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     children: list[Child] = []
+    spawner = None
     status = 1
     print(f"netns: prefix {p.prefix}; {len(p.hosts)} hosts, run {run_dir}", flush=True)
     try:
@@ -397,7 +404,14 @@ def run(args: argparse.Namespace) -> int:
             driver += [a for o in overrides_all for a in ("--set", o)]
             children.append(Child("netns-driver", "driver", lambda resume, _d=driver: _d, logs, restartable=False))
         ns_of = {h.name: h.ns for h in p.hosts.values()} | {"netns-driver": p.hosts["central"].ns}
-        sup = Supervisor(children, NetnsSpawner(lambda c: ns_of[c.name], extra_path=str(ROOT)),
+        spawner = NetnsSpawner(lambda c: ns_of[c.name], extra_path=str(ROOT))
+        hosted = hosted_roles(cfg.run, {"device": len(cfg.devices), "edge": len(cfg.edges)},
+                              {role: getattr(args, f"{role}_host", None) for role in HOSTABLE})
+        if hosted:   # one host each, in our namespace; each child joins its own (common/forkhost.py)
+            spawner = HostSpawner(hosted, str(ROOT), "netns", others=spawner, namespace_of=lambda c: ns_of[c.name])
+            print(f"netns: the {' and '.join(r + 's' for r in hosted)} forked from a host, each in its namespace "
+                  f"(run.device_host, run.edge_host)", flush=True)
+        sup = Supervisor(children, spawner,
                          Policy(on_death=cfg.faults.on_death, max_restarts=cfg.faults.max_restarts,
                                 can_resume=lambda: has_checkpoint(str(run_dir))), say="netns")
         sup.start_all()
@@ -413,6 +427,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave half a network
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_all(children)
+        if isinstance(spawner, HostSpawner):
+            spawner.close()
         state["stray_pids_killed"] = teardown(p.namespaces)
         if record.exists():
             state["rewires"] = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
@@ -434,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="one more move (re-wire, then move); repeatable")
     pr.add_argument("--prefix", default="", help="namespace name prefix (default: ff + 6 random hex digits)")
     pr.add_argument("--prefix-len", type=int, default=24, help="subnet prefix length of the addresses (default 24)")
+    for role in HOSTABLE:
+        pr.add_argument(f"--{role}-host", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"fork the {role}s from one host process, each joining its namespace, or not; wins "
+                             f"over the config's run.{role}_host")
     pd.add_argument("--state", required=True)
     pd.add_argument("--record", required=True)
     sub.add_parser("check", help="can this machine build a namespace testbed?")

@@ -25,6 +25,14 @@ into ``<run.out>/<run>/`` here; ``down`` stops every recorded process by its PID
 then SIGKILL), after checking that the PID still runs this run's command. ``run`` does it
 all, and always ends with ``down``. Exit status 0: done (for ``run``/``wait``: the run
 finished); 1: a host or process failed; 2: a bad config.
+
+A machine that runs several devices (edges) of the file runs them from one host process
+when the file's ``run.device_host`` (``run.edge_host``) says so ("auto": from
+``HOST_AUTO_MIN`` on that machine; ``--device-host`` / ``--no-device-host`` win): ``python
+-m common.forkhost --role device --config ... --name A --name B ...``, which imports torch
+once and forks each device (common/forkhost.py). The state then records the host, as
+``device-host@<machine>``, with the devices it runs; each device still logs to
+``logs/<name>.log``; ``status`` and ``down`` see and stop the host, which stops its devices.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from pathlib import Path
 from common import pki
 from common.config import ENV_OVERRIDES, Config, load_config
 from common.errors import ConfigError
+from common.forkhost import HOSTABLE, hosting
 from common.security import CENTRAL, Identity, tls_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +121,14 @@ class Proc:
     role: str      # central | edge | device
     target: str    # ssh destination, [user@]host
     pid: int = 0
+    names: list[str] = field(default_factory=list)   # a fork host's: the roles it runs
+
+    @property
+    def identities(self) -> list[Identity]:
+        """Whose keys this process needs: its own, or each of a host's roles'."""
+        if self.role == "central":
+            return [CENTRAL]
+        return [Identity(self.role, n) for n in (self.names or [self.name])]
 
 
 @dataclass
@@ -157,11 +174,25 @@ class State:
 
 # -- up -----------------------------------------------------------------------------------
 
-def plan(cfg: Config, ssh: Ssh) -> list[Proc]:
-    """Every role and the ssh destination it runs on, central first."""
+def plan(cfg: Config, ssh: Ssh, options: dict[str, bool | None] | None = None) -> list[Proc]:
+    """Every process and the ssh destination it runs on, central first: each role's, but
+    where a machine forks its edges or devices from a host (``run.edge_host``,
+    ``run.device_host``; ``options`` win), that host's, running them all."""
+    options = options or {}
     procs = [Proc("central", "central", ssh.dest(cfg.central.ssh or cfg.central.host))]
     procs += [Proc(e, "edge", ssh.dest(cfg.edges[e].ssh or cfg.edges[e].host)) for e in sorted(cfg.edges)]
     procs += [Proc(d, "device", ssh.dest(cfg.devices[d].ssh or cfg.devices[d].host)) for d in cfg.device_names]
+    for role in HOSTABLE:
+        by_target: dict[str, list[Proc]] = {}
+        for p in procs:
+            if p.role == role:
+                by_target.setdefault(p.target, []).append(p)
+        for target, mine in by_target.items():
+            if hosting(getattr(cfg.run, f"{role}_host"), len(mine), options.get(role)):
+                host = Proc(f"{role}-host@{target.split('@')[-1]}", role, target, names=[p.name for p in mine])
+                at = procs.index(mine[0])
+                procs = [p for p in procs if p not in mine]
+                procs.insert(at, host)
     return procs
 
 
@@ -208,8 +239,12 @@ def role_command(state: State, proc: Proc, overrides: list[str], python: str) ->
     sets = list(overrides) + [f'run.name="{state.run_name}"', f'run.out="{rd}/results"',
                               'security.key_file="testbed.key"', 'security.key_env=""', 'security.certs="certs"',
                               f'security.mode="{state.security_mode}"']
-    argv = [python, "-m", proc.role, "--config", f"{rd}/testbed.toml"]
-    argv += ["--name", proc.name] if proc.role != "central" else []
+    if proc.names:   # a fork host: each of its roles logs beside the others' (logs/NAME.log)
+        argv = [python, "-m", "common.forkhost", "--role", proc.role, "--config", f"{rd}/testbed.toml",
+                *(a for n in proc.names for a in ("--name", n)), "--log-dir", f"{rd}/logs"]
+    else:
+        argv = [python, "-m", proc.role, "--config", f"{rd}/testbed.toml"]
+        argv += ["--name", proc.name] if proc.role != "central" else []
     argv += [a for s in sets for a in ("--set", s)]
     q = shlex.quote
     # "cd || exit" and not "cd &&": "a && b &" would put a subshell, not the role, in the background
@@ -218,7 +253,7 @@ def role_command(state: State, proc: Proc, overrides: list[str], python: str) ->
             f"> {q(f'{rd}/logs/{proc.name}.log')} 2>&1 < /dev/null & echo $!")
 
 
-def up(cfg: Config, overrides: list[str], *, sync_code: bool) -> State:
+def up(cfg: Config, overrides: list[str], *, sync_code: bool, options: dict[str, bool | None] | None = None) -> State:
     r = cfg.remote
     identity = r.identity
     if identity:
@@ -229,9 +264,9 @@ def up(cfg: Config, overrides: list[str], *, sync_code: bool) -> State:
     state = State(run_name=run_name, run_dir=str(Path(cfg.run.out) / run_name), workdir=r.workdir,
                   ssh=Ssh(user=r.user, port=r.ssh_port, identity=identity, options=r.ssh_options),
                   security_mode=cfg.security_mode)
-    procs = plan(cfg, state.ssh)
+    procs = plan(cfg, state.ssh, options)
     for target in dict.fromkeys(p.target for p in procs):
-        who = [CENTRAL if p.role == "central" else Identity(p.role, p.name) for p in procs if p.target == target]
+        who = [ident for p in procs if p.target == target for ident in p.identities]
         data = bundle(cfg, state.remote_dir, code=sync_code, who=who)
         mk = f"mkdir -p {shlex.quote(state.workdir)} && " if state.workdir else ""
         cd = f"cd {shlex.quote(state.workdir)} && " if state.workdir else ""
@@ -247,7 +282,8 @@ def up(cfg: Config, overrides: list[str], *, sync_code: bool) -> State:
                 raise RemoteError(f"{p.name} on {p.target}: no PID from the start command: {out!r}") from None
             state.procs.append(p)
             state.save()
-            print(f"remote: {p.role} {p.name} on {p.target}: pid {p.pid}", flush=True)
+            runs = f" (forks {', '.join(p.names)})" if p.names else ""
+            print(f"remote: {p.role} {p.name} on {p.target}: pid {p.pid}{runs}", flush=True)
     except (RemoteError, KeyboardInterrupt):
         down(state)  # whatever did start must not stay behind
         raise
@@ -345,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--config", required=True)
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
         q.add_argument("--sync-code", action="store_true", help="copy the code into workdir on every host")
+        for role in HOSTABLE:
+            q.add_argument(f"--{role}-host", action=argparse.BooleanOptionalAction, default=None,
+                           help=f"fork the {role}s of each machine from one host process, or not; wins over the "
+                                f"config's run.{role}_host")
         if name == "run":
             q.add_argument("--timeout", type=float, default=None, help="seconds to wait for the central")
     for name in ("status", "wait", "collect", "down"):
@@ -363,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as exc:
                 print(f"remote: error: {exc}", file=sys.stderr)
                 return 2
-            state = up(cfg, overrides, sync_code=args.sync_code)
+            state = up(cfg, overrides, sync_code=args.sync_code,
+                       options={role: getattr(args, f"{role}_host") for role in HOSTABLE})
             if args.cmd == "up":
                 return 0
             try:

@@ -1,6 +1,7 @@
-"""``central.launch --device-host``: every device forked from one host process that imported
-torch once (common/forkhost.py) is still a device of its own, trains the same bits, and
-its death is seen and reported as a started device's (and it is forked again)."""
+"""``run.device_host = "on"`` (or ``central.launch --device-host``): every device forked from
+one host process that imported torch once (common/forkhost.py) is still a device of its own,
+trains the same bits, and its death is seen and reported as a started device's (and it is
+forked again)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ pytestmark = [pytest.mark.process]
 
 
 def _hosted(cfg, until) -> tuple[subprocess.Popen, psutil.Process | None, dict[int, tuple[str, set[int]]]]:
-    """Start the launcher with --device-host; until ``until(forked)`` is true (or the launcher
-    ends), note each forked child: pid -> (its process name, the ports it listens on)."""
-    launcher = subprocess.Popen([sys.executable, "-m", "central.launch", "--config", str(cfg), "--device-host"],
+    """Start the launcher (no option: the config's key decides); until ``until(forked)`` is true
+    (or the launcher ends), note each forked child: pid -> (its process name, the ports it
+    listens on)."""
+    launcher = subprocess.Popen([sys.executable, "-m", "central.launch", "--config", str(cfg)],
                                 cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     host, forked = None, {}
     deadline = time.monotonic() + 60
@@ -41,16 +43,17 @@ def _hosted(cfg, until) -> tuple[subprocess.Popen, psutil.Process | None, dict[i
 
 
 def test_forked_devices_are_processes_of_their_own_train_the_same_bits_and_their_death_is_seen(tmp_path):
-    """One round, a device moving between the edges, faults.on_death = "restart": each
-    device is a child of the host with its own PID, name and control port; device2,
-    killed before the first round, is reported dead (PID and status) and forked again;
-    the final model is the in-process reference's, which is the same run's without the
-    host (tests/test_exactness.py)."""
+    """One round, a device moving between the edges, faults.on_death = "restart", and the
+    host asked for by the config alone (run.device_host; the option is the same switch,
+    tests/test_device_host.py): each device is a child of the host with its own PID, name
+    and control port; device2, killed before the first round, is reported dead (PID and
+    status) and forked again; the final model is the in-process reference's, which is the
+    same run's without the host (tests/test_exactness.py)."""
     from tests.test_exactness import reference_sha
     cfg_path = write_config(tmp_path, edges=2, devices=4, rounds=1, samples_per_device=16, batch_size=4,
                             moves=[{"device": "device1", "to": "edge2", "round": 1, "at": 0.5}],
                             extra={"data": {"image_size": 8, "test_samples": 50},
-                                   "faults": {"on_death": "restart"}})
+                                   "faults": {"on_death": "restart"}, "run": {"device_host": "on"}})
     cfg = load_config(str(cfg_path))
     launcher, host, forked = _hosted(cfg_path, lambda f: len(f) == 4)
     try:
@@ -60,6 +63,7 @@ def test_forked_devices_are_processes_of_their_own_train_the_same_bits_and_their
     finally:
         kill_tree(launcher)
     assert launcher.returncode == 0, out
+    assert 'launch: the devices forked from one host (run.device_host = "on"' in out
     assert f"device device2 (pid {victim}) died with status -9" in out
     assert "started device device2 again" in out
     assert host is not None and host.pid not in forked
