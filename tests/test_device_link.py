@@ -34,36 +34,43 @@ def link(cfg) -> EdgeLink:
     return EdgeLink(cfg=cfg, name="device1", creds=security.SharedKey(KEY), events=EventLog(process="device1", role="device"), pos=pos)
 
 
+def order(lk: EdgeLink, lost_at: float, silent: bool, failed: dict[str, float]) -> list[str]:
+    """The edges the link's way back after a loss at ``lost_at`` tries now, in order."""
+    route = lk.roam.route_back(lost_at, silent)
+    route.failed.update(failed)
+    return route.edges()
+
+
 def test_same_tries_the_lost_edge_first_then_every_other_in_turn():
     lk = link(config("same", dead=1.0))
     now = time.monotonic()
-    assert lk._candidates(now, False, {}) == ["edge2"]
-    assert lk._candidates(now - 1.5, False, {}) == ["edge2", "edge3", "edge1"]  # after the deadline: any edge
+    assert order(lk, now, False, {}) == ["edge2"]
+    assert order(lk, now - 1.5, False, {}) == ["edge2", "edge3", "edge1"]  # after the deadline: any edge
 
 
 def test_an_edge_that_went_silent_is_tried_last_and_so_is_one_that_just_failed():
     lk = link(config("same", dead=1.0))
     now = time.monotonic()
-    assert lk._candidates(now, True, {}) == ["edge3", "edge1", "edge2"]
-    assert lk._candidates(now, True, {"edge3": now}) == ["edge1", "edge2", "edge3"]
-    assert lk._candidates(now, True, {"edge3": now - 2.0}) == ["edge3", "edge1", "edge2"]  # long ago: forgiven
+    assert order(lk, now, True, {}) == ["edge3", "edge1", "edge2"]
+    assert order(lk, now, True, {"edge3": now}) == ["edge1", "edge2", "edge3"]
+    assert order(lk, now, True, {"edge3": now - 2.0}) == ["edge3", "edge1", "edge2"]  # long ago: forgiven
 
 
 def test_the_controller_decides_where_and_same_is_the_fallback():
     lk = link(config("controller", grace=5.0))
     now = time.monotonic()
-    assert lk._candidates(now, False, {}) == []  # wait for the controller's word
+    assert order(lk, now, False, {}) == []  # wait for the controller's word
     lk.pos.pending = "edge3"                 # a move command while reconnecting
-    assert lk._candidates(now, False, {})[0] == "edge3"
+    assert order(lk, now, False, {})[0] == "edge3"
     lk.pos.pending = None
     # no word within half the grace (the central's patience): back where it was
-    assert lk._candidates(now - 3.0, False, {})[0] == "edge2"
+    assert order(lk, now - 3.0, False, {})[0] == "edge2"
 
 
 def test_a_drop_naming_an_edge_overrides_the_policy():
     lk = link(config("same"))
     lk.cut(0.0, "edge1")
-    assert lk._candidates(time.monotonic(), False, {})[0] == "edge1"
+    assert order(lk, time.monotonic(), False, {})[0] == "edge1"
 
 
 def test_the_order_is_a_function_of_where_and_when_the_link_was_lost_alone():
@@ -161,8 +168,8 @@ def test_an_announce_goes_on_a_live_link_only_and_never_to_the_edge_it_is_on():
     lk.announce("edge2", 1, 2)                    # it is on edge2 already
     lk._link.silent = True                         # a radio loss under way would swallow it
     lk.announce("edge3", 1, 2)
-    assert sent == [] and lk._announced is None
+    assert sent == [] and lk.roam._announced is None
     lk._link.silent = False
     lk.announce("edge3", 1, 2)
     assert [(x.to, x.round, x.step) for x in sent] == [("edge3", 1, 2)]
-    assert lk._announced == (lk._link, "edge3", 1, 2)
+    assert lk.roam._announced == (lk._link, "edge3", 1, 2)
