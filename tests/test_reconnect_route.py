@@ -10,7 +10,7 @@ import time
 import pytest
 
 from device.reconnect import Cut, Route, first_route
-from tests.test_device_link import config, link, order
+from tests.test_device_link import back_order, config, link
 
 
 def test_a_route_tries_each_edge_of_a_pass_in_turn_and_remembers_what_failed():
@@ -53,7 +53,7 @@ def test_a_cut_is_one_value_and_a_reattach_spends_only_the_edge_of_the_cut_it_se
         served.to = ""  # type: ignore[misc]
     lk.cut(0.0, "edge3")
     lk.cut_served(served.gen)              # an older cut: the newer one still names its edge
-    assert lk.radio.to == "edge3" and order(lk, time.monotonic(), False, {})[0] == "edge3"
+    assert lk.radio.to == "edge3" and back_order(lk, time.monotonic(), False, {})[0] == "edge3"
     lk.cut_served(lk.radio.gen)
-    assert lk.radio.to == "" and lk.radio.by == "controller" and order(lk, time.monotonic(), False, {}) == ["edge2"]
+    assert lk.radio.to == "" and lk.radio.by == "controller" and back_order(lk, time.monotonic(), False, {}) == ["edge2"]
     assert Cut().gen == 0 and Cut().until == 0.0  # before any cut: nothing to wait for
