@@ -4,66 +4,65 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
-
-import pytest
 
 from common import transport
 from common import security
-from common.config import Drop, Move, build_config
+from common.config import Drop, Move
 from common.events import EventLog
 from device import reconnect
 from device.control import Position
 from device.link import EdgeLink
 from device.moves import CommandedMoves, MoveSources, ScheduledDrops, ScheduledMoves
-
-KEY = bytes(range(32))
+from tests.seams import KEY, device_config, device_link
 
 
 def config(policy="same", ports=(2, 3, 4), dead=1.0, grace=5.0):
-    raw = {"central": {"host": "127.0.0.1", "port": 1},
-           "edges": {f"edge{i + 1}": {"host": "127.0.0.1", "port": p} for i, p in enumerate(ports)},
-           "devices": {"device1": {"edge": "edge2", "host": "127.0.0.1", "control_port": 9}},
-           "faults": {"reconnect": policy, "heartbeat_s": 0.1, "dead_after_s": dead, "device_grace_s": grace}}
-    return build_config(raw)
+    return device_config(ports, faults={"reconnect": policy, "heartbeat_s": 0.1, "dead_after_s": dead,
+                                        "device_grace_s": grace})
 
 
 def link(cfg) -> EdgeLink:
-    pos = Position(edge="edge2")
-    return EdgeLink(cfg=cfg, name="device1", creds=security.SharedKey(KEY), events=EventLog(process="device1", role="device"), pos=pos)
+    return device_link(cfg, EventLog(process="device1", role="device"))
+
+
+def back_order(lk: EdgeLink, lost_at: float, silent: bool, failed: dict[str, float]) -> list[str]:
+    """The edges the link's way back after a loss at ``lost_at`` tries now, in order."""
+    route = lk.roam.route_back(lost_at, silent)
+    route.failed.update(failed)
+    return route.edges()
 
 
 def test_same_tries_the_lost_edge_first_then_every_other_in_turn():
     lk = link(config("same", dead=1.0))
     now = time.monotonic()
-    assert lk._candidates(now, False, {}) == ["edge2"]
-    assert lk._candidates(now - 1.5, False, {}) == ["edge2", "edge3", "edge1"]  # after the deadline: any edge
+    assert back_order(lk, now, False, {}) == ["edge2"]
+    assert back_order(lk, now - 1.5, False, {}) == ["edge2", "edge3", "edge1"]  # after the deadline: any edge
 
 
 def test_an_edge_that_went_silent_is_tried_last_and_so_is_one_that_just_failed():
     lk = link(config("same", dead=1.0))
     now = time.monotonic()
-    assert lk._candidates(now, True, {}) == ["edge3", "edge1", "edge2"]
-    assert lk._candidates(now, True, {"edge3": now}) == ["edge1", "edge2", "edge3"]
-    assert lk._candidates(now, True, {"edge3": now - 2.0}) == ["edge3", "edge1", "edge2"]  # long ago: forgiven
+    assert back_order(lk, now, True, {}) == ["edge3", "edge1", "edge2"]
+    assert back_order(lk, now, True, {"edge3": now}) == ["edge1", "edge2", "edge3"]
+    assert back_order(lk, now, True, {"edge3": now - 2.0}) == ["edge3", "edge1", "edge2"]  # long ago: forgiven
 
 
 def test_the_controller_decides_where_and_same_is_the_fallback():
     lk = link(config("controller", grace=5.0))
     now = time.monotonic()
-    assert lk._candidates(now, False, {}) == []  # wait for the controller's word
+    assert back_order(lk, now, False, {}) == []  # wait for the controller's word
     lk.pos.pending = "edge3"                 # a move command while reconnecting
-    assert lk._candidates(now, False, {})[0] == "edge3"
+    assert back_order(lk, now, False, {})[0] == "edge3"
     lk.pos.pending = None
     # no word within half the grace (the central's patience): back where it was
-    assert lk._candidates(now - 3.0, False, {})[0] == "edge2"
+    assert back_order(lk, now - 3.0, False, {})[0] == "edge2"
 
 
 def test_a_drop_naming_an_edge_overrides_the_policy():
     lk = link(config("same"))
     lk.cut(0.0, "edge1")
-    assert lk._candidates(time.monotonic(), False, {})[0] == "edge1"
+    assert back_order(lk, time.monotonic(), False, {})[0] == "edge1"
 
 
 def test_the_order_is_a_function_of_where_and_when_the_link_was_lost_alone():
@@ -161,8 +160,8 @@ def test_an_announce_goes_on_a_live_link_only_and_never_to_the_edge_it_is_on():
     lk.announce("edge2", 1, 2)                    # it is on edge2 already
     lk._link.silent = True                         # a radio loss under way would swallow it
     lk.announce("edge3", 1, 2)
-    assert sent == [] and lk._announced is None
+    assert sent == [] and lk.roam._announced is None
     lk._link.silent = False
     lk.announce("edge3", 1, 2)
     assert [(x.to, x.round, x.step) for x in sent] == [("edge3", 1, 2)]
-    assert lk._announced == (lk._link, "edge3", 1, 2)
+    assert lk.roam._announced == (lk._link, "edge3", 1, 2)

@@ -1,26 +1,20 @@
 """What the device's link gives back to the training loop (``device.outcomes``): each
 outcome from the situation on the edge's side that brings it about. The edge's answers
-come from a real ``EdgeCore`` driven through its seam (the helpers of
-``tests.test_edge_core``); where the link itself is under test, they reach it over real
-loopback connections from a small stand-in edge that speaks the wire protocol."""
+come from a real ``EdgeCore`` driven through its seam; where the link itself is under
+test, they reach it over real loopback connections from a small stand-in edge that speaks
+the wire protocol (both from ``tests.seams``)."""
 
 from __future__ import annotations
-
-import threading
 
 import pytest
 
 from common import messages as m
-from common import security, transport
-from common.config import build_config
-from device.control import Position
-from device.link import AttachRefused, EdgeLink
+from device.link import AttachRefused
 from device.outcomes import Delivered, NoEdge, Rollback, RoundOver, RunOver, TrainFrom, read_attach
-from edge.ports import CentralMessage, DeviceLost, DeviceMessage, PullOutcome, Stop
-from tests.test_edge_core import DEV_KEYS, WEIGHTS, attach, batch, make_core, of, start_round
+from edge.ports import CentralMessage, DeviceLost, PullOutcome, Stop
+from tests.seams import DEV_KEYS, WEIGHTS, accept, active, attach, batch, make_core, make_link, of, start_round
+from tests.seams import edges  # noqa: F401 - a fixture
 from tests.testbed import free_ports
-
-KEY = bytes(range(32))
 
 
 # -- an edge's answer to an attach, read ---------------------------------------------------------
@@ -32,9 +26,7 @@ def _reply(port) -> m.AttachReply:
 
 def test_a_link_back_on_the_edge_that_holds_its_session_trains_from_where_it_is():
     core = make_core()
-    p = attach(core)
-    start_round(core)
-    core.handle(DeviceMessage(p, "device1", batch(0)))
+    p = active(core)
     core.handle(DeviceLost(p, "device1", ConnectionError("reset"), 0.0))
     q = attach(core, kind="resume", round=1, step=1, source="edge1", why="reconnect")
     assert read_attach(_reply(q), round=1, step=1, in_round=True) == TrainFrom(1)
@@ -75,91 +67,11 @@ def test_between_rounds_every_answer_means_wait_here():
 
 # -- the link, against an edge over loopback ----------------------------------------------------
 
-class Events:
-    """What the link puts on the record."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, dict]] = []
-
-    def emit(self, event: str, **fields) -> None:
-        self.seen.append((event, fields))
-
-    def open(self, folder: str) -> None:
-        pass
-
-    def named(self, event: str) -> list[dict]:
-        return [f for e, f in self.seen if e == event]
-
-
-class StandInEdge:
-    """A listener that speaks the wire protocol as an edge: ``answer(request)`` is its
-    AttachReply to each attach, ``on(msg)`` the messages it sends back for anything else."""
-
-    def __init__(self, answer, on=lambda msg: []) -> None:
-        self.answer, self.on = answer, on
-        self.got: list[m.Message] = []
-        self._stop = threading.Event()
-        self.listener = transport.Listener("127.0.0.1", 0, creds=security.SharedKey(KEY), handler=self._serve,
-                                           name="stand-in edge").start()
-        self.port = self.listener.port
-
-    def _serve(self, conn: transport.Connection) -> None:
-        while not self._stop.is_set():
-            try:
-                msg = conn.recv(timeout=0.2)
-            except TimeoutError:
-                continue
-            except Exception:  # noqa: BLE001 - the device left
-                return
-            self.got.append(msg)
-            for out in [self.answer(msg)] if isinstance(msg, m.AttachRequest) else self.on(msg):
-                conn.send(out)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.listener.close()
-
-
-def accept(req: m.AttachRequest, *, resume_step: int | None = None, how: str = "here") -> m.AttachReply:
-    """An edge's yes: go on at the device's step (or at ``resume_step``)."""
-    return m.AttachReply(ok=True, reason="", run_name="", mode="fedfly", action="continue", round=req.round,
-                         resume_step=req.step if resume_step is None else resume_step, how=how, state_bytes=0,
-                         transfer_ms=0.0)
-
-
-@pytest.fixture
-def edges():
-    made: list[StandInEdge] = []
-
-    def make(*args, **kw) -> StandInEdge:
-        made.append(StandInEdge(*args, **kw))
-        return made[-1]
-    yield make
-    for e in made:
-        e.close()
-
-
-def make_link(tmp_path, ports, *, on="edge2", preconnect=False, give_up_s=30.0, startup_s=30.0):
-    """device1 linked to nothing yet, on ``on``; edges 1-3 at ``ports``."""
-    raw = {"run": {"out": str(tmp_path), "startup_timeout": startup_s},
-           "central": {"host": "127.0.0.1", "port": 1},
-           "edges": {f"edge{i + 1}": {"host": "127.0.0.1", "port": p} for i, p in enumerate(ports)},
-           "devices": {"device1": {"edge": on, "host": "127.0.0.1", "control_port": 9}},
-           "mobility": {"preconnect": preconnect},
-           "faults": {"reconnect": "same", "heartbeat_s": 0.1, "dead_after_s": 5.0, "give_up_s": give_up_s}}
-    events = Events()
-    lk = EdgeLink(cfg=build_config(raw), name="device1", creds=security.SharedKey(KEY), events=events,
-                  pos=Position(edge=on))
-    return lk, events
-
-
 def test_what_the_edge_sends_while_a_step_waits_ends_the_round_or_the_run(tmp_path, edges):
     # what the edge's core sends: a newer round that leaves the device out, the next
     # round's work, the central's end of the run
     core = make_core()
-    p = attach(core)
-    start_round(core)
-    core.handle(DeviceMessage(p, "device1", batch(0)))
+    p = active(core)
     start_round(core, 2, participants=("device2",))
     (stand_by,) = of(p, m.StandBy)
     later = make_core()

@@ -1,140 +1,30 @@
 """The edge's core driven by events through its seam: fake device and peer ports, a fake
-central, a fake fetcher. No socket, no thread: ``core.handle(event)`` and look at what it
-sent and which state each device is in."""
+central, a fake fetcher (``tests.seams``). No socket, no thread: ``core.handle(event)``
+and look at what it sent and which state each device is in."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from common import messages as m
 from common.events import EventLog
-from common.models import build_model, part_keys
+from common.models import build_model
 from common.plan import RoundPlan
 from common.security import attach_proofs, edge_key
-from edge.core import EdgeCore, Models
+from edge.core import EdgeCore
 from edge.lifecycle import State
 from edge.ports import (CentralMessage, CentralUp, DeviceAttach, DeviceLost, DeviceMessage, Outbox, PeerLost,
                         PeerMessage, PullOutcome, Stop, Tick)
 from edge.session import EdgeSession, snapshot_checksum
+from tests.seams import (DEV_KEYS, EDGE_KEYS, EDGES, SECRET, WEIGHTS, HeldTrainer, active, attach, batch,
+                         detached_session, make_core, of, proofs, start_round, state)
 
 S = State
-WEIGHTS = dict(build_model("vgg5", seed=1).state_dict())
-DEV_KEYS, EDGE_KEYS = part_keys("vgg5", 3)
-
-
-@dataclass
-class FakeCentral:
-    sent: list = field(default_factory=list)
-    delivered: list = field(default_factory=list)
-    acks: list = field(default_factory=list)
-
-    def send(self, msg):
-        self.sent.append(msg)
-
-    def deliver(self, update):
-        self.delivered.append(update)
-
-    def acked(self, device, round):
-        self.acks.append((device, round))
-
-    def round_started(self, round):
-        self.started = round
-
-    def faults(self):
-        return [x for x in self.sent if isinstance(x, m.FaultReport)]
-
-
-@dataclass
-class FakeFetcher:
-    pulls: list = field(default_factory=list)
-    drops: list = field(default_factory=list)
-    replica_pulls: list = field(default_factory=list)
-    replicated: list = field(default_factory=list)
-
-    def pull(self, **kw):
-        self.pulls.append(kw)
-
-    def drop(self, **kw):
-        self.drops.append(kw)
-
-    def pull_replica(self, **kw):
-        self.replica_pulls.append(kw)
-
-    def replicate(self, device, round, step, meta, tensors, *, edge_key=""):
-        self.replicated.append((device, round, step, meta, tensors))
-
-    offers: list = field(default_factory=list)
-    links: dict = field(default_factory=dict)   # peer -> the Outbox an offer goes through
-
-    def offer_link(self, peer):
-        return self.links.get(peer)
-
-    def take_offer(self, **kw):
-        self.offers.append(kw)
-
-    prepared: list = field(default_factory=list)
-
-    def prepare_offer(self, **kw):
-        self.prepared.append(kw)
-        return kw  # the handle take_offer is given
-
-
-def make_core(mode: str = "fedfly", name: str = "edge1", **kw) -> EdgeCore:
-    """A welcomed core; ``kw``: more of ``EdgeCore``'s settings (a clock, deadlines)."""
-    core = EdgeCore(name=name, mode=mode, models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
-                    devices={"device1", "device2"}, peers={"edge1", "edge2"} - {name}, central=FakeCentral(),
-                    fetcher=FakeFetcher(), events=EventLog(process=name, role="edge"), **kw)
-    core.handle(CentralUp(run_name="run", mode=mode))
-    return core
-
-
-def start_round(core: EdgeCore, r: int = 1, participants=("device1", "device2")) -> None:
-    plan = RoundPlan(round=r, lr=0.01, momentum=0.9, batch_size=4, local_epochs=1, participants=participants)
-    core.handle(CentralMessage(m.RoundStart(plan=plan.to_wire(), weights=WEIGHTS)))
-
-
-SECRET = bytes(range(32))  # the devices' secret for their proofs of attachment
-EDGES = ["edge1", "edge2", "edge3"]
-
-
-def proofs(device: str, target: str) -> dict[str, str]:
-    """What the edge ``target`` forwards when ``device`` attached to it."""
-    return attach_proofs(SECRET, device=device, target=target, edges=EDGES)
-
-
-def attach(core: EdgeCore, device="device1", *, kind="join", round=0, step=0, source="edge1", last_round=0,
-           why="start") -> Outbox:
-    port = Outbox(f"device {device}")
-    core.handle(DeviceAttach(port, m.AttachRequest(device=device, kind=kind, round=round, step=step, source=source,
-                                                   last_round=last_round, why=why,
-                                                   edge_key=edge_key(SECRET, core.name),
-                                                   proofs=attach_proofs(SECRET, device=device, target=core.name,
-                                                                        edges=EDGES))))
-    return port
-
-
-def batch(step: int) -> m.Activations:
-    g = torch.Generator().manual_seed(step)
-    return m.Activations(round=1, step=step, batch={"x": torch.randn(4, 64, 8, 8, generator=g),
-                                                    "y": torch.randint(0, 10, (4,), generator=g)})
-
-
-def of(port: Outbox, kind):
-    return [x for x in port.sent if isinstance(x, kind)]
-
-
-def state(core: EdgeCore, device="device1") -> State:
-    e = core.entries.get(device)
-    return e.state if e is not None else S.GONE
 
 
 def test_attaches_wait_for_the_central_then_the_round_starts_their_sessions():
-    core = EdgeCore(name="edge1", mode="fedfly", models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
-                    devices={"device1", "device2"}, peers={"edge2"}, central=FakeCentral(), fetcher=FakeFetcher(),
-                    events=EventLog(process="edge1", role="edge"))
+    core = make_core(welcomed=False)
     p = attach(core)
     assert p.sent == [] and core.parked  # not welcomed yet: parked
     core.handle(CentralUp(run_name="run", mode="fedfly"))
@@ -154,9 +44,7 @@ def test_unknown_device_is_refused_and_its_link_closed():
 
 def test_a_step_sent_again_is_answered_again_not_trained_twice():
     core = make_core()
-    p = attach(core)
-    start_round(core)
-    core.handle(DeviceMessage(p, "device1", batch(0)))
+    p = active(core)
     core.handle(DeviceMessage(p, "device1", batch(0)))  # the gradient was lost: sent again
     g1, g2 = of(p, m.Gradients)
     assert (g1.step, g2.step) == (0, 0) and g1.grad["g"] is g2.grad["g"] and g1.loss == g2.loss
@@ -176,9 +64,7 @@ def test_an_out_of_order_step_costs_the_link_not_the_edge():
 
 def test_a_dropped_link_keeps_the_session_and_a_reattach_resumes_it():
     core = make_core()
-    p = attach(core)
-    start_round(core)
-    core.handle(DeviceMessage(p, "device1", batch(0)))
+    p = active(core)
     core.handle(DeviceLost(p, "device1", ConnectionError("reset"), 0.0))
     assert state(core) is S.DETACHED and core.central.sent[-1].attached == []
     q = attach(core, kind="resume", round=1, step=1, source="edge1", why="reconnect")
@@ -256,19 +142,10 @@ def test_modes_without_state_to_move_start_afresh_and_tell_the_old_edge(mode):
     assert core.fetcher.pulls == [] and core.fetcher.drops[0]["source"] == "edge1"
 
 
-def _detached_session(core: EdgeCore) -> Outbox:
-    p = attach(core)
-    start_round(core)
-    core.handle(DeviceMessage(p, "device1", batch(0)))
-    core.handle(DeviceMessage(p, "device1", batch(1)))
-    core.handle(DeviceLost(p, "device1", ConnectionError("left"), 0.0))
-    return p
-
-
 @pytest.mark.parametrize("given", ["none", "for another edge", "made with another secret", "for another device"])
 def test_a_pull_without_the_devices_proof_of_an_attach_is_refused_and_tells_nothing(given):
     core = make_core()
-    _detached_session(core)
+    detached_session(core)
     peer = Outbox("edge edge2")
     bad = {"none": {},
            "for another edge": proofs("device1", "edge3"),
@@ -287,7 +164,7 @@ def test_a_pull_without_the_devices_proof_of_an_attach_is_refused_and_tells_noth
 
 def test_the_source_hands_over_once_confirmed_and_then_points_to_the_target():
     core = make_core()
-    _detached_session(core)
+    detached_session(core)
     peer = Outbox("edge edge2")
     core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2",
         proofs=proofs("device1", "edge2"))))
@@ -306,7 +183,7 @@ def test_the_source_hands_over_once_confirmed_and_then_points_to_the_target():
 
 def test_a_pull_at_the_wrong_position_is_refused_and_changes_nothing():
     core = make_core()
-    _detached_session(core)
+    detached_session(core)
     peer = Outbox("edge edge2")
     core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=5, target="edge2",
         proofs=proofs("device1", "edge2"))))
@@ -319,7 +196,7 @@ def test_a_pull_at_the_wrong_position_is_refused_and_changes_nothing():
 
 def test_a_handover_whose_target_vanishes_leaves_the_session_here():
     core = make_core()
-    _detached_session(core)
+    detached_session(core)
     peer = Outbox("edge edge2")
     core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2",
         proofs=proofs("device1", "edge2"))))
@@ -331,7 +208,7 @@ def test_a_handover_whose_target_vanishes_leaves_the_session_here():
 
 def test_a_device_back_before_the_confirmation_keeps_its_session_here():
     core = make_core()
-    _detached_session(core)
+    detached_session(core)
     peer = Outbox("edge edge2")
     core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2",
         proofs=proofs("device1", "edge2"))))
@@ -349,7 +226,7 @@ def test_a_session_trained_again_here_leaves_the_snapshot_on_its_way_intact(how)
     core = make_core()
     peer = Outbox("edge edge2")
     if how == "pulled":
-        _detached_session(core)
+        detached_session(core)
         core.handle(PeerMessage(peer, m.SessionPull(device="device1", round=1, step=2, target="edge2",
                                                     proofs=proofs("device1", "edge2"))))
         snap = of(peer, m.SessionSnapshot)[0]
@@ -448,9 +325,7 @@ def test_a_device_that_waited_for_a_round_we_had_not_seen_is_answered_when_it_co
 
 def test_a_restarted_device_does_its_round_again_from_the_weights():
     core = make_core()
-    p = attach(core)
-    start_round(core)
-    core.handle(DeviceMessage(p, "device1", batch(0)))
+    p = active(core)
     core.handle(DeviceLost(p, "device1", ConnectionError("killed"), 0.0))
     q = attach(core)  # join: a new process with nothing
     assert of(q, m.DeviceRound) and core.entries["device1"].session.step == 0
@@ -573,7 +448,7 @@ def test_a_copy_fetched_for_an_older_attach_is_not_installed():
 
 def test_a_pointer_back_to_this_edge_uses_the_copy_held_here():
     core = make_core()
-    _detached_session(core)  # its session (step 2) is here
+    detached_session(core)  # its session (step 2) is here
     e = core.entries["device1"]
     held = e.session
     q = attach(core, kind="resume", round=1, step=2, source="edge2", why="reconnect")
@@ -600,9 +475,7 @@ def test_a_delivering_entry_answers_continue_only_at_the_round_end():
 
 
 def test_a_parked_attach_whose_link_died_is_forgotten():
-    core = EdgeCore(name="edge1", mode="fedfly", models=Models("vgg5", 3, DEV_KEYS, EDGE_KEYS), seed=1,
-                    devices={"device1", "device2"}, peers={"edge2"}, central=FakeCentral(), fetcher=FakeFetcher(),
-                    events=EventLog(process="edge1", role="edge"))
+    core = make_core(welcomed=False)
     p = attach(core)
     core.handle(DeviceLost(p, "device1", ConnectionError("gone"), 0.0))
     core.handle(CentralUp(run_name="run", mode="fedfly"))
@@ -642,10 +515,7 @@ def _leaving_session(core: EdgeCore, link: Outbox | None) -> Outbox:
     ``link`` is the kept link to edge2 (None: there is none yet)."""
     if link is not None:
         core.fetcher.links["edge2"] = link
-    p = attach(core)
-    start_round(core)
-    core.handle(DeviceMessage(p, "device1", batch(0)))
-    core.handle(DeviceMessage(p, "device1", batch(1)))
+    p = active(core, 2)
     core.handle(DeviceMessage(p, "device1", m.Leaving(round=1, step=2, to="edge2")))
     return p
 
@@ -695,9 +565,7 @@ def test_no_offer_without_a_kept_link_or_at_another_position_and_a_pull_from_els
     core = make_core()
     link = Outbox("edge edge2")
     core.fetcher.links["edge2"] = link
-    p = attach(core)
-    start_round(core)
-    core.handle(DeviceMessage(p, "device1", batch(0)))
+    p = active(core)
     core.handle(DeviceMessage(p, "device1", m.Leaving(round=1, step=5, to="edge2")))  # not where it is
     assert link.sent == [] and state(core) is S.DETACHED
     # offered to edge2, but the device went to edge3: edge3's pull gets the session
@@ -897,9 +765,7 @@ def test_a_move_announced_while_its_step_trains_is_offered_after_that_step():
     core = make_core(trainer=trainer)
     link = Outbox("edge edge2")
     core.fetcher.links["edge2"] = link
-    p = attach(core)
-    start_round(core)
-    core.handle(DeviceMessage(p, "device1", batch(0)))
+    p = active(core)
     trainer.finish(core)
     core.handle(DeviceMessage(p, "device1", batch(1)))
     core.handle(DeviceMessage(p, "device1", m.Leaving(round=1, step=2, to="edge2")))
@@ -934,18 +800,6 @@ def test_an_offer_nobody_comes_for_is_declined_at_the_deadline():
 
 
 # -- steps on the training thread: what waits for a step, and what does not ------------------
-
-@dataclass
-class HeldTrainer:
-    """The trainer's seam: keeps the steps handed to it; the test trains them (``finish``)."""
-    jobs: list = field(default_factory=list)
-
-    def submit(self, job):
-        self.jobs.append(job)
-
-    def finish(self, core: EdgeCore) -> None:
-        core.handle(self.jobs.pop(0).run())
-
 
 def test_while_a_step_trains_another_device_is_served_and_the_training_ones_events_wait_in_order():
     trainer = HeldTrainer()
@@ -1026,9 +880,7 @@ def test_a_step_the_trainer_cannot_train_costs_that_link_as_it_would_inline():
 def test_a_stop_does_not_wait_for_a_step_and_nothing_held_is_handled_after_it():
     trainer = HeldTrainer()
     core = make_core(trainer=trainer)
-    p1 = attach(core)
-    start_round(core)
-    core.handle(DeviceMessage(p1, "device1", batch(0)))
+    p1 = active(core)
     again = Outbox("device device1 again")
     core.handle(DeviceAttach(again, m.AttachRequest(device="device1", kind="resume", round=1, step=1, source="edge1",
                                                     last_round=0, why="reconnect", edge_key=edge_key(SECRET, "edge1"),

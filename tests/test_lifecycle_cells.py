@@ -9,8 +9,8 @@ from common import messages as m
 from edge.core import EdgeCore
 from edge.lifecycle import State
 from edge.ports import DeviceLost, DeviceMessage, Outbox, PeerMessage
-from tests.test_edge_core import (DEV_KEYS, WEIGHTS, _detached_session, attach, batch, make_core, of, proofs,
-                                  start_round, state)
+from tests.seams import (DEV_KEYS, WEIGHTS, active, attach, batch, detached_session, make_core, of, proofs,
+                         start_round, state)
 
 S = State
 
@@ -28,16 +28,8 @@ def _drop(core: EdgeCore, by: str = "edge2") -> Outbox:
     return peer
 
 
-def _active(core: EdgeCore, steps: int = 2) -> Outbox:
-    p = attach(core)
-    start_round(core)
-    for s in range(steps):
-        core.handle(DeviceMessage(p, "device1", batch(s)))
-    return p
-
-
 def _delivering(core: EdgeCore) -> Outbox:
-    p = _active(core)
+    p = active(core, 2)
     core.handle(DeviceMessage(p, "device1", m.DeviceDone(round=1, samples=8, steps=2, train_seconds=0.1,
                                                          weights={k: WEIGHTS[k] for k in DEV_KEYS})))
     assert state(core) is S.DELIVERING
@@ -46,16 +38,16 @@ def _delivering(core: EdgeCore) -> Outbox:
 
 def test_an_active_entry_fetches_refuses_hands_over_or_goes_idle():
     core = make_core()
-    _active(core)
+    active(core, 2)
     assert of(_pull(core, step=5), m.PullRefused) and state(core) is S.ACTIVE       # PULL_REFUSED
     q = attach(core, kind="resume", round=1, step=3, source="edge2")                  # FETCH: it names another edge
     assert state(core) is S.PULLING and core.fetcher.pulls[-1]["source"] == "edge2"
     del q
     core = make_core()
-    p = _active(core)
+    p = active(core, 2)
     assert of(_pull(core, step=2), m.SessionSnapshot) and p.closed and state(core) is S.HANDING_OVER  # PULL
     core = make_core()
-    _active(core)
+    active(core, 2)
     attach(core, last_round=1)                                                        # NO_SESSION: its update taken
     assert state(core) is S.IDLE and core.entries["device1"].session is None
 
@@ -88,11 +80,11 @@ def test_a_delivering_entry_at_a_new_round_starts_it_or_stands_by():
 
 def test_a_detached_session_ends_with_its_round_or_when_its_device_has_no_round_here():
     core = make_core()
-    _detached_session(core)
+    detached_session(core)
     start_round(core, 2)                                                              # ROUND_START
     assert state(core) is S.GONE
     core = make_core()
-    _detached_session(core)
+    detached_session(core)
     attach(core, last_round=1)                                                        # NO_SESSION
     assert state(core) is S.IDLE
 
@@ -105,7 +97,7 @@ def test_a_device_at_step_0_from_another_edge_starts_fresh_here():
 
 
 def _handing_over(core: EdgeCore) -> None:
-    _detached_session(core)
+    detached_session(core)
     assert of(_pull(core, step=2), m.SessionSnapshot) and state(core) is S.HANDING_OVER
 
 

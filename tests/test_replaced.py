@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from common import messages as m
 from device.outcomes import NoEdge, RunOver
-from tests.test_device_outcomes import accept, edges, make_link  # noqa: F401 - edges: a fixture
-from tests.test_edge_core import attach, batch, make_core
+from tests.seams import accept, attach, batch, make_core, make_link
+from tests.seams import edges  # noqa: F401 - a fixture
 from tests.testbed import free_ports
 
 

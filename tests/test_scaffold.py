@@ -248,7 +248,7 @@ def test_the_edge_takes_ci_from_the_device_and_trains_no_step_before_it():
     the session waits for device1's c_i (a step before it costs the link, a reattach is
     asked for it, one that does not fit costs the link), then corrects by c - c_i."""
     from edge.ports import CentralMessage, DeviceMessage
-    from tests.test_edge_core import DEV_KEYS, EDGE_KEYS, WEIGHTS, attach, make_core, of
+    from tests.seams import DEV_KEYS, EDGE_KEYS, WEIGHTS, attach, make_core, of
     params = _param_keys()
     core = make_core()
     p = attach(core)

@@ -27,7 +27,7 @@ from common.models import device_part
 from common.text import printable, printable_fields
 from edge import reports
 from edge.ports import DeviceMessage
-from tests.test_edge_core import HeldTrainer, attach, batch, make_core, of, start_round
+from tests.seams import HeldTrainer, attach, batch, make_core, of, start_round
 from tests.test_rounds import config
 
 # A terminal's worst: clear the screen, home the cursor, a CR to overwrite the line, a
@@ -325,7 +325,7 @@ def _record_events(monkeypatch):
 
 @pytest.mark.parametrize("edit", ["nan", "shape", "dtype"])
 def test_a_devices_part_out_of_bounds_after_its_round_costs_its_link_not_the_central_a_check(edit):
-    from tests.test_edge_core import DEV_KEYS, WEIGHTS
+    from tests.seams import DEV_KEYS, WEIGHTS
     core = make_core()
     p = attach(core)
     start_round(core)
