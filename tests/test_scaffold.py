@@ -243,7 +243,7 @@ def test_scaffold_split_equals_whole_and_survives_a_move():
 
 
 def test_the_edge_takes_ci_from_the_device_and_trains_no_step_before_it():
-    """The edge's core (with ``tests.test_edge_core``'s fakes): RoundStart carries c and
+    """The edge's core (with ``tests.seams``'s fakes): RoundStart carries c and
     device1's delta (adopt 1); its DeviceRound carries c for its part and the whole delta;
     the session waits for device1's c_i (a step before it costs the link, a reattach is
     asked for it, one that does not fit costs the link), then corrects by c - c_i."""
