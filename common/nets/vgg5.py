@@ -21,7 +21,11 @@ class ConvBlock(nn.Module):
         self.bn = nn.BatchNorm2d(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x)))
+        return torch.relu(self.pre_relu(x))
+
+    def pre_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output before its ReLU (``common.nets.fused``: with the max-pool after it)."""
+        return self.bn(self.conv(x))
 
 
 class Dense(nn.Module):
