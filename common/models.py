@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from common.nets import ModelSpec, net
-from common.nets.fused import fusable, relu_maxpool2x2
+from common.nets.fused import block_relu_maxpool2x2, fusable
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,7 +49,7 @@ class Part(nn.Module):
         i = 0
         while i < len(layers):
             if fuse and i + 1 < len(layers) and fusable(layers[i], layers[i + 1]):
-                x = relu_maxpool2x2(layers[i].pre_relu(x))  # its input before the ReLU, then freed
+                x = block_relu_maxpool2x2(layers[i], x)
                 i += 2
             else:
                 x = layers[i](x)

@@ -25,7 +25,11 @@ class ConvBlock(nn.Module):
 
     def pre_relu(self, x: torch.Tensor) -> torch.Tensor:
         """The block's output before its ReLU (``common.nets.fused``: with the max-pool after it)."""
-        return self.bn(self.conv(x))
+        return self.bn(self.pre_norm(x))
+
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output before ``self.bn`` (``common.nets.fused``)."""
+        return self.conv(x)
 
 
 class Dense(nn.Module):
