@@ -69,10 +69,16 @@ def test_same_bits_as_relu_then_maxpool(key, dtype):
         assert bits(ours)[0, 0, 0, 0] == 0 and bits(ours)[0, 1, 0, 0] != 0  # the zeros' signs were tried
 
 
-def step(part: models.Part, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = part(x)
-    out.backward(grad)
-    return {n: p.grad for n, p in part.named_parameters()}
+def test_wide_rows():
+    """Rows of more than 254 values: the places' offsets no longer fit a byte."""
+    z = nasty((2, 3, 4, 300), torch.float32, 3)
+    grad = nasty((2, 3, 2, 150), torch.float32, 4)
+    ref_in, our_in = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    ref, ours = unfused(ref_in * 1), relu_maxpool2x2(our_in * 1)
+    assert torch.equal(bits(ours), bits(ref))
+    ref.backward(grad)
+    ours.backward(grad)
+    assert torch.equal(bits(our_in.grad), bits(ref_in.grad))
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -96,6 +102,46 @@ def test_a_model_trains_to_the_same_bits(key, monkeypatch):
     (a1, l1, k1, s1, g1), (a2, l2, k2, s2, g2) = runs
     assert torch.equal(a1, a2) and torch.equal(l1, l2)
     assert k1 == k2 and s1 == s2 and g1 == g2
+
+
+def node_names(t: torch.Tensor) -> list[str]:
+    todo, seen = [t.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.append(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return [type(n).__name__ if not hasattr(n, "name") else n.name() for n in seen]
+
+
+def test_the_edges_two_passes_and_eval_mode(monkeypatch):
+    """An edge part with a fused block, back-propagated as the edge does with
+    ``cut_gradient_first`` (the gradient at the cut with retain_graph, then the weights'),
+    and a model in eval mode with gradients (the plain batch norm, ReLU and pool fused):
+    the unfused bits."""
+    x = nasty((4, 32, 16, 16), torch.float32, 11)
+    y = torch.arange(4) % 10
+    runs = []
+    for fuse in (True, False):
+        if not fuse:
+            monkeypatch.setattr(models, "fusable", lambda a, b: False)
+        edge = models.edge_part("vgg5", 1, seed=5)  # layers 2 (conv block), 3 (pool), ...
+        inp = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(edge(inp), y)
+        assert ("_BnReluMaxPool2x2Backward" in node_names(loss)) == fuse
+        (at_cut,) = torch.autograd.grad(loss, (inp,), retain_graph=True)
+        loss.backward(inputs=list(edge.parameters()))
+        whole = models.build_model("vgg5", seed=5).eval()
+        image = nasty((4, 3, 32, 32), torch.float32, 12).requires_grad_(True)
+        out = whole(image)
+        assert node_names(out).count("_ReluMaxPool2x2Backward") == (2 if fuse else 0)
+        out.sum().backward()
+        runs.append((bits(at_cut), models.state_sha256({n: p.grad for n, p in edge.named_parameters()}),
+                     models.state_sha256(edge.state_dict()), bits(image.grad),
+                     models.state_sha256({n: p.grad for n, p in whole.named_parameters()})))
+    (c1, g1, s1, i1, w1), (c2, g2, s2, i2, w2) = runs
+    assert torch.equal(c1, c2) and g1 == g2 and s1 == s2
+    assert torch.equal(i1, i2) and w1 == w2
 
 
 def saved_bytes(fn) -> int:
