@@ -3,7 +3,7 @@
 Torch-free and import-light on purpose: ``scripts.memprobe`` reads it inside a device
 process between its stages, the benchmarks for every process of a testbed each second
 (one read per process, where psutil's USS walks every mapping: too slow for a hundred
-processes). A process without memory (a zombie) reads as zeros.
+processes). A process that is gone, or a zombie, raises ``OSError`` (ProcessLookupError).
 """
 
 from __future__ import annotations

@@ -81,10 +81,22 @@ def test_wide_rows():
     assert torch.equal(bits(our_in.grad), bits(ref_in.grad))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("key", KEYS)
-def test_a_model_trains_to_the_same_bits(key, monkeypatch):
+def test_a_model_trains_to_the_same_bits(key, threads, monkeypatch):
     """Device part, edge part and the whole model: same outputs, gradients, running
-    statistics and keys with and without the fusion (which is a forward-time choice)."""
+    statistics and keys with and without the fusion (which is a forward-time choice),
+    with one intra-op thread and two (the batch norm's slices are split among threads
+    otherwise than the whole)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _same_bits(key, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _same_bits(key: str, monkeypatch) -> None:
     spec = models.ModelSpec.parse(key)
     x = nasty((4, spec.channels, spec.height, spec.width), torch.float32, 7)
     runs = []
