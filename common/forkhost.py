@@ -51,12 +51,14 @@ from common.config import HOST_AUTO_MIN
 from common.supervisor import KILL_AFTER_S, POLL_S, LocalSpawner, env, fresh_path
 
 # What each role's host imports before forking: the entry point, what its body imports,
-# and what the first steps import lazily (numpy's random for the synthetic labels; torch
-# imports sympy the first time it computes an output's layout): several hundred modules
-# that each process would otherwise hold on its own (BENCHMARKS.md, "A fleet on one machine").
-LAZY = ("numpy.random", "torch.fx.experimental.symbolic_shapes", "encodings.idna")
+# and what the first steps import lazily (numpy's random for the synthetic labels; an
+# edge's bounds run the device part on the meta device, which imports sympy: several
+# hundred modules that each process would otherwise hold on its own (BENCHMARKS.md, "A
+# fleet on one machine"). A device never imports sympy (common.footprint,
+# tests/test_footprint.py): its host does not either.
+LAZY = ("numpy.random", "encodings.idna")
 PRELOAD = {"device": ("device.__main__", "device.client", "common.data", *LAZY),
-           "edge": ("edge.__main__", "edge.server", *LAZY)}
+           "edge": ("edge.__main__", "edge.server", "torch.fx.experimental.symbolic_shapes", *LAZY)}
 NETNS_DIR = "/run/netns"    # where ``ip netns add`` names its namespaces
 CLONE_NEWNET = 0x40000000   # <sched.h>; os.setns and os.CLONE_NEWNET come with Python 3.12
 HOSTABLE = ("device", "edge")   # the roles a host can fork (run.device_host, run.edge_host)

@@ -32,9 +32,11 @@ import os
 
 MODES = ("auto", "tuned", "lean", "system")
 MALLOC_KEEP = 64 << 20
-# Above a step's small blocks (a Python object, a VGG-5 batch's labels), below its big
-# ones (a batch's images of 1.2 MB, a convolution's 6.5 MB): the big ones go back.
-LEAN_MMAP = 1 << 20
+# glibc's own starting threshold: above a step's small blocks (a Python object, a VGG-5
+# batch's labels), below its tensors, down to the fused blocks' slices and window places
+# (common.nets.fused): they go back when freed instead of leaving holes in the heap whose
+# pages the process keeps between steps (BENCHMARKS.md, "Memory").
+LEAN_MMAP = 128 << 10
 SMALL_HOST = 2 << 30
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 

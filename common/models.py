@@ -7,6 +7,8 @@ At split layer ``s`` the device runs layers 0..s and the edge runs s+1..last. Pa
 the full model's parameter names (``l<index>.<...>``), so a device part's state_dict and
 an edge part's state_dict join into the full model's state_dict with a plain dict union,
 and FedAvg works on full models whatever the split (and whatever each device's split).
+When training, a block ending in a ReLU and the 2x2 max-pool after it run as one step
+that keeps less for the backward pass (``common.nets.fused``): the same modules, keys and bits.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from common.nets import ModelSpec, net
+from common.nets.fused import block_relu_maxpool2x2, fusable
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,8 +44,16 @@ class Part(nn.Module):
         self.layers = nn.ModuleDict({f"l{first + i}": layer for i, layer in enumerate(layers)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers.values():
-            x = layer(x)
+        layers = list(self.layers.values())
+        fuse = torch.is_grad_enabled()  # (only what autograd keeps differs: the same values)
+        i = 0
+        while i < len(layers):
+            if fuse and i + 1 < len(layers) and fusable(layers[i], layers[i + 1]):
+                x = block_relu_maxpool2x2(layers[i], x)
+                i += 2
+            else:
+                x = layers[i](x)
+                i += 1
         return x
 
     def state_dict(self, *args, **kwargs):  # type: ignore[override]

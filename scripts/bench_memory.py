@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from scripts import benchlib, memprobe
+from scripts.smaps import rollup as smaps_rollup
 
 MALLOCS = ("system", "tuned", "lean")
 LIGHT = ("central.launch", "central.mobility", "scripts.certs", "scripts.netns_testbed")
@@ -44,23 +45,10 @@ SCALES = {"tiny": {"samples": 200, "epochs": 2, "models": ("vgg5",), "role_runs"
 BATCH = 100
 
 
-def smaps_rollup(pid: int | str = "self") -> dict[str, float]:
-    """RSS, PSS, USS and anonymous memory of ``pid`` in MiB."""
-    kb: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[2] == "kB":
-                kb[parts[0].rstrip(":")] = int(parts[1])
-    uss = kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)
-    return {"rss": kb["Rss"] / 1024, "pss": kb["Pss"] / 1024, "uss": uss / 1024,
-            "anon": kb.get("Anonymous", 0) / 1024}
-
-
 # One device's work in one process, stage by stage (no link: that part is the roles').
 STAGES = r"""
 import ctypes, json, sys
-from scripts.bench_memory import smaps_rollup
+from scripts.smaps import rollup as smaps_rollup
 model, split, malloc, samples, epochs, batch = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 out = {"interpreter": smaps_rollup()}
 import torch

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import psutil
 
 from common.atomic import write_json_atomic
+from scripts.smaps import rollup
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -320,18 +321,6 @@ def _machine_used_mb() -> float:
     return (vm.total - vm.available) / 2**20
 
 
-def _rollup(pid: int) -> dict[str, int]:
-    """``/proc/PID/smaps_rollup`` in kB: one read per process, where psutil's USS walks
-    every mapping (too slow for a hundred processes every second)."""
-    kb: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[2] == "kB":
-                kb[parts[0].rstrip(":")] = int(parts[1])
-    return kb
-
-
 def _role(p: psutil.Process) -> str:
     """central, edge, device, host (a fork host) or launcher, from the command line; a
     forked child has its host's, and its parent is the host."""
@@ -357,18 +346,18 @@ def _sample_memory(pid: int, peak: dict) -> None:
     by_role: dict[str, float] = {}
     for p in procs:
         try:
-            kb = _rollup(p.pid)
+            mb = rollup(p.pid)
             role = _role(p)
         except (OSError, psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        rss += kb.get("Rss", 0)
-        pss += kb.get("Pss", 0)
-        uss += kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)
-        by_role[role] = by_role.get(role, 0.0) + kb.get("Pss", 0) / 1024
-    peak["rss_mb"] = max(peak["rss_mb"], rss / 1024)
-    peak["uss_mb"] = max(peak["uss_mb"], uss / 1024)
-    if pss / 1024 > peak["pss_mb"]:
-        peak["pss_mb"], peak["pss_by_role_mb"] = pss / 1024, by_role
+        rss += mb["rss"]
+        pss += mb["pss"]
+        uss += mb["uss"]
+        by_role[role] = by_role.get(role, 0.0) + mb["pss"]
+    peak["rss_mb"] = max(peak["rss_mb"], rss)
+    peak["uss_mb"] = max(peak["uss_mb"], uss)
+    if pss > peak["pss_mb"]:
+        peak["pss_mb"], peak["pss_by_role_mb"] = pss, by_role
     peak["processes"] = max(peak["processes"], len(procs))
     peak["machine_used_mb"] = max(peak["machine_used_mb"], _machine_used_mb())
 

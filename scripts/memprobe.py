@@ -16,6 +16,8 @@ import json
 import os
 from typing import Any
 
+from scripts.smaps import rollup
+
 OUT_ENV = "MEMPROBE_OUT"
 _MIB = 1 << 20
 
@@ -36,19 +38,6 @@ def _libc():
 
 
 _LIBC = _libc()
-
-
-def rollup(pid: int | str = "self") -> dict[str, float]:
-    """RSS, PSS, USS and anonymous memory of ``pid`` in MiB."""
-    kb: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[2] == "kB":
-                kb[parts[0].rstrip(":")] = int(parts[1])
-    return {"rss": kb["Rss"] / 1024, "pss": kb["Pss"] / 1024,
-            "uss": (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024,
-            "anon": kb.get("Anonymous", 0) / 1024}
 
 
 def malloc_stats() -> dict[str, float]:

@@ -21,7 +21,15 @@ class ConvBlock(nn.Module):
         self.bn = nn.BatchNorm2d(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x)))
+        return torch.relu(self.pre_relu(x))
+
+    def pre_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output before its ReLU (``common.nets.fused``: with the max-pool after it)."""
+        return self.bn(self.pre_norm(x))
+
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output before ``self.bn`` (``common.nets.fused``)."""
+        return self.conv(x)
 
 
 class Dense(nn.Module):
