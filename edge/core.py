@@ -52,7 +52,7 @@ from edge.migration import buddy_of
 from edge.lifecycle import (LINKED, STATE_DATA, Delivering, Event, HandingOver, Pulling, State, TransitionError,
                             next_state)
 from edge.ports import (CentralDown, CentralMessage, CentralPort, CentralUp, DeviceAttach, DeviceLost, DeviceMessage,
-                        Fetcher, PeerLost, PeerMessage, Port, PullOutcome, Stop, Tick)
+                        Fetcher, PeerLost, PeerMessage, Port, PullOutcome, Stop, Tick, scope_of)
 from edge.records import Entry, Forward, Models, RoundInfo
 from edge.session import SparePart
 from edge.trainer import StepDone, Trainer
@@ -199,24 +199,6 @@ class EdgeCore:
     def _on_tick(self) -> None:
         self.handover.tick(self.clock())
 
-    @staticmethod
-    def _scope(ev: object) -> tuple[m.Scope, str | None]:
-        """What an event belongs to, as its message declares (``Message.SCOPE``), and for
-        a session the device. A type with no declaration counts as the whole edge's."""
-        if isinstance(ev, (DeviceMessage, DeviceLost, PullOutcome)):
-            msg = getattr(ev, "msg", None)
-            scope = msg.SCOPE if msg is not None else m.Scope.SESSION
-            return (scope or m.Scope.EDGE), ev.device
-        if isinstance(ev, DeviceAttach):
-            return m.Scope.SESSION, ev.req.device
-        if isinstance(ev, (PeerMessage, CentralMessage)):
-            scope = type(ev.msg).SCOPE or m.Scope.EDGE
-            device = getattr(ev.msg, "device", None) if scope is m.Scope.SESSION else None
-            if scope is m.Scope.SESSION and not isinstance(device, str):
-                return m.Scope.EDGE, None  # a session's message that names none: all wait
-            return scope, device
-        return m.Scope.EDGE, None  # the central's link coming and going
-
     def _waits(self, ev: object) -> bool:
         """Must ``ev`` wait for a step on the trainer? Yes if it belongs to that step's
         device's session or to the whole edge (the central, a round's start; not a stop or
@@ -226,7 +208,7 @@ class EdgeCore:
             # a stop only closes links, and a step may hang; a tick's deadlines are of
             # handovers, never of a session that trains (a slow edge's step may outlast a tick)
             return False
-        scope, device = self._scope(ev)
+        scope, device = scope_of(ev)
         if scope is m.Scope.FREE:
             return False  # changes nothing: what may follow it must not wait behind it
         if self._held_all:
