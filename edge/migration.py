@@ -36,9 +36,10 @@ from common import codec
 from common import messages as m
 from common.errors import MigrationError, ProtocolError, TransportError
 from common.link import Link
+from edge.checksum import snapshot_checksum
 from edge.peers import PeerExchange, PeerLinks
 from edge.ports import PullOutcome
-from edge.session import EdgeSession, SparePart, snapshot_checksum
+from edge.session import EdgeSession, SparePart
 
 log = logging.getLogger("edge")
 

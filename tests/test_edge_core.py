@@ -12,11 +12,12 @@ from common.events import EventLog
 from common.models import build_model
 from common.plan import RoundPlan
 from common.security import attach_proofs, edge_key
+from edge.checksum import snapshot_checksum
 from edge.core import EdgeCore
 from edge.lifecycle import State
 from edge.ports import (CentralMessage, CentralUp, DeviceAttach, DeviceLost, DeviceMessage, Outbox, PeerLost,
                         PeerMessage, PullOutcome, Stop, Tick)
-from edge.session import EdgeSession, snapshot_checksum
+from edge.session import EdgeSession
 from tests.seams import (DEV_KEYS, EDGE_KEYS, EDGES, SECRET, WEIGHTS, HeldTrainer, active, attach, batch,
                          detached_session, make_core, of, proofs, start_round, state)
 
