@@ -88,7 +88,7 @@ def _step(core: EdgeCore, e: Entry, msg: m.Activations) -> None:
 
     def reply(grad: torch.Tensor, loss: float, _r: int = msg.round, _s: int = msg.step) -> None:
         port.post(m.Gradients(round=_r, step=_s, loss=loss, grad={"g": grad}))
-    x, y = msg.batch["x"], msg.batch["y"]  # in bounds (``_refused_on_arrival``)
+    x, y = msg.batch["x"], msg.batch["y"]  # in bounds (``EdgeCore._refused_on_arrival``)
     job = StepJob(e.device, session, msg.round, msg.step, x, y, reply, cut_first=core.cut_first)
     if core.trainer is None:
         core.stepped(e, job.run())

@@ -40,6 +40,8 @@ def on_central(core: EdgeCore, msg: m.Message) -> None:
 
 
 def _round_start(core: EdgeCore, msg: m.RoundStart) -> None:
+    """A round starts: what came is checked before any session is built from it, then
+    every entry learns it."""
     plan = msg.round_plan
     if problem := weights_problem(msg.weights, core.spec):  # before any session is built from them
         raise RemoteProtocolError(f"{core.role}: RoundStart of round {plan.round}: {problem}")
@@ -71,6 +73,8 @@ def _round_start(core: EdgeCore, msg: m.RoundStart) -> None:
 
 
 def _entry_round_start(core: EdgeCore, e: Entry, r: int) -> None:
+    """Round ``r`` for ``e``: a fresh session if its device takes part, an attach that
+    waited for it decided, or its old round over."""
     if e.session is not None and e.session.round >= r:
         return
     pulling = e.pulling
