@@ -29,7 +29,7 @@ from central.rundir import has_checkpoint, new_run_dir
 from common import pki
 from common.config import HOST_AUTO_MIN, Config, load_config
 from common.errors import ConfigError
-from common.forkhost import HostSpawner, hosted_roles
+from common.hostspawn import HostSpawner, hosted_roles
 from common.portcheck import busy_ports
 from common.supervisor import Child, LocalSpawner, Policy, Supervisor, stop_all
 

@@ -11,15 +11,20 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Collection, Iterable
 
 import torch
 
 from common.atomic import write_text_atomic
+from common.config import Config
 from common.limits import Backoff, retry
 from common.models import state_sha256
 from common.tensorfile import write_tensors
 from common.text import printable_fields
+
+if TYPE_CHECKING:
+    from central.rounds import Dropped
+    from common.messages import DeviceUpdate
 
 log = logging.getLogger("central")
 WRITE_TRIES = 5           # about 1.5 s
@@ -45,6 +50,22 @@ class RunResults:
                                         "migrations": [], "failures": [], "faults": [],
                                         "final_model_sha256": None}
         self.started = time.monotonic()
+
+    def resumed(self, summary: dict[str, Any], after_round: int) -> float:
+        """Go on from a checkpoint's ``summary``: the results as they stood after its round
+        (``after_round``), running again, the resume recorded. Returns how long the run was
+        down (since summary.json was last written; 0 if it cannot be told)."""
+        summary = dict(summary)
+        summary["status"] = "running"
+        summary["final_model_sha256"] = None
+        self.summary = summary
+        try:
+            down = max(0.0, time.time() - os.path.getmtime(os.path.join(self.run_dir, SUMMARY)))
+        except OSError:
+            down = 0.0
+        summary.setdefault("resumed", []).append({"after_round": after_round,
+                                                  "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return down
 
     # Records quote what peers sent (names, details, reasons): kept ``printable``, so that
     # whoever prints summary.json later prints no peer's escape sequence.
@@ -119,6 +140,51 @@ class RunResults:
         if final:
             raise errors[-1]
         log.warning("summary.json not written this round: %s", errors[-1])
+
+
+def run_header(cfg: Config, *, run_name: str, handover: str, strategy: dict[str, Any],
+               auto: dict[str, Any]) -> dict[str, Any]:
+    """What summary.json says of the run before any round: its settings as run, the cuts
+    (``auto``: those chosen at start) and the strategy (``Strategy.describe``)."""
+    t = cfg.training
+    return {
+        "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run.seed,
+        # how a moving device's session follows it (``edge.handover``)
+        "handover": handover,
+        "model": cfg.model.name, "model_key": cfg.model_key, "split_layer": cfg.model.split_layer,
+        "dataset": cfg.data.dataset,
+        "strategy": strategy,
+        "cuts": {d: auto[d]["cut"] if d in auto else cfg.split_of(d) for d in cfg.device_names},
+        "auto_split": auto,
+        "mobility": {**cfg.mobility.as_dict(), **({"waypoint": cfg.waypoint.as_dict()} if cfg.waypoint else {}),
+                     "timed_moves": len(cfg.timed_moves)},
+        "distribution": cfg.data.distribution, "training": t.as_dict(), "threads": t.threads,
+        "faults_settings": cfg.faults.as_dict(),
+        "device_settings": {n: {"edge": d.edge, "slowdown": d.slowdown, "threads": cfg.device_threads(n)}
+                            for n, d in sorted(cfg.devices.items())},
+        "edges": sorted(cfg.edges), "torch": torch.__version__,
+        "scheduled_moves": [vars(mv) for mv in cfg.moves]}
+
+
+def round_record(r: int, *, seconds: float, eval_started: float, accuracy: float, loss: float,
+                 updates: dict[str, DeviceUpdate], devices: Iterable[str], dropped: Collection[Dropped],
+                 absent: list[str], refused: list[dict[str, Any]], shard_samples: dict[str, int],
+                 ratio_max: float | None) -> dict[str, Any]:
+    """Round ``r``'s record in summary.json (and its row in rounds.csv): what was summed
+    (``updates``), what was lost and why: devices ``dropped`` from the round, ``absent``
+    when it started, updates ``refused`` (``central.judge``). ``eval_started``: when the
+    evaluation began (``time.monotonic``)."""
+    lost = [{"device": x.device, "reason": x.reason, "samples": x.samples}
+            for x in sorted(dropped, key=lambda x: x.device)]
+    lost += [{"device": d, "reason": "attached to no edge when the round started",
+              "samples": shard_samples.get(d, 0)} for d in absent]
+    lost += refused
+    return {"round": r, "seconds": round(seconds, 4), "eval_seconds": round(time.monotonic() - eval_started, 4),
+            "test_accuracy": accuracy, "test_loss": loss, "samples": sum(u.samples for u in updates.values()),
+            "devices": sorted(updates), "missing": sorted(set(devices) - set(updates)), "dropped": lost,
+            "samples_lost": sum(x["samples"] for x in lost),
+            "refused": sorted([x.device for x in dropped if x.refused] + [x["device"] for x in refused]),
+            "update_ratio_max": ratio_max}
 
 
 def rounds_csv(summary: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ a device gone past its grace period, an update refused, each is recorded in
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import sys
 import time
@@ -24,9 +23,10 @@ from central.edges import EdgeJoined, EdgeLost, EdgeMessage, EdgeRegistry
 from central.judge import Judge, update_problem
 from central.returns import ClientReturns
 from central.strategies import Failure, Strategy, make_strategy
-from central.results import NO_SPACE, SUMMARY, RunResults, fault_line, final_table, migration_line, progress_line
+from central.results import NO_SPACE, RunResults, fault_line, migration_line, progress_line, round_record, run_header
 from central.rounds import RoundTracker
-from central.runstatus import RunStopped, exit_code
+from central.runend import end_run
+from central.runstatus import RunStopped
 from common import messages as m
 from common import transport
 from common.config import Config
@@ -43,9 +43,6 @@ log = logging.getLogger("central")
 
 # The round loop wakes at least this often to check grace periods and deadlines.
 POLL_S = 0.5
-# After the Shutdown, how long the edges' links get to deliver it (one small message; the
-# run is over, so a lost link only delays the exit).
-SHUTDOWN_FLUSH_S = 2.0
 
 
 class RunAborted(Exception):
@@ -93,42 +90,18 @@ class CentralServer:
         self.started = time.monotonic()
         self.spec = state_spec(cfg.model_key)
         self.handover = cfg.mobility.handover if cfg.mode == "fedfly" else cfg.mode
-        t = cfg.training
-        self.results = RunResults(run_dir=run_dir, header={
-            "run_name": run_name, "mode": cfg.mode, "config": cfg.path, "seed": cfg.run.seed,
-            # how a moving device's session follows it (``edge.handover``)
-            "handover": self.handover,
-            "model": cfg.model.name, "model_key": cfg.model_key, "split_layer": cfg.model.split_layer,
-            "dataset": cfg.data.dataset,
-            "strategy": self.strategy.describe(),
-            "cuts": {d: self.auto[d]["cut"] if d in self.auto else cfg.split_of(d) for d in cfg.device_names},
-            "auto_split": self.auto,
-            "mobility": {**cfg.mobility.as_dict(), **({"waypoint": cfg.waypoint.as_dict()} if cfg.waypoint else {}),
-                         "timed_moves": len(cfg.timed_moves)},
-            "distribution": cfg.data.distribution, "training": t.as_dict(), "threads": t.threads,
-            "faults_settings": cfg.faults.as_dict(),
-            "device_settings": {n: {"edge": d.edge, "slowdown": d.slowdown, "threads": cfg.device_threads(n)}
-                                for n, d in sorted(cfg.devices.items())},
-            "edges": sorted(cfg.edges), "torch": torch.__version__,
-            "scheduled_moves": [vars(mv) for mv in cfg.moves]})
+        self.results = RunResults(run_dir=run_dir, header=run_header(cfg, run_name=run_name, handover=self.handover,
+                                                                    strategy=self.strategy.describe(), auto=self.auto))
         # updates refused for how far they moved the weights (``central.judge``), once a round's are in
         self._judge = Judge(factor=cfg.strategy["refuse_factor"], results=self.results, events=events, say=self.say)
         self.resume = resume
         if resume is not None:
-            self._resumed_from(resume, run_dir)
+            self._resumed_from(resume)
 
-    def _resumed_from(self, ck: checkpoint.Checkpoint, run_dir: str) -> None:
+    def _resumed_from(self, ck: checkpoint.Checkpoint) -> None:
         """Go on from a checkpoint: the results as they stood after its round, and the
         restart recorded as a fault of the central."""
-        summary = dict(ck.summary)
-        summary["status"] = "running"
-        summary["final_model_sha256"] = None
-        self.results.summary = summary
-        try:
-            down = max(0.0, time.time() - os.path.getmtime(os.path.join(run_dir, SUMMARY)))
-        except OSError:
-            down = 0.0
-        summary.setdefault("resumed", []).append({"after_round": ck.round, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        down = self.results.resumed(ck.summary, ck.round)
         self._fault({"kind": "restarted", "process": "central", "peer": "central", "round": ck.round + 1,
                      "detail": f"resumed from the checkpoint of round {ck.round}"
                                + (f"; round {ck.round + 1} again with its plan" if ck.plan else ""),
@@ -307,32 +280,8 @@ class CentralServer:
         except Exception as exc:  # noqa: BLE001 - a bug must still leave a summary that says so
             log.exception("central: the run failed")
             reason = f"{type(exc).__name__}: {exc}"[:500]
-        return self._end(status, reason, signame, listener)
-
-    def _end(self, status: str, reason: str, signame: str, listener) -> int:
-        if status != "finished":
-            self.say(f"run {status}: {reason}")
-            self.events.emit(status, reason=reason)
-        try:
-            sha = self.results.finish(self.weights, status=status, reason=reason)
-            status, reason = self.results.summary["status"], self.results.summary["reason"]
-            code = exit_code(status, signame)
-        except OSError as exc:
-            sha, code = None, exit_code(status, signame) or 1
-            self.say(f"central: error: the results cannot be written in {self.results.run_dir}: {exc}; "
-                     f"summary.json there is the last one written, whole")
-        if self.results.summary.get("final_model_error"):
-            self.say(f"central: error: {self.results.summary['final_model_error']}")
-        self.events.emit("finished", status=status, reason=reason, final_model_sha256=sha)
-        links = self.registry.close_all(notice=m.Shutdown(reason=f"run {status}"))
-        deadline = time.monotonic() + SHUTDOWN_FLUSH_S
-        for link in links:
-            link.wait_closed(max(0.0, deadline - time.monotonic()))
-        if listener is not None:
-            listener.close()
-        self.say(final_table(self.results.summary))
-        self.say(f"central: results in {self.results.run_dir}")
-        return code
+        return end_run(self.results, self.weights, status=status, reason=reason, signame=signame,
+                       registry=self.registry, listener=listener, events=self.events, say=self.say)
 
     def _wait_for_testbed(self) -> None:
         deadline = time.monotonic() + self.cfg.run.startup_timeout
@@ -421,18 +370,9 @@ class CentralServer:
             model.load_state_dict(weights)
             t_eval = time.monotonic()
             acc, loss = evaluate(model, self.test_x, self.test_y)
-            dropped = [{"device": x.device, "reason": x.reason, "samples": x.samples}
-                       for x in sorted(tracker.dropped.values(), key=lambda x: x.device)]
-            dropped += [{"device": d, "reason": "attached to no edge when the round started",
-                         "samples": self.shard_samples.get(d, 0)} for d in absent]
-            dropped += refused
-            rec = {"round": r, "seconds": round(seconds, 4), "eval_seconds": round(time.monotonic() - t_eval, 4),
-                   "test_accuracy": acc, "test_loss": loss, "samples": sum(u.samples for u in updates.values()),
-                   "devices": order, "missing": sorted(set(self.cfg.devices) - set(updates)), "dropped": dropped,
-                   "samples_lost": sum(x["samples"] for x in dropped),
-                   "refused": sorted([x.device for x in tracker.dropped.values() if x.refused]
-                                     + [x["device"] for x in refused]),
-                   "update_ratio_max": ratio_max}
+            rec = round_record(r, seconds=seconds, eval_started=t_eval, accuracy=acc, loss=loss, updates=updates,
+                               devices=self.cfg.devices, dropped=tracker.dropped.values(), absent=absent,
+                               refused=refused, shard_samples=self.shard_samples, ratio_max=ratio_max)
             for d, rec_d in self.results.summary.get("auto_split", {}).items():  # measured beside predicted
                 if d in updates:
                     rec_d["measured_train_s"].append(round(updates[d].train_seconds, 4))

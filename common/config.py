@@ -32,7 +32,7 @@ DEATH_POLICIES = ("stop", "restart")
 from common.malloc import MODES as MALLOC_MODES  # training.malloc
 DISTRIBUTIONS = ("balanced", "imbalanced")
 MOBILITY_MODELS = ("schedule", "trace", "waypoint")  # common/mobility_models.py
-HOST_MODES = ("auto", "on", "off")  # run.device_host, run.edge_host (common/forkhost.py)
+HOST_MODES = ("auto", "on", "off")  # run.device_host, run.edge_host (common/hostspawn.py)
 # "auto" forks a role from a host where one machine runs at least this many of it: from
 # there, started processes each holding their own torch cost gigabytes (BENCHMARKS.md, "A
 # fleet on one machine"); below it they fit, and each stays a plain ``python -m device``

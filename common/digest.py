@@ -1,6 +1,6 @@
 """The digest of a tensor's bytes in a migration snapshot: Poly1305 under a fixed key.
 
-A snapshot's checksum (``edge.session.snapshot_checksum``) is a SHA-256 over its
+A snapshot's checksum (``edge.checksum.snapshot_checksum``) is a SHA-256 over its
 metadata and one entry per tensor that holds the tensor's digest. The digest's job is to
 catch a damaged, torn or incomplete copy (and bugs), not a forger: every byte between
 two edges is already authenticated by the transport (a MAC under the session's key, or

@@ -24,10 +24,10 @@ its snapshot went (``HandingOver``). An entry's data is set as it enters the sta
 goes as it leaves it, so nothing is cleared by hand.
 
 ``TRANSITIONS[state][event]`` is the one next state. Where the outcome of what happens
-depends on its data, the handler (``edge.core``, ``edge.handover``) names the outcome as
-the event: a device attaching is ``NO_SESSION``, ``FRESH``, ``RESUME``, ``FETCH`` or
-``ATTACH`` as the edge decides; a refused pull is ``PULL_REFUSED``, a pull served
-``PULL``. An event the table lacks for the state raises ``TransitionError`` naming the
+depends on its data, the handler (``edge.attach``, ``edge.devices``, ``edge.rounds``,
+``edge.handover``) names the outcome as the event: a device attaching is ``NO_SESSION``,
+``FRESH``, ``RESUME``, ``FETCH`` or ``ATTACH`` as the edge decides; a refused pull is
+``PULL_REFUSED``, a pull served ``PULL``. An event the table lacks for the state raises ``TransitionError`` naming the
 role, the state and the event (the link that caused it is closed; the edge goes on).
 
 One transition is state-triggered (as in h11's ``STATE_TRIGGERED_TRANSITIONS``): IDLE and

@@ -149,6 +149,25 @@ class Tick:
     pass
 
 
+def scope_of(ev: object) -> tuple[m.Scope, str | None]:
+    """What an event belongs to, as its message declares (``Message.SCOPE``), and for
+    a session the device (what waits for a step: ``EdgeCore._waits``). A type with no
+    declaration counts as the whole edge's."""
+    if isinstance(ev, (DeviceMessage, DeviceLost, PullOutcome)):
+        msg = getattr(ev, "msg", None)
+        scope = msg.SCOPE if msg is not None else m.Scope.SESSION
+        return (scope or m.Scope.EDGE), ev.device
+    if isinstance(ev, DeviceAttach):
+        return m.Scope.SESSION, ev.req.device
+    if isinstance(ev, (PeerMessage, CentralMessage)):
+        scope = type(ev.msg).SCOPE or m.Scope.EDGE
+        device = getattr(ev.msg, "device", None) if scope is m.Scope.SESSION else None
+        if scope is m.Scope.SESSION and not isinstance(device, str):
+            return m.Scope.EDGE, None  # a session's message that names none: all wait
+        return scope, device
+    return m.Scope.EDGE, None  # the central's link coming and going
+
+
 @dataclass
 class Outbox:
     """A port that keeps what was posted (tests, and a device's port before it is linked)."""

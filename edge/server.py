@@ -35,7 +35,8 @@ from common.security import Credentials
 from edge.central_link import CentralLink
 from edge.core import EdgeCore, Models
 from edge.handover import PEER_FIRST
-from edge.migration import Fetcher, PeerLinks, Replicator, buddy_of
+from edge.migration import Fetcher, Replicator, buddy_of
+from edge.peers import PeerLinks
 from edge.ports import DeviceAttach, DeviceLost, DeviceMessage, PeerLost, PeerMessage
 from edge.session import SparePart
 from edge.trainer import Trainer

@@ -122,7 +122,8 @@ def breakdown(repeats: int) -> dict[str, float]:
     from common import codec
     from common.training import make_optimizer, set_threads
     from common.transport import RECV_CHUNK
-    from edge.session import EdgeSession, snapshot_checksum
+    from edge.checksum import snapshot_checksum
+    from edge.session import EdgeSession
     from scripts.bench_codec import snapshot_message
 
     import torch

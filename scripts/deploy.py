@@ -36,7 +36,7 @@ from typing import Any
 from common.cli import run_main
 from common.config import HOST_AUTO_MIN, Config
 from common.errors import ConfigError
-from common.forkhost import hosting
+from common.hostspawn import hosting
 from scripts import yamltext
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -65,7 +65,7 @@ from common.config import Config, load_config
 from common.errors import ConfigError
 from common import pki
 from common.security import CONTROLLER
-from common.forkhost import HOSTABLE, HostSpawner, hosted_roles
+from common.hostspawn import HOSTABLE, HostSpawner, hosted_roles
 from common.supervisor import Child, NetnsSpawner, Policy, Supervisor, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent

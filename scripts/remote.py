@@ -54,7 +54,7 @@ from pathlib import Path
 from common import pki
 from common.config import ENV_OVERRIDES, Config, load_config
 from common.errors import ConfigError
-from common.forkhost import HOSTABLE, hosting
+from common.hostspawn import HOSTABLE, hosting
 from common.security import CENTRAL, Identity, tls_files
 
 ROOT = Path(__file__).resolve().parent.parent

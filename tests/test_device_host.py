@@ -17,8 +17,9 @@ import yaml
 from central import launch
 from common.config import HOST_AUTO_MIN, load_config
 from common.errors import ConfigError
-from common.forkhost import _fork, hosted_roles, hosting
+from common.forkhost import _fork
 from common.forkhost import main as forkhost_main
+from common.hostspawn import hosted_roles, hosting
 from scripts import deploy, remote
 from tests.testbed import LOOPBACK, ROOT, write_config
 

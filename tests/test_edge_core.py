@@ -12,11 +12,12 @@ from common.events import EventLog
 from common.models import build_model
 from common.plan import RoundPlan
 from common.security import attach_proofs, edge_key
+from edge.checksum import snapshot_checksum
 from edge.core import EdgeCore
 from edge.lifecycle import State
 from edge.ports import (CentralMessage, CentralUp, DeviceAttach, DeviceLost, DeviceMessage, Outbox, PeerLost,
                         PeerMessage, PullOutcome, Stop, Tick)
-from edge.session import EdgeSession, snapshot_checksum
+from edge.session import EdgeSession
 from tests.seams import (DEV_KEYS, EDGE_KEYS, EDGES, SECRET, WEIGHTS, HeldTrainer, active, attach, batch,
                          detached_session, make_core, of, proofs, start_round, state)
 
@@ -917,7 +918,7 @@ def test_an_error_at_a_steps_end_still_hands_on_what_waited_for_it(monkeypatch):
     core.handle(DeviceMessage(p1, "device1", batch(0)))
     core.handle(PeerLost(Outbox("edge edge3")))                 # held, and all after it
     core.handle(DeviceMessage(p2, "device2", batch(0)))
-    monkeypatch.setattr(core, "_stepped", lambda e, done: 1 / 0)  # a bug at the step's end
+    monkeypatch.setattr(core, "stepped", lambda e, done: 1 / 0)  # a bug at the step's end
     trainer.finish(core)
     assert not core._held and not core._held_all and len(trainer.jobs) == 1  # device2's step went on
 

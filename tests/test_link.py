@@ -255,7 +255,7 @@ def test_pulls_of_two_devices_share_a_peer_link_and_their_answers_are_matched_by
 
     from common import messages as m
     from common import transport
-    from edge.migration import PeerLinks
+    from edge.peers import PeerLinks
 
     key = bytes(range(32))
     connections = []
@@ -307,7 +307,7 @@ def test_a_link_an_edge_opens_ahead_of_need_is_kept_by_the_other_edge_while_idle
     first message), and reports no protocol error for it."""
     from common.config import load_config
     from common.security import Identity
-    from edge.migration import PeerLinks
+    from edge.peers import PeerLinks
     from tests.testbed import Testbed, write_config
 
     dead = 0.5

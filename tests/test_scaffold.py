@@ -289,7 +289,7 @@ def test_a_snapshot_naming_an_unknown_algorithm_is_refused():
                           part_state=split_model(build_model(MODEL, seed=0), CUT)[1].state_dict())
     meta, snap, _ = session.snapshot()
     meta["optimizer"]["param_groups"][0]["algo"] = {"name": "nope", "params": {}}
-    from edge.session import snapshot_checksum
+    from edge.checksum import snapshot_checksum
     with pytest.raises(MigrationError, match="nope"):
         EdgeSession.from_snapshot(meta, snap, snapshot_checksum(meta, snap), expect_model=MODEL, expect_split=CUT)
 

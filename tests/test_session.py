@@ -10,7 +10,8 @@ from common import messages as m
 from common.errors import MigrationError
 from common.models import build_model, split_model
 from common.plan import Algo
-from edge.session import EdgeSession, snapshot_checksum
+from edge.checksum import snapshot_checksum
+from edge.session import EdgeSession
 
 CUT_SHAPE = {0: (32, 32, 32), 1: (32, 16, 16), 2: (64, 16, 16), 3: (64, 8, 8), 4: (64, 8, 8), 5: (128,)}
 

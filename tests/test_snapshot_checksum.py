@@ -10,7 +10,7 @@ import struct
 import torch
 
 from common import digest
-from edge.session import snapshot_checksum
+from edge.checksum import snapshot_checksum
 
 
 def _str(s: str) -> bytes:  # fixstr: at most 31 bytes

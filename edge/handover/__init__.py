@@ -29,7 +29,7 @@ def _union(kind: str) -> tuple[type, ...]:
 # policy's messages sent to an edge that runs another one are refused by its core.
 PEER_FIRST = _union("OPENS")
 # What comes back on a kept link this edge opened without a fetch waiting for it: the
-# core's (``edge.migration``).
+# core's (``edge.peers``).
 UNASKED = _union("UNASKED")
 
 __all__ = ["PEER_FIRST", "POLICIES", "UNASKED", "Handover", "Recovery", "Replica"]
