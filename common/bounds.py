@@ -9,7 +9,7 @@ frame larger than an honest device sends is refused from its prefix
 
 - its rows are 1..``batch_size`` (the round's; a shard's last batch may be smaller),
 - each row has the shape and dtype of the model's activations at the device's cut
-  (``cut_row``: the model's input run through the device part on the meta device),
+  (``cut_row``: one row of the model's input run through the device part),
 - its values are finite and its labels are classes of the model;
 
 and a gradient is refused by the device unless it has the shape and dtype of the
@@ -26,19 +26,31 @@ import math
 
 import torch
 
-from common.models import Part, layer_builders, num_classes, state_spec, weights_problem
+from common.models import layer_builders, num_classes, state_spec, weights_problem
 from common.nets import ModelSpec
 
 
-@functools.lru_cache(maxsize=64)
 def cut_row(model: str, cut: int) -> tuple[tuple[int, ...], torch.dtype]:
     """(shape of one row, dtype) of ``model``'s activations after layer ``cut``, for the
-    input its key names. Computed once per (model, cut), with no weights and no data."""
+    input its key names."""
+    return _rows(model)[cut]
+
+
+@functools.lru_cache(maxsize=16)
+def _rows(model: str) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+    """Each layer's output row for one row of input, computed once per model: one zero
+    row run through the layers on the CPU, each built, run and dropped in turn (the
+    largest layer's weights held at a time; the global RNG as it was). Not on the meta
+    device, where BatchNorm imports ``torch._dynamo`` (common.footprint): hundreds of
+    modules at every edge's start."""
     spec = ModelSpec.parse(model)
-    with torch.device("meta"):
-        part = Part([make() for make in layer_builders(model)[:cut + 1]], 0).eval()
-        out = part(torch.empty(1, spec.channels, spec.height, spec.width))
-    return tuple(out.shape[1:]), out.dtype
+    rows = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        x = torch.zeros(1, spec.channels, spec.height, spec.width)
+        for make in layer_builders(model):
+            x = make().eval()(x)
+            rows.append((tuple(x.shape[1:]), x.dtype))
+    return tuple(rows)
 
 
 # Room for a frame's tensors beside the largest honest one (the labels, a rounding).

@@ -4,7 +4,7 @@ The image is built here (scripts/containers.py: a debootstrap base, this host's 
 Dockerfile; all cached, so only the first run of a machine pays for it). Then a compose
 file (podman-compose) and manifests (`podman kube play`) each run a testbed over podman's
 bridge network, roles reaching each other by their names: files that scripts/deploy.py
-makes from a localhost testbed file of 3 edges and 6 devices (2 rounds of 4 steps, one
+makes from a localhost testbed file of 3 edges and 4 devices (2 rounds of 4 steps, one
 move), and with FEDFLY_TEST_DEMO_CONTAINERS=1 also the committed demo files with
 configs/docker.toml made small (2 rounds of 4 steps per device, its scheduled move kept). Each run must finish with the move
 recorded and the same `final_model_sha256` as the same training on loopback.
@@ -180,12 +180,12 @@ def _demo(tmp: Path) -> Deployment:
 
 
 def _generated(tmp: Path) -> Deployment:
-    """A topology that is not the demo's, 3 edges and 6 devices, as a localhost testbed file
+    """A topology that is not the demo's, 3 edges and 4 devices, as a localhost testbed file
     (loopback addresses, its key and results here); the compose file and the manifests are
     made from that very file by scripts/deploy.py, and the same file trained on loopback
     gives the final model they must end with."""
     moves = [{"device": "device1", "to": "edge3", "round": 2, "at": 0.5}]
-    path = write_config(tmp, RUN_NAME, edges=3, devices=6, rounds=SMALL["training"]["rounds"],
+    path = write_config(tmp, RUN_NAME, edges=3, devices=4, rounds=SMALL["training"]["rounds"],
                         batch_size=SMALL["training"]["batch_size"],
                         samples_per_device=SMALL["data"]["samples_per_device"],
                         test_samples=SMALL["data"]["test_samples"], moves=moves)
@@ -201,7 +201,7 @@ def _generated(tmp: Path) -> Deployment:
                       path, {(m["device"], m["to"]) for m in moves})
 
 
-DEPLOYMENTS = {"demo": _demo, "3 edges, 6 devices": _generated}
+DEPLOYMENTS = {"demo": _demo, "3 edges, 4 devices": _generated}
 # The demo's committed files are the generator's output for configs/docker.toml
 # (tests/test_deploy.py checks them byte for byte and reads them back), so the suite runs
 # the generated topology only; FEDFLY_TEST_DEMO_CONTAINERS=1 runs the demo's files too.

@@ -117,9 +117,11 @@ FORGED = {
 
 
 def test_a_hostile_device_costs_only_its_own_links_and_is_recorded_as_what_it_is(tmp_path):
+    # device_grace_s: room for device2's attaches one after another (each within a few ms
+    # of the last link's close), and what round 1 waits once its last link is closed
     cfg = write_config(tmp_path, edges=1, devices=2, rounds=2, samples_per_device=400, batch_size=BATCH,
                        extra={"security": {"mode": "tls", "certs": "certs"},
-                              "faults": {"device_grace_s": 8.0}})
+                              "faults": {"device_grace_s": 3.0}})
     from scripts import certs as certs_cmd
     assert certs_cmd.main(["--config", str(cfg)]) == 0
     bed = Testbed(cfg, "devices.device1.slowdown=3", log_dir=tmp_path / "logs")

@@ -55,13 +55,26 @@ def test_full_run_learns_and_writes_every_result(tmp_path):
 
 
 def test_wrong_key_is_refused(tmp_path):
-    cfg = write_config(tmp_path, edges=1, devices=1, rounds=1, extra={"run": {"startup_timeout": 15.0}})
+    """The edge starts first and dials the central until it answers, so that its refusal
+    comes as the central starts listening, and the central's start-up deadline (the check
+    that nobody valid joined) can be short."""
+    from common.config import load_config
+    cfg = write_config(tmp_path, edges=1, devices=1, rounds=1, extra={"run": {"startup_timeout": 5.0}})
     other = tmp_path / "other.key"
     other.write_text("ab" * 32)
+    port = load_config(str(cfg)).edges["edge1"].port
     bed = Testbed(cfg, log_dir=tmp_path / "logs")
     try:
+        edge = bed.start("edge", "edge1", f'security.key_file="{other}"', "run.startup_timeout=120")
+        deadline = time.monotonic() + 120
+        while True:  # the edge listens, then dials the central
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and edge.poll() is None, bed.log("edge1")
+                time.sleep(0.1)
         bed.start("central")
-        edge = bed.start("edge", "edge1", f'security.key_file="{other}"', "run.startup_timeout=20")
         assert bed.wait("edge1", 60) == 1
         assert "could not prove" in bed.log("edge1") or "did not accept" in bed.log("edge1")
         assert bed.wait("central", 60) == 1  # nobody valid joined: start-up times out, run aborted

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import subprocess
+import sys
 import time
 
 import pytest
 
 from common.security import CONTROLLER
 from tests.test_exactness import reference_sha
-from tests.testbed import ROOT, Testbed, _env, mobility, read_summary, run_launch, write_config
+from tests.testbed import ROOT, Testbed, _env, kill_tree, mobility, read_summary, run_launch, write_config
 
 pytestmark = pytest.mark.process  # whole-testbed runs: the slow tier (tests/conftest.py)
 
@@ -207,10 +208,10 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
 
     # Steps stretched (a sleep: it costs no CPU) so that the controller's calls land
     # mid-run; rounds enough that the six controller processes started after round 1 began
-    # are done before the run ends even on a busy machine (the refusals' are started before
-    # it begins: round 1 waits for device4).
+    # are done before the run ends even on a busy machine (they are done in round 2; the
+    # refusals' are started before it begins: round 1 waits for device4).
     slow = {f"devices.device{i}": {"slowdown": 10.0} for i in range(1, 5)}
-    rounds = 5
+    rounds = 4
     cfg = write_config(tmp_path / "live", edges=2, devices=4, rounds=rounds, samples_per_device=200, batch_size=10,
                        extra=slow)
     c = load_config(str(cfg))
@@ -219,7 +220,8 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
         bed.start("central")
         bed.start("edge", "edge1")
         bed.start("edge", "edge2")
-        bed.start("device", "device1")
+        for d in ("device1", "device2", "device3"):  # no round before device4 is up
+            bed.start("device", d)
         # device1 is up and idle (no round has started): a move now applies at round 1 step 0
         _wait_up(cfg, "device1")
         ok = mobility(cfg, "move", "--device", "device1", "--to", "edge2")
@@ -227,27 +229,38 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
         again = move(c, "device1", "edge2", creds=c.credentials(CONTROLLER))
         assert not again.accepted and "already pending" in again.reason
         for d in ("device2", "device3"):
-            bed.start("device", d)
-        for d in ("device2", "device3"):
             _wait_up(cfg, d)
-        # refused moves change nothing and the run goes on
-        r = move(c, "device3", "edge7", creds=c.credentials(CONTROLLER))
-        assert not r.accepted and "unknown edge" in r.reason
-        r = move(c, "device3", "edge2", creds=c.credentials(CONTROLLER))
-        assert not r.accepted and "already on edge2" in r.reason and r.edge == "edge2"
-        r = mobility(cfg, "move", "--device", "device9", "--to", "edge1")
-        assert r.returncode == 2 and "device9" in r.stderr
-        r = mobility(cfg, "move", "--device", "device3", "--to", "edge9")
-        assert r.returncode == 2 and "edge9" in r.stderr  # a bad argument, caught before asking
-        r = mobility(cfg, "move", "--device", "device3", "--to", "edge2")
-        assert r.returncode == 3 and "already on edge2" in r.stderr  # the device refuses
+        # refused moves change nothing and the run goes on (the controller's three at once)
+        refused = {args: subprocess.Popen([sys.executable, "-m", "central.mobility", "move", "--config", str(cfg),
+                                           "--device", args[0], "--to", args[1]], cwd=ROOT, env=_env(),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for args in (("device9", "edge1"), ("device3", "edge9"), ("device3", "edge2"))}
+        try:
+            r = move(c, "device3", "edge7", creds=c.credentials(CONTROLLER))
+            assert not r.accepted and "unknown edge" in r.reason
+            r = move(c, "device3", "edge2", creds=c.credentials(CONTROLLER))
+            assert not r.accepted and "already on edge2" in r.reason and r.edge == "edge2"
+            outs = {}
+            for args, p in refused.items():
+                _, err = p.communicate(timeout=120)
+                outs[args] = p.returncode, err
+        finally:
+            for p in refused.values():
+                if p.poll() is None:
+                    kill_tree(p)
+        code, err = outs[("device9", "edge1")]
+        assert code == 2 and "device9" in err
+        code, err = outs[("device3", "edge9")]
+        assert code == 2 and "edge9" in err  # a bad argument, caught before asking
+        code, err = outs[("device3", "edge2")]
+        assert code == 3 and "already on edge2" in err  # the device refuses
         bed.start("device", "device4")
         _wait_up(cfg, "device4")
         # a live move mid-round, and the scenario scripts
         r = mobility(cfg, "move", "--device", "device3", "--to", "edge1", "--when-round", "1",
                      "--when-fraction", "0.3", "--wait")
         assert r.returncode == 0 and "now on edge1" in r.stdout, r.stderr
-        env = {**_env(), "PYTHON": __import__("sys").executable}
+        env = {**_env(), "PYTHON": sys.executable}
         sh = subprocess.run(["bash", "scripts/scenarios/move_half.sh", str(cfg), "device2", "edge2", "2"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert sh.returncode == 0, sh.stderr
