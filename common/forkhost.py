@@ -44,14 +44,13 @@ import time
 from common.supervisor import KILL_AFTER_S, POLL_S, fresh_path
 
 # What each role's host imports before forking: the entry point, what its body imports,
-# and what the first steps import lazily (numpy's random for the synthetic labels; an
-# edge's bounds run the device part on the meta device, which imports sympy: several
+# and what the first steps import lazily (numpy's random for the synthetic labels): several
 # hundred modules that each process would otherwise hold on its own (BENCHMARKS.md, "A
-# fleet on one machine"). A device never imports sympy (common.footprint,
-# tests/test_footprint.py): its host does not either.
+# fleet on one machine"). Neither role imports sympy or torch._dynamo any more (a device's
+# backward pass: common.footprint; an edge's bounds: common.bounds._rows), so no host does.
 LAZY = ("numpy.random", "encodings.idna")
 PRELOAD = {"device": ("device.__main__", "device.client", "common.data", *LAZY),
-           "edge": ("edge.__main__", "edge.server", "torch.fx.experimental.symbolic_shapes", *LAZY)}
+           "edge": ("edge.__main__", "edge.server", *LAZY)}
 NETNS_DIR = "/run/netns"    # where ``ip netns add`` names its namespaces
 CLONE_NEWNET = 0x40000000   # <sched.h>; os.setns and os.CLONE_NEWNET come with Python 3.12
 

@@ -46,22 +46,41 @@ def test_forked_devices_are_processes_of_their_own_train_the_same_bits_and_their
     """One round, a device moving between the edges, faults.on_death = "restart", and the
     host asked for by the config alone (run.device_host; the option is the same switch,
     tests/test_device_host.py): each device is a child of the host with its own PID, name
-    and control port; device2, killed before the first round, is reported dead (PID and
+    and control port; device2, killed as soon as it listens, is reported dead (PID and
     status) and forked again; the final model is the in-process reference's, which is the
     same run's without the host (tests/test_exactness.py)."""
     from tests.test_exactness import reference_sha
     cfg_path = write_config(tmp_path, edges=2, devices=4, rounds=1, samples_per_device=16, batch_size=4,
                             moves=[{"device": "device1", "to": "edge2", "round": 1, "at": 0.5}],
                             extra={"data": {"image_size": 8, "test_samples": 50},
-                                   "faults": {"on_death": "restart"}, "run": {"device_host": "on"}})
+                                   "faults": {"on_death": "restart"}, "run": {"device_host": "on"},
+                                   # device2's steps stretched: the round cannot end before it dies
+                                   "devices.device2": {"slowdown": 100}})
     cfg = load_config(str(cfg_path))
-    launcher, host, forked = _hosted(cfg_path, lambda f: len(f) == 4)
+    killed: list[int] = []
+
+    def kill_device2_then_see_all(f) -> bool:
+        # device2 dies the moment it is seen listening: before the round ends, which it
+        # holds back (its slowdown); killed once the others were up, it had at times
+        # finished the one short round already
+        if not killed:
+            pid = next((pid for pid, (name, _) in f.items() if name == "device2"), None)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return bool(killed) and len({name for name, _ in f.values()}) == 4
+
+    launcher, host, seen = _hosted(cfg_path, kill_device2_then_see_all)
     try:
-        victim = next(pid for pid, (name, _) in forked.items() if name == "device2")
-        os.kill(victim, signal.SIGKILL)
         out, _ = launcher.communicate(timeout=120)
     finally:
         kill_tree(launcher)
+    victim = killed[0] if killed else None
+    # the first child seen of each name (device2 forked again may have been seen too)
+    first = {}
+    for pid, (name, ports) in seen.items():
+        first.setdefault(name, (pid, ports))
+    forked = {pid: (name, ports) for name, (pid, ports) in first.items()}
     assert launcher.returncode == 0, out
     assert 'launch: the devices forked from one host (run.device_host = "on"' in out
     assert f"device device2 (pid {victim}) died with status -9" in out
