@@ -15,12 +15,15 @@ ReLU is done first, in place, on the block's pre-ReLU output (a temporary no bac
 pass reads), then the same pool.
 
 A block that is a convolution then a batch norm in training (VGG-5's) goes further: the
-batch norm runs in the same step a slice of channels at a time (its statistics are per
-channel: a channel's sums are the same computation in a slice as in the whole, bit for
-bit), so that neither its output nor the gradient at its output ever exists whole; its
-input is kept as those slices, and the last backward pass over the graph lets each go as
-soon as it is used, while the gradient at that input fills in. A device's peak is then
-the larger of a convolution's own and the second block's backward pass.
+convolution runs in the same step, and the batch norm a slice of channels at a time (its
+statistics are per channel: a channel's sums are the same computation in a slice as in
+the whole, bit for bit), so that neither its output nor the gradient at its output ever
+exists whole. Its input (the convolution's output) is kept as it is, not copied: the last
+backward pass over the graph writes the gradient at that input over it, slice by slice,
+and hands that to the convolution's backward, which runs as the unfused one's two kernels
+(the weights', then the input's), one after the other so that their buffers (torch's
+reordered copies of their operands) never coexist. A device's peak is then the second
+convolution's backward pass, while the first block's batch norm input is held.
 
 ``fusable`` says where it applies: a layer with ``pre_relu`` (its output before a final
 ReLU) followed by a plain ``MaxPool2d(2)``; the modules, parameters and state_dict keys
