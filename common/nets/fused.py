@@ -15,12 +15,15 @@ ReLU is done first, in place, on the block's pre-ReLU output (a temporary no bac
 pass reads), then the same pool.
 
 A block that is a convolution then a batch norm in training (VGG-5's) goes further: the
-batch norm runs in the same step a slice of channels at a time (its statistics are per
-channel: a channel's sums are the same computation in a slice as in the whole, bit for
-bit), so that neither its output nor the gradient at its output ever exists whole; its
-input is kept as those slices, and the last backward pass over the graph lets each go as
-soon as it is used, while the gradient at that input fills in. A device's peak is then
-the larger of a convolution's own and the second block's backward pass.
+convolution runs in the same step, and the batch norm a slice of channels at a time (its
+statistics are per channel: a channel's sums are the same computation in a slice as in
+the whole, bit for bit), so that neither its output nor the gradient at its output ever
+exists whole. Its input (the convolution's output) is kept as it is, not copied: the last
+backward pass over the graph writes the gradient at that input over it, slice by slice,
+and hands that to the convolution's backward, which runs as the unfused one's two kernels
+(the weights', then the input's), one after the other so that their buffers (torch's
+reordered copies of their operands) never coexist. A device's peak is then the second
+convolution's backward pass, while the first block's batch norm input is held.
 
 ``fusable`` says where it applies: a layer with ``pre_relu`` (its output before a final
 ReLU) followed by a plain ``MaxPool2d(2)``; the modules, parameters and state_dict keys
@@ -51,17 +54,18 @@ SLICE_BYTES = 2 << 20
 
 
 def block_relu_maxpool2x2(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``max_pool2d(layer(x), 2)`` for a ``fusable`` layer: its batch norm too, by slices of
-    channels, where ``layer`` is ``bn(pre_norm(x))`` before its ReLU, with a plain batch
-    norm in training; else ``relu_maxpool2x2(layer.pre_relu(x))``."""
-    bn = getattr(layer, "bn", None)
+    """``max_pool2d(layer(x), 2)`` for a ``fusable`` layer: its convolution and batch norm
+    too, where ``layer`` is ``bn(conv(x))`` before its ReLU (``layer.pre_norm`` is
+    ``layer.conv``) with a plain zero-padded convolution and a plain batch norm in
+    training; else ``relu_maxpool2x2(layer.pre_relu(x))``."""
+    bn, conv = getattr(layer, "bn", None), getattr(layer, "conv", None)
     if callable(getattr(layer, "pre_norm", None)) and type(bn) is nn.BatchNorm2d and bn.training \
-            and bn.track_running_stats and bn.affine and bn.momentum is not None:
-        c = layer.pre_norm(x)
-        bn._check_input_dim(c)
-        F._verify_batch_size(c.size())
+            and bn.track_running_stats and bn.affine and bn.momentum is not None \
+            and type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        bn._check_input_dim(x)
+        F._verify_batch_size(x.size())
         bn.num_batches_tracked.add_(1)
-        return _BnReluMaxPool2x2.apply(c, bn.weight, bn.bias, bn)
+        return _ConvBnReluMaxPool2x2.apply(x, conv.weight, conv.bias, bn.weight, bn.bias, conv, bn)
     return relu_maxpool2x2(layer.pre_relu(x))
 
 
@@ -105,55 +109,85 @@ def _slices(c: torch.Tensor) -> list[slice]:
     return [slice(k, min(k + per, c.shape[1])) for k in range(0, c.shape[1], per)]
 
 
-class _BnReluMaxPool2x2(torch.autograd.Function):
-    """batch norm (training, ``bn``'s running statistics updated as its forward does),
-    ReLU and the pool, a slice of channels at a time. Keeps the batch norm's input (as
-    unfused, but as its slices, each let go once the backward pass is done with it),
-    its per-channel statistics, the pooled output and the places' offsets."""
+class _ConvBnReluMaxPool2x2(torch.autograd.Function):
+    """The convolution, then batch norm (training, ``bn``'s running statistics updated as
+    its forward does), ReLU and the pool a slice of channels at a time. Keeps what the
+    unfused modules' backward passes read (the convolution's input, the batch norm's
+    input), the per-channel statistics, the pooled output and the places' offsets; no
+    copy of the batch norm's input: a slice at a time is copied out to be normalized, and
+    the last backward pass writes the gradient at that input over it, slice by slice. The
+    convolution's backward is the unfused one's two kernels (weights, then input), one
+    after the other, so that their buffers never coexist."""
 
     @staticmethod
-    def forward(ctx, c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d):  # type: ignore[override]
+    def forward(ctx, x, conv_weight, conv_bias, weight, bias, conv: nn.Conv2d, bn: nn.BatchNorm2d):  # type: ignore[override]
+        c = F.conv2d(x, conv_weight, conv_bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         n, ch, h, w = c.shape
         out = c.new_empty(n, ch, h // 2, w // 2)
         offset = torch.empty(out.shape, dtype=_offset_dtype(w), device=c.device)
         ctx.base = _corner_at(h // 2, w // 2, w, c.device)
         mean, invstd = c.new_empty(ch), c.new_empty(ch)
-        ctx.inputs = []  # (intermediate tensors: on ctx, so that backward can let each go)
         for s in _slices(c):
-            ctx.inputs.append((s, c[:, s].contiguous()))
             z, mean[s], invstd[s] = torch.ops.aten.native_batch_norm(
-                ctx.inputs[-1][1], weight[s], bias[s], bn.running_mean[s], bn.running_var[s], True, bn.momentum, bn.eps)
+                c[:, s].contiguous(), weight[s], bias[s], bn.running_mean[s], bn.running_var[s], True, bn.momentum,
+                bn.eps)
             pooled, at = F.max_pool2d_with_indices(z.relu_(), 2)
             del z
             out[:, s] = pooled
             offset[:, s] = at.sub_(ctx.base)
-        ctx.save_for_backward(weight, out, offset, mean, invstd)
-        ctx.bn, ctx.c_meta = bn, (c.shape, c.dtype)
+        ctx.save_for_backward(x, conv_weight, weight, mean, invstd)
+        # the batch norm's input, the pooled output (detached: no cycle through this node)
+        # and the offsets on ctx, so that the last backward pass can let each go early
+        ctx.inputs = [c, out.detach(), offset]
+        ctx.conv, ctx.bn, ctx.has_bias = conv, bn, conv_bias is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        weight, out, offset, mean, invstd = ctx.saved_tensors
-        bn = ctx.bn
-        # the last pass over this graph (retain_graph=False) lets each slice go once used;
-        # another one to come (the edge's gradient at the cut first) keeps them
+        x, conv_weight, weight, mean, invstd = ctx.saved_tensors
+        bn, conv = ctx.bn, ctx.conv
+        # the last pass over this graph (retain_graph=False) may overwrite the batch norm's
+        # input; another one to come (the edge's gradient at the cut first) keeps it
         keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()
         if ctx.inputs is None:
-            raise RuntimeError("the fused batch norm's backward ran twice without retain_graph")
-        dc = grad.new_empty(ctx.c_meta[0])  # (pages written slice by slice, as the slices go)
+            raise RuntimeError("the fused convolution block's backward ran twice without retain_graph")
+        c, out, offset = ctx.inputs
+        dc = grad.new_empty(c.shape) if keep else c
+        if not keep:
+            ctx.inputs = None
         dw, db = torch.empty_like(weight), torch.empty_like(weight)
-        for i, (s, cs) in enumerate(ctx.inputs):
+        for s in _slices(c):
+            cs = c[:, s].contiguous()
             dz = _pool_threshold_backward(grad[:, s], out[:, s], offset[:, s].to(torch.int64).add_(ctx.base), cs.shape)
             dc[:, s], dw[s], db[s] = torch.ops.aten.native_batch_norm_backward(
                 dz, cs, weight[s], bn.running_mean[s], bn.running_var[s], mean[s], invstd[s], True, bn.eps,
                 [True, True, True])
             del dz, cs
-            if not keep:
-                ctx.inputs[i] = (s, None)
-        if not keep:
-            ctx.inputs = None
-        return dc, dw, db, None
+        del c, grad, out, offset
+        bias_sizes = [conv_weight.shape[0]] if ctx.has_bias else None
+        args = (conv.stride, conv.padding, conv.dilation, False, [0] * len(conv.stride), conv.groups)
+        need = [_needed(ctx, i) for i in range(3)]
+        dx = dcw = dcb = None
+        if need[1] or need[2]:
+            _, dcw, dcb = torch.ops.aten.convolution_backward(dc, x, conv_weight, bias_sizes, *args,
+                                                              [False, need[1], need[2] and ctx.has_bias])
+        if need[0]:
+            dx = torch.ops.aten.convolution_backward(dc, x, conv_weight, bias_sizes, *args, [True, False, False])[0]
+        return dx, dcw, dcb, dw, db, None, None
+
+
+def _needed(ctx, i: int) -> bool:
+    """Whether this backward pass wants the gradient at the function's input ``i`` (a
+    pass may want only some: the edge's gradient at the cut first). Unknown (a weight's
+    in ``torch.autograd.grad``): wanted, computed and maybe dropped, the same bits."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    try:
+        return node is not None and torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def _corner_at(ho: int, wo: int, w: int, device) -> torch.Tensor:

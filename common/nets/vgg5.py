@@ -28,7 +28,8 @@ class ConvBlock(nn.Module):
         return self.bn(self.pre_norm(x))
 
     def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's output before ``self.bn`` (``common.nets.fused``)."""
+        """The block's output before ``self.bn``: ``self.conv(x)``, which ``common.nets.fused``
+        runs itself (with this convolution's weights and settings) where this is defined."""
         return self.conv(x)
 
 
