@@ -125,17 +125,22 @@ def device_probe(out: Path, malloc: str, samples: int, rounds: int = 4) -> dict[
     env = benchlib._env()
     env["PYTHONPATH"] = str(site) + os.pathsep + env["PYTHONPATH"]
     env[memprobe.OUT_ENV] = str(path)
-    base = subprocess.Popen([sys.executable, "-c", TORCH_ONLY], cwd=benchlib.ROOT, env=benchlib._env(),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # Two torch-only interpreters: the baseline is read once the run has ended, and a
+    # file page only one process maps counts as private (USS); the second keeps libtorch's
+    # pages shared, as the run's edge and central kept them while the device was read.
+    base, partner = (subprocess.Popen([sys.executable, "-c", TORCH_ONLY], cwd=benchlib.ROOT, env=benchlib._env(),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2))
     try:
         base.stdout.readline()
+        partner.stdout.readline()
         with open(cfg.with_suffix(".out"), "w") as log:
             status = subprocess.run([sys.executable, "-m", "central.launch", "--config", str(cfg)], cwd=benchlib.ROOT,
                                     env=env, stdout=log, stderr=subprocess.STDOUT, timeout=1800).returncode
         torch_only = {**memprobe.rollup(base.pid), "mappings": memprobe.mappings(base.pid)}
     finally:
-        base.kill()
-        base.wait()
+        for p in (base, partner):
+            p.kill()
+            p.wait()
     return {"malloc": malloc, "status": status, "samples": samples, "rounds": rounds, "torch": torch_only,
             **(json.loads(path.read_text()) if path.exists() else {"stages": {}, "steps": []})}
 
