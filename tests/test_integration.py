@@ -59,7 +59,7 @@ def test_wrong_key_is_refused(tmp_path):
     comes as the central starts listening, and the central's start-up deadline (the check
     that nobody valid joined) can be short."""
     from common.config import load_config
-    cfg = write_config(tmp_path, edges=1, devices=1, rounds=1, extra={"run": {"startup_timeout": 5.0}})
+    cfg = write_config(tmp_path, edges=1, devices=1, rounds=1, extra={"run": {"startup_timeout": 3.0}})
     other = tmp_path / "other.key"
     other.write_text("ab" * 32)
     port = load_config(str(cfg)).edges["edge1"].port
