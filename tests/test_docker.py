@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -183,16 +184,32 @@ def test_entrypoint_health_check_sees_a_listener_without_connecting():
     assert _entry("health", str(port))[0] == 1
 
 
+def _catches_term(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGTERM (the shell's trap is set)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+def _await(pred, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def test_entrypoint_lingers_only_after_success():
     assert _entry("true")[0] == 0
-    status, took = _entry("true", linger="2")
-    assert status == 0 and took >= 2
+    status, took = _entry("true", linger="1")
+    assert status == 0 and took >= 1
     status, took = _entry("sh", "-c", "exit 3", linger="30")
     assert status == 3 and took < 10
     # compose stops a lingering container with SIGTERM: it leaves at once, with 0
     proc = subprocess.Popen(["sh", str(ENTRYPOINT), "true"], env={**os.environ, "FEDFLY_LINGER_S": "60"})
     try:
-        time.sleep(1)
+        # lingering: its `sleep` runs (started after the lingering trap is set)
+        _await(lambda: any(p.name() == "sleep" for p in psutil.Process(proc.pid).children()), "no linger")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:
@@ -202,7 +219,7 @@ def test_entrypoint_lingers_only_after_success():
     proc = subprocess.Popen(["sh", str(ENTRYPOINT), sys.executable, "-c", "import time; time.sleep(60)"],
                             env={**os.environ, "FEDFLY_LINGER_S": "60"})
     try:
-        time.sleep(1)
+        _await(lambda: psutil.Process(proc.pid).children() and _catches_term(proc.pid), "no role or no trap")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 128 + signal.SIGTERM
     finally:

@@ -59,7 +59,7 @@ def test_wrong_key_is_refused(tmp_path):
     comes as the central starts listening, and the central's start-up deadline (the check
     that nobody valid joined) can be short."""
     from common.config import load_config
-    cfg = write_config(tmp_path, edges=1, devices=1, rounds=1, extra={"run": {"startup_timeout": 5.0}})
+    cfg = write_config(tmp_path, edges=1, devices=1, rounds=1, extra={"run": {"startup_timeout": 3.0}})
     other = tmp_path / "other.key"
     other.write_text("ab" * 32)
     port = load_config(str(cfg)).edges["edge1"].port
@@ -117,7 +117,7 @@ def test_launcher_stops_everything_when_a_process_dies(tmp_path):
     proc = _launch(cfg)
     try:
         kids = _children_when_up(proc, 4)
-        time.sleep(3)
+        time.sleep(0.5)  # the launcher watches its roles from their start: a death at any time
         victim = next(k for k in kids if "device2" in " ".join(k.cmdline()))
         victim.kill()
         out, _ = proc.communicate(timeout=60)
@@ -136,7 +136,7 @@ def test_launcher_stops_everything_on_ctrl_c(tmp_path):
     proc = _launch(cfg)
     try:
         kids = _children_when_up(proc, 3)
-        time.sleep(2)
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "interrupted" in out

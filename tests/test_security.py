@@ -103,9 +103,9 @@ def secure_pair(client_creds, server_creds, *, expect=None, client_wrap=lambda s
             transport.Connection(sstream, peer="client", identity=sident))
 
 
-def big_message() -> m.Message:
+def big_message(floats: int = 300_000) -> m.Message:
     return m.SessionReplica(device="device1", round=1, step=2, target="edge2", meta={}, checksum="x",
-                            state={"w": torch.arange(300_000, dtype=torch.float32)})
+                            state={"w": torch.arange(floats, dtype=torch.float32)})
 
 
 @pytest.mark.parametrize("mode", ["tls", "key"])
@@ -206,13 +206,15 @@ class Trickle:
 
 def test_a_record_still_arriving_on_a_slow_link_is_life_not_silence():
     # a 256 KiB record takes 0.8 s here, the receiver's idle limit is 0.3 s: the bytes of
-    # the record on their way keep the link alive, and the frame arrives whole
+    # the record on their way keep the link alive, and the frame arrives whole (one full
+    # record and a short one: the point needs no more)
     slow: list[Trickle] = []
     c, s = secure_pair(security.SharedKey(KEY), security.SharedKey(KEY),
                        client_wrap=lambda st: slow.append(Trickle(st)) or slow[0])
     slow[0].slow = True
     s.idle_timeout = 0.3
-    msg = big_message()
+    msg = big_message(70_000)
+    assert security.MAX_RECORD < 70_000 * 4 < 2 * security.MAX_RECORD
     threading.Thread(target=lambda: _quiet(c.send, msg), daemon=True).start()
     got = s.recv(timeout=WAIT)
     assert torch.equal(got.state["w"], msg.state["w"])
