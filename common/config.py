@@ -62,6 +62,10 @@ class Cut:
 AUTO = "auto"
 
 
+class Rounds:
+    """Schema type of a list of round numbers (each >= 1); empty: every round."""
+
+
 def _choice(options: tuple[str, ...]):
     rule = lambda v: None if v in options else f"must be one of {', '.join(options)}"
     rule.options = options   # for the reference (python -m scripts.configref)
@@ -208,6 +212,8 @@ DEVICE_KEYS: dict[str, Key] = {
     "bind": (str, "", None, "where the device listens when that is not host"),
     "slowdown": (float, 1.0, lambda v: None if v >= 1 else "must be >= 1 (1 = full speed)",
                  "the device computes this many times slower than its host (emulates weaker hardware)"),
+    "slowdown_rounds": (Rounds, (), None, "the rounds slowdown applies in, e.g. [1, 3] (empty: every round): a device "
+                        "slow only for a while, as a Pi under another load; a test slows only the round its fault is in"),
     "threads": (int, 0, _NONNEG, "the device's torch threads (0: training.threads; another count "
                  "changes the last bits of its results)"),
     "link_mbit": (float, 0.0, _NONNEG, "the rate of this device's link, Mbit/s (netns testbed and the auto cut; "
@@ -280,6 +286,7 @@ READ_BY: dict[str, str] = {
     "edges.link_mbit": "central, launcher (netns)",
     "devices": "device", "devices.edge": "central, device, launcher", "devices.host": "device, controller, launcher",
     "devices.control_port": "device, controller, launcher", "devices.slowdown": "central, device",
+    "devices.slowdown_rounds": "device",
     "devices.link_mbit": "central, launcher (netns)", "devices.split_layer": "central, edge, device",
     "devices.ssh": "launcher (remote)",
     "mobility": "central, device", "mobility.preconnect": "device", "mobility.handover": "central, edge, device",
@@ -357,10 +364,15 @@ class DeviceConfig:
     control_port: int
     bind: str = ""
     slowdown: float = 1.0
+    slowdown_rounds: tuple[int, ...] = ()   # empty: every round
     threads: int = 0
     link_mbit: float = 0.0
     ssh: str = ""
     split_layer: int | str | None = None   # an int, "auto", or None: the model's
+
+    def slowdown_in(self, round_: int) -> float:
+        """The stretch of this device's compute in round ``round_`` (1 outside slowdown_rounds)."""
+        return self.slowdown if not self.slowdown_rounds or round_ in self.slowdown_rounds else 1.0
 
     @property
     def control(self) -> Endpoint:
@@ -570,6 +582,11 @@ def _typed(key: str, value: Any, typ: type, rule: Any = None) -> Any:
             return value
         raise ConfigError(key, f"is {type(value).__name__} {value!r}, must be a layer number or \"auto\"",
                           'write it like 3, or "auto" (chosen from a cost model at start)')
+    if typ is Rounds:
+        if isinstance(value, list) and all(type(v) is int and v >= 1 for v in value):
+            return tuple(sorted(set(value)))
+        raise ConfigError(key, f"is {value!r}, must be a list of round numbers (each >= 1)",
+                          "write it like [1] or [1, 3] (empty [] or left out: every round)")
     if typ is float and type(value) is int:
         return float(value)
     if type(value) is not typ:

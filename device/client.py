@@ -286,7 +286,7 @@ class DeviceClient:
             if not isinstance(compute, float):
                 return compute
         rnd.step_ms[step] = round((time.perf_counter() - t_wall) * 1000, 2)
-        self._throttle(compute)
+        self._throttle(compute, rnd.round)
         rnd.step = step = step + 1
         if self.checkpoint_steps and step % self.checkpoint_steps == 0:
             self._keep(rnd, step)
@@ -399,11 +399,13 @@ class DeviceClient:
         if to is not None:
             self.link.announce(to, r, step + 1)
 
-    def _throttle(self, compute_s: float) -> None:
-        """Emulate a slower device: stretch each step's compute by ``slowdown``."""
+    def _throttle(self, compute_s: float, round_: int) -> None:
+        """Emulate a slower device: stretch each step's compute by ``slowdown`` (in the
+        rounds of ``slowdown_rounds``; all when it is empty)."""
         self.compute_s += compute_s
-        if self.me.slowdown > 1:
-            pause = compute_s * (self.me.slowdown - 1)
+        slowdown = self.me.slowdown_in(round_)
+        if slowdown > 1:
+            pause = compute_s * (slowdown - 1)
             self.throttle_s += pause
             time.sleep(pause)
 

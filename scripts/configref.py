@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from common.config import AUTO, ENV_OVERRIDES, REQUIRED, TABLES, Cut, read_by
+from common.config import AUTO, ENV_OVERRIDES, REQUIRED, TABLES, Cut, Rounds, read_by
 
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "CONFIGURATION.md")
 HEADER = f"""# Configuration reference
@@ -42,6 +42,8 @@ def _type(typ: type, rule: Any) -> str:
         return " \\| ".join(f'`"{o}"`' for o in options)
     if typ is Cut:
         return f'int or `"{AUTO}"`'
+    if typ is Rounds:
+        return "list of int"
     return {str: "string", int: "int", float: "float", bool: "bool"}[typ]
 
 
@@ -54,6 +56,8 @@ def _default(value: Any) -> str:
         return f"`{str(value).lower()}`"
     if isinstance(value, str):
         return f'`"{value}"`'
+    if isinstance(value, tuple):
+        return f"`{list(value)}`"
     return f"`{value}`"
 
 
