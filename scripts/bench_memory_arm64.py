@@ -191,6 +191,8 @@ def run(out: Path, samples: int, rounds: int, malloc: str, arch: str = "arm64", 
                 benchlib.kill_tree(p.pid)
             p.wait()
         for n in names:
+            logs = containers.podman("logs", n, check=False, timeout=120)
+            (out / f"{n}.log").write_text(logs.stdout + logs.stderr)
             containers.podman("rm", "-f", "-t", "0", n, check=False, timeout=120)
     return result
 
