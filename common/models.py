@@ -19,6 +19,7 @@ import importlib
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from common.nets import ModelSpec, net
 from common.nets.fused import block_relu_maxpool2x2, fusable
@@ -95,11 +96,22 @@ def empty_part(name: str, first: int, last: int | None = None) -> Part:
     return _meta_part(name, first, last)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
 
 
+class _NoInit(TorchFunctionMode):
+    """``torch.nn.init``'s functions leave a meta tensor as it is: it has no values to fill,
+    and on torch 2.9 (the Raspberry Pi's build) their meta kernels import sympy, hundreds of
+    modules a device would hold for nothing (BENCHMARKS.md, "aarch64 under qemu")."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", "") == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def _meta_part(name: str, first: int, last: int | None = None) -> Part:
     """Layers ``first..last`` on the meta device: names, shapes and dtypes, no memory."""
     makers = layer_builders(name)
     last = len(makers) - 1 if last is None else last
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInit():
         return Part([make() for make in makers[first:last + 1]], first)
 
 
