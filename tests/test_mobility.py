@@ -185,18 +185,22 @@ def test_exact_for_other_splits_and_data(tmp_path, split, distribution, mode):
     assert moved["final_model_sha256"] == _reference(tmp_path, **kw)
 
 
-def _wait_up(cfg, device: str) -> None:
+def _wait_up(cfg, device: str, *, attached: bool = False) -> None:
+    """Until ``device``'s control port answers (and, with ``attached``, an edge has taken it:
+    only then is a move to the edge it is on refused as "already on")."""
     from central.mobility import status
     from common.config import load_config
     c = load_config(str(cfg))
     deadline = time.monotonic() + 120
     while True:
         try:
-            status(c, device, creds=c.credentials(CONTROLLER))
-            return
+            reply = status(c, device, creds=c.credentials(CONTROLLER))
+            if not attached or reply.link == "attached":
+                return
         except Exception:
-            assert time.monotonic() < deadline, f"{device} never came up"
-            time.sleep(0.2)
+            pass
+        assert time.monotonic() < deadline, f"{device} never came up" + (" and attached" if attached else "")
+        time.sleep(0.2)
 
 
 def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
@@ -228,8 +232,8 @@ def test_controller_and_scenarios_against_a_running_testbed(tmp_path):
         assert ok.returncode == 0, ok.stderr
         again = move(c, "device1", "edge2", creds=c.credentials(CONTROLLER))
         assert not again.accepted and "already pending" in again.reason
-        for d in ("device2", "device3"):
-            _wait_up(cfg, d)
+        for d in ("device2", "device3"):  # attached: a move to its own edge is refused only then
+            _wait_up(cfg, d, attached=True)
         # refused moves change nothing and the run goes on (the controller's three at once)
         refused = {args: subprocess.Popen([sys.executable, "-m", "central.mobility", "move", "--config", str(cfg),
                                            "--device", args[0], "--to", args[1]], cwd=ROOT, env=_env(),
