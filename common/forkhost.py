@@ -183,13 +183,8 @@ def host_main(role: str) -> int:
     while reading or children:
         if stopping and reading:
             reading = False
-        if not reading and kill_at is None:
-            for pid in children:
-                signal_pid(pid, signal.SIGTERM)
-            kill_at = time.monotonic() + KILL_AFTER_S
-        if kill_at is not None and time.monotonic() > kill_at:
-            for pid in children:
-                signal_pid(pid, signal.SIGKILL)
+        if not reading:
+            kill_at = _stop_children(children, kill_at)
         ready = select.select([0] if reading else [], [], [], POLL_S)[0]
         if ready:
             data = os.read(0, 65536)
@@ -212,6 +207,19 @@ def host_main(role: str) -> int:
             if reading:
                 reading = _send(reply_fd, {"exit": pid, "status": os.waitstatus_to_exitcode(status)})
     return 0
+
+
+def _stop_children(pids, kill_at: float | None) -> float:
+    """One turn of stopping forked children: SIGTERM to each the first time (``kill_at``
+    None), SIGKILL to those left once ``KILL_AFTER_S`` have passed; the deadline to keep."""
+    if kill_at is None:
+        for pid in pids:
+            signal_pid(pid, signal.SIGTERM)
+        return time.monotonic() + KILL_AFTER_S
+    if time.monotonic() > kill_at:
+        for pid in pids:
+            signal_pid(pid, signal.SIGKILL)
+    return kill_at
 
 
 def node_main(role: str, names: list[str], config: str, overrides: list[str], log_dir: str | None) -> int:
@@ -243,13 +251,8 @@ def node_main(role: str, names: list[str], config: str, overrides: list[str], lo
         say(f"{role} {name}: pid {reply['pid']}" + (f", log {log}" if log else ""))
     kill_at = None
     while children:
-        if stopping and kill_at is None:
-            for pid in children:
-                signal_pid(pid, signal.SIGTERM)
-            kill_at = time.monotonic() + KILL_AFTER_S
-        if kill_at is not None and time.monotonic() > kill_at:
-            for pid in children:
-                signal_pid(pid, signal.SIGKILL)
+        if stopping:
+            kill_at = _stop_children(children, kill_at)
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
             time.sleep(POLL_S)
