@@ -29,7 +29,7 @@ from common.config import Config
 from common.errors import ProtocolError, RemoteProtocolError, TestbedError, TransportError
 from common.events import EventLog
 from common.footprint import backward
-from common.models import build_model, part_keys, split_model, state_spec, weights_problem
+from common.models import build_model, empty_part, part_keys, split_model, state_spec, weights_problem
 from common.plan import RoundPlan
 from common.security import Credentials
 from common.strategies import strategy_class
@@ -96,7 +96,6 @@ class DeviceClient:
         # what the algorithm keeps between rounds (SCAFFOLD's c_i, the whole model): read
         # from the disk at the first round of the run (``_kept_state``), written at each fold
         self.kept: KeptState | None = None
-        self._like: dict[str, torch.Tensor] | None = None
         self._set_cut(cfg.base_cut if cfg.split_of(name) == "auto" else cfg.split_of(name))
 
     def _set_cut(self, cut: int) -> None:
@@ -264,10 +263,9 @@ class DeviceClient:
                                  now=not resumed)
 
     def _params(self) -> dict[str, torch.Tensor]:
-        """The whole model's parameters by key (their shapes and dtypes, for a fold)."""
-        if self._like is None:
-            self._like = {n: p.detach() for n, p in named_parameters(build_model(self.cfg.model_key, seed=0))}
-        return self._like
+        """The whole model's parameters by key, for a fold's shapes and dtypes: uninitialised
+        (``empty_part``: no random initialisation) and not kept after the fold."""
+        return {n: p.detach() for n, p in named_parameters(empty_part(self.cfg.model_key, 0))}
 
     def _step(self, rnd: _Round) -> Outcome | None:
         """Step ``rnd.step``: locally (mode classic) or with the edge. None: done, on to the
