@@ -359,10 +359,8 @@ class CentralServer:
                 failures = [Failure(x.device, x.reason, x.samples) for x in tracker.dropped.values()]
                 results = [(updates[d].weights, updates[d].samples) for d in order]
                 clients = [(d, updates[d].steps) for d in order]
-                returns = self.strategy.client_returns(results, current=weights, state=self.strategy_state,
-                                                       clients=clients, lr=plan.lr)
-                weights, state = self.strategy.aggregate(results, failures, current=weights, state=self.strategy_state,
-                                                         clients=clients, lr=plan.lr)
+                weights, state, returns = self.strategy.conclude(results, failures, current=weights,
+                                                                 state=self.strategy_state, clients=clients, lr=plan.lr)
                 # what goes back to each aggregated device, on disk before the checkpoint names it
                 self.strategy_state = self.returns.keep(r, returns, state)
                 self.weights = weights

@@ -165,8 +165,7 @@ class ReferenceRun:
                                   tensors={**round_share(tensors, list(weights)), **kept.share(list(weights))})
             updates.append(({k: v.clone() for k, v in model.state_dict().items()}, len(x)))
             clients.append((device, len(batches)))
-        returns = s.client_returns(updates, current=weights, state=self.state, clients=clients, lr=self.lr)
-        weights, self.state = s.aggregate(updates, current=weights, state=self.state, clients=clients, lr=self.lr)
+        weights, self.state, returns = s.conclude(updates, current=weights, state=self.state, clients=clients, lr=self.lr)
         client = strategy_class(s.name).CLIENT
         for device, back in returns.items():
             assert client is not None

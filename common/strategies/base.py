@@ -16,7 +16,9 @@ Server side, ``Strategy``:
 - ``client_returns(...)``, same arguments: what goes back to each client whose update
   was aggregated ("tag/key", the whole model; SCAFFOLD's ``delta_i``). The central
   keeps each in a file and sends it with the client's next round (``central.returns``:
-  ``RoundStart.algo`` "DEVICE/tag/key" and ``adopt``, then ``DeviceRound``).
+  ``RoundStart.algo`` "DEVICE/tag/key" and ``adopt``, then ``DeviceRound``);
+- ``conclude(...)``: both at a round's end, as the central calls them (once, for a
+  strategy whose two share their work).
 
 Client side, ``ClientStep``: set up on a round's optimizer, then applied to the gradients
 before every SGD step, by the device on its part and by the edge on its part alike (a
@@ -169,6 +171,15 @@ class Strategy:
         """device -> what goes back to it for its aggregated update ("tag/key", the whole
         model), from the arguments ``aggregate`` gets; pure. {} by default."""
         return {}
+
+    def conclude(self, results: Sequence[tuple[Weights, int]], failures: Sequence[Failure] = (), *,
+                 current: Weights | None = None, state: State | None = None,
+                 clients: Sequence[tuple[str, int]] = (), lr: float = 0.0) -> tuple[Weights, State, dict[str, dict[str, Any]]]:
+        """A round's end: ``aggregate``'s (weights, state) and ``client_returns``, together. A
+        strategy whose two share their work (SCAFFOLD's ``delta_i``) overrides it to do it once."""
+        returns = self.client_returns(results, current=current, state=state, clients=clients, lr=lr)
+        weights, new_state = self.aggregate(results, failures, current=current, state=state, clients=clients, lr=lr)
+        return weights, new_state, returns
 
     def aggregate(self, results: Sequence[tuple[Weights, int]], failures: Sequence[Failure] = (), *,
                   current: Weights | None = None, state: State | None = None,

@@ -109,33 +109,29 @@ class Scaffold(Strategy):
     def round_tensors(self, state):
         return {f"*/{k}": v for k, v in state.items() if k.startswith("c/")}
 
-    def _deltas(self, results, current, state, clients, lr):
-        """Each aggregated client's ``delta_i`` (float64), in the order of ``results``."""
-        if current is None or len(clients) != len(results) or lr <= 0 or not self.param_keys:
-            raise ValueError("scaffold needs the round's weights, each result's (device, steps), the "
-                             "learning rate and the model's parameter keys (bind)")
-        state = state or {}
-        out = []
-        for (y, _), (device, steps) in zip(results, clients):
-            if steps <= 0:
-                raise ValueError(f"scaffold: {device} made {steps} steps")
-            out.append((device, {k: client_delta(current[k], y[k], state.get(f"c/{k}"), steps, lr)
-                                 for k in self.param_keys}))
-        return out
-
-    def client_returns(self, results, *, current=None, state=None, clients=(), lr=0.0):
-        import torch
-        return {device: {f"delta/{k}": d.to(torch.float32) for k, d in delta.items()}
-                for device, delta in self._deltas(results, current, state, clients, lr)}
-
-    def aggregate(self, results, failures=(), *, current=None, state=None, clients=(), lr=0.0):
+    def conclude(self, results, failures=(), *, current=None, state=None, clients=(), lr=0.0):
+        """The round's weights, ``c`` and each aggregated client's ``delta_i`` from one pass
+        over the updates: each ``delta_i`` (float64) is added to the sum for ``c`` and kept
+        as float32 to go back, and never held in float64 beyond its own client."""
         import torch
 
         from central.fedavg import fedavg
-        deltas = self._deltas(results, current, state, clients, lr)
-        assert current is not None  # (checked by _deltas)
-        avg = fedavg(results)
+        if current is None or len(clients) != len(results) or lr <= 0 or not self.param_keys:
+            raise ValueError("scaffold needs the round's weights, each result's (device, steps), the "
+                             "learning rate and the model's parameter keys (bind)")
         state = dict(state or {})
+        moved = {k: torch.zeros(current[k].shape, dtype=torch.float64) for k in self.param_keys}
+        returns = {}
+        for (y, _), (device, steps) in zip(results, clients):
+            if steps <= 0:
+                raise ValueError(f"scaffold: {device} made {steps} steps")
+            back = {}
+            for k in self.param_keys:
+                delta = client_delta(current[k], y[k], state.get(f"c/{k}"), steps, lr)
+                moved[k] += delta
+                back[f"delta/{k}"] = delta.to(torch.float32)
+            returns[device] = back
+        avg = fedavg(results)
         out = {}
         for k, a in avg.items():
             if not a.is_floating_point():
@@ -145,10 +141,14 @@ class Scaffold(Strategy):
             out[k] = (x + self.server_lr * (a.to(torch.float64) - x)).to(a.dtype)
         n = len(results) + len(failures)   # the round's participants
         for k in self.param_keys:
-            moved = torch.zeros(current[k].shape, dtype=torch.float64)
-            for _, delta in deltas:
-                moved += delta[k]
             c = state.get(f"c/{k}")
             c64 = torch.zeros(current[k].shape, dtype=torch.float64) if c is None else c.to(torch.float64)
-            state[f"c/{k}"] = (c64 + moved / n).to(current[k].dtype)
+            state[f"c/{k}"] = (c64 + moved[k] / n).to(current[k].dtype)
+        return out, state, returns
+
+    def client_returns(self, results, *, current=None, state=None, clients=(), lr=0.0):
+        return self.conclude(results, current=current, state=state, clients=clients, lr=lr)[2]
+
+    def aggregate(self, results, failures=(), *, current=None, state=None, clients=(), lr=0.0):
+        out, state, _ = self.conclude(results, failures, current=current, state=state, clients=clients, lr=lr)
         return out, state
